@@ -1,0 +1,56 @@
+"""Every constant a user edits. Override any of them per run: python main.py --LR=0.001
+
+Defaults are the tutorial's recipe: ResNet50, softmax + label smoothing, Market-1501.
+"""
+
+# --- data -----------------------------------------------------------------
+DATA_ROOT = 'reid-data'                      # folder holding market1501/Market-1501-v15.09.15/
+SOURCES = 'market1501'                       # dataset(s) to train on
+TARGETS = 'market1501'                       # dataset(s) to test on
+HEIGHT = 256                                 # input height in pixels
+WIDTH = 128                                  # input width in pixels
+BATCH_SIZE_TRAIN = 32                        # images per training step
+BATCH_SIZE_TEST = 100                        # images per feature-extraction step
+TRANSFORMS = ['random_flip', 'random_crop']  # training augmentations
+WORKERS = 4                                  # data-loading processes
+
+# --- model ----------------------------------------------------------------
+MODEL_NAME = 'resnet50'                      # any name in torchreid.models
+LOSS = 'softmax'                             # 'softmax' or 'triplet'
+PRETRAINED = True                            # start from ImageNet weights
+LABEL_SMOOTH = True                          # label smoothing on the softmax loss
+
+# --- optimiser ------------------------------------------------------------
+OPTIM = 'adam'                               # adam, amsgrad, sgd, rmsprop, radam
+LR = 0.0003                                  # learning rate
+LR_SCHEDULER = 'single_step'                 # single_step, multi_step, cosine
+STEPSIZE = 20                                # epochs between learning-rate drops
+
+# --- run ------------------------------------------------------------------
+MAX_EPOCH = 60                               # training epochs
+EVAL_FREQ = 10                               # evaluate (and checkpoint) every N epochs
+PRINT_FREQ = 10                              # print the training log every N batches
+SEED = 1                                     # random seed for a repeatable run
+DEVICE = 'auto'                              # 'auto' (CUDA if present), 'cuda' or 'cpu'
+
+# --- output ---------------------------------------------------------------
+EXPERIMENTS_DIR = 'experiments'              # each run gets its own folder in here
+WEIGHTS = ''                                 # checkpoint for test/visrank; '' = newest run's
+VISRANK_TOPK = 10                            # gallery matches drawn per query
+
+# --- demo -----------------------------------------------------------------
+# `python main.py --demo` generates a small Market-1501-style dataset and applies these
+# overrides, so the same pipeline runs in minutes on a CPU. ImageNet weights cannot be
+# assumed reachable, hence PRETRAINED=False.
+DEMO = dict(
+    DATA_ROOT='demo-data',
+    HEIGHT=64,
+    WIDTH=32,
+    BATCH_SIZE_TEST=200,
+    WORKERS=2,
+    PRETRAINED=False,
+    MAX_EPOCH=12,
+    EVAL_FREQ=6,
+    STEPSIZE=9,
+    PRINT_FREQ=10,
+)

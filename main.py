@@ -1,0 +1,192 @@
+"""Train, test and visualise a person re-identification model with Torchreid.
+
+    python main.py                      train, then test, then visrank (the tutorial's three steps)
+    python main.py train|test|visrank   one or more of the steps, in the order given
+    python main.py --demo               the same on a generated demo dataset, sized for a CPU
+    python main.py --KEY=VALUE ...      override any constant of config.py, e.g. --MAX_EPOCH=10
+    python main.py --help               this text and every setting with its value
+
+Each training run writes to a new folder experiments/<time>-<model>-<loss>-<dataset>/;
+test and visrank write to a new folder inside the run of the checkpoint they use.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import config
+import reidkit  # noqa: F401  (first: silences Torchreid's import-time Cython warning)
+import torchreid
+from torchreid.reid.utils import set_random_seed
+
+from reidkit import evaluation
+from reidkit.checkpoints import load_weights
+from reidkit.demo_data import make_demo_dataset
+from reidkit.device import choose_device, place_model
+from reidkit.engine import SoftmaxEngine, TripletEngine
+from reidkit.errors import UserError
+from reidkit.report import write_metrics
+from reidkit.runs import latest_run_checkpoint, log_to, new_run_dir, newest_checkpoint, \
+    output_dir_for
+from reidkit.settings import Settings, apply_overrides, defaults_from, parse_override_args
+
+# The one place Torchreid's evaluation is replaced: every engine.test(), in-training
+# evaluation and visrank below computes CMC/mAP with reidkit's exact, vectorised evaluator.
+evaluation.install()
+
+MODES = ('train', 'test', 'visrank')
+
+
+def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:
+    """config.py's values, then config.DEMO's (with demo), then `overrides`; checked."""
+    values = defaults_from(config)
+    if demo:
+        values = apply_overrides(values, config.DEMO, source='config.DEMO')
+    return Settings(apply_overrides(values, overrides or {}))
+
+
+def get_items(s: Settings | None = None):
+    """The tutorial's objects: (datamanager, model, optimizer, scheduler)."""
+    s = s or load_settings()
+    device = choose_device(s.DEVICE)
+    datamanager = torchreid.data.ImageDataManager(
+        root=s.DATA_ROOT,
+        sources=s.SOURCES,
+        targets=s.TARGETS,
+        height=s.HEIGHT,
+        width=s.WIDTH,
+        batch_size_train=s.BATCH_SIZE_TRAIN,
+        batch_size_test=s.BATCH_SIZE_TEST,
+        transforms=s.TRANSFORMS,
+        workers=s.WORKERS,
+        use_gpu=device.type == 'cuda',
+        # the triplet loss needs batches holding several images of each identity
+        train_sampler='RandomIdentitySampler' if s.LOSS == 'triplet' else 'RandomSampler',
+    )
+    model = torchreid.models.build_model(
+        name=s.MODEL_NAME,
+        num_classes=datamanager.num_train_pids,
+        loss=s.LOSS,
+        pretrained=s.PRETRAINED,
+    )
+    model = place_model(model, device)
+    optimizer = torchreid.optim.build_optimizer(model, optim=s.OPTIM, lr=s.LR)
+    scheduler = torchreid.optim.build_lr_scheduler(
+        optimizer, lr_scheduler=s.LR_SCHEDULER, stepsize=s.STEPSIZE
+    )
+    return datamanager, model, optimizer, scheduler
+
+
+def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
+    """ImageSoftmaxEngine (ImageTripletEngine when LOSS='triplet'), as Torchreid's scripts do."""
+    use_gpu = next(model.parameters()).is_cuda
+    engine_class = TripletEngine if s.LOSS == 'triplet' else SoftmaxEngine
+    return engine_class(
+        datamanager, model, optimizer, scheduler=scheduler, use_gpu=use_gpu,
+        label_smooth=s.LABEL_SMOOTH, model_name=s.MODEL_NAME,
+    )
+
+
+def train(s: Settings | None = None) -> Path:
+    """Step 1: trains, evaluating and checkpointing every EVAL_FREQ epochs. Returns the run folder."""
+    s = s or load_settings()
+    set_random_seed(s.SEED)
+    sources = s.SOURCES if isinstance(s.SOURCES, str) else '+'.join(s.SOURCES)
+    run_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), f'{s.MODEL_NAME}-{s.LOSS}-{sources}')
+    started = time.time()
+    with log_to(run_dir / 'log.txt'):
+        print(f'Run folder: {run_dir}')
+        datamanager, model, optimizer, scheduler = get_items(s)
+        engine = build_engine(s, datamanager, model, optimizer, scheduler)
+        engine.run(
+            save_dir=str(run_dir),
+            max_epoch=s.MAX_EPOCH,
+            eval_freq=s.EVAL_FREQ,
+            print_freq=s.PRINT_FREQ,
+            test_only=False,
+        )
+    write_metrics(run_dir / 'metrics.json', 'train', engine.results[-1], s,
+                  checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started)
+    return run_dir
+
+
+def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_flags) -> Path:
+    """test and visrank: load a checkpoint, run(test_only=True), write metrics.json."""
+    checkpoint = Path(weights or s.WEIGHTS or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
+    started = time.time()
+    set_random_seed(s.SEED)
+    datamanager, model, optimizer, scheduler = get_items(s)
+    saved = load_weights(model, checkpoint, s.MODEL_NAME)
+    out_dir = output_dir_for(checkpoint, Path(s.EXPERIMENTS_DIR), mode)
+    with log_to(out_dir / 'log.txt'):
+        print(f'Loaded weights from "{checkpoint}" (epoch {saved.get("epoch", "?")})')
+        engine = build_engine(s, datamanager, model, optimizer, scheduler)
+        engine.run(save_dir=str(out_dir), test_only=True, **run_flags)
+    result = dict(engine.results[-1], epoch=saved.get('epoch'))
+    write_metrics(out_dir / 'metrics.json', mode, result, s, checkpoint=checkpoint,
+                  seconds=time.time() - started)
+    return out_dir
+
+
+def test(s: Settings | None = None, weights: Path | None = None) -> Path:
+    """Step 2: evaluates a checkpoint (WEIGHTS, or the newest run's): CMC and mAP."""
+    return _evaluate_checkpoint(s or load_settings(), 'test', weights)
+
+
+def vis_rank(s: Settings | None = None, weights: Path | None = None) -> Path:
+    """Step 3: evaluates and saves each query's top VISRANK_TOPK gallery matches as images."""
+    s = s or load_settings()
+    return _evaluate_checkpoint(s, 'visrank', weights, visrank=True, visrank_topk=s.VISRANK_TOPK)
+
+
+def usage() -> str:
+    keys = '\n'.join(f'  --{key}={value!r}' for key, value in defaults_from(config).items())
+    return f'{__doc__}\nModes: {", ".join(MODES)}\n\nSettings (config.py defaults):\n{keys}\n'
+
+
+def parse_command_line(argv: list[str]) -> tuple[list[str], bool, dict]:
+    """(modes, demo, overrides) from the command line; UserError on anything unknown."""
+    modes = [arg for arg in argv if not arg.startswith('-')]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise UserError(f'command line: unknown mode {unknown[0]!r}. Modes are '
+                        f'{", ".join(MODES)} (all three, in order, when none is given).')
+    flags = [arg for arg in argv if arg.startswith('-')]
+    demo = '--demo' in flags
+    overrides = parse_override_args(flag for flag in flags if flag != '--demo')
+    return modes or list(MODES), demo, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if '-h' in argv or '--help' in argv:
+        print(usage())
+        return 0
+    try:
+        modes, demo, overrides = parse_command_line(argv)
+        s = load_settings(overrides, demo=demo)
+        if demo:
+            summary = make_demo_dataset(Path(s.DATA_ROOT), seed=s.SEED)
+            print(f'Demo dataset: {summary.train_ids} train ids ({summary.train_images} images), '
+                  f'{summary.query_images} queries, {summary.gallery_images} gallery images '
+                  f'in {summary.data_dir}')
+        weights = None
+        for mode in modes:
+            if mode == 'train':
+                run_dir = train(s)
+                weights = newest_checkpoint(run_dir)   # test/visrank use what was just trained
+                print(f'Training run: {run_dir}')
+            elif mode == 'test':
+                print(f'Test results: {test(s, weights)}')
+            elif mode == 'visrank':
+                out_dir = vis_rank(s, weights)
+                print(f'Rank images: {out_dir}')
+    except UserError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

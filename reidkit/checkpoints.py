@@ -1,0 +1,146 @@
+"""Checkpoints: written atomically, read without ever running code from the file.
+
+Torchreid saves `rank1` as a numpy scalar, which `torch.load(weights_only=True)` (the default
+since torch 2.6) refuses, so Torchreid's own loader breaks the tutorial's test step. We allow
+exactly the numpy types such a checkpoint needs and nothing else: a file that asks for any
+other Python object is refused, never executed.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from reidkit.errors import UserError
+
+CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
+
+
+def _numpy_scalar_globals() -> list:
+    """The globals a pickled numpy scalar (like Torchreid's rank1) refers to."""
+    core = getattr(np, '_core', None) or np.core
+    kinds = [np.float64, np.float32, np.int64, np.int32, np.bool_]
+    return [core.multiarray.scalar, np.dtype] + [type(np.dtype(kind)) for kind in kinds]
+
+
+def checkpoint_path(save_dir: Path, epoch: int, name: str = 'model') -> Path:
+    return Path(save_dir) / name / f'{CHECKPOINT_PREFIX}{epoch}'
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch in a checkpoint's file name, or -1 for another name."""
+    suffix = Path(path).name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if Path(path).name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else -1
+
+
+def save_checkpoint(state: dict, path: Path) -> Path:
+    """Writes `state` to `path` through a temporary file and a rename, so a kill mid-write
+    leaves the previous checkpoint, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f'.{path.name}.partial')
+    with open(temporary, 'wb') as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents on the CPU, loaded safely; UserError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f'WEIGHTS: no checkpoint file at "{path}". Pass the path of a file written by '
+            f'training (e.g. experiments/<run>/model/{CHECKPOINT_PREFIX}<epoch>), or leave '
+            f'WEIGHTS empty to use the newest run\'s.'
+        )
+    try:
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as error:
+        if 'Weights only load failed' in str(error) or 'Unsupported global' in str(error):
+            raise UserError(
+                f'WEIGHTS: "{path}" asks to create Python objects other than tensors and '
+                f'numbers, so it was refused without running it (loading it could execute '
+                f'code). Use a checkpoint written by Torchreid or this project; if you made '
+                f'this file yourself and trust it, re-save just its state_dict.'
+            ) from None
+        raise _not_a_checkpoint(path, error) from None
+    except Exception as error:  # truncated or foreign files fail in many ways inside torch.load
+        raise _not_a_checkpoint(path, error) from None
+    if isinstance(checkpoint, dict) and 'state_dict' not in checkpoint and \
+            checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        checkpoint = {'state_dict': checkpoint}   # a bare state_dict is fine too
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict'), dict):
+        raise UserError(
+            f'WEIGHTS: "{path}" loads, but holds no model weights (no "state_dict"). '
+            f'Pass a checkpoint written by training.'
+        )
+    return checkpoint
+
+
+def _not_a_checkpoint(path: Path, error: Exception) -> UserError:
+    return UserError(
+        f'WEIGHTS: "{path}" is not a readable PyTorch checkpoint (it may be truncated by an '
+        f'interrupted copy or download, or be another kind of file): {str(error).splitlines()[0]}. '
+        f'Copy it again, or pick another checkpoint of the run.'
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DataParallel wrapper, or the model itself."""
+    return model.module if isinstance(model, nn.DataParallel) else model
+
+
+def load_weights(model: nn.Module, path: Path, model_name: str) -> dict:
+    """Loads a checkpoint's weights into `model` for testing; returns the checkpoint.
+
+    The classifier may differ (a checkpoint trained on other identities): it is not used at
+    test time, so it is skipped with a one-line note. Any other mismatch means another
+    architecture, which is an error naming both.
+    """
+    checkpoint = load_checkpoint(path)
+    target = unwrap(model)
+    own = target.state_dict()
+    theirs = {key[len('module.'):] if key.startswith('module.') else key: value
+              for key, value in checkpoint['state_dict'].items()}
+    mismatched = sorted(key for key in own
+                        if key not in theirs or theirs[key].shape != own[key].shape)
+    unexpected = sorted(key for key in theirs if key not in own)
+    if any(not key.startswith('classifier.') for key in mismatched + unexpected):
+        saved_from = checkpoint.get('model_name', 'another architecture')
+        example = (mismatched + unexpected)[0]
+        raise UserError(
+            f'WEIGHTS: "{path}" was saved from {saved_from}, which does not match '
+            f'MODEL_NAME={model_name!r}: '
+            f'{len(mismatched)} of {len(own)} weights are missing or differ in shape '
+            f'(first: {example!r}). Set MODEL_NAME to the architecture the checkpoint was '
+            f'trained with, or pick a checkpoint of this architecture.'
+        )
+    if mismatched or unexpected:
+        print(f'Note: the checkpoint\'s classifier was trained on other identities; it is '
+              f'skipped (testing uses features only).')
+    own.update({key: value for key, value in theirs.items() if key not in mismatched
+                and key not in unexpected})
+    target.load_state_dict(own)
+    return checkpoint
+
+
+def model_state(engine: Any, name: str, epoch: int, rank1: float, model_name: str) -> dict:
+    """What a checkpoint of `engine`'s model `name` holds: Torchreid's fields, plain types."""
+    optimizer, scheduler = engine._optims[name], engine._scheds[name]
+    return {
+        'state_dict': unwrap(engine._models[name]).state_dict(),
+        'epoch': epoch,
+        'rank1': float(rank1),
+        'optimizer': optimizer.state_dict() if optimizer is not None else None,
+        'scheduler': scheduler.state_dict() if scheduler is not None else None,
+        'model_name': model_name,
+    }

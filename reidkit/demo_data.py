@@ -1,0 +1,285 @@
+"""Writes the embedded demo dataset: synthetic pedestrians in Market-1501's exact folder layout.
+
+Torchreid's own Market1501 loader reads the result, so the demo exercises the real pipeline.
+Identities differ by what a re-id model should learn (clothing colours and patterns, carried
+objects, build); cameras change what it should ignore (light, colour cast, blur, scale,
+position, background). Everything is drawn from one seeded generator: the same arguments
+always give the same files.
+"""
+from __future__ import annotations
+
+import colorsys
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+# Market-1501's crops are 128 high and 64 wide, taken by 6 cameras.
+IMAGE_HEIGHT = 128
+IMAGE_WIDTH = 64
+NUM_CAMERAS = 6
+MARKET_SUBDIR = Path('market1501') / 'Market-1501-v15.09.15'
+SPLIT_DIRS = ('bounding_box_train', 'query', 'bounding_box_test')
+# Written last, so a folder holding it is a complete dataset (an interrupted run is redone).
+DONE_MARKER = '.demo-complete'
+
+PATTERNS = ('solid', 'horizontal_stripes', 'vertical_stripes', 'checks')
+CARRIED = ('nothing', 'bag_left', 'bag_right', 'backpack')
+
+
+@dataclass(frozen=True)
+class Person:
+    """What stays the same for one identity in every camera."""
+    upper: np.ndarray
+    upper_second: np.ndarray
+    pattern: str
+    lower: np.ndarray
+    shoes: np.ndarray
+    skin: np.ndarray
+    hair: np.ndarray
+    carried: str
+    carried_colour: np.ndarray
+    width_scale: float
+    height_scale: float
+
+
+@dataclass(frozen=True)
+class Camera:
+    """What one camera does to every picture it takes."""
+    background: np.ndarray
+    floor: np.ndarray
+    clutter: tuple
+    gain: float
+    cast: np.ndarray
+    blur: float
+    scale: float
+    shift_y: int
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    """What was written, for printing and for tests."""
+    data_dir: Path
+    train_ids: int
+    train_images: int
+    query_ids: int
+    query_images: int
+    gallery_ids: int
+    gallery_images: int
+
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    """A clothing colour: a hue on a coarse wheel, so two people can share one."""
+    hue = rng.integers(12) / 12.0
+    saturation = rng.choice([0.15, 0.55, 0.9])
+    value = rng.choice([0.25, 0.55, 0.9])
+    return np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255.0
+
+
+def _make_person(rng: np.random.Generator) -> Person:
+    return Person(
+        upper=_colour(rng),
+        upper_second=_colour(rng),
+        pattern=PATTERNS[rng.integers(len(PATTERNS))],
+        lower=_colour(rng),
+        shoes=_colour(rng) * 0.5,
+        skin=np.array([230, 190, 160]) * rng.uniform(0.45, 1.0),
+        hair=_colour(rng) * rng.uniform(0.2, 0.6),
+        carried=CARRIED[rng.integers(len(CARRIED))],
+        carried_colour=_colour(rng),
+        width_scale=float(rng.uniform(0.8, 1.2)),
+        height_scale=float(rng.uniform(0.9, 1.05)),
+    )
+
+
+def _make_camera(rng: np.random.Generator) -> Camera:
+    clutter = tuple(
+        (
+            int(rng.integers(0, IMAGE_WIDTH)), int(rng.integers(0, IMAGE_HEIGHT)),
+            int(rng.integers(6, 30)), int(rng.integers(6, 50)), _colour(rng),
+        )
+        for _ in range(rng.integers(3, 7))
+    )
+    return Camera(
+        background=_colour(rng),
+        floor=_colour(rng) * 0.7,
+        clutter=clutter,
+        gain=float(rng.uniform(0.65, 1.3)),
+        cast=rng.uniform(0.8, 1.2, size=3),
+        blur=float(rng.uniform(0.0, 1.3)),
+        scale=float(rng.uniform(0.8, 1.0)),
+        shift_y=int(rng.integers(-6, 7)),
+    )
+
+
+def _box(canvas: np.ndarray, x0: float, y0: float, x1: float, y1: float, colour) -> None:
+    """Fills the rectangle [x0, x1) x [y0, y1), clipped to the canvas."""
+    height, width = canvas.shape[:2]
+    xa, xb = max(int(round(x0)), 0), min(int(round(x1)), width)
+    ya, yb = max(int(round(y0)), 0), min(int(round(y1)), height)
+    if xa < xb and ya < yb:
+        canvas[ya:yb, xa:xb] = colour
+
+
+def _ellipse(canvas: np.ndarray, cx: float, cy: float, rx: float, ry: float, colour) -> None:
+    height, width = canvas.shape[:2]
+    ys, xs = np.ogrid[:height, :width]
+    canvas[((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0] = colour
+
+
+def _draw_background(camera: Camera, rng: np.random.Generator) -> np.ndarray:
+    canvas = np.empty((IMAGE_HEIGHT, IMAGE_WIDTH, 3))
+    canvas[:] = camera.background
+    _box(canvas, 0, IMAGE_HEIGHT * 0.75, IMAGE_WIDTH, IMAGE_HEIGHT, camera.floor)
+    # The camera's fixed scenery, seen from a slightly different spot each time.
+    dx, dy = rng.integers(-8, 9, size=2)
+    for x, y, w, h, colour in camera.clutter:
+        _box(canvas, x + dx, y + dy, x + dx + w, y + dy + h, colour)
+    return canvas
+
+
+def _draw_torso(canvas, person: Person, x0, y0, x1, y1) -> None:
+    _box(canvas, x0, y0, x1, y1, person.upper)
+    if person.pattern == 'solid':
+        return
+    period = 6
+    for k in range(int((max(y1 - y0, x1 - x0)) // period) + 1):
+        if person.pattern in ('horizontal_stripes', 'checks'):
+            yy = y0 + k * period
+            _box(canvas, x0, yy, x1, min(yy + period / 2, y1), person.upper_second)
+        if person.pattern in ('vertical_stripes', 'checks'):
+            xx = x0 + k * period
+            _box(canvas, xx, y0, min(xx + period / 2, x1), y1, person.upper_second)
+
+
+def _draw_person(canvas: np.ndarray, person: Person, camera: Camera,
+                 rng: np.random.Generator, partial: bool = False) -> None:
+    """Draws a standing person; `partial` crops them like a bad detection (Market's junk)."""
+    scale = camera.scale * person.height_scale * rng.uniform(0.95, 1.05)
+    body_h = IMAGE_HEIGHT * 0.9 * scale
+    half_w = IMAGE_WIDTH * 0.22 * person.width_scale * scale
+    cx = IMAGE_WIDTH / 2 + rng.uniform(-4, 4)
+    top = (IMAGE_HEIGHT - body_h) / 2 + camera.shift_y + rng.uniform(-3, 3)
+    if partial:
+        cx += rng.choice([-1, 1]) * IMAGE_WIDTH * 0.45
+        top += rng.uniform(-0.4, 0.4) * IMAGE_HEIGHT
+    head_r = body_h * 0.07
+    neck = top + head_r * 2
+    waist = top + body_h * 0.5
+    feet = top + body_h
+    stride = rng.uniform(0, half_w * 0.5)
+
+    if person.carried == 'backpack':
+        _box(canvas, cx - half_w * 1.15, neck + 2, cx + half_w * 1.15, waist - 6,
+             person.carried_colour)
+    # legs, shoes, torso, arms, head, hair
+    _box(canvas, cx - half_w * 0.8 - stride, waist, cx - 1, feet - 4, person.lower)
+    _box(canvas, cx + 1, waist, cx + half_w * 0.8 + stride, feet - 4, person.lower)
+    _box(canvas, cx - half_w * 0.8 - stride, feet - 4, cx - 1, feet, person.shoes)
+    _box(canvas, cx + 1, feet - 4, cx + half_w * 0.8 + stride, feet, person.shoes)
+    _draw_torso(canvas, person, cx - half_w, neck, cx + half_w, waist + 2)
+    _box(canvas, cx - half_w - 4, neck + 2, cx - half_w, waist - 2, person.upper)
+    _box(canvas, cx + half_w, neck + 2, cx + half_w + 4, waist - 2, person.upper)
+    _ellipse(canvas, cx, top + head_r, head_r * 0.85, head_r, person.skin)
+    _box(canvas, cx - head_r * 0.85, top, cx + head_r * 0.85, top + head_r * 0.6, person.hair)
+    if person.carried in ('bag_left', 'bag_right'):
+        side = -1 if person.carried == 'bag_left' else 1
+        bx = cx + side * (half_w + 6)
+        _box(canvas, bx - 5, waist - 8, bx + 5, waist + 10, person.carried_colour)
+
+
+def _photograph(canvas: np.ndarray, camera: Camera, rng: np.random.Generator) -> Image.Image:
+    """Applies the camera's light, colour cast, noise and blur."""
+    light = camera.gain * rng.uniform(0.9, 1.1)
+    pixels = canvas * camera.cast * light + rng.normal(0, 6, size=canvas.shape)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    if camera.blur > 0.05:
+        image = image.filter(ImageFilter.GaussianBlur(camera.blur))
+    return image
+
+
+def _render(person: Person | None, camera: Camera, rng: np.random.Generator,
+            partial: bool = False) -> Image.Image:
+    canvas = _draw_background(camera, rng)
+    if person is not None:
+        _draw_person(canvas, person, camera, rng, partial=partial)
+    return _photograph(canvas, camera, rng)
+
+
+def market_data_dir(root: Path) -> Path:
+    """Where Torchreid's Market1501 loader looks for the split folders under DATA_ROOT."""
+    return Path(root) / MARKET_SUBDIR
+
+
+def make_demo_dataset(root: Path, num_ids: int = 120, seed: int = 0,
+                      num_junk: int = 30, num_distractors: int = 30) -> DemoSummary:
+    """Writes `num_ids` identities (half train, half test) under `root` in Market-1501's layout.
+
+    Like Market-1501: train and test identities are disjoint; every test identity is seen by at
+    least two cameras and has one query image per camera; the gallery also holds junk
+    detections (pid -1, ignored by the loader) and distractors (pid 0000).
+    If `root` already holds a complete dataset made with the same arguments it is kept.
+    """
+    if num_ids < 2:
+        raise ValueError(f'num_ids must be at least 2 (half train, half test), got {num_ids}')
+    data_dir = market_data_dir(root)
+    signature = f'num_ids={num_ids} seed={seed} junk={num_junk} distractors={num_distractors}'
+    marker = data_dir / DONE_MARKER
+    if marker.is_file() and marker.read_text() == signature:
+        return summarise_market_dir(data_dir)
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    for split in SPLIT_DIRS:
+        (data_dir / split).mkdir(parents=True)
+
+    rng = np.random.default_rng(seed)
+    cameras = [_make_camera(rng) for _ in range(NUM_CAMERAS)]
+    pids = rng.permutation(np.arange(1, 1502))[:num_ids]
+    num_train = num_ids // 2
+    frame = 0
+
+    def save(image: Image.Image, split: str, pid: int, cam: int, det: int) -> None:
+        nonlocal frame
+        frame += 25
+        name = f'{pid:04d}_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg' if pid >= 0 else \
+            f'-1_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg'
+        image.save(data_dir / split / name, quality=90)
+
+    for index, pid in enumerate(pids):
+        person = _make_person(rng)
+        is_train = index < num_train
+        seen_by = rng.choice(NUM_CAMERAS, size=rng.integers(2, 5), replace=False)
+        for cam in sorted(seen_by):
+            for det in range(1, int(rng.integers(2, 5)) + 1):
+                image = _render(person, cameras[cam], rng)
+                if is_train:
+                    save(image, 'bounding_box_train', pid, cam, det)
+                else:
+                    save(image, 'query' if det == 1 else 'bounding_box_test', pid, cam, det)
+    for _ in range(num_junk):
+        cam = int(rng.integers(NUM_CAMERAS))
+        save(_render(_make_person(rng), cameras[cam], rng, partial=True),
+             'bounding_box_test', -1, cam, 1)
+    for _ in range(num_distractors):
+        cam = int(rng.integers(NUM_CAMERAS))
+        save(_render(None, cameras[cam], rng), 'bounding_box_test', 0, cam, 1)
+
+    marker.write_text(signature)
+    return summarise_market_dir(data_dir)
+
+
+def summarise_market_dir(data_dir: Path) -> DemoSummary:
+    """Counts identities and images per split the way Market-1501's loader does (pid -1 skipped)."""
+    counts = {}
+    for split in SPLIT_DIRS:
+        pids = [name.split('_')[0] for name in (p.name for p in (data_dir / split).glob('*.jpg'))]
+        pids = [p for p in pids if p != '-1']
+        counts[split] = (len(set(pids)), len(pids))
+    return DemoSummary(
+        data_dir=data_dir,
+        train_ids=counts['bounding_box_train'][0], train_images=counts['bounding_box_train'][1],
+        query_ids=counts['query'][0], query_images=counts['query'][1],
+        gallery_ids=counts['bounding_box_test'][0], gallery_images=counts['bounding_box_test'][1],
+    )

@@ -1,0 +1,42 @@
+"""Torchreid's engines, with safe atomic checkpoints and a record of every evaluation.
+
+Only `save_model` and `test` are overridden; training and evaluation are Torchreid's own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
+
+from reidkit import evaluation
+from reidkit.checkpoints import checkpoint_path, model_state, save_checkpoint
+
+
+class RecordingMixin:
+    """Checkpoints written atomically with plain-typed fields; evaluations kept in `results`."""
+
+    def __init__(self, *args, model_name: str = 'unknown', **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_name = model_name       # stored in checkpoints, named in mismatch errors
+        self.results: list = []            # every evaluation: {'epoch', 'cmc', 'mAP'}
+
+    def save_model(self, epoch, rank1, save_dir, is_best=False):
+        for name in self.get_model_names():
+            state = model_state(self, name, epoch + 1, rank1, self.model_name)
+            path = save_checkpoint(state, checkpoint_path(Path(save_dir), epoch + 1, name))
+            print(f'Checkpoint saved to "{path}"')
+
+    def test(self, *args, **kwargs):
+        with evaluation.record_evaluations() as results:
+            rank1 = super().test(*args, **kwargs)
+        for cmc, mAP in results:
+            self.results.append({'epoch': self.epoch + 1, 'cmc': cmc, 'mAP': mAP})
+        return rank1
+
+
+class SoftmaxEngine(RecordingMixin, ImageSoftmaxEngine):
+    pass
+
+
+class TripletEngine(RecordingMixin, ImageTripletEngine):
+    pass

@@ -1,0 +1,83 @@
+"""Where a run's outputs go: one new folder per run, never an earlier run's."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, TextIO
+
+from reidkit.checkpoints import CHECKPOINT_PREFIX, checkpoint_epoch
+from reidkit.errors import UserError
+
+
+def new_run_dir(parent: Path, name: str) -> Path:
+    """Creates and returns parent/<YYYYmmdd-HHMMSS>-<name>, adding -2, -3 ... if it exists."""
+    stem = f'{time.strftime("%Y%m%d-%H%M%S")}-{name}'
+    for attempt in range(1, 1000):
+        folder = Path(parent) / (stem if attempt == 1 else f'{stem}-{attempt}')
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise UserError(f'EXPERIMENTS_DIR: could not create a new run folder in "{parent}".')
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest epoch in a run folder, or None."""
+    found = [p for p in Path(run_dir).glob(f'*/{CHECKPOINT_PREFIX}*') if checkpoint_epoch(p) >= 0]
+    return max(found, key=checkpoint_epoch) if found else None
+
+
+def latest_run_checkpoint(experiments_dir: Path) -> Path:
+    """The newest checkpoint of the most recent training run that has one."""
+    runs = sorted((p for p in Path(experiments_dir).glob('*') if p.is_dir()),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for run in runs:
+        checkpoint = newest_checkpoint(run)
+        if checkpoint is not None:
+            return checkpoint
+    raise UserError(
+        f'WEIGHTS is empty and no training run in "{experiments_dir}" has a checkpoint yet. '
+        f'Train first (python main.py train), or pass --WEIGHTS=path/to/{CHECKPOINT_PREFIX}N.'
+    )
+
+
+def output_dir_for(checkpoint: Path, experiments_dir: Path, mode: str) -> Path:
+    """A new folder for test/visrank outputs: inside the checkpoint's run when it has one
+    under EXPERIMENTS_DIR, else a new run folder named after the mode."""
+    checkpoint, experiments_dir = Path(checkpoint).resolve(), Path(experiments_dir).resolve()
+    run = checkpoint.parent.parent
+    if run.parent == experiments_dir:
+        return new_run_dir(run, mode)
+    return new_run_dir(experiments_dir, mode)
+
+
+class _Tee:
+    def __init__(self, *streams: TextIO):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self) -> bool:
+        return self.streams[0].isatty()
+
+
+@contextlib.contextmanager
+def log_to(path: Path) -> Iterator[None]:
+    """Everything printed inside the block also goes to `path` (appended)."""
+    with open(path, 'a') as log:
+        previous = sys.stdout
+        sys.stdout = _Tee(previous, log)
+        try:
+            yield
+        finally:
+            sys.stdout = previous

@@ -1,0 +1,62 @@
+"""The generated dataset is Market-1501 to Torchreid's own loader."""
+import hashlib
+import re
+from collections import defaultdict
+
+from torchreid.reid.data.datasets.image.market1501 import Market1501
+
+from reidkit.demo_data import DONE_MARKER, make_demo_dataset, market_data_dir
+
+NAME = re.compile(r'^(-1|\d{4})_c([1-6])s1_(\d{6})_(\d{2})\.jpg$')
+
+
+def test_torchreids_market1501_loader_reads_it_with_the_expected_counts(tiny_data_root):
+    dataset = Market1501(root=str(tiny_data_root), verbose=False)
+    summary = make_demo_dataset(tiny_data_root, num_ids=16, seed=3, num_junk=4, num_distractors=4)
+    assert dataset.num_train_pids == summary.train_ids == 8
+    assert len(dataset.train) == summary.train_images
+    assert len(dataset.query) == summary.query_images
+    assert len(dataset.gallery) == summary.gallery_images
+    assert {pid for _, pid, _, _ in dataset.query} == \
+        {pid for _, pid, _, _ in dataset.gallery} - {0}                 # 8 test ids
+    assert 0 in {pid for _, pid, _, _ in dataset.gallery}                # distractors
+    train_ids = {int(p.name[:4]) for p in (summary.data_dir / 'bounding_box_train').glob('*.jpg')}
+    assert train_ids.isdisjoint(pid for _, pid, _, _ in dataset.query)
+
+
+def test_layout_names_and_protocol_follow_market1501(tiny_data_root):
+    data_dir = market_data_dir(tiny_data_root)
+    assert data_dir.parts[-2:] == ('market1501', 'Market-1501-v15.09.15')
+    names = [p.name for split in ('bounding_box_train', 'query', 'bounding_box_test')
+             for p in (data_dir / split).iterdir()]
+    assert names and all(NAME.match(name) for name in names)
+    assert any(name.startswith('-1_') for name in names)                # junk detections
+    cameras = defaultdict(list)
+    for path in (data_dir / 'query').glob('*.jpg'):
+        cameras[path.name[:4]].append(path.name[6])
+    for pid, cams in cameras.items():
+        assert len(cams) == len(set(cams)) >= 2       # one query per camera, at least 2 cameras
+    from PIL import Image
+    with Image.open(next((data_dir / 'query').glob('*.jpg'))) as image:
+        assert image.size == (64, 128)
+
+
+def _digest(root):
+    files = sorted(market_data_dir(root).rglob('*.jpg'))
+    return hashlib.sha256(b''.join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path):
+    make_demo_dataset(tmp_path / 'a', num_ids=4, seed=7, num_junk=1, num_distractors=1)
+    make_demo_dataset(tmp_path / 'b', num_ids=4, seed=7, num_junk=1, num_distractors=1)
+    make_demo_dataset(tmp_path / 'c', num_ids=4, seed=8, num_junk=1, num_distractors=1)
+    assert _digest(tmp_path / 'a') == _digest(tmp_path / 'b') != _digest(tmp_path / 'c')
+
+
+def test_an_interrupted_generation_is_redone(tmp_path):
+    make_demo_dataset(tmp_path, num_ids=4, seed=1, num_junk=1, num_distractors=1)
+    before = _digest(tmp_path)
+    (market_data_dir(tmp_path) / DONE_MARKER).unlink()              # as if killed before the end
+    next(market_data_dir(tmp_path).rglob('*.jpg')).unlink()
+    make_demo_dataset(tmp_path, num_ids=4, seed=1, num_junk=1, num_distractors=1)
+    assert _digest(tmp_path) == before
