@@ -32,6 +32,8 @@ EVAL_FREQ = 10                               # evaluate (and checkpoint) every N
 PRINT_FREQ = 10                              # print the training log every N batches
 SEED = 1                                     # random seed for a repeatable run
 DEVICE = 'auto'                              # 'auto' (CUDA if present), 'cuda' or 'cpu'
+RESUME = ''                                  # checkpoint to continue training from ('' = new run)
+LATEST_EVERY = 1                             # epochs between rolling resume checkpoints (0 = off)
 
 # --- output ---------------------------------------------------------------
 EXPERIMENTS_DIR = 'experiments'              # each run gets its own folder in here

@@ -20,20 +20,22 @@ import reidkit  # noqa: F401  (first: silences Torchreid's import-time Cython wa
 import torchreid
 from torchreid.reid.utils import set_random_seed
 
-from reidkit import evaluation
-from reidkit.checkpoints import load_weights
+from reidkit import checks, evaluation
+from reidkit.checkpoints import load_checkpoint, load_weights, resume_training
 from reidkit.demo_data import make_demo_dataset
 from reidkit.device import choose_device, place_model
 from reidkit.engine import SoftmaxEngine, TripletEngine
 from reidkit.errors import UserError
 from reidkit.report import write_metrics
 from reidkit.runs import latest_run_checkpoint, log_to, new_run_dir, newest_checkpoint, \
-    output_dir_for
+    output_dir_for, resume_point
 from reidkit.settings import Settings, apply_overrides, defaults_from, parse_override_args
 
-# The one place Torchreid's evaluation is replaced: every engine.test(), in-training
-# evaluation and visrank below computes CMC/mAP with reidkit's exact, vectorised evaluator.
+# The one place Torchreid is changed: every engine.test(), in-training evaluation and visrank
+# below computes CMC/mAP with reidkit's exact, vectorised evaluator, and an unreadable image
+# is an error naming the file (Torchreid's own reader retries it forever).
 evaluation.install()
+checks.install_image_reader()
 
 MODES = ('train', 'test', 'visrank')
 
@@ -84,28 +86,45 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
     engine_class = TripletEngine if s.LOSS == 'triplet' else SoftmaxEngine
     return engine_class(
         datamanager, model, optimizer, scheduler=scheduler, use_gpu=use_gpu,
-        label_smooth=s.LABEL_SMOOTH, model_name=s.MODEL_NAME,
+        label_smooth=s.LABEL_SMOOTH, model_name=s.MODEL_NAME, latest_every=s.LATEST_EVERY,
     )
 
 
 def train(s: Settings | None = None) -> Path:
-    """Step 1: trains, evaluating and checkpointing every EVAL_FREQ epochs. Returns the run folder."""
+    """Step 1: trains, evaluating and checkpointing every EVAL_FREQ epochs. Returns the run folder.
+
+    With RESUME set, continues that checkpoint's run in its own folder from its epoch."""
     s = s or load_settings()
+    checks.check_before_run(s, training=True)
     set_random_seed(s.SEED)
-    sources = s.SOURCES if isinstance(s.SOURCES, str) else '+'.join(s.SOURCES)
-    run_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), f'{s.MODEL_NAME}-{s.LOSS}-{sources}')
+    if s.RESUME:
+        run_dir = Path(s.RESUME).resolve().parent.parent
+    else:
+        sources = s.SOURCES if isinstance(s.SOURCES, str) else '+'.join(s.SOURCES)
+        run_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), f'{s.MODEL_NAME}-{s.LOSS}-{sources}')
     started = time.time()
     with log_to(run_dir / 'log.txt'):
         print(f'Run folder: {run_dir}')
         datamanager, model, optimizer, scheduler = get_items(s)
+        start_epoch = resume_training(s.RESUME, model, optimizer, scheduler) if s.RESUME else 0
+        if start_epoch:
+            print(f'Resuming from "{s.RESUME}" after epoch {start_epoch}')
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
-        engine.run(
-            save_dir=str(run_dir),
-            max_epoch=s.MAX_EPOCH,
-            eval_freq=s.EVAL_FREQ,
-            print_freq=s.PRINT_FREQ,
-            test_only=False,
-        )
+        try:
+            engine.run(
+                save_dir=str(run_dir),
+                max_epoch=s.MAX_EPOCH,
+                start_epoch=start_epoch,
+                eval_freq=s.EVAL_FREQ,
+                print_freq=s.PRINT_FREQ,
+                test_only=False,
+            )
+        except KeyboardInterrupt:
+            last = resume_point(run_dir)
+            print('\nInterrupted. ' + (
+                f'Last checkpoint: {last}\nResume with: python main.py train --RESUME={last}'
+                if last else 'No checkpoint was written yet.'))
+            raise
     write_metrics(run_dir / 'metrics.json', 'train', engine.results[-1], s,
                   checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started)
     return run_dir
@@ -115,9 +134,12 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     """test and visrank: load a checkpoint, run(test_only=True), write metrics.json."""
     checkpoint = Path(weights or s.WEIGHTS or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
     started = time.time()
+    saved = load_checkpoint(checkpoint)               # a bad file fails before any heavy work
+    s = s.replace(PRETRAINED=False)                   # the checkpoint replaces ImageNet weights
+    checks.check_before_run(s, training=False)
     set_random_seed(s.SEED)
     datamanager, model, optimizer, scheduler = get_items(s)
-    saved = load_weights(model, checkpoint, s.MODEL_NAME)
+    load_weights(model, saved, s.MODEL_NAME, checkpoint)
     out_dir = output_dir_for(checkpoint, Path(s.EXPERIMENTS_DIR), mode)
     with log_to(out_dir / 'log.txt'):
         print(f'Loaded weights from "{checkpoint}" (epoch {saved.get("epoch", "?")})')
@@ -185,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

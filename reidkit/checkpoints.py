@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 from reidkit.errors import UserError
 
 CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
+LATEST_NAME = 'latest.pth.tar'         # rolling checkpoint written every LATEST_EVERY epochs
 
 
 def _numpy_scalar_globals() -> list:
@@ -65,12 +67,13 @@ def load_checkpoint(path: Path) -> dict:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
-        if 'Weights only load failed' in str(error) or 'Unsupported global' in str(error):
+        refused = re.search(r'GLOBAL ([\w.]+)', str(error))
+        if refused:
             raise UserError(
-                f'WEIGHTS: "{path}" asks to create Python objects other than tensors and '
-                f'numbers, so it was refused without running it (loading it could execute '
-                f'code). Use a checkpoint written by Torchreid or this project; if you made '
-                f'this file yourself and trust it, re-save just its state_dict.'
+                f'WEIGHTS: "{path}" asks to run or create {refused.group(1)}, which is not a '
+                f'tensor or number, so it was refused without running it (loading it could '
+                f'execute code). Use a checkpoint written by Torchreid or this project; if you '
+                f'made this file yourself and trust it, re-save just its state_dict.'
             ) from None
         raise _not_a_checkpoint(path, error) from None
     except Exception as error:  # truncated or foreign files fail in many ways inside torch.load
@@ -87,9 +90,11 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def _not_a_checkpoint(path: Path, error: Exception) -> UserError:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    detail = type(error).__name__ + (f': {detail}' if detail and len(detail) < 120 else '')
     return UserError(
         f'WEIGHTS: "{path}" is not a readable PyTorch checkpoint (it may be truncated by an '
-        f'interrupted copy or download, or be another kind of file): {str(error).splitlines()[0]}. '
+        f'interrupted copy or download, or be another kind of file; {detail}). '
         f'Copy it again, or pick another checkpoint of the run.'
     )
 
@@ -99,14 +104,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.DataParallel) else model
 
 
-def load_weights(model: nn.Module, path: Path, model_name: str) -> dict:
-    """Loads a checkpoint's weights into `model` for testing; returns the checkpoint.
+def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path) -> None:
+    """Loads a checkpoint's weights (read from `path`) into `model` for testing.
 
     The classifier may differ (a checkpoint trained on other identities): it is not used at
     test time, so it is skipped with a one-line note. Any other mismatch means another
     architecture, which is an error naming both.
     """
-    checkpoint = load_checkpoint(path)
     target = unwrap(model)
     own = target.state_dict()
     theirs = {key[len('module.'):] if key.startswith('module.') else key: value
@@ -130,7 +134,26 @@ def load_weights(model: nn.Module, path: Path, model_name: str) -> dict:
     own.update({key: value for key, value in theirs.items() if key not in mismatched
                 and key not in unexpected})
     target.load_state_dict(own)
-    return checkpoint
+
+
+def resume_training(path: Path, model: nn.Module, optimizer, scheduler) -> int:
+    """Restores model, optimiser and scheduler from a checkpoint; returns its epoch."""
+    checkpoint = load_checkpoint(path)
+    for key in ('epoch', 'optimizer', 'scheduler'):
+        if checkpoint.get(key) is None:
+            raise UserError(f'RESUME: "{path}" has no {key} state, so training cannot continue '
+                            f'from it. Resume from a checkpoint written by training.')
+    try:
+        unwrap(model).load_state_dict(checkpoint['state_dict'])
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scheduler.load_state_dict(checkpoint['scheduler'])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UserError(
+            f'RESUME: "{path}" does not fit this configuration (saved from '
+            f'{checkpoint.get("model_name", "another setup")}): {str(error).splitlines()[0]}. '
+            f'Resume with the settings the run was started with.'
+        ) from None
+    return int(checkpoint['epoch'])
 
 
 def model_state(engine: Any, name: str, epoch: int, rank1: float, model_name: str) -> dict:

@@ -100,14 +100,14 @@ def _make_camera(rng: np.random.Generator) -> Camera:
             int(rng.integers(0, IMAGE_WIDTH)), int(rng.integers(0, IMAGE_HEIGHT)),
             int(rng.integers(6, 30)), int(rng.integers(6, 50)), _colour(rng),
         )
-        for _ in range(rng.integers(3, 7))
+        for _ in range(rng.integers(2, 5))
     )
     return Camera(
         background=_colour(rng),
         floor=_colour(rng) * 0.7,
         clutter=clutter,
-        gain=float(rng.uniform(0.65, 1.3)),
-        cast=rng.uniform(0.8, 1.2, size=3),
+        gain=float(rng.uniform(0.75, 1.25)),
+        cast=rng.uniform(0.88, 1.12, size=3),
         blur=float(rng.uniform(0.0, 1.3)),
         scale=float(rng.uniform(0.8, 1.0)),
         shift_y=int(rng.integers(-6, 7)),
@@ -159,7 +159,7 @@ def _draw_person(canvas: np.ndarray, person: Person, camera: Camera,
     """Draws a standing person; `partial` crops them like a bad detection (Market's junk)."""
     scale = camera.scale * person.height_scale * rng.uniform(0.95, 1.05)
     body_h = IMAGE_HEIGHT * 0.9 * scale
-    half_w = IMAGE_WIDTH * 0.22 * person.width_scale * scale
+    half_w = IMAGE_WIDTH * 0.27 * person.width_scale * scale
     cx = IMAGE_WIDTH / 2 + rng.uniform(-4, 4)
     top = (IMAGE_HEIGHT - body_h) / 2 + camera.shift_y + rng.uniform(-3, 3)
     if partial:
@@ -213,19 +213,21 @@ def market_data_dir(root: Path) -> Path:
     return Path(root) / MARKET_SUBDIR
 
 
-def make_demo_dataset(root: Path, num_ids: int = 120, seed: int = 0,
-                      num_junk: int = 30, num_distractors: int = 30) -> DemoSummary:
-    """Writes `num_ids` identities (half train, half test) under `root` in Market-1501's layout.
+def make_demo_dataset(root: Path, num_train_ids: int = 300, num_test_ids: int = 60,
+                      seed: int = 0, num_junk: int = 30, num_distractors: int = 30,
+                      images_per_camera: tuple[int, int] = (1, 3)) -> DemoSummary:
+    """Writes train and test identities under `root` in Market-1501's layout.
 
     Like Market-1501: train and test identities are disjoint; every test identity is seen by at
     least two cameras and has one query image per camera; the gallery also holds junk
     detections (pid -1, ignored by the loader) and distractors (pid 0000).
     If `root` already holds a complete dataset made with the same arguments it is kept.
     """
-    if num_ids < 2:
-        raise ValueError(f'num_ids must be at least 2 (half train, half test), got {num_ids}')
+    if num_train_ids < 1 or num_test_ids < 1:
+        raise ValueError('make_demo_dataset needs at least one train and one test identity')
     data_dir = market_data_dir(root)
-    signature = f'num_ids={num_ids} seed={seed} junk={num_junk} distractors={num_distractors}'
+    signature = (f'train={num_train_ids} test={num_test_ids} seed={seed} junk={num_junk} '
+                 f'distractors={num_distractors} per_camera={images_per_camera}')
     marker = data_dir / DONE_MARKER
     if marker.is_file() and marker.read_text() == signature:
         return summarise_market_dir(data_dir)
@@ -236,8 +238,7 @@ def make_demo_dataset(root: Path, num_ids: int = 120, seed: int = 0,
 
     rng = np.random.default_rng(seed)
     cameras = [_make_camera(rng) for _ in range(NUM_CAMERAS)]
-    pids = rng.permutation(np.arange(1, 1502))[:num_ids]
-    num_train = num_ids // 2
+    pids = rng.permutation(np.arange(1, 1502))[:num_train_ids + num_test_ids]
     frame = 0
 
     def save(image: Image.Image, split: str, pid: int, cam: int, det: int) -> None:
@@ -249,10 +250,12 @@ def make_demo_dataset(root: Path, num_ids: int = 120, seed: int = 0,
 
     for index, pid in enumerate(pids):
         person = _make_person(rng)
-        is_train = index < num_train
+        is_train = index < num_train_ids
         seen_by = rng.choice(NUM_CAMERAS, size=rng.integers(2, 5), replace=False)
         for cam in sorted(seen_by):
-            for det in range(1, int(rng.integers(2, 5)) + 1):
+            # a test identity needs a query and a gallery image per camera
+            fewest = images_per_camera[0] if is_train else max(images_per_camera[0], 2)
+            for det in range(1, int(rng.integers(fewest, images_per_camera[1] + 1)) + 1):
                 image = _render(person, cameras[cam], rng)
                 if is_train:
                     save(image, 'bounding_box_train', pid, cam, det)

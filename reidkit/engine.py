@@ -9,16 +9,31 @@ from pathlib import Path
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 
 from reidkit import evaluation
-from reidkit.checkpoints import checkpoint_path, model_state, save_checkpoint
+from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint
 
 
 class RecordingMixin:
     """Checkpoints written atomically with plain-typed fields; evaluations kept in `results`."""
 
-    def __init__(self, *args, model_name: str = 'unknown', **kwargs):
+    def __init__(self, *args, model_name: str = 'unknown', latest_every: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_name = model_name       # stored in checkpoints, named in mismatch errors
+        self.latest_every = latest_every   # epochs between rolling checkpoints (0: never)
         self.results: list = []            # every evaluation: {'epoch', 'cmc', 'mAP'}
+        self.save_dir = None
+
+    def run(self, save_dir='log', *args, **kwargs):
+        self.save_dir = Path(save_dir)
+        return super().run(save_dir, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        super().train(*args, **kwargs)
+        done = self.epoch + 1
+        if self.latest_every > 0 and done % self.latest_every == 0 and done < self.max_epoch:
+            # A rolling checkpoint to resume from after Ctrl-C or a crash.
+            for name in self.get_model_names():
+                state = model_state(self, name, done, float('nan'), self.model_name)
+                save_checkpoint(state, self.save_dir / name / LATEST_NAME)
 
     def save_model(self, epoch, rank1, save_dir, is_best=False):
         for name in self.get_model_names():

@@ -30,6 +30,12 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=checkpoint_epoch) if found else None
 
 
+def resume_point(run_dir: Path) -> Path | None:
+    """The most recently written checkpoint of a run (numbered or rolling), or None."""
+    found = [p for p in Path(run_dir).glob('*/*.pth.tar*') if not p.name.startswith('.')]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 def latest_run_checkpoint(experiments_dir: Path) -> Path:
     """The newest checkpoint of the most recent training run that has one."""
     runs = sorted((p for p in Path(experiments_dir).glob('*') if p.is_dir()),
@@ -74,7 +80,7 @@ class _Tee:
 @contextlib.contextmanager
 def log_to(path: Path) -> Iterator[None]:
     """Everything printed inside the block also goes to `path` (appended)."""
-    with open(path, 'a') as log:
+    with open(path, 'a', buffering=1) as log:   # line-buffered: `tail -f log.txt` is live
         previous = sys.stdout
         sys.stdout = _Tee(previous, log)
         try:

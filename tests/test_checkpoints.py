@@ -27,7 +27,7 @@ def test_a_checkpoint_saved_by_torchreid_itself_loads_safely(tmp_path):
     checkpoint = load_checkpoint(path)
     assert checkpoint['epoch'] == 3 and checkpoint['rank1'] == 0.5
     fresh = _model()
-    load_weights(fresh, path, 'resnet18')
+    load_weights(fresh, load_checkpoint(path), 'resnet18', path)
     assert torch.equal(fresh.conv1.weight, model.conv1.weight)
 
 
@@ -65,7 +65,7 @@ def test_save_is_atomic_and_leaves_no_partial_file(tmp_path):
 def test_other_identities_load_with_a_note_other_architecture_is_an_error(tmp_path, capsys):
     path = save_checkpoint({'state_dict': _model(num_classes=7).state_dict(),
                             'model_name': 'resnet18'}, tmp_path / 'a')
-    load_weights(_model(num_classes=5), path, 'resnet18')
+    load_weights(_model(num_classes=5), load_checkpoint(path), 'resnet18', path)
     assert 'classifier' in capsys.readouterr().out
     with pytest.raises(UserError, match="saved from resnet18.*MODEL_NAME='resnet50'"):
-        load_weights(_model('resnet50'), path, 'resnet50')
+        load_weights(_model('resnet50'), load_checkpoint(path), 'resnet50', path)

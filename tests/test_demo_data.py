@@ -12,7 +12,8 @@ NAME = re.compile(r'^(-1|\d{4})_c([1-6])s1_(\d{6})_(\d{2})\.jpg$')
 
 def test_torchreids_market1501_loader_reads_it_with_the_expected_counts(tiny_data_root):
     dataset = Market1501(root=str(tiny_data_root), verbose=False)
-    summary = make_demo_dataset(tiny_data_root, num_ids=16, seed=3, num_junk=4, num_distractors=4)
+    summary = make_demo_dataset(tiny_data_root, num_train_ids=8, num_test_ids=8, seed=3,
+                                num_junk=4, num_distractors=4)
     assert dataset.num_train_pids == summary.train_ids == 8
     assert len(dataset.train) == summary.train_images
     assert len(dataset.query) == summary.query_images
@@ -47,16 +48,16 @@ def _digest(root):
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path):
-    make_demo_dataset(tmp_path / 'a', num_ids=4, seed=7, num_junk=1, num_distractors=1)
-    make_demo_dataset(tmp_path / 'b', num_ids=4, seed=7, num_junk=1, num_distractors=1)
-    make_demo_dataset(tmp_path / 'c', num_ids=4, seed=8, num_junk=1, num_distractors=1)
+    make_demo_dataset(tmp_path / 'a', num_train_ids=2, num_test_ids=2, seed=7, num_junk=1, num_distractors=1)
+    make_demo_dataset(tmp_path / 'b', num_train_ids=2, num_test_ids=2, seed=7, num_junk=1, num_distractors=1)
+    make_demo_dataset(tmp_path / 'c', num_train_ids=2, num_test_ids=2, seed=8, num_junk=1, num_distractors=1)
     assert _digest(tmp_path / 'a') == _digest(tmp_path / 'b') != _digest(tmp_path / 'c')
 
 
 def test_an_interrupted_generation_is_redone(tmp_path):
-    make_demo_dataset(tmp_path, num_ids=4, seed=1, num_junk=1, num_distractors=1)
+    make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2, seed=1, num_junk=1, num_distractors=1)
     before = _digest(tmp_path)
     (market_data_dir(tmp_path) / DONE_MARKER).unlink()              # as if killed before the end
     next(market_data_dir(tmp_path).rglob('*.jpg')).unlink()
-    make_demo_dataset(tmp_path, num_ids=4, seed=1, num_junk=1, num_distractors=1)
+    make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2, seed=1, num_junk=1, num_distractors=1)
     assert _digest(tmp_path) == before

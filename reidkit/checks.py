@@ -1,0 +1,233 @@
+"""Checks that run before any heavy work, each failing with one paragraph that says what to do.
+
+Also `install_image_reader()`: Torchreid's `read_image` retries an unreadable file forever
+("Will redo. Don't worry. Just chill."); ours fails at once, naming the file.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from PIL import Image
+
+from reidkit.errors import UserError
+from reidkit.settings import Settings
+
+LOSSES = ('softmax', 'triplet')
+TRANSFORMS = ('random_flip', 'random_crop', 'random_patch', 'color_jitter')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
+# Market-1501 style names: <pid>_c<camera>... ; the loaders of Market-1501, DukeMTMC-reID and
+# MSMT17 parse these.
+MARKET_NAME = re.compile(r'([-\d]+)_c(\d)')
+MARKET_SPLITS = ('bounding_box_train', 'query', 'bounding_box_test')
+# Torchreid's RandomIdentitySampler puts this many images of each identity in a batch.
+TRIPLET_INSTANCES = 4
+
+
+def _choices(kind: str, value, valid) -> UserError:
+    return UserError(f'{kind}={value!r} is not one Torchreid knows. Valid choices: '
+                     f'{", ".join(sorted(valid))}. Fix it in config.py or with --{kind}=...')
+
+
+def _as_list(value) -> list:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def torchreid_datasets() -> dict:
+    import torchreid.reid.data.datasets as datasets
+    return vars(datasets)['__image_datasets']
+
+
+def torchreid_models() -> dict:
+    import torchreid.reid.models as models
+    return vars(models)['__model_factory']
+
+
+def check_names(s: Settings) -> None:
+    """Model, loss, optimiser, scheduler, transforms and dataset names are ones Torchreid has."""
+    from torchreid.reid.optim.lr_scheduler import AVAI_SCH
+    from torchreid.reid.optim.optimizer import AVAI_OPTIMS
+    if s.MODEL_NAME not in torchreid_models():
+        raise _choices('MODEL_NAME', s.MODEL_NAME, torchreid_models())
+    if s.LOSS not in LOSSES:
+        raise _choices('LOSS', s.LOSS, LOSSES)
+    if s.OPTIM not in AVAI_OPTIMS:
+        raise _choices('OPTIM', s.OPTIM, AVAI_OPTIMS)
+    if s.LR_SCHEDULER not in AVAI_SCH:
+        raise _choices('LR_SCHEDULER', s.LR_SCHEDULER, AVAI_SCH)
+    for transform in s.TRANSFORMS:
+        if transform not in TRANSFORMS:
+            raise _choices('TRANSFORMS', transform, TRANSFORMS)
+    for key in ('SOURCES', 'TARGETS'):
+        for name in _as_list(s[key]):
+            if name not in torchreid_datasets():
+                raise _choices(key, name, torchreid_datasets())
+
+
+def check_numbers(s: Settings, training: bool) -> None:
+    """Sizes, rates and counts that make sense."""
+    positive = ['HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'BATCH_SIZE_TEST', 'LR', 'STEPSIZE',
+                'PRINT_FREQ', 'VISRANK_TOPK'] + (['MAX_EPOCH'] if training else [])
+    for key in positive:
+        if not s[key] > 0:
+            raise UserError(f'{key}={s[key]!r} must be greater than 0. Fix it in config.py '
+                            f'or with --{key}=...')
+    if s.WORKERS < 0:
+        raise UserError(f'WORKERS={s.WORKERS} must be 0 (load in the main process) or more.')
+    if s.LOSS == 'triplet' and (s.BATCH_SIZE_TRAIN < TRIPLET_INSTANCES
+                                or s.BATCH_SIZE_TRAIN % TRIPLET_INSTANCES):
+        raise UserError(
+            f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN} does not work with LOSS=\'triplet\': its '
+            f'sampler takes {TRIPLET_INSTANCES} images of each identity per batch, so the batch '
+            f'size must be a multiple of {TRIPLET_INSTANCES} (e.g. 32).'
+        )
+
+
+def dataset_dir(data_root: Path, name: str) -> Path:
+    """The folder Torchreid's loader for `name` reads under DATA_ROOT."""
+    return Path(data_root) / torchreid_datasets()[name].dataset_dir
+
+
+def check_dataset(s: Settings) -> dict[str, int]:
+    """Every dataset exists (Torchreid would otherwise try to download it, from a dead URL for
+    Market-1501) and, for Market-1501's layout, every split has parseable, readable images.
+    Returns the number of images checked per split folder."""
+    checked = {}
+    root = Path(s.DATA_ROOT).expanduser()
+    for name in dict.fromkeys(_as_list(s.SOURCES) + _as_list(s.TARGETS)):
+        folder = dataset_dir(root, name)
+        if not folder.is_dir() or not any(folder.iterdir()):
+            raise UserError(
+                f'DATA_ROOT: dataset {name!r} not found: "{folder.resolve()}" is missing or '
+                f'empty. Download it and put it there'
+                + (f' so that {folder}/Market-1501-v15.09.15/ holds {", ".join(MARKET_SPLITS)}'
+                   if name == 'market1501' else '')
+                + f', or set DATA_ROOT (config.py or --DATA_ROOT=...) to the folder that holds '
+                f'{folder.name}/. To try the pipeline without it: python main.py --demo.'
+            )
+        if name == 'market1501':
+            checked.update(check_market_layout(folder))
+    return checked
+
+
+def check_market_layout(folder: Path) -> dict[str, int]:
+    data_dir = folder / 'Market-1501-v15.09.15'
+    data_dir = data_dir if data_dir.is_dir() else folder
+    for split in MARKET_SPLITS:
+        if not (data_dir / split).is_dir():
+            raise UserError(
+                f'DATA_ROOT: "{data_dir / split}" is missing. Market-1501 needs '
+                f'{", ".join(MARKET_SPLITS)} inside "{data_dir}" (as in the unzipped '
+                f'Market-1501-v15.09.15.zip).'
+            )
+    checked = {}
+    for split in MARKET_SPLITS:
+        split_dir = data_dir / split
+        images = sorted(split_dir.glob('*.jpg'))
+        named = [p for p in images if MARKET_NAME.search(p.name)]
+        if not named:
+            sample = next(iter(sorted(split_dir.iterdir())), None)
+            raise UserError(
+                f'DATA_ROOT: no Market-1501 image in "{split_dir}": the loader reads .jpg files '
+                f'named like 0002_c1s1_000451_03.jpg (person id, camera)'
+                + (f', but found e.g. "{sample.name}"' if sample else ', but the folder is empty')
+                + '. Check that the dataset was unzipped completely into this folder.'
+            )
+        for path in named:
+            problem = image_problem(path)
+            if problem:
+                raise UserError(
+                    f'DATA_ROOT: "{path}" is {problem}. Delete it or replace it with a good copy '
+                    f'(re-extract the dataset), then run again.'
+                )
+        checked[split] = len(named)
+    return checked
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image file cannot be used ('empty', 'not an image', 'truncated'), or None.
+
+    Reads only its first and last bytes: fast enough for 30k files before every run. A JPEG
+    cut short loses its end-of-image marker (FF D9).
+    """
+    try:
+        with open(path, 'rb') as handle:
+            head = handle.read(8)
+            if not head:
+                return 'empty (0 bytes)'
+            handle.seek(-min(path.stat().st_size, 64), 2)
+            tail = handle.read()
+    except OSError as error:
+        return f'unreadable ({error.strerror})'
+    if head[:3] == b'\xff\xd8\xff':
+        return None if b'\xff\xd9' in tail else 'a truncated JPEG (no end-of-image marker)'
+    if head.startswith(b'\x89PNG') or head[:2] == b'BM':
+        return None
+    return 'not a JPEG, PNG or BMP image'
+
+
+def read_image(path: str) -> Image.Image:
+    """Torchreid's read_image, minus the endless retry: an unreadable file is an error."""
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except (OSError, ValueError) as error:
+        raise UserError(f'"{path}" cannot be read as an image ({error}). Delete or replace it '
+                        f'and run again.') from None
+
+
+def install_image_reader() -> None:
+    """Makes Torchreid's datasets read images with `read_image` above."""
+    import torchreid.reid.data.datasets.dataset as torchreid_dataset
+    torchreid_dataset.read_image = read_image
+
+
+def pretrained_file(model_name: str) -> tuple[str, Path] | None:
+    """(url, cache path) of the ImageNet weights Torchreid downloads for `model_name`, if it
+    downloads them with torch's model zoo (the ResNet family and most others)."""
+    import sys
+    module = sys.modules[torchreid_models()[model_name].__module__]
+    url = getattr(module, 'model_urls', {}).get(model_name)
+    if not url:
+        return None
+    return url, Path(torch.hub.get_dir()) / 'checkpoints' / Path(urlparse(url).path).name
+
+
+def check_pretrained(s: Settings, timeout: float = 3.0) -> None:
+    """PRETRAINED=True needs the ImageNet file in the torch hub cache or a reachable server:
+    say so in seconds, rather than fail inside a download or fall back to random weights."""
+    if not s.PRETRAINED:
+        return
+    found = pretrained_file(s.MODEL_NAME)
+    if found is None:
+        return
+    url, cached = found
+    if cached.is_file():
+        return
+    host = urlparse(url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        raise UserError(
+            f'PRETRAINED=True: the ImageNet weights for {s.MODEL_NAME} are not in the torch hub '
+            f'cache and {host} cannot be reached (no network?). Download {url} on a machine '
+            f'with network and copy it to "{cached}", or train from scratch with '
+            f'--PRETRAINED=False (much lower accuracy on real data).'
+        ) from None
+
+
+def check_before_run(s: Settings, training: bool) -> None:
+    """All checks, cheapest first; prints what was checked and how long it took."""
+    started = time.time()
+    check_names(s)
+    check_numbers(s, training)
+    checked = check_dataset(s)
+    if training:
+        check_pretrained(s)
+    if checked:
+        print(f'Checked {sum(checked.values())} images in {time.time() - started:.1f}s '
+              f'({", ".join(f"{k}: {v}" for k, v in checked.items())}).')

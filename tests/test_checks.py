@@ -1,0 +1,138 @@
+"""Bad input fails fast with one clear paragraph and exit status 2; nothing hangs."""
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from reidkit import checks
+from reidkit.demo_data import market_data_dir
+from reidkit.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, timeout=60):
+    """Runs main.py as a user would; a hang fails the test instead of hanging CI."""
+    started = time.time()
+    done = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    return done.returncode, done.stderr, time.time() - started
+
+
+def _copy_data(tiny_data_root, tmp_path):
+    root = tmp_path / 'data'
+    shutil.copytree(tiny_data_root, root)
+    return root, market_data_dir(root)
+
+
+def test_missing_dataset_is_reported_at_once_without_a_download(tmp_path):
+    code, err, seconds = _cli('train', f'--DATA_ROOT={tmp_path}/nowhere', '--PRETRAINED=False',
+                              f'--EXPERIMENTS_DIR={tmp_path}/exp')
+    assert code == 2 and seconds < 10
+    assert err.startswith('error: DATA_ROOT: dataset \'market1501\' not found')
+    assert 'bounding_box_train' in err and '--demo' in err and 'Traceback' not in err
+    assert not (tmp_path / 'nowhere').exists()          # no download attempt made a folder
+
+
+def test_empty_split_and_unparseable_names(tiny_data_root, tmp_path, tiny_settings):
+    root, data_dir = _copy_data(tiny_data_root, tmp_path)
+    s = tiny_settings.replace(DATA_ROOT=str(root))
+    for image in (data_dir / 'query').iterdir():
+        image.unlink()
+    with pytest.raises(UserError, match=r'no Market-1501 image in ".*query".*folder is empty'):
+        checks.check_before_run(s, training=True)
+    (data_dir / 'query' / 'person1.jpg').write_bytes(b'x')
+    with pytest.raises(UserError, match='named like 0002_c1s1_000451_03.jpg.*"person1.jpg"'):
+        checks.check_before_run(s, training=True)
+    shutil.rmtree(data_dir / 'bounding_box_test')
+    with pytest.raises(UserError, match='bounding_box_test" is missing'):
+        checks.check_before_run(s, training=True)
+
+
+@pytest.mark.parametrize('damage, problem', [
+    (lambda data: b'', 'empty'),
+    (lambda data: data[:len(data) // 2], 'truncated JPEG'),
+    (lambda data: b'<html>404</html>', 'not a JPEG'),
+])
+def test_a_bad_image_is_named_before_training(tiny_data_root, tmp_path, tiny_settings,
+                                              damage, problem):
+    root, data_dir = _copy_data(tiny_data_root, tmp_path)
+    victim = sorted((data_dir / 'bounding_box_train').glob('*.jpg'))[3]
+    victim.write_bytes(damage(victim.read_bytes()))
+    with pytest.raises(UserError, match=f'{victim.name}" is .*{problem}'):
+        checks.check_before_run(tiny_settings.replace(DATA_ROOT=str(root)), training=True)
+
+
+def test_the_loader_fails_on_an_unreadable_image_instead_of_retrying_forever(tmp_path):
+    import torchreid.reid.data.datasets.dataset as torchreid_dataset
+    bad = tmp_path / '0001_c1s1_000001_01.jpg'
+    bad.write_bytes(b'\xff\xd8\xff garbage \xff\xd9')
+    assert torchreid_dataset.read_image is checks.read_image    # installed by main.py
+    with pytest.raises(UserError, match='cannot be read as an image'):
+        torchreid_dataset.read_image(str(bad))
+
+
+@pytest.mark.parametrize('key, value, listed', [
+    ('MODEL_NAME', 'resnet51', 'resnet50'), ('OPTIM', 'adamw', 'amsgrad'),
+    ('LR_SCHEDULER', 'step', 'single_step'), ('LOSS', 'arcface', 'triplet'),
+    ('TRANSFORMS', ['random_flip', 'flip'], 'random_crop'), ('SOURCES', 'market', 'market1501'),
+    ('TARGETS', 'duke', 'dukemtmcreid'),
+])
+def test_unknown_names_list_the_valid_choices(tiny_settings, key, value, listed):
+    with pytest.raises(UserError, match=f'{key}=.*Valid choices: .*{listed}'):
+        checks.check_before_run(tiny_settings.replace(**{key: value}), training=True)
+
+
+@pytest.mark.parametrize('key, value', [('HEIGHT', 0), ('WIDTH', -5), ('LR', 0.0), ('LR', -1e-3),
+                                        ('MAX_EPOCH', 0), ('BATCH_SIZE_TEST', 0),
+                                        ('VISRANK_TOPK', 0), ('WORKERS', -1)])
+def test_nonsense_numbers(tiny_settings, key, value):
+    with pytest.raises(UserError, match=f'{key}={value!r} must be'):
+        checks.check_before_run(tiny_settings.replace(**{key: value}), training=True)
+
+
+def test_triplet_batch_must_fit_the_identity_sampler(tiny_settings):
+    with pytest.raises(UserError, match='multiple of 4'):
+        checks.check_before_run(tiny_settings.replace(LOSS='triplet', BATCH_SIZE_TRAIN=6), True)
+
+
+def test_weights_problems_exit_2_with_the_file_named(tmp_path, tiny_data_root):
+    common = [f'--DATA_ROOT={tiny_data_root}', f'--EXPERIMENTS_DIR={tmp_path}/exp']
+    code, err, seconds = _cli('test', f'--WEIGHTS={tmp_path}/none.pth', *common)
+    assert code == 2 and 'no checkpoint file at' in err and seconds < 10
+    (tmp_path / 'notes.txt').write_text('not a model')
+    code, err, _ = _cli('visrank', f'--WEIGHTS={tmp_path}/notes.txt', *common)
+    assert code == 2 and 'notes.txt" is not a readable PyTorch checkpoint' in err
+    code, err, _ = _cli('test', *common)
+    assert code == 2 and 'no training run in' in err
+
+
+def test_pretrained_without_cache_or_network_names_the_file(tiny_settings, tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty-cache'))
+
+    def offline(address, timeout):
+        assert timeout <= 5                  # never waits long for a network that is not there
+        raise OSError('Network is unreachable')
+    monkeypatch.setattr(socket, 'create_connection', offline)
+    with pytest.raises(UserError) as error:
+        checks.check_before_run(tiny_settings.replace(PRETRAINED=True), training=True)
+    message = str(error.value)
+    assert 'resnet50-19c8e357.pth' in message and str(tmp_path / 'empty-cache') in message
+    assert '--PRETRAINED=False' in message
+
+
+def test_device_cuda_without_gpu_is_an_error_auto_falls_back(monkeypatch, capsys):
+    from reidkit.device import choose_device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(UserError, match="DEVICE='cuda' but PyTorch sees no CUDA GPU"):
+        choose_device('cuda')
+    assert choose_device('auto').type == 'cpu'
+    assert 'running on the CPU' in capsys.readouterr().out
+    with pytest.raises(UserError, match="DEVICE must be"):
+        choose_device('gpu')

@@ -1,0 +1,80 @@
+"""Nothing lost: Ctrl-C or kill -9 mid-training, then --RESUME continues where it stopped."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from reidkit.checkpoints import LATEST_NAME, load_checkpoint
+from reidkit.engine import SoftmaxEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ctrl_c_then_resume_continues_epochs_and_state(tiny_settings, monkeypatch, capsys):
+    s = tiny_settings.replace(MAX_EPOCH=3, EVAL_FREQ=-1, STEPSIZE=1, PRINT_FREQ=1)
+    original = SoftmaxEngine.forward_backward
+
+    def interrupt_in_epoch_2(self, data):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, data)
+    monkeypatch.setattr(SoftmaxEngine, 'forward_backward', interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        main.train(s)
+    out = capsys.readouterr().out
+    (run_dir,) = Path(s.EXPERIMENTS_DIR).iterdir()
+    latest = run_dir / 'model' / LATEST_NAME
+    assert f'Last checkpoint: {latest}' in out
+    assert f'Resume with: python main.py train --RESUME={latest}' in out
+    saved = load_checkpoint(latest)
+    assert saved['epoch'] == 1 and saved['scheduler']['last_epoch'] == 1
+
+    seen = {}
+
+    def record_first_step(self, data):
+        if not seen:
+            seen['epoch'] = self.epoch
+            seen['weights'] = self.model.conv1.weight.detach().clone()
+            seen['lr'] = self.optimizer.param_groups[0]['lr']
+            seen['adam_steps'] = next(iter(self.optimizer.state.values()))['step'].item()
+        return original(self, data)
+    monkeypatch.setattr(SoftmaxEngine, 'forward_backward', record_first_step)
+    assert main.train(s.replace(RESUME=str(latest))) == run_dir
+    out = capsys.readouterr().out
+    assert 'epoch: [1/3]' not in out and 'epoch: [2/3]' in out and 'epoch: [3/3]' in out
+    assert seen['epoch'] == 1
+    assert torch.equal(seen['weights'], saved['state_dict']['conv1.weight'])
+    assert seen['lr'] == pytest.approx(s.LR * 0.1)                # scheduler stepped once
+    assert seen['adam_steps'] == saved['optimizer']['state'][0]['step'].item() > 0
+    assert (run_dir / 'model' / 'model.pth.tar-3').is_file()
+
+
+def test_kill_9_during_training_leaves_a_checkpoint_to_resume_from(tiny_data_root, tmp_path):
+    from conftest import TINY
+    args = [f'--{k}={v!r}' for k, v in dict(TINY, DATA_ROOT=str(tiny_data_root), MAX_EPOCH=50, PRINT_FREQ=1,
+                                           EVAL_FREQ=-1, EXPERIMENTS_DIR=str(tmp_path)).items()]
+    child = subprocess.Popen([sys.executable, 'main.py', 'train', *args], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(f'*/model/{LATEST_NAME}')) and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    (latest,) = tmp_path.glob(f'*/model/{LATEST_NAME}')
+    epoch = load_checkpoint(latest)['epoch']                 # complete, never a torn write
+    assert epoch >= 1
+    done = subprocess.run([sys.executable, 'main.py', 'train', *args, f'--MAX_EPOCH={epoch + 1}',
+                           f'--RESUME={latest}'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f'epoch: [{epoch + 1}/{epoch + 1}]' in done.stdout
+    assert f'epoch: [{epoch}/' not in done.stdout
