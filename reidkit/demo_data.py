@@ -16,13 +16,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from reidkit.errors import UserError
+
 # Market-1501's crops are 128 high and 64 wide, taken by 6 cameras.
 IMAGE_HEIGHT = 128
 IMAGE_WIDTH = 64
 NUM_CAMERAS = 6
 MARKET_SUBDIR = Path('market1501') / 'Market-1501-v15.09.15'
 SPLIT_DIRS = ('bounding_box_train', 'query', 'bounding_box_test')
-# Written last, so a folder holding it is a complete dataset (an interrupted run is redone).
+# Written first and last: a folder with the first is ours (safe to replace); one with the
+# last is complete (an interrupted generation is redone).
+STARTED_MARKER = '.demo-started'
 DONE_MARKER = '.demo-complete'
 
 PATTERNS = ('solid', 'horizontal_stripes', 'vertical_stripes', 'checks')
@@ -106,8 +110,8 @@ def _make_camera(rng: np.random.Generator) -> Camera:
         background=_colour(rng),
         floor=_colour(rng) * 0.7,
         clutter=clutter,
-        gain=float(rng.uniform(0.75, 1.25)),
-        cast=rng.uniform(0.88, 1.12, size=3),
+        gain=float(rng.uniform(0.85, 1.15)),
+        cast=rng.uniform(0.92, 1.08, size=3),
         blur=float(rng.uniform(0.0, 1.3)),
         scale=float(rng.uniform(0.8, 1.0)),
         shift_y=int(rng.integers(-6, 7)),
@@ -131,12 +135,16 @@ def _ellipse(canvas: np.ndarray, cx: float, cy: float, rx: float, ry: float, col
 
 def _draw_background(camera: Camera, rng: np.random.Generator) -> np.ndarray:
     canvas = np.empty((IMAGE_HEIGHT, IMAGE_WIDTH, 3))
-    canvas[:] = camera.background
+    # The camera's scene, but lit and passed-by differently each time: half of the wall colour
+    # and some clutter change per picture, so the background is a nuisance to learn to ignore.
+    canvas[:] = 0.5 * camera.background + 0.5 * _colour(rng)
     _box(canvas, 0, IMAGE_HEIGHT * 0.75, IMAGE_WIDTH, IMAGE_HEIGHT, camera.floor)
-    # The camera's fixed scenery, seen from a slightly different spot each time.
     dx, dy = rng.integers(-8, 9, size=2)
     for x, y, w, h, colour in camera.clutter:
         _box(canvas, x + dx, y + dy, x + dx + w, y + dy + h, colour)
+    for _ in range(2):
+        x, y = rng.integers(0, IMAGE_WIDTH), rng.integers(0, IMAGE_HEIGHT)
+        _box(canvas, x, y, x + rng.integers(6, 24), y + rng.integers(6, 40), _colour(rng))
     return canvas
 
 
@@ -231,10 +239,17 @@ def make_demo_dataset(root: Path, num_train_ids: int = 300, num_test_ids: int = 
     marker = data_dir / DONE_MARKER
     if marker.is_file() and marker.read_text() == signature:
         return summarise_market_dir(data_dir)
-    if data_dir.exists():
+    if data_dir.exists() and any(data_dir.iterdir()):
+        if not (data_dir / STARTED_MARKER).is_file():
+            raise UserError(
+                f'DATA_ROOT: "{data_dir}" already holds data that the demo did not generate, '
+                f'so --demo will not overwrite it. Point --DATA_ROOT at another folder for the '
+                f'demo (config.DEMO uses "demo-data"), or move that data away first.'
+            )
         shutil.rmtree(data_dir)
     for split in SPLIT_DIRS:
         (data_dir / split).mkdir(parents=True)
+    (data_dir / STARTED_MARKER).write_text(signature)
 
     rng = np.random.default_rng(seed)
     cameras = [_make_camera(rng) for _ in range(NUM_CAMERAS)]

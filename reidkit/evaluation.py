@@ -43,10 +43,9 @@ def _rank_chunk(dist: torch.Tensor, q_pids, g_pids, q_camids, g_camids, max_rank
     # bucket b of a wrong match = number of true matches strictly closer than it; it is then
     # ranked before true matches b, b+1, ... (ties count against us).
     bucket = torch.searchsorted(pos_dist.contiguous(), dist.contiguous(), side='left')
-    bucket = torch.where(negative, bucket, torch.full_like(bucket, most))
-    rows = torch.arange(len(dist))[:, None] * (most + 1)
-    per_bucket = torch.bincount((rows + bucket).flatten(), minlength=len(dist) * (most + 1))
-    negatives_before = per_bucket.view(len(dist), most + 1)[:, :most].cumsum(1)
+    per_bucket = torch.zeros(len(dist), most + 1, dtype=torch.int32)
+    per_bucket.scatter_add_(1, bucket, negative.to(torch.int32))   # only wrong matches count
+    negatives_before = per_bucket[:, :most].cumsum(1)
 
     order = torch.arange(most)
     rank = negatives_before + order + 1                      # 1-based rank of each true match
@@ -58,14 +57,42 @@ def _rank_chunk(dist: torch.Tensor, q_pids, g_pids, q_camids, g_camids, max_rank
     return first, ap
 
 
+def _summarise(first: np.ndarray, ap: np.ndarray, max_rank: int):
+    """(cmc, mAP) from each query's first-match rank (-1: no valid match) and AP."""
+    kept = first >= 0
+    if not kept.any():
+        raise ValueError('Error: all query identities do not appear in gallery')
+    hits = first[kept, None] <= np.arange(max_rank)[None, :]
+    cmc = hits.astype(np.float32).sum(0) / float(kept.sum())
+    return cmc, float(np.mean(ap[kept]))
+
+
+def _evaluate_in_chunks(distance_rows, num_q: int, num_g: int, q_pids, g_pids, q_camids,
+                        g_camids, max_rank: int, chunk: int):
+    """Runs `_rank_chunk` over query chunks; `distance_rows(start, end)` gives their distances."""
+    if num_g < max_rank:
+        print(f'Note: number of gallery samples is quite small, got {num_g}')
+        max_rank = num_g
+    q_pids, g_pids = _as_tensor(q_pids), _as_tensor(g_pids)
+    q_camids, g_camids = _as_tensor(q_camids), _as_tensor(g_camids)
+    firsts, aps = [], []
+    for start in range(0, num_q, chunk):
+        end = min(start + chunk, num_q)
+        first, ap = _rank_chunk(distance_rows(start, end), q_pids[start:end], g_pids,
+                                q_camids[start:end], g_camids, max_rank)
+        firsts.append(first)
+        aps.append(ap)
+    return _summarise(torch.cat(firsts).numpy(), torch.cat(aps).numpy(), max_rank)
+
+
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
                   use_metric_cuhk03: bool = False, use_cython: bool = True):
     """(cmc, mAP) under the Market-1501 protocol, as `torchreid.metrics.evaluate_rank`.
 
     A gallery item with the query's pid and camera is ignored; a query without any true match
     in another camera is skipped. `cmc[k]` is the fraction of kept queries whose first true
-    match is within rank k+1 (float32 array of length max_rank); mAP is a float.
-    `use_cython` is accepted for compatibility and ignored.
+    match is within rank k+1 (float32 array of length min(max_rank, gallery size)); mAP is a
+    float. `use_cython` is accepted for compatibility and ignored.
     """
     if use_metric_cuhk03:
         raise NotImplementedError(
@@ -73,28 +100,40 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
             'use torchreid.reid.metrics.rank.evaluate_py for it'
         )
     dist = _as_tensor(distmat)
-    num_q, num_g = dist.shape
-    if num_g < max_rank:
-        print(f'Note: number of gallery samples is quite small, got {num_g}')
-        max_rank = num_g
-    q_pids, g_pids = _as_tensor(q_pids), _as_tensor(g_pids)
-    q_camids, g_camids = _as_tensor(q_camids), _as_tensor(g_camids)
+    return _evaluate_in_chunks(lambda start, end: dist[start:end], dist.shape[0], dist.shape[1],
+                               q_pids, g_pids, q_camids, g_camids, max_rank, QUERY_CHUNK)
 
-    firsts, aps = [], []
-    for start in range(0, num_q, QUERY_CHUNK):
-        end = min(start + QUERY_CHUNK, num_q)
-        first, ap = _rank_chunk(dist[start:end], q_pids[start:end], g_pids,
-                                q_camids[start:end], g_camids, max_rank)
-        firsts.append(first)
-        aps.append(ap)
-    first = torch.cat(firsts).numpy()
-    ap = torch.cat(aps).numpy()
-    kept = first >= 0
-    if not kept.any():
-        raise ValueError('Error: all query identities do not appear in gallery')
-    hits = first[kept, None] <= np.arange(max_rank)[None, :]
-    cmc = hits.astype(np.float32).sum(0) / float(kept.sum())
-    return cmc, float(np.mean(ap[kept]))
+
+def distances(query: torch.Tensor, gallery: torch.Tensor, metric: str = 'euclidean',
+              gallery_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared euclidean (as Torchreid) or cosine distances, query rows x gallery rows."""
+    if metric == 'cosine':
+        return 1 - torch.nn.functional.normalize(query, dim=1) @ \
+            torch.nn.functional.normalize(gallery, dim=1).t()
+    if metric != 'euclidean':
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    if gallery_sq_norms is None:
+        gallery_sq_norms = gallery.pow(2).sum(1)
+    dist = query.pow(2).sum(1, keepdim=True) + gallery_sq_norms[None, :]
+    return dist.addmm_(query, gallery.t(), beta=1, alpha=-2)
+
+
+def evaluate_features(query_features, gallery_features, q_pids, g_pids, q_camids, g_camids,
+                      metric: str = 'euclidean', max_rank: int = 50, chunk: int = QUERY_CHUNK):
+    """(cmc, mAP) straight from features, never holding the whole distance matrix.
+
+    Distances are computed for `chunk` queries at a time, so memory is the features plus a
+    few (chunk x gallery) arrays: MSMT17's 11,659 x 82,161 fits in a few GB instead of ~12 GB.
+    """
+    qf, gf = _as_tensor(query_features).float(), _as_tensor(gallery_features).float()
+    if metric == 'cosine':
+        qf, gf = torch.nn.functional.normalize(qf, dim=1), torch.nn.functional.normalize(gf, dim=1)
+        rows = lambda start, end: 1 - qf[start:end] @ gf.t()   # noqa: E731
+    else:
+        g_norms = gf.pow(2).sum(1)
+        rows = lambda start, end: distances(qf[start:end], gf, metric, g_norms)  # noqa: E731
+    return _evaluate_in_chunks(rows, len(qf), len(gf), q_pids, g_pids, q_camids, g_camids,
+                               max_rank, chunk)
 
 
 # --- installation into Torchreid -------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The generated dataset is Market-1501 to Torchreid's own loader."""
 import hashlib
+
+import pytest
 import re
 from collections import defaultdict
 
 from torchreid.reid.data.datasets.image.market1501 import Market1501
 
 from reidkit.demo_data import DONE_MARKER, make_demo_dataset, market_data_dir
+from reidkit.errors import UserError
 
 NAME = re.compile(r'^(-1|\d{4})_c([1-6])s1_(\d{6})_(\d{2})\.jpg$')
 
@@ -61,3 +64,20 @@ def test_an_interrupted_generation_is_redone(tmp_path):
     next(market_data_dir(tmp_path).rglob('*.jpg')).unlink()
     make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2, seed=1, num_junk=1, num_distractors=1)
     assert _digest(tmp_path) == before
+
+
+def test_never_overwrites_data_it_did_not_generate(tmp_path):
+    real = market_data_dir(tmp_path) / 'query'
+    real.mkdir(parents=True)
+    (real / '0001_c1s1_000151_01.jpg').write_bytes(b'a real image')
+    with pytest.raises(UserError, match='did not generate, so --demo will not overwrite it'):
+        make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2)
+    assert (real / '0001_c1s1_000151_01.jpg').read_bytes() == b'a real image'
+
+
+def test_other_arguments_regenerate_its_own_folder(tmp_path):
+    first = make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2, num_junk=0,
+                              num_distractors=0)
+    second = make_demo_dataset(tmp_path, num_train_ids=3, num_test_ids=2, num_junk=0,
+                               num_distractors=0)
+    assert (first.train_ids, second.train_ids) == (2, 3)

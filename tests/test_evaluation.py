@@ -1,0 +1,85 @@
+"""reidkit.evaluation gives Torchreid's CMC and mAP, exactly, without Cython."""
+import numpy as np
+import pytest
+import torch
+from torchreid.reid.metrics import compute_distance_matrix
+from torchreid.reid.metrics.rank import eval_market1501
+
+import main  # noqa: F401  (installs the evaluator)
+from reidkit.evaluation import evaluate_features, evaluate_rank
+
+
+def _random_case(rng):
+    num_q, num_g = int(rng.integers(1, 40)), int(rng.integers(1, 160))
+    num_ids, num_cams = int(rng.integers(1, 25)), int(rng.integers(1, 7))
+    return (rng.permutation(num_q * num_g).reshape(num_q, num_g) / (num_q * num_g),  # tie-free
+            rng.integers(0, num_ids, num_q), rng.integers(0, num_ids, num_g),
+            rng.integers(0, num_cams, num_q), rng.integers(0, num_cams, num_g),
+            int(rng.integers(1, 60)))
+
+
+def test_identical_to_torchreids_python_evaluator_on_many_random_cases():
+    rng = np.random.default_rng(0)
+    compared = skipped_queries = 0
+    for _ in range(400):
+        distmat, q_pids, g_pids, q_cams, g_cams, max_rank = _random_case(rng)
+        try:
+            cmc_ref, map_ref = eval_market1501(distmat, q_pids, g_pids, q_cams, g_cams, max_rank)
+        except (AssertionError, ValueError):
+            # Torchreid fails when no query has a valid match (we raise too), or when kept
+            # galleries are shorter than max_rank for some queries (a ragged array).
+            continue
+        cmc, mAP = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank)
+        assert cmc.dtype == cmc_ref.dtype == np.float32
+        assert np.array_equal(cmc[:len(cmc_ref)], cmc_ref)
+        assert np.all(cmc[len(cmc_ref):] == cmc_ref[-1])          # the curve stays flat
+        assert abs(mAP - map_ref) < 1e-6
+        compared += 1
+        valid = ((g_pids[None] == q_pids[:, None]) & (g_cams[None] != q_cams[:, None])).any(1)
+        skipped_queries += int((~valid).sum())
+    assert compared > 150 and skipped_queries > 50    # the cases did exercise skipped queries
+
+
+def test_a_case_worked_out_by_hand():
+    # Query 0 (pid 1, cam 0). Gallery by distance: g0 pid1 cam0 (same camera: ignored),
+    # g1 pid2, g2 pid1 cam1 (match), g3 pid3, g4 pid1 cam2 (match).
+    # Kept order: pid2, MATCH, pid3, MATCH -> first match at rank 2; AP = (1/2 + 2/4) / 2 = 0.5.
+    # Query 1 (pid 2, cam 1): g1 (pid2, cam 0) is first -> rank 1; AP = 1.
+    # Query 2 (pid 9): no match anywhere -> skipped.
+    distmat = np.array([[0.1, 0.2, 0.3, 0.4, 0.5],
+                        [0.9, 0.1, 0.2, 0.3, 0.4],
+                        [0.1, 0.2, 0.3, 0.4, 0.5]])
+    q_pids, g_pids = np.array([1, 2, 9]), np.array([1, 2, 1, 3, 1])
+    q_cams, g_cams = np.array([0, 1, 0]), np.array([0, 0, 1, 0, 2])
+    cmc, mAP = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=4)
+    assert cmc.tolist() == [0.5, 1.0, 1.0, 1.0]
+    assert mAP == pytest.approx(0.75)
+
+
+def test_no_valid_query_is_an_error_like_torchreid():
+    with pytest.raises(ValueError, match='do not appear in gallery'):
+        evaluate_rank(np.ones((1, 3)), np.array([5]), np.array([1, 2, 3]),
+                      np.array([0]), np.array([0, 0, 0]))
+
+
+@pytest.mark.parametrize('metric', ['euclidean', 'cosine'])
+def test_evaluate_features_in_small_chunks_equals_the_full_matrix(metric):
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(30, 64, generator=g)
+    q_pids, g_pids = torch.randint(0, 30, (90,), generator=g), torch.randint(0, 30, (400,), generator=g)
+    qf = centres[q_pids] + torch.randn(90, 64, generator=g)
+    gf = centres[g_pids] + torch.randn(400, 64, generator=g)
+    q_cams, g_cams = torch.randint(0, 6, (90,), generator=g), torch.randint(0, 6, (400,), generator=g)
+    full = compute_distance_matrix(qf, gf, metric).numpy()
+    expected = evaluate_rank(full, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(), g_cams.numpy())
+    cmc, mAP = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric, chunk=7)
+    assert np.array_equal(cmc, expected[0]) and mAP == pytest.approx(expected[1], abs=1e-9)
+    reference = eval_market1501(full, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(),
+                                g_cams.numpy(), 50)
+    assert np.array_equal(cmc, reference[0]) and mAP == pytest.approx(reference[1], abs=1e-6)
+
+
+def test_installed_into_torchreid():
+    import torchreid
+    assert torchreid.reid.metrics.evaluate_rank.__module__ == 'reidkit.evaluation'
+    assert torchreid.metrics.evaluate_rank is torchreid.reid.metrics.evaluate_rank
