@@ -20,21 +20,23 @@ import reidkit  # noqa: F401  (first: silences Torchreid's import-time Cython wa
 import torchreid
 from torchreid.reid.utils import set_random_seed
 
-from reidkit import checks, evaluation
+from reidkit import checks, evaluation, visrank
 from reidkit.checkpoints import load_checkpoint, load_weights, resume_training
 from reidkit.demo_data import make_demo_dataset
 from reidkit.device import choose_device, place_model
 from reidkit.engine import SoftmaxEngine, TripletEngine
 from reidkit.errors import UserError
-from reidkit.report import write_metrics
+from reidkit.report import plot_cmc, plot_training, write_metrics
 from reidkit.runs import latest_run_checkpoint, log_to, new_run_dir, newest_checkpoint, \
     output_dir_for, resume_point
 from reidkit.settings import Settings, apply_overrides, defaults_from, parse_override_args
 
 # The one place Torchreid is changed: every engine.test(), in-training evaluation and visrank
-# below computes CMC/mAP with reidkit's exact, vectorised evaluator, and an unreadable image
-# is an error naming the file (Torchreid's own reader retries it forever).
+# below computes CMC/mAP with reidkit's exact, vectorised evaluator; visrank strips carry
+# rank, distance and id, and come with a browsable index.html; an unreadable image is an
+# error naming the file (Torchreid's own reader retries it forever).
 evaluation.install()
+visrank.install()
 checks.install_image_reader()
 
 MODES = ('train', 'test', 'visrank')
@@ -125,7 +127,8 @@ def train(s: Settings | None = None) -> Path:
                 f'Last checkpoint: {last}\nResume with: python main.py train --RESUME={last}'
                 if last else 'No checkpoint was written yet.'))
             raise
-    write_metrics(run_dir / 'metrics.json', 'train', engine.results[-1], s,
+    plot_training(run_dir, len(datamanager.train_loader))
+    write_metrics(run_dir / 'metrics.json', 'train', engine.results[-1], s, datamanager,
                   checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started)
     return run_dir
 
@@ -146,7 +149,8 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
         engine.run(save_dir=str(out_dir), test_only=True, **run_flags)
     result = dict(engine.results[-1], epoch=saved.get('epoch'))
-    write_metrics(out_dir / 'metrics.json', mode, result, s, checkpoint=checkpoint,
+    plot_cmc(result['cmc'], out_dir / 'cmc.png')
+    write_metrics(out_dir / 'metrics.json', mode, result, s, datamanager, checkpoint=checkpoint,
                   seconds=time.time() - started)
     return out_dir
 
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             elif mode == 'visrank':
                 out_dir = vis_rank(s, weights)
                 print(f'Rank images: {out_dir}')
+                for page in sorted(out_dir.glob('visrank_*/index.html')):
+                    print(f'Gallery page: {page.resolve()}')
     except UserError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

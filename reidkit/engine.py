@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
+from tqdm import tqdm
 
 from reidkit import evaluation
 from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint
@@ -42,11 +43,31 @@ class RecordingMixin:
             print(f'Checkpoint saved to "{path}"')
 
     def test(self, *args, **kwargs):
-        with evaluation.record_evaluations() as results:
-            rank1 = super().test(*args, **kwargs)
+        loaders = self.test_loader
+        self.test_loader = {name: {split: WithProgress(loader, f'{name} {split} features')
+                                   for split, loader in splits.items()}
+                            for name, splits in loaders.items()}
+        try:
+            with evaluation.record_evaluations() as results:
+                rank1 = super().test(*args, **kwargs)
+        finally:
+            self.test_loader = loaders
         for cmc, mAP in results:
             self.results.append({'epoch': self.epoch + 1, 'cmc': cmc, 'mAP': mAP})
         return rank1
+
+
+class WithProgress:
+    """A data loader that shows a progress bar (count, rate, ETA) each time it is iterated."""
+
+    def __init__(self, loader, description: str):
+        self.loader, self.description = loader, description
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(tqdm(self.loader, desc=self.description, unit='batch', leave=False))
 
 
 class SoftmaxEngine(RecordingMixin, ImageSoftmaxEngine):

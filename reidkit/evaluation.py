@@ -25,7 +25,7 @@ def _as_tensor(array) -> torch.Tensor:
     return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
 
 
-def _rank_chunk(dist: torch.Tensor, q_pids, g_pids, q_camids, g_camids, max_rank: int):
+def _rank_chunk(dist: torch.Tensor, q_pids, g_pids, q_camids, g_camids):
     """For a chunk of queries: (first-match rank or -1, AP or nan) per query."""
     match = q_pids[:, None] == g_pids[None, :]
     same_camera = q_camids[:, None] == g_camids[None, :]
@@ -67,22 +67,37 @@ def _summarise(first: np.ndarray, ap: np.ndarray, max_rank: int):
     return cmc, float(np.mean(ap[kept]))
 
 
-def _evaluate_in_chunks(distance_rows, num_q: int, num_g: int, q_pids, g_pids, q_camids,
-                        g_camids, max_rank: int, chunk: int):
+def _rank_in_chunks(distance_rows, num_q: int, q_pids, g_pids, q_camids, g_camids,
+                    chunk: int = QUERY_CHUNK):
     """Runs `_rank_chunk` over query chunks; `distance_rows(start, end)` gives their distances."""
-    if num_g < max_rank:
-        print(f'Note: number of gallery samples is quite small, got {num_g}')
-        max_rank = num_g
     q_pids, g_pids = _as_tensor(q_pids), _as_tensor(g_pids)
     q_camids, g_camids = _as_tensor(q_camids), _as_tensor(g_camids)
     firsts, aps = [], []
     for start in range(0, num_q, chunk):
         end = min(start + chunk, num_q)
         first, ap = _rank_chunk(distance_rows(start, end), q_pids[start:end], g_pids,
-                                q_camids[start:end], g_camids, max_rank)
+                                q_camids[start:end], g_camids)
         firsts.append(first)
         aps.append(ap)
-    return _summarise(torch.cat(firsts).numpy(), torch.cat(aps).numpy(), max_rank)
+    return torch.cat(firsts).numpy(), torch.cat(aps).numpy()
+
+
+def _evaluate_in_chunks(distance_rows, num_q: int, num_g: int, q_pids, g_pids, q_camids,
+                        g_camids, max_rank: int, chunk: int):
+    if num_g < max_rank:
+        print(f'Note: number of gallery samples is quite small, got {num_g}')
+        max_rank = num_g
+    first, ap = _rank_in_chunks(distance_rows, num_q, q_pids, g_pids, q_camids, g_camids,
+                                chunk)
+    return _summarise(first, ap, max_rank)
+
+
+def rank_queries(distmat, q_pids, g_pids, q_camids, g_camids):
+    """Per query: the 0-based rank of its first true match (-1: none) and its AP (nan: none),
+    under the same protocol as `evaluate_rank`."""
+    dist = _as_tensor(distmat)
+    return _rank_in_chunks(lambda start, end: dist[start:end], dist.shape[0], q_pids, g_pids,
+                           q_camids, g_camids)
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,

@@ -1,11 +1,14 @@
-"""What a run leaves for people and scripts to read: metrics.json."""
+"""What a run leaves for people and scripts to read: metrics.json, plots, the gallery page."""
 from __future__ import annotations
 
+import html
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 
 CMC_RANKS = (1, 5, 10, 20)
@@ -18,13 +21,16 @@ def summarise(cmc, mAP: float) -> dict:
     return summary
 
 
-def write_metrics(path: Path, mode: str, result: Mapping, settings: Mapping,
+def write_metrics(path: Path, mode: str, result: Mapping, settings: Mapping, datamanager,
                   checkpoint: Path | None, seconds: float) -> dict:
     """Writes metrics.json for one mode of a run and returns what it wrote."""
+    test_sets = datamanager.test_dataset
     metrics = {
         'mode': mode,
         **summarise(result['cmc'], result['mAP']),
         'cmc': [float(v) for v in result['cmc']],
+        'num_query': sum(len(sets['query']) for sets in test_sets.values()),
+        'num_gallery': sum(len(sets['gallery']) for sets in test_sets.values()),
         'epoch': result.get('epoch'),
         'checkpoint': str(checkpoint) if checkpoint else None,
         'seconds': round(seconds, 1),
@@ -34,3 +40,202 @@ def write_metrics(path: Path, mode: str, result: Mapping, settings: Mapping,
     }
     Path(path).write_text(json.dumps(metrics, indent=2) + '\n')
     return metrics
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')                 # files only; no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_cmc(cmc, path: Path) -> Path:
+    """The CMC curve, rank 1 to len(cmc), as a PNG."""
+    plt = _pyplot()
+    ranks = np.arange(1, len(cmc) + 1)
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+    ax.plot(ranks, np.asarray(cmc) * 100, marker='.', color='tab:blue')
+    for r in CMC_RANKS:
+        if r <= len(cmc):
+            ax.annotate(f'R{r} {cmc[r - 1]:.1%}', (r, cmc[r - 1] * 100), fontsize=7,
+                        textcoords='offset points', xytext=(4, -10))
+    ax.set(xlabel='rank', ylabel='matching rate (%)', title='CMC curve', ylim=(0, 101))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a run's TensorBoard events: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    scalars: dict[str, list] = {}
+    for events in sorted(Path(run_dir).glob('events.out.tfevents.*')):
+        accumulator = EventAccumulator(str(events), size_guidance={'scalars': 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()['scalars']:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return {tag: sorted(points) for tag, points in scalars.items()}
+
+
+def plot_training(run_dir: Path, iterations_per_epoch: int) -> Path | None:
+    """training_curves.png: loss, accuracy and learning rate per epoch (Torchreid logs each
+    epoch's running average, so the epoch's last point is its mean), and Rank-1/mAP at each
+    evaluation. None if the run logged nothing."""
+    scalars = read_scalars(run_dir)
+    if 'Train/loss' not in scalars:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3), dpi=100)
+
+    def per_epoch(tag):
+        last = {}
+        for step, value in scalars.get(tag, []):
+            last[step // iterations_per_epoch + 1] = value
+        return list(last), list(last.values())
+
+    for ax, tag, title in zip(axes, ('Train/loss', 'Train/acc', 'Train/lr'),
+                              ('loss', 'training accuracy (%)', 'learning rate')):
+        epochs, values = per_epoch(tag)
+        ax.plot(epochs, values, marker='.')
+        ax.set(title=title, xlabel='epoch')
+        ax.grid(alpha=0.3)
+    ax = axes[3]
+    for tag, values in scalars.items():
+        if tag.startswith('Test/'):
+            name = tag.split('/')[-1]
+            ax.plot([s + 1 for s, _ in values], [v * 100 for _, v in values], marker='o',
+                    label=f'{tag.split("/")[1]} {name}')
+    ax.set(title='evaluation (%)', xlabel='epoch')
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(run_dir) / 'training_curves.png'
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery: int) -> Path:
+    """index.html: metrics, plots, then every query's top-k, failures first. Static: it works
+    from the file system with no server and no network; images are the dataset's own files,
+    referenced by relative path and loaded lazily, 50 queries a page."""
+    path = Path(path)
+    here = path.parent
+
+    def relative(file: str) -> str:
+        return Path(os.path.relpath(Path(file).resolve(), here.resolve())).as_posix()
+
+    for row in rows:
+        row['path'] = relative(row['path'])
+        for match in row['matches']:
+            match[0] = relative(match[0])
+    plots = [relative(p) for p in [here / 'cmc.png'] +
+             [parent / 'training_curves.png' for parent in list(here.parents)[:3]]
+             if Path(p).is_file()]
+    failures = sum(1 for row in rows if row['first'] != 0)
+    metrics = ' · '.join([f'mAP <b>{summary["mAP"]:.1%}</b>'] +
+                         [f'Rank-{r} <b>{summary[f"rank{r}"]:.1%}</b>'
+                          for r in CMC_RANKS if f'rank{r}' in summary] +
+                         [f'{len(rows)} queries', f'{num_gallery} gallery images',
+                          f'{failures} rank-1 failures'])
+    data = json.dumps(rows, separators=(',', ':')).replace('</', '<\\/')
+    page = (GALLERY_TEMPLATE
+            .replace('{{title}}', html.escape(f'Rankings: {here.name}'))
+            .replace('{{metrics}}', metrics)
+            .replace('{{plots}}', ''.join(f'<img class="plot" src="{html.escape(p)}">'
+                                          for p in plots))
+            .replace('{{data}}', data))
+    path.write_text(page, encoding='utf-8')
+    return path
+
+
+GALLERY_TEMPLATE = '''<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{title}}</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:16px;color:#222;background:#fafafa}
+h1{font-size:20px;margin:0 0 6px}
+#metrics{font-size:15px;margin-bottom:10px}
+.plot{height:220px;margin:0 12px 8px 0;border:1px solid #ddd;background:#fff}
+#controls{position:sticky;top:0;background:#fafafa;padding:8px 0;border-bottom:1px solid #ddd;z-index:1}
+#controls>*{margin-right:12px}
+.row{display:flex;align-items:flex-start;background:#fff;border:1px solid #e4e4e4;margin:6px 0;padding:6px}
+.head{width:150px;font-size:12px;flex:none}
+.head b{font-size:13px}
+.tile{width:64px;margin-right:6px;font-size:10px;text-align:center;flex:none}
+.tile img{width:56px;height:120px;border:4px solid #888;display:block;background:#eee}
+.query img{border-color:#222}.ok img{border-color:#0a0}.bad img{border-color:#d00}
+.query{margin-right:20px}
+</style></head>
+<body>
+<h1>{{title}}</h1>
+<div id="metrics">{{metrics}}</div>
+<div id="plots">{{plots}}</div>
+<div id="controls">
+<label><input type="radio" name="view" value="failures" checked> failures first</label>
+<label><input type="radio" name="view" value="all"> all queries in order</label>
+<label>person id <input id="pid" type="number" min="0" style="width:80px"></label>
+<button id="prev">&lt; prev</button><span id="page"></span><button id="next">next &gt;</button>
+</div>
+<div id="rows"></div>
+<script id="data" type="application/json">{{data}}</script>
+<script>
+const ROWS = JSON.parse(document.getElementById('data').textContent);
+const PER_PAGE = 50;
+let view = 'failures', pid = null, page = 0, loaded = 0;
+function ordered() {
+  let rows = ROWS.map((r, i) => Object.assign({index: i}, r));
+  if (pid !== null) rows = rows.filter(r => r.pid === pid);
+  if (view === 'failures') {
+    const bad = rows.filter(r => r.first !== 0).sort((a, b) => (a.ap ?? 2) - (b.ap ?? 2));
+    rows = bad.concat(rows.filter(r => r.first === 0));
+  }
+  return rows;
+}
+function tile(cls, src, lines) {
+  const d = document.createElement('div');
+  d.className = 'tile ' + cls;
+  const img = document.createElement('img');
+  img.loading = 'lazy'; img.src = src; img.alt = lines[0];
+  img.addEventListener('load', () => { loaded++; document.body.dataset.loaded = loaded; });
+  d.appendChild(img);
+  d.insertAdjacentHTML('beforeend', lines.join('<br>'));
+  return d;
+}
+function render() {
+  const rows = ordered(), pages = Math.max(1, Math.ceil(rows.length / PER_PAGE));
+  page = Math.min(page, pages - 1);
+  const box = document.getElementById('rows');
+  box.textContent = '';
+  for (const r of rows.slice(page * PER_PAGE, (page + 1) * PER_PAGE)) {
+    const row = document.createElement('div');
+    row.className = 'row';
+    const head = document.createElement('div');
+    head.className = 'head';
+    head.innerHTML = `<b>query ${r.index + 1}</b><br>person ${r.pid}, camera ${r.cam + 1}<br>` +
+      (r.ap === null ? 'no true match in gallery' :
+       `AP ${(r.ap * 100).toFixed(1)}%<br>first match: rank ${r.first + 1}`) +
+      `<br><a href="${encodeURI(r.strip)}">strip</a>`;
+    row.appendChild(head);
+    row.appendChild(tile('query', r.path, ['query', `id ${r.pid} c${r.cam + 1}`]));
+    r.matches.forEach((m, k) => row.appendChild(tile(m[2] === r.pid ? 'ok' : 'bad', m[0],
+      [`#${k + 1} d=${m[1].toPrecision(3)}`, `id ${m[2]} c${m[3] + 1}`])));
+    box.appendChild(row);
+  }
+  document.getElementById('page').textContent =
+    ` page ${page + 1} of ${pages} (${rows.length} queries) `;
+  document.body.dataset.rows = Math.min(PER_PAGE, rows.length - page * PER_PAGE);
+  document.body.dataset.total = rows.length;
+}
+document.querySelectorAll('input[name=view]').forEach(e => e.addEventListener('change', () => {
+  view = e.value; page = 0; render(); }));
+document.getElementById('pid').addEventListener('input', e => {
+  pid = e.target.value === '' ? null : Number(e.target.value); page = 0; render(); });
+document.getElementById('prev').onclick = () => { page = Math.max(0, page - 1); render(); };
+document.getElementById('next').onclick = () => { page++; render(); };
+render();
+</script>
+</body></html>
+'''

@@ -1,0 +1,124 @@
+"""Rank images people can read: each query's top-k strip with rank, distance, id and camera
+written on it, drawn in parallel with a progress bar, plus a browsable index.html.
+
+`write_rankings` has the signature of Torchreid's `visualize_ranked_results`, which
+`install()` replaces in Torchreid's engine, so `engine.run(test_only=True, visrank=True)` is
+still the way to ask for them. Image-reid only (Torchreid's own function handles video).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from reidkit import evaluation, report
+
+THUMB_HEIGHT, THUMB_WIDTH = 128, 64      # Market-1501's own crop size
+CAPTION_HEIGHT = 30
+GAP = 6
+QUERY_GAP = 24
+BORDER = 4
+GREEN, RED, BLACK = (0, 170, 0), (0, 0, 220), (0, 0, 0)     # BGR
+
+
+def top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk: int):
+    """(indices, distances), each queries x topk, nearest first, leaving out gallery images of
+    the query's own person and camera as the evaluation does. Fewer valid images: index -1."""
+    dist = torch.as_tensor(np.asarray(distmat)).float()
+    q_pids, g_pids = torch.as_tensor(q_pids), torch.as_tensor(g_pids)
+    q_camids, g_camids = torch.as_tensor(q_camids), torch.as_tensor(g_camids)
+    k = min(topk, dist.shape[1])
+    indices, distances = [], []
+    for start in range(0, len(dist), evaluation.QUERY_CHUNK):
+        rows = slice(start, start + evaluation.QUERY_CHUNK)
+        ignored = (q_pids[rows, None] == g_pids[None]) & (q_camids[rows, None] == g_camids[None])
+        values, index = torch.topk(dist[rows].masked_fill(ignored, float('inf')), k, dim=1,
+                                   largest=False)
+        indices.append(torch.where(torch.isinf(values), -1, index))
+        distances.append(values)
+    return torch.cat(indices).numpy(), torch.cat(distances).numpy()
+
+
+def _thumb(path: str, border) -> np.ndarray:
+    image = cv2.imread(path)
+    if image is None:                      # unreadable: a grey tile instead of a crash
+        image = np.full((THUMB_HEIGHT, THUMB_WIDTH, 3), 128, np.uint8)
+    image = cv2.resize(image, (THUMB_WIDTH - 2 * BORDER, THUMB_HEIGHT - 2 * BORDER))
+    return cv2.copyMakeBorder(image, BORDER, BORDER, BORDER, BORDER, cv2.BORDER_CONSTANT,
+                              value=border)
+
+
+def _caption(tile: np.ndarray, lines: list[str]) -> None:
+    for row, text in enumerate(lines):
+        cv2.putText(tile, text, (2, THUMB_HEIGHT + 12 + row * 12), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.33, BLACK, 1, cv2.LINE_AA)
+
+
+def draw_strip(query: tuple, matches: list[tuple]) -> np.ndarray:
+    """query = (path, pid, camid); matches = [(path, pid, camid, distance)], nearest first."""
+    width = THUMB_WIDTH + QUERY_GAP + len(matches) * (THUMB_WIDTH + GAP)
+    strip = np.full((THUMB_HEIGHT + CAPTION_HEIGHT, width, 3), 255, np.uint8)
+    path, pid, camid = query
+    strip[:THUMB_HEIGHT, :THUMB_WIDTH] = _thumb(path, BLACK)
+    _caption(strip[:, :THUMB_WIDTH], ['query', f'id {pid} c{camid + 1}'])
+    for rank, (path, g_pid, g_camid, distance) in enumerate(matches, 1):
+        left = THUMB_WIDTH + QUERY_GAP + (rank - 1) * (THUMB_WIDTH + GAP)
+        tile = strip[:, left:left + THUMB_WIDTH]
+        tile[:THUMB_HEIGHT] = _thumb(path, GREEN if g_pid == pid else RED)
+        _caption(tile, [f'#{rank} d={distance:.3g}', f'id {g_pid} c{g_camid + 1}'])
+    return strip
+
+
+def write_rankings(distmat, dataset, data_type='image', width=128, height=256, save_dir='',
+                   topk=10, workers: int | None = None) -> Path:
+    """Writes save_dir/<query>.jpg strips, save_dir/index.html and save_dir/cmc.png.
+
+    `width`/`height` are accepted for Torchreid's signature; strips use Market's 64x128 crops.
+    Returns the page's path.
+    """
+    if data_type != 'image':
+        raise NotImplementedError('reidkit.visrank draws image-reid rankings only')
+    query, gallery = dataset
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    q_pids = np.array([item[1] for item in query])
+    g_pids = np.array([item[1] for item in gallery])
+    q_camids = np.array([item[2] for item in query])
+    g_camids = np.array([item[2] for item in gallery])
+    indices, distances = top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk)
+    first, ap = evaluation.rank_queries(distmat, q_pids, g_pids, q_camids, g_camids)
+    cmc, mAP = evaluation.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)
+
+    def one(q: int) -> str:
+        matches = [(gallery[g][0], gallery[g][1], gallery[g][2], float(distances[q, r]))
+                   for r, g in enumerate(indices[q]) if g >= 0]
+        name = Path(query[q][0]).stem + '.jpg'
+        cv2.imwrite(str(save_dir / name), draw_strip(query[q][:3], matches))
+        return name
+
+    # cv2 releases the GIL while decoding, resizing and encoding, so threads scale.
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        strips = list(tqdm(pool.map(one, range(len(query))), total=len(query),
+                           desc='Rank images', unit='query'))
+    report.plot_cmc(cmc, save_dir / 'cmc.png')
+    rows = [{
+        'strip': strips[q], 'path': query[q][0], 'pid': int(q_pids[q]), 'cam': int(q_camids[q]),
+        'ap': None if np.isnan(ap[q]) else round(float(ap[q]), 4), 'first': int(first[q]),
+        'matches': [[gallery[g][0], round(float(distances[q, r]), 4), int(g_pids[g]),
+                     int(g_camids[g])] for r, g in enumerate(indices[q]) if g >= 0],
+    } for q in range(len(query))]
+    page = report.write_gallery_page(save_dir / 'index.html', rows, report.summarise(cmc, mAP),
+                                     num_gallery=len(gallery))
+    print(f'Done. {len(query)} rank images and the gallery page are in "{save_dir}"')
+    return page
+
+
+def install() -> None:
+    """Makes Torchreid's engine draw rankings with `write_rankings`."""
+    import torchreid.reid.engine.engine as torchreid_engine
+    torchreid_engine.visualize_ranked_results = write_rankings

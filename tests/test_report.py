@@ -1,0 +1,82 @@
+"""What a run leaves to look at: rank strips with text, the gallery page, plots, metrics.json."""
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
+                  '--disable-background-networking', '--disable-component-update',
+                  '--disable-sync', '--window-size=1300,1400', '--virtual-time-budget=4000']
+
+
+@pytest.fixture(scope='module')
+def visrank_run(tmp_path_factory, tiny_data_root):
+    experiments = tmp_path_factory.mktemp('experiments')
+    from conftest import TINY
+    s = main.load_settings(dict(TINY, DATA_ROOT=str(tiny_data_root), EXPERIMENTS_DIR=str(experiments),
+                                MAX_EPOCH=2, EVAL_FREQ=1))
+    run_dir = main.train(s)
+    return run_dir, main.vis_rank(s), s
+
+
+def test_run_outputs_plots_and_metrics(visrank_run):
+    run_dir, vis_dir, s = visrank_run
+    with Image.open(run_dir / 'training_curves.png') as curves:
+        assert curves.width > 800
+    with Image.open(vis_dir / 'cmc.png') as cmc:
+        assert cmc.width > 300
+    metrics = json.loads((vis_dir / 'metrics.json').read_text())
+    queries = list((Path(s.DATA_ROOT) / 'market1501/Market-1501-v15.09.15/query').glob('*.jpg'))
+    assert metrics['num_query'] == len(queries) and metrics['num_gallery'] > 0
+    assert metrics['mode'] == 'visrank' and metrics['epoch'] == 2
+    assert metrics['settings']['VISRANK_TOPK'] == 3 and metrics['seconds'] > 0
+    assert set(metrics) >= {'rank1', 'rank5', 'rank10', 'rank20', 'mAP', 'cmc', 'device',
+                            'checkpoint'}
+
+
+def test_gallery_page_holds_every_query_failures_first(visrank_run):
+    _, vis_dir, s = visrank_run
+    page = (vis_dir / 'visrank_market1501' / 'index.html').read_text()
+    rows = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>',
+                                page, re.S).group(1).replace('<\\/', '</'))
+    strips = list((vis_dir / 'visrank_market1501').glob('*.jpg'))
+    assert len(rows) == len(strips) > 0
+    assert all(len(row['matches']) == s.VISRANK_TOPK for row in rows)
+    for row in rows:                       # every image reference resolves from the page
+        assert (vis_dir / 'visrank_market1501' / row['path']).is_file()
+        assert all((vis_dir / 'visrank_market1501' / m[0]).is_file() for m in row['matches'])
+        distances = [m[1] for m in row['matches']]
+        assert distances == sorted(distances)
+    assert 'http://' not in page and 'https://' not in page      # nothing from the network
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason='Chromium is not installed (Debian package '
+                    '"chromium"; .ci/run installs it)')
+def test_gallery_page_renders_in_a_browser(visrank_run, tmp_path):
+    _, vis_dir, _ = visrank_run
+    page = (vis_dir / 'visrank_market1501' / 'index.html').resolve()
+    rows = json.loads(re.search(r'application/json">(.*?)</script>', page.read_text(),
+                                re.S).group(1).replace('<\\/', '</'))
+    common = [CHROMIUM, *CHROMIUM_FLAGS, f'--user-data-dir={tmp_path / "profile"}']
+    dom = subprocess.run([*common, '--dump-dom', page.as_uri()], capture_output=True,
+                         text=True, timeout=120).stdout
+    body = re.search(r'<body([^>]*)>', dom).group(1)
+    shown = int(re.search(r'data-rows="(\d+)"', body).group(1))
+    loaded = int(re.search(r'data-loaded="(\d+)"', body).group(1))
+    assert shown == min(50, len(rows)) == dom.count('class="row"')
+    assert loaded >= shown                          # query thumbnails (and more) loaded
+    assert re.search(r'mAP <b>\d+\.\d%</b> · Rank-1 <b>\d+\.\d%</b>', dom)
+    screenshot = tmp_path / 'page.png'
+    subprocess.run([*common, f'--screenshot={screenshot}', page.as_uri()], capture_output=True,
+                   timeout=120)
+    with Image.open(screenshot) as image:
+        assert image.size == (1300, 1400)
+        assert len(np.unique(np.asarray(image.convert('L')))) > 20          # not blank
