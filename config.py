@@ -40,6 +40,11 @@ EXPERIMENTS_DIR = 'experiments'              # each run gets its own folder in h
 WEIGHTS = ''                                 # checkpoint for test/visrank; '' = newest run's
 VISRANK_TOPK = 10                            # gallery matches drawn per query
 
+# --- search: rank your own images (python main.py search --QUERY=... --GALLERY=...) ----
+QUERY = ''                                   # a person image, or a folder of them
+GALLERY = ''                                 # folder of images to rank (searched recursively)
+SEARCH_TOPK = 20                             # matches drawn in each result strip
+
 # --- demo -----------------------------------------------------------------
 # `python main.py --demo` generates a small Market-1501-style dataset and applies these
 # overrides, so the same pipeline runs in minutes on a CPU. ImageNet weights cannot be

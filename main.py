@@ -3,6 +3,7 @@
     python main.py                      train, then test, then visrank (the tutorial's three steps)
     python main.py train|test|visrank   one or more of the steps, in the order given
     python main.py --demo               the same on a generated demo dataset, sized for a CPU
+    python main.py search --QUERY=person.jpg --GALLERY=folder/   rank your own images
     python main.py --KEY=VALUE ...      override any constant of config.py, e.g. --MAX_EPOCH=10
     python main.py --help               this text and every setting with its value
 
@@ -20,7 +21,7 @@ import reidkit  # noqa: F401  (first: silences Torchreid's import-time Cython wa
 import torchreid
 from torchreid.reid.utils import set_random_seed
 
-from reidkit import checks, evaluation, visrank
+from reidkit import checks, evaluation, search as searching, visrank
 from reidkit.checkpoints import load_checkpoint, load_weights, resume_training
 from reidkit.demo_data import make_demo_dataset
 from reidkit.device import choose_device, place_model
@@ -39,7 +40,8 @@ evaluation.install()
 visrank.install()
 checks.install_image_reader()
 
-MODES = ('train', 'test', 'visrank')
+MODES = ('train', 'test', 'visrank')       # run in this order when none is named
+EXTRA_MODES = ('search',)
 
 
 def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:
@@ -166,18 +168,62 @@ def vis_rank(s: Settings | None = None, weights: Path | None = None) -> Path:
     return _evaluate_checkpoint(s, 'visrank', weights, visrank=True, visrank_topk=s.VISRANK_TOPK)
 
 
+def search(s: Settings | None = None, weights: Path | None = None) -> Path:
+    """Ranks every image under GALLERY for each image in QUERY with a checkpoint (WEIGHTS, or
+    the newest run's). Writes strip.jpg, results.csv and index.html per query; returns the folder."""
+    s = s or load_settings()
+    if not s.QUERY or not s.GALLERY:
+        raise UserError('search needs --QUERY=path/to/person.jpg (or a folder of queries) and '
+                        '--GALLERY=path/to/folder (searched recursively for images).')
+    queries = searching.query_images(Path(s.QUERY))
+    if not Path(s.GALLERY).is_dir():
+        raise UserError(f'GALLERY: "{s.GALLERY}" is not a folder. Point --GALLERY at the folder '
+                        f'holding the images to rank.')
+    checkpoint = Path(weights or s.WEIGHTS or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
+    saved = load_checkpoint(checkpoint)
+    checks.check_names(s)
+    checks.check_numbers(s, training=False)
+    device = choose_device(s.DEVICE)
+    classifier = saved['state_dict'].get('classifier.weight')
+    model = torchreid.models.build_model(
+        name=s.MODEL_NAME, num_classes=len(classifier) if classifier is not None else 1,
+        loss=s.LOSS, pretrained=False)
+    load_weights(model, saved, s.MODEL_NAME, checkpoint)
+    model = place_model(model, device)
+    transform = searching.quiet_test_transform(s.HEIGHT, s.WIDTH)
+    gallery = searching.gallery_features(
+        model, transform, Path(s.GALLERY), checkpoint, f'{s.MODEL_NAME}|{s.HEIGHT}x{s.WIDTH}',
+        Path(s.EXPERIMENTS_DIR) / '.search-cache', s.BATCH_SIZE_TEST, device)
+    print(f'Gallery: {len(gallery.paths)} images ('
+          f'{"features from the cache" if gallery.cached else "features extracted and cached"})'
+          + (f'; {len(gallery.skipped)} unreadable files skipped' if gallery.skipped else ''))
+    out_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), 'search')
+    for paths, features, bad in searching.extract_batches(model, transform, queries,
+                                                          s.BATCH_SIZE_TEST, device, 'Queries'):
+        for path, why in bad:
+            print(f'Note: query "{path}" skipped: {why}')
+        for path, feature in zip(paths, features if features is not None else []):
+            order, distances = searching.rank_gallery(feature, gallery.features)
+            name = path.stem if len(queries) == 1 else path.relative_to(s.QUERY).with_suffix('')
+            searching.write_results(out_dir / name, path, gallery.paths, order, distances,
+                                    s.SEARCH_TOPK, gallery.skipped)
+    return out_dir
+
+
 def usage() -> str:
     keys = '\n'.join(f'  --{key}={value!r}' for key, value in defaults_from(config).items())
-    return f'{__doc__}\nModes: {", ".join(MODES)}\n\nSettings (config.py defaults):\n{keys}\n'
+    return (f'{__doc__}\nModes: {", ".join(MODES + EXTRA_MODES)}\n\n'
+            f'Settings (config.py defaults):\n{keys}\n')
 
 
 def parse_command_line(argv: list[str]) -> tuple[list[str], bool, dict]:
     """(modes, demo, overrides) from the command line; UserError on anything unknown."""
     modes = [arg for arg in argv if not arg.startswith('-')]
-    unknown = [mode for mode in modes if mode not in MODES]
+    unknown = [mode for mode in modes if mode not in MODES + EXTRA_MODES]
     if unknown:
         raise UserError(f'command line: unknown mode {unknown[0]!r}. Modes are '
-                        f'{", ".join(MODES)} (all three, in order, when none is given).')
+                        f'{", ".join(MODES + EXTRA_MODES)} (train, test and visrank, in order, '
+                        f'when none is given).')
     flags = [arg for arg in argv if arg.startswith('-')]
     demo = '--demo' in flags
     overrides = parse_override_args(flag for flag in flags if flag != '--demo')
@@ -210,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f'Rank images: {out_dir}')
                 for page in sorted(out_dir.glob('visrank_*/index.html')):
                     print(f'Gallery page: {page.resolve()}')
+            elif mode == 'search':
+                out_dir = search(s, weights)
+                print(f'Search results: {out_dir} (one folder per query: strip.jpg, '
+                      f'results.csv, index.html)')
     except UserError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

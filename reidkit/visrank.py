@@ -23,7 +23,7 @@ CAPTION_HEIGHT = 30
 GAP = 6
 QUERY_GAP = 24
 BORDER = 4
-GREEN, RED, BLACK = (0, 170, 0), (0, 0, 220), (0, 0, 0)     # BGR
+GREEN, RED, BLACK, GREY = (0, 170, 0), (0, 0, 220), (0, 0, 0), (150, 150, 150)   # BGR
 
 
 def top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk: int):
@@ -60,17 +60,20 @@ def _caption(tile: np.ndarray, lines: list[str]) -> None:
 
 
 def draw_strip(query: tuple, matches: list[tuple]) -> np.ndarray:
-    """query = (path, pid, camid); matches = [(path, pid, camid, distance)], nearest first."""
+    """The query, then its matches left to right, each with two caption lines below.
+
+    query = (path, [line, line]); matches = [(path, [line, line], matched)] where matched is
+    True (green border), False (red) or None (grey: unknown, as in a search)."""
     width = THUMB_WIDTH + QUERY_GAP + len(matches) * (THUMB_WIDTH + GAP)
     strip = np.full((THUMB_HEIGHT + CAPTION_HEIGHT, width, 3), 255, np.uint8)
-    path, pid, camid = query
+    path, lines = query
     strip[:THUMB_HEIGHT, :THUMB_WIDTH] = _thumb(path, BLACK)
-    _caption(strip[:, :THUMB_WIDTH], ['query', f'id {pid} c{camid + 1}'])
-    for rank, (path, g_pid, g_camid, distance) in enumerate(matches, 1):
+    _caption(strip[:, :THUMB_WIDTH], lines)
+    for rank, (path, lines, matched) in enumerate(matches, 1):
         left = THUMB_WIDTH + QUERY_GAP + (rank - 1) * (THUMB_WIDTH + GAP)
         tile = strip[:, left:left + THUMB_WIDTH]
-        tile[:THUMB_HEIGHT] = _thumb(path, GREEN if g_pid == pid else RED)
-        _caption(tile, [f'#{rank} d={distance:.3g}', f'id {g_pid} c{g_camid + 1}'])
+        tile[:THUMB_HEIGHT] = _thumb(path, GREY if matched is None else GREEN if matched else RED)
+        _caption(tile, lines)
     return strip
 
 
@@ -95,10 +98,13 @@ def write_rankings(distmat, dataset, data_type='image', width=128, height=256, s
     cmc, mAP = evaluation.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)
 
     def one(q: int) -> str:
-        matches = [(gallery[g][0], gallery[g][1], gallery[g][2], float(distances[q, r]))
+        path, pid, camid = query[q][:3]
+        matches = [(gallery[g][0], [f'#{r + 1} d={distances[q, r]:.3g}',
+                                    f'id {gallery[g][1]} c{gallery[g][2] + 1}'], gallery[g][1] == pid)
                    for r, g in enumerate(indices[q]) if g >= 0]
-        name = Path(query[q][0]).stem + '.jpg'
-        cv2.imwrite(str(save_dir / name), draw_strip(query[q][:3], matches))
+        name = Path(path).stem + '.jpg'
+        cv2.imwrite(str(save_dir / name), draw_strip((path, ['query', f'id {pid} c{camid + 1}']),
+                                                     matches))
         return name
 
     # cv2 releases the GIL while decoding, resizing and encoding, so threads scale.

@@ -1,0 +1,199 @@
+"""Rank a folder of your own images for a query image (or a folder of queries) with a trained
+checkpoint: a ranked strip, results.csv with every gallery image, and a small index.html.
+
+Gallery features are extracted in batches, streamed to a file on disk and cached, keyed by the
+checkpoint and the gallery's file list (path, size, mtime): a second query against the same
+gallery does not extract again. Ranking reads the features in chunks, so a gallery of 100,000
+images never needs all features, images or distances of every query in memory at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import html
+import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from reidkit.errors import UserError
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
+RANK_CHUNK = 50_000            # gallery rows read from disk at a time when ranking
+
+
+@dataclass
+class Gallery:
+    """Features of a folder's readable images, in a .npy file on disk (memory-mapped)."""
+    paths: list[str]
+    skipped: list[tuple[str, str]]      # (path, why)
+    features: np.ndarray                # memory-mapped (len(paths), dim) float32
+    cached: bool
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image under `folder`, recursively, in a stable order."""
+    return sorted(p for p in Path(folder).rglob('*')
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and
+                  '.reid-cache' not in p.parts)
+
+
+def _read(path: Path) -> Image.Image | str:
+    """The image, or why it cannot be used."""
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except Exception as error:          # PIL raises many types for broken files
+        return f'{type(error).__name__}: {error}'
+
+
+def extract_batches(model: torch.nn.Module, transform, paths: list[Path], batch_size: int,
+                    device: torch.device, description: str) -> Iterator[tuple[list, np.ndarray]]:
+    """Yields (readable paths, their features) batch by batch, with a progress bar; decoding
+    runs in threads ahead of the model. Unreadable paths come back with features None."""
+    model.eval()
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool, \
+            tqdm(total=len(paths), desc=description, unit='img') as bar:
+        for start in range(0, len(paths), batch_size):
+            batch = paths[start:start + batch_size]
+            images = list(pool.map(_read, batch))
+            good = [(p, im) for p, im in zip(batch, images) if not isinstance(im, str)]
+            bad = [(p, im) for p, im in zip(batch, images) if isinstance(im, str)]
+            features = None
+            if good:
+                tensor = torch.stack([transform(im) for _, im in good]).to(device)
+                with torch.no_grad():
+                    features = model(tensor).float().cpu().numpy()
+            bar.update(len(batch))
+            yield [p for p, _ in good], features, bad
+
+
+def _cache_key(checkpoint: Path, image_paths: list[Path], model_key: str) -> str:
+    digest = hashlib.sha256()
+    stat = checkpoint.stat()
+    digest.update(f'{checkpoint.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{model_key}'.encode())
+    for path in image_paths:
+        stat = path.stat()
+        digest.update(f'\n{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}'.encode())
+    return digest.hexdigest()[:24]
+
+
+def gallery_features(model, transform, folder: Path, checkpoint: Path, model_key: str,
+                     cache_dir: Path, batch_size: int, device: torch.device) -> Gallery:
+    """Features of every readable image under `folder`, from the cache when it is current."""
+    image_paths = list_images(folder)
+    if not image_paths:
+        raise UserError(f'GALLERY: no images (.jpg, .jpeg, .png, .bmp) under "{folder}". '
+                        f'Point --GALLERY at the folder holding your person crops.')
+    key = _cache_key(Path(checkpoint), image_paths, model_key)
+    index_file, feature_file = cache_dir / f'{key}.json', cache_dir / f'{key}.npy'
+    if index_file.is_file() and feature_file.is_file():
+        index = json.loads(index_file.read_text())
+        return Gallery(index['paths'], [tuple(s) for s in index['skipped']],
+                       np.load(feature_file, mmap_mode='r'), cached=True)
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = feature_file.with_name(f'.{key}.partial.npy')
+    paths, skipped, features, written = [], [], None, 0
+    for good, batch_features, bad in extract_batches(model, transform, image_paths, batch_size,
+                                                     device, 'Gallery features'):
+        skipped += [(str(p), why) for p, why in bad]
+        if batch_features is None:
+            continue
+        if features is None:    # streamed to disk: memory holds one batch, not the gallery
+            features = np.lib.format.open_memmap(partial, mode='w+', dtype=np.float32,
+                                                 shape=(len(image_paths), batch_features.shape[1]))
+        features[written:written + len(good)] = batch_features
+        written += len(good)
+        paths += [str(p) for p in good]
+    if features is None:
+        raise UserError(f'GALLERY: none of the {len(image_paths)} images under "{folder}" could '
+                        f'be read (first: {skipped[0][0]}: {skipped[0][1]}).')
+    features.flush()
+    del features
+    # Keep only the rows written (skipped files leave the tail unused).
+    full = np.load(partial, mmap_mode='r')
+    trimmed = np.lib.format.open_memmap(feature_file, mode='w+', dtype=np.float32,
+                                        shape=(written, full.shape[1]))
+    for start in range(0, written, RANK_CHUNK):
+        trimmed[start:start + RANK_CHUNK] = full[start:min(start + RANK_CHUNK, written)]
+    trimmed.flush()
+    del trimmed, full
+    partial.unlink()
+    index_file.write_text(json.dumps({'paths': paths, 'skipped': skipped}))
+    return Gallery(paths, skipped, np.load(feature_file, mmap_mode='r'), cached=False)
+
+
+def rank_gallery(query_feature: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, distances): every gallery row, nearest first, by squared euclidean distance
+    (Torchreid's default metric), reading the gallery in chunks."""
+    query = torch.from_numpy(np.asarray(query_feature, dtype=np.float32))[None]
+    distances = np.empty(len(gallery), dtype=np.float32)
+    for start in range(0, len(gallery), RANK_CHUNK):
+        rows = torch.from_numpy(np.array(gallery[start:start + RANK_CHUNK]))   # read from disk
+        chunk = query.pow(2).sum(1, keepdim=True) + rows.pow(2).sum(1)[None]
+        distances[start:start + len(rows)] = chunk.addmm_(query, rows.t(), alpha=-2)[0].numpy()
+    order = np.argsort(distances, kind='stable')
+    return order, distances[order]
+
+
+def write_results(out_dir: Path, query_path: Path, paths: list[str], order: np.ndarray,
+                  distances: np.ndarray, topk: int, skipped: list) -> None:
+    """results.csv (every gallery image), strip.jpg (query + top-k) and index.html."""
+    from reidkit.visrank import draw_strip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / 'results.csv', 'w', newline='') as handle:
+        writer = csv.writer(handle)
+        writer.writerow(['rank', 'path', 'distance'])
+        for rank, (index, distance) in enumerate(zip(order, distances), 1):
+            writer.writerow([rank, paths[index], f'{distance:.6g}'])
+    top = [(paths[i], float(d)) for i, d in zip(order[:topk], distances[:topk])]
+    cv2.imwrite(str(out_dir / 'strip.jpg'),
+                draw_strip((str(query_path), ['query', query_path.name[:10]]),
+                           [(p, [f'#{r} d={d:.3g}', Path(p).name[:10]], None)
+                            for r, (p, d) in enumerate(top, 1)]))
+    rel = lambda p: html.escape(Path(os.path.relpath(Path(p).resolve(), out_dir.resolve())).as_posix())  # noqa: E731
+    tiles = ''.join(
+        f'<figure><img loading="lazy" src="{rel(p)}"><figcaption>#{r} d={d:.4g}<br>'
+        f'{html.escape(Path(p).name)}</figcaption></figure>' for r, (p, d) in enumerate(top, 1))
+    notes = (f'<p>{len(skipped)} unreadable files skipped: see skipped.txt</p>' if skipped else '')
+    (out_dir / 'index.html').write_text(
+        '<!doctype html><html><head><meta charset="utf-8"><title>Search results</title><style>'
+        'body{font:14px system-ui,sans-serif;margin:16px}figure{display:inline-block;margin:4px;'
+        'text-align:center;font-size:11px;width:90px;vertical-align:top}img{width:64px;'
+        'height:128px;border:3px solid #888}.q img{border-color:#000}</style></head><body>'
+        f'<h1>Search: {html.escape(query_path.name)}</h1><p>{len(paths)} gallery images ranked; '
+        f'all of them in <a href="results.csv">results.csv</a>.</p>{notes}'
+        f'<figure class="q"><img src="{rel(query_path)}"><figcaption>query</figcaption></figure>'
+        f'{tiles}</body></html>', encoding='utf-8')
+    if skipped:
+        (out_dir / 'skipped.txt').write_text(''.join(f'{p}\t{why}\n' for p, why in skipped))
+
+
+def query_images(query: Path) -> list[Path]:
+    if Path(query).is_dir():
+        found = list_images(query)
+        if found:
+            return found
+        raise UserError(f'QUERY: no images (.jpg, .jpeg, .png, .bmp) under "{query}".')
+    if not Path(query).is_file():
+        raise UserError(f'QUERY: "{query}" does not exist. Pass --QUERY=path/to/person.jpg '
+                        f'(or a folder of query images).')
+    return [Path(query)]
+
+
+def quiet_test_transform(height: int, width: int):
+    """Torchreid's test transform (resize, tensor, ImageNet normalisation), built silently."""
+    from torchreid.reid.data.transforms import build_transforms
+    with contextlib.redirect_stdout(io.StringIO()):
+        return build_transforms(height, width, transforms=[])[1]
