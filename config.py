@@ -46,18 +46,22 @@ GALLERY = ''                                 # folder of images to rank (searche
 SEARCH_TOPK = 20                             # matches drawn in each result strip
 
 # --- demo -----------------------------------------------------------------
-# `python main.py --demo` generates a small Market-1501-style dataset and applies these
-# overrides, so the same pipeline runs in minutes on a CPU. ImageNet weights cannot be
-# assumed reachable, hence PRETRAINED=False.
+# `python main.py --demo` generates a small Market-1501-style dataset (100 train and 60 test
+# identities, 6 cameras) and applies these overrides, so the same pipeline runs in minutes on
+# a CPU. ImageNet weights cannot be assumed reachable, hence PRETRAINED=False; training from
+# scratch at 64x32 learns faster with LR=0.001 than the tutorial's 0.0003, and colour jitter
+# helps it see through each camera's light.
 DEMO = dict(
     DATA_ROOT='demo-data',
     HEIGHT=64,
     WIDTH=32,
+    TRANSFORMS=['random_flip', 'random_crop', 'color_jitter'],
     BATCH_SIZE_TEST=200,
-    WORKERS=2,
+    WORKERS=0,
     PRETRAINED=False,
-    MAX_EPOCH=12,
+    LR=0.001,
+    MAX_EPOCH=18,
+    STEPSIZE=14,
     EVAL_FREQ=6,
-    STEPSIZE=9,
     PRINT_FREQ=10,
 )

@@ -29,6 +29,7 @@ SPLIT_DIRS = ('bounding_box_train', 'query', 'bounding_box_test')
 STARTED_MARKER = '.demo-started'
 DONE_MARKER = '.demo-complete'
 
+GENERATOR_VERSION = 3        # bump when drawing changes, so old demo folders are regenerated
 PATTERNS = ('solid', 'horizontal_stripes', 'vertical_stripes', 'checks')
 CARRIED = ('nothing', 'bag_left', 'bag_right', 'backpack')
 
@@ -74,11 +75,17 @@ class DemoSummary:
     gallery_images: int
 
 
+NEUTRALS = (np.array([235.0, 235, 235]), np.array([128.0, 128, 128]), np.array([30.0, 30, 30]))
+
+
 def _colour(rng: np.random.Generator) -> np.ndarray:
-    """A clothing colour: a hue on a coarse wheel, so two people can share one."""
-    hue = rng.integers(12) / 12.0
-    saturation = rng.choice([0.15, 0.55, 0.9])
-    value = rng.choice([0.25, 0.55, 0.9])
+    """A clothing colour: one of 12 hues at two saturations and two brightnesses, or white,
+    grey or black; coarse, so that two people can share one, yet each stays recognisable
+    under every camera's light."""
+    pick = rng.integers(12 * 4 + len(NEUTRALS))
+    if pick >= 48:
+        return NEUTRALS[pick - 48].copy()
+    hue, saturation, value = pick // 4 / 12.0, (0.5, 0.9)[pick % 2], (0.45, 0.9)[pick // 2 % 2]
     return np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255.0
 
 
@@ -135,9 +142,9 @@ def _ellipse(canvas: np.ndarray, cx: float, cy: float, rx: float, ry: float, col
 
 def _draw_background(camera: Camera, rng: np.random.Generator) -> np.ndarray:
     canvas = np.empty((IMAGE_HEIGHT, IMAGE_WIDTH, 3))
-    # The camera's scene, but lit and passed-by differently each time: half of the wall colour
+    # The camera's scene, but lit and passed-by differently each time: most of the wall colour
     # and some clutter change per picture, so the background is a nuisance to learn to ignore.
-    canvas[:] = 0.5 * camera.background + 0.5 * _colour(rng)
+    canvas[:] = 0.25 * camera.background + 0.75 * _colour(rng)
     _box(canvas, 0, IMAGE_HEIGHT * 0.75, IMAGE_WIDTH, IMAGE_HEIGHT, camera.floor)
     dx, dy = rng.integers(-8, 9, size=2)
     for x, y, w, h, colour in camera.clutter:
@@ -221,9 +228,9 @@ def market_data_dir(root: Path) -> Path:
     return Path(root) / MARKET_SUBDIR
 
 
-def make_demo_dataset(root: Path, num_train_ids: int = 300, num_test_ids: int = 60,
+def make_demo_dataset(root: Path, num_train_ids: int = 100, num_test_ids: int = 60,
                       seed: int = 0, num_junk: int = 30, num_distractors: int = 30,
-                      images_per_camera: tuple[int, int] = (1, 3)) -> DemoSummary:
+                      images_per_camera: tuple[int, int] = (2, 4)) -> DemoSummary:
     """Writes train and test identities under `root` in Market-1501's layout.
 
     Like Market-1501: train and test identities are disjoint; every test identity is seen by at
@@ -234,7 +241,7 @@ def make_demo_dataset(root: Path, num_train_ids: int = 300, num_test_ids: int = 
     if num_train_ids < 1 or num_test_ids < 1:
         raise ValueError('make_demo_dataset needs at least one train and one test identity')
     data_dir = market_data_dir(root)
-    signature = (f'train={num_train_ids} test={num_test_ids} seed={seed} junk={num_junk} '
+    signature = (f'version={GENERATOR_VERSION} train={num_train_ids} test={num_test_ids} seed={seed} junk={num_junk} '
                  f'distractors={num_distractors} per_camera={images_per_camera}')
     marker = data_dir / DONE_MARKER
     if marker.is_file() and marker.read_text() == signature:
