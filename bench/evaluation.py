@@ -3,10 +3,13 @@
     python bench/evaluation.py            # Market-1501 scale, then MSMT17 scale
     python bench/evaluation.py --quick    # a tenth of the sizes, for a smoke run
 
-Market-1501 scale: 3,368 queries x 15,913 gallery, 751 ids, 6 cameras; a distance matrix from
-features with identity structure (so rankings are realistic). Prints both times, the ratio,
+Market-1501 scale: 3,368 queries x 15,913 gallery, 751 ids, 6 cameras, two distance matrices:
+"features" from identity centres plus noise (Rank-1 around 85%), and "uniform"
+random distances (true matches anywhere: the worst case for us). Prints the times, the ratio,
 whether CMC is identical and the mAP difference, and each side's peak RSS (each side runs in a
-fresh process so peaks do not mix).
+fresh process so peaks do not mix). Torchreid's compiled Cython evaluator is not on PyPI; to
+compare with it, build upstream's rank_cy.pyx outside this repository and set
+TORCHREID_CYTHON_DIR to the folder holding the built module (never commit it).
 MSMT17 scale: 11,659 queries x 82,161 gallery, 2048-d features, through evaluate_features;
 prints time and peak RSS (Torchreid's path would need the full 3.8 GB float32 matrix and a
 7.7 GB int64 argsort; it is not run).
@@ -24,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_inputs(num_q: int, num_g: int, num_ids: int, dim: int, seed: int = 0):
+def make_inputs(num_q: int, num_g: int, num_ids: int, dim: int, seed: int = 0,
+                noise: float = 2.3):
     """Features = identity centre + noise, so that true matches tend to rank high."""
     import torch
     g = torch.Generator().manual_seed(seed)
@@ -33,8 +37,8 @@ def make_inputs(num_q: int, num_g: int, num_ids: int, dim: int, seed: int = 0):
     g_pids = torch.randint(0, num_ids, (num_g,), generator=g)
     q_cams = torch.randint(0, 6, (num_q,), generator=g)
     g_cams = torch.randint(0, 6, (num_g,), generator=g)
-    qf = centres[q_pids] + 1.5 * torch.randn(num_q, dim, generator=g)
-    gf = centres[g_pids] + 1.5 * torch.randn(num_g, dim, generator=g)
+    qf = centres[q_pids] + noise * torch.randn(num_q, dim, generator=g)
+    gf = centres[g_pids] + noise * torch.randn(num_g, dim, generator=g)
     return qf, gf, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(), g_cams.numpy()
 
 
@@ -44,6 +48,7 @@ def peak_rss_gb() -> float:
 
 def run_one(which: str, scale: str) -> dict:
     """Runs in a child process: one evaluator on one scale; returns timings and results."""
+    import os
     import numpy as np
     import reidkit  # noqa: F401
     from reidkit import evaluation
@@ -53,16 +58,23 @@ def run_one(which: str, scale: str) -> dict:
     if scale.startswith('market'):
         n = (337, 1591, 75) if quick else (3368, 15913, 751)
         qf, gf, qp, gp, qc, gc = make_inputs(*n, dim=512)
-        distmat = compute_distance_matrix(qf, gf).numpy()
+        if 'uniform' in scale:
+            distmat = np.random.default_rng(1).random((n[0], n[1]), dtype=np.float32)
+        else:
+            distmat = compute_distance_matrix(qf, gf).numpy()
         baseline_rss = peak_rss_gb()
         started = time.perf_counter()
         if which == 'torchreid':
             cmc, mAP = evaluate_py(distmat, qp, gp, qc, gc, 50, False)
+        elif which == 'cython':
+            sys.path.insert(0, os.environ['TORCHREID_CYTHON_DIR'])
+            from rank_cy import evaluate_cy
+            cmc, mAP = evaluate_cy(distmat, qp, gp, qc, gc, 50)
         else:
             cmc, mAP = evaluation.evaluate_rank(distmat, qp, gp, qc, gc, 50)
     else:
         n = (1166, 8216, 300) if quick else (11659, 82161, 3060)
-        qf, gf, qp, gp, qc, gc = make_inputs(*n, dim=2048)
+        qf, gf, qp, gp, qc, gc = make_inputs(*n, dim=2048, noise=3.2)
         baseline_rss = peak_rss_gb()
         started = time.perf_counter()
         cmc, mAP = evaluation.evaluate_features(qf, gf, qp, gp, qc, gc)
@@ -84,16 +96,26 @@ def main() -> None:
     quick = '--quick' in sys.argv
     suffix = '-quick' if quick else ''
     print(f'CPU threads: {torch.get_num_threads()}; torch {torch.__version__}')
-    print('\nMarket-1501 scale' + (' (quick: a tenth)' if quick else '') +
-          ': 3,368 x 15,913, 751 ids, 6 cameras')
-    ours = child('reidkit', 'market' + suffix)
-    theirs = child('torchreid', 'market' + suffix)
-    print(f'| evaluator | seconds | peak RSS (GB) |\n|---|---|---|')
-    print(f'| Torchreid evaluate_py (pure Python) | {theirs["seconds"]:.2f} | {theirs["peak_rss_gb"]:.2f} |')
-    print(f'| reidkit evaluate_rank | {ours["seconds"]:.2f} | {ours["peak_rss_gb"]:.2f} |')
-    print(f'speed-up: {theirs["seconds"] / ours["seconds"]:.1f}x; CMC identical: '
-          f'{ours["cmc"] == theirs["cmc"]}; |mAP difference|: {abs(ours["mAP"] - theirs["mAP"]):.2e}; '
-          f'Rank-1 {ours["cmc"][0]:.4f}, mAP {ours["mAP"]:.4f}')
+    import os
+    cython = os.environ.get('TORCHREID_CYTHON_DIR')
+    for kind in ('features', 'uniform'):
+        scale = f'market-{kind}' + suffix
+        print(f'\nMarket-1501 scale{" (quick: a tenth)" if quick else ""}, {kind} distances: '
+              f'3,368 x 15,913, 751 ids, 6 cameras')
+        ours = child('reidkit', scale)
+        rows = [('Torchreid evaluate_py (pure Python, what PyPI ships)', child('torchreid', scale))]
+        if cython:
+            rows.append(('Torchreid evaluate_cy (compiled Cython, built locally)',
+                         child('cython', scale)))
+        print('| evaluator | seconds | peak RSS (GB) | reidkit faster by |\n|---|---|---|---|')
+        for name, theirs in rows:
+            print(f'| {name} | {theirs["seconds"]:.2f} | {theirs["peak_rss_gb"]:.2f} | '
+                  f'{theirs["seconds"] / ours["seconds"]:.1f}x |')
+        print(f'| reidkit evaluate_rank | {ours["seconds"]:.2f} | {ours["peak_rss_gb"]:.2f} | |')
+        reference = rows[0][1]
+        print(f'CMC identical to Torchreid: {ours["cmc"] == reference["cmc"]}; |mAP difference|: '
+              f'{abs(ours["mAP"] - reference["mAP"]):.2e}; Rank-1 {ours["cmc"][0]:.4f}, '
+              f'mAP {ours["mAP"]:.4f}')
     print('\nMSMT17 scale' + (' (quick: a tenth)' if quick else '') +
           ': 11,659 x 82,161, 2048-d features, evaluate_features')
     big = child('reidkit', 'msmt' + suffix)
