@@ -100,6 +100,7 @@ def train(s: Settings | None = None) -> Path:
     With RESUME set, continues that checkpoint's run in its own folder from its epoch."""
     s = s or load_settings()
     checks.check_before_run(s, training=True)
+    resumed = load_checkpoint(Path(s.RESUME), 'RESUME') if s.RESUME else None
     set_random_seed(s.SEED)
     if s.RESUME:
         run_dir = Path(s.RESUME).resolve().parent.parent
@@ -110,7 +111,8 @@ def train(s: Settings | None = None) -> Path:
     with log_to(run_dir / 'log.txt'):
         print(f'Run folder: {run_dir}')
         datamanager, model, optimizer, scheduler = get_items(s)
-        start_epoch = resume_training(s.RESUME, model, optimizer, scheduler) if s.RESUME else 0
+        start_epoch = resume_training(resumed, s.RESUME, model, optimizer, scheduler) \
+            if resumed else 0
         if start_epoch:
             print(f'Resuming from "{s.RESUME}" after epoch {start_epoch}')
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: {error}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print('Interrupted.', file=sys.stderr)
         return 130
     return 0
 

@@ -54,14 +54,16 @@ def save_checkpoint(state: dict, path: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents on the CPU, loaded safely; UserError if it is not one."""
+def load_checkpoint(path: Path, setting: str = 'WEIGHTS') -> dict:
+    """A checkpoint's contents on the CPU, loaded safely; UserError (naming `setting`) if it
+    is not one."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
-            f'WEIGHTS: no checkpoint file at "{path}". Pass the path of a file written by '
-            f'training (e.g. experiments/<run>/model/{CHECKPOINT_PREFIX}<epoch>), or leave '
-            f'WEIGHTS empty to use the newest run\'s.'
+            f'{setting}: no checkpoint file at "{path}". Pass the path of a file written by '
+            f'training (e.g. experiments/<run>/model/{CHECKPOINT_PREFIX}<epoch> or '
+            f'{LATEST_NAME})' + (', or leave WEIGHTS empty to use the newest run\'s.'
+                                 if setting == 'WEIGHTS' else '.')
         )
     try:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
@@ -70,30 +72,30 @@ def load_checkpoint(path: Path) -> dict:
         refused = re.search(r'GLOBAL ([\w.]+)', str(error))
         if refused:
             raise UserError(
-                f'WEIGHTS: "{path}" asks to run or create {refused.group(1)}, which is not a '
+                f'{setting}: "{path}" asks to run or create {refused.group(1)}, which is not a '
                 f'tensor or number, so it was refused without running it (loading it could '
                 f'execute code). Use a checkpoint written by Torchreid or this project; if you '
                 f'made this file yourself and trust it, re-save just its state_dict.'
             ) from None
-        raise _not_a_checkpoint(path, error) from None
+        raise _not_a_checkpoint(path, error, setting) from None
     except Exception as error:  # truncated or foreign files fail in many ways inside torch.load
-        raise _not_a_checkpoint(path, error) from None
+        raise _not_a_checkpoint(path, error, setting) from None
     if isinstance(checkpoint, dict) and 'state_dict' not in checkpoint and \
             checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         checkpoint = {'state_dict': checkpoint}   # a bare state_dict is fine too
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict'), dict):
         raise UserError(
-            f'WEIGHTS: "{path}" loads, but holds no model weights (no "state_dict"). '
+            f'{setting}: "{path}" loads, but holds no model weights (no "state_dict"). '
             f'Pass a checkpoint written by training.'
         )
     return checkpoint
 
 
-def _not_a_checkpoint(path: Path, error: Exception) -> UserError:
+def _not_a_checkpoint(path: Path, error: Exception, setting: str) -> UserError:
     detail = str(error).strip().splitlines()[0] if str(error).strip() else ''
     detail = type(error).__name__ + (f': {detail}' if detail and len(detail) < 120 else '')
     return UserError(
-        f'WEIGHTS: "{path}" is not a readable PyTorch checkpoint (it may be truncated by an '
+        f'{setting}: "{path}" is not a readable PyTorch checkpoint (it may be truncated by an '
         f'interrupted copy or download, or be another kind of file; {detail}). '
         f'Copy it again, or pick another checkpoint of the run.'
     )
@@ -136,9 +138,9 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
     target.load_state_dict(own)
 
 
-def resume_training(path: Path, model: nn.Module, optimizer, scheduler) -> int:
-    """Restores model, optimiser and scheduler from a checkpoint; returns its epoch."""
-    checkpoint = load_checkpoint(path)
+def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, scheduler) -> int:
+    """Restores model, optimiser and scheduler from a checkpoint (read from `path`); returns
+    its epoch."""
     for key in ('epoch', 'optimizer', 'scheduler'):
         if checkpoint.get(key) is None:
             raise UserError(f'RESUME: "{path}" has no {key} state, so training cannot continue '

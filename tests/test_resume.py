@@ -78,3 +78,9 @@ def test_kill_9_during_training_leaves_a_checkpoint_to_resume_from(tiny_data_roo
     assert done.returncode == 0, done.stderr[-2000:]
     assert f'epoch: [{epoch + 1}/{epoch + 1}]' in done.stdout
     assert f'epoch: [{epoch}/' not in done.stdout
+
+
+def test_a_missing_resume_file_is_named_as_resume(tiny_settings, tmp_path):
+    from reidkit.errors import UserError
+    with pytest.raises(UserError, match='RESUME: no checkpoint file at'):
+        main.train(tiny_settings.replace(RESUME=str(tmp_path / 'gone' / 'model' / 'latest.pth.tar')))
