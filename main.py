@@ -204,8 +204,10 @@ def search(s: Settings | None = None, weights: Path | None = None) -> Path:
                                                           s.BATCH_SIZE_TEST, device, 'Queries'):
         for path, why in bad:
             print(f'Note: query "{path}" skipped: {why}')
-        for path, feature in zip(paths, features if features is not None else []):
-            order, distances = searching.rank_gallery(feature, gallery.features)
+        if features is None:
+            continue
+        for path, (order, distances) in zip(paths, searching.rank_gallery(features,
+                                                                          gallery.features)):
             name = path.stem if len(queries) == 1 else path.relative_to(s.QUERY).with_suffix('')
             searching.write_results(out_dir / name, path, gallery.paths, order, distances,
                                     s.SEARCH_TOPK, gallery.skipped)

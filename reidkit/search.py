@@ -134,17 +134,22 @@ def gallery_features(model, transform, folder: Path, checkpoint: Path, model_key
     return Gallery(paths, skipped, np.load(feature_file, mmap_mode='r'), cached=False)
 
 
-def rank_gallery(query_feature: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(order, distances): every gallery row, nearest first, by squared euclidean distance
-    (Torchreid's default metric), reading the gallery in chunks."""
-    query = torch.from_numpy(np.asarray(query_feature, dtype=np.float32))[None]
-    distances = np.empty(len(gallery), dtype=np.float32)
+def rank_gallery(query_features: np.ndarray, gallery: np.ndarray) -> list[tuple]:
+    """For each query row: (order, distances), every gallery row nearest first, by squared
+    euclidean distance (Torchreid's default metric). One pass over the gallery, read in
+    chunks, serves a whole batch of queries."""
+    queries = torch.from_numpy(np.atleast_2d(np.asarray(query_features, dtype=np.float32)))
+    distances = np.empty((len(queries), len(gallery)), dtype=np.float32)
+    query_norms = queries.pow(2).sum(1, keepdim=True)
     for start in range(0, len(gallery), RANK_CHUNK):
         rows = torch.from_numpy(np.array(gallery[start:start + RANK_CHUNK]))   # read from disk
-        chunk = query.pow(2).sum(1, keepdim=True) + rows.pow(2).sum(1)[None]
-        distances[start:start + len(rows)] = chunk.addmm_(query, rows.t(), alpha=-2)[0].numpy()
-    order = np.argsort(distances, kind='stable')
-    return order, distances[order]
+        chunk = (query_norms + rows.pow(2).sum(1)[None]).addmm_(queries, rows.t(), alpha=-2)
+        distances[:, start:start + len(rows)] = chunk.numpy()
+    ranked = []
+    for row in distances:
+        order = np.argsort(row, kind='stable')
+        ranked.append((order, row[order]))
+    return ranked
 
 
 def write_results(out_dir: Path, query_path: Path, paths: list[str], order: np.ndarray,
