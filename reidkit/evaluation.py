@@ -107,16 +107,67 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     A gallery item with the query's pid and camera is ignored; a query without any true match
     in another camera is skipped. `cmc[k]` is the fraction of kept queries whose first true
     match is within rank k+1 (float32 array of length min(max_rank, gallery size)); mAP is a
-    float. `use_cython` is accepted for compatibility and ignored.
+    float. `use_cython` is accepted for compatibility and ignored. With `use_metric_cuhk03`,
+    the CMC is CUHK03's single-gallery-shot one (see `evaluate_single_gallery_shot`).
     """
     if use_metric_cuhk03:
-        raise NotImplementedError(
-            'the CUHK03 single-gallery-shot protocol is not implemented by reidkit.evaluation; '
-            'use torchreid.reid.metrics.rank.evaluate_py for it'
-        )
+        return evaluate_single_gallery_shot(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
     dist = _as_tensor(distmat)
     return _evaluate_in_chunks(lambda start, end: dist[start:end], dist.shape[0], dist.shape[1],
                                q_pids, g_pids, q_camids, g_camids, max_rank, QUERY_CHUNK)
+
+
+def _single_shot_cmc(before: np.ndarray, max_rank: int) -> np.ndarray:
+    """P(rank < k+1), k < max_rank, averaged over the query's true matches, when each other
+    identity's one sampled image comes before true match j with probability before[i, j]."""
+    cmc = np.zeros(max_rank)
+    for column in before.T:
+        certain = int((column >= 1).sum())          # wholly ahead: a fixed shift of the rank
+        if certain >= max_rank:
+            continue
+        rank = np.ones(1)
+        for p in column[(column > 0) & (column < 1)]:
+            rank = np.convolve(rank, [1 - p, p])[:max_rank - certain]
+        cmc[certain:certain + len(rank)] += rank
+    return np.cumsum(cmc) / before.shape[1]
+
+
+def evaluate_single_gallery_shot(distmat, q_pids, g_pids, q_camids, g_camids,
+                                 max_rank: int = 50):
+    """(cmc, mAP) under CUHK03's single-gallery-shot protocol.
+
+    The protocol samples one gallery image of every identity and ranks those; Torchreid
+    estimates its CMC from 10 random samplings. This gives the exact expectation instead (each
+    identity's image ranks ahead of a true match with probability = the share of its images
+    that are closer), so it is deterministic and noise-free. mAP is over all kept images, as
+    in Torchreid. Ties count against the true match, as in `evaluate_rank`.
+    """
+    dist = np.asarray(distmat)
+    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
+    q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
+    num_g = dist.shape[1]
+    if num_g < max_rank:
+        print(f'Note: number of gallery samples is quite small, got {num_g}')
+        max_rank = num_g
+    first, ap = rank_queries(dist, q_pids, g_pids, q_camids, g_camids)
+    _, identity = np.unique(g_pids, return_inverse=True)
+    cmcs = []
+    for q in np.flatnonzero(first >= 0):
+        kept = ~((g_pids == q_pids[q]) & (g_camids == q_camids[q]))
+        positive = kept & (g_pids == q_pids[q])
+        others = kept & ~positive
+        true_match = np.sort(dist[q, positive])
+        # bucket b: the number of true matches strictly closer; ahead of matches b, b+1, ...
+        bucket = np.searchsorted(true_match, dist[q, others], side='left')
+        ids, local = np.unique(identity[others], return_inverse=True)
+        counts = np.zeros((len(ids), len(true_match) + 1))
+        np.add.at(counts, (local, bucket), 1)
+        ahead = np.cumsum(counts, axis=1)[:, :len(true_match)]
+        cmcs.append(_single_shot_cmc(ahead / counts.sum(1, keepdims=True), max_rank))
+    if not cmcs:
+        raise ValueError('Error: all query identities do not appear in gallery')
+    cmc = np.mean(cmcs, axis=0).astype(np.float32)
+    return cmc, float(np.mean(ap[first >= 0]))
 
 
 def distances(query: torch.Tensor, gallery: torch.Tensor, metric: str = 'euclidean',

@@ -83,3 +83,39 @@ def test_installed_into_torchreid():
     import torchreid
     assert torchreid.reid.metrics.evaluate_rank.__module__ == 'reidkit.evaluation'
     assert torchreid.metrics.evaluate_rank is torchreid.reid.metrics.evaluate_rank
+
+
+def _torchreid_cuhk03_average(distmat, q_pids, g_pids, q_cams, g_cams, max_rank, runs):
+    """Torchreid's own single-gallery-shot evaluator (10 random samplings a call), averaged."""
+    from torchreid.reid.metrics.rank import eval_cuhk03
+    if not hasattr(np, 'bool'):
+        np.bool = bool        # Torchreid 0.2.5 uses np.bool, removed in numpy 2
+    np.random.seed(0)
+    results = [eval_cuhk03(distmat, q_pids, g_pids, q_cams, g_cams, max_rank) for _ in range(runs)]
+    return np.mean([r[0] for r in results], axis=0), results[0][1]
+
+
+def test_single_gallery_shot_is_the_expectation_torchreid_samples():
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        num_q, num_g, num_ids = 30, 120, 15
+        q_pids, g_pids = rng.integers(0, num_ids, num_q), rng.integers(0, num_ids, num_g)
+        q_cams, g_cams = rng.integers(0, 2, num_q), rng.integers(0, 2, num_g)
+        distmat = rng.permutation(num_q * num_g).reshape(num_q, num_g).astype(np.float64)
+        cmc, mAP = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=10,
+                                 use_metric_cuhk03=True)
+        sampled, sampled_map = _torchreid_cuhk03_average(distmat, q_pids, g_pids, q_cams,
+                                                         g_cams, 10, runs=100)
+        assert np.abs(cmc - sampled).max() < 0.02          # 1,000 samplings per query
+        assert abs(mAP - sampled_map) < 1e-6               # mAP does not sample
+        assert cmc.dtype == np.float32 and np.all(np.diff(cmc) >= 0)
+
+
+def test_single_gallery_shot_by_hand():
+    # Query pid 1 cam 0. Kept gallery by distance: A1 (pid 2), M (pid 1, cam 1), A2 (pid 2), B (pid 3).
+    # One image per identity: pid 2 is A1 or A2 (1/2 each), so the match is first with
+    # probability 1/2 and second with 1/2; pid 3 is always after it.
+    distmat = np.array([[0.1, 0.2, 0.3, 0.4]])
+    cmc, _ = evaluate_rank(distmat, np.array([1]), np.array([2, 1, 2, 3]), np.array([0]),
+                           np.array([1, 1, 1, 1]), max_rank=3, use_metric_cuhk03=True)
+    assert cmc.tolist() == [0.5, 1.0, 1.0]
