@@ -74,8 +74,9 @@ def _typed(key: str, value: Any, default: Any, source: str) -> Any:
         return [value]          # --TRANSFORMS=random_flip means one transform
     if type(value) is expected:
         return value
+    article = 'an' if expected.__name__[0] in 'aeiou' else 'a'
     raise UserError(
-        f'{source}: {key} must be a {expected.__name__} like its default {default!r}, '
+        f'{source}: {key} must be {article} {expected.__name__} like its default {default!r}, '
         f'but got {value!r} ({type(value).__name__}). Write it as a Python literal, '
         f'e.g. --{key}={default!r}.'
     )

@@ -28,7 +28,7 @@ def test_overrides_are_parsed_as_python_literals_or_plain_names():
 
 def test_an_int_is_accepted_for_a_float_but_not_the_reverse():
     assert main.load_settings({'LR': 1}).LR == 1.0 and isinstance(main.load_settings({'LR': 1}).LR, float)
-    with pytest.raises(UserError, match=r'MAX_EPOCH must be a int like its default 60.*2\.5'):
+    with pytest.raises(UserError, match=r'MAX_EPOCH must be an int like its default 60.*2\.5'):
         main.load_settings({'MAX_EPOCH': 2.5})
 
 

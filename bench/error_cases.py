@@ -1,0 +1,111 @@
+"""Every bad-input case of `main.py`, run as a user would: exit status, first line, seconds.
+
+    python bench/error_cases.py
+
+Builds its own small data (a demo dataset and damaged copies of it, a tiny trained checkpoint,
+a crafted pickle) in a temporary folder and prints a Markdown table.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reidkit.demo_data import make_demo_dataset, market_data_dir  # noqa: E402
+
+TINY = ['--HEIGHT=32', '--WIDTH=16', '--BATCH_SIZE_TRAIN=16', '--WORKERS=0',
+        '--PRETRAINED=False', '--MAX_EPOCH=1', '--PRINT_FREQ=1000']
+
+
+def run(args, env=None):
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - started
+    text = (done.stderr + '\n' + done.stdout).splitlines()
+    first = next((line for line in text if line.startswith('error:')), None) or \
+        next((line for line in text if line.startswith('Note: the checkpoint')), text[-1])
+    return done.returncode, first, seconds
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ('echo pwned',))
+
+
+def main():
+    tmp = Path(tempfile.mkdtemp())
+    data = tmp / 'data'
+    make_demo_dataset(data, num_train_ids=8, num_test_ids=8, num_junk=2, num_distractors=2)
+    common = [f'--DATA_ROOT={data}', f'--EXPERIMENTS_DIR={tmp / "exp"}', *TINY]
+    run(['train', *common])
+    checkpoint = next((tmp / 'exp').glob('*/model/model.pth.tar-1'))
+
+    def damaged(name, damage):
+        root = tmp / name
+        shutil.copytree(data, root)
+        damage(market_data_dir(root))
+        return f'--DATA_ROOT={root}'
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+    (tmp / 'notes.txt').write_text('not a checkpoint')
+    (tmp / 'cut.pth').write_bytes(checkpoint.read_bytes()[:4000])
+    torch.save({'state_dict': {}, 'epoch': Payload()}, tmp / 'evil.pth')
+    from torchreid.reid.models import build_model
+    torch.save({'state_dict': build_model('resnet18', 5, pretrained=False).state_dict(),
+                'model_name': 'resnet18'}, tmp / 'resnet18.pth')
+    other_ids = torch.load(checkpoint, weights_only=True)
+    other_ids['state_dict']['classifier.weight'] = torch.zeros(99, 2048)
+    other_ids['state_dict']['classifier.bias'] = torch.zeros(99)
+    torch.save(other_ids, tmp / 'other-ids.pth')
+
+    cases = [
+        ('1 dataset missing', ['train', *common, f'--DATA_ROOT={tmp}/nowhere'], None),
+        ('2 a split empty', ['train', *common, damaged('empty', lambda d: [
+            p.unlink() for p in (d / 'query').iterdir()])], None),
+        ('2 names not parsed', ['train', *common, damaged('names', lambda d: [
+            p.rename(p.with_name(f'person{i}.jpg'))
+            for i, p in enumerate(sorted((d / 'query').iterdir()))])], None),
+        ('3 zero-byte image', ['train', *common, damaged('zero', lambda d: next(
+            (d / 'bounding_box_train').iterdir()).write_bytes(b''))], None),
+        ('3 truncated image', ['train', *common, damaged('cut', lambda d: truncate(next(
+            (d / 'bounding_box_train').glob('*.jpg'))))], None),
+        ('4 unknown MODEL_NAME', ['train', *common, '--MODEL_NAME=resnet51'], None),
+        ('4 unknown transform', ['train', *common, "--TRANSFORMS=['flip']"], None),
+        ('4 unknown dataset', ['train', *common, '--SOURCES=market'], None),
+        ('5 HEIGHT <= 0', ['train', *common, '--HEIGHT=0'], None),
+        ('5 LR <= 0', ['train', *common, '--LR=-0.1'], None),
+        ('5 MAX_EPOCH < 1', ['train', *common, '--MAX_EPOCH=0'], None),
+        ('5 triplet batch', ['train', *common, '--LOSS=triplet', '--BATCH_SIZE_TRAIN=6'], None),
+        ('6 WEIGHTS missing', ['test', *common, f'--WEIGHTS={tmp}/none.pth'], None),
+        ('6 WEIGHTS not a checkpoint', ['test', *common, f'--WEIGHTS={tmp}/notes.txt'], None),
+        ('6 WEIGHTS truncated', ['test', *common, f'--WEIGHTS={tmp}/cut.pth'], None),
+        ('6 WEIGHTS other architecture', ['test', *common, f'--WEIGHTS={tmp}/resnet18.pth'],
+         None),
+        ('6 other identities (loads)', ['test', *common, f'--WEIGHTS={tmp}/other-ids.pth'],
+         None),
+        ('7 PRETRAINED, no cache, no network', ['train', *common, '--PRETRAINED=True'],
+         {'TORCH_HOME': str(tmp / 'empty-hub')}),
+        ('8 DEVICE=cuda without GPU', ['train', *common, '--DEVICE=cuda'], None),
+        ('11 crafted pickle', ['test', *common, f'--WEIGHTS={tmp}/evil.pth'], None),
+        ('override: unknown key', ['train', *common, '--MAX_EPOCHS=3'], None),
+        ('override: wrong type', ['train', *common, '--MAX_EPOCH=ten'], None),
+    ]
+    print('| case | exit | seconds | first line |\n|---|---|---|---|')
+    for name, args, env in cases:
+        code, first, seconds = run(args, env)
+        print(f'| {name} | {code} | {seconds:.1f} | {first[:160]} |', flush=True)
+    shutil.rmtree(tmp)
+
+
+if __name__ == '__main__':
+    main()
