@@ -18,6 +18,7 @@ from pathlib import Path
 
 import config
 import reidkit  # noqa: F401  (first: silences Torchreid's import-time Cython warning)
+import torch
 import torchreid
 from torchreid.reid.utils import set_random_seed
 
@@ -31,6 +32,7 @@ from reidkit.report import plot_cmc, plot_training, write_metrics
 from reidkit.runs import latest_run_checkpoint, log_to, new_run_dir, newest_checkpoint, \
     output_dir_for, resume_point
 from reidkit.settings import Settings, apply_overrides, defaults_from, parse_override_args
+from reidkit.speed import fast_path
 
 # The one place Torchreid is changed: every engine.test(), in-training evaluation and visrank
 # below computes CMC/mAP with reidkit's exact, vectorised evaluator; visrank strips carry
@@ -85,8 +87,12 @@ def get_items(s: Settings | None = None):
 
 
 def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
-    """ImageSoftmaxEngine (ImageTripletEngine when LOSS='triplet'), as Torchreid's scripts do."""
+    """ImageSoftmaxEngine (ImageTripletEngine when LOSS='triplet'), as Torchreid's scripts do,
+    driving the model through the fast path (AMP, CHANNELS_LAST, COMPILE) where it is on."""
     use_gpu = next(model.parameters()).is_cuda
+    model, path = fast_path(model, torch.device('cuda' if use_gpu else 'cpu'), s.AMP,
+                            s.CHANNELS_LAST, s.COMPILE)
+    print(path)
     engine_class = TripletEngine if s.LOSS == 'triplet' else SoftmaxEngine
     return engine_class(
         datamanager, model, optimizer, scheduler=scheduler, use_gpu=use_gpu,

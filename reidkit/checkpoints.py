@@ -102,8 +102,11 @@ def _not_a_checkpoint(path: Path, error: Exception, setting: str) -> UserError:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DataParallel wrapper, or the model itself."""
-    return model.module if isinstance(model, nn.DataParallel) else model
+    """The model inside DataParallel and fast-path wrappers, or the model itself."""
+    from reidkit.speed import FastModel
+    while isinstance(model, (nn.DataParallel, FastModel)):
+        model = model.module if isinstance(model, nn.DataParallel) else model.model
+    return model
 
 
 def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path) -> None:

@@ -66,6 +66,11 @@ def check_names(s: Settings) -> None:
         for name in _as_list(s[key]):
             if name not in torchreid_datasets():
                 raise _choices(key, name, torchreid_datasets())
+    from reidkit.speed import CHOICES
+    for key, valid in CHOICES.items():
+        if s[key] not in valid:
+            raise UserError(f'{key}={s[key]!r}: valid choices are {", ".join(valid)}. Fix it '
+                            f'in config.py or with --{key}=...')
 
 
 def check_numbers(s: Settings, training: bool) -> None:

@@ -1,0 +1,94 @@
+"""The fast path for a GPU: bf16 autocast, channels_last and a compiled model (CUDA graphs).
+
+`FastModel` wraps the model that Torchreid's engine drives, so the engine's own training step
+and evaluation stay Torchreid's: the wrapper only changes how the forward pass runs (the
+backward pass follows it). Outputs come back in float32, so losses and metrics are computed as
+before. If compilation fails, it says so once and continues eagerly; it never fails the run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from reidkit.errors import UserError
+
+CHOICES = {'AMP': ('auto', 'bf16', 'off'), 'CHANNELS_LAST': ('auto', 'on', 'off'),
+           'COMPILE': ('auto', 'on', 'off')}
+
+
+def _float(output):
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_float(item) for item in output)
+    return output
+
+
+class FastModel(nn.Module):
+    """Runs `model` under bf16 autocast and/or channels_last, compiled for training."""
+
+    def __init__(self, model: nn.Module, amp_dtype: torch.dtype | None, channels_last: bool,
+                 compile_mode: str | None):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.amp_dtype = amp_dtype
+        self.channels_last = channels_last
+        # Kept out of the module tree, so state_dict() holds each weight once.
+        self.__dict__['compiled'] = torch.compile(self.model, mode=compile_mode) \
+            if compile_mode else None
+
+    def forward(self, images: torch.Tensor):
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            return _float(self._forward(images))
+
+    def _forward(self, images: torch.Tensor):
+        # Only training is compiled: evaluation batches vary in size (the last one is smaller)
+        # and would each cost a recompilation and a CUDA graph.
+        if self.compiled is not None and self.training:
+            try:
+                return self.compiled(images)
+            except Exception as error:    # a missing compiler, an old GPU, an unsupported op
+                print(f'Note: torch.compile failed ({type(error).__name__}: '
+                      f'{str(error).strip().splitlines()[0][:200] if str(error).strip() else ""}); '
+                      f'continuing without compilation (COMPILE=off skips the attempt).')
+                self.__dict__['compiled'] = None
+        return self.model(images)
+
+
+def fast_path(model: nn.Module, device: torch.device, amp: str, channels_last: str,
+              compile_setting: str) -> tuple[nn.Module, str]:
+    """The model to train and evaluate with, and a line saying which path was taken.
+
+    'auto' turns each switch on with CUDA and off on the CPU."""
+    for key, value in (('AMP', amp), ('CHANNELS_LAST', channels_last),
+                       ('COMPILE', compile_setting)):
+        if value not in CHOICES[key]:
+            raise UserError(f'{key}={value!r}: valid choices are {", ".join(CHOICES[key])}.')
+    cuda = device.type == 'cuda'
+    notes = []
+    amp_dtype = None
+    if amp == 'bf16' or (amp == 'auto' and cuda):
+        if cuda and not torch.cuda.is_bf16_supported():
+            notes.append('this GPU has no bf16, so AMP is off')
+        else:
+            amp_dtype = torch.bfloat16
+    use_channels_last = channels_last == 'on' or (channels_last == 'auto' and cuda)
+    compile_mode = None
+    if compile_setting == 'on' or (compile_setting == 'auto' and cuda):
+        if isinstance(model, nn.DataParallel):
+            notes.append('torch.compile is skipped with several GPUs (DataParallel)')
+        else:
+            compile_mode = 'reduce-overhead' if cuda else 'default'
+    parts = (['bf16 autocast'] if amp_dtype else []) + \
+            (['channels_last'] if use_channels_last else []) + \
+            ([f'torch.compile ({"CUDA graphs" if cuda else "CPU"})'] if compile_mode else [])
+    line = 'Training path: ' + (' + '.join(parts) if parts else 'eager float32') + \
+        (f' ({"; ".join(notes)})' if notes else '')
+    if not parts:
+        return model, line
+    if isinstance(model, nn.DataParallel):     # autocast must run inside each replica
+        return nn.DataParallel(FastModel(model.module, amp_dtype, use_channels_last, None)), line
+    return FastModel(model, amp_dtype, use_channels_last, compile_mode), line

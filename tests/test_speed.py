@@ -1,0 +1,67 @@
+"""The fast path's switches, on the CPU (CI has no GPU): bf16 autocast and channels_last train
+and evaluate correctly, checkpoints stay plain, a failing compile falls back to eager."""
+import pytest
+import torch
+
+import main
+from reidkit import checks
+from reidkit.checkpoints import load_checkpoint
+from reidkit.errors import UserError
+from reidkit.runs import newest_checkpoint
+from reidkit.speed import FastModel, fast_path
+
+
+def test_auto_is_eager_on_the_cpu(tiny_settings, capsys):
+    datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
+    engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
+    assert engine.model is model
+    assert 'Training path: eager float32' in capsys.readouterr().out
+
+
+def test_bf16_and_channels_last_train_evaluate_and_save_plain_checkpoints(tiny_settings, capsys):
+    s = tiny_settings.replace(AMP='bf16', CHANNELS_LAST='on', MAX_EPOCH=2)
+    seen = []
+    datamanager, model, optimizer, scheduler = main.get_items(s)
+    model.conv1.register_forward_hook(lambda module, args, out: seen.append(
+        (out.dtype, out.is_contiguous(memory_format=torch.channels_last))))
+    engine = main.build_engine(s, datamanager, model, optimizer, scheduler)
+    assert isinstance(engine.model, FastModel)
+    engine.run(save_dir=s.EXPERIMENTS_DIR, max_epoch=2, eval_freq=-1, print_freq=1000)
+    assert 'Training path: bf16 autocast + channels_last' in capsys.readouterr().out
+    assert seen and all(seen_one == (torch.bfloat16, True) for seen_one in seen)
+    result = engine.results[-1]
+    assert 0 <= result['mAP'] <= 1 and result['cmc'][-1] >= result['cmc'][0]
+    saved = load_checkpoint(newest_checkpoint(s.EXPERIMENTS_DIR))
+    assert 'conv1.weight' in saved['state_dict']                # no wrapper prefix
+    assert saved['state_dict']['conv1.weight'].dtype == torch.float32
+
+
+def test_the_fast_path_round_trips_through_test(tiny_settings, capsys):
+    s = tiny_settings.replace(AMP='bf16', CHANNELS_LAST='on')
+    run_dir = main.train(s)
+    trained = capsys.readouterr().out
+    main.test(s)
+    tested = capsys.readouterr().out
+    last = lambda text: [line for line in text.splitlines() if line.startswith('Rank-1')][-1]  # noqa: E731
+    assert last(trained) == last(tested) and run_dir.is_dir()
+
+
+def test_a_failing_compile_says_so_once_and_continues_eager(tiny_settings, monkeypatch, capsys):
+    def broken_compile(model, mode=None):
+        def run(*args):
+            raise RuntimeError('no C++ compiler found')
+        return run
+    monkeypatch.setattr(torch, 'compile', broken_compile)
+    s = tiny_settings.replace(COMPILE='on', MAX_EPOCH=2, EVAL_FREQ=-1)
+    run_dir = main.train(s)
+    out = capsys.readouterr().out
+    assert 'Training path: torch.compile (CPU)' in out
+    assert out.count('Note: torch.compile failed (RuntimeError: no C++ compiler found)') == 1
+    assert newest_checkpoint(run_dir).name == 'model.pth.tar-2'
+
+
+def test_bad_switch_values_are_named_before_any_work(tiny_settings):
+    with pytest.raises(UserError, match="AMP='fp8': valid choices are auto, bf16, off"):
+        checks.check_before_run(tiny_settings.replace(AMP='fp8'), training=True)
+    with pytest.raises(UserError, match='COMPILE'):
+        fast_path(torch.nn.Linear(2, 2), torch.device('cpu'), 'off', 'off', 'yes')
