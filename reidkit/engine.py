@@ -30,7 +30,8 @@ class RecordingMixin:
     def train(self, *args, **kwargs):
         super().train(*args, **kwargs)
         done = self.epoch + 1
-        if self.latest_every > 0 and done % self.latest_every == 0 and done < self.max_epoch:
+        if self.save_dir is not None and self.latest_every > 0 and done % self.latest_every == 0 \
+                and done < self.max_epoch:
             # A rolling checkpoint to resume from after Ctrl-C or a crash.
             for name in self.get_model_names():
                 state = model_state(self, name, done, float('nan'), self.model_name)
