@@ -1,6 +1,8 @@
-"""Torchreid's engines, with safe atomic checkpoints and a record of every evaluation.
+"""Torchreid's engines, with safe atomic checkpoints, a rolling checkpoint to resume from,
+progress bars on feature extraction and a record of every evaluation.
 
-Only `save_model` and `test` are overridden; training and evaluation are Torchreid's own.
+`run`, `train`, `save_model` and `test` are extended around calls to Torchreid's own: the
+training step and the evaluation are Torchreid's.
 """
 from __future__ import annotations
 
