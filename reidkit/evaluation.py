@@ -57,7 +57,7 @@ def _rank_chunk(dist: torch.Tensor, q_pids, g_pids, q_camids, g_camids):
     return first, ap
 
 
-def _summarise(first: np.ndarray, ap: np.ndarray, max_rank: int):
+def summarise_ranks(first: np.ndarray, ap: np.ndarray, max_rank: int):
     """(cmc, mAP) from each query's first-match rank (-1: no valid match) and AP."""
     kept = first >= 0
     if not kept.any():
@@ -89,7 +89,7 @@ def _evaluate_in_chunks(distance_rows, num_q: int, num_g: int, q_pids, g_pids, q
         max_rank = num_g
     first, ap = _rank_in_chunks(distance_rows, num_q, q_pids, g_pids, q_camids, g_camids,
                                 chunk)
-    return _summarise(first, ap, max_rank)
+    return summarise_ranks(first, ap, max_rank)
 
 
 def rank_queries(distmat, q_pids, g_pids, q_camids, g_camids):

@@ -121,17 +121,24 @@ def gallery_features(model, transform, folder: Path, checkpoint: Path, model_key
                         f'be read (first: {skipped[0][0]}: {skipped[0][1]}).')
     features.flush()
     del features
-    # Keep only the rows written (skipped files leave the tail unused).
-    full = np.load(partial, mmap_mode='r')
-    trimmed = np.lib.format.open_memmap(feature_file, mode='w+', dtype=np.float32,
-                                        shape=(written, full.shape[1]))
-    for start in range(0, written, RANK_CHUNK):
-        trimmed[start:start + RANK_CHUNK] = full[start:min(start + RANK_CHUNK, written)]
-    trimmed.flush()
-    del trimmed, full
-    partial.unlink()
+    if written == len(image_paths):
+        partial.replace(feature_file)
+    else:
+        _keep_rows(partial, feature_file, written)
     index_file.write_text(json.dumps({'paths': paths, 'skipped': skipped}))
     return Gallery(paths, skipped, np.load(feature_file, mmap_mode='r'), cached=False)
+
+
+def _keep_rows(source: Path, target: Path, rows: int) -> None:
+    """Copies the first `rows` rows of a .npy file (skipped files leave the tail unused)."""
+    full = np.load(source, mmap_mode='r')
+    trimmed = np.lib.format.open_memmap(target, mode='w+', dtype=np.float32,
+                                        shape=(rows, full.shape[1]))
+    for start in range(0, rows, RANK_CHUNK):
+        trimmed[start:start + RANK_CHUNK] = full[start:min(start + RANK_CHUNK, rows)]
+    trimmed.flush()
+    del trimmed, full
+    source.unlink()
 
 
 def rank_gallery(query_features: np.ndarray, gallery: np.ndarray) -> list[tuple]:

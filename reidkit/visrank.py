@@ -95,7 +95,7 @@ def write_rankings(distmat, dataset, data_type='image', width=128, height=256, s
     g_camids = np.array([item[2] for item in gallery])
     indices, distances = top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk)
     first, ap = evaluation.rank_queries(distmat, q_pids, g_pids, q_camids, g_camids)
-    cmc, mAP = evaluation.evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)
+    cmc, mAP = evaluation.summarise_ranks(first, ap, min(50, len(gallery)))
 
     def one(q: int) -> str:
         path, pid, camid = query[q][:3]
