@@ -37,17 +37,18 @@ def resume_point(run_dir: Path) -> Path | None:
 
 
 def latest_run_checkpoint(experiments_dir: Path) -> Path:
-    """The newest checkpoint of the most recent training run that has one."""
-    runs = sorted((p for p in Path(experiments_dir).glob('*') if p.is_dir()),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
-    for run in runs:
-        checkpoint = newest_checkpoint(run)
-        if checkpoint is not None:
-            return checkpoint
-    raise UserError(
-        f'WEIGHTS is empty and no training run in "{experiments_dir}" has a checkpoint yet. '
-        f'Train first (python main.py train), or pass --WEIGHTS=path/to/{CHECKPOINT_PREFIX}N.'
-    )
+    """The newest numbered checkpoint of the run that trained most recently (by the time its
+    checkpoints were written: testing an older run does not make it the latest)."""
+    newest = {run: newest_checkpoint(run) for run in Path(experiments_dir).glob('*')
+              if run.is_dir()}
+    written = {run: max(p.stat().st_mtime for p in run.glob(f'*/{CHECKPOINT_PREFIX}*'))
+               for run, checkpoint in newest.items() if checkpoint is not None}
+    if not written:
+        raise UserError(
+            f'WEIGHTS is empty and no training run in "{experiments_dir}" has a checkpoint yet. '
+            f'Train first (python main.py train), or pass --WEIGHTS=path/to/{CHECKPOINT_PREFIX}N.'
+        )
+    return newest[max(written, key=written.get)]
 
 
 def output_dir_for(checkpoint: Path, experiments_dir: Path, mode: str) -> Path:

@@ -68,3 +68,17 @@ def test_the_command_line_runs_the_pipeline(tiny_data_root, tmp_path):
     assert 'Training run:' in done.stdout and 'Test results:' in done.stdout
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert (run / 'model' / 'model.pth.tar-1').is_file()
+
+
+def test_the_default_checkpoint_is_the_latest_trained_run(tmp_path):
+    import os
+    from reidkit.runs import latest_run_checkpoint
+    older, newer = tmp_path / '20260101-000000-a', tmp_path / '20260102-000000-b'
+    for run, stamp in ((older, 1_000), (newer, 2_000)):
+        for epoch in (5, 10):
+            path = run / 'model' / f'model.pth.tar-{epoch}'
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b'')
+            os.utime(path, (stamp + epoch, stamp + epoch))
+    (older / '20260103-000000-test').mkdir()       # testing the older run later ...
+    assert latest_run_checkpoint(tmp_path) == newer / 'model' / 'model.pth.tar-10'
