@@ -149,6 +149,7 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     started = time.time()
     saved = load_checkpoint(checkpoint)               # a bad file fails before any heavy work
     s = s.replace(PRETRAINED=False)                   # the checkpoint replaces ImageNet weights
+    checks.check_checkpoint_fits(saved, s, checkpoint)
     checks.check_before_run(s, training=False)
     set_random_seed(s.SEED)
     datamanager, model, optimizer, scheduler = get_items(s)
@@ -189,6 +190,7 @@ def search(s: Settings | None = None, weights: Path | None = None) -> Path:
                         f'holding the images to rank.')
     checkpoint = Path(weights or s.WEIGHTS or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
     saved = load_checkpoint(checkpoint)
+    checks.check_checkpoint_fits(saved, s, checkpoint)
     checks.check_names(s)
     checks.check_numbers(s, training=False)
     device = choose_device(s.DEVICE)

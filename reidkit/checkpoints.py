@@ -171,4 +171,5 @@ def model_state(engine: Any, name: str, epoch: int, rank1: float, model_name: st
         'optimizer': optimizer.state_dict() if optimizer is not None else None,
         'scheduler': scheduler.state_dict() if scheduler is not None else None,
         'model_name': model_name,
+        'input_size': [engine.datamanager.height, engine.datamanager.width],
     }

@@ -225,6 +225,17 @@ def check_pretrained(s: Settings, timeout: float = 3.0) -> None:
         ) from None
 
 
+def check_checkpoint_fits(checkpoint: dict, s: Settings, path) -> None:
+    """A checkpoint trained at another input size would give silently worse features."""
+    size = checkpoint.get('input_size')
+    if size and list(size) != [s.HEIGHT, s.WIDTH]:
+        raise UserError(
+            f'WEIGHTS: "{path}" was trained on {size[0]}x{size[1]} images, but HEIGHT x WIDTH '
+            f'is {s.HEIGHT}x{s.WIDTH}. Pass --HEIGHT={size[0]} --WIDTH={size[1]} (for a demo '
+            f'checkpoint, add --demo), or use a checkpoint trained at {s.HEIGHT}x{s.WIDTH}.'
+        )
+
+
 def check_before_run(s: Settings, training: bool) -> None:
     """All checks, cheapest first; prints what was checked and how long it took."""
     started = time.time()

@@ -136,3 +136,11 @@ def test_device_cuda_without_gpu_is_an_error_auto_falls_back(monkeypatch, capsys
     assert 'running on the CPU' in capsys.readouterr().out
     with pytest.raises(UserError, match="DEVICE must be"):
         choose_device('gpu')
+
+
+def test_a_checkpoint_from_another_input_size_is_named(tiny_settings, tmp_path):
+    from reidkit.checkpoints import save_checkpoint
+    path = save_checkpoint({'state_dict': {}, 'input_size': [64, 32]}, tmp_path / 'demo.pth')
+    with pytest.raises(UserError, match=r'trained on 64x32 images, but HEIGHT x WIDTH is 32x16.*'
+                                        r'--HEIGHT=64 --WIDTH=32'):
+        main.test(tiny_settings.replace(WEIGHTS=str(path)))
