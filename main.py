@@ -194,12 +194,8 @@ def search(s: Settings | None = None, weights: Path | None = None) -> Path:
     checks.check_names(s)
     checks.check_numbers(s, training=False)
     device = choose_device(s.DEVICE)
-    classifier = saved['state_dict'].get('classifier.weight')
-    model = torchreid.models.build_model(
-        name=s.MODEL_NAME, num_classes=len(classifier) if classifier is not None else 1,
-        loss=s.LOSS, pretrained=False)
-    load_weights(model, saved, s.MODEL_NAME, checkpoint)
-    model = place_model(model, device)
+    model = place_model(searching.model_for_search(saved, checkpoint, s.MODEL_NAME, s.LOSS),
+                        device)
     transform = searching.quiet_test_transform(s.HEIGHT, s.WIDTH)
     gallery = searching.gallery_features(
         model, transform, Path(s.GALLERY), checkpoint, f'{s.MODEL_NAME}|{s.HEIGHT}x{s.WIDTH}',

@@ -119,7 +119,7 @@ def main() -> None:
     print('\nMSMT17 scale' + (' (quick: a tenth)' if quick else '') +
           ': 11,659 x 82,161, 2048-d features, evaluate_features')
     big = child('reidkit', 'msmt' + suffix)
-    print(f'| evaluator | seconds | peak RSS (GB) | of which inputs (GB) |\n|---|---|---|---|')
+    print('| evaluator | seconds | peak RSS (GB) | of which inputs (GB) |\n|---|---|---|---|')
     print(f'| reidkit evaluate_features | {big["seconds"]:.1f} | {big["peak_rss_gb"]:.2f} | '
           f'{big["inputs_rss_gb"]:.2f} |')
     print(f'Rank-1 {big["cmc"][0]:.4f}, mAP {big["mAP"]:.4f}')

@@ -134,8 +134,8 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
             f'trained with, or pick a checkpoint of this architecture.'
         )
     if mismatched or unexpected:
-        print(f'Note: the checkpoint\'s classifier was trained on other identities; it is '
-              f'skipped (testing uses features only).')
+        print('Note: the checkpoint\'s classifier was trained on other identities; it is '
+              'skipped (testing uses features only).')
     own.update({key: value for key, value in theirs.items() if key not in mismatched
                 and key not in unexpected})
     target.load_state_dict(own)

@@ -19,7 +19,6 @@ from reidkit.settings import Settings
 
 LOSSES = ('softmax', 'triplet')
 TRANSFORMS = ('random_flip', 'random_crop', 'random_patch', 'color_jitter')
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 # Market-1501 style names: <pid>_c<camera>... ; the loaders of Market-1501, DukeMTMC-reID and
 # MSMT17 parse these.
 MARKET_NAME = re.compile(r'([-\d]+)_c(\d)')
@@ -180,7 +179,7 @@ def read_image(path: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert('RGB')
-    except (OSError, ValueError) as error:
+    except Exception as error:      # PIL raises many types for broken files
         raise UserError(f'"{path}" cannot be read as an image ({error}). Delete or replace it '
                         f'and run again.') from None
 

@@ -23,9 +23,12 @@ from typing import Iterator
 import cv2
 import numpy as np
 import torch
+import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
+from reidkit.checks import read_image
+from reidkit.checkpoints import load_weights
 from reidkit.errors import UserError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
@@ -51,10 +54,9 @@ def list_images(folder: Path) -> list[Path]:
 def _read(path: Path) -> Image.Image | str:
     """The image, or why it cannot be used."""
     try:
-        with Image.open(path) as image:
-            return image.convert('RGB')
-    except Exception as error:          # PIL raises many types for broken files
-        return f'{type(error).__name__}: {error}'
+        return read_image(str(path))
+    except UserError as error:
+        return str(error)
 
 
 def extract_batches(model: torch.nn.Module, transform, paths: list[Path], batch_size: int,
@@ -202,6 +204,16 @@ def query_images(query: Path) -> list[Path]:
         raise UserError(f'QUERY: "{query}" does not exist. Pass --QUERY=path/to/person.jpg '
                         f'(or a folder of query images).')
     return [Path(query)]
+
+
+def model_for_search(checkpoint: dict, path: Path, model_name: str, loss: str) -> nn.Module:
+    """The checkpoint's model, built without ImageNet weights (the checkpoint replaces them)."""
+    from torchreid.reid.models import build_model
+    classifier = checkpoint['state_dict'].get('classifier.weight')
+    model = build_model(model_name, num_classes=len(classifier) if classifier is not None else 1,
+                        loss=loss, pretrained=False)
+    load_weights(model, checkpoint, model_name, path)
+    return model
 
 
 def quiet_test_transform(height: int, width: int):

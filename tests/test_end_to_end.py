@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import main
 from reidkit.checkpoints import load_checkpoint
 from reidkit.runs import newest_checkpoint

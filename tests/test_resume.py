@@ -1,5 +1,4 @@
 """Nothing lost: Ctrl-C or kill -9 mid-training, then --RESUME continues where it stopped."""
-import os
 import signal
 import subprocess
 import sys
