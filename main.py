@@ -29,8 +29,8 @@ from reidkit.device import choose_device, place_model
 from reidkit.engine import SoftmaxEngine, TripletEngine
 from reidkit.errors import UserError
 from reidkit.report import plot_cmc, plot_training, write_metrics
-from reidkit.runs import latest_run_checkpoint, log_to, new_run_dir, newest_checkpoint, \
-    output_dir_for, resume_point
+from reidkit.runs import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
+    resolve_checkpoint, resume_point
 from reidkit.settings import Settings, apply_overrides, defaults_from, parse_override_args
 from reidkit.speed import fast_path
 
@@ -145,11 +145,9 @@ def train(s: Settings | None = None) -> Path:
 
 def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_flags) -> Path:
     """test and visrank: load a checkpoint, run(test_only=True), write metrics.json."""
-    checkpoint = Path(weights or s.WEIGHTS or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
     started = time.time()
-    saved = load_checkpoint(checkpoint)               # a bad file fails before any heavy work
+    checkpoint, saved, s = resolve_checkpoint(s, weights)   # a bad file fails before heavy work
     s = s.replace(PRETRAINED=False)                   # the checkpoint replaces ImageNet weights
-    checks.check_checkpoint_fits(saved, s, checkpoint)
     checks.check_before_run(s, training=False)
     set_random_seed(s.SEED)
     datamanager, model, optimizer, scheduler = get_items(s)
@@ -180,42 +178,7 @@ def vis_rank(s: Settings | None = None, weights: Path | None = None) -> Path:
 def search(s: Settings | None = None, weights: Path | None = None) -> Path:
     """Ranks every image under GALLERY for each image in QUERY with a checkpoint (WEIGHTS, or
     the newest run's). Writes strip.jpg, results.csv and index.html per query; returns the folder."""
-    s = s or load_settings()
-    if not s.QUERY or not s.GALLERY:
-        raise UserError('search needs --QUERY=path/to/person.jpg (or a folder of queries) and '
-                        '--GALLERY=path/to/folder (searched recursively for images).')
-    queries = searching.query_images(Path(s.QUERY))
-    if not Path(s.GALLERY).is_dir():
-        raise UserError(f'GALLERY: "{s.GALLERY}" is not a folder. Point --GALLERY at the folder '
-                        f'holding the images to rank.')
-    checkpoint = Path(weights or s.WEIGHTS or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
-    saved = load_checkpoint(checkpoint)
-    checks.check_checkpoint_fits(saved, s, checkpoint)
-    checks.check_names(s)
-    checks.check_numbers(s, training=False)
-    device = choose_device(s.DEVICE)
-    model = place_model(searching.model_for_search(saved, checkpoint, s.MODEL_NAME, s.LOSS),
-                        device)
-    transform = searching.quiet_test_transform(s.HEIGHT, s.WIDTH)
-    gallery = searching.gallery_features(
-        model, transform, Path(s.GALLERY), checkpoint, f'{s.MODEL_NAME}|{s.HEIGHT}x{s.WIDTH}',
-        Path(s.EXPERIMENTS_DIR) / '.search-cache', s.BATCH_SIZE_TEST, device)
-    print(f'Gallery: {len(gallery.paths)} images ('
-          f'{"features from the cache" if gallery.cached else "features extracted and cached"})'
-          + (f'; {len(gallery.skipped)} unreadable files skipped' if gallery.skipped else ''))
-    out_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), 'search')
-    for paths, features, bad in searching.extract_batches(model, transform, queries,
-                                                          s.BATCH_SIZE_TEST, device, 'Queries'):
-        for path, why in bad:
-            print(f'Note: query "{path}" skipped: {why}')
-        if features is None:
-            continue
-        for path, (order, distances) in zip(paths, searching.rank_gallery(features,
-                                                                          gallery.features)):
-            name = path.stem if len(queries) == 1 else path.relative_to(s.QUERY).with_suffix('')
-            searching.write_results(out_dir / name, path, gallery.paths, order, distances,
-                                    s.SEARCH_TOPK, gallery.skipped)
-    return out_dir
+    return searching.search(s or load_settings(), weights)
 
 
 def usage() -> str:

@@ -170,6 +170,24 @@ def evaluate_single_gallery_shot(distmat, q_pids, g_pids, q_camids, g_camids,
     return cmc, float(np.mean(ap[first >= 0]))
 
 
+def same_person_same_camera(q_pids, g_pids, q_camids, g_camids) -> torch.Tensor:
+    """(queries x gallery) True where a gallery item shows the query's person in the query's
+    camera: such items are ignored by the evaluation, by visrank and by nothing else."""
+    q_pids, g_pids = _as_tensor(q_pids), _as_tensor(g_pids)
+    q_camids, g_camids = _as_tensor(q_camids), _as_tensor(g_camids)
+    return (q_pids[:, None] == g_pids[None, :]) & (q_camids[:, None] == g_camids[None, :])
+
+
+def squared_euclidean(query: torch.Tensor, gallery: torch.Tensor,
+                      gallery_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared euclidean distances (Torchreid's 'euclidean'), query rows x gallery rows.
+    `gallery_sq_norms` may be passed when the same gallery is used for many query chunks."""
+    if gallery_sq_norms is None:
+        gallery_sq_norms = gallery.pow(2).sum(1)
+    dist = query.pow(2).sum(1, keepdim=True) + gallery_sq_norms[None, :]
+    return dist.addmm_(query, gallery.t(), beta=1, alpha=-2)
+
+
 def distances(query: torch.Tensor, gallery: torch.Tensor, metric: str = 'euclidean',
               gallery_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
     """Squared euclidean (as Torchreid) or cosine distances, query rows x gallery rows."""
@@ -178,10 +196,7 @@ def distances(query: torch.Tensor, gallery: torch.Tensor, metric: str = 'euclide
             torch.nn.functional.normalize(gallery, dim=1).t()
     if metric != 'euclidean':
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-    if gallery_sq_norms is None:
-        gallery_sq_norms = gallery.pow(2).sum(1)
-    dist = query.pow(2).sum(1, keepdim=True) + gallery_sq_norms[None, :]
-    return dist.addmm_(query, gallery.t(), beta=1, alpha=-2)
+    return squared_euclidean(query, gallery, gallery_sq_norms)
 
 
 def evaluate_features(query_features, gallery_features, q_pids, g_pids, q_camids, g_camids,

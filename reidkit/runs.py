@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from reidkit.checkpoints import CHECKPOINT_PREFIX, checkpoint_epoch
+from reidkit.checkpoints import CHECKPOINT_PREFIX, checkpoint_epoch, load_checkpoint
 from reidkit.errors import UserError
+from reidkit.settings import Settings
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
@@ -49,6 +50,17 @@ def latest_run_checkpoint(experiments_dir: Path) -> Path:
             f'Train first (python main.py train), or pass --WEIGHTS=path/to/{CHECKPOINT_PREFIX}N.'
         )
     return newest[max(written, key=written.get)]
+
+
+def resolve_checkpoint(s: Settings, weights: Path | None = None, setting: str = 'WEIGHTS'
+                       ) -> tuple[Path, dict, Settings]:
+    """The checkpoint a command uses (`weights`, else the setting, else the newest run's), its
+    contents (loaded safely) and the settings to use it with."""
+    from reidkit import checks
+    path = Path(weights or s[setting] or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
+    saved = load_checkpoint(path, setting)
+    checks.check_checkpoint_fits(saved, s, path)
+    return path, saved, s
 
 
 def output_dir_for(checkpoint: Path, experiments_dir: Path, mode: str) -> Path:

@@ -30,6 +30,8 @@ from tqdm import tqdm
 from reidkit.checks import read_image
 from reidkit.checkpoints import load_weights
 from reidkit.errors import UserError
+from reidkit.settings import Settings
+from reidkit.evaluation import squared_euclidean
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 RANK_CHUNK = 50_000            # gallery rows read from disk at a time when ranking
@@ -149,11 +151,9 @@ def rank_gallery(query_features: np.ndarray, gallery: np.ndarray) -> list[tuple]
     chunks, serves a whole batch of queries."""
     queries = torch.from_numpy(np.atleast_2d(np.asarray(query_features, dtype=np.float32)))
     distances = np.empty((len(queries), len(gallery)), dtype=np.float32)
-    query_norms = queries.pow(2).sum(1, keepdim=True)
     for start in range(0, len(gallery), RANK_CHUNK):
         rows = torch.from_numpy(np.array(gallery[start:start + RANK_CHUNK]))   # read from disk
-        chunk = (query_norms + rows.pow(2).sum(1)[None]).addmm_(queries, rows.t(), alpha=-2)
-        distances[:, start:start + len(rows)] = chunk.numpy()
+        distances[:, start:start + len(rows)] = squared_euclidean(queries, rows).numpy()
     ranked = []
     for row in distances:
         order = np.argsort(row, kind='stable')
@@ -221,3 +221,42 @@ def quiet_test_transform(height: int, width: int):
     from torchreid.reid.data.transforms import build_transforms
     with contextlib.redirect_stdout(io.StringIO()):
         return build_transforms(height, width, transforms=[])[1]
+
+
+def search(s: Settings, weights: Path | None = None) -> Path:
+    """`python main.py search`: ranks GALLERY for each image in QUERY with a checkpoint
+    (`weights`, WEIGHTS or the newest run's); returns the new output folder."""
+    from reidkit import checks
+    from reidkit.device import choose_device, place_model
+    from reidkit.runs import new_run_dir, resolve_checkpoint
+    if not s.QUERY or not s.GALLERY:
+        raise UserError('search needs --QUERY=path/to/person.jpg (or a folder of queries) and '
+                        '--GALLERY=path/to/folder (searched recursively for images).')
+    queries = query_images(Path(s.QUERY))
+    if not Path(s.GALLERY).is_dir():
+        raise UserError(f'GALLERY: "{s.GALLERY}" is not a folder. Point --GALLERY at the folder '
+                        f'holding the images to rank.')
+    checkpoint, saved, s = resolve_checkpoint(s, weights)
+    checks.check_names(s)
+    checks.check_numbers(s, training=False)
+    device = choose_device(s.DEVICE)
+    model = place_model(model_for_search(saved, checkpoint, s.MODEL_NAME, s.LOSS), device)
+    transform = quiet_test_transform(s.HEIGHT, s.WIDTH)
+    gallery = gallery_features(
+        model, transform, Path(s.GALLERY), checkpoint, f'{s.MODEL_NAME}|{s.HEIGHT}x{s.WIDTH}',
+        Path(s.EXPERIMENTS_DIR) / '.search-cache', s.BATCH_SIZE_TEST, device)
+    print(f'Gallery: {len(gallery.paths)} images ('
+          f'{"features from the cache" if gallery.cached else "features extracted and cached"})'
+          + (f'; {len(gallery.skipped)} unreadable files skipped' if gallery.skipped else ''))
+    out_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), 'search')
+    for paths, features, bad in extract_batches(model, transform, queries, s.BATCH_SIZE_TEST,
+                                                device, 'Queries'):
+        for path, why in bad:
+            print(f'Note: query "{path}" skipped: {why}')
+        if features is None:
+            continue
+        for path, (order, distances) in zip(paths, rank_gallery(features, gallery.features)):
+            name = path.stem if len(queries) == 1 else path.relative_to(s.QUERY).with_suffix('')
+            write_results(out_dir / name, path, gallery.paths, order, distances, s.SEARCH_TOPK,
+                          gallery.skipped)
+    return out_dir

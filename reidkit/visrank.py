@@ -36,7 +36,8 @@ def top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk: int):
     indices, distances = [], []
     for start in range(0, len(dist), evaluation.QUERY_CHUNK):
         rows = slice(start, start + evaluation.QUERY_CHUNK)
-        ignored = (q_pids[rows, None] == g_pids[None]) & (q_camids[rows, None] == g_camids[None])
+        ignored = evaluation.same_person_same_camera(q_pids[rows], g_pids, q_camids[rows],
+                                                     g_camids)
         values, index = torch.topk(dist[rows].masked_fill(ignored, float('inf')), k, dim=1,
                                    largest=False)
         indices.append(torch.where(torch.isinf(values), -1, index))
