@@ -12,6 +12,7 @@ test and visrank write to a new folder inside the run of the checkpoint they use
 """
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,25 +23,18 @@ import torch
 import torchreid
 from torchreid.reid.utils import set_random_seed
 
-from reidkit import checks, evaluation, search as searching, visrank
-from reidkit.checkpoints import load_checkpoint, load_weights, resume_training
+from reidkit import checks, search as searching
+from reidkit.checkpoints import load_weights, resume_training
 from reidkit.demo_data import make_demo_dataset
 from reidkit.device import choose_device, place_model
 from reidkit.engine import SoftmaxEngine, TripletEngine
 from reidkit.errors import UserError
 from reidkit.report import plot_cmc, plot_training, write_metrics
 from reidkit.runs import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
-    resolve_checkpoint, resume_point
-from reidkit.settings import Settings, apply_overrides, defaults_from, parse_override_args
+    resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
+from reidkit.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, apply_overrides, \
+    defaults_from, parse_override_args
 from reidkit.speed import fast_path
-
-# The one place Torchreid is changed: every engine.test(), in-training evaluation and visrank
-# below computes CMC/mAP with reidkit's exact, vectorised evaluator; visrank strips carry
-# rank, distance and id, and come with a browsable index.html; an unreadable image is an
-# error naming the file (Torchreid's own reader retries it forever).
-evaluation.install()
-visrank.install()
-checks.install_image_reader()
 
 MODES = ('train', 'test', 'visrank')       # run in this order when none is named
 EXTRA_MODES = ('search',)
@@ -51,7 +45,7 @@ def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings
     values = defaults_from(config)
     if demo:
         values = apply_overrides(values, config.DEMO, source='config.DEMO')
-    return Settings(apply_overrides(values, overrides or {}))
+    return Settings(apply_overrides(values, overrides or {}), given=overrides or {})
 
 
 def get_items(s: Settings | None = None):
@@ -97,30 +91,41 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
     return engine_class(
         datamanager, model, optimizer, scheduler=scheduler, use_gpu=use_gpu,
         label_smooth=s.LABEL_SMOOTH, model_name=s.MODEL_NAME, latest_every=s.LATEST_EVERY,
+        settings=s.record(),
     )
 
 
 def train(s: Settings | None = None) -> Path:
     """Step 1: trains, evaluating and checkpointing every EVAL_FREQ epochs. Returns the run folder.
 
-    With RESUME set, continues that checkpoint's run in its own folder from its epoch."""
+    With RESUME set, continues that checkpoint's run from its epoch with the settings it
+    recorded, in its own folder (or a new one when the checkpoint is not under EXPERIMENTS_DIR)."""
     s = s or load_settings()
-    checks.check_before_run(s, training=True)
-    resumed = load_checkpoint(Path(s.RESUME), 'RESUME') if s.RESUME else None
-    set_random_seed(s.SEED)
+    notes, resumed, checkpoint = [], None, None
     if s.RESUME:
-        run_dir = Path(s.RESUME).resolve().parent.parent
-    else:
-        sources = s.SOURCES if isinstance(s.SOURCES, str) else '+'.join(s.SOURCES)
-        run_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), f'{s.MODEL_NAME}-{s.LOSS}-{sources}')
+        checkpoint, resumed, s = resolve_checkpoint(s, setting='RESUME', notes=notes)
+        check_not_finished(resumed, checkpoint, s)
+    checks.check_before_run(s, training=True, pretrained=resumed is None)
+    set_random_seed(s.SEED)
+    run_dir = run_to_continue(checkpoint, Path(s.EXPERIMENTS_DIR)) if resumed else None
+    if resumed and run_dir is None:
+        notes.append(f'"{checkpoint}" is not in a run folder under EXPERIMENTS_DIR, so the run '
+                     f'continues in a new one')
+    run_dir = run_dir or new_run_dir(Path(s.EXPERIMENTS_DIR), run_name(s))
     started = time.time()
     with log_to(run_dir / 'log.txt'):
         print(f'Run folder: {run_dir}')
-        datamanager, model, optimizer, scheduler = get_items(s)
-        start_epoch = resume_training(resumed, s.RESUME, model, optimizer, scheduler) \
+        for note in notes:
+            print(f'Note: {note}.')
+        write_settings(run_dir, s)
+        # The checkpoint replaces ImageNet weights when resuming: no download is needed.
+        datamanager, model, optimizer, scheduler = get_items(
+            s.replace(PRETRAINED=False) if resumed else s)
+        checks.check_training_batches(s, datamanager)
+        start_epoch = resume_training(resumed, checkpoint, model, optimizer, scheduler) \
             if resumed else 0
         if start_epoch:
-            print(f'Resuming from "{s.RESUME}" after epoch {start_epoch}')
+            print(f'Resuming from "{checkpoint}" after epoch {start_epoch}')
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
         try:
             engine.run(
@@ -134,13 +139,33 @@ def train(s: Settings | None = None) -> Path:
         except KeyboardInterrupt:
             last = resume_point(run_dir)
             print('\nInterrupted. ' + (
-                f'Last checkpoint: {last}\nResume with: python main.py train --RESUME={last}'
+                f'Last checkpoint: {last}\nResume with: {resume_command(last, s)}'
                 if last else 'No checkpoint was written yet.'))
             raise
     plot_training(run_dir, len(datamanager.train_loader))
     write_metrics(run_dir / 'metrics.json', 'train', engine.results[-1], s, datamanager,
                   checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started)
     return run_dir
+
+
+def check_not_finished(saved: dict, checkpoint: Path, s: Settings) -> None:
+    """Resuming a run that reached MAX_EPOCH would retrain its last epoch over its checkpoint."""
+    epoch = int(saved.get('epoch') or 0)
+    if epoch >= s.MAX_EPOCH:
+        raise UserError(
+            f'RESUME: "{checkpoint}" is from epoch {epoch} and the run\'s MAX_EPOCH is '
+            f'{s.MAX_EPOCH}: it has finished, so there is nothing to train and nothing was '
+            f'written. To train it further pass --MAX_EPOCH=N with N > {epoch}; to evaluate it: '
+            f'python main.py test --WEIGHTS={shlex.quote(str(checkpoint))}')
+
+
+def resume_command(checkpoint: Path, s: Settings) -> str:
+    """The command that continues this run: the run's settings come from the checkpoint, so
+    only the machine-local flags given this time are repeated."""
+    flags = [f'--RESUME={checkpoint}'] + [
+        f'--{key}={s[key] if key in PATH_SETTINGS else repr(s[key])}'
+        for key in LOCAL_SETTINGS if key in s.given and key not in ('RESUME', 'WEIGHTS')]
+    return 'python main.py train ' + ' '.join(shlex.quote(flag) for flag in flags)
 
 
 def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_flags) -> Path:

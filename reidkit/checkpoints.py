@@ -21,6 +21,9 @@ from reidkit.errors import UserError
 
 CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
 LATEST_NAME = 'latest.pth.tar'         # rolling checkpoint written every LATEST_EVERY epochs
+# Hyper-parameters that tell optimisers apart in a saved state (Adam has betas, SGD momentum
+# and dampening, RMSprop alpha); other keys vary with the torch version.
+OPTIMISER_SIGNATURE = {'betas', 'momentum', 'dampening', 'nesterov', 'alpha', 'centered'}
 
 
 def _numpy_scalar_globals() -> list:
@@ -42,15 +45,24 @@ def checkpoint_epoch(path: Path) -> int:
 
 def save_checkpoint(state: dict, path: Path) -> Path:
     """Writes `state` to `path` through a temporary file and a rename, so a kill mid-write
-    leaves the previous checkpoint, never a truncated one."""
+    leaves the previous checkpoint, never a truncated one. A failed write (a full disk)
+    removes the temporary file and is a one-line error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f'.{path.name}.partial')
-    with open(temporary, 'wb') as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, 'wb') as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:   # torch.save reports a short write as RuntimeError
+        temporary.unlink(missing_ok=True)
+        reason = getattr(error, 'strerror', None) or str(error).strip().splitlines()[0]
+        raise UserError(
+            f'could not write the checkpoint "{path}" ({reason}). Earlier checkpoints are '
+            f'intact; free some space (or fix the folder\'s permissions) and resume from the '
+            f'last one.') from None
     return path
 
 
@@ -148,6 +160,15 @@ def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, s
         if checkpoint.get(key) is None:
             raise UserError(f'RESUME: "{path}" has no {key} state, so training cannot continue '
                             f'from it. Resume from a checkpoint written by training.')
+    saved_group = (checkpoint['optimizer'].get('param_groups') or [{}])[0]
+    own_group = optimizer.state_dict()['param_groups'][0]
+    if set(saved_group) & OPTIMISER_SIGNATURE != set(own_group) & OPTIMISER_SIGNATURE:
+        # Another optimiser's state loads without complaint and fails at the first step
+        # (e.g. SGD's KeyError: 'momentum' from an Adam checkpoint).
+        raise UserError(
+            f'RESUME: "{path}" holds the state of another optimiser than {type(optimizer).__name__} '
+            f'(its settings: {", ".join(sorted(saved_group))}). Resume with the OPTIM the '
+            f'run was started with.')
     try:
         unwrap(model).load_state_dict(checkpoint['state_dict'])
         optimizer.load_state_dict(checkpoint['optimizer'])

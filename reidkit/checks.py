@@ -82,6 +82,10 @@ def check_numbers(s: Settings, training: bool) -> None:
                             f'or with --{key}=...')
     if s.WORKERS < 0:
         raise UserError(f'WORKERS={s.WORKERS} must be 0 (load in the main process) or more.')
+    if training and s.BATCH_SIZE_TRAIN < 2:
+        raise UserError(f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN}: training needs at least 2 '
+                        f'images per batch (BatchNorm cannot normalise a batch of one). '
+                        f'Fix it in config.py or with --BATCH_SIZE_TRAIN=...')
     if s.LOSS == 'triplet' and (s.BATCH_SIZE_TRAIN < TRIPLET_INSTANCES
                                 or s.BATCH_SIZE_TRAIN % TRIPLET_INSTANCES):
         raise UserError(
@@ -230,18 +234,39 @@ def check_checkpoint_fits(checkpoint: dict, s: Settings, path) -> None:
     if size and list(size) != [s.HEIGHT, s.WIDTH]:
         raise UserError(
             f'WEIGHTS: "{path}" was trained on {size[0]}x{size[1]} images, but HEIGHT x WIDTH '
-            f'is {s.HEIGHT}x{s.WIDTH}. Pass --HEIGHT={size[0]} --WIDTH={size[1]} (for a demo '
-            f'checkpoint, add --demo), or use a checkpoint trained at {s.HEIGHT}x{s.WIDTH}.'
+            f'is {s.HEIGHT}x{s.WIDTH}. Drop --HEIGHT and --WIDTH to use the checkpoint\'s size, '
+            f'or use a checkpoint trained at {s.HEIGHT}x{s.WIDTH}.'
         )
 
 
-def check_before_run(s: Settings, training: bool) -> None:
-    """All checks, cheapest first; prints what was checked and how long it took."""
+def check_training_batches(s: Settings, datamanager) -> None:
+    """An epoch trains at least one step: the loader drops an incomplete last batch, so a
+    batch larger than the training set would 'train' zero steps and save an untrained model."""
+    loader = datamanager.train_loader
+    if len(loader) == 0:
+        yielded = len(loader.sampler) if loader.sampler is not None else len(loader.dataset)
+        raise UserError(
+            f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN} is larger than what one epoch of the '
+            f'training set gives ({yielded} images'
+            + (' from the identity sampler' if s.LOSS == 'triplet' else '')
+            + '), so training would take zero steps. Use a batch of at most '
+            f'{yielded} (e.g. --BATCH_SIZE_TRAIN={max(2, min(32, yielded))}), or more data.')
+
+
+def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> None:
+    """All checks, cheapest first; prints what was checked and how long it took.
+    `pretrained`: whether training will load ImageNet weights (not when resuming)."""
     started = time.time()
     check_names(s)
     check_numbers(s, training)
     checked = check_dataset(s)
-    if training:
+    train_images = checked.get('bounding_box_train')
+    if training and train_images is not None and s.BATCH_SIZE_TRAIN > train_images:
+        raise UserError(
+            f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN} is larger than the {train_images} training '
+            f'images, so training would take zero steps. Use a batch of at most {train_images} '
+            f'(e.g. --BATCH_SIZE_TRAIN={max(2, min(32, train_images))}), or more data.')
+    if training and pretrained:
         check_pretrained(s)
     if checked:
         print(f'Checked {sum(checked.values())} images in {time.time() - started:.1f}s '

@@ -1,63 +1,205 @@
-"""Torchreid's engines, with safe atomic checkpoints, a rolling checkpoint to resume from,
-progress bars on feature extraction and a record of every evaluation.
+"""Torchreid's engines, extended in this one place and only while they run.
 
-`run`, `train`, `save_model` and `test` are extended around calls to Torchreid's own: the
-training step and the evaluation are Torchreid's.
+Torchreid documents its engine as the thing to subclass; we do, and everything we change is
+scoped to an engine object: while its `run()` or `test()` executes, Torchreid's evaluator and
+rank writer are ours (`unittest.mock.patch.object`, undone on return), and its data loaders read
+images with our reader through a picklable dataset wrapper (so spawned loader workers use it
+too). Importing any module changes nothing in Torchreid.
+
+Added around Torchreid's own training step and evaluation: checkpoints written atomically with
+the run's settings inside, a rolling checkpoint to resume from, a stop with a clear error when
+the loss stops being finite (no checkpoint of a diverged model is ever written), progress bars
+on feature extraction, and a record of every evaluation in `results`.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import math
 from pathlib import Path
+from typing import Iterator
+from unittest import mock
 
+import torch
+from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from tqdm import tqdm
 
-from reidkit import evaluation
-from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint
+from reidkit import evaluation, visrank
+from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
+from reidkit.checks import read_image
+from reidkit.errors import UserError
 
 
-class RecordingMixin:
-    """Checkpoints written atomically with plain-typed fields; evaluations kept in `results`."""
+class ReidkitEngineMixin:
+    """What our engines add to Torchreid's (see the module's docstring)."""
 
-    def __init__(self, *args, model_name: str = 'unknown', latest_every: int = 1, **kwargs):
+    def __init__(self, *args, model_name: str = 'unknown', latest_every: int = 1,
+                 settings: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_name = model_name       # stored in checkpoints, named in mismatch errors
         self.latest_every = latest_every   # epochs between rolling checkpoints (0: never)
+        self.settings = settings           # the run's settings, stored in every checkpoint
         self.results: list = []            # every evaluation: {'epoch', 'cmc', 'mAP'}
         self.save_dir = None
+        self.divergence = DivergenceWatch()
+        self._print_freq = 10
+        self._evaluations: list = []       # (cmc, mAP) of the evaluations inside one test()
+        self.train_loader = reading_with_reidkit(self.train_loader)
+        self.test_loader = {name: {split: reading_with_reidkit(loader)
+                                   for split, loader in splits.items()}
+                            for name, splits in self.test_loader.items()}
+
+    @contextlib.contextmanager
+    def torchreid_extended(self) -> Iterator[None]:
+        """Inside the block Torchreid's engine evaluates with our exact evaluator (recording
+        each result on this engine) and draws rankings with our rank writer."""
+        torchreid_metrics = importlib.import_module('torchreid.reid.metrics')
+        torchreid_engine = importlib.import_module('torchreid.reid.engine.engine')
+        with mock.patch.object(torchreid_metrics, 'evaluate_rank', self._evaluate_rank), \
+                mock.patch.object(torchreid_engine, 'visualize_ranked_results',
+                                  visrank.write_rankings):
+            yield
+
+    def _evaluate_rank(self, *args, **kwargs):
+        cmc, mAP = evaluation.evaluate_rank(*args, **kwargs)
+        self._evaluations.append((cmc, mAP))
+        return cmc, mAP
 
     def run(self, save_dir='log', *args, **kwargs):
         self.save_dir = Path(save_dir)
-        return super().run(save_dir, *args, **kwargs)
+        self._print_freq = kwargs.get('print_freq', self._print_freq)
+        with self.torchreid_extended():
+            return super().run(save_dir, *args, **kwargs)
+
+    def forward_backward(self, data):
+        summary = super().forward_backward(data)
+        self.divergence.observe(summary, self.epoch, self.batch_idx)
+        if (self.batch_idx + 1) % self._print_freq == 0:
+            self._stop_if_diverged()
+        return summary
+
+    def _stop_if_diverged(self) -> None:
+        found = self.divergence.first_bad()
+        if found is None:
+            return
+        epoch, batch, name, value = found
+        from reidkit.runs import resume_point
+        last = resume_point(self.save_dir) if self.save_dir is not None else None
+        lr = self.optimizer.param_groups[0]['lr'] if self.optimizer is not None else None
+        raise UserError(
+            f'Training diverged: the {name} became {value} at epoch {epoch + 1}, batch '
+            f'{batch + 1} of {self.num_batches}'
+            + (f' (learning rate {lr:g})' if lr is not None else '') + '. Nothing was saved '
+            f'after it, and no result is reported for a diverged model. '
+            + (f'The last good checkpoint is "{last}". ' if last else
+               'No checkpoint had been written yet. ')
+            + 'Start a new run with a lower LR (e.g. a tenth), or check the data and settings.'
+        )
 
     def train(self, *args, **kwargs):
+        self._print_freq = kwargs.get('print_freq', self._print_freq)
         super().train(*args, **kwargs)
+        self._stop_if_diverged()             # the epoch's last batches, before any checkpoint
         done = self.epoch + 1
         if self.save_dir is not None and self.latest_every > 0 and done % self.latest_every == 0 \
                 and done < self.max_epoch:
             # A rolling checkpoint to resume from after Ctrl-C or a crash.
             for name in self.get_model_names():
-                state = model_state(self, name, done, float('nan'), self.model_name)
-                save_checkpoint(state, self.save_dir / name / LATEST_NAME)
+                self._save(name, done, float('nan'), self.save_dir / name / LATEST_NAME)
 
     def save_model(self, epoch, rank1, save_dir, is_best=False):
         for name in self.get_model_names():
-            state = model_state(self, name, epoch + 1, rank1, self.model_name)
-            path = save_checkpoint(state, checkpoint_path(Path(save_dir), epoch + 1, name))
+            path = self._save(name, epoch + 1, rank1,
+                              checkpoint_path(Path(save_dir), epoch + 1, name))
             print(f'Checkpoint saved to "{path}"')
+
+    def _save(self, name: str, epoch: int, rank1: float, path: Path) -> Path:
+        """Writes a checkpoint, never one of a model whose weights are not finite."""
+        for key, value in unwrap(self._models[name]).state_dict().items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise UserError(
+                    f'Training diverged: the weights ({key}) are no longer finite after epoch '
+                    f'{epoch}, so no checkpoint was written. Start a new run with a lower LR.')
+        state = model_state(self, name, epoch, rank1, self.model_name)
+        state['settings'] = self.settings
+        return save_checkpoint(state, path)
 
     def test(self, *args, **kwargs):
         loaders = self.test_loader
         self.test_loader = {name: {split: WithProgress(loader, f'{name} {split} features')
                                    for split, loader in splits.items()}
                             for name, splits in loaders.items()}
+        self._evaluations = []
         try:
-            with evaluation.record_evaluations() as results:
+            with self.torchreid_extended():
                 rank1 = super().test(*args, **kwargs)
         finally:
             self.test_loader = loaders
-        for cmc, mAP in results:
+        for cmc, mAP in self._evaluations:
             self.results.append({'epoch': self.epoch + 1, 'cmc': cmc, 'mAP': mAP})
         return rank1
+
+
+class DivergenceWatch:
+    """The first batch whose loss was not finite. Losses that are still tensors on the device
+    are checked there (no host sync per batch); `first_bad()` reads the flag."""
+
+    def __init__(self):
+        self._found = None                 # (epoch, batch, name, value) from a float loss
+        self._flags: list = []             # (epoch, batch, name, device flag) for tensors
+
+    def observe(self, summary: dict, epoch: int, batch: int) -> None:
+        if self._found is not None:
+            return
+        for name, value in summary.items():
+            if 'loss' not in name:
+                continue
+            if isinstance(value, torch.Tensor):
+                self._flags.append((epoch, batch, name, (~torch.isfinite(value.detach())).any()))
+            elif not math.isfinite(value):
+                self._found = (epoch, batch, name, value)
+                return
+
+    def first_bad(self):
+        """(epoch, batch, loss name, value) of the first non-finite loss seen, or None."""
+        if self._found is None and self._flags:
+            flags = torch.stack([flag for *_, flag in self._flags]).cpu()   # one sync
+            bad = flags.nonzero()
+            if len(bad):
+                epoch, batch, name, _ = self._flags[int(bad[0])]
+                self._found = (epoch, batch, name, 'not finite')
+            self._flags = []
+        return self._found
+
+
+class ReadingWithReidkit(Dataset):
+    """A Torchreid image dataset whose images are read by `reidkit.checks.read_image` (an
+    unreadable file is an error naming it, where Torchreid's reader retries it forever).
+    Picklable, so loader workers started by spawn read the same way."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        path, pid, camid, dsetid = self.dataset.data[index]
+        image = read_image(path)
+        if self.dataset.transform is not None:
+            image = self.dataset._transform_image(self.dataset.transform, self.dataset.k_tfm,
+                                                  image)
+        return {'img': image, 'pid': pid, 'camid': camid, 'impath': path, 'dsetid': dsetid}
+
+
+def reading_with_reidkit(loader: DataLoader) -> DataLoader:
+    """The same loader (sampler, batch size, workers), over a `ReadingWithReidkit` dataset."""
+    if not hasattr(loader.dataset, 'data') or isinstance(loader.dataset, ReadingWithReidkit):
+        return loader                       # not a Torchreid image dataset: left as it is
+    return DataLoader(ReadingWithReidkit(loader.dataset), batch_size=loader.batch_size,
+                      sampler=loader.sampler, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, drop_last=loader.drop_last)
 
 
 class WithProgress:
@@ -73,9 +215,9 @@ class WithProgress:
         return iter(tqdm(self.loader, desc=self.description, unit='batch', leave=False))
 
 
-class SoftmaxEngine(RecordingMixin, ImageSoftmaxEngine):
+class SoftmaxEngine(ReidkitEngineMixin, ImageSoftmaxEngine):
     pass
 
 
-class TripletEngine(RecordingMixin, ImageTripletEngine):
+class TripletEngine(ReidkitEngineMixin, ImageTripletEngine):
     pass

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -9,7 +11,7 @@ from typing import Iterator, TextIO
 
 from reidkit.checkpoints import CHECKPOINT_PREFIX, checkpoint_epoch, load_checkpoint
 from reidkit.errors import UserError
-from reidkit.settings import Settings
+from reidkit.settings import Settings, with_checkpoint_settings
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
@@ -23,6 +25,29 @@ def new_run_dir(parent: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise UserError(f'EXPERIMENTS_DIR: could not create a new run folder in "{parent}".')
+
+
+def run_name(s: Settings) -> str:
+    """<model>-<loss>-<datasets>: the end of a training run's folder name."""
+    sources = s.SOURCES if isinstance(s.SOURCES, str) else '+'.join(s.SOURCES)
+    return f'{s.MODEL_NAME}-{s.LOSS}-{sources}'
+
+
+def run_to_continue(checkpoint: Path, experiments_dir: Path) -> Path | None:
+    """The run folder a RESUME checkpoint belongs to (<run>/<model>/<file> directly under
+    EXPERIMENTS_DIR), or None: then a new run folder is made, never one beside a checkpoint
+    the user keeps elsewhere."""
+    run = Path(checkpoint).resolve().parent.parent
+    return run if run.parent == Path(experiments_dir).resolve() else None
+
+
+def write_settings(run_dir: Path, s: Settings) -> Path:
+    """settings.json: the run's settings as it uses them, written atomically."""
+    path = Path(run_dir) / 'settings.json'
+    temporary = path.with_name('.settings.json.partial')
+    temporary.write_text(json.dumps(s.record(), indent=2) + '\n')
+    os.replace(temporary, path)
+    return path
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -52,13 +77,33 @@ def latest_run_checkpoint(experiments_dir: Path) -> Path:
     return newest[max(written, key=written.get)]
 
 
-def resolve_checkpoint(s: Settings, weights: Path | None = None, setting: str = 'WEIGHTS'
-                       ) -> tuple[Path, dict, Settings]:
+def recorded_settings(saved: dict) -> dict:
+    """The settings a checkpoint recorded; for older checkpoints (ours before settings were
+    stored, Torchreid's), what their fields tell: the architecture and the input size."""
+    if isinstance(saved.get('settings'), dict):
+        return saved['settings']
+    recorded = {}
+    if isinstance(saved.get('model_name'), str) and saved['model_name'] != 'unknown':
+        recorded['MODEL_NAME'] = saved['model_name']
+    if saved.get('input_size'):
+        recorded['HEIGHT'], recorded['WIDTH'] = (int(v) for v in saved['input_size'])
+    return recorded
+
+
+def resolve_checkpoint(s: Settings, weights: Path | None = None, setting: str = 'WEIGHTS',
+                       notes: list[str] | None = None) -> tuple[Path, dict, Settings]:
     """The checkpoint a command uses (`weights`, else the setting, else the newest run's), its
-    contents (loaded safely) and the settings to use it with."""
+    contents (loaded safely) and the settings to use it with: with setting='RESUME', the run's
+    own (see settings.with_checkpoint_settings); otherwise its model and input size.
+    Notes go to `notes` if given, else are printed."""
     from reidkit import checks
     path = Path(weights or s[setting] or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
     saved = load_checkpoint(path, setting)
+    s, found = with_checkpoint_settings(s, recorded_settings(saved),
+                                        'resume' if setting == 'RESUME' else 'evaluate',
+                                        f'{setting}: "{path}"')
+    for note in found:
+        notes.append(note) if notes is not None else print(f'Note: {note}.')
     checks.check_checkpoint_fits(saved, s, path)
     return path, saved, s
 

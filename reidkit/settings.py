@@ -3,11 +3,20 @@
 Overrides are `--KEY=VALUE`; VALUE is read as a Python literal (so --LR=1e-3, --PRETRAINED=False,
 --TRANSFORMS="['random_flip']") and falls back to a plain string (--MODEL_NAME=osnet_x1_0).
 Its type must match the default's; an unknown key is an error that suggests near matches.
+Path-valued settings keep the text as given (a folder may be called `2024` or `True`).
+
+Every setting belongs to one class, which says what a checkpoint does to it:
+- run settings define what is trained; a run stores them (settings.json, every checkpoint) and
+  resuming takes them from the checkpoint; a command-line flag that changes one is an error;
+- schedule settings may change when resuming (a longer run, other log intervals), noted in the log;
+- local settings belong to this machine and this command, never to a checkpoint.
 """
 from __future__ import annotations
 
 import ast
 import difflib
+import math
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Mapping
 
@@ -16,12 +25,33 @@ from reidkit.errors import UserError
 # config.py constants that are not settings themselves.
 NOT_SETTINGS = {'DEMO'}
 
+# The class of every setting (see above); a setting added to config.py must be added here.
+RUN_SETTINGS = ('SOURCES', 'TARGETS', 'HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'TRANSFORMS',
+                'MODEL_NAME', 'LOSS', 'PRETRAINED', 'LABEL_SMOOTH', 'OPTIM', 'LR',
+                'LR_SCHEDULER', 'STEPSIZE', 'SEED')
+SCHEDULE_SETTINGS = ('MAX_EPOCH', 'EVAL_FREQ', 'PRINT_FREQ', 'LATEST_EVERY')
+LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'DEVICE', 'AMP', 'CHANNELS_LAST',
+                  'COMPILE', 'RESUME', 'EXPERIMENTS_DIR', 'WEIGHTS', 'VISRANK_TOPK', 'QUERY',
+                  'GALLERY', 'SEARCH_TOPK')
+# Settings that name a file or folder: their text is kept as given.
+PATH_SETTINGS = ('DATA_ROOT', 'EXPERIMENTS_DIR', 'WEIGHTS', 'RESUME', 'QUERY', 'GALLERY')
+# Settings that take one dataset name or a list of them.
+DATASET_LISTS = ('SOURCES', 'TARGETS')
+
 
 class Settings(Mapping):
-    """A read-only set of named settings: `s.LR` or `s['LR']`; resolved once, never mutated."""
+    """A read-only set of named settings: `s.LR` or `s['LR']`; resolved once, never mutated.
 
-    def __init__(self, values: Mapping[str, Any]):
+    `given` names the settings set on the command line (or by `replace`), as opposed to taken
+    from config.py: only those may override what a checkpoint recorded."""
+
+    def __init__(self, values: Mapping[str, Any], given: Iterable[str] = ()):
+        for key, value in values.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f'{key}={value!r} is not a finite number. Fix it in config.py '
+                                f'or with --{key}=...')
         object.__setattr__(self, '_values', dict(values))
+        object.__setattr__(self, 'given', frozenset(given))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -46,7 +76,16 @@ class Settings(Mapping):
 
     def replace(self, **changes: Any) -> 'Settings':
         """A copy with `changes` applied, each checked like a command-line override."""
-        return Settings(apply_overrides(self._values, changes, source='replace()'))
+        return Settings(apply_overrides(self._values, changes, source='replace()'),
+                        self.given | set(changes))
+
+    def record(self) -> dict[str, Any]:
+        """The settings as a run stores them: plain values, DATA_ROOT as an absolute path (so
+        test, visrank and resume find the data from any working directory)."""
+        values = dict(self._values)
+        if values.get('DATA_ROOT'):
+            values['DATA_ROOT'] = str(Path(values['DATA_ROOT']).expanduser().resolve())
+        return values
 
 
 def defaults_from(config: ModuleType) -> dict[str, Any]:
@@ -55,17 +94,22 @@ def defaults_from(config: ModuleType) -> dict[str, Any]:
             if name.isupper() and not name.startswith('_') and name not in NOT_SETTINGS}
 
 
-def parse_value(text: str) -> Any:
-    """A Python literal if VALUE is one, else the text itself (so names need no quotes)."""
+def parse_value(text: str, path: bool = False) -> Any:
+    """A Python literal if VALUE is one, else the text itself (so names need no quotes).
+    For a path setting, only a quoted string is read as a literal: `2024` stays a folder name."""
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+    return text if path and not isinstance(value, str) else value
 
 
 def _typed(key: str, value: Any, default: Any, source: str) -> Any:
     """`value` converted to the default's type, or a UserError saying what was expected."""
     expected = type(default)
+    if key in DATASET_LISTS and isinstance(value, (list, tuple)) and value and \
+            all(isinstance(name, str) for name in value):
+        return list(value)      # several datasets: Torchreid takes a list
     if expected is float and type(value) is int:
         return float(value)
     if expected is list and isinstance(value, tuple):
@@ -109,5 +153,59 @@ def parse_override_args(args: Iterable[str]) -> dict[str, Any]:
                 f'command line: {arg!r} is not an override. Write --KEY=VALUE, '
                 f'e.g. --MAX_EPOCH=10 (no spaces around "=").'
             )
-        overrides[key] = parse_value(text)
+        overrides[key] = parse_value(text, path=key in PATH_SETTINGS)
     return overrides
+
+
+# What test, visrank and search take from a checkpoint unless given on the command line:
+# the model it holds and the input size its features were learnt at.
+EVALUATION_SETTINGS = ('MODEL_NAME', 'LOSS', 'HEIGHT', 'WIDTH')
+
+
+def with_checkpoint_settings(current: Settings, stored: Mapping[str, Any], purpose: str,
+                             source: str) -> tuple[Settings, list[str]]:
+    """The settings to use with a checkpoint that recorded `stored`, and notes for the log.
+
+    purpose 'resume': run and schedule settings come from the checkpoint; a command-line flag
+    that changes a run setting is an error (`source` names the checkpoint), one that changes a
+    schedule setting applies and is noted. purpose 'evaluate': EVALUATION_SETTINGS come from
+    the checkpoint unless given. Either way DATA_ROOT is the recorded one unless given (or
+    missing here). Keys the checkpoint does not hold keep their current value.
+    """
+    stored = {key: value for key, value in stored.items() if key in current}
+    taken = RUN_SETTINGS + SCHEDULE_SETTINGS if purpose == 'resume' else EVALUATION_SETTINGS
+    changed = [key for key in RUN_SETTINGS if purpose == 'resume' and key in stored
+               and key in current.given and current[key] != stored[key]]
+    if changed:
+        raise UserError(
+            f'{source} was trained with ' + ', '.join(f'{key}={stored[key]!r}' for key in changed)
+            + ', but the command line gives ' + ', '.join(f'--{key}={current[key]!r}'
+                                                           for key in changed)
+            + '. Settings that define a run (model, loss, input size, transforms, optimiser, '
+            'learning rate and schedule, batch size, seed, datasets) cannot change when '
+            'resuming: drop those flags to continue the run as it was, or start a new run '
+            'without --RESUME.'
+        )
+    values, notes = dict(current), []
+    for key in taken:
+        if key not in stored:
+            continue
+        if key in current.given:
+            if key in SCHEDULE_SETTINGS and current[key] != stored[key]:
+                notes.append(f'{key}={current[key]!r} from the command line (the run had '
+                             f'{stored[key]!r})')
+            continue
+        values[key] = stored[key]
+    recorded_data = stored.get('DATA_ROOT')
+    if recorded_data and 'DATA_ROOT' not in current.given:
+        if Path(recorded_data).is_dir():
+            values['DATA_ROOT'] = recorded_data
+        elif Path(recorded_data) != Path(current.DATA_ROOT).resolve():
+            notes.append(f'the data recorded with the checkpoint, "{recorded_data}", is not '
+                         f'here; using DATA_ROOT={current.DATA_ROOT!r}')
+    if purpose == 'resume':
+        notes.insert(0, 'run settings come from the checkpoint; only command-line flags '
+                        'change its schedule (edits to config.py are not read for them)')
+    typed = apply_overrides(current, {k: v for k, v in values.items() if v != current[k]},
+                            source=source)
+    return Settings(typed, current.given), notes
