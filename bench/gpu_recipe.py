@@ -8,8 +8,8 @@ Steps timed for both paths: one training epoch (the first, which includes any co
 a second), one evaluation (engine.test) and visrank of every query; then the projected whole
 recipe (60 epochs, evaluations at 10/20/30/40/50/60, test, visrank). Then "same results":
 both paths train a few epochs from the same seed and their Rank-1 and mAP are printed.
-Torchreid's path uses its own evaluator and rank-image writer (restored here, since importing
-main.py installs ours); ours is main.py's get_items() + build_engine() (fast path on 'auto').
+Torchreid's path uses its own evaluator and rank-image writer (ours are used only inside our
+engine); ours is main.py's get_items() + build_engine() (fast path on 'auto').
 On a machine without CUDA the figures only show that the script works: they need a GPU.
 """
 from __future__ import annotations
@@ -29,26 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import reidkit  # noqa: E402,F401
 import torchreid  # noqa: E402
-import torchreid.reid.engine.engine as torchreid_engine  # noqa: E402
-import torchreid.reid.metrics as torchreid_metrics  # noqa: E402
 
-TORCHREID_EVALUATE = torchreid_metrics.evaluate_rank
-TORCHREID_VISRANK = torchreid_engine.visualize_ranked_results
-
-import main  # noqa: E402  (installs reidkit's evaluator and rank writer)
+import main  # noqa: E402
 from reidkit.demo_data import make_demo_dataset  # noqa: E402
-
-OURS = (torchreid_metrics.evaluate_rank, torchreid_engine.visualize_ranked_results)
-
-
-@contextlib.contextmanager
-def torchreids_own_code():
-    torchreid_metrics.evaluate_rank = TORCHREID_EVALUATE
-    torchreid_engine.visualize_ranked_results = TORCHREID_VISRANK
-    try:
-        yield
-    finally:
-        torchreid_metrics.evaluate_rank, torchreid_engine.visualize_ranked_results = OURS
 
 
 def build(s, ours: bool):
@@ -121,8 +104,7 @@ def main_bench() -> None:
     if not gpu:
         overrides.update(HEIGHT=64, WIDTH=32, WORKERS=0)
     s = main.load_settings(overrides)
-    with torchreids_own_code():
-        theirs = measure(s, ours=False, out_dir=root / 'theirs')
+    theirs = measure(s, ours=False, out_dir=root / 'theirs')
     ours = measure(s, ours=True, out_dir=root / 'ours')
     print('| step | Torchreid as the tutorial | ours | speed-up |\n|---|---|---|---|')
     for step in theirs:
@@ -130,8 +112,7 @@ def main_bench() -> None:
         label = 'x' if 'memory' not in step else 'x of theirs'
         print(f'| {step} | {theirs[step]:.2f} | {ours[step]:.2f} | {ratio:.2f}{label} |')
     epochs = 5 if gpu else 2
-    with torchreids_own_code():
-        base = accuracy_after(s, False, epochs)
+    base = accuracy_after(s, False, epochs)
     fast = accuracy_after(s, True, epochs)
     print(f'same results after {epochs} epochs from seed {s.SEED}: Torchreid Rank-1 '
           f'{base[0]:.1f}% mAP {base[1]:.1f}%; ours Rank-1 {fast[0]:.1f}% mAP {fast[1]:.1f}%')

@@ -2,6 +2,6 @@
 import warnings
 
 # torchreid==0.2.5 from PyPI ships no compiled evaluator and warns about it on import.
-# main.py installs our own exact evaluator (reidkit.evaluation.install), so the warning
+# Our engine evaluates with our own exact evaluator (reidkit.evaluation), so the warning
 # would only mislead.
 warnings.filterwarnings('ignore', message='Cython evaluation')

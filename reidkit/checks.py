@@ -1,16 +1,19 @@
 """Checks that run before any heavy work, each failing with one paragraph that says what to do.
 
-Also `install_image_reader()`: Torchreid's `read_image` retries an unreadable file forever
-("Will redo. Don't worry. Just chill."); ours fails at once, naming the file.
+Also `read_image`, which our engine's datasets use: Torchreid's retries an unreadable file
+forever ("Will redo. Don't worry. Just chill."); ours fails at once, naming the file.
 """
 from __future__ import annotations
 
 import re
 import socket
+import stat
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -75,13 +78,21 @@ def check_names(s: Settings) -> None:
 def check_numbers(s: Settings, training: bool) -> None:
     """Sizes, rates and counts that make sense."""
     positive = ['HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'BATCH_SIZE_TEST', 'LR', 'STEPSIZE',
-                'PRINT_FREQ', 'VISRANK_TOPK'] + (['MAX_EPOCH'] if training else [])
+                'PRINT_FREQ', 'VISRANK_TOPK', 'SEARCH_TOPK'] + (['MAX_EPOCH'] if training else [])
     for key in positive:
         if not s[key] > 0:
             raise UserError(f'{key}={s[key]!r} must be greater than 0. Fix it in config.py '
                             f'or with --{key}=...')
     if s.WORKERS < 0:
         raise UserError(f'WORKERS={s.WORKERS} must be 0 (load in the main process) or more.')
+    from reidkit.visrank import MAX_STRIP_MATCHES
+    for key in ('VISRANK_TOPK', 'SEARCH_TOPK'):
+        if s[key] > MAX_STRIP_MATCHES:
+            raise UserError(f'{key}={s[key]} is more matches than one strip image can hold '
+                            f'({MAX_STRIP_MATCHES}: JPEG images are at most 65,500 pixels wide). '
+                            f'Use --{key}={MAX_STRIP_MATCHES} or fewer'
+                            + ('; results.csv lists every gallery image anyway.'
+                               if key == 'SEARCH_TOPK' else '.'))
     if training and s.BATCH_SIZE_TRAIN < 2:
         raise UserError(f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN}: training needs at least 2 '
                         f'images per batch (BatchNorm cannot normalise a batch of one). '
@@ -157,12 +168,19 @@ def check_market_layout(folder: Path) -> dict[str, int]:
 
 
 def image_problem(path: Path) -> str | None:
-    """Why an image file cannot be used ('empty', 'not an image', 'truncated'), or None.
+    """Why an image file cannot be used ('empty', 'not an image', 'truncated', 'not a regular
+    file'), or None.
 
     Reads only its first and last bytes: fast enough for 30k files before every run. A JPEG
     cut short loses its end-of-image marker (FF D9).
     """
     try:
+        # Stat before opening: open() on a FIFO blocks until a writer comes, i.e. forever.
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            return 'a folder, not an image file'
+        if not stat.S_ISREG(mode):
+            return 'not a regular file (a FIFO, socket or device)'
         with open(path, 'rb') as handle:
             head = handle.read(8)
             if not head:
@@ -178,20 +196,48 @@ def image_problem(path: Path) -> str | None:
     return 'not a JPEG, PNG or BMP image'
 
 
+# Pillow's modes for 16-bit (and 32-bit integer) grey images; convert('RGB') clips their values
+# at 255, so all but the darkest pixels come out white. Pillow reads 16-bit colour PNGs as
+# 8-bit RGB/RGBA itself (keeping the high byte), so they need nothing.
+WIDE_GREY_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
 def read_image(path: str) -> Image.Image:
-    """Torchreid's read_image, minus the endless retry: an unreadable file is an error."""
+    """Torchreid's read_image, minus the endless retry: an unreadable file is an error.
+    16-bit grey images are scaled to 8 bits (the high byte, as Pillow does for 16-bit colour)."""
     try:
         with Image.open(path) as image:
+            if image.mode in WIDE_GREY_MODES:
+                high_byte = np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255)
+                return Image.fromarray(high_byte.astype(np.uint8)).convert('RGB')
             return image.convert('RGB')
     except Exception as error:      # PIL raises many types for broken files
         raise UserError(f'"{path}" cannot be read as an image ({error}). Delete or replace it '
                         f'and run again.') from None
 
 
-def install_image_reader() -> None:
-    """Makes Torchreid's datasets read images with `read_image` above."""
-    import torchreid.reid.data.datasets.dataset as torchreid_dataset
-    torchreid_dataset.read_image = read_image
+def check_output_folder(path: Path, setting: str = 'EXPERIMENTS_DIR') -> None:
+    """`path` is a folder we can write in, creating it if needed: found out before training,
+    not when the first checkpoint is saved."""
+    path = Path(path).expanduser()
+    fix = f'Set {setting} (config.py or --{setting}=...) to a folder you can write in'
+    if path.exists() and not path.is_dir():
+        raise UserError(f'{setting}: "{path}" is a file, not a folder. {fix}, or move the file '
+                        f'away.')
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f'"{blocking}" is a file' if blocking else error.strerror
+        raise UserError(f'{setting}: cannot create the folder "{path}" ({reason}). {fix}.') \
+            from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix='.write-test-') as probe:
+            probe.write(b'reidkit')
+            probe.flush()
+    except OSError as error:
+        raise UserError(f'{setting}: cannot write in "{path}" ({error.strerror}). Check its '
+                        f'permissions and free space, or {fix[0].lower()}{fix[1:]}.') from None
 
 
 def pretrained_file(model_name: str) -> tuple[str, Path] | None:
@@ -253,6 +299,22 @@ def check_training_batches(s: Settings, datamanager) -> None:
             f'{yielded} (e.g. --BATCH_SIZE_TRAIN={max(2, min(32, yielded))}), or more data.')
 
 
+def check_triplet_identities(s: Settings) -> None:
+    """The identity sampler fills a batch with BATCH_SIZE_TRAIN / 4 different people; with fewer
+    training identities Torchreid fails on a bare assertion while building the loader."""
+    data_dir = dataset_dir(Path(s.DATA_ROOT).expanduser(), 'market1501') / 'Market-1501-v15.09.15'
+    train_dir = data_dir if data_dir.is_dir() else data_dir.parent
+    ids = {match.group(1) for match in (MARKET_NAME.search(p.name)
+                                        for p in (train_dir / 'bounding_box_train').glob('*.jpg'))
+           if match and match.group(1) != '-1'}
+    needed = s.BATCH_SIZE_TRAIN // TRIPLET_INSTANCES
+    if len(ids) < needed:
+        raise UserError(
+            f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN} with LOSS=\'triplet\' needs {needed} '
+            f'different people per batch ({TRIPLET_INSTANCES} images each), but the training set '
+            f'has {len(ids)}. Use a batch of at most {len(ids) * TRIPLET_INSTANCES}.')
+
+
 def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> None:
     """All checks, cheapest first; prints what was checked and how long it took.
     `pretrained`: whether training will load ImageNet weights (not when resuming)."""
@@ -266,6 +328,9 @@ def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> No
             f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN} is larger than the {train_images} training '
             f'images, so training would take zero steps. Use a batch of at most {train_images} '
             f'(e.g. --BATCH_SIZE_TRAIN={max(2, min(32, train_images))}), or more data.')
+    if training and s.LOSS == 'triplet' and train_images is not None:
+        check_triplet_identities(s)
+    check_output_folder(Path(s.EXPERIMENTS_DIR))
     if training and pretrained:
         check_pretrained(s)
     if checked:

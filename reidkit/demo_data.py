@@ -9,6 +9,8 @@ always give the same files.
 from __future__ import annotations
 
 import colorsys
+import contextlib
+import fcntl
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,9 @@ SPLIT_DIRS = ('bounding_box_train', 'query', 'bounding_box_test')
 # last is complete (an interrupted generation is redone).
 STARTED_MARKER = '.demo-started'
 DONE_MARKER = '.demo-complete'
+# Beside the data folder (in DATA_ROOT/market1501/): held while generating, so that two demo
+# runs started at once do not write the same folder together. Never deleted (that would race).
+LOCK_FILE = '.demo.lock'
 
 GENERATOR_VERSION = 3        # bump when drawing changes, so old demo folders are regenerated
 PATTERNS = ('solid', 'horizontal_stripes', 'vertical_stripes', 'checks')
@@ -228,6 +233,34 @@ def market_data_dir(root: Path) -> Path:
     return Path(root) / MARKET_SUBDIR
 
 
+def _make_data_root(root: Path) -> None:
+    """Creates DATA_ROOT/market1501/ for the demo, or says in one paragraph why it cannot."""
+    root = Path(root)
+    try:
+        market_data_dir(root).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()),
+                        None)
+        reason = f'"{blocking}" is a file, not a folder' if blocking else error.strerror
+        raise UserError(
+            f'DATA_ROOT: cannot make the demo dataset in "{root}": {reason}. Point --DATA_ROOT '
+            f'at a folder you can write in (config.DEMO uses "demo-data").'
+        ) from None
+
+
+@contextlib.contextmanager
+def _generation_lock(folder: Path):
+    """Holds an exclusive lock on `folder`/LOCK_FILE; says so when it has to wait for it."""
+    with open(folder / LOCK_FILE, 'a') as handle:        # 'a': create, never truncate
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f'Waiting for another run to finish generating the demo dataset in '
+                  f'"{folder}" ...', flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield                                             # closing the file releases the lock
+
+
 def make_demo_dataset(root: Path, num_train_ids: int = 100, num_test_ids: int = 60,
                       seed: int = 0, num_junk: int = 30, num_distractors: int = 30,
                       images_per_camera: tuple[int, int] = (2, 4)) -> DemoSummary:
@@ -237,61 +270,67 @@ def make_demo_dataset(root: Path, num_train_ids: int = 100, num_test_ids: int = 
     least two cameras and has one query image per camera; the gallery also holds junk
     detections (pid -1, ignored by the loader) and distractors (pid 0000).
     If `root` already holds a complete dataset made with the same arguments it is kept.
+    Runs started at once on one `root` take turns: the later ones find it complete.
     """
     if num_train_ids < 1 or num_test_ids < 1:
         raise ValueError('make_demo_dataset needs at least one train and one test identity')
     data_dir = market_data_dir(root)
-    signature = (f'version={GENERATOR_VERSION} train={num_train_ids} test={num_test_ids} seed={seed} junk={num_junk} '
-                 f'distractors={num_distractors} per_camera={images_per_camera}')
-    marker = data_dir / DONE_MARKER
-    if marker.is_file() and marker.read_text() == signature:
-        return summarise_market_dir(data_dir)
-    if data_dir.exists() and any(data_dir.iterdir()):
-        if not (data_dir / STARTED_MARKER).is_file():
-            raise UserError(
-                f'DATA_ROOT: "{data_dir}" already holds data that the demo did not generate, '
-                f'so --demo will not overwrite it. Point --DATA_ROOT at another folder for the '
-                f'demo (config.DEMO uses "demo-data"), or move that data away first.'
-            )
-        shutil.rmtree(data_dir)
-    for split in SPLIT_DIRS:
-        (data_dir / split).mkdir(parents=True)
-    (data_dir / STARTED_MARKER).write_text(signature)
+    signature = (f'version={GENERATOR_VERSION} train={num_train_ids} test={num_test_ids} '
+                 f'seed={seed} junk={num_junk} distractors={num_distractors} '
+                 f'per_camera={images_per_camera}')
+    _make_data_root(root)
+    with _generation_lock(data_dir.parent):    # a second run waits here, then finds it done
+        marker = data_dir / DONE_MARKER
+        if marker.is_file() and marker.read_text() == signature:
+            return summarise_market_dir(data_dir)
+        if data_dir.exists() and any(data_dir.iterdir()):
+            if not (data_dir / STARTED_MARKER).is_file():
+                raise UserError(
+                    f'DATA_ROOT: "{data_dir}" already holds data that the demo did not '
+                    f'generate, so --demo will not overwrite it. Point --DATA_ROOT at another '
+                    f'folder for the demo (config.DEMO uses "demo-data"), or move that data '
+                    f'away first.'
+                )
+            shutil.rmtree(data_dir)
+        for split in SPLIT_DIRS:
+            (data_dir / split).mkdir(parents=True)
+        (data_dir / STARTED_MARKER).write_text(signature)
 
-    rng = np.random.default_rng(seed)
-    cameras = [_make_camera(rng) for _ in range(NUM_CAMERAS)]
-    pids = rng.permutation(np.arange(1, 1502))[:num_train_ids + num_test_ids]
-    frame = 0
+        rng = np.random.default_rng(seed)
+        cameras = [_make_camera(rng) for _ in range(NUM_CAMERAS)]
+        pids = rng.permutation(np.arange(1, 1502))[:num_train_ids + num_test_ids]
+        frame = 0
 
-    def save(image: Image.Image, split: str, pid: int, cam: int, det: int) -> None:
-        nonlocal frame
-        frame += 25
-        name = f'{pid:04d}_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg' if pid >= 0 else \
-            f'-1_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg'
-        image.save(data_dir / split / name, quality=90)
+        def save(image: Image.Image, split: str, pid: int, cam: int, det: int) -> None:
+            nonlocal frame
+            frame += 25
+            name = f'{pid:04d}_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg' if pid >= 0 else \
+                f'-1_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg'
+            image.save(data_dir / split / name, quality=90)
 
-    for index, pid in enumerate(pids):
-        person = _make_person(rng)
-        is_train = index < num_train_ids
-        seen_by = rng.choice(NUM_CAMERAS, size=rng.integers(2, 5), replace=False)
-        for cam in sorted(seen_by):
-            # a test identity needs a query and a gallery image per camera
-            fewest = images_per_camera[0] if is_train else max(images_per_camera[0], 2)
-            for det in range(1, int(rng.integers(fewest, images_per_camera[1] + 1)) + 1):
-                image = _render(person, cameras[cam], rng)
-                if is_train:
-                    save(image, 'bounding_box_train', pid, cam, det)
-                else:
-                    save(image, 'query' if det == 1 else 'bounding_box_test', pid, cam, det)
-    for _ in range(num_junk):
-        cam = int(rng.integers(NUM_CAMERAS))
-        save(_render(_make_person(rng), cameras[cam], rng, partial=True),
-             'bounding_box_test', -1, cam, 1)
-    for _ in range(num_distractors):
-        cam = int(rng.integers(NUM_CAMERAS))
-        save(_render(None, cameras[cam], rng), 'bounding_box_test', 0, cam, 1)
+        for index, pid in enumerate(pids):
+            person = _make_person(rng)
+            is_train = index < num_train_ids
+            seen_by = rng.choice(NUM_CAMERAS, size=rng.integers(2, 5), replace=False)
+            for cam in sorted(seen_by):
+                # a test identity needs a query and a gallery image per camera
+                fewest = images_per_camera[0] if is_train else max(images_per_camera[0], 2)
+                for det in range(1, int(rng.integers(fewest, images_per_camera[1] + 1)) + 1):
+                    image = _render(person, cameras[cam], rng)
+                    if is_train:
+                        save(image, 'bounding_box_train', pid, cam, det)
+                    else:
+                        split = 'query' if det == 1 else 'bounding_box_test'
+                        save(image, split, pid, cam, det)
+        for _ in range(num_junk):
+            cam = int(rng.integers(NUM_CAMERAS))
+            save(_render(_make_person(rng), cameras[cam], rng, partial=True),
+                 'bounding_box_test', -1, cam, 1)
+        for _ in range(num_distractors):
+            cam = int(rng.integers(NUM_CAMERAS))
+            save(_render(None, cameras[cam], rng), 'bounding_box_test', 0, cam, 1)
 
-    marker.write_text(signature)
+        marker.write_text(signature)
     return summarise_market_dir(data_dir)
 
 

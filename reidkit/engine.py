@@ -91,7 +91,7 @@ class ReidkitEngineMixin:
             f'Training diverged: the {name} became {value} at epoch {epoch + 1}, batch '
             f'{batch + 1} of {self.num_batches}'
             + (f' (learning rate {lr:g})' if lr is not None else '') + '. Nothing was saved '
-            f'after it, and no result is reported for a diverged model. '
+            'after it, and no result is reported for a diverged model. '
             + (f'The last good checkpoint is "{last}". ' if last else
                'No checkpoint had been written yet. ')
             + 'Start a new run with a lower LR (e.g. a tenth), or check the data and settings.'

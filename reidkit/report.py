@@ -5,13 +5,51 @@ import html
 import json
 import os
 import platform
+import re
+import urllib.parse
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
 
 CMC_RANKS = (1, 5, 10, 20)
+MAX_NAME_BYTES = 200            # file systems allow 255; room for -2 and a suffix
+
+
+def unique_names(relative_paths: Iterable[str | Path], suffix: str = '',
+                 reserved: Iterable[str] = ()) -> list[str]:
+    """One distinct, safe file name per path, for outputs named after input files.
+
+    Folders are joined with '_', control characters become '_' and a leading '.' gets a '_'
+    before it, so a name is one path component that cannot be '.', '..' or hidden. The
+    extension stays (person.jpg and person.png differ); `suffix` (e.g. '.jpg') is added where
+    the name lacks it. Repeats, also in another letter case (macOS and Windows ignore case),
+    get -2, -3 ... before the extension, as do `reserved` names (one's own files there)."""
+    names, taken = [], {name.casefold() for name in reserved}
+    for path in relative_paths:
+        name = re.sub(r'[\x00-\x1f\x7f/\\]', '_', '_'.join(Path(path).parts))
+        if name.startswith('.') or not name:
+            name = '_' + name
+        if suffix and not name.lower().endswith(suffix.lower()):
+            name += suffix
+        stem, ext = os.path.splitext(name)
+        stem = stem.encode()[:MAX_NAME_BYTES].decode(errors='ignore')
+        name, count = stem + ext, 1
+        while name.casefold() in taken:
+            count += 1
+            name = f'{stem}-{count}{ext}'
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def link(file: str | Path, page_dir: str | Path) -> str:
+    """The URL of `file` relative to a page in `page_dir`: '#', '%', '?', spaces and quotes in
+    names are %-encoded so the browser asks for the file itself. HTML-escape it where it goes
+    into an attribute."""
+    relative = os.path.relpath(Path(file).resolve(), Path(page_dir).resolve())
+    return urllib.parse.quote(Path(relative).as_posix())
 
 
 def summarise(cmc, mAP: float) -> dict:
@@ -124,15 +162,13 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
     referenced by relative path and loaded lazily, 50 queries a page."""
     path = Path(path)
     here = path.parent
-
-    def relative(file: str) -> str:
-        return Path(os.path.relpath(Path(file).resolve(), here.resolve())).as_posix()
-
-    for row in rows:
-        row['path'] = relative(row['path'])
+    for row in rows:            # file names become links; the query's name is shown as is
+        row['name'] = Path(row['path']).name
+        row['path'] = link(row['path'], here)
+        row['strip'] = link(here / row['strip'], here)
         for match in row['matches']:
-            match[0] = relative(match[0])
-    plots = [relative(p) for p in [here / 'cmc.png'] +
+            match[0] = link(match[0], here)
+    plots = [link(p, here) for p in [here / 'cmc.png'] +
              [parent / 'training_curves.png' for parent in list(here.parents)[:3]]
              if Path(p).is_file()]
     failures = sum(1 for row in rows if row['first'] != 0)
@@ -141,13 +177,15 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
                           for r in CMC_RANKS if f'rank{r}' in summary] +
                          [f'{len(rows)} queries', f'{num_gallery} gallery images',
                           f'{failures} rank-1 failures'])
-    data = json.dumps(rows, separators=(',', ':')).replace('</', '<\\/')
-    page = (GALLERY_TEMPLATE
-            .replace('{{title}}', html.escape(f'Rankings: {here.name}'))
-            .replace('{{metrics}}', metrics)
-            .replace('{{plots}}', ''.join(f'<img class="plot" src="{html.escape(p)}">'
-                                          for p in plots))
-            .replace('{{data}}', data))
+    # Inside <script> the HTML parser reacts to '</script>' and '<!--' whatever the type: no
+    # raw '<' (nor '>', '&') may appear; JSON.parse reads \u003c etc. back as the characters.
+    data = (json.dumps(rows, separators=(',', ':')).replace('<', '\\u003c')
+            .replace('>', '\\u003e').replace('&', '\\u0026'))
+    values = {'title': html.escape(f'Rankings: {here.name}'), 'metrics': metrics,
+              'plots': ''.join(f'<img class="plot" src="{html.escape(p)}">' for p in plots),
+              'data': data}
+    # One pass, so a '{{...}}' inside a value is never replaced in turn.
+    page = re.sub(r'\{\{(\w+)\}\}', lambda m: values[m.group(1)], GALLERY_TEMPLATE)
     path.write_text(page, encoding='utf-8')
     return path
 
@@ -194,11 +232,11 @@ function ordered() {
   }
   return rows;
 }
-function tile(cls, src, lines) {
+function tile(cls, src, lines, title) {
   const d = document.createElement('div');
   d.className = 'tile ' + cls;
   const img = document.createElement('img');
-  img.loading = 'lazy'; img.src = src; img.alt = lines[0];
+  img.loading = 'lazy'; img.src = src; img.alt = lines[0]; img.title = title || '';
   img.addEventListener('load', () => { loaded++; document.body.dataset.loaded = loaded; });
   d.appendChild(img);
   d.insertAdjacentHTML('beforeend', lines.join('<br>'));
@@ -216,10 +254,13 @@ function render() {
     head.className = 'head';
     head.innerHTML = `<b>query ${r.index + 1}</b><br>person ${r.pid}, camera ${r.cam + 1}<br>` +
       (r.ap === null ? 'no true match in gallery' :
-       `AP ${(r.ap * 100).toFixed(1)}%<br>first match: rank ${r.first + 1}`) +
-      `<br><a href="${encodeURI(r.strip)}">strip</a>`;
+       `AP ${(r.ap * 100).toFixed(1)}%<br>first match: rank ${r.first + 1}`) + '<br>';
+    const strip = document.createElement('a');
+    strip.href = r.strip;           // links arrive %-encoded: used as they are
+    strip.textContent = 'strip';
+    head.appendChild(strip);
     row.appendChild(head);
-    row.appendChild(tile('query', r.path, ['query', `id ${r.pid} c${r.cam + 1}`]));
+    row.appendChild(tile('query', r.path, ['query', `id ${r.pid} c${r.cam + 1}`], r.name));
     r.matches.forEach((m, k) => row.appendChild(tile(m[2] === r.pid ? 'ok' : 'bad', m[0],
       [`#${k + 1} d=${m[1].toPrecision(3)}`, `id ${m[2]} c${m[3] + 1}`])));
     box.appendChild(row);

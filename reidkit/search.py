@@ -5,6 +5,7 @@ Gallery features are extracted in batches, streamed to a file on disk and cached
 checkpoint and the gallery's file list (path, size, mtime): a second query against the same
 gallery does not extract again. Ranking reads the features in chunks, so a gallery of 100,000
 images never needs all features, images or distances of every query in memory at once.
+Searches running at once on one gallery share the cache: one extracts, the others wait for it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import cv2
+try:
+    import fcntl
+except ImportError:         # Windows: no lock; searches on one gallery should not overlap
+    fcntl = None
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -30,11 +35,14 @@ from tqdm import tqdm
 from reidkit.checks import read_image
 from reidkit.checkpoints import load_weights
 from reidkit.errors import UserError
+from reidkit.report import link, unique_names
 from reidkit.settings import Settings
-from reidkit.evaluation import squared_euclidean
+from reidkit.evaluation import check_finite, squared_euclidean
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 RANK_CHUNK = 50_000            # gallery rows read from disk at a time when ranking
+INCOMPLETE = 'INCOMPLETE.txt'  # in a search's folder until every query's results are written
+SKIPPED_QUERIES = 'skipped_queries.txt'
 
 
 @dataclass
@@ -94,20 +102,73 @@ def _cache_key(checkpoint: Path, image_paths: list[Path], model_key: str) -> str
 
 def gallery_features(model, transform, folder: Path, checkpoint: Path, model_key: str,
                      cache_dir: Path, batch_size: int, device: torch.device) -> Gallery:
-    """Features of every readable image under `folder`, from the cache when it is current."""
-    image_paths = list_images(folder)
+    """Features of every readable image under `folder`, from the cache when it is current.
+    Paths are absolute, so the cache serves searches started from any working directory."""
+    image_paths = list_images(Path(folder).resolve())
     if not image_paths:
         raise UserError(f'GALLERY: no images (.jpg, .jpeg, .png, .bmp) under "{folder}". '
                         f'Point --GALLERY at the folder holding your person crops.')
     key = _cache_key(Path(checkpoint), image_paths, model_key)
     index_file, feature_file = cache_dir / f'{key}.json', cache_dir / f'{key}.npy'
-    if index_file.is_file() and feature_file.is_file():
-        index = json.loads(index_file.read_text())
-        return Gallery(index['paths'], [tuple(s) for s in index['skipped']],
-                       np.load(feature_file, mmap_mode='r'), cached=True)
-
+    found = _cached_gallery(index_file, feature_file, image_paths)
+    if isinstance(found, Gallery):
+        return found
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = feature_file.with_name(f'.{key}.partial.npy')
+    with _exclusive(cache_dir / f'{key}.lock', 'Waiting for another search that is extracting '
+                    f'the features of this gallery (lock: {cache_dir / key}.lock) ...'):
+        found = _cached_gallery(index_file, feature_file, image_paths)   # built while we waited?
+        if isinstance(found, Gallery):
+            return found
+        if found:
+            print(f'Note: the feature cache "{index_file}" cannot be used ({found}); '
+                  f'extracting the features again.')
+        for leftover in cache_dir.glob(f'.{key}.*'):   # from a search that was killed
+            leftover.unlink(missing_ok=True)
+        return _extract_to_cache(model, transform, folder, image_paths, index_file,
+                                 feature_file, batch_size, device)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
+    """Holds an exclusive lock on `lock_file` for the block, saying so if it has to wait."""
+    with open(lock_file, 'a') as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(waiting, flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield                   # closing the file releases the lock
+
+
+def _cached_gallery(index_file: Path, feature_file: Path,
+                    image_paths: list[Path]) -> Gallery | str:
+    """The cached gallery, or why it cannot be used ('' when there is no cache)."""
+    if not index_file.exists() and not feature_file.exists():
+        return ''
+    try:
+        index = json.loads(index_file.read_text(encoding='utf-8'))
+        paths, skipped = list(index['paths']), [tuple(s) for s in index['skipped']]
+        # Caches written before paths were absolute, or edited by hand, list other files.
+        same_files = (sorted(paths + [path for path, _ in skipped]) ==
+                      sorted(str(path) for path in image_paths))
+        features = np.load(feature_file, mmap_mode='r')
+        rows = len(features) if features.ndim == 2 else -1
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f'{type(error).__name__}: {error}'
+    if rows != len(paths):
+        return f'{rows} feature rows for {len(paths)} images'
+    if not same_files:
+        return 'its file list is not the gallery\'s'
+    return Gallery(paths, skipped, features, cached=True)
+
+
+def _extract_to_cache(model, transform, folder: Path, image_paths: list[Path], index_file: Path,
+                      feature_file: Path, batch_size: int, device: torch.device) -> Gallery:
+    """Extracts features into a temporary file, then publishes it: the .npy first, then the
+    .json that makes it a cache, each renamed into place whole."""
+    temporary = f'.{index_file.stem}.{os.getpid()}'     # per process, even without the lock
+    partial = feature_file.with_name(f'{temporary}.partial.npy')
     paths, skipped, features, written = [], [], None, 0
     for good, batch_features, bad in extract_batches(model, transform, image_paths, batch_size,
                                                      device, 'Gallery features'):
@@ -125,11 +186,14 @@ def gallery_features(model, transform, folder: Path, checkpoint: Path, model_key
                         f'be read (first: {skipped[0][0]}: {skipped[0][1]}).')
     features.flush()
     del features
-    if written == len(image_paths):
-        partial.replace(feature_file)
-    else:
-        _keep_rows(partial, feature_file, written)
-    index_file.write_text(json.dumps({'paths': paths, 'skipped': skipped}))
+    if written < len(image_paths):
+        trimmed = feature_file.with_name(f'{temporary}.trimmed.npy')
+        _keep_rows(partial, trimmed, written)
+        partial = trimmed
+    os.replace(partial, feature_file)
+    index = index_file.with_name(f'{temporary}.json')
+    index.write_text(json.dumps({'paths': paths, 'skipped': skipped}), encoding='utf-8')
+    os.replace(index, index_file)
     return Gallery(paths, skipped, np.load(feature_file, mmap_mode='r'), cached=False)
 
 
@@ -154,6 +218,7 @@ def rank_gallery(query_features: np.ndarray, gallery: np.ndarray) -> list[tuple]
     for start in range(0, len(gallery), RANK_CHUNK):
         rows = torch.from_numpy(np.array(gallery[start:start + RANK_CHUNK]))   # read from disk
         distances[:, start:start + len(rows)] = squared_euclidean(queries, rows).numpy()
+    check_finite(distances, 'query-gallery distances')    # a diverged model ranks nothing
     ranked = []
     for row in distances:
         order = np.argsort(row, kind='stable')
@@ -164,7 +229,7 @@ def rank_gallery(query_features: np.ndarray, gallery: np.ndarray) -> list[tuple]
 def write_results(out_dir: Path, query_path: Path, paths: list[str], order: np.ndarray,
                   distances: np.ndarray, topk: int, skipped: list) -> None:
     """results.csv (every gallery image), strip.jpg (query + top-k) and index.html."""
-    from reidkit.visrank import draw_strip
+    from reidkit.visrank import draw_strip, save_strip
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / 'results.csv', 'w', newline='') as handle:
         writer = csv.writer(handle)
@@ -172,11 +237,11 @@ def write_results(out_dir: Path, query_path: Path, paths: list[str], order: np.n
         for rank, (index, distance) in enumerate(zip(order, distances), 1):
             writer.writerow([rank, paths[index], f'{distance:.6g}'])
     top = [(paths[i], float(d)) for i, d in zip(order[:topk], distances[:topk])]
-    cv2.imwrite(str(out_dir / 'strip.jpg'),
-                draw_strip((str(query_path), ['query', query_path.name[:10]]),
-                           [(p, [f'#{r} d={d:.3g}', Path(p).name[:10]], None)
-                            for r, (p, d) in enumerate(top, 1)]))
-    rel = lambda p: html.escape(Path(os.path.relpath(Path(p).resolve(), out_dir.resolve())).as_posix())  # noqa: E731
+    save_strip(out_dir / 'strip.jpg',
+               draw_strip((str(query_path), ['query', query_path.name[:10]]),
+                          [(p, [f'#{r} d={d:.3g}', Path(p).name[:10]], None)
+                           for r, (p, d) in enumerate(top, 1)]))
+    rel = lambda p: html.escape(link(p, out_dir))  # noqa: E731
     tiles = ''.join(
         f'<figure><img loading="lazy" src="{rel(p)}"><figcaption>#{r} d={d:.4g}<br>'
         f'{html.escape(Path(p).name)}</figcaption></figure>' for r, (p, d) in enumerate(top, 1))
@@ -239,6 +304,7 @@ def search(s: Settings, weights: Path | None = None) -> Path:
     checkpoint, saved, s = resolve_checkpoint(s, weights)
     checks.check_names(s)
     checks.check_numbers(s, training=False)
+    checks.check_output_folder(Path(s.EXPERIMENTS_DIR))
     device = choose_device(s.DEVICE)
     model = place_model(model_for_search(saved, checkpoint, s.MODEL_NAME, s.LOSS), device)
     transform = quiet_test_transform(s.HEIGHT, s.WIDTH)
@@ -248,15 +314,36 @@ def search(s: Settings, weights: Path | None = None) -> Path:
     print(f'Gallery: {len(gallery.paths)} images ('
           f'{"features from the cache" if gallery.cached else "features extracted and cached"})'
           + (f'; {len(gallery.skipped)} unreadable files skipped' if gallery.skipped else ''))
-    out_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), 'search')
+    names = dict(zip(queries, unique_names(
+        [queries[0].name] if len(queries) == 1 else [q.relative_to(s.QUERY) for q in queries],
+        reserved=(INCOMPLETE, SKIPPED_QUERIES))))
+    out_dir, unreadable = None, []
     for paths, features, bad in extract_batches(model, transform, queries, s.BATCH_SIZE_TEST,
                                                 device, 'Queries'):
         for path, why in bad:
             print(f'Note: query "{path}" skipped: {why}')
+        unreadable += bad
         if features is None:
             continue
-        for path, (order, distances) in zip(paths, rank_gallery(features, gallery.features)):
-            name = path.stem if len(queries) == 1 else path.relative_to(s.QUERY).with_suffix('')
-            write_results(out_dir / name, path, gallery.paths, order, distances, s.SEARCH_TOPK,
+        ranked = rank_gallery(features, gallery.features)
+        if out_dir is None:     # made only once there is something to put in it
+            out_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), 'search')
+            (out_dir / INCOMPLETE).write_text(
+                'This search stopped (or is still running) before every query was done: the '
+                'folders here are the queries that finished. Run the search again for all '
+                'of them.\n')
+        for path, (order, distances) in zip(paths, ranked):
+            # Written under a hidden name, renamed when whole: a result folder is complete.
+            partial = out_dir / f'.{names[path]}.partial'
+            write_results(partial, path, gallery.paths, order, distances, s.SEARCH_TOPK,
                           gallery.skipped)
+            partial.rename(out_dir / names[path])
+    if out_dir is None:
+        first = ' The first three:' if len(unreadable) > 3 else ''
+        raise UserError(f'QUERY: none of the {len(queries)} query images could be read.{first} '
+                        + ' '.join(why for _, why in unreadable[:3]))
+    if unreadable:
+        (out_dir / SKIPPED_QUERIES).write_text(
+            ''.join(f'{path}\t{why}\n' for path, why in unreadable), encoding='utf-8')
+    (out_dir / INCOMPLETE).unlink()
     return out_dir

@@ -3,7 +3,8 @@
 `FastModel` wraps the model that Torchreid's engine drives, so the engine's own training step
 and evaluation stay Torchreid's: the wrapper only changes how the forward pass runs (the
 backward pass follows it). Outputs come back in float32, so losses and metrics are computed as
-before. If compilation fails, it says so once and continues eagerly; it never fails the run.
+before. If compilation fails, it says so once and continues eagerly. Only a failure to compile
+does that: an out-of-memory error or a bug in the model is raised as it is.
 """
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ def _float(output):
     if isinstance(output, (tuple, list)):
         return type(output)(_float(item) for item in output)
     return output
+
+
+def compile_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean "torch.compile could not compile this", as opposed to errors
+    of the model or the machine that would happen without it too."""
+    from torch._dynamo import exc
+    return (exc.BackendCompilerFailed, exc.Unsupported, exc.InvalidBackend)
 
 
 class FastModel(nn.Module):
@@ -50,9 +58,13 @@ class FastModel(nn.Module):
         if self.compiled is not None and self.training:
             try:
                 return self.compiled(images)
-            except Exception as error:    # a missing compiler, an old GPU, an unsupported op
-                print(f'Note: torch.compile failed ({type(error).__name__}: '
-                      f'{str(error).strip().splitlines()[0][:200] if str(error).strip() else ""}); '
+            except compile_errors() as error:   # a missing compiler, an old GPU, an unsupported op
+                cause = getattr(error, 'inner_exception', None) or error
+                if isinstance(cause, torch.OutOfMemoryError):
+                    raise
+                text = str(cause).strip()
+                print(f'Note: torch.compile failed ({type(cause).__name__}: '
+                      f'{text.splitlines()[0][:200] if text else ""}); '
                       f'continuing without compilation (COMPILE=off skips the attempt).')
                 self.__dict__['compiled'] = None
         return self.model(images)

@@ -1,9 +1,9 @@
 """Rank images people can read: each query's top-k strip with rank, distance, id and camera
 written on it, drawn in parallel with a progress bar, plus a browsable index.html.
 
-`write_rankings` has the signature of Torchreid's `visualize_ranked_results`, which
-`install()` replaces in Torchreid's engine, so `engine.run(test_only=True, visrank=True)` is
-still the way to ask for them. Image-reid only (Torchreid's own function handles video).
+`write_rankings` has the signature of Torchreid's `visualize_ranked_results`, which our
+engine puts in its place while it runs (reidkit.engine), so `engine.run(test_only=True,
+visrank=True)` is still the way to ask for them. Image-reid only (Torchreid's own function handles video).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from reidkit import evaluation, report
+from reidkit.errors import UserError
 
 THUMB_HEIGHT, THUMB_WIDTH = 128, 64      # Market-1501's own crop size
 CAPTION_HEIGHT = 30
@@ -24,6 +25,9 @@ GAP = 6
 QUERY_GAP = 24
 BORDER = 4
 GREEN, RED, BLACK, GREY = (0, 170, 0), (0, 0, 220), (0, 0, 0), (150, 150, 150)   # BGR
+JPEG_MAX_SIDE = 65_500                   # libjpeg refuses wider images
+# The most matches one strip can show; a wider strip cannot be saved as JPEG.
+MAX_STRIP_MATCHES = (JPEG_MAX_SIDE - THUMB_WIDTH - QUERY_GAP) // (THUMB_WIDTH + GAP)
 
 
 def top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk: int):
@@ -78,9 +82,20 @@ def draw_strip(query: tuple, matches: list[tuple]) -> np.ndarray:
     return strip
 
 
+def save_strip(path: Path, strip: np.ndarray) -> None:
+    """Writes a strip as JPEG; cv2.imwrite reports failure only by returning False."""
+    if not cv2.imwrite(str(path), strip):
+        raise UserError(
+            f'Could not write the rank strip "{path}" ({strip.shape[1]}x{strip.shape[0]} '
+            f'pixels). A strip holds at most {MAX_STRIP_MATCHES} matches (JPEG is at most '
+            f'{JPEG_MAX_SIDE} pixels wide): lower SEARCH_TOPK or VISRANK_TOPK; otherwise check '
+            f'that the folder is writable and the disk is not full.')
+
+
 def write_rankings(distmat, dataset, data_type='image', width=128, height=256, save_dir='',
                    topk=10, workers: int | None = None) -> Path:
-    """Writes save_dir/<query>.jpg strips, save_dir/index.html and save_dir/cmc.png.
+    """Writes save_dir/<query>.jpg strips (one distinct name per query, from
+    `report.unique_names`), save_dir/index.html and save_dir/cmc.png.
 
     `width`/`height` are accepted for Torchreid's signature; strips use Market's 64x128 crops.
     Returns the page's path.
@@ -97,21 +112,23 @@ def write_rankings(distmat, dataset, data_type='image', width=128, height=256, s
     indices, distances = top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk)
     first, ap = evaluation.rank_queries(distmat, q_pids, g_pids, q_camids, g_camids)
     cmc, mAP = evaluation.summarise_ranks(first, ap, min(50, len(gallery)))
+    # Strips are named after their queries, relative to the queries' common folder.
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(item[0])) for item in query])
+    strips = report.unique_names([os.path.relpath(os.path.abspath(item[0]), common)
+                                  for item in query], suffix='.jpg')
 
-    def one(q: int) -> str:
+    def one(q: int) -> None:
         path, pid, camid = query[q][:3]
         matches = [(gallery[g][0], [f'#{r + 1} d={distances[q, r]:.3g}',
                                     f'id {gallery[g][1]} c{gallery[g][2] + 1}'], gallery[g][1] == pid)
                    for r, g in enumerate(indices[q]) if g >= 0]
-        name = Path(path).stem + '.jpg'
-        cv2.imwrite(str(save_dir / name), draw_strip((path, ['query', f'id {pid} c{camid + 1}']),
-                                                     matches))
-        return name
+        save_strip(save_dir / strips[q],
+                   draw_strip((path, ['query', f'id {pid} c{camid + 1}']), matches))
 
     # cv2 releases the GIL while decoding, resizing and encoding, so threads scale.
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        strips = list(tqdm(pool.map(one, range(len(query))), total=len(query),
-                           desc='Rank images', unit='query'))
+        list(tqdm(pool.map(one, range(len(query))), total=len(query),
+                  desc='Rank images', unit='query'))
     report.plot_cmc(cmc, save_dir / 'cmc.png')
     rows = [{
         'strip': strips[q], 'path': query[q][0], 'pid': int(q_pids[q]), 'cam': int(q_camids[q]),
@@ -123,9 +140,3 @@ def write_rankings(distmat, dataset, data_type='image', width=128, height=256, s
                                      num_gallery=len(gallery))
     print(f'Done. {len(query)} rank images and the gallery page are in "{save_dir}"')
     return page
-
-
-def install() -> None:
-    """Makes Torchreid's engine draw rankings with `write_rankings`."""
-    import torchreid.reid.engine.engine as torchreid_engine
-    torchreid_engine.visualize_ranked_results = write_rankings

@@ -69,3 +69,21 @@ def test_other_identities_load_with_a_note_other_architecture_is_an_error(tmp_pa
     assert 'classifier' in capsys.readouterr().out
     with pytest.raises(UserError, match="saved from resnet18.*MODEL_NAME='resnet50'"):
         load_weights(_model('resnet50'), load_checkpoint(path), 'resnet50', path)
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+    path = tmp_path / 'model' / 'latest.pth.tar'
+    save_checkpoint({'state_dict': {'w': torch.ones(2)}, 'epoch': 1}, path)
+
+    def disk_full(obj, handle):
+        handle.write(b'half a checkpoint')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(UserError) as error:
+        save_checkpoint({'state_dict': {'w': torch.zeros(2)}, 'epoch': 2}, path)
+    message = str(error.value)
+    assert message.startswith(f'could not write the checkpoint "{path}" (No space left on device)')
+    assert '\n' not in message
+    assert sorted(p.name for p in path.parent.iterdir()) == ['latest.pth.tar']
+    assert load_checkpoint(path)['epoch'] == 1

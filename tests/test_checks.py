@@ -1,4 +1,5 @@
 """Bad input fails fast with one clear paragraph and exit status 2; nothing hangs."""
+import os
 import shutil
 import socket
 import subprocess
@@ -6,8 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import main
 from reidkit import checks
@@ -70,12 +74,80 @@ def test_a_bad_image_is_named_before_training(tiny_data_root, tmp_path, tiny_set
 
 
 def test_the_loader_fails_on_an_unreadable_image_instead_of_retrying_forever(tmp_path):
-    import torchreid.reid.data.datasets.dataset as torchreid_dataset
     bad = tmp_path / '0001_c1s1_000001_01.jpg'
     bad.write_bytes(b'\xff\xd8\xff garbage \xff\xd9')
-    assert torchreid_dataset.read_image is checks.read_image    # installed by main.py
     with pytest.raises(UserError, match='cannot be read as an image'):
-        torchreid_dataset.read_image(str(bad))
+        checks.read_image(str(bad))
+
+
+def test_a_fifo_named_like_an_image_is_reported_not_waited_on(tiny_data_root, tmp_path):
+    root, data_dir = _copy_data(tiny_data_root, tmp_path)
+    fifo = data_dir / 'bounding_box_train' / '0001_c1s1_999999_01.jpg'
+    os.mkfifo(fifo)                 # open() on it would block until a writer comes: forever
+    code, err, seconds = _cli('train', f'--DATA_ROOT={root}', '--PRETRAINED=False',
+                              f'--EXPERIMENTS_DIR={tmp_path}/exp', timeout=60)
+    assert code == 2 and seconds < 60
+    assert f'{fifo}" is not a regular file (a FIFO, socket or device)' in err
+    assert 'Traceback' not in err
+    (data_dir / 'query' / 'folder.jpg').mkdir()
+    assert checks.image_problem(data_dir / 'query' / 'folder.jpg') == 'a folder, not an image file'
+
+
+def _write_16_bit_pngs(folder):
+    """{name: (path, the 8-bit RGB pixels it should read as)} for 16-bit PNGs of each kind."""
+    grey = (np.arange(24, dtype=np.uint16).reshape(4, 6) * 2801 + 13)      # 13 .. 64436
+    rgb = np.stack([grey, grey[::-1], 65535 - grey], axis=-1)
+    written = {}
+    cv2.imwrite(str(folder / 'grey.png'), grey)
+    written['grey'] = np.repeat((grey >> 8)[..., None], 3, axis=-1)
+    Image.fromarray(grey).save(folder / 'grey_pil.png')                     # mode I;16
+    written['grey_pil'] = written['grey']
+    cv2.imwrite(str(folder / 'rgb.png'), rgb[..., ::-1])                   # cv2 writes BGR
+    written['rgb'] = rgb >> 8
+    alpha = np.full(grey.shape + (1,), 30000, np.uint16)
+    cv2.imwrite(str(folder / 'rgba.png'), np.concatenate([rgb[..., ::-1], alpha], axis=-1))
+    written['rgba'] = rgb >> 8
+    return {name: (folder / f'{name}.png', pixels.astype(np.uint8))
+            for name, pixels in written.items()}
+
+
+def test_16_bit_pngs_are_read_scaled_to_8_bits_not_white(tmp_path):
+    pngs = _write_16_bit_pngs(tmp_path)
+    for name, (path, expected) in pngs.items():
+        image = checks.read_image(str(path))
+        assert image.mode == 'RGB', name
+        assert np.array_equal(np.asarray(image), expected), name
+    grey = pngs['grey'][1]
+    assert grey.min() == 0 and grey.max() == 251 and len(np.unique(grey)) == 24   # not clipped
+
+
+def test_output_folder_is_created_and_left_clean(tmp_path):
+    folder = tmp_path / 'a' / 'b' / 'experiments'
+    checks.check_output_folder(folder)
+    assert folder.is_dir() and list(folder.iterdir()) == []       # the probe file is gone
+    checks.check_output_folder(folder)                            # existing: fine too
+
+
+def test_output_folder_that_is_a_file_or_under_one(tmp_path):
+    file = tmp_path / 'notes.txt'
+    file.write_text('not a folder')
+    with pytest.raises(UserError, match=r'^EXPERIMENTS_DIR: ".*notes.txt" is a file, not a '
+                                        r'folder\..*--EXPERIMENTS_DIR='):
+        checks.check_output_folder(file)
+    with pytest.raises(UserError, match=r'^SEARCH_DIR: cannot create the folder '
+                                        r'".*notes.txt/runs" \(".*notes.txt" is a file\)'):
+        checks.check_output_folder(file / 'runs', setting='SEARCH_DIR')
+    assert file.read_text() == 'not a folder'
+
+
+def test_output_folder_that_cannot_be_written(tmp_path, monkeypatch):
+    # Tests run as root, which chmod does not stop: make creating the probe file fail instead.
+    def refused(*args, **kwargs):
+        raise PermissionError(13, 'Permission denied')
+    monkeypatch.setattr(checks.tempfile, 'NamedTemporaryFile', refused)
+    with pytest.raises(UserError, match=r'^EXPERIMENTS_DIR: cannot write in ".*" \(Permission '
+                                        r'denied\).*--EXPERIMENTS_DIR='):
+        checks.check_output_folder(tmp_path)
 
 
 @pytest.mark.parametrize('key, value, listed', [
@@ -142,5 +214,5 @@ def test_a_checkpoint_from_another_input_size_is_named(tiny_settings, tmp_path):
     from reidkit.checkpoints import save_checkpoint
     path = save_checkpoint({'state_dict': {}, 'input_size': [64, 32]}, tmp_path / 'demo.pth')
     with pytest.raises(UserError, match=r'trained on 64x32 images, but HEIGHT x WIDTH is 32x16.*'
-                                        r'--HEIGHT=64 --WIDTH=32'):
+                                        r'Drop --HEIGHT and --WIDTH'):
         main.test(tiny_settings.replace(WEIGHTS=str(path)))

@@ -1,15 +1,20 @@
 """The generated dataset is Market-1501 to Torchreid's own loader."""
 import hashlib
+import re
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
-import re
-from collections import defaultdict
 
 from torchreid.reid.data.datasets.image.market1501 import Market1501
 
 from reidkit.demo_data import DONE_MARKER, make_demo_dataset, market_data_dir
 from reidkit.errors import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r'^(-1|\d{4})_c([1-6])s1_(\d{6})_(\d{2})\.jpg$')
 
 
@@ -81,3 +86,51 @@ def test_other_arguments_regenerate_its_own_folder(tmp_path):
     second = make_demo_dataset(tmp_path, num_train_ids=3, num_test_ids=2, num_junk=0,
                                num_distractors=0)
     assert (first.train_ids, second.train_ids) == (2, 3)
+
+
+def test_data_root_that_is_a_file_names_data_root(tmp_path):
+    file = tmp_path / 'data.zip'
+    file.write_bytes(b'PK not a folder')
+    for root in (file, file / 'inside'):
+        with pytest.raises(UserError, match=r'^DATA_ROOT: cannot make the demo dataset in '
+                                            r'".*data.zip.*": ".*data.zip" is a file, not a '
+                                            r'folder\. Point --DATA_ROOT at a folder'):
+            make_demo_dataset(root, num_train_ids=2, num_test_ids=2)
+    assert file.read_bytes() == b'PK not a folder'
+
+
+# A child process: imports, says it is ready, waits for the go file, then generates.
+CHILD = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from reidkit.demo_data import make_demo_dataset
+root, ready, go = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+make_demo_dataset(root, **SIZES)
+"""
+SIZES = dict(num_train_ids=6, num_test_ids=6, seed=4, num_junk=2, num_distractors=2)
+
+
+def test_two_runs_generating_one_folder_at_once_take_turns(tmp_path):
+    root, go = tmp_path / 'shared', tmp_path / 'go'
+    ready = [tmp_path / f'ready{i}' for i in range(2)]
+    children = [subprocess.Popen([sys.executable, '-c', CHILD.replace('SIZES', repr(SIZES)),
+                                  str(ROOT), str(root), str(flag), str(go)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for flag in ready]
+    deadline = time.time() + 60
+    while not all(flag.exists() for flag in ready) and time.time() < deadline:
+        time.sleep(0.01)
+    go.touch()                              # both start generating within milliseconds
+    outputs = [child.communicate(timeout=60) for child in children]
+    assert [child.returncode for child in children] == [0, 0], outputs
+    # one generated, the other waited for it (generation takes far longer than the start gap)
+    assert sum('Waiting for another run' in out for out, _ in outputs) == 1, outputs
+    make_demo_dataset(tmp_path / 'alone', **SIZES)
+    assert _digest(root) == _digest(tmp_path / 'alone')
+    assert sorted(p.relative_to(root) for p in market_data_dir(root).rglob('*')) == \
+        sorted(p.relative_to(tmp_path / 'alone') for p in market_data_dir(tmp_path / 'alone')
+               .rglob('*'))

@@ -5,8 +5,9 @@ import torch
 from torchreid.reid.metrics import compute_distance_matrix
 from torchreid.reid.metrics.rank import eval_market1501
 
-import main  # noqa: F401  (installs the evaluator, checked below)
-from reidkit.evaluation import evaluate_features, evaluate_rank
+from reidkit.errors import UserError
+from reidkit.evaluation import (QUERY_CHUNK, NonFiniteError, evaluate_features, evaluate_rank,
+                                evaluate_single_gallery_shot, rank_queries)
 
 
 def _random_case(rng):
@@ -79,12 +80,6 @@ def test_evaluate_features_in_small_chunks_equals_the_full_matrix(metric):
     assert np.array_equal(cmc, reference[0]) and mAP == pytest.approx(reference[1], abs=1e-6)
 
 
-def test_installed_into_torchreid():
-    import torchreid
-    assert torchreid.reid.metrics.evaluate_rank.__module__ == 'reidkit.evaluation'
-    assert torchreid.metrics.evaluate_rank is torchreid.reid.metrics.evaluate_rank
-
-
 def _torchreid_cuhk03_average(distmat, q_pids, g_pids, q_cams, g_cams, max_rank, runs):
     """Torchreid's own single-gallery-shot evaluator (10 random samplings a call), averaged."""
     from torchreid.reid.metrics.rank import eval_cuhk03
@@ -119,3 +114,52 @@ def test_single_gallery_shot_by_hand():
     cmc, _ = evaluate_rank(distmat, np.array([1]), np.array([2, 1, 2, 3]), np.array([0]),
                            np.array([1, 1, 1, 1]), max_rank=3, use_metric_cuhk03=True)
     assert cmc.tolist() == [0.5, 1.0, 1.0]
+
+
+def _ids(num_q, num_g):
+    """Query i is person i % 5 in camera 0; the gallery holds every person in cameras 1-2."""
+    return (np.arange(num_q) % 5, np.arange(num_g) % 5, np.zeros(num_q, int),
+            1 + np.arange(num_g) % 2)
+
+
+def test_all_nan_distances_are_refused_not_scored_100_percent():
+    distmat = np.full((4, 10), np.nan)
+    for evaluate in (evaluate_rank, rank_queries, evaluate_single_gallery_shot,
+                     lambda *args: evaluate_rank(*args, use_metric_cuhk03=True)):
+        with pytest.raises(NonFiniteError, match=r'^40 of the 40 query-gallery distances are '
+                                                 r'NaN or infinite.*diverged.*--LR='):
+            evaluate(distmat, *_ids(4, 10))
+    assert issubclass(NonFiniteError, UserError)       # main.py prints it as one paragraph
+
+
+def test_one_inf_in_any_chunk_is_found_and_every_chunk_counted():
+    num_q, num_g = 2 * QUERY_CHUNK + 3, 10                     # three chunks
+    rng = np.random.default_rng(0)
+    distmat = rng.random((num_q, num_g))
+    evaluate_rank(distmat, *_ids(num_q, num_g))                # finite: fine
+    distmat[num_q - 1, 7] = np.inf                             # in the last chunk only
+    with pytest.raises(NonFiniteError, match=f'^1 of the {num_q * num_g:,} '):
+        evaluate_rank(distmat, *_ids(num_q, num_g))
+    distmat[0, 0] = -np.inf                                    # and one in the first
+    with pytest.raises(NonFiniteError, match=f'^2 of the {num_q * num_g:,} '):
+        rank_queries(torch.from_numpy(distmat), *_ids(num_q, num_g))
+
+
+def test_nan_or_overflowing_features_are_refused():
+    rng = np.random.default_rng(1)
+    qf, gf = torch.from_numpy(rng.random((6, 8))), torch.from_numpy(rng.random((10, 8)))
+    ids = _ids(6, 10)
+    evaluate_features(qf, gf, *ids)                            # finite: fine
+    nan_query, inf_gallery = qf.clone(), gf.clone()
+    nan_query[2, 3] = float('nan')
+    inf_gallery[9, 0] = float('inf')
+    for metric in ('euclidean', 'cosine'):
+        with pytest.raises(NonFiniteError, match=r'^2 of the 128 query and gallery feature '
+                                                 r'values are NaN or infinite'):
+            evaluate_features(nan_query, inf_gallery, *ids, metric=metric, chunk=4)
+    all_nan = torch.full((6, 8), float('nan'))
+    with pytest.raises(NonFiniteError, match='^48 of the 128 '):
+        evaluate_features(all_nan, gf, *ids)
+    # finite features whose squared distances overflow float32 are caught on the distances
+    with pytest.raises(NonFiniteError, match='query-gallery distances'):
+        evaluate_features(qf * 1e30, gf, *ids)

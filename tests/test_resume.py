@@ -83,3 +83,36 @@ def test_a_missing_resume_file_is_named_as_resume(tiny_settings, tmp_path):
     from reidkit.errors import UserError
     with pytest.raises(UserError, match='RESUME: no checkpoint file at'):
         main.train(tiny_settings.replace(RESUME=str(tmp_path / 'gone' / 'model' / 'latest.pth.tar')))
+
+
+def test_the_printed_hint_resumes_a_demo_run(tmp_path):
+    """`python main.py --demo`, Ctrl-C, then the command it printed: no --demo needed, since
+    the run's settings and data come from the checkpoint."""
+    import os
+    import shlex
+    command = [sys.executable, str(ROOT / 'main.py'), 'train', '--demo', '--MAX_EPOCH=2',
+               '--EVAL_FREQ=-1', '--HEIGHT=32', '--WIDTH=16', '--PRINT_FREQ=1']
+    child = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 240
+        while not list(tmp_path.glob(f'experiments/*/model/{LATEST_NAME}')) \
+                and time.time() < deadline and child.poll() is None:
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, out[-2000:]
+    (hint,) = [line[len('Resume with: '):] for line in out.splitlines()
+               if line.startswith('Resume with: ')]
+    argv = shlex.split(hint)
+    assert argv[:3] == ['python', 'main.py', 'train'] and '--demo' not in argv
+    done = subprocess.run([sys.executable, str(ROOT / 'main.py')] + argv[2:], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS='ignore'))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'epoch: [2/2]' in done.stdout and 'epoch: [1/2]' not in done.stdout
+    (run_dir,) = tmp_path.glob('experiments/*-resnet50-softmax-market1501')
+    assert (run_dir / 'model' / 'model.pth.tar-2').is_file()
+    assert load_checkpoint(run_dir / 'model' / 'model.pth.tar-2')['settings']['HEIGHT'] == 32

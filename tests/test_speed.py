@@ -18,8 +18,14 @@ def test_auto_is_eager_on_the_cpu(tiny_settings, capsys):
     assert 'Training path: eager float32' in capsys.readouterr().out
 
 
+# 32x32, not the tiny 32x16: on this CPU, oneDNN's bf16 weight gradient of a 3x3 convolution
+# over a 2x1 feature map (ResNet50's layer4 at 32x16) comes back NaN for some batches; the
+# divergence check stops such a run (see test_resume.py), so these tests use another size.
+BF16_SIZE = dict(HEIGHT=32, WIDTH=32)
+
+
 def test_bf16_and_channels_last_train_evaluate_and_save_plain_checkpoints(tiny_settings, capsys):
-    s = tiny_settings.replace(AMP='bf16', CHANNELS_LAST='on', MAX_EPOCH=2)
+    s = tiny_settings.replace(AMP='bf16', CHANNELS_LAST='on', MAX_EPOCH=2, **BF16_SIZE)
     seen = []
     datamanager, model, optimizer, scheduler = main.get_items(s)
     model.conv1.register_forward_hook(lambda module, args, out: seen.append(
@@ -30,14 +36,14 @@ def test_bf16_and_channels_last_train_evaluate_and_save_plain_checkpoints(tiny_s
     assert 'Training path: bf16 autocast + channels_last' in capsys.readouterr().out
     assert seen and all(seen_one == (torch.bfloat16, True) for seen_one in seen)
     result = engine.results[-1]
-    assert 0 <= result['mAP'] <= 1 and result['cmc'][-1] >= result['cmc'][0]
+    assert result['epoch'] == 2 and 0 < result['mAP'] <= 1     # evaluated, finite, a score
     saved = load_checkpoint(newest_checkpoint(s.EXPERIMENTS_DIR))
     assert 'conv1.weight' in saved['state_dict']                # no wrapper prefix
     assert saved['state_dict']['conv1.weight'].dtype == torch.float32
 
 
 def test_the_fast_path_round_trips_through_test(tiny_settings, capsys):
-    s = tiny_settings.replace(AMP='bf16', CHANNELS_LAST='on')
+    s = tiny_settings.replace(AMP='bf16', CHANNELS_LAST='on', **BF16_SIZE)
     run_dir = main.train(s)
     trained = capsys.readouterr().out
     main.test(s)
@@ -47,9 +53,12 @@ def test_the_fast_path_round_trips_through_test(tiny_settings, capsys):
 
 
 def test_a_failing_compile_says_so_once_and_continues_eager(tiny_settings, monkeypatch, capsys):
+    from torch._dynamo.exc import BackendCompilerFailed
+
     def broken_compile(model, mode=None):
         def run(*args):
-            raise RuntimeError('no C++ compiler found')
+            raise BackendCompilerFailed(broken_compile, RuntimeError('no C++ compiler found'),
+                                        None)
         return run
     monkeypatch.setattr(torch, 'compile', broken_compile)
     s = tiny_settings.replace(COMPILE='on', MAX_EPOCH=2, EVAL_FREQ=-1)
@@ -65,3 +74,19 @@ def test_bad_switch_values_are_named_before_any_work(tiny_settings):
         checks.check_before_run(tiny_settings.replace(AMP='fp8'), training=True)
     with pytest.raises(UserError, match='COMPILE'):
         fast_path(torch.nn.Linear(2, 2), torch.device('cpu'), 'off', 'off', 'yes')
+
+
+@pytest.mark.parametrize('error', [torch.OutOfMemoryError('CUDA out of memory'),
+                                   RuntimeError('shape mismatch in the model')])
+def test_errors_that_are_not_compilation_failures_are_raised_not_hidden(error, monkeypatch):
+    from reidkit.speed import FastModel
+
+    def compiled_that_fails(model, mode=None):
+        def run(*args):
+            raise error
+        return run
+    monkeypatch.setattr(torch, 'compile', compiled_that_fails)
+    model = FastModel(torch.nn.Linear(4, 2), None, False, 'default').train()
+    with pytest.raises(type(error), match=str(error)):
+        model(torch.ones(3, 4))
+    assert model.compiled is not None             # not silently switched to eager

@@ -1,0 +1,167 @@
+"""Our engine extends Torchreid only while it runs, reads images with our reader in every
+loader worker, and stops a diverging run before it can be scored or saved."""
+import importlib
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import main
+import reidkit.engine as engine_module
+from reidkit import evaluation, visrank
+from reidkit.engine import DivergenceWatch
+from torchreid.reid.engine import ImageSoftmaxEngine
+from reidkit.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHREID_EVALUATE = importlib.import_module('torchreid.reid.metrics').evaluate_rank
+
+
+def test_importing_our_modules_changes_nothing_in_torchreid():
+    code = ('import torchreid.reid.metrics as m, torchreid.reid.engine.engine as e, '
+            'torchreid.reid.data.datasets.dataset as d\n'
+            'before = (m.evaluate_rank, e.visualize_ranked_results, d.read_image)\n'
+            'import main, reidkit.engine, reidkit.search, reidkit.visrank, reidkit.evaluation\n'
+            'assert (m.evaluate_rank, e.visualize_ranked_results, d.read_image) == before\n'
+            'print("unchanged")')
+    done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and 'unchanged' in done.stdout, done.stderr[-2000:]
+
+
+def test_ours_are_used_only_while_the_engine_runs(tiny_settings, monkeypatch):
+    metrics = importlib.import_module('torchreid.reid.metrics')
+    torchreid_engine = importlib.import_module('torchreid.reid.engine.engine')
+    seen = []
+    original = evaluation.evaluate_rank
+
+    def spy(*args, **kwargs):
+        seen.append((getattr(metrics.evaluate_rank, '__self__', None) is engine,
+                     torchreid_engine.visualize_ranked_results is visrank.write_rankings))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(evaluation, 'evaluate_rank', spy)
+    datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
+    engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
+    engine.run(save_dir=str(Path(tiny_settings.EXPERIMENTS_DIR) / 'run'), test_only=True)
+    assert seen == [(True, True)]                  # our evaluator and rank writer, inside run()
+    assert len(engine.results) == 1 and engine.results[0]['mAP'] > 0
+    assert metrics.evaluate_rank is TORCHREID_EVALUATE     # and Torchreid's own again after
+    assert torchreid_engine.visualize_ranked_results is not visrank.write_rankings
+
+
+def _broken_jpeg(path: Path) -> None:
+    """Starts and ends like a JPEG (so the pre-run check passes it) but cannot be decoded."""
+    path.write_bytes(b'\xff\xd8\xff\xe0' + bytes(range(256)) * 4 + b'\xff\xd9')
+
+
+def test_spawned_loader_workers_read_with_our_reader(tiny_settings, tmp_path):
+    datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
+    engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
+    dataset = engine.train_loader.dataset
+    assert isinstance(dataset, engine_module.ReadingWithReidkit)
+    broken = tmp_path / '0001_c1s1_000001_00.jpg'
+    _broken_jpeg(broken)
+    dataset.dataset.data[0] = (str(broken),) + tuple(dataset.dataset.data[0][1:])
+    loader = DataLoader(dataset, batch_size=4, num_workers=1, multiprocessing_context='spawn')
+    with pytest.raises(UserError) as error:
+        list(loader)
+    message = str(error.value)
+    assert message.startswith(f'"{broken}" cannot be read as an image')
+    assert 'Traceback' not in message and 'DataLoader worker' not in message
+
+
+def test_a_bad_image_found_by_a_loader_worker_is_one_paragraph(tiny_data_root, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data_root, data)
+    train = data / 'market1501' / 'Market-1501-v15.09.15' / 'bounding_box_train'
+    victims = sorted(train.glob('*.jpg'))[:10]     # more than an epoch's dropped remainder
+    for victim in victims:
+        _broken_jpeg(victim)
+    from conftest import TINY
+    args = [f'--{k}={v!r}' for k, v in dict(TINY, DATA_ROOT=str(data), WORKERS=2,
+                                           EXPERIMENTS_DIR=str(tmp_path / 'exp')).items()]
+    done = subprocess.run([sys.executable, 'main.py', 'train', *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith('error:')]
+    assert any(error.startswith(f'error: "{victim}" cannot be read as an image')
+               for victim in victims), error
+    assert 'Traceback' not in done.stderr and 'DataLoader worker' not in done.stderr
+
+
+def test_divergence_watch_finds_the_first_bad_batch_on_floats_and_device_tensors():
+    watch = DivergenceWatch()
+    watch.observe({'loss': 2.0, 'acc': math.nan}, epoch=0, batch=0)    # acc is not a loss
+    assert watch.first_bad() is None
+    watch.observe({'loss_x': torch.tensor(1.0), 'loss_t': torch.tensor(3.0)}, 1, 0)
+    watch.observe({'loss_x': torch.tensor(float('inf')), 'loss_t': torch.tensor(1.0)}, 1, 7)
+    watch.observe({'loss_x': torch.tensor(float('nan')), 'loss_t': torch.tensor(1.0)}, 1, 8)
+    assert watch.first_bad() == (1, 7, 'loss_x', 'not finite')
+    floats = DivergenceWatch()
+    floats.observe({'loss': math.nan}, 2, 3)
+    floats.observe({'loss': math.inf}, 2, 4)
+    epoch, batch, name, value = floats.first_bad()
+    assert (epoch, batch, name) == (2, 3, 'loss') and math.isnan(value)
+
+
+def test_a_diverging_run_stops_with_an_error_and_writes_no_checkpoint_after_it(
+        tiny_settings, monkeypatch):
+    original = ImageSoftmaxEngine.forward_backward
+
+    def diverge_in_epoch_2(self, data):
+        summary = original(self, data)
+        if self.epoch == 1 and self.batch_idx >= 2:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float('nan'))
+            summary['loss'] = float('nan')
+        return summary
+    monkeypatch.setattr(ImageSoftmaxEngine, 'forward_backward', diverge_in_epoch_2)
+    s = tiny_settings.replace(MAX_EPOCH=3, EVAL_FREQ=1)
+    with pytest.raises(UserError) as error:
+        main.train(s)
+    (run_dir,) = Path(s.EXPERIMENTS_DIR).iterdir()
+    good = run_dir / 'model' / 'model.pth.tar-1'
+    assert str(error.value).startswith('Training diverged: the loss became nan at epoch 2, '
+                                       'batch 3 of 4')
+    assert f'The last good checkpoint is "{good}"' in str(error.value)
+    from reidkit.checkpoints import load_checkpoint
+    for checkpoint in (run_dir / 'model').iterdir():   # nothing from the diverged epoch
+        saved = load_checkpoint(checkpoint)
+        assert saved['epoch'] == 1
+        assert all(torch.isfinite(v).all() for v in saved['state_dict'].values()
+                   if v.is_floating_point())
+    assert not (run_dir / 'metrics.json').exists()
+
+
+def test_a_real_lr_of_1000_never_reports_a_score(tiny_data_root, tmp_path):
+    from conftest import TINY
+    args = [f'--{k}={v!r}' for k, v in dict(TINY, DATA_ROOT=str(tiny_data_root), LR=1000.0,
+                                           MAX_EPOCH=2, EXPERIMENTS_DIR=str(tmp_path)).items()]
+    done = subprocess.run([sys.executable, 'main.py', 'train', 'test', *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert 'diverged' in done.stderr
+    assert 'Rank-1' not in done.stdout and not list(tmp_path.rglob('metrics.json'))
+    assert not list(tmp_path.rglob('model.pth.tar-*'))
+
+
+@pytest.mark.parametrize('batch, message', [
+    (1, 'BATCH_SIZE_TRAIN=1: training needs at least 2 images per batch'),
+    (100_000, 'BATCH_SIZE_TRAIN=100000 is larger than the 73 training images')])
+def test_a_batch_that_cannot_train_is_refused_before_any_work(tiny_settings, batch, message):
+    with pytest.raises(UserError, match=message):
+        main.train(tiny_settings.replace(BATCH_SIZE_TRAIN=batch))
+    assert not Path(tiny_settings.EXPERIMENTS_DIR).exists()
+
+
+def test_a_triplet_batch_needing_more_people_than_there_are_is_refused(tiny_settings):
+    # 8 training identities: a batch of 36 would need 9 people, 4 images each.
+    with pytest.raises(UserError, match="needs 9 different people per batch .* has 8. Use a "
+                                        "batch of at most 32"):
+        main.train(tiny_settings.replace(LOSS='triplet', BATCH_SIZE_TRAIN=36))
+    assert not Path(tiny_settings.EXPERIMENTS_DIR).exists()

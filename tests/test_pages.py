@@ -1,0 +1,148 @@
+"""Pages and strips named after the user's files: hostile names must neither break the pages
+nor escape the output folder, and a strip too wide to save is an error, not a missing file."""
+import html.parser
+import json
+import urllib.parse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from reidkit import report, search as searching, visrank
+from reidkit.errors import UserError
+
+# Each breaks something: '#' and '?' end a URL's path, '%23' must not be decoded twice, quotes
+# end an attribute, '<!--<script>' swallows the rest of a page from inside a <script> block.
+HOSTILE = ['a#b.jpg', '100%.jpg', '%23.jpg', 'what?.jpg', 'with space.jpg', 'quote"s\'.jpg',
+           'new\nline.jpg', '<!--<script>x.jpg', 'amp&lt;.jpg', '{{data}}.jpg']
+
+
+class PageParser(html.parser.HTMLParser):
+    """Every img src and a href, the text, and the <script id="data"> block of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.links, self.text, self.data, self._in_data = [], [], None, False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in ('img', 'a') and (attrs.get('src') or attrs.get('href')):
+            self.links.append(attrs.get('src') or attrs.get('href'))
+        self._in_data = tag == 'script' and attrs.get('id') == 'data'
+
+    def handle_endtag(self, tag):
+        self._in_data = False
+
+    def handle_data(self, data):
+        if self._in_data:
+            self.data = (self.data or '') + data
+        self.text.append(data)
+
+
+def parse(page: Path) -> PageParser:
+    parser = PageParser()
+    parser.feed(page.read_text(encoding='utf-8'))
+    return parser
+
+
+def target(link: str, page: Path) -> Path:
+    """The file a relative link on `page` opens, read as a browser reads a URL."""
+    url = urllib.parse.urlsplit(link)
+    assert not (url.scheme or url.netloc or url.query or url.fragment), link
+    return (page.parent / urllib.parse.unquote(url.path)).resolve()
+
+
+def images(folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir(parents=True)
+    paths = []
+    for k, name in enumerate(names):
+        Image.new('RGB', (16, 32), (20 * k, 100, 200 - 10 * k)).save(folder / name, 'JPEG')
+        paths.append(folder / name)
+    return paths
+
+
+def test_unique_names_are_distinct_single_components():
+    names = report.unique_names(['person.jpg', 'person.png', '...bmp', '..', '.', '.hidden.jpg',
+                                 'sub/person.jpg', 'sub_person.jpg', 'Person.JPG', 'tab\there.jpg',
+                                 'back\\slash.jpg', '/abs/x.jpg', 'x' * 300 + '.jpg',
+                                 'INCOMPLETE.txt'], reserved=['INCOMPLETE.txt'])
+    assert len({name.casefold() for name in names}) == len(names)
+    for name in names:
+        assert name not in ('.', '..', '') and not name.startswith('.')
+        assert '/' not in name and '\\' not in name and name.isprintable()
+        assert len(name.encode()) <= 255
+    assert names[:2] == ['person.jpg', 'person.png'] and names[6] == 'sub_person.jpg'
+    assert names[7] == 'sub_person-2.jpg' and names[8] == 'Person-2.JPG'
+    assert names[-1] == 'INCOMPLETE-2.txt' and names[-2].endswith('.jpg')
+    assert report.unique_names(['a.png', 'a.png.jpg', 'b.jpg'], suffix='.jpg') == \
+        ['a.png.jpg', 'a.png-2.jpg', 'b.jpg']
+
+
+def test_search_page_links_every_hostile_name_to_its_file(tmp_path):
+    (query,) = images(tmp_path / 'query #1?', ['q #?%.jpg'])
+    gallery = images(tmp_path / 'gallery 100%', HOSTILE)
+    out = tmp_path / 'out'
+    searching.write_results(out, query, [str(p) for p in gallery], np.arange(len(gallery)),
+                            np.linspace(0, 1, len(gallery), dtype=np.float32), len(gallery), [])
+    page = parse(out / 'index.html')
+    shown = {target(link, out / 'index.html') for link in page.links}
+    assert shown == {query.resolve(), *(p.resolve() for p in gallery), out / 'results.csv'}
+    text = ''.join(page.text)
+    assert all(name in text for name in HOSTILE)           # captions show the names as they are
+    with Image.open(out / 'strip.jpg') as strip:
+        assert strip.width > len(gallery) * visrank.THUMB_WIDTH
+
+
+def test_visrank_page_data_and_links_survive_hostile_names(tmp_path):
+    queries = images(tmp_path / 'query #1', HOSTILE[:4] + HOSTILE[-4:])
+    gallery = images(tmp_path / 'gallery ?%', HOSTILE)
+    query_items = [(str(p), k % 3, 0) for k, p in enumerate(queries)]
+    gallery_items = [(str(p), k % 3, 1) for k, p in enumerate(gallery)]
+    distmat = np.random.default_rng(0).random((len(queries), len(gallery)), dtype=np.float32)
+    save_dir = tmp_path / 'visrank <b> {{data}}'
+    page = visrank.write_rankings(distmat, (query_items, gallery_items), save_dir=save_dir,
+                                  topk=4, workers=2)
+    parsed = parse(page)
+    assert not set('<>&') & set(parsed.data)       # nothing in the data block can end it
+    rows = json.loads(parsed.data)
+    assert [row['name'] for row in rows] == [p.name for p in queries]
+    assert [(row['pid'], row['cam']) for row in rows] == [item[1:] for item in query_items]
+    strips = set()
+    for row, query, distances in zip(rows, queries, distmat):
+        assert target(row['path'], page) == query.resolve()
+        assert [target(m[0], page) for m in row['matches']] == \
+            [gallery[g].resolve() for g in np.argsort(distances)[:4]]
+        strip = target(row['strip'], page)
+        assert strip.parent == save_dir.resolve() and strip.is_file()
+        strips.add(strip)
+    assert len(strips) == len(queries)              # one strip each, none overwritten
+    assert {target(link, page) for link in parsed.links} == {save_dir.resolve() / 'cmc.png'}
+    assert 'encodeURI' not in page.read_text()      # links arrive encoded: not twice
+    assert '<title>Rankings: visrank &lt;b&gt; {{data}}</title>' in page.read_text()
+
+
+def test_a_strip_holds_max_strip_matches_and_one_more_is_an_error(tmp_path):
+    (tile,) = images(tmp_path / 'images', ['person.jpg'])
+    query = (str(tile), ['query', ''])
+    full = visrank.draw_strip(query, [(str(tile), ['', ''], None)] * visrank.MAX_STRIP_MATCHES)
+    visrank.save_strip(tmp_path / 'full.jpg', full)
+    with Image.open(tmp_path / 'full.jpg') as saved:
+        assert saved.width == full.shape[1]
+    too_wide = visrank.draw_strip(query, [(str(tile), ['', ''], None)] *
+                                  (visrank.MAX_STRIP_MATCHES + 1))
+    with pytest.raises(UserError, match=f'at most {visrank.MAX_STRIP_MATCHES} matches.*TOPK'):
+        visrank.save_strip(tmp_path / 'wide.jpg', too_wide)
+
+
+def test_both_strip_writers_stop_when_a_strip_is_not_written(tmp_path, monkeypatch):
+    query, *gallery = images(tmp_path / 'images', ['q.jpg', 'g1.jpg', 'g2.jpg'])
+    dataset = ([(str(query), 0, 0)], [(str(gallery[0]), 0, 1), (str(gallery[1]), 1, 1)])
+    monkeypatch.setattr(cv2, 'imwrite', lambda *args: False)       # a full disk, say
+    with pytest.raises(UserError, match='Could not write the rank strip'):
+        searching.write_results(tmp_path / 'search', query, [str(p) for p in gallery],
+                                np.arange(2), np.zeros(2, np.float32), 2, [])
+    with pytest.raises(UserError, match='Could not write the rank strip'):
+        visrank.write_rankings(np.zeros((1, 2)), dataset, save_dir=tmp_path / 'visrank', topk=2,
+                               workers=1)
