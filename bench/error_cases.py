@@ -29,9 +29,10 @@ def run(args, env=None):
     done = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - started
-    text = (done.stderr + '\n' + done.stdout).splitlines()
+    text = [line for line in (done.stderr + '\n' + done.stdout).splitlines() if line.strip()]
     first = next((line for line in text if line.startswith('error:')), None) or \
-        next((line for line in text if line.startswith('Note: the checkpoint')), text[-1])
+        next((line for line in text if line.startswith('Note:') and 'CUDA' not in line),
+             text[-1])
     return done.returncode, first, seconds
 
 
@@ -68,7 +69,68 @@ def main():
     other_ids['state_dict']['classifier.bias'] = torch.zeros(99)
     torch.save(other_ids, tmp / 'other-ids.pth')
 
+    # Issue 11's cases: a diverged model, a run's own settings, outputs and caches.
+    mine = tmp / 'my-models' / 'model'
+    mine.mkdir(parents=True)
+    shutil.copy(checkpoint, mine / 'keep.pth')
+    nan = torch.load(checkpoint, weights_only=True)
+    nan['state_dict']['conv1.weight'].fill_(float('nan'))
+    torch.save(nan, tmp / 'nan.pth')
+    queries = tmp / 'queries'
+    queries.mkdir()
+    query = next((market_data_dir(data) / 'query').glob('*.jpg'))
+    shutil.copy(query, queries / 'person.jpg')
+    from PIL import Image
+    Image.open(query).save(queries / 'person.png')
+    (tmp / 'unreadable').mkdir()
+    (tmp / 'unreadable' / 'person.jpg').write_bytes(b'\xff\xd8\xff not an image \xff\xd9')
+    gallery = tmp / '2024'
+    shutil.copytree(market_data_dir(data) / 'bounding_box_test', gallery)
+    (tmp / 'a-file').write_text('not a folder')
+    search = ['search', f'--EXPERIMENTS_DIR={tmp / "exp"}', f'--WEIGHTS={checkpoint}']
+
+    def fifo(d):
+        os.mkfifo(d / 'bounding_box_train' / '0001_c1s1_999999_01.jpg')
+
+    def undecodable(d):
+        for image in sorted((d / 'bounding_box_train').glob('*.jpg'))[:10]:
+            image.write_bytes(b'\xff\xd8\xff\xe0' + bytes(range(256)) * 4 + b'\xff\xd9')
+
     cases = [
+        ('#11 LR=1000: diverges, no score', ['train', 'test', *common, '--LR=1000.0',
+                                             '--MAX_EPOCH=2'], None),
+        ('#11 LR=1e999 (inf)', ['train', *common, '--LR=1e999'], None),
+        ('#11 batch > training set', ['train', *common, '--BATCH_SIZE_TRAIN=100000'], None),
+        ('#11 batch of 1', ['train', *common, '--BATCH_SIZE_TRAIN=1'], None),
+        ('#11 resume at another size', ['train', *common, f'--RESUME={checkpoint}',
+                                        '--MAX_EPOCH=2', '--HEIGHT=64'], None),
+        ('#11 resume with OPTIM=sgd', ['train', *common, f'--RESUME={checkpoint}',
+                                       '--MAX_EPOCH=2', '--OPTIM=sgd'], None),
+        ('#11 resume a finished run', ['train', *common, f'--RESUME={checkpoint}'], None),
+        ('#11 resume from outside EXPERIMENTS_DIR (runs)',
+         ['train', f'--EXPERIMENTS_DIR={tmp / "exp"}', f'--RESUME={mine / "keep.pth"}',
+          '--MAX_EPOCH=2', '--WORKERS=0'], None),
+        ('#11 test a 32x16 checkpoint, no size flags (runs)',
+         ['test', f'--WEIGHTS={checkpoint}', f'--EXPERIMENTS_DIR={tmp / "exp"}', '--WORKERS=0'],
+         None),
+        ('#11 search with a diverged checkpoint', [*search[:2], f'--WEIGHTS={tmp}/nan.pth',
+                                                   f'--QUERY={queries}', f'--GALLERY={gallery}'],
+         None),
+        ('#11 search person.jpg + person.png, GALLERY=2024 (runs)',
+         [*search, f'--QUERY={queries}', f'--GALLERY={gallery}'], None),
+        ('#11 search: query unreadable', [*search, f'--QUERY={tmp}/unreadable',
+                                          f'--GALLERY={gallery}'], None),
+        ('#11 SEARCH_TOPK beyond a strip', [*search, f'--QUERY={queries}',
+                                            f'--GALLERY={gallery}', '--SEARCH_TOPK=2000'], None),
+        ('#11 EXPERIMENTS_DIR is a file', ['train', *common, f'--EXPERIMENTS_DIR={tmp}/a-file'],
+         None),
+        ('#11 --demo with DATA_ROOT a file', ['train', '--demo', f'--DATA_ROOT={tmp}/a-file',
+                                              f'--EXPERIMENTS_DIR={tmp / "exp"}'], None),
+        ('#11 a FIFO named like an image', ['train', *common, damaged('fifo', fifo)], None),
+        ('#11 undecodable image, WORKERS=2', ['train', *common, damaged('undecodable',
+                                                                        undecodable),
+                                              '--WORKERS=2'], None),
+
         ('1 dataset missing', ['train', *common, f'--DATA_ROOT={tmp}/nowhere'], None),
         ('2 a split empty', ['train', *common, damaged('empty', lambda d: [
             p.unlink() for p in (d / 'query').iterdir()])], None),
@@ -89,8 +151,9 @@ def main():
         ('6 WEIGHTS missing', ['test', *common, f'--WEIGHTS={tmp}/none.pth'], None),
         ('6 WEIGHTS not a checkpoint', ['test', *common, f'--WEIGHTS={tmp}/notes.txt'], None),
         ('6 WEIGHTS truncated', ['test', *common, f'--WEIGHTS={tmp}/cut.pth'], None),
-        ('6 WEIGHTS other architecture', ['test', *common, f'--WEIGHTS={tmp}/resnet18.pth'],
-         None),
+        ('6 WEIGHTS of resnet18, --MODEL_NAME=resnet50', ['test', *common,
+                                                          f'--WEIGHTS={tmp}/resnet18.pth',
+                                                          '--MODEL_NAME=resnet50'], None),
         ('6 other identities (loads)', ['test', *common, f'--WEIGHTS={tmp}/other-ids.pth'],
          None),
         ('7 PRETRAINED, no cache, no network', ['train', *common, '--PRETRAINED=True'],
@@ -100,6 +163,7 @@ def main():
         ('override: unknown key', ['train', *common, '--MAX_EPOCHS=3'], None),
         ('override: wrong type', ['train', *common, '--MAX_EPOCH=ten'], None),
     ]
+    cases = cases[17:] + cases[:17]        # the earlier issues' cases first, then #11's
     print('| case | exit | seconds | first line |\n|---|---|---|---|')
     for name, args, env in cases:
         code, first, seconds = run(args, env)

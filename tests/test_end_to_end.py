@@ -5,9 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import main
 from reidkit.checkpoints import load_checkpoint
 from reidkit.runs import newest_checkpoint
+
+pytestmark = pytest.mark.slow   # every test here trains or runs main.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +48,13 @@ def test_train_test_visrank(tiny_settings, capsys):
                       / 'query').glob('*.jpg'))
     assert [p.name for p in strips] == [p.name for p in queries]
     from PIL import Image
-    with Image.open(strips[0]) as strip:                   # query + top-3 side by side
-        assert strip.width > 4 * tiny_settings.WIDTH
+
+    from reidkit import visrank
+    k = tiny_settings.VISRANK_TOPK                         # query + top-3 side by side
+    with Image.open(strips[0]) as strip:
+        assert strip.size == (visrank.THUMB_WIDTH + visrank.QUERY_GAP
+                              + k * (visrank.THUMB_WIDTH + visrank.GAP),
+                              visrank.THUMB_HEIGHT + visrank.CAPTION_HEIGHT)
     assert test_dir != vis_dir and vis_dir.parent == run_dir
 
 

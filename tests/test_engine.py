@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHREID_EVALUATE = importlib.import_module('torchreid.reid.metrics').evaluate_rank
 
 
+@pytest.mark.slow
 def test_importing_our_modules_changes_nothing_in_torchreid():
     code = ('import torchreid.reid.metrics as m, torchreid.reid.engine.engine as e, '
             'torchreid.reid.data.datasets.dataset as d\n'
@@ -59,6 +60,7 @@ def _broken_jpeg(path: Path) -> None:
     path.write_bytes(b'\xff\xd8\xff\xe0' + bytes(range(256)) * 4 + b'\xff\xd9')
 
 
+@pytest.mark.slow
 def test_spawned_loader_workers_read_with_our_reader(tiny_settings, tmp_path):
     datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
     engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
@@ -75,6 +77,7 @@ def test_spawned_loader_workers_read_with_our_reader(tiny_settings, tmp_path):
     assert 'Traceback' not in message and 'DataLoader worker' not in message
 
 
+@pytest.mark.slow
 def test_a_bad_image_found_by_a_loader_worker_is_one_paragraph(tiny_data_root, tmp_path):
     data = tmp_path / 'data'
     shutil.copytree(tiny_data_root, data)
@@ -109,6 +112,7 @@ def test_divergence_watch_finds_the_first_bad_batch_on_floats_and_device_tensors
     assert (epoch, batch, name) == (2, 3, 'loss') and math.isnan(value)
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_with_an_error_and_writes_no_checkpoint_after_it(
         tiny_settings, monkeypatch):
     original = ImageSoftmaxEngine.forward_backward
@@ -138,6 +142,7 @@ def test_a_diverging_run_stops_with_an_error_and_writes_no_checkpoint_after_it(
     assert not (run_dir / 'metrics.json').exists()
 
 
+@pytest.mark.slow
 def test_a_real_lr_of_1000_never_reports_a_score(tiny_data_root, tmp_path):
     from conftest import TINY
     args = [f'--{k}={v!r}' for k, v in dict(TINY, DATA_ROOT=str(tiny_data_root), LR=1000.0,

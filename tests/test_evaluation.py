@@ -90,6 +90,7 @@ def _torchreid_cuhk03_average(distmat, q_pids, g_pids, q_cams, g_cams, max_rank,
     return np.mean([r[0] for r in results], axis=0), results[0][1]
 
 
+@pytest.mark.slow
 def test_single_gallery_shot_is_the_expectation_torchreid_samples():
     rng = np.random.default_rng(5)
     for _ in range(3):

@@ -12,6 +12,8 @@ import main
 from reidkit.checkpoints import LATEST_NAME, load_checkpoint
 from reidkit.engine import SoftmaxEngine
 
+pytestmark = pytest.mark.slow   # every test here trains or runs main.py
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -71,6 +71,7 @@ def _fingerprint(folder: Path) -> dict:
             for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_the_run_folder_and_every_checkpoint_hold_the_settings(trained_run, tiny_data_root):
     s, run_dir = trained_run
     stored = json.loads((run_dir / 'settings.json').read_text())
@@ -82,6 +83,7 @@ def test_the_run_folder_and_every_checkpoint_hold_the_settings(trained_run, tiny
     assert json.loads((run_dir / 'metrics.json').read_text())['settings']['MAX_EPOCH'] == 2
 
 
+@pytest.mark.slow
 def test_test_takes_model_size_and_data_from_the_checkpoint(trained_run, tmp_path):
     s, run_dir = _copy_run(trained_run, tmp_path)
     # Nothing about the run is given: config.py's 256x128 and 'reid-data' would not fit.
@@ -96,6 +98,7 @@ def test_test_takes_model_size_and_data_from_the_checkpoint(trained_run, tmp_pat
         main.test(bare.replace(HEIGHT=64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flag, value', [('HEIGHT', 64), ('OPTIM', 'sgd'), ('LR', 0.5),
                                          ('MODEL_NAME', 'resnet18')])
 def test_resume_refuses_a_flag_that_changes_the_run(trained_run, tmp_path, flag, value):
@@ -110,6 +113,7 @@ def test_resume_refuses_a_flag_that_changes_the_run(trained_run, tmp_path, flag,
     assert _fingerprint(run_dir) == before
 
 
+@pytest.mark.slow
 def test_resume_applies_schedule_flags_and_ignores_config_edits(trained_run, tmp_path, capsys,
                                                                  monkeypatch):
     s, run_dir = _copy_run(trained_run, tmp_path)
@@ -126,6 +130,7 @@ def test_resume_applies_schedule_flags_and_ignores_config_edits(trained_run, tmp
     assert load_checkpoint(run_dir / 'model' / 'model.pth.tar-3')['settings']['MAX_EPOCH'] == 3
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_so_and_writes_nothing(trained_run, tmp_path):
     s, run_dir = _copy_run(trained_run, tmp_path)
     before = _fingerprint(run_dir)
@@ -136,6 +141,7 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(trained_run, tmp_pat
     assert [p.name for p in Path(s.EXPERIMENTS_DIR).iterdir()] == [run_dir.name]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_outside_experiments_continues_in_a_new_run_folder(trained_run, tmp_path,
                                                                         capsys):
     s, _ = trained_run
@@ -153,6 +159,7 @@ def test_a_checkpoint_outside_experiments_continues_in_a_new_run_folder(trained_
     assert _fingerprint(tmp_path / 'my-models') == before
 
 
+@pytest.mark.slow
 def test_resume_needs_no_imagenet_weights(trained_run, tmp_path, monkeypatch):
     s, run_dir = _copy_run(trained_run, tmp_path)
     latest = run_dir / 'model' / LATEST_NAME
@@ -170,6 +177,7 @@ def test_resume_needs_no_imagenet_weights(trained_run, tmp_path, monkeypatch):
     assert load_checkpoint(run_dir / 'model' / 'model.pth.tar-2')['settings']['PRETRAINED']
 
 
+@pytest.mark.slow
 def test_an_old_checkpoint_of_another_optimiser_is_named(trained_run, tmp_path):
     s, run_dir = _copy_run(trained_run, tmp_path)
     latest = run_dir / 'model' / LATEST_NAME

@@ -49,6 +49,7 @@ def _valid_gallery(tmp_path, row, page_dir):
     return query, folder
 
 
+@pytest.mark.slow
 def test_top1_equals_the_evaluations_rank1_and_the_cache_is_reused(trained, tmp_path, monkeypatch):
     s, page_dir, rows = trained
     row = rows[0]
@@ -74,6 +75,7 @@ def test_top1_equals_the_evaluations_rank1_and_the_cache_is_reused(trained, tmp_
     assert calls.count('Gallery features') == 1  # a changed folder is extracted again
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_and_listed(trained, tmp_path):
     s, page_dir, rows = trained
     query, folder = _valid_gallery(tmp_path, rows[1], page_dir)
@@ -90,6 +92,7 @@ def test_bad_files_are_skipped_and_listed(trained, tmp_path):
     assert '2 unreadable files skipped' in (out / 'index.html').read_text()
 
 
+@pytest.mark.slow
 def test_a_folder_of_queries_gives_one_result_set_each(trained, tmp_path):
     s, page_dir, rows = trained
     query, folder = _valid_gallery(tmp_path, rows[0], page_dir)
@@ -101,6 +104,7 @@ def test_a_folder_of_queries_gives_one_result_set_each(trained, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(Path(r['path']).name for r in rows[:3])
 
 
+@pytest.mark.slow
 def test_bad_input_is_named(trained, tmp_path):
     s, page_dir, rows = trained
     query = page_dir / rows[0]['path']
@@ -113,6 +117,7 @@ def test_bad_input_is_named(trained, tmp_path):
         main.search(s.replace(QUERY=str(query), GALLERY=str(query.parent), MODEL_NAME='resnet18'))
 
 
+@pytest.mark.slow
 def test_a_diverged_checkpoint_ranks_nothing(trained, tmp_path):
     from reidkit.checkpoints import load_checkpoint, save_checkpoint
     from reidkit.runs import latest_run_checkpoint
@@ -133,6 +138,7 @@ def _search_folders(experiments: Path) -> set:
     return {p for p in Path(experiments).iterdir() if not p.name.startswith('.')}
 
 
+@pytest.mark.slow
 def test_query_file_names_give_distinct_folders_inside_the_search(trained, tmp_path):
     s, page_dir, rows = trained
     _, folder = _valid_gallery(tmp_path, rows[0], page_dir)
@@ -157,6 +163,7 @@ def test_query_file_names_give_distinct_folders_inside_the_search(trained, tmp_p
     assert [r['distance'] for r in png] != [r['distance'] for r in jpg]   # not overwritten
 
 
+@pytest.mark.slow
 def test_an_interrupted_search_never_looks_complete(trained, tmp_path, monkeypatch):
     from reidkit import visrank
     s, page_dir, rows = trained
@@ -193,6 +200,7 @@ def test_an_interrupted_search_never_looks_complete(trained, tmp_path, monkeypat
                                                                 for r in rows[:3])
 
 
+@pytest.mark.slow
 def test_unreadable_queries_are_listed_and_none_readable_is_an_error(trained, tmp_path):
     s, page_dir, rows = trained
     _, folder = _valid_gallery(tmp_path, rows[0], page_dir)
@@ -272,6 +280,7 @@ print(json.dumps({'cached': found.cached, 'paths': found.paths, 'skipped': found
 """
 
 
+@pytest.mark.slow
 def test_two_searches_at_once_on_one_gallery_share_one_extraction(tmp_path):
     means = _small_gallery(tmp_path / 'gallery')
     (tmp_path / 'model.pth').write_bytes(b'weights')

@@ -24,6 +24,7 @@ def test_auto_is_eager_on_the_cpu(tiny_settings, capsys):
 BF16_SIZE = dict(HEIGHT=32, WIDTH=32)
 
 
+@pytest.mark.slow
 def test_bf16_and_channels_last_train_evaluate_and_save_plain_checkpoints(tiny_settings, capsys):
     s = tiny_settings.replace(AMP='bf16', CHANNELS_LAST='on', MAX_EPOCH=2, **BF16_SIZE)
     seen = []
@@ -42,6 +43,7 @@ def test_bf16_and_channels_last_train_evaluate_and_save_plain_checkpoints(tiny_s
     assert saved['state_dict']['conv1.weight'].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_the_fast_path_round_trips_through_test(tiny_settings, capsys):
     s = tiny_settings.replace(AMP='bf16', CHANNELS_LAST='on', **BF16_SIZE)
     run_dir = main.train(s)
@@ -52,6 +54,7 @@ def test_the_fast_path_round_trips_through_test(tiny_settings, capsys):
     assert last(trained) == last(tested) and run_dir.is_dir()
 
 
+@pytest.mark.slow
 def test_a_failing_compile_says_so_once_and_continues_eager(tiny_settings, monkeypatch, capsys):
     from torch._dynamo.exc import BackendCompilerFailed
 
