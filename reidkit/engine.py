@@ -21,11 +21,13 @@ from typing import Iterator
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from tqdm import tqdm
 
-from reidkit import evaluation, visrank
+from reidkit import evaluation
+from reidkit.visrank import write_rankings
 from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
 from reidkit.checks import read_image
 from reidkit.errors import UserError
@@ -57,8 +59,7 @@ class ReidkitEngineMixin:
         torchreid_metrics = importlib.import_module('torchreid.reid.metrics')
         torchreid_engine = importlib.import_module('torchreid.reid.engine.engine')
         with mock.patch.object(torchreid_metrics, 'evaluate_rank', self._evaluate_rank), \
-                mock.patch.object(torchreid_engine, 'visualize_ranked_results',
-                                  visrank.write_rankings):
+                mock.patch.object(torchreid_engine, 'visualize_ranked_results', write_rankings):
             yield
 
     def _evaluate_rank(self, *args, **kwargs):
@@ -124,6 +125,57 @@ class ReidkitEngineMixin:
         state = model_state(self, name, epoch, rank1, self.model_name)
         state['settings'] = self.settings
         return save_checkpoint(state, path)
+
+    @torch.no_grad()
+    def _evaluate(self, dataset_name='', query_loader=None, gallery_loader=None,
+                  dist_metric='euclidean', normalize_feature=False, visrank=False,
+                  visrank_topk=10, save_dir='', use_metric_cuhk03=False, ranks=(1, 5, 10, 20),
+                  rerank=False):
+        """Torchreid's evaluation, with the features kept on the model's device and the
+        distances computed there in query chunks by our evaluator (never a full distance
+        matrix on the host, unless visrank draws it). Re-ranking and CUHK03's protocol go
+        through Torchreid's own `_evaluate` (with our evaluator inside)."""
+        if rerank or use_metric_cuhk03:
+            return super()._evaluate(dataset_name, query_loader, gallery_loader, dist_metric,
+                                     normalize_feature, visrank, visrank_topk, save_dir,
+                                     use_metric_cuhk03, list(ranks), rerank)
+        print('Extracting features from query set ...')
+        qf, q_pids, q_camids = self._features(query_loader)
+        print(f'Done, obtained {qf.size(0)}-by-{qf.size(1)} matrix')
+        print('Extracting features from gallery set ...')
+        gf, g_pids, g_camids = self._features(gallery_loader)
+        print(f'Done, obtained {gf.size(0)}-by-{gf.size(1)} matrix')
+        if normalize_feature:
+            qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
+        print(f'Computing CMC and mAP with metric={dist_metric} ...')
+        cmc, mAP = evaluation.evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids,
+                                                metric=dist_metric)
+        self._evaluations.append((cmc, mAP))
+        print('** Results **')
+        print(f'mAP: {mAP:.1%}')
+        print('CMC curve')
+        for r in ranks:
+            print(f'Rank-{r:<3}: {cmc[r - 1]:.1%}')
+        if visrank:
+            distmat = evaluation.distances(qf, gf, dist_metric).cpu().numpy()
+            write_rankings(
+                distmat, self.datamanager.fetch_test_loaders(dataset_name),
+                self.datamanager.data_type, width=self.datamanager.width,
+                height=self.datamanager.height,
+                save_dir=str(Path(save_dir) / f'visrank_{dataset_name}'), topk=visrank_topk)
+        return cmc[0], mAP
+
+    def _features(self, loader):
+        """(features on the model's device, pids, camids) of every image the loader gives."""
+        device = next(self.model.parameters()).device
+        features, pids, camids = [], [], []
+        for data in loader:
+            images, batch_pids, batch_camids = self.parse_data_for_eval(data)
+            features.append(self.extract_features(images.to(device, non_blocking=True))
+                            .float())
+            pids.append(torch.as_tensor(batch_pids))
+            camids.append(torch.as_tensor(batch_camids))
+        return torch.cat(features), torch.cat(pids), torch.cat(camids)
 
     def test(self, *args, **kwargs):
         loaders = self.test_loader

@@ -37,6 +37,8 @@ def _as_tensor(array) -> torch.Tensor:
 def _count_non_finite(values: torch.Tensor) -> int:
     if not values.is_floating_point():
         return 0
+    if values.device.type != 'cpu':            # counted where the values are: one number back
+        return int((~torch.isfinite(values)).sum())
     # numpy's isfinite is ~30x faster than torch's on the CPU; this runs on every chunk.
     finite = np.isfinite(values.detach().cpu().numpy())
     return finite.size - int(np.count_nonzero(finite))
@@ -83,6 +85,10 @@ class Labels:
     def num_gallery(self) -> int:
         return len(self.g_pids)
 
+    def to(self, device: torch.device) -> Labels:
+        return Labels(*(ids.to(device) for ids in (self.q_pids, self.g_pids, self.q_camids,
+                                                   self.g_camids)))
+
     def queries(self, start: int, end: int) -> Labels:
         """The labels of queries start..end-1 (one chunk) against the whole gallery."""
         return Labels(self.q_pids[start:end], self.g_pids, self.q_camids[start:end],
@@ -102,21 +108,22 @@ def _rank_chunk(dist: torch.Tensor, labels: Labels):
     negative = ~match                        # everything else that is kept; junk is dropped
     num_pos = positive.sum(1)
     most = int(num_pos.max()) if len(num_pos) else 0
-    first = torch.full((len(dist),), -1, dtype=torch.long)
-    ap = torch.full((len(dist),), float('nan'), dtype=torch.float64)
+    device = dist.device                     # the CPU, or a GPU where the features are
+    first = torch.full((len(dist),), -1, dtype=torch.long, device=device)
+    ap = torch.full((len(dist),), float('nan'), dtype=torch.float64, device=device)
     if most == 0:
         return first, ap
 
-    inf = torch.tensor(float('inf'), dtype=dist.dtype)
+    inf = torch.tensor(float('inf'), dtype=dist.dtype, device=device)
     pos_dist = torch.topk(torch.where(positive, dist, inf), most, dim=1, largest=False).values
     # bucket b of a wrong match = number of true matches strictly closer than it; it is then
     # ranked before true matches b, b+1, ... (ties count against us).
     bucket = torch.searchsorted(pos_dist.contiguous(), dist.contiguous(), side='left')
-    per_bucket = torch.zeros(len(dist), most + 1, dtype=torch.int32)
+    per_bucket = torch.zeros(len(dist), most + 1, dtype=torch.int32, device=device)
     per_bucket.scatter_add_(1, bucket, negative.to(torch.int32))   # only wrong matches count
     negatives_before = per_bucket[:, :most].cumsum(1)
 
-    order = torch.arange(most)
+    order = torch.arange(most, device=device)
     rank = negatives_before + order + 1                      # 1-based rank of each true match
     valid = order[None, :] < num_pos[:, None]
     precision = torch.where(valid, (order + 1).double() / rank.double(), 0.0)
@@ -149,13 +156,15 @@ def _rank_in_chunks(distance_rows: DistanceRows, labels: Labels, chunk: int = QU
         non_finite += _count_non_finite(dist)
         if non_finite:
             continue                # rank no more, but count the rest for the message
+        if labels.q_pids.device != dist.device:     # distances on a GPU: rank them there
+            labels = labels.to(dist.device)
         first, ap = _rank_chunk(dist, labels.queries(start, end))
         firsts.append(first)
         aps.append(ap)
     if non_finite:
         raise _non_finite_error(non_finite, labels.num_queries * labels.num_gallery,
                                 'query-gallery distances')
-    return torch.cat(firsts).numpy(), torch.cat(aps).numpy()
+    return torch.cat(firsts).cpu().numpy(), torch.cat(aps).cpu().numpy()
 
 
 def _gallery_max_rank(labels: Labels, max_rank: int) -> int:

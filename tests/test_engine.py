@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 import main
 import reidkit.engine as engine_module
 from reidkit import evaluation, visrank
-from reidkit.engine import DivergenceWatch
+from reidkit.engine import DivergenceWatch, ReidkitEngineMixin
 from torchreid.reid.engine import ImageSoftmaxEngine
 from reidkit.errors import UserError
 
@@ -39,20 +39,43 @@ def test_ours_are_used_only_while_the_engine_runs(tiny_settings, monkeypatch):
     metrics = importlib.import_module('torchreid.reid.metrics')
     torchreid_engine = importlib.import_module('torchreid.reid.engine.engine')
     seen = []
-    original = evaluation.evaluate_rank
 
-    def spy(*args, **kwargs):
-        seen.append((getattr(metrics.evaluate_rank, '__self__', None) is engine,
-                     torchreid_engine.visualize_ranked_results is visrank.write_rankings))
-        return original(*args, **kwargs)
-    monkeypatch.setattr(evaluation, 'evaluate_rank', spy)
+    def spying(function):
+        def spy(*args, **kwargs):
+            seen.append((function.__name__,
+                         getattr(metrics.evaluate_rank, '__self__', None) is engine,
+                         torchreid_engine.visualize_ranked_results is visrank.write_rankings))
+            return function(*args, **kwargs)
+        return spy
+    monkeypatch.setattr(evaluation, 'evaluate_features', spying(evaluation.evaluate_features))
+    monkeypatch.setattr(evaluation, 'evaluate_rank', spying(evaluation.evaluate_rank))
     datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
     engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
-    engine.run(save_dir=str(Path(tiny_settings.EXPERIMENTS_DIR) / 'run'), test_only=True)
-    assert seen == [(True, True)]                  # our evaluator and rank writer, inside run()
-    assert len(engine.results) == 1 and engine.results[0]['mAP'] > 0
+    save_dir = str(Path(tiny_settings.EXPERIMENTS_DIR) / 'run')
+    engine.run(save_dir=save_dir, test_only=True)
+    # Torchreid's own pipeline (here with re-ranking) evaluates through our evaluator too.
+    engine.run(save_dir=save_dir, test_only=True, rerank=True)
+    assert seen == [('evaluate_features', True, True), ('evaluate_rank', True, True)]
+    assert len(engine.results) == 2 and all(0 < r['mAP'] <= 1 for r in engine.results)
     assert metrics.evaluate_rank is TORCHREID_EVALUATE     # and Torchreid's own again after
     assert torchreid_engine.visualize_ranked_results is not visrank.write_rankings
+
+
+def test_our_evaluation_equals_torchreids_pipeline_on_the_same_features(tiny_settings):
+    """Our _evaluate (features kept on the device, chunked distances) against Torchreid's own
+    _evaluate with its own distance matrix and our exact evaluator: the same numbers."""
+    datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
+    engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
+    engine.set_model_mode('eval')
+    loaders = engine.test_loader['market1501']
+    with engine.torchreid_extended():
+        ours = engine._evaluate('market1501', loaders['query'], loaders['gallery'])
+        theirs = super(ReidkitEngineMixin, engine)._evaluate('market1501', loaders['query'],
+                                                             loaders['gallery'])
+    assert ours[0] == pytest.approx(theirs[0], abs=1e-6)
+    assert ours[1] == pytest.approx(theirs[1], abs=1e-6)
+    (cmc_ours, _), (cmc_theirs, _) = engine._evaluations
+    assert (cmc_ours == cmc_theirs).all()
 
 
 def _broken_jpeg(path: Path) -> None:
