@@ -19,7 +19,6 @@ from pathlib import Path
 
 import config
 import reidkit  # noqa: F401  (first: silences Torchreid's import-time Cython warning)
-import torch
 import torchreid
 from torchreid.reid.utils import set_random_seed
 
@@ -34,7 +33,7 @@ from reidkit.runs import log_to, new_run_dir, newest_checkpoint, output_dir_for,
     resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
 from reidkit.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, apply_overrides, \
     defaults_from, parse_override_args
-from reidkit.speed import fast_path
+from reidkit.speed import fast_training
 
 MODES = ('train', 'test', 'visrank')       # run in this order when none is named
 EXTRA_MODES = ('search',)
@@ -82,16 +81,16 @@ def get_items(s: Settings | None = None):
 
 def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
     """ImageSoftmaxEngine (ImageTripletEngine when LOSS='triplet'), as Torchreid's scripts do,
-    driving the model through the fast path (AMP, CHANNELS_LAST, COMPILE) where it is on."""
+    through the fast path where it is on (AMP, CHANNELS_LAST, COMPILE, TRAIN_STEP, DATA_CACHE:
+    all on with CUDA by default)."""
     use_gpu = next(model.parameters()).is_cuda
-    model, path = fast_path(model, torch.device('cuda' if use_gpu else 'cpu'), s.AMP,
-                            s.CHANNELS_LAST, s.COMPILE)
-    print(path)
+    fast = fast_training(s, model, optimizer, datamanager)
+    print(fast.line)
     engine_class = TripletEngine if s.LOSS == 'triplet' else SoftmaxEngine
     return engine_class(
-        datamanager, model, optimizer, scheduler=scheduler, use_gpu=use_gpu,
+        datamanager, fast.model, optimizer, scheduler=scheduler, use_gpu=use_gpu,
         label_smooth=s.LABEL_SMOOTH, model_name=s.MODEL_NAME, latest_every=s.LATEST_EVERY,
-        settings=s.record(),
+        settings=s.record(), train_step=fast.step, loaders=fast.loaders,
     )
 
 

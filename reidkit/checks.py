@@ -83,6 +83,9 @@ def check_numbers(s: Settings, training: bool) -> None:
         if not s[key] > 0:
             raise UserError(f'{key}={s[key]!r} must be greater than 0. Fix it in config.py '
                             f'or with --{key}=...')
+    if not s.DATA_CACHE_GB >= 0:
+        raise UserError(f'DATA_CACHE_GB={s.DATA_CACHE_GB!r} must be 0 or more (GiB of memory the '
+                        f'decoded images may take; 0 always uses Torchreid\'s loader).')
     if s.WORKERS < 0:
         raise UserError(f'WORKERS={s.WORKERS} must be 0 (load in the main process) or more.')
     from reidkit.visrank import MAX_STRIP_MATCHES

@@ -14,8 +14,10 @@ on feature extraction, and a record of every evaluation in `results`.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
 import math
+import time
 from pathlib import Path
 from typing import Iterator
 from unittest import mock
@@ -31,14 +33,16 @@ from reidkit.visrank import write_rankings
 from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
 from reidkit.checks import read_image
 from reidkit.errors import UserError
+from reidkit.step import RunningMeans
 
 
 class ReidkitEngineMixin:
     """What our engines add to Torchreid's (see the module's docstring)."""
 
     def __init__(self, *args, model_name: str = 'unknown', latest_every: int = 1,
-                 settings: dict | None = None, **kwargs):
+                 settings: dict | None = None, train_step=None, loaders=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.train_step = train_step       # reidkit.step.TrainStep, or None: Torchreid's step
         self.model_name = model_name       # stored in checkpoints, named in mismatch errors
         self.latest_every = latest_every   # epochs between rolling checkpoints (0: never)
         self.settings = settings           # the run's settings, stored in every checkpoint
@@ -47,10 +51,13 @@ class ReidkitEngineMixin:
         self.divergence = DivergenceWatch()
         self._print_freq = 10
         self._evaluations: list = []       # (cmc, mAP) of the evaluations inside one test()
-        self.train_loader = reading_with_reidkit(self.train_loader)
-        self.test_loader = {name: {split: reading_with_reidkit(loader)
-                                   for split, loader in splits.items()}
-                            for name, splits in self.test_loader.items()}
+        if loaders is not None:            # images decoded once, augmented on the device
+            self.train_loader, self.test_loader = loaders
+        else:
+            self.train_loader = reading_with_reidkit(self.train_loader)
+            self.test_loader = {name: {split: reading_with_reidkit(loader)
+                                       for split, loader in splits.items()}
+                                for name, splits in self.test_loader.items()}
 
     @contextlib.contextmanager
     def torchreid_extended(self) -> Iterator[None]:
@@ -98,9 +105,13 @@ class ReidkitEngineMixin:
             + 'Start a new run with a lower LR (e.g. a tenth), or check the data and settings.'
         )
 
-    def train(self, *args, **kwargs):
-        self._print_freq = kwargs.get('print_freq', self._print_freq)
-        super().train(*args, **kwargs)
+    def train(self, print_freq=10, fixbase_epoch=0, open_layers=None):
+        self._print_freq = print_freq
+        if self.train_step is None:
+            super().train(print_freq=print_freq, fixbase_epoch=fixbase_epoch,
+                          open_layers=open_layers)
+        else:
+            self._train_epoch(print_freq, fixbase_epoch, open_layers)
         self._stop_if_diverged()             # the epoch's last batches, before any checkpoint
         done = self.epoch + 1
         if self.save_dir is not None and self.latest_every > 0 and done % self.latest_every == 0 \
@@ -108,6 +119,42 @@ class ReidkitEngineMixin:
             # A rolling checkpoint to resume from after Ctrl-C or a crash.
             for name in self.get_model_names():
                 self._save(name, done, float('nan'), self.save_dir / name / LATEST_NAME)
+
+    def _train_epoch(self, print_freq: int, fixbase_epoch: int, open_layers) -> None:
+        """One epoch of Torchreid's loop around our TrainStep. The step returns device tensors
+        and running means stay on the device: the host reads them (one sync) only for the log
+        line and TensorBoard, every PRINT_FREQ batches and at the epoch's end, and the
+        non-finite check follows the same rhythm."""
+        self.set_model_mode('train')
+        self.two_stepped_transfer_learning(self.epoch, fixbase_epoch, open_layers)
+        self.num_batches = len(self.train_loader)
+        means = RunningMeans()
+        started = time.time()
+        for self.batch_idx, data in enumerate(self.train_loader):
+            images, pids = self.parse_data_for_train(data)
+            values = self.train_step(images, pids)
+            means.add(values)
+            self.divergence.observe(values, self.epoch, self.batch_idx)
+            done = self.batch_idx + 1
+            if done % print_freq == 0 or done == self.num_batches:
+                self._stop_if_diverged()
+                self._log_training(means.means(), done, time.time() - started)
+        self.update_lr()
+
+    def _log_training(self, values: dict, done: int, seconds: float) -> None:
+        """The printed line (Torchreid's layout) and the TensorBoard scalars: epoch means."""
+        per_batch = seconds / done
+        left = self.num_batches - done + (self.max_epoch - self.epoch - 1) * self.num_batches
+        print(f'epoch: [{self.epoch + 1}/{self.max_epoch}][{done}/{self.num_batches}]\t'
+              f'time {per_batch:.3f}\teta {datetime.timedelta(seconds=int(per_batch * left))}\t'
+              + '\t'.join(f'{name} {value:.4f}' for name, value in values.items())
+              + f'\tlr {self.get_current_lr():.6f}')
+        if self.writer is not None:
+            step = self.epoch * self.num_batches + self.batch_idx
+            self.writer.add_scalar('Train/time', per_batch, step)
+            for name, value in values.items():
+                self.writer.add_scalar(f'Train/{name}', value, step)
+            self.writer.add_scalar('Train/lr', self.get_current_lr(), step)
 
     def save_model(self, epoch, rank1, save_dir, is_best=False):
         for name in self.get_model_names():

@@ -8,13 +8,21 @@ does that: an out-of-memory error or a bug in the model is raised as it is.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from reidkit.errors import UserError
 
 CHOICES = {'AMP': ('auto', 'bf16', 'off'), 'CHANNELS_LAST': ('auto', 'on', 'off'),
-           'COMPILE': ('auto', 'on', 'off')}
+           'COMPILE': ('auto', 'on', 'off'), 'TRAIN_STEP': ('auto', 'on', 'off'),
+           'DATA_CACHE': ('auto', 'on', 'off')}
+
+
+def switched_on(value: str, cuda: bool) -> bool:
+    """'on', or 'auto' with CUDA."""
+    return value == 'on' or (value == 'auto' and cuda)
 
 
 def _float(output):
@@ -71,10 +79,11 @@ class FastModel(nn.Module):
 
 
 def fast_path(model: nn.Module, device: torch.device, amp: str, channels_last: str,
-              compile_setting: str) -> tuple[nn.Module, str]:
+              compile_setting: str, compile_model: bool = True) -> tuple[nn.Module, str]:
     """The model to train and evaluate with, and a line saying which path was taken.
 
-    'auto' turns each switch on with CUDA and off on the CPU."""
+    'auto' turns each switch on with CUDA and off on the CPU. `compile_model=False` leaves
+    compilation to our training step (which compiles the forward pass with its loss)."""
     for key, value in (('AMP', amp), ('CHANNELS_LAST', channels_last),
                        ('COMPILE', compile_setting)):
         if value not in CHOICES[key]:
@@ -96,7 +105,9 @@ def fast_path(model: nn.Module, device: torch.device, amp: str, channels_last: s
             compile_mode = 'reduce-overhead' if cuda else 'default'
     parts = (['bf16 autocast'] if amp_dtype else []) + \
             (['channels_last'] if use_channels_last else []) + \
-            ([f'torch.compile ({"CUDA graphs" if cuda else "CPU"})'] if compile_mode else [])
+            ([f'torch.compile ({"CUDA graphs" if cuda else "CPU"})']
+             if compile_mode and compile_model else [])
+    compile_mode = compile_mode if compile_model else None
     line = 'Training path: ' + (' + '.join(parts) if parts else 'eager float32') + \
         (f' ({"; ".join(notes)})' if notes else '')
     if not parts:
@@ -104,3 +115,41 @@ def fast_path(model: nn.Module, device: torch.device, amp: str, channels_last: s
     if isinstance(model, nn.DataParallel):     # autocast must run inside each replica
         return nn.DataParallel(FastModel(model.module, amp_dtype, use_channels_last, None)), line
     return FastModel(model, amp_dtype, use_channels_last, compile_mode), line
+
+
+@dataclass
+class FastTraining:
+    """What the engine trains with: the model (wrapped by the fast path), our training step
+    (None: Torchreid's), loaders over images decoded once (None: Torchreid's) and a line
+    saying which path was taken."""
+    model: nn.Module
+    step: object
+    loaders: tuple | None
+    line: str
+
+
+def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
+    """The fast path for settings `s` (AMP, CHANNELS_LAST, COMPILE, TRAIN_STEP, DATA_CACHE,
+    DATA_CACHE_GB): on with CUDA by default, forced on or off by a setting."""
+    from reidkit.step import TrainStep, fast_optimizer
+    device = next(model.parameters()).device
+    cuda = device.type == 'cuda'
+    own_step = switched_on(s.TRAIN_STEP, cuda)
+    compile_step = own_step and switched_on(s.COMPILE, cuda) and \
+        not isinstance(model, nn.DataParallel)
+    model, line = fast_path(model, device, s.AMP, s.CHANNELS_LAST, s.COMPILE,
+                            compile_model=not own_step)
+    step = None
+    if own_step:
+        step = TrainStep(model, fast_optimizer(optimizer), s.LOSS, s.LABEL_SMOOTH,
+                         compile=compile_step)
+        line += ' + our training step' + (' (compiled with its loss)' if compile_step else '')
+    loaders = None
+    if switched_on(s.DATA_CACHE, cuda):
+        from reidkit.datapath import build_cached_loaders
+        loaders, why = build_cached_loaders(datamanager, s.TRANSFORMS, s.HEIGHT, s.WIDTH,
+                                            device, s.DATA_CACHE_GB)
+        line += ' + images decoded once, augmented on the device' if loaders else \
+            f' (Torchreid\'s loader: {why})'
+    return FastTraining(model, step, loaders, line.replace('Training path: eager float32 + ',
+                                                           'Training path: float32 + '))

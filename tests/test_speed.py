@@ -93,3 +93,29 @@ def test_errors_that_are_not_compilation_failures_are_raised_not_hidden(error, m
     with pytest.raises(type(error), match=str(error)):
         model(torch.ones(3, 4))
     assert model.compiled is not None             # not silently switched to eager
+
+
+@pytest.mark.slow
+def test_our_training_step_trains_exactly_as_torchreids(tiny_settings):
+    """TRAIN_STEP='on' (no host sync per batch; on by default with CUDA) against Torchreid's
+    own step, same seed, on the CPU: the same weights, the same evaluation, and epoch means in
+    TensorBoard at PRINT_FREQ and at each epoch's end only."""
+    from reidkit.report import read_scalars
+    runs = {}
+    for step in ('off', 'on'):
+        s = tiny_settings.replace(TRAIN_STEP=step, MAX_EPOCH=2, PRINT_FREQ=3,
+                                  EXPERIMENTS_DIR=f'{tiny_settings.EXPERIMENTS_DIR}/{step}')
+        run_dir = main.train(s)
+        runs[step] = (load_checkpoint(newest_checkpoint(run_dir)), read_scalars(run_dir),
+                      (run_dir / 'log.txt').read_text())
+    (theirs, their_scalars, their_log), (ours, our_scalars, our_log) = runs['off'], runs['on']
+    assert 'our training step' in our_log and 'our training step' not in their_log
+    for key, value in theirs['state_dict'].items():
+        assert torch.allclose(value.float(), ours['state_dict'][key].float(), atol=1e-5), key
+    assert ours['rank1'] == theirs['rank1']
+    batches = len(their_scalars['Train/loss']) // 2                 # Torchreid: every batch
+    ends = [batches - 1, 2 * batches - 1]
+    assert [step for step, _ in our_scalars['Train/loss']] == sorted({2, 2 + batches} | set(ends))
+    their_means = dict(their_scalars['Train/loss'])
+    for step, value in our_scalars['Train/loss']:
+        assert value == pytest.approx(their_means[step], abs=1e-4)

@@ -1,0 +1,235 @@
+"""Our training step: the loss on the device, optionally compiled, no host sync per batch.
+
+Torchreid's step (`ImageSoftmaxEngine.forward_backward`, `ImageTripletEngine.forward_backward`)
+builds its label-smoothing target on the CPU, mines triplets in a Python loop over the batch
+(a boolean-mask index, hence a sync, per anchor) and reads the loss and the accuracy with
+`.item()` every batch, so the GPU waits for the CPU on every step. `TrainStep` computes the
+same numbers (the tests compare it with Torchreid's own engines) with device-only tensor ops and
+returns them as device tensors; `RunningMeans` adds them up on the device and reads them back
+once per log line. `fast_optimizer` turns on the fused Adam kernel on CUDA while keeping the
+optimizer's checkpoints those of a plain Adam.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reidkit.speed import compile_errors
+
+Outputs = torch.Tensor | Sequence[torch.Tensor]
+
+# Torchreid's CrossEntropyLoss default; its engines only switch smoothing on or off.
+LABEL_SMOOTH_EPSILON = 0.1
+
+
+def _mean_over_outputs(loss: Callable, outputs: Outputs, targets: torch.Tensor, *args):
+    """Like Torchreid's DeepSupervision: a model with several outputs is trained on the mean of
+    their losses (the sum divided by their number)."""
+    if isinstance(outputs, (tuple, list)):
+        return sum(loss(output, targets, *args) for output in outputs) / len(outputs)
+    return loss(outputs, targets, *args)
+
+
+def label_smoothed_cross_entropy(logits: Outputs, targets: torch.Tensor,
+                                 epsilon: float = LABEL_SMOOTH_EPSILON) -> torch.Tensor:
+    """Cross-entropy against (1 - epsilon) * one-hot + epsilon / K, averaged over the batch,
+    K being the number of logits: Torchreid's CrossEntropyLoss (epsilon=0: without smoothing),
+    computed in float32 on the logits' device."""
+    return _mean_over_outputs(_label_smoothed_cross_entropy, logits, targets, epsilon)
+
+
+def _label_smoothed_cross_entropy(logits, targets, epsilon):
+    # Autocast off: under bf16 autocast the loss would otherwise be reduced in bf16.
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits.float(), targets, label_smoothing=epsilon)
+
+
+def batch_hard_triplet_loss(features: Outputs, targets: torch.Tensor,
+                            margin: float = 0.3) -> torch.Tensor:
+    """For each anchor, its farthest same-identity and nearest other-identity image in the batch;
+    the mean of max(0, positive - negative + margin): Torchreid's TripletLoss, without its
+    per-anchor Python loop. An anchor with no other identity in the batch adds 0 (Torchreid's
+    raises on it)."""
+    return _mean_over_outputs(_batch_hard_triplet_loss, features, targets, margin)
+
+
+def _batch_hard_triplet_loss(features, targets, margin):
+    with torch.autocast(features.device.type, enabled=False):   # distances in float32
+        x = features.float()
+        squared_norms = x.pow(2).sum(dim=1, keepdim=True)
+        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, clamped before the square root as Torchreid does
+        # (rounding can make it negative, and sqrt's gradient at 0 is infinite). The anchor's
+        # distance to itself is therefore 1e-6, and it counts as a positive, as in Torchreid.
+        distances = torch.addmm(squared_norms + squared_norms.t(), x, x.t(), alpha=-2)
+        distances = distances.clamp(min=1e-12).sqrt()
+        same_identity = targets[:, None] == targets[None, :]
+        # amax/amin share the gradient evenly between tied distances, as Torchreid's max()/min()
+        # over a masked row do.
+        hardest_positive = torch.where(same_identity, distances, float('-inf')).amax(dim=1)
+        hardest_negative = torch.where(same_identity, float('inf'), distances).amin(dim=1)
+        # clamp, not relu: the same gradient at the hinge as MarginRankingLoss.
+        return (hardest_positive - hardest_negative + margin).clamp(min=0).mean()
+
+
+def top1_accuracy(logits: Outputs, targets: torch.Tensor) -> torch.Tensor:
+    """Percentage of the batch whose highest logit is its identity, as Torchreid's
+    `metrics.accuracy(logits, targets)[0]` (first output only, when there are several)."""
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return (logits.argmax(dim=1) == targets).float().mean() * 100
+
+
+class TrainStep:
+    """One training step of Torchreid's softmax or triplet engine, without a host sync.
+
+    `step(images, pids)` runs the forward pass and the loss (compiled together with
+    `compile=True`), then backward and `optimizer.step()`, and returns the batch's values as
+    detached 0-dim tensors on the device: {'loss', 'acc'} for softmax; for triplet, 'loss_t'
+    when weight_t > 0 and 'loss_x', 'acc' when weight_x > 0, as Torchreid's engines name them.
+    'acc' is top-1 accuracy in percent. The model's train/eval mode is left to the caller."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss: str = 'softmax', label_smooth: bool = True, weight_t: float = 1.0,
+                 weight_x: float = 1.0, margin: float = 0.3, compile: bool = False):
+        if loss not in ('softmax', 'triplet'):
+            raise ValueError(f"loss={loss!r}: choose 'softmax' or 'triplet'.")
+        if loss == 'triplet' and (weight_t < 0 or weight_x < 0 or weight_t + weight_x <= 0):
+            raise ValueError(f'weight_t={weight_t}, weight_x={weight_x}: both must be >= 0 and '
+                             'at least one > 0.')
+        self.model, self.optimizer = model, optimizer
+        self.loss = loss
+        self.epsilon = LABEL_SMOOTH_EPSILON if label_smooth else 0.0
+        self.weight_t, self.weight_x, self.margin = weight_t, weight_x, margin
+        # Only forward + loss are compiled: backward is autograd's (AOTAutograd compiles it with
+        # the forward) and the optimizer stays an ordinary call.
+        self._compiled = torch.compile(self.forward_and_loss) if compile else None
+        self.compile_error: Exception | None = None   # why compilation was given up, if it was
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def __call__(self, images: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        images = images.to(device, non_blocking=True)
+        pids = pids.to(device, non_blocking=True)
+        # Before the forward pass, so last step's gradients are freed before the activations
+        # are allocated.
+        self.optimizer.zero_grad(set_to_none=True)
+        total, values = self._forward_and_loss(images, pids)
+        total.backward()
+        self.optimizer.step()
+        return {name: value.detach() for name, value in values.items()}
+
+    def forward_and_loss(self, images: torch.Tensor, pids: torch.Tensor
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise and the batch's values to report (not yet detached)."""
+        if self.loss == 'softmax':
+            logits = self.model(images)
+            loss = label_smoothed_cross_entropy(logits, pids, self.epsilon)
+            return loss, {'loss': loss, 'acc': top1_accuracy(logits, pids)}
+        logits, features = self.model(images)
+        total, values = 0, {}
+        if self.weight_t > 0:
+            values['loss_t'] = batch_hard_triplet_loss(features, pids, self.margin)
+            total = total + self.weight_t * values['loss_t']
+        if self.weight_x > 0:
+            values['loss_x'] = label_smoothed_cross_entropy(logits, pids, self.epsilon)
+            values['acc'] = top1_accuracy(logits, pids)
+            total = total + self.weight_x * values['loss_x']
+        return total, values
+
+    def _forward_and_loss(self, images, pids):
+        if self._compiled is not None:
+            try:
+                return self._compiled(images, pids)
+            except compile_errors() as error:   # a missing compiler, an old GPU, an unsupported op
+                cause = getattr(error, 'inner_exception', None) or error
+                if isinstance(cause, torch.OutOfMemoryError):
+                    raise
+                text = str(cause).strip()
+                print(f'Note: torch.compile failed for the training step '
+                      f'({type(cause).__name__}: {text.splitlines()[0][:200] if text else ""}); '
+                      f'continuing without compilation (COMPILE=off skips the attempt).')
+                self.compile_error, self._compiled = error, None
+        return self.forward_and_loss(images, pids)
+
+
+class RunningMeans:
+    """Means of a step's values since the last reset, summed on the device; `means()` reads
+    them all back in one transfer (so the log and TensorBoard cost one sync per print)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            if name in self._sums:
+                self._sums[name] += value
+            else:
+                self._sums[name] = value.clone()    # ours to add into in place
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        if not self._sums:
+            return {}
+        names = list(self._sums)
+        sums = torch.stack([self._sums[name] for name in names]).tolist()   # the one transfer
+        return {name: total / self._counts[name] for name, total in zip(names, sums)}
+
+
+def fast_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer object, with Adam's (and AdamW's) fused kernel turned on when every
+    parameter is on CUDA (one kernel per step instead of several per tensor group, and its step
+    count stays on the GPU). Anything else is returned unchanged."""
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    if isinstance(optimizer, torch.optim.Adam) and params \
+            and all(p.is_cuda and p.is_floating_point() for p in params) \
+            and not any(group.get('differentiable') for group in optimizer.param_groups):
+        fuse_adam(optimizer)
+    return optimizer
+
+
+def fuse_adam(optimizer: torch.optim.Adam) -> torch.optim.Adam:
+    """Switches an existing Adam/AdamW to its fused implementation, in place (so a scheduler or
+    an engine holding it keeps working), on any device that has the kernel.
+
+    Adam reads `group['fused']` at every step, so setting it after construction is honoured; the
+    fused kernel also wants each `step` count as a float32 tensor on the parameter's device.
+    Checkpoints stay plain: `state_dict()` reports each group's original 'fused' setting and
+    CPU step counts, as a plain Adam's; after `load_state_dict()` the groups are fused again."""
+    if hasattr(optimizer, '_reidkit_plain_fused'):
+        return optimizer                      # already fused by us
+    optimizer._reidkit_plain_fused = [group['fused'] for group in optimizer.param_groups]
+    _fuse_groups(optimizer)
+    optimizer._step_supports_amp_scaling = True   # as Adam(fused=True) sets for GradScaler
+    optimizer.register_state_dict_post_hook(_plain_state_dict)
+    optimizer.register_load_state_dict_post_hook(_fuse_groups)
+    return optimizer
+
+
+def _fuse_groups(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        group['fused'] = True
+        for param in group['params']:
+            state = optimizer.state.get(param)
+            if state and 'step' in state:
+                state['step'] = state['step'].to(param.device, torch.float32)
+
+
+def _plain_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    for group, fused in zip(state_dict['param_groups'], optimizer._reidkit_plain_fused):
+        group['fused'] = fused
+    # New per-parameter dicts: state_dict() shares them with the live state.
+    state_dict['state'] = {
+        key: {**state, 'step': state['step'].to('cpu')} if 'step' in state else state
+        for key, state in state_dict['state'].items()}
+    return state_dict
