@@ -24,7 +24,7 @@ from torchreid.reid.utils import set_random_seed
 
 from reidkit import checks, search as searching
 from reidkit.checkpoints import load_weights, resume_training
-from reidkit.demo_data import make_demo_dataset
+from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.device import choose_device, place_model
 from reidkit.engine import SoftmaxEngine, TripletEngine
 from reidkit.errors import UserError
@@ -44,7 +44,11 @@ def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings
     values = defaults_from(config)
     if demo:
         values = apply_overrides(values, config.DEMO, source='config.DEMO')
-    return Settings(apply_overrides(values, overrides or {}), given=overrides or {})
+    values = apply_overrides(values, overrides or {})
+    for key in PATH_SETTINGS:        # '~/x' means the home folder everywhere it is used
+        if isinstance(values[key], str) and values[key].startswith('~'):
+            values[key] = str(Path(values[key]).expanduser())
+    return Settings(values, given=overrides or {})
 
 
 def get_items(s: Settings | None = None):
@@ -74,7 +78,7 @@ def get_items(s: Settings | None = None):
     model = place_model(model, device)
     optimizer = torchreid.optim.build_optimizer(model, optim=s.OPTIM, lr=s.LR)
     scheduler = torchreid.optim.build_lr_scheduler(
-        optimizer, lr_scheduler=s.LR_SCHEDULER, stepsize=s.STEPSIZE
+        optimizer, lr_scheduler=s.LR_SCHEDULER, stepsize=s.STEPSIZE, max_epoch=s.MAX_EPOCH
     )
     return datamanager, model, optimizer, scheduler
 
@@ -106,10 +110,12 @@ def train(s: Settings | None = None) -> Path:
         check_not_finished(resumed, checkpoint, s)
     checks.check_before_run(s, training=True, pretrained=resumed is None)
     set_random_seed(s.SEED)
-    run_dir = run_to_continue(checkpoint, Path(s.EXPERIMENTS_DIR)) if resumed else None
+    run_dir = run_to_continue(checkpoint, Path(s.EXPERIMENTS_DIR),
+                              int(resumed.get('epoch') or 0)) if resumed else None
     if resumed and run_dir is None:
-        notes.append(f'"{checkpoint}" is not in a run folder under EXPERIMENTS_DIR, so the run '
-                     f'continues in a new one')
+        notes.append(f'"{checkpoint}" is not the newest checkpoint of a run folder under '
+                     f'EXPERIMENTS_DIR, so the run continues in a new one (nothing is '
+                     f'overwritten)')
     run_dir = run_dir or new_run_dir(Path(s.EXPERIMENTS_DIR), run_name(s))
     started = time.time()
     with log_to(run_dir / 'log.txt'):
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         modes, demo, overrides = parse_command_line(argv)
         s = load_settings(overrides, demo=demo)
         if demo:
-            summary = make_demo_dataset(Path(s.DATA_ROOT), seed=s.SEED)
+            summary = make_demo_dataset(Path(s.DATA_ROOT), seed=DEMO_DATA_SEED)
             print(f'Demo dataset: {summary.train_ids} train ids ({summary.train_images} images), '
                   f'{summary.query_images} queries, {summary.gallery_images} gallery images '
                   f'in {summary.data_dir}')

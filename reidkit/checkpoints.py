@@ -63,6 +63,9 @@ def save_checkpoint(state: dict, path: Path) -> Path:
             f'could not write the checkpoint "{path}" ({reason}). Earlier checkpoints are '
             f'intact; free some space (or fix the folder\'s permissions) and resume from the '
             f'last one.') from None
+    except BaseException:           # Ctrl-C mid-write: the earlier file stays, the part goes
+        temporary.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -121,6 +124,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def without_module_prefix(state_dict: dict) -> dict:
+    """A state_dict saved from nn.DataParallel (as Torchreid's scripts save) with its keys'
+    'module.' prefix removed."""
+    return {key[len('module.'):] if key.startswith('module.') else key: value
+            for key, value in state_dict.items()}
+
+
 def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path) -> None:
     """Loads a checkpoint's weights (read from `path`) into `model` for testing.
 
@@ -130,8 +140,7 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
     """
     target = unwrap(model)
     own = target.state_dict()
-    theirs = {key[len('module.'):] if key.startswith('module.') else key: value
-              for key, value in checkpoint['state_dict'].items()}
+    theirs = without_module_prefix(checkpoint['state_dict'])
     mismatched = sorted(key for key in own
                         if key not in theirs or theirs[key].shape != own[key].shape)
     unexpected = sorted(key for key in theirs if key not in own)
@@ -170,7 +179,7 @@ def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, s
             f'(its settings: {", ".join(sorted(saved_group))}). Resume with the OPTIM the '
             f'run was started with.')
     try:
-        unwrap(model).load_state_dict(checkpoint['state_dict'])
+        unwrap(model).load_state_dict(without_module_prefix(checkpoint['state_dict']))
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
     except (RuntimeError, ValueError, KeyError) as error:

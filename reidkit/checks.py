@@ -61,6 +61,10 @@ def check_names(s: Settings) -> None:
         raise _choices('OPTIM', s.OPTIM, AVAI_OPTIMS)
     if s.LR_SCHEDULER not in AVAI_SCH:
         raise _choices('LR_SCHEDULER', s.LR_SCHEDULER, AVAI_SCH)
+    if s.LR_SCHEDULER == 'multi_step':
+        raise UserError("LR_SCHEDULER='multi_step' needs a list of epochs, which STEPSIZE (one "
+                        "number) cannot hold. Use 'single_step' (a drop every STEPSIZE epochs) "
+                        "or 'cosine'.")
     for transform in s.TRANSFORMS:
         if transform not in TRANSFORMS:
             raise _choices('TRANSFORMS', transform, TRANSFORMS)
@@ -83,6 +87,9 @@ def check_numbers(s: Settings, training: bool) -> None:
         if not s[key] > 0:
             raise UserError(f'{key}={s[key]!r} must be greater than 0. Fix it in config.py '
                             f'or with --{key}=...')
+    if not 0 <= s.SEED < 2 ** 32:
+        raise UserError(f'SEED={s.SEED} must be between 0 and 2**32 - 1 (numpy\'s range). Fix it '
+                        f'in config.py or with --SEED=...')
     if not s.DATA_CACHE_GB >= 0:
         raise UserError(f'DATA_CACHE_GB={s.DATA_CACHE_GB!r} must be 0 or more (GiB of memory the '
                         f'decoded images may take; 0 always uses Torchreid\'s loader).')

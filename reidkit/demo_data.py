@@ -261,6 +261,11 @@ def _generation_lock(folder: Path):
         yield                                             # closing the file releases the lock
 
 
+# The seed of the demo dataset `python main.py --demo` writes. Not SEED (the training seed):
+# changing that must never regenerate, under earlier runs, the data they recorded.
+DEMO_DATA_SEED = 1
+
+
 def make_demo_dataset(root: Path, num_train_ids: int = 100, num_test_ids: int = 60,
                       seed: int = 0, num_junk: int = 30, num_distractors: int = 30,
                       images_per_camera: tuple[int, int] = (2, 4)) -> DemoSummary:

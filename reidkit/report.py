@@ -34,7 +34,7 @@ def unique_names(relative_paths: Iterable[str | Path], suffix: str = '',
         if suffix and not name.lower().endswith(suffix.lower()):
             name += suffix
         stem, ext = os.path.splitext(name)
-        stem = stem.encode()[:MAX_NAME_BYTES].decode(errors='ignore')
+        stem = os.fsencode(stem)[:MAX_NAME_BYTES].decode(errors='replace')
         name, count = stem + ext, 1
         while name.casefold() in taken:
             count += 1
@@ -49,7 +49,8 @@ def link(file: str | Path, page_dir: str | Path) -> str:
     names are %-encoded so the browser asks for the file itself. HTML-escape it where it goes
     into an attribute."""
     relative = os.path.relpath(Path(file).resolve(), Path(page_dir).resolve())
-    return urllib.parse.quote(Path(relative).as_posix())
+    # surrogateescape: a name that is not UTF-8 (Latin-1 bytes from an old zip) keeps its bytes
+    return urllib.parse.quote(Path(relative).as_posix(), errors='surrogateescape')
 
 
 def summarise(cmc, mAP: float) -> dict:
@@ -186,7 +187,7 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
               'data': data}
     # One pass, so a '{{...}}' inside a value is never replaced in turn.
     page = re.sub(r'\{\{(\w+)\}\}', lambda m: values[m.group(1)], GALLERY_TEMPLATE)
-    path.write_text(page, encoding='utf-8')
+    path.write_text(page, encoding='utf-8', errors='surrogateescape')
     return path
 
 

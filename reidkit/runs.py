@@ -33,12 +33,21 @@ def run_name(s: Settings) -> str:
     return f'{s.MODEL_NAME}-{s.LOSS}-{sources}'
 
 
-def run_to_continue(checkpoint: Path, experiments_dir: Path) -> Path | None:
-    """The run folder a RESUME checkpoint belongs to (<run>/<model>/<file> directly under
-    EXPERIMENTS_DIR), or None: then a new run folder is made, never one beside a checkpoint
-    the user keeps elsewhere."""
+def run_to_continue(checkpoint: Path, experiments_dir: Path, epoch: int) -> Path | None:
+    """The run folder a RESUME checkpoint (of `epoch`) belongs to (<run>/<model>/<file>
+    directly under EXPERIMENTS_DIR), or None: then a new run folder is made, never one beside
+    a checkpoint the user keeps elsewhere, nor one holding checkpoints after `epoch`."""
     run = Path(checkpoint).resolve().parent.parent
-    return run if run.parent == Path(experiments_dir).resolve() else None
+    if run.parent != Path(experiments_dir).resolve():
+        return None
+    return None if later_checkpoints(run, epoch) else run
+
+
+def later_checkpoints(run_dir: Path, epoch: int) -> list[Path]:
+    """Numbered checkpoints of a run after `epoch`: resuming from `epoch` there would
+    overwrite them, so such a resume continues as a new run."""
+    return sorted(p for p in Path(run_dir).glob(f'*/{CHECKPOINT_PREFIX}*')
+                  if checkpoint_epoch(p) > epoch)
 
 
 def write_settings(run_dir: Path, s: Settings) -> Path:

@@ -54,11 +54,13 @@ class Gallery:
     cached: bool
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Every image under `folder`, recursively, in a stable order."""
+def list_images(folder: Path, outputs: Path | None = None) -> list[Path]:
+    """Every image under `folder`, recursively, in a stable order; none under `outputs` (our
+    own EXPERIMENTS_DIR, where earlier searches wrote their strips)."""
+    outputs = Path(outputs).resolve() if outputs else None
     return sorted(p for p in Path(folder).rglob('*')
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and
-                  '.reid-cache' not in p.parts)
+                  not (outputs and p.resolve().is_relative_to(outputs)))
 
 
 def _read(path: Path) -> Image.Image | str:
@@ -93,18 +95,21 @@ def extract_batches(model: torch.nn.Module, transform, paths: list[Path], batch_
 def _cache_key(checkpoint: Path, image_paths: list[Path], model_key: str) -> str:
     digest = hashlib.sha256()
     stat = checkpoint.stat()
-    digest.update(f'{checkpoint.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{model_key}'.encode())
+    digest.update(os.fsencode(f'{checkpoint.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|'
+                              f'{model_key}'))
     for path in image_paths:
         stat = path.stat()
-        digest.update(f'\n{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}'.encode())
+        digest.update(os.fsencode(f'\n{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}'))
     return digest.hexdigest()[:24]
 
 
 def gallery_features(model, transform, folder: Path, checkpoint: Path, model_key: str,
-                     cache_dir: Path, batch_size: int, device: torch.device) -> Gallery:
-    """Features of every readable image under `folder`, from the cache when it is current.
-    Paths are absolute, so the cache serves searches started from any working directory."""
-    image_paths = list_images(Path(folder).resolve())
+                     cache_dir: Path, batch_size: int, device: torch.device,
+                     outputs: Path | None = None) -> Gallery:
+    """Features of every readable image under `folder` (none under `outputs`, our own
+    EXPERIMENTS_DIR), from the cache when it is current. Paths are absolute, so the cache
+    serves searches started from any working directory."""
+    image_paths = list_images(Path(folder).resolve(), outputs=outputs)
     if not image_paths:
         raise UserError(f'GALLERY: no images (.jpg, .jpeg, .png, .bmp) under "{folder}". '
                         f'Point --GALLERY at the folder holding your person crops.')
@@ -231,7 +236,8 @@ def write_results(out_dir: Path, query_path: Path, paths: list[str], order: np.n
     """results.csv (every gallery image), strip.jpg (query + top-k) and index.html."""
     from reidkit.visrank import draw_strip, save_strip
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / 'results.csv', 'w', newline='') as handle:
+    # surrogateescape: paths that are not UTF-8 are written back as the bytes they are
+    with open(out_dir / 'results.csv', 'w', newline='', errors='surrogateescape') as handle:
         writer = csv.writer(handle)
         writer.writerow(['rank', 'path', 'distance'])
         for rank, (index, distance) in enumerate(zip(order, distances), 1):
@@ -254,9 +260,10 @@ def write_results(out_dir: Path, query_path: Path, paths: list[str], order: np.n
         f'<h1>Search: {html.escape(query_path.name)}</h1><p>{len(paths)} gallery images ranked; '
         f'all of them in <a href="results.csv">results.csv</a>.</p>{notes}'
         f'<figure class="q"><img src="{rel(query_path)}"><figcaption>query</figcaption></figure>'
-        f'{tiles}</body></html>', encoding='utf-8')
+        f'{tiles}</body></html>', encoding='utf-8', errors='surrogateescape')
     if skipped:
-        (out_dir / 'skipped.txt').write_text(''.join(f'{p}\t{why}\n' for p, why in skipped))
+        (out_dir / 'skipped.txt').write_text(''.join(f'{p}\t{why}\n' for p, why in skipped),
+                                             errors='surrogateescape')
 
 
 def query_images(query: Path) -> list[Path]:
@@ -310,7 +317,8 @@ def search(s: Settings, weights: Path | None = None) -> Path:
     transform = quiet_test_transform(s.HEIGHT, s.WIDTH)
     gallery = gallery_features(
         model, transform, Path(s.GALLERY), checkpoint, f'{s.MODEL_NAME}|{s.HEIGHT}x{s.WIDTH}',
-        Path(s.EXPERIMENTS_DIR) / '.search-cache', s.BATCH_SIZE_TEST, device)
+        Path(s.EXPERIMENTS_DIR) / '.search-cache', s.BATCH_SIZE_TEST, device,
+        outputs=Path(s.EXPERIMENTS_DIR))
     print(f'Gallery: {len(gallery.paths)} images ('
           f'{"features from the cache" if gallery.cached else "features extracted and cached"})'
           + (f'; {len(gallery.skipped)} unreadable files skipped' if gallery.skipped else ''))
@@ -344,6 +352,7 @@ def search(s: Settings, weights: Path | None = None) -> Path:
                         + ' '.join(why for _, why in unreadable[:3]))
     if unreadable:
         (out_dir / SKIPPED_QUERIES).write_text(
-            ''.join(f'{path}\t{why}\n' for path, why in unreadable), encoding='utf-8')
+            ''.join(f'{path}\t{why}\n' for path, why in unreadable), encoding='utf-8',
+            errors='surrogateescape')
     (out_dir / INCOMPLETE).unlink()
     return out_dir

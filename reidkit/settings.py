@@ -158,8 +158,16 @@ def parse_override_args(args: Iterable[str]) -> dict[str, Any]:
 
 
 # What test, visrank and search take from a checkpoint unless given on the command line:
-# the model it holds and the input size its features were learnt at.
-EVALUATION_SETTINGS = ('MODEL_NAME', 'LOSS', 'HEIGHT', 'WIDTH')
+# the model it holds, the input size its features were learnt at, and its datasets.
+EVALUATION_SETTINGS = ('MODEL_NAME', 'LOSS', 'HEIGHT', 'WIDTH', 'SOURCES', 'TARGETS')
+
+
+def _same(key: str, value: Any, recorded: Any) -> bool:
+    """Whether two values of a setting mean the same ('market1501' and ['market1501'] do)."""
+    if key in DATASET_LISTS:
+        as_list = lambda v: [v] if isinstance(v, str) else list(v)   # noqa: E731
+        return as_list(value) == as_list(recorded)
+    return value == recorded
 
 
 def with_checkpoint_settings(current: Settings, stored: Mapping[str, Any], purpose: str,
@@ -175,7 +183,7 @@ def with_checkpoint_settings(current: Settings, stored: Mapping[str, Any], purpo
     stored = {key: value for key, value in stored.items() if key in current}
     taken = RUN_SETTINGS + SCHEDULE_SETTINGS if purpose == 'resume' else EVALUATION_SETTINGS
     changed = [key for key in RUN_SETTINGS if purpose == 'resume' and key in stored
-               and key in current.given and current[key] != stored[key]]
+               and key in current.given and _same(key, current[key], stored[key]) is False]
     if changed:
         raise UserError(
             f'{source} was trained with ' + ', '.join(f'{key}={stored[key]!r}' for key in changed)

@@ -148,7 +148,7 @@ def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
     if switched_on(s.DATA_CACHE, cuda):
         from reidkit.datapath import build_cached_loaders
         loaders, why = build_cached_loaders(datamanager, s.TRANSFORMS, s.HEIGHT, s.WIDTH,
-                                            device, s.DATA_CACHE_GB)
+                                            device, s.DATA_CACHE_GB, seed=s.SEED)
         line += ' + images decoded once, augmented on the device' if loaders else \
             f' (Torchreid\'s loader: {why})'
     return FastTraining(model, step, loaders, line.replace('Training path: eager float32 + ',

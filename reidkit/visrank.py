@@ -49,8 +49,19 @@ def top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk: int):
     return torch.cat(indices).numpy(), torch.cat(distances).numpy()
 
 
+def _read_bgr(path: str) -> np.ndarray | None:
+    """The image as OpenCV's BGR array, or None. Read by Python, decoded by OpenCV: cv2.imread
+    crashes the process (a segfault) on a name that is not valid UTF-8."""
+    try:
+        with open(path, 'rb') as handle:
+            data = np.frombuffer(handle.read(), np.uint8)
+    except OSError:
+        return None
+    return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+
+
 def _thumb(path: str, border) -> np.ndarray:
-    image = cv2.imread(path)
+    image = _read_bgr(path)
     if image is None:                      # unreadable: a grey tile instead of a crash
         image = np.full((THUMB_HEIGHT, THUMB_WIDTH, 3), 128, np.uint8)
     image = cv2.resize(image, (THUMB_WIDTH - 2 * BORDER, THUMB_HEIGHT - 2 * BORDER))
@@ -60,6 +71,8 @@ def _thumb(path: str, border) -> np.ndarray:
 
 def _caption(tile: np.ndarray, lines: list[str]) -> None:
     for row, text in enumerate(lines):
+        # OpenCV's fonts draw ASCII only, and a name that is not UTF-8 crashes putText
+        text = text.encode('ascii', 'replace').decode('ascii')
         cv2.putText(tile, text, (2, THUMB_HEIGHT + 12 + row * 12), cv2.FONT_HERSHEY_SIMPLEX,
                     0.33, BLACK, 1, cv2.LINE_AA)
 

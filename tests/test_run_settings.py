@@ -172,9 +172,11 @@ def test_resume_needs_no_imagenet_weights(trained_run, tmp_path, monkeypatch):
         raise AssertionError('resume must not look for ImageNet weights')
     monkeypatch.setattr(checks, 'check_pretrained', offline)
     monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
-    assert main.train(main.load_settings({'EXPERIMENTS_DIR': s.EXPERIMENTS_DIR, 'WORKERS': 0,
-                                          'RESUME': str(latest)})) == run_dir
-    assert load_checkpoint(run_dir / 'model' / 'model.pth.tar-2')['settings']['PRETRAINED']
+    # epoch 1 of a run that reached 2: continues as a new run (nothing overwritten)
+    resumed = main.train(main.load_settings({'EXPERIMENTS_DIR': s.EXPERIMENTS_DIR,
+                                             'WORKERS': 0, 'RESUME': str(latest)}))
+    assert resumed != run_dir
+    assert load_checkpoint(resumed / 'model' / 'model.pth.tar-2')['settings']['PRETRAINED']
 
 
 @pytest.mark.slow

@@ -1,0 +1,460 @@
+"""A data path that keeps up with a GPU: images decoded once, augmented per batch on the device.
+
+Torchreid's loader decodes every JPEG and augments it with PIL in worker processes, every
+epoch. Here each image of a dataset list is decoded once into uint8 memory (`DecodedImages`),
+and each batch is resized, augmented and normalised by tensor operations on the device the
+images live on (`DeviceTransform`), in the order and with the parameters of Torchreid's
+`build_transforms` for 'random_flip', 'random_crop' and 'color_jitter'. `CachedLoader` draws
+indices from Torchreid's own sampler object and yields batch dicts like Torchreid's loaders,
+so its engines take them unchanged. `build_cached_loaders` builds the lot from a datamanager,
+or says why Torchreid's loader should be kept.
+
+PIL works in uint8 between steps; the device steps round (resizes) or truncate (colour) to
+whole levels where PIL does. Each step is then within one level of PIL's on equal input (the
+colour steps equal to it); through the whole training chain one level can grow to a few, in
+under 2% of pixels (tests/test_datapath.py measures it).
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from collections import defaultdict
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from reidkit.checks import read_image
+from reidkit.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # Torchreid's defaults when norm_mean/norm_std are None
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SUPPORTED_TRANSFORMS = ('random_flip', 'random_crop', 'color_jitter')
+FLIP_PROBABILITY = 0.5                  # torchvision's RandomHorizontalFlip() default
+CROP_PROBABILITY = 0.5                  # Random2DTranslation's default p
+CROP_ENLARGE = 1.125                    # Random2DTranslation's enlargement before the crop
+BRIGHTNESS = (0.8, 1.2)                 # Torchreid's ColorJitter(brightness=0.2, contrast=0.15)
+CONTRAST = (0.85, 1.15)
+SMALL_LIST = 64                         # fewer images than this are decoded in this process
+
+
+def _stored_size(path: str) -> tuple[int, int]:
+    """(height, width) from the file's header; PIL opens lazily, so nothing is decoded."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception as error:          # PIL raises many types for broken files
+        raise UserError(f'"{path}" cannot be read as an image ({error}). Delete or replace it '
+                        f'and run again.') from None
+    return height, width
+
+
+def _stored_sizes(items: Sequence) -> list[tuple[int, int]]:
+    return [_stored_size(item[0]) for item in items]
+
+
+def decoded_size_gib(items: Sequence) -> float:
+    """GiB that `DecodedImages(items)` will take (3 bytes a pixel), read from image headers only,
+    so a caller can choose Torchreid's loader before decoding anything."""
+    return sum(3 * h * w for h, w in _stored_sizes(items)) / 2 ** 30
+
+
+def _decode(path: str) -> np.ndarray:
+    """(H, W, 3) uint8, read as Torchreid reads it, but an unreadable file is our UserError."""
+    return np.array(read_image(path))     # writable, so torch.from_numpy takes it quietly
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:              # not on Linux
+        return os.cpu_count() or 1
+
+
+class DecodedImages:
+    """Every image of a Torchreid dataset list (items `(path, pid, camid, dsetid)`) decoded once,
+    at its stored size, into uint8 (3, H, W). Images of one size share one contiguous
+    (N, 3, H, W) tensor; a list of mixed sizes keeps one such tensor per size."""
+
+    def __init__(self, items: Sequence, workers: int | None = None, progress: bool = True,
+                 sizes: Sequence[tuple[int, int]] | None = None,
+                 description: str = 'Decoding images'):
+        items = list(items)
+        self.paths = [str(item[0]) for item in items]
+        self.pids = torch.tensor([int(item[1]) for item in items], dtype=torch.int64)
+        self.camids = torch.tensor([int(item[2]) for item in items], dtype=torch.int64)
+        self.dsetids = torch.tensor([int(item[3]) if len(item) > 3 else 0 for item in items],
+                                    dtype=torch.int64)
+        sizes = list(sizes) if sizes is not None else _stored_sizes(items)
+        group_of_size: dict = {}
+        group, slot, counts = [], [], []
+        for size in sizes:
+            g = group_of_size.setdefault(size, len(group_of_size))
+            if g == len(counts):
+                counts.append(0)
+            group.append(g)
+            slot.append(counts[g])
+            counts[g] += 1
+        self.groups = [torch.empty((count, 3, *size), dtype=torch.uint8)
+                       for size, count in zip(group_of_size, counts)]
+        self._group, self._slot = group, slot   # host lists: used only for mixed sizes
+        self._fill(workers, progress, description)
+
+    def _fill(self, workers: int | None, progress: bool, description: str) -> None:
+        workers = workers or min(_cpu_count(), 16)
+        if workers <= 1 or len(self.paths) < SMALL_LIST:
+            pool = None
+            decoded = map(_decode, self.paths)
+        else:
+            # The default start method (fork on Linux) starts in milliseconds, as the
+            # DataLoader's workers do; the workers only run PIL, never CUDA.
+            pool = multiprocessing.get_context().Pool(workers)
+            decoded = pool.imap(_decode, self.paths, chunksize=32)
+        try:
+            bar = tqdm(decoded, total=len(self.paths), desc=description, unit='img',
+                       disable=not progress, leave=False)
+            for index, array in enumerate(bar):
+                target = self.groups[self._group[index]][self._slot[index]]
+                if array.shape != (*target.shape[1:], 3):
+                    raise UserError(f'"{self.paths[index]}" decodes to {array.shape[1]}x'
+                                    f'{array.shape[0]} pixels where its header says '
+                                    f'{target.shape[2]}x{target.shape[1]}. Re-save it as a '
+                                    f'plain RGB JPEG or PNG and run again.')
+                target.copy_(torch.from_numpy(array).permute(2, 0, 1))
+        finally:
+            if pool is not None:
+                pool.terminate()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def uniform(self) -> bool:
+        """All images have one size (one tensor; a batch is one index_select)."""
+        return len(self.groups) == 1
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        return [tuple(group.shape[2:]) for group in self.groups]
+
+    @property
+    def device(self) -> torch.device:
+        return self.groups[0].device if self.groups else self.pids.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(group.numel() for group in self.groups)
+
+    def to(self, device, non_blocking: bool = False) -> 'DecodedImages':
+        """Moves the images and labels to `device` (in place, like nn.Module.to)."""
+        self.groups = [g.to(device, non_blocking=non_blocking) for g in self.groups]
+        self.pids, self.camids, self.dsetids = (t.to(device, non_blocking=non_blocking)
+                                                for t in (self.pids, self.camids, self.dsetids))
+        return self
+
+    def pin_memory(self) -> 'DecodedImages':
+        """Keeps the images in page-locked host memory, for fast copies to a GPU per batch."""
+        self.groups = [g.pin_memory() for g in self.groups]
+        self.pids, self.camids, self.dsetids = (t.pin_memory()
+                                                for t in (self.pids, self.camids, self.dsetids))
+        return self
+
+    def gather(self, indices) -> torch.Tensor | list[torch.Tensor]:
+        """The images at `indices`: a (B, 3, H, W) uint8 tensor when all share one size,
+        else a list of (3, H_i, W_i) tensors (mixed sizes need the indices on the host)."""
+        if self.uniform:
+            indices = torch.as_tensor(indices, device=self.device)
+            images = self.groups[0]
+            if images.is_pinned():          # gathered into pinned memory: the copy is async
+                out = torch.empty((len(indices), *images.shape[1:]), dtype=images.dtype,
+                                  pin_memory=True)
+                return torch.index_select(images, 0, indices, out=out)
+            return images.index_select(0, indices)
+        indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+        return [self.groups[self._group[i]][self._slot[i]] for i in indices]
+
+
+def _transform_names(transforms) -> list[str]:
+    """The transform names as build_transforms reads them: None, one string or a list."""
+    if transforms is None:
+        return []
+    if isinstance(transforms, str):
+        return [transforms.lower()]
+    return [str(name).lower() for name in transforms]
+
+
+def _bilinear(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """PIL's bilinear resize (antialiased when shrinking) of float 0..255 images, rounded to
+    whole levels as PIL's uint8 output is: within one level of it, never more."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images                       # PIL returns a copy at the same size
+    resized = F.interpolate(images, size=size, mode='bilinear', antialias=True,
+                            align_corners=False)
+    return resized.round_().clamp_(0, 255)
+
+
+def _flip_and_crop(images: torch.Tensor, flip: torch.Tensor, crop: torch.Tensor,
+                   top: torch.Tensor, left: torch.Tensor,
+                   enlarged: tuple[int, int]) -> torch.Tensor:
+    """RandomHorizontalFlip then Random2DTranslation, in one bilinear resample per image.
+
+    Cropping a window at (top, left) of the image enlarged with PIL's bilinear resize is
+    sampling the image at that window's pixel centres mapped back (PIL clamps at the edges, as
+    padding_mode='border' does); flipping first mirrors those centres. Images neither cropped
+    nor flipped are sampled at their own pixel centres, which rounding returns exactly."""
+    _, _, height, width = images.shape
+    dtype, device = images.dtype, images.device
+    # Normalised sampling coordinates (align_corners=False): 2 * centre / span - 1, where the
+    # span is the enlarged size for a cropped image and the image's own size otherwise.
+    span_y = torch.where(crop, enlarged[0], height).to(dtype)[:, None]
+    span_x = torch.where(crop, enlarged[1], width).to(dtype)[:, None]
+    centre_y = (top * crop).to(dtype)[:, None] + torch.arange(height, device=device) + 0.5
+    centre_x = (left * crop).to(dtype)[:, None] + torch.arange(width, device=device) + 0.5
+    grid_y = 2 * centre_y / span_y - 1                                     # (B, h)
+    grid_x = 2 * centre_x / span_x - 1                                     # (B, w)
+    grid_x = torch.where(flip[:, None], -grid_x, grid_x)                   # the mirror
+    grid = torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), dim=-1)
+    resampled = F.grid_sample(images, grid, mode='bilinear', padding_mode='border',
+                              align_corners=False)
+    return resampled.round_().clamp_(0, 255)                # PIL's uint8 after its resize
+
+
+def _mean_grey(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, 1) mean grey level as PIL's ImageEnhance.Contrast takes it: the mean of the
+    'L' conversion (ITU-R 601 luma in 16-bit fixed point), rounded to a whole level."""
+    # Whole numbers below 2**24 throughout: exact in float32, and their sum in float64.
+    grey = (images[:, 0] * 19595 + images[:, 1] * 38470 + images[:, 2] * 7471) \
+        .add_(32768).div_(65536).floor_()
+    total = grey.sum(dim=(1, 2), dtype=torch.float64)
+    mean = (total / (grey.shape[1] * grey.shape[2]) + 0.5).floor()
+    return mean.to(images.dtype)[:, None, None, None]
+
+
+def _blend(images: torch.Tensor, anchor: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's Image.blend(anchor, image, factor), which both ImageEnhance.Brightness (anchor
+    black) and ImageEnhance.Contrast (anchor the mean grey) are: truncated to whole levels."""
+    return (anchor + factor * (images - anchor)).floor_().clamp_(0, 255)
+
+
+def _color_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
+                  brightness_first: torch.Tensor) -> torch.Tensor:
+    """ColorJitter's brightness and contrast, in each image's own order: two blends whose
+    anchor and factor are chosen per image, so both orders cost one pass each."""
+    def per_image(values):
+        return values.view(-1, 1, 1, 1)
+    b, c = per_image(brightness).to(images.dtype), per_image(contrast).to(images.dtype)
+    first = per_image(brightness_first)
+    x = _blend(images, torch.where(first, 0.0, _mean_grey(images)), torch.where(first, b, c))
+    return _blend(x, torch.where(first, _mean_grey(x), 0.0), torch.where(first, c, b))
+
+
+class DeviceTransform:
+    """Torchreid's transforms for a batch, on the batch's device.
+
+    Test (train=False): resize to (height, width), to [0, 1], normalise: Torchreid's
+    transform_te. Train: resize, then in Torchreid's order random_flip, random_crop and
+    color_jitter where named, then to [0, 1] and normalise: its transform_tr. Each image gets
+    its own random draws, from a torch.Generator on the device (seeded: a seed repeats an
+    epoch; unseeded: seeded from torch's global generator, so torch.manual_seed repeats it)."""
+
+    def __init__(self, height: int, width: int, transforms=None, train: bool = True,
+                 norm_mean: Sequence[float] | None = None,
+                 norm_std: Sequence[float] | None = None, seed: int | None = None):
+        names = _transform_names(transforms) if train else []
+        if not self.supports(names):
+            raise ValueError(f'DeviceTransform does not implement {self.unsupported(names)}; '
+                             f'use Torchreid\'s loader for them')
+        self.height, self.width, self.train = height, width, train
+        self.flip = 'random_flip' in names
+        self.crop = 'random_crop' in names
+        self.jitter = 'color_jitter' in names
+        # Python's round, as Random2DTranslation's int(round(...)): half to even.
+        self.enlarged_size = (int(round(height * CROP_ENLARGE)), int(round(width * CROP_ENLARGE)))
+        if norm_mean is None or norm_std is None:     # as build_transforms: both or ImageNet's
+            norm_mean, norm_std = IMAGENET_MEAN, IMAGENET_STD
+        self.norm_mean, self.norm_std = tuple(norm_mean), tuple(norm_std)
+        self._seed = int(torch.randint(2 ** 62, (1,))) if seed is None else int(seed)
+        self._on_device: dict = {}        # per device: its generator, mean and std
+
+    @staticmethod
+    def unsupported(transforms) -> list[str]:
+        return [name for name in _transform_names(transforms) if name not in SUPPORTED_TRANSFORMS]
+
+    @staticmethod
+    def supports(transforms) -> bool:
+        """Whether every named training transform is implemented here (else: Torchreid's
+        loader). Unknown names count as unsupported: Torchreid ignores them, we do not guess."""
+        return not DeviceTransform.unsupported(transforms)
+
+    def manual_seed(self, seed: int) -> None:
+        """Restarts the random draws on every device from `seed`."""
+        self._seed = int(seed)
+        self._on_device = {key: value for key, value in self._on_device.items()
+                           if key[0] != 'generator'}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = ('generator', str(device))
+        if key not in self._on_device:
+            self._on_device[key] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._on_device[key]
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as (1, 3, 1, 1) tensors on `device`, copied there once."""
+        key = ('normalisation', str(device))
+        if key not in self._on_device:
+            self._on_device[key] = tuple(torch.tensor(values, device=device).view(1, 3, 1, 1)
+                                         for values in (self.norm_mean, self.norm_std))
+        return self._on_device[key]
+
+    def draw(self, batch_size: int, device) -> dict:
+        """One image's random choices per row, drawn at once on `device`. Each follows the
+        Torchreid/torchvision transform it stands for (see the comments)."""
+        device = torch.device(device)
+        u = torch.rand((batch_size, 7), generator=self._generator(device), device=device)
+        max_top = self.enlarged_size[0] - self.height
+        max_left = self.enlarged_size[1] - self.width
+        return {
+            # RandomHorizontalFlip: flips when torch.rand(1) < p.
+            'flip': u[:, 0] < FLIP_PROBABILITY,
+            # Random2DTranslation: keeps the image when uniform(0, 1) > p, else enlarges and
+            # crops at round(uniform(0, max)) (ends of the range half as likely as the rest).
+            'crop': u[:, 1] <= CROP_PROBABILITY,
+            'left': (u[:, 2] * max_left).round().long(),
+            'top': (u[:, 3] * max_top).round().long(),
+            # ColorJitter(brightness=0.2, contrast=0.15): factors uniform in [1-0.2, 1+0.2]
+            # and [1-0.15, 1+0.15], applied in a random order (torch.randperm).
+            'brightness': BRIGHTNESS[0] + (BRIGHTNESS[1] - BRIGHTNESS[0]) * u[:, 4],
+            'contrast': CONTRAST[0] + (CONTRAST[1] - CONTRAST[0]) * u[:, 5],
+            'brightness_first': u[:, 6] < 0.5,
+        }
+
+    def resize(self, images) -> torch.Tensor:
+        """float (B, 3, height, width) in whole levels 0..255, from a uint8 batch or a list of
+        uint8 images of mixed sizes (resized a size at a time)."""
+        size = (self.height, self.width)
+        if isinstance(images, torch.Tensor):
+            return _bilinear(images.float(), size)
+        out = torch.empty((len(images), 3, *size), device=images[0].device)
+        slots_of_size = defaultdict(list)
+        for slot, image in enumerate(images):
+            slots_of_size[tuple(image.shape)].append(slot)
+        for slots in slots_of_size.values():
+            same = torch.stack([images[slot] for slot in slots]).float()
+            out[torch.tensor(slots, device=out.device)] = _bilinear(same, size)
+        return out
+
+    def apply(self, images, params: dict | None = None) -> torch.Tensor:
+        """The transform with the given random choices (None: none, the test transform)."""
+        x = self.resize(images)
+        if params is not None:
+            if self.flip or self.crop:
+                x = _flip_and_crop(x, params['flip'] & self.flip, params['crop'] & self.crop,
+                                   params['top'], params['left'], self.enlarged_size)
+            if self.jitter:
+                x = _color_jitter(x, params['brightness'], params['contrast'],
+                                  params['brightness_first'])
+        mean, std = self._normalisation(x.device)
+        return ((x / 255 - mean) / std).contiguous()
+
+    def __call__(self, images) -> torch.Tensor:
+        if not self.train:
+            return self.apply(images)
+        first = images if isinstance(images, torch.Tensor) else images[0]
+        count = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+        return self.apply(images, self.draw(count, first.device))
+
+
+class CachedLoader:
+    """One epoch of batches from decoded images, like a Torchreid DataLoader with the same
+    sampler, batch_size and drop_last: batch dicts {'img', 'pid', 'camid', 'impath', 'dsetid'}
+    whose tensors are on `device`. The sampler's indices go to the device once an epoch; a
+    batch is then a slice, a gather and the transform, with no host work in between."""
+
+    def __init__(self, images: DecodedImages, transform: DeviceTransform, sampler,
+                 batch_size: int, drop_last: bool, device=None):
+        self.images, self.transform, self.sampler = images, transform, sampler
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.device = torch.device(device) if device is not None else images.device
+
+    def __len__(self) -> int:
+        count = len(self.sampler)           # what DataLoader's len reads, estimate or not
+        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        order = list(iter(self.sampler))    # Torchreid's sampler, drawn on the host as before
+        store = self.images.device          # where the images are gathered
+        indices = torch.tensor(order, dtype=torch.int64).to(store)
+        count = len(order) // self.batch_size if self.drop_last else \
+            math.ceil(len(order) / self.batch_size)
+        for start in range(0, count * self.batch_size, self.batch_size):
+            batch = indices[start:start + self.batch_size]
+            images = self.images.gather(batch if self.images.uniform
+                                        else order[start:start + self.batch_size])
+            if store != self.device:        # pinned on the host: copy the batch over
+                images = images.to(self.device, non_blocking=True) \
+                    if isinstance(images, torch.Tensor) else \
+                    [image.to(self.device, non_blocking=True) for image in images]
+            yield {
+                'img': self.transform(images),
+                'pid': self.images.pids[batch].to(self.device, non_blocking=True),
+                'camid': self.images.camids[batch].to(self.device, non_blocking=True),
+                'impath': [self.images.paths[i] for i in order[start:start + self.batch_size]],
+                'dsetid': self.images.dsetids[batch].to(self.device, non_blocking=True),
+            }
+
+
+def _normalisation(datamanager) -> tuple:
+    """(mean, std) of the datamanager's own Normalize, so custom norm_mean/norm_std hold."""
+    for step in getattr(datamanager.transform_te, 'transforms', []):
+        if hasattr(step, 'mean') and hasattr(step, 'std'):
+            return tuple(step.mean), tuple(step.std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _dataset_of(loader):
+    """The Torchreid dataset under a loader, unwrapped from reidkit's reading wrapper."""
+    dataset = loader.dataset
+    return dataset if hasattr(dataset, 'data') else dataset.dataset
+
+
+def build_cached_loaders(datamanager, transforms, height: int, width: int, device,
+                         cap_gib: float, seed: int | None = None, workers: int | None = None):
+    """(loaders, why): loaders is (train_loader, test_loaders) over images decoded once and
+    kept on `device`, with test_loaders shaped like Torchreid's {name: {'query', 'gallery'}},
+    or None when Torchreid's loader must stay (transforms not implemented here, k_tfm > 1, or
+    more than `cap_gib` GiB decoded); `why` says which path, in words for the log."""
+    names = _transform_names(transforms)
+    if not DeviceTransform.supports(names):
+        return None, (f'{", ".join(DeviceTransform.unsupported(names))} not implemented on '
+                      f'the device')
+    train_data = _dataset_of(datamanager.train_loader)
+    if getattr(train_data, 'k_tfm', 1) != 1:
+        return None, f'k_tfm={train_data.k_tfm} not implemented on the device'
+    # (train?, loader, its dataset list), train first; test loaders keyed by (name, split).
+    lists = {None: (True, datamanager.train_loader, train_data.data)}
+    for name, splits in datamanager.test_loader.items():
+        for split, loader in splits.items():
+            lists[(name, split)] = (False, loader, _dataset_of(loader).data)
+    sizes = {key: _stored_sizes(data) for key, (_, _, data) in lists.items()}
+    gib = sum(3 * h * w for found in sizes.values() for h, w in found) / 2 ** 30
+    if gib > cap_gib:
+        return None, (f'the decoded images would take {gib:.2f} GiB, over DATA_CACHE_GB='
+                      f'{cap_gib:g}')
+    mean, std = _normalisation(datamanager)
+    train_transform = DeviceTransform(height, width, names, train=True, norm_mean=mean,
+                                      norm_std=std, seed=seed)
+    test_transform = DeviceTransform(height, width, train=False, norm_mean=mean, norm_std=std)
+    cached = {}
+    for key, (is_train, loader, data) in lists.items():
+        what = 'train' if is_train else ' '.join(key)
+        images = DecodedImages(data, workers=workers, sizes=sizes[key],
+                               description=f'Decoding {what} images').to(device)
+        cached[key] = CachedLoader(images, train_transform if is_train else test_transform,
+                                   loader.sampler, loader.batch_size, loader.drop_last)
+    test_loaders = {name: {split: cached[(name, split)] for split in splits}
+                    for name, splits in datamanager.test_loader.items()}
+    return (cached[None], test_loaders), f'{gib:.2f} GiB decoded'

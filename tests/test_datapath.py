@@ -1,0 +1,403 @@
+"""The cached data path (reidkit/datapath.py) against Torchreid's own transforms and loaders.
+
+Tolerances: Torchreid resizes with PIL in uint8 (two passes, fixed point); we resize with torch's
+antialiased bilinear and round. Measured on the demo images, outputs differ by at most one grey
+level (1/255 before normalisation, 0.0175 after dividing by the smallest std 0.224) and by
+~0.003-0.005 on average after normalisation; the tests allow one level and a mean of 0.01.
+The colour jitter reproduces PIL's integer arithmetic, so equal inputs give equal levels.
+Random draws are compared as distributions (binomial bounds of 4.5 sigma, fixed seeds).
+"""
+import math
+import random
+from collections import Counter
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torchreid
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchreid.reid.data import transforms as torchreid_transforms
+from torchreid.reid.data.transforms import Random2DTranslation, build_transforms
+from torchreid.reid.engine import Engine
+from torchvision.transforms import ColorJitter, RandomHorizontalFlip
+
+from reidkit.checks import read_image
+from reidkit.datapath import (CachedLoader, DecodedImages, DeviceTransform,
+                              build_cached_loaders, decoded_size_gib)
+from reidkit.demo_data import market_data_dir
+from reidkit.errors import UserError
+
+ONE_LEVEL = 1 / 255 / 0.224 + 1e-4      # one grey level after ImageNet normalisation
+MEAN_TOLERANCE = 0.01
+
+
+def levels(normalised: torch.Tensor) -> torch.Tensor:
+    """Back to grey levels 0..255 from ImageNet-normalised values."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(-1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(-1, 3, 1, 1)
+    return (normalised * std + mean) * 255
+
+
+def within_binomial(count: int, total: int, p: float, sigmas: float = 4.5) -> bool:
+    return abs(count / total - p) <= sigmas * math.sqrt(p * (1 - p) / total)
+
+
+def same_rates(count_a: int, total_a: int, count_b: int, total_b: int,
+               sigmas: float = 4.5) -> bool:
+    """Two binomial rates agree within `sigmas` standard errors of their difference."""
+    p = (count_a + count_b) / (total_a + total_b)
+    spread = math.sqrt(max(p * (1 - p), 1e-12) * (1 / total_a + 1 / total_b))
+    return abs(count_a / total_a - count_b / total_b) <= sigmas * spread
+
+
+@pytest.fixture(scope='module')
+def train_items(tiny_data_root):
+    paths = sorted((market_data_dir(tiny_data_root) / 'bounding_box_train').glob('*.jpg'))
+    return [(str(path), index % 5, index % 3, 0) for index, path in enumerate(paths)]
+
+
+@pytest.fixture(scope='module')
+def decoded(train_items):
+    return DecodedImages(train_items, workers=2, progress=False)
+
+
+def datamanager(root, sampler='RandomSampler', transforms=('random_flip',)):
+    return torchreid.data.ImageDataManager(
+        root=str(root), sources='market1501', height=32, width=16, batch_size_train=16,
+        batch_size_test=64, transforms=list(transforms), workers=0, use_gpu=False,
+        train_sampler=sampler, num_instances=4)
+
+
+@pytest.fixture(scope='module')
+def softmax_manager(tiny_data_root):
+    return datamanager(tiny_data_root)
+
+
+def noise_image(height=64, width=32, seed=0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def as_uint8(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+def test_decoded_images_hold_every_image_at_its_stored_size(decoded, train_items):
+    assert len(decoded) == len(train_items)
+    assert decoded.uniform and decoded.sizes == [(128, 64)]      # the demo's stored size
+    assert decoded.groups[0].dtype == torch.uint8 and decoded.groups[0].is_contiguous()
+    for index in (0, len(train_items) - 1):
+        expected = as_uint8(read_image(train_items[index][0]))
+        assert torch.equal(decoded.gather(torch.tensor([index]))[0], expected)
+    assert decoded.pids.tolist() == [item[1] for item in train_items]
+    assert decoded.camids.dtype == torch.int64
+
+
+def test_decoded_size_is_read_from_headers(decoded, train_items):
+    assert decoded_size_gib(train_items) == decoded.nbytes / 2 ** 30
+
+
+def test_mixed_sizes_are_grouped_and_resized_like_torchreid(tmp_path, train_items):
+    items = []
+    for index, (height, width) in enumerate([(128, 64), (100, 40), (160, 80), (100, 40)]):
+        path = tmp_path / f'{index}.png'
+        read_image(train_items[index][0]).resize((width, height)).save(path)
+        items.append((str(path), index, 0, 0))
+    images = DecodedImages(items, progress=False)
+    assert sorted(images.sizes) == [(100, 40), (128, 64), (160, 80)]
+    _, test_transform = build_transforms(64, 32)
+    ours = DeviceTransform(64, 32, train=False)(images.gather([3, 0, 1, 2]))
+    theirs = torch.stack([test_transform(read_image(items[i][0])) for i in (3, 0, 1, 2)])
+    assert (ours - theirs).abs().max() <= ONE_LEVEL
+    trained = DeviceTransform(64, 32, ['random_flip', 'random_crop', 'color_jitter'], seed=0)
+    assert trained(images.gather([0, 1, 2, 3])).shape == (4, 3, 64, 32)
+
+
+def test_an_unreadable_image_is_a_user_error_naming_it(tmp_path, train_items):
+    truncated = tmp_path / 'truncated.jpg'
+    truncated.write_bytes(Path(train_items[0][0]).read_bytes()[:400])  # header, half a scan
+    items = train_items * 2 + [(str(truncated), 1, 0, 0)]              # enough for the pool
+    with pytest.raises(UserError, match='truncated.jpg'):
+        DecodedImages(items, workers=2, progress=False)
+    garbage = tmp_path / 'garbage.jpg'
+    garbage.write_bytes(b'not an image at all')
+    with pytest.raises(UserError, match='garbage.jpg'):
+        decoded_size_gib([(str(garbage), 1, 0, 0)])
+
+
+# --- transforms -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('height,width', [(64, 32), (256, 128)])
+def test_test_transform_is_torchreids_within_one_level(decoded, train_items, height, width):
+    _, test_transform = build_transforms(height, width)
+    theirs = torch.stack([test_transform(read_image(path)) for path, *_ in train_items])
+    ours = DeviceTransform(height, width, train=False)(decoded.gather(torch.arange(len(decoded))))
+    difference = (ours - theirs).abs()
+    assert ours.dtype == torch.float32 and ours.shape == theirs.shape
+    assert difference.max() <= ONE_LEVEL
+    assert difference.mean() < MEAN_TOLERANCE
+
+
+def test_train_transform_with_the_same_choices_is_torchreids(decoded, train_items):
+    """Torchreid's own transform_tr, step by step in its order, fed our random choices."""
+    names = ['random_flip', 'random_crop', 'color_jitter']
+    train_transform, _ = build_transforms(64, 32, transforms=names)
+    ours = DeviceTransform(64, 32, names, seed=1)
+    count = len(train_items)
+    choices = ours.draw(count, 'cpu')
+    assert 0 < int(choices['flip'].sum()) < count and 0 < int(choices['crop'].sum()) < count
+    out = ours.apply(decoded.gather(torch.arange(count)), choices)
+    theirs = []
+    for i, (path, *_) in enumerate(train_items):
+        image = read_image(path)
+        for step in train_transform.transforms:
+            if isinstance(step, RandomHorizontalFlip):
+                image = TF.hflip(image) if choices['flip'][i] else image
+            elif isinstance(step, Random2DTranslation):
+                draws = iter([0.0 if choices['crop'][i] else 1.0,
+                              float(choices['left'][i]), float(choices['top'][i])])
+                with mock.patch.object(torchreid_transforms.random, 'uniform',
+                                       lambda a, b: next(draws)):
+                    image = step(image)
+            elif isinstance(step, ColorJitter):
+                order = torch.tensor([0, 1, 2, 3] if choices['brightness_first'][i]
+                                     else [1, 0, 2, 3])
+                params = (order, float(choices['brightness'][i]),
+                          float(choices['contrast'][i]), None, None)
+                with mock.patch.object(ColorJitter, 'get_params', return_value=params):
+                    image = step(image)
+            else:
+                image = step(image)
+        theirs.append(image)
+    difference = (levels(out) - levels(torch.stack(theirs))).abs()
+    # Each step is within a level of PIL's on equal input (tests above and below), but a level
+    # off after the first resize can grow through the enlarging resize and the jitter, whose
+    # factors (up to 1.2 and 1.15) and truncations can turn it into 2, 3, rarely 4 levels.
+    # Measured on the tiny demo set: 79% equal, 19% one level, 1.9% two, 0.1% three.
+    assert difference.max() <= 4 + 1e-3
+    assert (difference > 1 + 1e-3).float().mean() < 0.05
+    assert (difference > 2 + 1e-3).float().mean() < 0.005
+    assert difference.mean() < MEAN_TOLERANCE * 255 * 0.224
+
+
+def test_color_jitter_is_pils_arithmetic(decoded):
+    """Same input levels and factors: brightness/contrast equal torchvision's PIL functions."""
+    ours = DeviceTransform(64, 32, ['color_jitter'], seed=2)
+    base = ours.resize(decoded.gather(torch.arange(24)))
+    choices = ours.draw(24, 'cpu')
+    out = levels(ours.apply(base.to(torch.uint8), choices))
+    for i in range(24):
+        image = Image.fromarray(base[i].permute(1, 2, 0).to(torch.uint8).numpy())
+        b, c = float(choices['brightness'][i]), float(choices['contrast'][i])
+        image = TF.adjust_contrast(TF.adjust_brightness(image, b), c) \
+            if choices['brightness_first'][i] else \
+            TF.adjust_brightness(TF.adjust_contrast(image, c), b)
+        difference = (out[i] - as_uint8(image).float()).abs()
+        assert difference.max() <= 1 + 1e-3
+        assert (difference > 0.5).float().mean() < 0.001
+
+
+def test_flip_rate_and_mirror_match_torchreids():
+    image = noise_image()
+    draws = 4000
+    ours = DeviceTransform(64, 32, ['random_flip'], seed=3)
+    unflipped = DeviceTransform(64, 32, train=False)(as_uint8(image)[None])[0]
+    out = ours(as_uint8(image)[None].expand(draws, -1, -1, -1))
+    flipped = (out == unflipped.flip(-1)).flatten(1).all(1)
+    kept = (out == unflipped).flatten(1).all(1)
+    assert bool((flipped | kept).all())               # every output is the image or its mirror
+    train_transform, _ = build_transforms(64, 32, transforms=['random_flip'])
+    torch.manual_seed(3)
+    mirror = image.transpose(Image.FLIP_LEFT_RIGHT)
+    theirs = sum(train_transform.transforms[1](image) == mirror for _ in range(draws))
+    assert within_binomial(int(flipped.sum()), draws, 0.5)
+    assert same_rates(int(flipped.sum()), draws, int(theirs), draws)
+
+
+def test_enlarged_size_is_random2dtranslations():
+    """Random2DTranslation's own resize call, seen by a stand-in image (half-way sizes round
+    to even, as Python's round does)."""
+    for height, width in [(64, 32), (256, 128), (100, 20), (36, 20)]:
+        calls = []
+
+        class Recorder:
+            def resize(self, size, interpolation):
+                calls.append((size, interpolation))
+                return self
+
+            def crop(self, box):
+                return self
+
+        with mock.patch.object(torchreid_transforms.random, 'uniform', lambda a, b: a):
+            Random2DTranslation(height, width)(Recorder())
+        (size, interpolation), = calls
+        assert DeviceTransform(height, width, ['random_crop']).enlarged_size == size[::-1]
+        assert interpolation == Image.BILINEAR     # what our bilinear resize stands for
+
+
+def crop_offsets(outputs: list, image: Image.Image, height=64, width=32) -> list:
+    """(cropped, top, left) of each output, found as the nearest of every window of the image
+    Random2DTranslation enlarges (or the image itself), with the distance to it in levels."""
+    enlarged = as_uint8(image.resize((int(round(width * 1.125)), int(round(height * 1.125))),
+                                     Image.BILINEAR)).float()
+    keys = [(False, 0, 0)]
+    candidates = [as_uint8(image).float()]
+    for top in range(enlarged.shape[1] - height + 1):
+        for left in range(enlarged.shape[2] - width + 1):
+            keys.append((True, top, left))
+            candidates.append(enlarged[:, top:top + height, left:left + width])
+    candidates = torch.stack(candidates).flatten(1)
+    outputs = torch.stack(list(outputs)).flatten(1)
+    distance, best = torch.cdist(outputs, candidates, p=float('inf')).min(dim=1)
+    return [(*keys[int(b)], float(d)) for b, d in zip(best, distance)]
+
+
+def test_random_crop_matches_random2dtranslation_in_distribution():
+    image, draws = noise_image(seed=4), 2000
+    random.seed(4)
+    crop = Random2DTranslation(64, 32)
+    theirs = crop_offsets([as_uint8(crop(image)).float() for _ in range(draws)], image)
+    ours_transform = DeviceTransform(64, 32, ['random_crop'], seed=4)
+    batch = as_uint8(image)[None].expand(draws, -1, -1, -1)
+    ours = crop_offsets(levels(ours_transform(batch)), image)
+    assert max(distance for *_, distance in theirs) < 1e-3      # exact windows
+    assert max(distance for *_, distance in ours) <= 1 + 1e-3    # within a level of them
+    crops_ours = [key for key in ours if key[0]]
+    crops_theirs = [key for key in theirs if key[0]]
+    assert within_binomial(len(crops_ours), draws, 0.5)
+    assert same_rates(len(crops_ours), draws, len(crops_theirs), draws)
+    for axis, span in ((1, 8), (2, 4)):                          # top in 0..8, left in 0..4
+        ours_hist = Counter(key[axis] for key in crops_ours)
+        theirs_hist = Counter(key[axis] for key in crops_theirs)
+        assert set(ours_hist) == set(theirs_hist) == set(range(span + 1))
+        for offset in range(span + 1):
+            assert same_rates(ours_hist[offset], len(crops_ours),
+                              theirs_hist[offset], len(crops_theirs))
+        # round(uniform(0, span)): the two ends are half as likely as the offsets between.
+        assert within_binomial(ours_hist[0], len(crops_ours), 0.5 / span)
+
+
+def test_color_jitter_factors_are_torchreids():
+    train_transform, _ = build_transforms(64, 32, transforms=['color_jitter'])
+    jitter, = [step for step in train_transform.transforms if isinstance(step, ColorJitter)]
+    assert jitter.saturation is None and jitter.hue is None      # only these two are drawn
+    draws = 20000
+    choices = DeviceTransform(64, 32, ['color_jitter'], seed=5).draw(draws, 'cpu')
+    for name, (low, high) in (('brightness', jitter.brightness),
+                              ('contrast', jitter.contrast)):
+        factors = choices[name]
+        assert low <= float(factors.min()) < low + 0.01
+        assert high - 0.01 < float(factors.max()) <= high
+        assert abs(float(factors.mean()) - (low + high) / 2) < 0.01 * (high - low)
+    torch.manual_seed(5)
+    theirs = sum(int((order == 0).nonzero()) < int((order == 1).nonzero())
+                 for order in (ColorJitter.get_params(None, None, None, None)[0]
+                               for _ in range(draws)))
+    assert same_rates(int(choices['brightness_first'].sum()), draws, theirs, draws)
+
+
+def test_a_seed_repeats_the_draws(decoded):
+    names = ['random_flip', 'random_crop', 'color_jitter']
+    batch = decoded.gather(torch.arange(16))
+    first = DeviceTransform(64, 32, names, seed=7)
+    a, b = first(batch), first(batch)
+    assert not torch.equal(a, b)
+    first.manual_seed(7)
+    assert torch.equal(first(batch), a)
+    assert torch.equal(DeviceTransform(64, 32, names, seed=7)(batch), a)
+    torch.manual_seed(8)
+    unseeded = DeviceTransform(64, 32, names)(batch)
+    torch.manual_seed(8)
+    assert torch.equal(DeviceTransform(64, 32, names)(batch), unseeded)
+
+
+def test_unsupported_transforms_say_so(softmax_manager):
+    assert DeviceTransform.supports(['random_flip', 'random_crop', 'color_jitter'])
+    assert DeviceTransform.supports('Random_Flip') and DeviceTransform.supports(None)
+    for name in ('random_patch', 'random_erase', 'color_augmentation'):
+        assert not DeviceTransform.supports(['random_flip', name])
+        loaders, why = build_cached_loaders(softmax_manager, ['random_flip', name], 32, 16,
+                                            'cpu', cap_gib=1.0)
+        assert loaders is None and name in why
+    with pytest.raises(ValueError, match='random_erase'):
+        DeviceTransform(64, 32, ['random_erase'])
+
+
+# --- loaders --------------------------------------------------------------------------------
+
+def test_the_cap_keeps_torchreids_loader(softmax_manager):
+    loaders, why = build_cached_loaders(softmax_manager, ['random_flip'], 32, 16, 'cpu',
+                                        cap_gib=1e-6)
+    assert loaders is None and 'GiB' in why
+
+
+def test_a_cached_epoch_sees_every_image_at_most_once(softmax_manager):
+    (train, _), _ = build_cached_loaders(softmax_manager, ['random_flip'], 32, 16, 'cpu',
+                                         cap_gib=1.0, workers=1)
+    torchreid_loader = softmax_manager.train_loader
+    total = len(torchreid_loader.dataset)
+    assert len(train) == len(torchreid_loader) == total // 16
+    seen = [path for batch in train for path in batch['impath']]
+    assert len(seen) == len(set(seen)) == len(train) * 16
+    assert total - len(seen) < 16                                # drop_last, as Torchreid
+
+
+def test_identity_sampler_batches_hold_four_images_per_identity(tiny_data_root):
+    manager = datamanager(tiny_data_root, sampler='RandomIdentitySampler')
+    (train, _), _ = build_cached_loaders(manager, ['random_flip'], 32, 16, 'cpu', cap_gib=1.0)
+    assert train.sampler is manager.train_loader.sampler         # Torchreid's, unchanged
+    assert len(train) == len(manager.train_loader)
+    for loader in (train, manager.train_loader):
+        batches = list(loader)
+        assert batches
+        for batch in batches:
+            assert sorted(Counter(batch['pid'].tolist()).values()) == [4, 4, 4, 4]
+
+
+def test_batches_are_shaped_like_torchreids(softmax_manager):
+    (train, tests), _ = build_cached_loaders(softmax_manager, ['random_flip'], 32, 16, 'cpu',
+                                             cap_gib=1.0)
+    ours, theirs = next(iter(train)), next(iter(softmax_manager.train_loader))
+    assert set(ours) == set(theirs)
+    for key in ('img', 'pid', 'camid', 'dsetid'):
+        assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape
+    assert isinstance(ours['impath'], list) and all(isinstance(p, str) for p in ours['impath'])
+    images, pids = Engine.parse_data_for_train(None, ours)
+    assert images.shape == (16, 3, 32, 16) and pids.dtype == torch.int64
+    query = next(iter(tests['market1501']['query']))
+    images, pids, camids = Engine.parse_data_for_eval(None, query)
+    assert camids.dtype == torch.int64 and images.shape[1:] == (3, 32, 16)
+
+
+def test_test_loaders_are_torchreids_in_order_and_pixels(softmax_manager):
+    _, tests = build_cached_loaders(softmax_manager, ['random_flip'], 32, 16, 'cpu',
+                                    cap_gib=1.0)[0]
+    assert set(tests) == set(softmax_manager.test_loader)
+    for split in ('query', 'gallery'):
+        ours_loader = tests['market1501'][split]
+        theirs_loader = softmax_manager.test_loader['market1501'][split]
+        assert len(ours_loader) == len(theirs_loader)
+        ours, theirs = list(ours_loader), list(theirs_loader)
+        assert [len(b['impath']) for b in ours] == [len(b['impath']) for b in theirs]
+        for a, b in zip(ours, theirs):
+            assert a['impath'] == b['impath']
+            assert torch.equal(a['pid'], b['pid']) and torch.equal(a['camid'], b['camid'])
+            difference = (a['img'] - b['img']).abs()
+            assert difference.max() <= ONE_LEVEL and difference.mean() < MEAN_TOLERANCE
+
+
+def test_a_loader_over_a_host_copy_moves_batches_to_its_device(train_items):
+    """Images kept on the host (pinned when CUDA is there) and batches made on `device`."""
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    images = DecodedImages(train_items[:20], progress=False)
+    images = images.pin_memory() if device == 'cuda' else images
+    loader = CachedLoader(images, DeviceTransform(64, 32, ['random_flip'], seed=0),
+                          range(len(images)), batch_size=8, drop_last=False, device=device)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3 and len(batches[-1]['impath']) == 4
+    assert batches[0]['img'].device.type == device and batches[0]['pid'].device.type == device
