@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 import main
 from reidkit.checkpoints import load_checkpoint, save_checkpoint
