@@ -40,6 +40,18 @@ def compile_errors() -> tuple[type[Exception], ...]:
     return (exc.BackendCompilerFailed, exc.Unsupported, exc.InvalidBackend)
 
 
+def note_compile_failure(error: Exception, what: str = '') -> None:
+    """Says once that compiling `what` failed and that the run carries on eagerly; an
+    out-of-memory error wrapped by the compiler is raised as it is."""
+    cause = getattr(error, 'inner_exception', None) or error
+    if isinstance(cause, torch.OutOfMemoryError):
+        raise cause
+    text = str(cause).strip()
+    print(f'Note: torch.compile failed{f" for {what}" if what else ""} ({type(cause).__name__}: '
+          f'{text.splitlines()[0][:200] if text else ""}); continuing without compilation '
+          f'(COMPILE=off skips the attempt).')
+
+
 class FastModel(nn.Module):
     """Runs `model` under bf16 autocast and/or channels_last, compiled for training."""
 
@@ -67,13 +79,7 @@ class FastModel(nn.Module):
             try:
                 return self.compiled(images)
             except compile_errors() as error:   # a missing compiler, an old GPU, an unsupported op
-                cause = getattr(error, 'inner_exception', None) or error
-                if isinstance(cause, torch.OutOfMemoryError):
-                    raise
-                text = str(cause).strip()
-                print(f'Note: torch.compile failed ({type(cause).__name__}: '
-                      f'{text.splitlines()[0][:200] if text else ""}); '
-                      f'continuing without compilation (COMPILE=off skips the attempt).')
+                note_compile_failure(error)
                 self.__dict__['compiled'] = None
         return self.model(images)
 

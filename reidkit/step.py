@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reidkit.speed import compile_errors
+from reidkit.speed import compile_errors, note_compile_failure
 
 Outputs = torch.Tensor | Sequence[torch.Tensor]
 
@@ -147,13 +147,7 @@ class TrainStep:
             try:
                 return self._compiled(images, pids)
             except compile_errors() as error:   # a missing compiler, an old GPU, an unsupported op
-                cause = getattr(error, 'inner_exception', None) or error
-                if isinstance(cause, torch.OutOfMemoryError):
-                    raise
-                text = str(cause).strip()
-                print(f'Note: torch.compile failed for the training step '
-                      f'({type(cause).__name__}: {text.splitlines()[0][:200] if text else ""}); '
-                      f'continuing without compilation (COMPILE=off skips the attempt).')
+                note_compile_failure(error, 'the training step')
                 self.compile_error, self._compiled = error, None
         return self.forward_and_loss(images, pids)
 
