@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from reidkit.checks import read_image
@@ -407,6 +408,35 @@ class CachedLoader:
             }
 
 
+def loader_like(loader: DataLoader, dataset=None, workers: int | None = None) -> DataLoader:
+    """A DataLoader like `loader` (sampler, batch size, drop_last, pinning), over `dataset`
+    and with `workers` processes where given."""
+    workers = loader.num_workers if workers is None else workers
+    return DataLoader(loader.dataset if dataset is None else dataset,
+                      batch_size=loader.batch_size, sampler=loader.sampler,
+                      num_workers=workers, pin_memory=loader.pin_memory,
+                      drop_last=loader.drop_last)
+
+
+def machine_workers() -> int:
+    """Loader processes for a machine whose images are decoded by Torchreid's loader: one per
+    core, leaving one for the training process, at most 16."""
+    return max(1, min(16, _cpu_count() - 1))
+
+
+def with_machine_workers(datamanager) -> int | None:
+    """Gives the datamanager's loaders one worker per spare core where they have fewer;
+    the new count, or None where nothing changed."""
+    workers = machine_workers()
+    if datamanager.train_loader.num_workers >= workers:
+        return None
+    datamanager.train_loader = loader_like(datamanager.train_loader, workers=workers)
+    datamanager.test_loader = {
+        name: {split: loader_like(loader, workers=workers) for split, loader in splits.items()}
+        for name, splits in datamanager.test_loader.items()}
+    return workers
+
+
 def _normalisation(datamanager) -> tuple:
     """(mean, std) of the datamanager's own Normalize, so custom norm_mean/norm_std hold."""
     for step in getattr(datamanager.transform_te, 'transforms', []):
@@ -422,11 +452,14 @@ def _dataset_of(loader):
 
 
 def build_cached_loaders(datamanager, transforms, height: int, width: int, device,
-                         cap_gib: float, seed: int | None = None, workers: int | None = None):
+                         cap_gib: float, seed: int | None = None, workers: int | None = None,
+                         test_batch_size: int | None = None):
     """(loaders, why): loaders is (train_loader, test_loaders) over images decoded once and
     kept on `device`, with test_loaders shaped like Torchreid's {name: {'query', 'gallery'}},
     or None when Torchreid's loader must stay (transforms not implemented here, k_tfm > 1, or
-    more than `cap_gib` GiB decoded); `why` says which path, in words for the log."""
+    more than `cap_gib` GiB decoded); `why` says which path, in words for the log. Features
+    are extracted `test_batch_size` images at a time where given (BATCH_SIZE_TEST if larger):
+    evaluation has no gradients to keep, so a GPU takes far more than 100 at once."""
     names = _transform_names(transforms)
     if not DeviceTransform.supports(names):
         return None, (f'{", ".join(DeviceTransform.unsupported(names))} not implemented on '
@@ -453,8 +486,10 @@ def build_cached_loaders(datamanager, transforms, height: int, width: int, devic
         what = 'train' if is_train else ' '.join(key)
         images = DecodedImages(data, workers=workers, sizes=sizes[key],
                                description=f'Decoding {what} images').to(device)
+        batch_size = loader.batch_size if is_train else \
+            max(loader.batch_size, test_batch_size or 0)
         cached[key] = CachedLoader(images, train_transform if is_train else test_transform,
-                                   loader.sampler, loader.batch_size, loader.drop_last)
+                                   loader.sampler, batch_size, loader.drop_last)
     test_loaders = {name: {split: cached[(name, split)] for split in splits}
                     for name, splits in datamanager.test_loader.items()}
     return (cached[None], test_loaders), f'{gib:.2f} GiB decoded'

@@ -32,6 +32,7 @@ from reidkit import evaluation
 from reidkit.visrank import write_rankings
 from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
 from reidkit.checks import read_image
+from reidkit.datapath import loader_like
 from reidkit.errors import UserError
 from reidkit.step import RunningMeans
 
@@ -296,9 +297,7 @@ def reading_with_reidkit(loader: DataLoader) -> DataLoader:
     """The same loader (sampler, batch size, workers), over a `ReadingWithReidkit` dataset."""
     if not hasattr(loader.dataset, 'data') or isinstance(loader.dataset, ReadingWithReidkit):
         return loader                       # not a Torchreid image dataset: left as it is
-    return DataLoader(ReadingWithReidkit(loader.dataset), batch_size=loader.batch_size,
-                      sampler=loader.sampler, num_workers=loader.num_workers,
-                      pin_memory=loader.pin_memory, drop_last=loader.drop_last)
+    return loader_like(loader, dataset=ReadingWithReidkit(loader.dataset))
 
 
 class WithProgress:

@@ -15,6 +15,8 @@ import torch.nn as nn
 
 from reidkit.errors import UserError
 
+DEVICE_TEST_BATCH = 256     # images per feature-extraction batch from the device cache
+
 CHOICES = {'AMP': ('auto', 'bf16', 'off'), 'CHANNELS_LAST': ('auto', 'on', 'off'),
            'COMPILE': ('auto', 'on', 'off'), 'TRAIN_STEP': ('auto', 'on', 'off'),
            'DATA_CACHE': ('auto', 'on', 'off')}
@@ -152,10 +154,18 @@ def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
         line += ' + our training step' + (' (compiled with its loss)' if compile_step else '')
     loaders = None
     if switched_on(s.DATA_CACHE, cuda):
-        from reidkit.datapath import build_cached_loaders
-        loaders, why = build_cached_loaders(datamanager, s.TRANSFORMS, s.HEIGHT, s.WIDTH,
-                                            device, s.DATA_CACHE_GB, seed=s.SEED)
-        line += ' + images decoded once, augmented on the device' if loaders else \
-            f' (Torchreid\'s loader: {why})'
+        from reidkit.datapath import build_cached_loaders, with_machine_workers
+        loaders, why = build_cached_loaders(
+            datamanager, s.TRANSFORMS, s.HEIGHT, s.WIDTH, device, s.DATA_CACHE_GB, seed=s.SEED,
+            test_batch_size=DEVICE_TEST_BATCH if cuda else None)
+        if loaders:
+            line += ' + images decoded once, augmented on the device' + \
+                (f' (features {max(s.BATCH_SIZE_TEST, DEVICE_TEST_BATCH)} images at a time)'
+                 if cuda else '')
+        else:
+            # Torchreid's loader must keep up with the GPU: every spare core decodes.
+            workers = with_machine_workers(datamanager) if cuda else None
+            line += f' (Torchreid\'s loader: {why}' + \
+                (f'; {workers} loader workers, one per spare core)' if workers else ')')
     return FastTraining(model, step, loaders, line.replace('Training path: eager float32 + ',
                                                            'Training path: float32 + '))

@@ -24,6 +24,7 @@ from torchreid.reid.data.transforms import Random2DTranslation, build_transforms
 from torchreid.reid.engine import Engine
 from torchvision.transforms import ColorJitter, RandomHorizontalFlip
 
+from reidkit import datapath
 from reidkit.checks import read_image
 from reidkit.datapath import (CachedLoader, DecodedImages, DeviceTransform,
                               build_cached_loaders, decoded_size_gib)
@@ -389,6 +390,33 @@ def test_test_loaders_are_torchreids_in_order_and_pixels(softmax_manager):
             assert torch.equal(a['pid'], b['pid']) and torch.equal(a['camid'], b['camid'])
             difference = (a['img'] - b['img']).abs()
             assert difference.max() <= ONE_LEVEL and difference.mean() < MEAN_TOLERANCE
+
+
+def test_larger_test_batches_give_the_same_images_in_the_same_order(softmax_manager):
+    train, tests = build_cached_loaders(softmax_manager, ['random_flip'], 32, 16, 'cpu',
+                                        cap_gib=1.0, test_batch_size=256)[0]
+    assert train.batch_size == 16                                # training batches unchanged
+    for split in ('query', 'gallery'):
+        ours = list(tests['market1501'][split])
+        theirs_loader = softmax_manager.test_loader['market1501'][split]
+        assert len(theirs_loader.dataset) <= 256 and len(ours) == 1
+        theirs = list(theirs_loader)
+        assert ours[0]['impath'] == [path for batch in theirs for path in batch['impath']]
+        assert torch.equal(ours[0]['pid'], torch.cat([batch['pid'] for batch in theirs]))
+
+
+def test_torchreids_loader_gets_a_worker_per_spare_core(tiny_data_root, monkeypatch):
+    manager = datamanager(tiny_data_root)
+    sampler = manager.train_loader.sampler
+    monkeypatch.setattr(datapath, '_cpu_count', lambda: 8)
+    assert datapath.with_machine_workers(manager) == 7
+    assert manager.train_loader.num_workers == 7 and manager.train_loader.sampler is sampler
+    assert manager.train_loader.batch_size == 16 and manager.train_loader.drop_last
+    assert all(loader.num_workers == 7 for splits in manager.test_loader.values()
+               for loader in splits.values())
+    assert datapath.with_machine_workers(manager) is None        # already as many: unchanged
+    monkeypatch.setattr(datapath, '_cpu_count', lambda: 64)
+    assert datapath.with_machine_workers(manager) == 16          # at most 16
 
 
 def test_a_loader_over_a_host_copy_moves_batches_to_its_device(train_items):
