@@ -32,6 +32,9 @@ EVAL_FREQ = 10                               # evaluate (and checkpoint) every N
 PRINT_FREQ = 10                              # print the training log every N batches
 SEED = 1                                     # random seed for a repeatable run
 DEVICE = 'auto'                              # 'auto' (CUDA if present), 'cuda' or 'cpu'
+GPUS = 0                                     # GPUs to train on (0 = all visible; several: DDP)
+LR_SCALING = 'none'                          # 'linear': LR x processes (the global batch grows)
+SYNC_BN = False                              # SyncBatchNorm across DDP processes (CUDA only)
 AMP = 'auto'                                 # bf16 autocast: 'auto' (on with CUDA), 'bf16', 'off'
 CHANNELS_LAST = 'auto'                       # channels_last memory format: 'auto', 'on', 'off'
 COMPILE = 'auto'                             # torch.compile for training: 'auto', 'on', 'off'

@@ -4,6 +4,7 @@
     python main.py train|test|visrank   one or more of the steps, in the order given
     python main.py --demo               the same on a generated demo dataset, sized for a CPU
     python main.py search --QUERY=person.jpg --GALLERY=folder/   rank your own images
+    python main.py export               the checkpoint (WEIGHTS) as model.onnx beside it, checked
     python main.py --KEY=VALUE ...      override any constant of config.py, e.g. --MAX_EPOCH=10
     python main.py --help               this text and every setting with its value
 
@@ -15,14 +16,16 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import config
+import torch
 import reidkit  # noqa: F401  (first: silences Torchreid's import-time Cython warning)
 import torchreid
 from torchreid.reid.utils import set_random_seed
 
-from reidkit import checks, search as searching
+from reidkit import checks, distributed, search as searching
 from reidkit.checkpoints import load_weights, resume_training
 from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.device import choose_device, place_model
@@ -36,7 +39,7 @@ from reidkit.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, apply_over
 from reidkit.speed import fast_training
 
 MODES = ('train', 'test', 'visrank')       # run in this order when none is named
-EXTRA_MODES = ('search',)
+EXTRA_MODES = ('search', 'export')
 
 
 def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:
@@ -55,6 +58,17 @@ def get_items(s: Settings | None = None):
     """The tutorial's objects: (datamanager, model, optimizer, scheduler)."""
     s = s or load_settings()
     device = choose_device(s.DEVICE)
+    with distributed.main_first():      # one process downloads what the others then read
+        datamanager, model = _data_and_model(s, device)
+    model = place_model(model, device)
+    optimizer = torchreid.optim.build_optimizer(model, optim=s.OPTIM, lr=learning_rate(s))
+    scheduler = torchreid.optim.build_lr_scheduler(
+        optimizer, lr_scheduler=s.LR_SCHEDULER, stepsize=s.STEPSIZE, max_epoch=s.MAX_EPOCH
+    )
+    return datamanager, model, optimizer, scheduler
+
+
+def _data_and_model(s: Settings, device):
     datamanager = torchreid.data.ImageDataManager(
         root=s.DATA_ROOT,
         sources=s.SOURCES,
@@ -75,12 +89,15 @@ def get_items(s: Settings | None = None):
         loss=s.LOSS,
         pretrained=s.PRETRAINED,
     )
-    model = place_model(model, device)
-    optimizer = torchreid.optim.build_optimizer(model, optim=s.OPTIM, lr=s.LR)
-    scheduler = torchreid.optim.build_lr_scheduler(
-        optimizer, lr_scheduler=s.LR_SCHEDULER, stepsize=s.STEPSIZE, max_epoch=s.MAX_EPOCH
-    )
-    return datamanager, model, optimizer, scheduler
+    return datamanager, model
+
+
+def learning_rate(s: Settings) -> float:
+    """LR, times the number of processes with LR_SCALING='linear' (the global batch grows
+    with them)."""
+    if s.LR_SCALING not in ('none', 'linear'):
+        raise UserError(f"LR_SCALING={s.LR_SCALING!r}: use 'none' or 'linear'.")
+    return s.LR * (distributed.current().world_size if s.LR_SCALING == 'linear' else 1)
 
 
 def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
@@ -88,6 +105,15 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
     through the fast path where it is on (AMP, CHANNELS_LAST, COMPILE, TRAIN_STEP, DATA_CACHE:
     all on with CUDA by default)."""
     use_gpu = next(model.parameters()).is_cuda
+    processes = distributed.current()
+    if processes.distributed:
+        distributed.shard_loaders(datamanager, s.SEED)
+        print(f'DDP: {processes.world_size} processes'
+              + (f' on {processes.world_size} GPUs' if use_gpu else ' on the CPU (gloo)')
+              + f'; global batch {processes.world_size * s.BATCH_SIZE_TRAIN} '
+                f'({s.BATCH_SIZE_TRAIN} per process); learning rate {learning_rate(s):g}'
+              + (' (LR_SCALING=linear)' if s.LR_SCALING == 'linear' else '')
+              + ('; SyncBatchNorm' if s.SYNC_BN else ''))
     fast = fast_training(s, model, optimizer, datamanager)
     print(fast.line)
     engine_class = TripletEngine if s.LOSS == 'triplet' else SoftmaxEngine
@@ -108,21 +134,17 @@ def train(s: Settings | None = None) -> Path:
     if s.RESUME:
         checkpoint, resumed, s = resolve_checkpoint(s, setting='RESUME', notes=notes)
         check_not_finished(resumed, checkpoint, s)
-    checks.check_before_run(s, training=True, pretrained=resumed is None)
+    distributed.on_main(lambda: checks.check_before_run(s, training=True,
+                                                        pretrained=resumed is None))
     set_random_seed(s.SEED)
-    run_dir = run_to_continue(checkpoint, Path(s.EXPERIMENTS_DIR),
-                              int(resumed.get('epoch') or 0)) if resumed else None
-    if resumed and run_dir is None:
-        notes.append(f'"{checkpoint}" is not the newest checkpoint of a run folder under '
-                     f'EXPERIMENTS_DIR, so the run continues in a new one (nothing is '
-                     f'overwritten)')
-    run_dir = run_dir or new_run_dir(Path(s.EXPERIMENTS_DIR), run_name(s))
+    run_dir = distributed.on_main(lambda: _training_run_dir(s, checkpoint, resumed, notes))
     started = time.time()
-    with log_to(run_dir / 'log.txt'):
+    with log_to(run_dir / 'log.txt') if distributed.current().is_main else nullcontext():
         print(f'Run folder: {run_dir}')
         for note in notes:
             print(f'Note: {note}.')
-        write_settings(run_dir, s)
+        if distributed.current().is_main:
+            write_settings(run_dir, s)
         # The checkpoint replaces ImageNet weights when resuming: no download is needed.
         datamanager, model, optimizer, scheduler = get_items(
             s.replace(PRETRAINED=False) if resumed else s)
@@ -147,10 +169,22 @@ def train(s: Settings | None = None) -> Path:
                 f'Last checkpoint: {last}\nResume with: {resume_command(last, s)}'
                 if last else 'No checkpoint was written yet.'))
             raise
-    plot_training(run_dir, len(datamanager.train_loader))
-    write_metrics(run_dir / 'metrics.json', 'train', engine.results[-1], s, datamanager,
-                  checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started)
+    if distributed.current().is_main:
+        plot_training(run_dir, len(engine.train_loader))
+        write_metrics(run_dir / 'metrics.json', 'train', engine.results[-1], s, datamanager,
+                      checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started)
     return run_dir
+
+
+def _training_run_dir(s: Settings, checkpoint, resumed, notes: list) -> Path:
+    """The run folder: the checkpoint's own when resuming its newest, else a new one."""
+    run_dir = run_to_continue(checkpoint, Path(s.EXPERIMENTS_DIR),
+                              int(resumed.get('epoch') or 0)) if resumed else None
+    if resumed and run_dir is None:
+        notes.append(f'"{checkpoint}" is not the newest checkpoint of a run folder under '
+                     f'EXPERIMENTS_DIR, so the run continues in a new one (nothing is '
+                     f'overwritten)')
+    return run_dir or new_run_dir(Path(s.EXPERIMENTS_DIR), run_name(s))
 
 
 def check_not_finished(saved: dict, checkpoint: Path, s: Settings) -> None:
@@ -178,19 +212,22 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     started = time.time()
     checkpoint, saved, s = resolve_checkpoint(s, weights)   # a bad file fails before heavy work
     s = s.replace(PRETRAINED=False)                   # the checkpoint replaces ImageNet weights
-    checks.check_before_run(s, training=False)
+    distributed.on_main(lambda: checks.check_before_run(s, training=False))
     set_random_seed(s.SEED)
     datamanager, model, optimizer, scheduler = get_items(s)
     load_weights(model, saved, s.MODEL_NAME, checkpoint)
-    out_dir = output_dir_for(checkpoint, Path(s.EXPERIMENTS_DIR), mode)
-    with log_to(out_dir / 'log.txt'):
+    out_dir = distributed.on_main(
+        lambda: output_dir_for(checkpoint, Path(s.EXPERIMENTS_DIR), mode))
+    main_rank = distributed.current().is_main
+    with log_to(out_dir / 'log.txt') if main_rank else nullcontext():
         print(f'Loaded weights from "{checkpoint}" (epoch {saved.get("epoch", "?")})')
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
         engine.run(save_dir=str(out_dir), test_only=True, **run_flags)
     result = dict(engine.results[-1], epoch=saved.get('epoch'))
-    plot_cmc(result['cmc'], out_dir / 'cmc.png')
-    write_metrics(out_dir / 'metrics.json', mode, result, s, datamanager, checkpoint=checkpoint,
-                  seconds=time.time() - started)
+    if main_rank:
+        plot_cmc(result['cmc'], out_dir / 'cmc.png')
+        write_metrics(out_dir / 'metrics.json', mode, result, s, datamanager,
+                      checkpoint=checkpoint, seconds=time.time() - started)
     return out_dir
 
 
@@ -209,6 +246,13 @@ def search(s: Settings | None = None, weights: Path | None = None) -> Path:
     """Ranks every image under GALLERY for each image in QUERY with a checkpoint (WEIGHTS, or
     the newest run's). Writes strip.jpg, results.csv and index.html per query; returns the folder."""
     return searching.search(s or load_settings(), weights)
+
+
+def export(s: Settings | None = None, weights: Path | None = None) -> Path:
+    """Writes the checkpoint (WEIGHTS, or the newest run's) as model.onnx beside it, checked
+    against PyTorch's features with onnxruntime; returns the file."""
+    from reidkit.export import export as export_onnx
+    return export_onnx(s or load_settings(), weights)
 
 
 def usage() -> str:
@@ -239,34 +283,74 @@ def main(argv: list[str] | None = None) -> int:
     try:
         modes, demo, overrides = parse_command_line(argv)
         s = load_settings(overrides, demo=demo)
-        if demo:
-            summary = make_demo_dataset(Path(s.DATA_ROOT), seed=DEMO_DATA_SEED)
-            print(f'Demo dataset: {summary.train_ids} train ids ({summary.train_images} images), '
-                  f'{summary.query_images} queries, {summary.gallery_images} gallery images '
-                  f'in {summary.data_dir}')
-        weights = None
-        for mode in modes:
-            if mode == 'train':
-                run_dir = train(s)
-                weights = newest_checkpoint(run_dir)   # test/visrank use what was just trained
-                print(f'Training run: {run_dir}')
-            elif mode == 'test':
-                print(f'Test results: {test(s, weights)}')
-            elif mode == 'visrank':
-                out_dir = vis_rank(s, weights)
-                print(f'Rank images: {out_dir}')
-                for page in sorted(out_dir.glob('visrank_*/index.html')):
-                    print(f'Gallery page: {page.resolve()}')
-            elif mode == 'search':
-                out_dir = search(s, weights)
-                print(f'Search results: {out_dir} (one folder per query: strip.jpg, '
-                      f'results.csv, index.html)')
+        gpus = gpus_for_training(s, modes)
+        if len(gpus) > 1:       # one process per GPU, started here as torchrun would
+            print(f'Training on {len(gpus)} GPUs: starting {len(gpus)} processes (DDP).')
+            return distributed.launch(str(Path(__file__).resolve()), argv, len(gpus), gpus)
+        processes = distributed.start(s.DEVICE)
+        with distributed.main_only():
+            return _run_modes(modes, demo, s, processes)
     except UserError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('Interrupted.', file=sys.stderr)
         return 130
+    except RuntimeError as error:
+        if not distributed.is_peer_failure(error):
+            raise
+        print(f'error: DDP: process {distributed.current().rank} lost contact with the others '
+              f'({str(error).splitlines()[0][:300]}). Another process probably stopped or its '
+              f'machine became unreachable; the last checkpoint on disk is intact (resume with '
+              f'--RESUME=<run folder>/model/latest.pth.tar).', file=sys.stderr)
+        return 1
+    finally:
+        distributed.stop()
+
+
+def gpus_for_training(s: Settings, modes: list[str]) -> list[int]:
+    """The GPUs a training command started without torchrun spreads over (GPUS of them)."""
+    if distributed.launched() or 'train' not in modes or s.DEVICE == 'cpu' or \
+            not torch.cuda.is_available():
+        return []
+    return distributed.gpus_to_use(s.GPUS, torch.cuda.device_count())
+
+
+def _run_modes(modes: list[str], demo: bool, s: Settings, processes) -> int:
+    if demo:
+        summary = distributed.on_main(
+            lambda: make_demo_dataset(Path(s.DATA_ROOT), seed=DEMO_DATA_SEED))
+        print(f'Demo dataset: {summary.train_ids} train ids ({summary.train_images} images), '
+              f'{summary.query_images} queries, {summary.gallery_images} gallery images '
+              f'in {summary.data_dir}')
+    weights = None
+    for mode in modes:
+        if mode in EXTRA_MODES and not processes.is_main:
+            continue            # search and export run once, in rank 0
+        if mode == 'train':
+            run_dir = train(s)
+            if processes.distributed:
+                # The checkpoint is on rank 0's disk (other machines may not see it): the
+                # steps after training run there, in one process, as search and export do.
+                distributed.stop(barrier=True)
+                if not processes.is_main:
+                    return 0
+                processes = distributed.current()
+            weights = newest_checkpoint(run_dir)   # test/visrank use what was just trained
+            print(f'Training run: {run_dir}')
+        elif mode == 'test':
+            print(f'Test results: {test(s, weights)}')
+        elif mode == 'visrank':
+            out_dir = vis_rank(s, weights)
+            print(f'Rank images: {out_dir}')
+            for page in sorted(out_dir.glob('visrank_*/index.html')):
+                print(f'Gallery page: {page.resolve()}')
+        elif mode == 'search':
+            out_dir = search(s, weights)
+            print(f'Search results: {out_dir} (one folder per query: strip.jpg, '
+                  f'results.csv, index.html)')
+        elif mode == 'export':
+            export(s, weights)
     return 0
 
 

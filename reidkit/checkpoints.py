@@ -117,10 +117,12 @@ def _not_a_checkpoint(path: Path, error: Exception, setting: str) -> UserError:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DataParallel and fast-path wrappers, or the model itself."""
+    """The model inside DataParallel, DistributedDataParallel and fast-path wrappers, or the
+    model itself."""
     from reidkit.speed import FastModel
-    while isinstance(model, (nn.DataParallel, FastModel)):
-        model = model.module if isinstance(model, nn.DataParallel) else model.model
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(model, parallel + (FastModel,)):
+        model = model.module if isinstance(model, parallel) else model.model
     return model
 
 

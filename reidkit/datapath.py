@@ -408,12 +408,14 @@ class CachedLoader:
             }
 
 
-def loader_like(loader: DataLoader, dataset=None, workers: int | None = None) -> DataLoader:
-    """A DataLoader like `loader` (sampler, batch size, drop_last, pinning), over `dataset`
-    and with `workers` processes where given."""
+def loader_like(loader: DataLoader, dataset=None, workers: int | None = None,
+                sampler=None) -> DataLoader:
+    """A DataLoader like `loader` (sampler, batch size, drop_last, pinning), with `dataset`,
+    `workers` processes and `sampler` instead where given."""
     workers = loader.num_workers if workers is None else workers
     return DataLoader(loader.dataset if dataset is None else dataset,
-                      batch_size=loader.batch_size, sampler=loader.sampler,
+                      batch_size=loader.batch_size,
+                      sampler=loader.sampler if sampler is None else sampler,
                       num_workers=workers, pin_memory=loader.pin_memory,
                       drop_last=loader.drop_last)
 

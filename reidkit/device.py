@@ -26,9 +26,7 @@ def choose_device(setting: str) -> torch.device:
 
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """The model on `device`, wrapped in DataParallel when several GPUs are visible."""
-    model = model.to(device)
-    if device.type == 'cuda' and torch.cuda.device_count() > 1:
-        print(f'Using {torch.cuda.device_count()} GPUs with nn.DataParallel.')
-        model = nn.DataParallel(model)
-    return model
+    """The model on `device`: this process's GPU under DDP (several GPUs train as several
+    processes, see reidkit.distributed), else the first visible one."""
+    from reidkit import distributed
+    return model.to(distributed.device_for(distributed.current(), device))

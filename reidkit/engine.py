@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from tqdm import tqdm
 
-from reidkit import evaluation
+from reidkit import distributed, evaluation
 from reidkit.visrank import write_rankings
 from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
 from reidkit.checks import read_image
@@ -78,6 +78,8 @@ class ReidkitEngineMixin:
     def run(self, save_dir='log', *args, **kwargs):
         self.save_dir = Path(save_dir)
         self._print_freq = kwargs.get('print_freq', self._print_freq)
+        if not distributed.current().is_main:
+            self.writer = NoWriter()          # one set of TensorBoard events, rank 0's
         with self.torchreid_extended():
             return super().run(save_dir, *args, **kwargs)
 
@@ -90,9 +92,13 @@ class ReidkitEngineMixin:
 
     def _stop_if_diverged(self) -> None:
         found = self.divergence.first_bad()
-        if found is None:
+        device = next(self.model.parameters()).device
+        if not distributed.any_rank(found is not None, device):
             return
-        epoch, batch, name, value = found
+        # Under DDP every rank checks at the same batch and stops together (none waits for a
+        # peer that has stopped); a rank whose own losses were finite names the others'.
+        epoch, batch, name, value = found or (self.epoch, self.batch_idx,
+                                              'loss of another process', 'not finite')
         from reidkit.runs import resume_point
         last = resume_point(self.save_dir) if self.save_dir is not None else None
         lr = self.optimizer.param_groups[0]['lr'] if self.optimizer is not None else None
@@ -108,6 +114,9 @@ class ReidkitEngineMixin:
 
     def train(self, print_freq=10, fixbase_epoch=0, open_layers=None):
         self._print_freq = print_freq
+        sampler = getattr(self.train_loader, 'sampler', None)
+        if hasattr(sampler, 'set_epoch'):     # DDP: a new split of the data every epoch
+            sampler.set_epoch(self.epoch)
         if self.train_step is None:
             super().train(print_freq=print_freq, fixbase_epoch=fixbase_epoch,
                           open_layers=open_layers)
@@ -164,7 +173,10 @@ class ReidkitEngineMixin:
             print(f'Checkpoint saved to "{path}"')
 
     def _save(self, name: str, epoch: int, rank1: float, path: Path) -> Path:
-        """Writes a checkpoint, never one of a model whose weights are not finite."""
+        """Writes a checkpoint, never one of a model whose weights are not finite. Under DDP
+        every rank holds the same weights and rank 0 writes them."""
+        if not distributed.current().is_main:
+            return path
         for key, value in unwrap(self._models[name]).state_dict().items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise UserError(
@@ -184,6 +196,10 @@ class ReidkitEngineMixin:
         matrix on the host, unless visrank draws it). Re-ranking and CUHK03's protocol go
         through Torchreid's own `_evaluate` (with our evaluator inside)."""
         if rerank or use_metric_cuhk03:
+            if distributed.current().distributed:
+                raise UserError('Re-ranking and the CUHK03 metric are evaluated by one process: '
+                                'run python main.py test --GPUS=1 (or without torchrun) on the '
+                                'checkpoint this run wrote.')
             return super()._evaluate(dataset_name, query_loader, gallery_loader, dist_metric,
                                      normalize_feature, visrank, visrank_topk, save_dir,
                                      use_metric_cuhk03, list(ranks), rerank)
@@ -204,7 +220,7 @@ class ReidkitEngineMixin:
         print('CMC curve')
         for r in ranks:
             print(f'Rank-{r:<3}: {cmc[r - 1]:.1%}')
-        if visrank:
+        if visrank and distributed.current().is_main:
             distmat = evaluation.distances(qf, gf, dist_metric).cpu().numpy()
             write_rankings(
                 distmat, self.datamanager.fetch_test_loaders(dataset_name),
@@ -223,7 +239,12 @@ class ReidkitEngineMixin:
                             .float())
             pids.append(torch.as_tensor(batch_pids))
             camids.append(torch.as_tensor(batch_camids))
-        return torch.cat(features), torch.cat(pids), torch.cat(camids)
+        if not distributed.current().distributed:
+            return torch.cat(features), torch.cat(pids), torch.cat(camids)
+        # DDP: each rank extracted its slice; every rank gets all of them, in order.
+        labels = torch.stack([torch.cat(pids), torch.cat(camids)], 1).to(device)
+        features, labels = distributed.gather(torch.cat(features)), distributed.gather(labels)
+        return features, labels[:, 0].cpu(), labels[:, 1].cpu()
 
     def test(self, *args, **kwargs):
         loaders = self.test_loader
@@ -239,6 +260,16 @@ class ReidkitEngineMixin:
         for cmc, mAP in self._evaluations:
             self.results.append({'epoch': self.epoch + 1, 'cmc': cmc, 'mAP': mAP})
         return rank1
+
+
+class NoWriter:
+    """A TensorBoard writer that writes nothing (DDP ranks other than 0)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class DivergenceWatch:

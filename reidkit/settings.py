@@ -28,9 +28,9 @@ NOT_SETTINGS = {'DEMO'}
 # The class of every setting (see above); a setting added to config.py must be added here.
 RUN_SETTINGS = ('SOURCES', 'TARGETS', 'HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'TRANSFORMS',
                 'MODEL_NAME', 'LOSS', 'PRETRAINED', 'LABEL_SMOOTH', 'OPTIM', 'LR',
-                'LR_SCHEDULER', 'STEPSIZE', 'SEED')
+                'LR_SCHEDULER', 'STEPSIZE', 'SEED', 'LR_SCALING', 'SYNC_BN')
 SCHEDULE_SETTINGS = ('MAX_EPOCH', 'EVAL_FREQ', 'PRINT_FREQ', 'LATEST_EVERY')
-LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'DEVICE', 'AMP', 'CHANNELS_LAST',
+LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'DEVICE', 'GPUS', 'AMP', 'CHANNELS_LAST',
                   'COMPILE', 'TRAIN_STEP', 'DATA_CACHE', 'DATA_CACHE_GB', 'RESUME', 'EXPERIMENTS_DIR', 'WEIGHTS', 'VISRANK_TOPK', 'QUERY',
                   'GALLERY', 'SEARCH_TOPK')
 # Settings that name a file or folder: their text is kept as given.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from reidkit import distributed
 from reidkit.errors import UserError
 
 DEVICE_TEST_BATCH = 256     # images per feature-extraction batch from the device cache
@@ -107,10 +108,9 @@ def fast_path(model: nn.Module, device: torch.device, amp: str, channels_last: s
     use_channels_last = channels_last == 'on' or (channels_last == 'auto' and cuda)
     compile_mode = None
     if compile_setting == 'on' or (compile_setting == 'auto' and cuda):
-        if isinstance(model, nn.DataParallel):
-            notes.append('torch.compile is skipped with several GPUs (DataParallel)')
-        else:
-            compile_mode = 'reduce-overhead' if cuda else 'default'
+        # CUDA graphs replay fixed buffers: DDP's gradient hooks need the default mode.
+        compile_mode = 'reduce-overhead' if cuda and not isinstance(
+            model, nn.parallel.DistributedDataParallel) else 'default'
     parts = (['bf16 autocast'] if amp_dtype else []) + \
             (['channels_last'] if use_channels_last else []) + \
             ([f'torch.compile ({"CUDA graphs" if cuda else "CPU"})']
@@ -120,8 +120,6 @@ def fast_path(model: nn.Module, device: torch.device, amp: str, channels_last: s
         (f' ({"; ".join(notes)})' if notes else '')
     if not parts:
         return model, line
-    if isinstance(model, nn.DataParallel):     # autocast must run inside each replica
-        return nn.DataParallel(FastModel(model.module, amp_dtype, use_channels_last, None)), line
     return FastModel(model, amp_dtype, use_channels_last, compile_mode), line
 
 
@@ -143,8 +141,9 @@ def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
     device = next(model.parameters()).device
     cuda = device.type == 'cuda'
     own_step = switched_on(s.TRAIN_STEP, cuda)
-    compile_step = own_step and switched_on(s.COMPILE, cuda) and \
-        not isinstance(model, nn.DataParallel)
+    compile_step = own_step and switched_on(s.COMPILE, cuda)
+    if distributed.current().distributed:
+        model = distributed_model(model, s, device)
     model, line = fast_path(model, device, s.AMP, s.CHANNELS_LAST, s.COMPILE,
                             compile_model=not own_step)
     step = None
@@ -169,3 +168,17 @@ def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
                 (f'; {workers} loader workers, one per spare core)' if workers else ')')
     return FastTraining(model, step, loaders, line.replace('Training path: eager float32 + ',
                                                            'Training path: float32 + '))
+
+
+def distributed_model(model: nn.Module, s, device: torch.device) -> nn.Module:
+    """The model in DistributedDataParallel (SyncBatchNorm first with SYNC_BN), in the memory
+    format the fast path will use, so DDP's gradient buckets match the weights' layout."""
+    if switched_on(s.CHANNELS_LAST, device.type == 'cuda'):
+        model = model.to(memory_format=torch.channels_last)
+    if s.SYNC_BN:
+        if device.type != 'cuda':
+            raise UserError('SYNC_BN=True needs CUDA GPUs (PyTorch\'s SyncBatchNorm runs only '
+                            'there). Pass --SYNC_BN=False to train on the CPU.')
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the same parameters
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == 'cuda' else None)

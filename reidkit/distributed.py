@@ -1,0 +1,420 @@
+"""Training with several processes: DistributedDataParallel, launched by `torchrun` or by
+`python main.py` itself on a box with several GPUs.
+
+One process per GPU (NCCL), or per CPU slot with `torchrun` on a CPU box (gloo). Each process
+runs the same single-GPU path on its shard of every epoch; gradients are averaged by DDP.
+Only rank 0 writes (run folder, log, TensorBoard, checkpoints, metrics, rank images); every
+rank extracts a shard of the test features, and all ranks gather them for one exact
+evaluation, so every rank reaches the same decisions (divergence, best epoch) in step.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from reidkit.errors import UserError
+
+# Longest a process waits for the others in one collective; then it stops with an error
+# instead of hanging (a dead or unreachable peer). Checkpoint writes on rank 0 fit in it.
+TIMEOUT = datetime.timedelta(seconds=float(os.environ.get('REIDKIT_DDP_TIMEOUT', 600)))
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands: its rank among `world_size` and its GPU on this machine."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_current = Processes()
+
+
+def current() -> Processes:
+    return _current
+
+
+def launched() -> bool:
+    """Started by torchrun (or by our own launcher, which sets the same variables)."""
+    return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+
+
+def start(device_setting: str) -> Processes:
+    """Joins the process group torchrun describes in the environment (a no-op otherwise).
+    NCCL with CUDA, gloo on the CPU; each process takes the GPU of its LOCAL_RANK."""
+    global _current
+    if not launched() or dist.is_initialized():
+        return _current
+    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    cuda = device_setting != 'cpu' and torch.cuda.is_available()
+    if device_setting == 'cuda' and not cuda:
+        raise UserError("DEVICE='cuda' but this process sees no CUDA GPU. Check nvidia-smi "
+                        "and CUDA_VISIBLE_DEVICES, or pass --DEVICE=cpu to train with gloo.")
+    backend = 'gloo'
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f'DDP: process {rank} has LOCAL_RANK {local_rank} but this machine shows '
+                f'{torch.cuda.device_count()} GPU(s). Start at most one process per GPU '
+                f'(torchrun --nproc_per_node={torch.cuda.device_count()}).')
+        torch.cuda.set_device(local_rank)
+        if dist.is_nccl_available():
+            backend = 'nccl'
+        else:
+            print('Note: this PyTorch has no NCCL; the processes talk over gloo (slower).')
+    try:
+        dist.init_process_group(backend, timeout=TIMEOUT,
+                                **({'device_id': torch.device('cuda', local_rank)}
+                                   if backend == 'nccl' else {}))
+    except (RuntimeError, ValueError) as error:
+        raise UserError(
+            f'DDP: process {rank} of {world} could not join the process group '
+            f'(MASTER_ADDR={os.environ.get("MASTER_ADDR")}, MASTER_PORT='
+            f'{os.environ.get("MASTER_PORT")}): {str(error).splitlines()[0][:300]}. Check '
+            f'that the rendezvous host is reachable from every machine, the port is free and '
+            f'open, and every launcher uses the same --nnodes and --rdzv-endpoint.') from error
+    _current = Processes(rank, world, local_rank)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    return _current
+
+
+def _stop_on_sigterm(signum, frame):
+    # torchrun (or our launcher) ends the other processes with SIGTERM when one fails or the
+    # user presses Ctrl-C: stop like Ctrl-C, so the log says where to resume from.
+    raise KeyboardInterrupt
+
+
+def stop(barrier: bool = False) -> None:
+    """Leaves the process group (after every process reaches this point, with `barrier`)."""
+    global _current
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+    _current = Processes()
+
+
+def device_for(processes: Processes, device: torch.device) -> torch.device:
+    """This process's GPU (cuda:LOCAL_RANK) when training on CUDA with several processes."""
+    if device.type == 'cuda' and processes.distributed:
+        return torch.device('cuda', processes.local_rank)
+    return device
+
+
+def on_main(make: Callable[[], object]):
+    """`make()` on rank 0 only (e.g. creating a folder); every rank gets its result."""
+    processes = current()
+    if not processes.distributed:
+        return make()
+    box = [None]
+    if processes.is_main:
+        try:
+            box[0] = ('ok', make())
+        except UserError as error:      # every rank stops with rank 0's message
+            box[0] = ('error', str(error))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == 'error':
+        raise UserError(value)
+    return value
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (it may download weights or write a cache), then the rest."""
+    processes = current()
+    if processes.distributed and not processes.is_main:
+        dist.barrier()
+    yield
+    if processes.distributed and processes.is_main:
+        dist.barrier()
+
+
+def main_only() -> contextlib.AbstractContextManager:
+    """Muted standard output outside rank 0, so a run prints one log, not one per process."""
+    if current().is_main:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, 'w'))
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (one small collective)."""
+    if not current().distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+# --- samplers ------------------------------------------------------------------------------
+
+def _generator(*seeds: int) -> torch.Generator:
+    generator = torch.Generator()
+    value = 0
+    for seed in seeds:
+        value = (value * 1_000_003 + int(seed)) % (2 ** 63)
+    generator.manual_seed(value)
+    return generator
+
+
+class ShardedRandomSampler(Sampler):
+    """Torchreid's RandomSampler split across processes: each epoch one permutation of the
+    training set drawn from (seed, epoch), the same on every process; process r takes every
+    world-th index from r. Every process gets the same count, so no process waits for a
+    batch the others never send; the fewer than `world` images left over sit out one epoch."""
+
+    def __init__(self, size: int, rank: int, world_size: int, seed: int):
+        self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.world_size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=_generator(self.seed, self.epoch))
+        return iter(order[self.rank:len(self) * self.world_size:self.world_size].tolist())
+
+
+class ShardedIdentitySampler(Sampler):
+    """The identity (P x K) sampler for LOSS='triplet' split across processes by identity:
+    each epoch the identities are shuffled from (seed, epoch) and dealt out, so every image of
+    an identity goes to one process and the triplet loss finds its positives there. Within a
+    process a batch holds batch_size / num_instances identities with num_instances images each
+    (an identity with fewer images repeats some, as Torchreid's sampler does). All processes
+    stop at the smallest process's batch count; each computes every count itself (no messages)."""
+
+    def __init__(self, pids: Sequence[int], batch_size: int, num_instances: int, rank: int,
+                 world_size: int, seed: int):
+        if batch_size % num_instances:
+            raise UserError(f'BATCH_SIZE_TRAIN={batch_size} must be a multiple of the images '
+                            f'per identity ({num_instances}) for LOSS=\'triplet\'.')
+        self.pids = [int(pid) for pid in pids]
+        self.batch_size, self.num_instances = batch_size, num_instances
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0
+        self.identities = sorted(set(self.pids))
+        per_batch = batch_size // num_instances
+        if len(self.identities) // world_size < per_batch:
+            raise UserError(
+                f'LOSS=\'triplet\' with {world_size} processes: each process gets '
+                f'{len(self.identities) // world_size} of the {len(self.identities)} training '
+                f'identities, fewer than the {per_batch} a batch of {batch_size} needs '
+                f'({num_instances} images each). Use fewer processes or a smaller '
+                f'BATCH_SIZE_TRAIN.')
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def identities_of(self, rank: int, epoch: int) -> list[int]:
+        order = torch.randperm(len(self.identities), generator=_generator(self.seed, epoch))
+        return [self.identities[i] for i in order[rank::self.world_size].tolist()]
+
+    def _batches(self, rank: int, epoch: int) -> list[list[int]]:
+        generator = _generator(self.seed, epoch, rank + 1)
+        by_identity: dict[int, list[int]] = {pid: [] for pid in self.identities_of(rank, epoch)}
+        for index, pid in enumerate(self.pids):
+            if pid in by_identity:
+                by_identity[pid].append(index)
+        k = self.num_instances
+        chunks: dict[int, list[list[int]]] = {}
+        for pid, indices in by_identity.items():
+            if len(indices) < k:     # too few images: draw k with repeats
+                picks = torch.randint(len(indices), (k,), generator=generator).tolist()
+            else:
+                picks = torch.randperm(len(indices), generator=generator).tolist()
+            shuffled = [indices[i] for i in picks]
+            chunks[pid] = [shuffled[i:i + k] for i in range(0, len(shuffled) - k + 1, k)]
+        per_batch, batches = self.batch_size // k, []
+        while True:
+            ready = [pid for pid in chunks if chunks[pid]]
+            if len(ready) < per_batch:
+                return batches
+            chosen = torch.randperm(len(ready), generator=generator)[:per_batch].tolist()
+            batches.append([i for c in chosen for i in chunks[ready[c]].pop()])
+
+    def _epoch_batches(self) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != self.epoch:
+            every = [self._batches(rank, self.epoch) for rank in range(self.world_size)]
+            count = min(len(batches) for batches in every)
+            self._cached = (self.epoch, every[self.rank][:count])
+        return self._cached[1]
+
+    def __len__(self) -> int:
+        return len(self._epoch_batches()) * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([index for batch in self._epoch_batches() for index in batch])
+
+
+def shard_bounds(size: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous (start, end) per rank covering range(size), sizes differing by at most 1."""
+    base, extra = divmod(size, world_size)
+    bounds, start = [], 0
+    for rank in range(world_size):
+        end = start + base + (rank < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class ShardSampler(Sampler):
+    """This rank's contiguous slice of a test set, in order (gathered back by `gather`)."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.start, self.end = shard_bounds(size, world_size)[rank]
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.end))
+
+
+def gather(shard: torch.Tensor) -> torch.Tensor:
+    """Every rank's `shard` (rows of one test set, in rank order) concatenated, on every rank."""
+    processes = current()
+    if not processes.distributed:
+        return shard
+    count = torch.tensor([shard.shape[0]], device=shard.device)
+    counts = [torch.zeros_like(count) for _ in range(processes.world_size)]
+    dist.all_gather(counts, count)
+    counts = [int(c.item()) for c in counts]
+    padded = torch.zeros((max(counts),) + tuple(shard.shape[1:]), dtype=shard.dtype,
+                         device=shard.device)
+    padded[:shard.shape[0]] = shard
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def shard_loaders(datamanager, seed: int) -> None:
+    """Replaces the datamanager's samplers with this rank's shards (training: a new split
+    every epoch; test: a fixed contiguous slice)."""
+    from reidkit.datapath import loader_like, _dataset_of
+    processes = current()
+    rank, world = processes.rank, processes.world_size
+    train = datamanager.train_loader
+    data = _dataset_of(train).data
+    if type(train.sampler).__name__ == 'RandomIdentitySampler':
+        sampler = ShardedIdentitySampler([item[1] for item in data], train.batch_size,
+                                         train.sampler.num_instances, rank, world, seed)
+    else:
+        sampler = ShardedRandomSampler(len(data), rank, world, seed)
+    datamanager.train_loader = loader_like(train, sampler=sampler)
+    datamanager.test_loader = {
+        name: {split: loader_like(loader, sampler=ShardSampler(len(loader.dataset), rank,
+                                                                world))
+               for split, loader in splits.items()}
+        for name, splits in datamanager.test_loader.items()}
+
+
+# --- launching ----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+def launch(script: str, argv: list[str], processes: int, visible_gpus: list[int] | None = None,
+           grace: float = 10.0) -> int:
+    """Runs `python script argv` in `processes` worker processes on this machine, with the
+    environment torchrun would give them; returns the first non-zero exit code (0 when all
+    succeed). When one worker fails the others are stopped (SIGTERM, then SIGKILL after
+    `grace` seconds), so a failure never leaves a process waiting for a dead peer."""
+    env = dict(os.environ, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()),
+               WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes))
+    if visible_gpus is not None:
+        env['CUDA_VISIBLE_DEVICES'] = ','.join(str(gpu) for gpu in visible_gpus)
+    workers = [subprocess.Popen([sys.executable, script, *argv],
+                                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
+               for rank in range(processes)]
+    failed: tuple[int, int] | None = None
+    try:
+        while any(worker.poll() is None for worker in workers) and failed is None:
+            failed = _first_failure(workers)
+            time.sleep(0.2)
+    except KeyboardInterrupt:       # the workers got the same Ctrl-C from the terminal
+        failed = failed or (-1, 130)
+    failed = failed or _first_failure(workers)
+    if failed is not None:
+        time.sleep(0.5)             # a peer that died first may not have been polled yet
+        failed = _first_failure(workers) if failed[0] >= 0 else failed
+        _stop_all(workers, grace)
+        rank, code = failed
+        if rank >= 0 and code not in (2, 130):
+            how = f'was killed by signal {-code}' if code < 0 else f'exited with code {code}'
+            print(f'error: training process {rank} of {processes} {how}, so every process was '
+                  f'stopped. Its own message, if it wrote one, is above. The last checkpoint '
+                  f'on disk is intact: resume with --RESUME=<run folder>/model/latest.pth.tar '
+                  f'(printed above when one was written).', file=sys.stderr)
+        return code if code > 0 else 1
+    return 0
+
+
+def _first_failure(workers: list[subprocess.Popen]) -> tuple[int, int] | None:
+    """(rank, exit code) of the process whose failure is the cause: one killed by a signal
+    before one that stopped because it lost its peers."""
+    failed = [(rank, worker.poll()) for rank, worker in enumerate(workers)
+              if worker.poll() not in (None, 0)]
+    return min(failed, key=lambda item: (item[1] > 0, item[0]), default=None)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """A collective failed because another process died or cannot be reached (gloo and NCCL
+    raise these as RuntimeError from inside backward or a collective)."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and current().distributed and any(
+        sign in text for sign in ('Connection closed by peer', 'Connection reset by peer',
+                                  'gloo', 'NCCL', 'Timed out waiting'))
+
+
+def _stop_all(workers: list[subprocess.Popen], grace: float) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    deadline = time.time() + grace
+    for worker in workers:
+        try:
+            worker.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def gpus_to_use(setting: int, available: int) -> list[int]:
+    """The GPU indices GPUS selects among the `available` visible ones (0: all of them)."""
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise UserError(f'GPUS={setting!r}: use 0 (every visible GPU) or a number of GPUs.')
+    if setting > available:
+        raise UserError(f'GPUS={setting} but this machine shows {available} GPU(s) '
+                        f'(CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "unset")}'
+                        f'). Pass --GPUS={max(1, available)} or --GPUS=0 for all of them.')
+    return list(range(setting or available))

@@ -1,0 +1,283 @@
+"""DDP: samplers, gathering and launching, on the CPU with gloo (as CI runs them)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from reidkit import distributed
+from reidkit.distributed import (ShardedIdentitySampler, ShardedRandomSampler, ShardSampler,
+                                 gpus_to_use, shard_bounds)
+from reidkit.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = str(ROOT / 'main.py')
+
+
+# --- samplers -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('size,world', [(100, 2), (101, 2), (103, 4), (7, 3)])
+def test_plain_shards_cover_the_set_once_and_are_disjoint(size, world):
+    shards = [list(ShardedRandomSampler(size, rank, world, seed=5)) for rank in range(world)]
+    assert len({len(shard) for shard in shards}) == 1             # same count on every rank
+    seen = [index for shard in shards for index in shard]
+    assert len(seen) == len(set(seen))                            # no image twice
+    assert set(seen) <= set(range(size)) and size - len(seen) < world
+
+
+def test_plain_shards_follow_the_seed_and_change_every_epoch():
+    def shards(seed, epoch):
+        samplers = [ShardedRandomSampler(60, rank, 2, seed) for rank in range(2)]
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        return [list(sampler) for sampler in samplers]
+    assert shards(1, 0) == shards(1, 0)
+    assert shards(1, 0) != shards(1, 1) and shards(1, 0) != shards(2, 0)
+    every_epoch = [set(shards(1, epoch)[0]) for epoch in range(5)]
+    assert len(set(map(frozenset, every_epoch))) == 5
+
+
+def identity_pids(identities=12, low=2, high=9, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.randint(low, high, (identities,), generator=generator).tolist()
+    return [pid for pid, count in enumerate(counts) for _ in range(count)]
+
+
+@pytest.mark.parametrize('world', [1, 2, 3])
+def test_identity_shards_keep_each_identity_in_one_process(world):
+    pids = identity_pids()
+    samplers = [ShardedIdentitySampler(pids, 8, 4, rank, world, seed=3) for rank in range(world)]
+    for epoch in range(3):
+        owners = {}
+        counts = set()
+        for rank, sampler in enumerate(samplers):
+            sampler.set_epoch(epoch)
+            indices = list(sampler)
+            assert len(indices) == len(sampler) and len(indices) % 8 == 0
+            counts.add(len(indices))
+            for start in range(0, len(indices), 8):
+                batch = Counter(pids[i] for i in indices[start:start + 8])
+                assert sorted(batch.values()) == [4, 4]          # 2 identities x 4 images
+            for pid in {pids[i] for i in indices}:
+                assert owners.setdefault(pid, rank) == rank      # whole, in one process
+        assert len(counts) == 1 and counts != {0}                 # same batch count everywhere
+    # An identity goes to a different process in some epoch (the split is redrawn).
+    if world > 1:
+        assert samplers[0].identities_of(0, 0) != samplers[0].identities_of(0, 1)
+
+
+def test_identity_shards_repeat_with_the_seed():
+    pids = identity_pids()
+    first = list(ShardedIdentitySampler(pids, 8, 4, 1, 2, seed=9))
+    assert first == list(ShardedIdentitySampler(pids, 8, 4, 1, 2, seed=9))
+    assert first != list(ShardedIdentitySampler(pids, 8, 4, 1, 2, seed=10))
+
+
+def test_too_few_identities_per_process_is_a_clear_error():
+    with pytest.raises(UserError, match='identities'):
+        ShardedIdentitySampler(identity_pids(identities=5), 8, 4, 0, 4, seed=1)
+
+
+@pytest.mark.parametrize('size,world', [(10, 3), (2, 2), (181, 2), (5, 1)])
+def test_test_shards_are_contiguous_and_cover_everything(size, world):
+    bounds = shard_bounds(size, world)
+    assert bounds[0][0] == 0 and bounds[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
+    assert [i for r in range(world) for i in ShardSampler(size, r, world)] == list(range(size))
+
+
+def test_gpus_setting():
+    assert gpus_to_use(0, 4) == [0, 1, 2, 3] and gpus_to_use(2, 4) == [0, 1]
+    for bad in (5, -1, True):
+        with pytest.raises(UserError, match='GPUS'):
+            gpus_to_use(bad, 4)
+
+
+# --- collectives over gloo, two processes in this test -------------------------------------
+
+def _collectives(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    distributed.start('cpu')
+    try:
+        bounds = shard_bounds(7, world)[rank]
+        rows = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3)[bounds[0]:bounds[1]]
+        gathered = distributed.gather(rows)
+        flags = distributed.any_rank(rank == 1, torch.device('cpu'))
+        made = distributed.on_main(lambda: f'made by {distributed.current().rank}')
+        try:
+            distributed.on_main(lambda: (_ for _ in ()).throw(UserError('rank 0 says no')))
+            error = None
+        except UserError as raised:
+            error = str(raised)
+        results.put((rank, gathered.tolist(), flags, made, error))
+    finally:
+        distributed.stop()
+
+
+def test_gather_any_rank_and_on_main_over_gloo():
+    queue = mp.get_context('spawn').SimpleQueue()
+    mp.start_processes(_collectives, args=(2, distributed.free_port(), queue), nprocs=2,
+                       start_method='spawn')
+    results = sorted(queue.get() for _ in range(2))
+    expected = torch.arange(21, dtype=torch.float32).reshape(7, 3).tolist()
+    for rank, gathered, flag, made, error in results:
+        assert gathered == expected                                # in order, every rank
+        assert flag is True                                        # rank 1's flag reaches 0
+        assert made == 'made by 0' and error == 'rank 0 says no'
+
+
+# --- whole runs (slow): torchrun and our own launcher on the demo data ---------------------
+
+def run_main(args: list[str], cwd: Path, launcher: list[str] | None = None, timeout=900,
+             env=None):
+    return subprocess.run([*(launcher or [sys.executable]), MAIN, *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))
+
+
+def torchrun(processes: int) -> list[str]:
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+            f'--nproc_per_node={processes}']
+
+
+def rank1_of(run: Path) -> float:
+    return json.loads((run / 'metrics.json').read_text())['rank1']
+
+
+DEMO_FLAGS = ['train', '--demo', '--MAX_EPOCH=2', '--EVAL_FREQ=2', '--LATEST_EVERY=1']
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    two = run_main([*DEMO_FLAGS, '--BATCH_SIZE_TRAIN=32', f'--EXPERIMENTS_DIR={tmp_path}/two'],
+                   tmp_path, torchrun(2))
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert 'DDP: 2 processes on the CPU (gloo); global batch 64' in two.stdout
+    runs = list((tmp_path / 'two').iterdir())
+    assert len(runs) == 1                                         # one writer, one folder
+    run = runs[0]
+    assert sorted(p.name for p in (run / 'model').iterdir()) == ['latest.pth.tar',
+                                                                 'model.pth.tar-2']
+    assert len(list(run.glob('events.out.tfevents*'))) == 1
+    assert (run / 'log.txt').read_text().count('epoch: [2/2]') >= 1
+    tested = run_main(['test', f'--WEIGHTS={run}/model/model.pth.tar-2', '--demo',
+                       f'--EXPERIMENTS_DIR={tmp_path}/two'], tmp_path)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    one = run_main([*DEMO_FLAGS, '--BATCH_SIZE_TRAIN=64', f'--EXPERIMENTS_DIR={tmp_path}/one'],
+                   tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    one_rank1 = rank1_of(next((tmp_path / 'one').iterdir()))
+    assert abs(rank1_of(run) - one_rank1) <= 0.05, (rank1_of(run), one_rank1)
+
+
+def worker_pids(marker: str) -> dict[int, int]:
+    """{rank: pid} of the training processes whose command line holds `marker`."""
+    found = {}
+    for entry in Path('/proc').iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / 'cmdline').read_bytes().split(b'\0')
+            environ = (entry / 'environ').read_bytes().split(b'\0')
+        except OSError:
+            continue
+        if marker.encode() in b' '.join(command) and b'torch.distributed.run' not in \
+                b' '.join(command):
+            for item in environ:
+                if item.startswith(b'RANK='):
+                    found[int(item[5:])] = int(entry.name)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('launcher', ['torchrun', 'ours'])
+def test_killing_one_worker_ends_the_run_and_resume_continues(tmp_path, launcher):
+    experiments = tmp_path / f'exp-{launcher}'
+    args = ['train', '--demo', '--MAX_EPOCH=3', '--EVAL_FREQ=3', '--LATEST_EVERY=1',
+            f'--EXPERIMENTS_DIR={experiments}']
+    if launcher == 'torchrun':
+        command = [*torchrun(2), MAIN, *args]
+    else:
+        command = [sys.executable, '-c', 'import sys; from reidkit import distributed; '
+                   f'sys.exit(distributed.launch({MAIN!r}, sys.argv[1:], 2))', *args]
+    started = time.time()
+    job = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=dict(
+                               os.environ, PYTHONPATH=str(ROOT), REIDKIT_DDP_TIMEOUT='60'))
+    try:
+        latest = None
+        while latest is None and time.time() - started < 600:   # the first epoch's checkpoint
+            latest = next(experiments.glob('*/model/latest.pth.tar'), None)
+            assert job.poll() is None, job.communicate()
+            time.sleep(1)
+        assert latest is not None
+        os.kill(worker_pids(str(experiments))[1], signal.SIGKILL)
+        killed = time.time()
+        out, err = job.communicate(timeout=120)          # the whole run ends, not a hang
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0 and time.time() - killed < 120
+    assert not worker_pids(str(experiments))              # no process left behind
+    if launcher == 'ours':
+        assert 'training process 1 of 2 was killed by signal 9' in err
+    # Rank 0 stops as on Ctrl-C, or sees its peer's socket close: either way it says so.
+    assert 'Interrupted.' in out + err or 'lost contact with the others' in err, err[-3000:]
+    run = latest.parent.parent
+    assert not list(run.glob('model/*.partial'))
+    resumed = run_main(['train', f'--RESUME={latest}', f'--EXPERIMENTS_DIR={experiments}'],
+                       tmp_path, torchrun(2))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert 'Resuming from' in resumed.stdout
+    assert (run / 'model' / 'model.pth.tar-3').is_file()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_rendezvous_over_c10d(tmp_path):
+    port = distributed.free_port()
+    args = ['train', '--demo', '--MAX_EPOCH=1', '--EVAL_FREQ=1',
+            f'--EXPERIMENTS_DIR={tmp_path}/exp']
+    nodes = [subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
+         f'--node_rank={node}', '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{port}',
+         '--rdzv-id=reidkit-test', MAIN, *args], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for node in range(2)]
+    outputs = [node.communicate(timeout=900) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [o[1][-2000:] for o in outputs]
+    printed = ''.join(out for out, _ in outputs)
+    assert printed.count('DDP: 2 processes') == 1                 # one log: rank 0's
+    assert len(list((tmp_path / 'exp').iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_a_port_in_use_and_an_unreachable_rendezvous_are_clear_errors(tmp_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(RANK='0', WORLD_SIZE='2', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
+                   MASTER_PORT=str(port), REIDKIT_DDP_TIMEOUT='5')
+        in_use = run_main(['train', '--DEVICE=cpu'], tmp_path, env=env, timeout=120)
+    assert in_use.returncode == 2
+    assert 'could not join the process group' in in_use.stderr
+    assert 'address already in use' in in_use.stderr and 'Traceback' not in in_use.stderr
+    # Rank 1 with nobody listening at MASTER_PORT: waits REIDKIT_DDP_TIMEOUT, then says so.
+    started = time.time()
+    unreachable = run_main(['train', '--DEVICE=cpu'], tmp_path, env=dict(env, RANK='1'),
+                           timeout=120)
+    assert unreachable.returncode == 2 and time.time() - started < 60
+    assert 'could not join the process group' in unreachable.stderr.splitlines()[-1]
+    assert 'Traceback' not in unreachable.stderr
