@@ -48,6 +48,7 @@ LATEST_EVERY = 1                             # epochs between rolling resume che
 EXPERIMENTS_DIR = 'experiments'              # each run gets its own folder in here
 WEIGHTS = ''                                 # checkpoint for test/visrank; '' = newest run's
 VISRANK_TOPK = 10                            # gallery matches drawn per query
+FLIP_TEST = False                            # features of each test image and its mirror, averaged
 
 # --- search: rank your own images (python main.py search --QUERY=... --GALLERY=...) ----
 QUERY = ''                                   # a person image, or a folder of them

@@ -121,6 +121,7 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
         datamanager, fast.model, optimizer, scheduler=scheduler, use_gpu=use_gpu,
         label_smooth=s.LABEL_SMOOTH, model_name=s.MODEL_NAME, latest_every=s.LATEST_EVERY,
         settings=s.record(), train_step=fast.step, loaders=fast.loaders,
+        flip_test=s.FLIP_TEST,
     )
 
 

@@ -41,8 +41,10 @@ class ReidkitEngineMixin:
     """What our engines add to Torchreid's (see the module's docstring)."""
 
     def __init__(self, *args, model_name: str = 'unknown', latest_every: int = 1,
-                 settings: dict | None = None, train_step=None, loaders=None, **kwargs):
+                 settings: dict | None = None, train_step=None, loaders=None,
+                 flip_test: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.flip_test = flip_test         # features of the image and its mirror, averaged
         self.train_step = train_step       # reidkit.step.TrainStep, or None: Torchreid's step
         self.model_name = model_name       # stored in checkpoints, named in mismatch errors
         self.latest_every = latest_every   # epochs between rolling checkpoints (0: never)
@@ -235,8 +237,7 @@ class ReidkitEngineMixin:
         features, pids, camids = [], [], []
         for data in loader:
             images, batch_pids, batch_camids = self.parse_data_for_eval(data)
-            features.append(self.extract_features(images.to(device, non_blocking=True))
-                            .float())
+            features.append(self.test_features(images.to(device, non_blocking=True)))
             pids.append(torch.as_tensor(batch_pids))
             camids.append(torch.as_tensor(batch_camids))
         if not distributed.current().distributed:
@@ -245,6 +246,14 @@ class ReidkitEngineMixin:
         labels = torch.stack([torch.cat(pids), torch.cat(camids)], 1).to(device)
         features, labels = distributed.gather(torch.cat(features)), distributed.gather(labels)
         return features, labels[:, 0].cpu(), labels[:, 1].cpu()
+
+    def test_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's features of a batch, in float32; with FLIP_TEST the mean of the
+        features of the images and of their mirror images (as fast-reid's flip test)."""
+        features = self.extract_features(images).float()
+        if self.flip_test:
+            features = (features + self.extract_features(images.flip(3)).float()) / 2
+        return features
 
     def test(self, *args, **kwargs):
         loaders = self.test_loader

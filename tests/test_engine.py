@@ -193,3 +193,22 @@ def test_a_triplet_batch_needing_more_people_than_there_are_is_refused(tiny_sett
                                         "batch of at most 32"):
         main.train(tiny_settings.replace(LOSS='triplet', BATCH_SIZE_TRAIN=36))
     assert not Path(tiny_settings.EXPERIMENTS_DIR).exists()
+
+
+def test_flip_test_averages_an_image_with_its_mirror(tiny_settings):
+    datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
+    engine = main.build_engine(tiny_settings.replace(FLIP_TEST=True), datamanager, model,
+                               optimizer, scheduler)
+    engine.set_model_mode('eval')
+    images = torch.rand(3, 3, tiny_settings.HEIGHT, tiny_settings.WIDTH)
+    with torch.no_grad():
+        flipped = engine.test_features(images)
+        plain = model(images)
+        mirrored = model(images.flip(3))
+        # A mirrored image gets the same features: the flip test is mirror-invariant.
+        assert torch.allclose(engine.test_features(images.flip(3)), flipped, atol=1e-5)
+    assert torch.allclose(flipped, (plain + mirrored) / 2, atol=1e-5)
+    assert not torch.allclose(plain, mirrored, atol=1e-3)        # the test can tell them apart
+    engine.flip_test = False
+    with torch.no_grad():
+        assert torch.allclose(engine.test_features(images), plain, atol=1e-6)
