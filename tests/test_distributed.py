@@ -178,8 +178,47 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     one = run_main([*DEMO_FLAGS, '--BATCH_SIZE_TRAIN=64', f'--EXPERIMENTS_DIR={tmp_path}/one'],
                    tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    one_rank1 = rank1_of(next((tmp_path / 'one').iterdir()))
+    one_run = next((tmp_path / 'one').iterdir())
+    one_rank1 = rank1_of(one_run)
     assert abs(rank1_of(run) - one_rank1) <= 0.05, (rank1_of(run), one_rank1)
+    # Checkpoints are one format: a single-process run resumes under DDP and the other way.
+    for latest, launcher in ((one_run / 'model' / 'latest.pth.tar', torchrun(2)),
+                             (run / 'model' / 'latest.pth.tar', None)):
+        resumed = run_main(['train', f'--RESUME={latest}', f'--EXPERIMENTS_DIR={tmp_path}/r'],
+                           tmp_path, launcher)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert 'Resuming from' in resumed.stdout and 'after epoch 1' in resumed.stdout
+        assert ('DDP: 2 processes' in resumed.stdout) == (launcher is not None)
+
+
+def test_python_main_py_starts_one_process_per_gpu(monkeypatch, tmp_path):
+    import main
+    started = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 4)
+    monkeypatch.setattr(distributed, 'launch',
+                        lambda script, argv, n, gpus: started.append((argv, n, gpus)) or 0)
+    for key in ('RANK', 'WORLD_SIZE'):
+        monkeypatch.delenv(key, raising=False)
+    assert main.main(['train', '--GPUS=2', f'--EXPERIMENTS_DIR={tmp_path}']) == 0
+    assert started == [(['train', '--GPUS=2', f'--EXPERIMENTS_DIR={tmp_path}'], 2, [0, 1])]
+    started.clear()
+    assert main.main(['train', '--GPUS=9']) == 2 and not started      # a clear error
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '1')
+    assert main.gpus_for_training(main.load_settings(), ['train']) == []   # under torchrun
+    monkeypatch.delenv('RANK')
+    assert main.gpus_for_training(main.load_settings(), ['test']) == []    # test: one GPU
+
+
+def test_linear_lr_scaling_multiplies_by_the_processes(monkeypatch):
+    import main
+    s = main.load_settings()
+    monkeypatch.setattr(distributed, '_current', distributed.Processes(0, 4, 0))
+    assert main.learning_rate(s) == s.LR
+    assert main.learning_rate(s.replace(LR_SCALING='linear')) == pytest.approx(4 * s.LR)
+    with pytest.raises(UserError, match='LR_SCALING'):
+        main.learning_rate(s.replace(LR_SCALING='sqrt'))
 
 
 def worker_pids(marker: str) -> dict[int, int]:
