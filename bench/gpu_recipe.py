@@ -90,6 +90,29 @@ def measure(s, ours: bool, out_dir: Path) -> dict:
     return times
 
 
+def host_syncs(s, batches: int = 20) -> int:
+    """Synchronising CUDA calls that our training step makes in `batches` batches, counted by
+    torch.cuda.set_sync_debug_mode('warn') (the log line reads the means once at its end)."""
+    import warnings
+    engine, _ = build(s, ours=True)
+    if engine.train_step is None:
+        return -1
+    engine.set_model_mode('train')
+    loader = iter(engine.train_loader)
+    for _ in range(3):                      # compile and warm up outside the count
+        engine.train_step(*engine.parse_data_for_train(next(loader)))
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            for _ in range(batches):
+                engine.train_step(*engine.parse_data_for_train(next(loader)))
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return sum('synchroniz' in str(w.message) for w in caught)
+
+
 def accuracy_after(s, ours: bool, epochs: int) -> tuple[float, float]:
     """(Rank-1, mAP) in percent, as printed, after `epochs` of training from s.SEED."""
     engine, _ = build(s, ours)
@@ -204,6 +227,9 @@ def main_bench() -> None:
     s = main.load_settings(overrides)
     paths = [p for p in ('theirs', 'ours') if args.only in (None, p)]
     figures = {path: measure(s, path == 'ours', root / path) for path in paths}
+    if gpu and 'ours' in figures:
+        print(f'host syncs in 20 batches of our training step (batches from the device '
+              f'cache): {host_syncs(s)}')
     cold = None if args.no_cold or 'ours' not in figures else cold_main(overrides, epochs, root)
     accuracy = {}
     for path in ([] if args.no_accuracy else paths):
