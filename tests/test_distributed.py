@@ -320,3 +320,11 @@ def test_a_port_in_use_and_an_unreachable_rendezvous_are_clear_errors(tmp_path):
     assert unreachable.returncode == 2 and time.time() - started < 60
     assert 'could not join the process group' in unreachable.stderr.splitlines()[-1]
     assert 'Traceback' not in unreachable.stderr
+
+
+def test_sync_bn_on_the_cpu_is_a_clear_error():
+    import main
+    from reidkit.speed import distributed_model
+    with pytest.raises(UserError, match='SYNC_BN=True needs CUDA'):
+        distributed_model(torch.nn.BatchNorm2d(3), main.load_settings({'SYNC_BN': True}),
+                          torch.device('cpu'))
