@@ -349,6 +349,8 @@ def launch(script: str, argv: list[str], processes: int, visible_gpus: list[int]
     `grace` seconds), so a failure never leaves a process waiting for a dead peer."""
     env = dict(os.environ, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()),
                WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes))
+    # The processes share the cores: without this each would start one thread per core.
+    env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // processes)))
     if visible_gpus is not None:
         env['CUDA_VISIBLE_DEVICES'] = ','.join(str(gpu) for gpu in visible_gpus)
     workers = [subprocess.Popen([sys.executable, script, *argv],
