@@ -95,8 +95,6 @@ def _data_and_model(s: Settings, device):
 def learning_rate(s: Settings) -> float:
     """LR, times the number of processes with LR_SCALING='linear' (the global batch grows
     with them)."""
-    if s.LR_SCALING not in ('none', 'linear'):
-        raise UserError(f"LR_SCALING={s.LR_SCALING!r}: use 'none' or 'linear'.")
     return s.LR * (distributed.current().world_size if s.LR_SCALING == 'linear' else 1)
 
 
@@ -108,10 +106,12 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
     processes = distributed.current()
     if processes.distributed:
         distributed.shard_loaders(datamanager, s.SEED)
+        checks.check_training_batches(s, datamanager)       # on each process's share
+        lr = optimizer.param_groups[0]['lr']     # a resumed run continues with its own
         print(f'DDP: {processes.world_size} processes'
               + (f' on {processes.world_size} GPUs' if use_gpu else ' on the CPU (gloo)')
               + f'; global batch {processes.world_size * s.BATCH_SIZE_TRAIN} '
-                f'({s.BATCH_SIZE_TRAIN} per process); learning rate {learning_rate(s):g}'
+                f'({s.BATCH_SIZE_TRAIN} per process); learning rate {lr:g}'
               + (' (LR_SCALING=linear)' if s.LR_SCALING == 'linear' else '')
               + ('; SyncBatchNorm' if s.SYNC_BN else ''))
     fast = fast_training(s, model, optimizer, datamanager)
@@ -137,7 +137,8 @@ def train(s: Settings | None = None) -> Path:
         check_not_finished(resumed, checkpoint, s)
     distributed.on_main(lambda: checks.check_before_run(s, training=True,
                                                         pretrained=resumed is None))
-    set_random_seed(s.SEED)
+    # Under DDP each process draws its own augmentations (rank 0's weights are broadcast).
+    set_random_seed((s.SEED + distributed.current().rank) % 2 ** 32)
     run_dir = distributed.on_main(lambda: _training_run_dir(s, checkpoint, resumed, notes))
     started = time.time()
     with log_to(run_dir / 'log.txt') if distributed.current().is_main else nullcontext():
@@ -292,10 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         with distributed.main_only():
             return _run_modes(modes, demo, s, processes)
     except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
+        if not getattr(error, 'printed_by_main', False):
+            print(f'error: {error}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print('Interrupted.', file=sys.stderr)
+        if distributed.current().is_main:
+            print('Interrupted.', file=sys.stderr)
         return 130
     except RuntimeError as error:
         if not distributed.is_peer_failure(error):
@@ -311,10 +314,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def gpus_for_training(s: Settings, modes: list[str]) -> list[int]:
     """The GPUs a training command started without torchrun spreads over (GPUS of them)."""
-    if distributed.launched() or 'train' not in modes or s.DEVICE == 'cpu' or \
-            not torch.cuda.is_available():
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = distributed.gpus_to_use(s.GPUS, available) if available else []
+    if distributed.launched() or 'train' not in modes or s.DEVICE == 'cpu':
         return []
-    return distributed.gpus_to_use(s.GPUS, torch.cuda.device_count())
+    return gpus
 
 
 def _run_modes(modes: list[str], demo: bool, s: Settings, processes) -> int:

@@ -95,6 +95,14 @@ def check_numbers(s: Settings, training: bool) -> None:
                         f'decoded images may take; 0 always uses Torchreid\'s loader).')
     if s.WORKERS < 0:
         raise UserError(f'WORKERS={s.WORKERS} must be 0 (load in the main process) or more.')
+    if s.GPUS < 0:
+        raise UserError(f'GPUS={s.GPUS} must be 0 (every visible GPU) or a number of GPUs.')
+    if s.LR_SCALING not in ('none', 'linear'):
+        raise UserError(f"LR_SCALING={s.LR_SCALING!r}: use 'none' (LR as set) or 'linear' "
+                        f"(LR times the number of DDP processes).")
+    if training and s.SYNC_BN and (s.DEVICE == 'cpu' or not torch.cuda.is_available()):
+        raise UserError('SYNC_BN=True needs CUDA GPUs (PyTorch\'s SyncBatchNorm runs only '
+                        'there). Pass --SYNC_BN=False to train on the CPU.')
     from reidkit.visrank import MAX_STRIP_MATCHES
     for key in ('VISRANK_TOPK', 'SEARCH_TOPK'):
         if s[key] > MAX_STRIP_MATCHES:

@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -95,13 +97,22 @@ def start(device_setting: str) -> Processes:
             f'that the rendezvous host is reachable from every machine, the port is free and '
             f'open, and every launcher uses the same --nnodes and --rdzv-endpoint.') from error
     _current = Processes(rank, world, local_rank)
+    _stop_on_sigterm.pid = os.getpid()
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    if rank != 0:       # one set of progress bars and warnings: rank 0's
+        os.environ['TQDM_DISABLE'] = '1'
+        warnings.filterwarnings('ignore')
     return _current
 
 
 def _stop_on_sigterm(signum, frame):
     # torchrun (or our launcher) ends the other processes with SIGTERM when one fails or the
-    # user presses Ctrl-C: stop like Ctrl-C, so the log says where to resume from.
+    # user presses Ctrl-C: stop like Ctrl-C, so the log says where to resume from. A forked
+    # child (an image-decoding worker) inherits this handler: there SIGTERM must just end it.
+    if os.getpid() != _stop_on_sigterm.pid:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise KeyboardInterrupt
 
 
@@ -136,7 +147,9 @@ def on_main(make: Callable[[], object]):
     dist.broadcast_object_list(box, src=0)
     status, value = box[0]
     if status == 'error':
-        raise UserError(value)
+        error = UserError(value)
+        error.printed_by_main = not processes.is_main   # one copy of the message, rank 0's
+        raise error
     return value
 
 
@@ -231,8 +244,19 @@ class ShardedIdentitySampler(Sampler):
         self.epoch = epoch
 
     def identities_of(self, rank: int, epoch: int) -> list[int]:
+        """This epoch's identities of `rank`: shuffled, then each dealt to the process holding
+        the fewest images so far, so that no process runs out of batches long before another
+        (all stop at the smallest count)."""
+        counts = Counter(self.pids)
         order = torch.randperm(len(self.identities), generator=_generator(self.seed, epoch))
-        return [self.identities[i] for i in order[rank::self.world_size].tolist()]
+        held, mine = [0] * self.world_size, []
+        for i in order.tolist():
+            pid = self.identities[i]
+            to = min(range(self.world_size), key=lambda r: (held[r], r))
+            held[to] += max(counts[pid], self.num_instances)
+            if to == rank:
+                mine.append(pid)
+        return mine
 
     def _batches(self, rank: int, epoch: int) -> list[list[int]]:
         generator = _generator(self.seed, epoch, rank + 1)
@@ -326,6 +350,12 @@ def shard_loaders(datamanager, seed: int) -> None:
     else:
         sampler = ShardedRandomSampler(len(data), rank, world, seed)
     datamanager.train_loader = loader_like(train, sampler=sampler)
+    for name, splits in datamanager.test_loader.items():
+        for split, loader in splits.items():
+            if len(loader.dataset) < world:
+                raise UserError(f'{name} {split}: {len(loader.dataset)} images, fewer than the '
+                                f'{world} processes that would share them. Train with fewer '
+                                f'processes.')
     datamanager.test_loader = {
         name: {split: loader_like(loader, sampler=ShardSampler(len(loader.dataset), rank,
                                                                 world))
@@ -351,23 +381,30 @@ def launch(script: str, argv: list[str], processes: int, visible_gpus: list[int]
                WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes))
     # The processes share the cores: without this each would start one thread per core.
     env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // processes)))
-    if visible_gpus is not None:
-        env['CUDA_VISIBLE_DEVICES'] = ','.join(str(gpu) for gpu in visible_gpus)
-    workers = [subprocess.Popen([sys.executable, script, *argv],
-                                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
-               for rank in range(processes)]
+    if visible_gpus is not None:    # indices among the GPUs this process sees
+        seen = os.environ.get('CUDA_VISIBLE_DEVICES')
+        names = seen.split(',') if seen else [str(gpu) for gpu in range(max(visible_gpus) + 1)]
+        env['CUDA_VISIBLE_DEVICES'] = ','.join(names[gpu].strip() for gpu in visible_gpus)
+    previous = signal.signal(signal.SIGTERM, _interrupt)   # `kill` of the launcher stops all
+    workers: list[subprocess.Popen] = []
     failed: tuple[int, int] | None = None
     try:
+        workers = [subprocess.Popen([sys.executable, script, *argv],
+                                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
+                   for rank in range(processes)]
         while any(worker.poll() is None for worker in workers) and failed is None:
             failed = _first_failure(workers)
             time.sleep(0.2)
-    except KeyboardInterrupt:       # the workers got the same Ctrl-C from the terminal
-        failed = failed or (-1, 130)
+        if failed is not None:
+            time.sleep(0.5)         # a peer that died first may not have been polled yet
+            failed = _first_failure(workers)
+    except KeyboardInterrupt:       # Ctrl-C (the workers got it too) or SIGTERM
+        failed = (-1, 130)
+    finally:
+        _stop_all(workers, grace)
+        signal.signal(signal.SIGTERM, previous)
     failed = failed or _first_failure(workers)
     if failed is not None:
-        time.sleep(0.5)             # a peer that died first may not have been polled yet
-        failed = _first_failure(workers) if failed[0] >= 0 else failed
-        _stop_all(workers, grace)
         rank, code = failed
         if rank >= 0 and code not in (2, 130):
             how = f'was killed by signal {-code}' if code < 0 else f'exited with code {code}'
@@ -390,31 +427,37 @@ def _first_failure(workers: list[subprocess.Popen]) -> tuple[int, int] | None:
 def is_peer_failure(error: BaseException) -> bool:
     """A collective failed because another process died or cannot be reached (gloo and NCCL
     raise these as RuntimeError from inside backward or a collective)."""
-    if isinstance(error, dist.DistError):
+    if isinstance(error, (dist.DistNetworkError, dist.DistStoreError)):
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and current().distributed and any(
         sign in text for sign in ('Connection closed by peer', 'Connection reset by peer',
-                                  'gloo', 'NCCL', 'Timed out waiting'))
+                                  'Timed out waiting', 'timed out', 'Broken pipe'))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _stop_all(workers: list[subprocess.Popen], grace: float) -> None:
+    """Every worker ended: SIGTERM, then SIGKILL after `grace` seconds (or at a second Ctrl-C)."""
     for worker in workers:
         if worker.poll() is None:
             worker.terminate()
     deadline = time.time() + grace
-    for worker in workers:
-        try:
+    try:
+        for worker in workers:
             worker.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        pass
+    for worker in workers:
+        if worker.poll() is None:
             worker.kill()
             worker.wait()
 
 
 def gpus_to_use(setting: int, available: int) -> list[int]:
     """The GPU indices GPUS selects among the `available` visible ones (0: all of them)."""
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-        raise UserError(f'GPUS={setting!r}: use 0 (every visible GPU) or a number of GPUs.')
     if setting > available:
         raise UserError(f'GPUS={setting} but this machine shows {available} GPU(s) '
                         f'(CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "unset")}'

@@ -155,7 +155,8 @@ def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
     if switched_on(s.DATA_CACHE, cuda):
         from reidkit.datapath import build_cached_loaders, with_machine_workers
         loaders, why = build_cached_loaders(
-            datamanager, s.TRANSFORMS, s.HEIGHT, s.WIDTH, device, s.DATA_CACHE_GB, seed=s.SEED,
+            datamanager, s.TRANSFORMS, s.HEIGHT, s.WIDTH, device, s.DATA_CACHE_GB,
+            seed=(s.SEED + distributed.current().rank) % 2 ** 32,
             test_batch_size=DEVICE_TEST_BATCH if cuda else None)
         if loaders:
             line += ' + images decoded once, augmented on the device' + \

@@ -98,10 +98,14 @@ def test_test_shards_are_contiguous_and_cover_everything(size, world):
 
 
 def test_gpus_setting():
+    import main
+    from reidkit import checks
     assert gpus_to_use(0, 4) == [0, 1, 2, 3] and gpus_to_use(2, 4) == [0, 1]
-    for bad in (5, -1, True):
-        with pytest.raises(UserError, match='GPUS'):
-            gpus_to_use(bad, 4)
+    with pytest.raises(UserError, match='GPUS=5 but this machine shows 4'):
+        gpus_to_use(5, 4)
+    for bad in ({'GPUS': -1}, {'LR_SCALING': 'sqrt'}, {'SYNC_BN': True, 'DEVICE': 'cpu'}):
+        with pytest.raises(UserError, match=next(iter(bad))):
+            checks.check_numbers(main.load_settings(bad), training=True)
 
 
 # --- collectives over gloo, two processes in this test -------------------------------------
@@ -217,8 +221,6 @@ def test_linear_lr_scaling_multiplies_by_the_processes(monkeypatch):
     monkeypatch.setattr(distributed, '_current', distributed.Processes(0, 4, 0))
     assert main.learning_rate(s) == s.LR
     assert main.learning_rate(s.replace(LR_SCALING='linear')) == pytest.approx(4 * s.LR)
-    with pytest.raises(UserError, match='LR_SCALING'):
-        main.learning_rate(s.replace(LR_SCALING='sqrt'))
 
 
 def worker_pids(marker: str) -> dict[int, int]:
@@ -320,6 +322,55 @@ def test_a_port_in_use_and_an_unreachable_rendezvous_are_clear_errors(tmp_path):
     assert unreachable.returncode == 2 and time.time() - started < 60
     assert 'could not join the process group' in unreachable.stderr.splitlines()[-1]
     assert 'Traceback' not in unreachable.stderr
+
+
+SHOW_ENV = ('import os, sys, time, pathlib; '
+            'pathlib.Path(sys.argv[1], os.environ["RANK"]).write_text('
+            'os.environ.get("CUDA_VISIBLE_DEVICES", "") + "|" + os.environ["OMP_NUM_THREADS"]); '
+            'time.sleep(float(sys.argv[2]))')
+
+
+def test_the_launcher_maps_gpus_through_cuda_visible_devices(tmp_path, monkeypatch):
+    script = tmp_path / 'show_env.py'
+    script.write_text(SHOW_ENV)
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '2,3,5')
+    assert distributed.launch(str(script), [str(tmp_path), '0'], 2, [1, 2]) == 0
+    assert (tmp_path / '0').read_text().split('|')[0] == '3,5'     # physical GPUs 3 and 5
+    assert (tmp_path / '1').read_text().split('|')[0] == '3,5'
+
+
+def test_killing_the_launcher_stops_its_workers(tmp_path):
+    script = tmp_path / 'show_env.py'
+    script.write_text(SHOW_ENV)
+    launcher = subprocess.Popen(
+        [sys.executable, '-c', 'import sys; from reidkit import distributed; '
+         f'sys.exit(distributed.launch({str(script)!r}, [{str(tmp_path)!r}, "300"], 2))'],
+        cwd=ROOT)
+    deadline = time.time() + 60
+    while not ((tmp_path / '0').exists() and (tmp_path / '1').exists()):
+        assert time.time() < deadline and launcher.poll() is None
+        time.sleep(0.2)
+    workers = worker_pids(str(tmp_path))
+    assert len(workers) == 2
+    launcher.terminate()
+    assert launcher.wait(timeout=30) != 0
+    assert not worker_pids(str(tmp_path))                          # none left running
+
+
+def test_a_forked_child_of_a_ddp_process_ends_on_sigterm():
+    """An image-decoding worker forked by a DDP process inherits its SIGTERM handler; there it
+    must end the worker, not raise KeyboardInterrupt inside the pool's locks."""
+    code = ('import os, signal, time, multiprocessing as mp\n'
+            'from reidkit import distributed\n'
+            'distributed._stop_on_sigterm.pid = os.getpid()\n'
+            'signal.signal(signal.SIGTERM, distributed._stop_on_sigterm)\n'
+            'child = mp.get_context("fork").Process(target=time.sleep, args=(60,))\n'
+            'child.start(); time.sleep(0.5); child.terminate(); child.join(10)\n'
+            'print(child.exitcode)\n')
+    done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == str(-signal.SIGTERM), done.stderr[-2000:]
+    assert 'KeyboardInterrupt' not in done.stderr
 
 
 def test_sync_bn_on_the_cpu_is_a_clear_error():
