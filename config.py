@@ -49,11 +49,19 @@ EXPERIMENTS_DIR = 'experiments'              # each run gets its own folder in h
 WEIGHTS = ''                                 # checkpoint for test/visrank; '' = newest run's
 VISRANK_TOPK = 10                            # gallery matches drawn per query
 FLIP_TEST = False                            # features of each test image and its mirror, averaged
+RERANK = False                               # k-reciprocal re-ranking of test distances
+RERANK_K1 = 20                               # re-ranking: neighbours in the reciprocal sets
+RERANK_K2 = 6                                # re-ranking: neighbours in query expansion
+RERANK_LAMBDA = 0.3                          # re-ranking: weight of the original distance
 
 # --- search: rank your own images (python main.py search --QUERY=... --GALLERY=...) ----
 QUERY = ''                                   # a person image, or a folder of them
 GALLERY = ''                                 # folder of images to rank (searched recursively)
 SEARCH_TOPK = 20                             # matches drawn in each result strip
+SEARCH_CSV_ROWS = 1000                       # nearest gallery images listed in each results.csv
+SEARCH_EXACT_UP_TO = 200_000                 # galleries up to this size are ranked exactly (0: never)
+SEARCH_INDEX = 'ivfpq'                       # index above it: 'ivfpq' (IVF-PQ, re-ranked exactly)
+SEARCH_NPROBE = 32                           # index lists read per query (more: slower, nearer exact)
 
 # --- demo -----------------------------------------------------------------
 # `python main.py --demo` generates a small Market-1501-style dataset (100 train and 60 test

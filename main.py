@@ -122,6 +122,7 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
         label_smooth=s.LABEL_SMOOTH, model_name=s.MODEL_NAME, latest_every=s.LATEST_EVERY,
         settings=s.record(), train_step=fast.step, loaders=fast.loaders,
         flip_test=s.FLIP_TEST,
+        rerank=dict(k1=s.RERANK_K1, k2=s.RERANK_K2, lambda_value=s.RERANK_LAMBDA),
     )
 
 
@@ -164,6 +165,7 @@ def train(s: Settings | None = None) -> Path:
                 eval_freq=s.EVAL_FREQ,
                 print_freq=s.PRINT_FREQ,
                 test_only=False,
+                rerank=s.RERANK,
             )
         except KeyboardInterrupt:
             last = resume_point(run_dir)
@@ -224,7 +226,7 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     with log_to(out_dir / 'log.txt') if main_rank else nullcontext():
         print(f'Loaded weights from "{checkpoint}" (epoch {saved.get("epoch", "?")})')
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
-        engine.run(save_dir=str(out_dir), test_only=True, **run_flags)
+        engine.run(save_dir=str(out_dir), test_only=True, rerank=s.RERANK, **run_flags)
     result = dict(engine.results[-1], epoch=saved.get('epoch'))
     if main_rank:
         plot_cmc(result['cmc'], out_dir / 'cmc.png')

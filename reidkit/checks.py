@@ -95,6 +95,10 @@ def check_numbers(s: Settings, training: bool) -> None:
                         f'decoded images may take; 0 always uses Torchreid\'s loader).')
     if s.WORKERS < 0:
         raise UserError(f'WORKERS={s.WORKERS} must be 0 (load in the main process) or more.')
+    if not (s.RERANK_K1 >= 1 and s.RERANK_K2 >= 1 and 0 <= s.RERANK_LAMBDA <= 1):
+        raise UserError(f'Re-ranking needs RERANK_K1 >= 1, RERANK_K2 >= 1 and 0 <= '
+                        f'RERANK_LAMBDA <= 1; got {s.RERANK_K1}, {s.RERANK_K2}, '
+                        f'{s.RERANK_LAMBDA}. The usual values are 20, 6 and 0.3.')
     if s.GPUS < 0:
         raise UserError(f'GPUS={s.GPUS} must be 0 (every visible GPU) or a number of GPUs.')
     if s.LR_SCALING not in ('none', 'linear'):

@@ -32,6 +32,7 @@ from reidkit import distributed, evaluation
 from reidkit.visrank import write_rankings
 from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
 from reidkit.checks import read_image
+from reidkit.rerank import re_ranking_features
 from reidkit.datapath import loader_like
 from reidkit.errors import UserError
 from reidkit.step import RunningMeans
@@ -42,18 +43,19 @@ class ReidkitEngineMixin:
 
     def __init__(self, *args, model_name: str = 'unknown', latest_every: int = 1,
                  settings: dict | None = None, train_step=None, loaders=None,
-                 flip_test: bool = False, **kwargs):
+                 flip_test: bool = False, rerank: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.flip_test = flip_test         # features of the image and its mirror, averaged
+        self.rerank = rerank or {}         # k1, k2, lambda_value of k-reciprocal re-ranking
         self.train_step = train_step       # reidkit.step.TrainStep, or None: Torchreid's step
         self.model_name = model_name       # stored in checkpoints, named in mismatch errors
         self.latest_every = latest_every   # epochs between rolling checkpoints (0: never)
         self.settings = settings           # the run's settings, stored in every checkpoint
-        self.results: list = []            # every evaluation: {'epoch', 'cmc', 'mAP'}
+        self.results: list = []            # every evaluation: {'epoch', 'cmc', 'mAP', 'mINP'}
         self.save_dir = None
         self.divergence = DivergenceWatch()
         self._print_freq = 10
-        self._evaluations: list = []       # (cmc, mAP) of the evaluations inside one test()
+        self._evaluations: list = []       # (cmc, mAP, mINP) of the evaluations in one test()
         if loaders is not None:            # images decoded once, augmented on the device
             self.train_loader, self.test_loader = loaders
         else:
@@ -74,7 +76,7 @@ class ReidkitEngineMixin:
 
     def _evaluate_rank(self, *args, **kwargs):
         cmc, mAP = evaluation.evaluate_rank(*args, **kwargs)
-        self._evaluations.append((cmc, mAP))
+        self._evaluations.append((cmc, mAP, None))      # CUHK03's single-shot: no mINP
         return cmc, mAP
 
     def run(self, save_dir='log', *args, **kwargs):
@@ -195,13 +197,14 @@ class ReidkitEngineMixin:
                   rerank=False):
         """Torchreid's evaluation, with the features kept on the model's device and the
         distances computed there in query chunks by our evaluator (never a full distance
-        matrix on the host, unless visrank draws it). Re-ranking and CUHK03's protocol go
+        matrix on the host, unless visrank draws it or re-ranking needs it); re-ranking is ours
+        (`reidkit.rerank`, from each image's nearest neighbours). CUHK03's protocol goes
         through Torchreid's own `_evaluate` (with our evaluator inside)."""
-        if rerank or use_metric_cuhk03:
+        if use_metric_cuhk03:
             if distributed.current().distributed:
-                raise UserError('Re-ranking and the CUHK03 metric are evaluated by one process: '
-                                'run python main.py test --GPUS=1 (or without torchrun) on the '
-                                'checkpoint this run wrote.')
+                raise UserError('The CUHK03 metric is evaluated by one process: run python '
+                                'main.py test --GPUS=1 (or without torchrun) on the checkpoint '
+                                'this run wrote.')
             return super()._evaluate(dataset_name, query_loader, gallery_loader, dist_metric,
                                      normalize_feature, visrank, visrank_topk, save_dir,
                                      use_metric_cuhk03, list(ranks), rerank)
@@ -211,21 +214,32 @@ class ReidkitEngineMixin:
         print('Extracting features from gallery set ...')
         gf, g_pids, g_camids = self._features(gallery_loader)
         print(f'Done, obtained {gf.size(0)}-by-{gf.size(1)} matrix')
-        if normalize_feature:
+        if normalize_feature or (rerank and dist_metric == 'cosine'):
+            # Re-ranking scales each image's distances by their largest, so on unit features
+            # squared euclidean distances (2 - 2 cos) rank as cosine distances do.
             qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
-        print(f'Computing CMC and mAP with metric={dist_metric} ...')
-        cmc, mAP = evaluation.evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids,
-                                                metric=dist_metric)
-        self._evaluations.append((cmc, mAP))
+        labels = (q_pids, g_pids, q_camids, g_camids)
+        distmat = None
+        if rerank:
+            print('Applying person re-ranking ...')
+            distmat = torch.from_numpy(re_ranking_features(qf, gf, **self.rerank))
+            cmc, mAP, mINP = evaluation.evaluate_rank_all(distmat, *labels)
+        else:
+            print(f'Computing CMC and mAP with metric={dist_metric} ...')
+            cmc, mAP, mINP = evaluation.evaluate_features_all(qf, gf, *labels,
+                                                              metric=dist_metric)
+        self._evaluations.append((cmc, mAP, mINP))
         print('** Results **')
         print(f'mAP: {mAP:.1%}')
+        print(f'mINP: {mINP:.1%}')
         print('CMC curve')
         for r in ranks:
             print(f'Rank-{r:<3}: {cmc[r - 1]:.1%}')
         if visrank and distributed.current().is_main:
-            distmat = evaluation.distances(qf, gf, dist_metric).cpu().numpy()
+            if distmat is None:
+                distmat = evaluation.distances(qf, gf, dist_metric)
             write_rankings(
-                distmat, self.datamanager.fetch_test_loaders(dataset_name),
+                distmat.cpu().numpy(), self.datamanager.fetch_test_loaders(dataset_name),
                 self.datamanager.data_type, width=self.datamanager.width,
                 height=self.datamanager.height,
                 save_dir=str(Path(save_dir) / f'visrank_{dataset_name}'), topk=visrank_topk)
@@ -266,8 +280,9 @@ class ReidkitEngineMixin:
                 rank1 = super().test(*args, **kwargs)
         finally:
             self.test_loader = loaders
-        for cmc, mAP in self._evaluations:
-            self.results.append({'epoch': self.epoch + 1, 'cmc': cmc, 'mAP': mAP})
+        for cmc, mAP, mINP in self._evaluations:
+            self.results.append({'epoch': self.epoch + 1, 'cmc': cmc, 'mAP': mAP,
+                                 'mINP': mINP})
         return rank1
 
 

@@ -1,9 +1,14 @@
-"""Exact, fast CMC and mAP in our own vectorised code, installed into Torchreid in one place.
+"""Exact, fast CMC, mAP and mINP in our own vectorised code, installed into Torchreid in one place.
 
 `evaluate_rank` has the signature and meaning of `torchreid.metrics.evaluate_rank`. Instead of
 sorting every gallery row (Torchreid's way), each query's few true matches are sorted and every
 other gallery item is only bucketed among them (`torch.searchsorted`): that is all CMC and AP
 need. Queries are processed in chunks, so memory stays bounded for any gallery size.
+
+mINP (Ye et al., "Deep Learning for Person Re-identification", TPAMI 2021) is the mean over kept
+queries of (number of true matches) / (1-based rank of the last, hardest true match): how much of
+the list a person must check to find every match. `evaluate_rank_all` and
+`evaluate_features_all` report it beside CMC and mAP; CUHK03's single-shot mode does not.
 
 Ties: a wrong match at exactly the same distance as a true match is ranked before it (the
 pessimistic reading). Torchreid's unstable argsort orders ties arbitrarily, so results on
@@ -102,7 +107,7 @@ class Labels:
 
 
 def _rank_chunk(dist: torch.Tensor, labels: Labels):
-    """For a chunk of queries: (first-match rank or -1, AP or nan) per query."""
+    """For a chunk of queries: (first-match rank or -1, AP or nan, INP or nan) per query."""
     match = labels.same_person()
     positive = match & ~labels.ignored()     # true matches seen by another camera
     negative = ~match                        # everything else that is kept; junk is dropped
@@ -111,8 +116,9 @@ def _rank_chunk(dist: torch.Tensor, labels: Labels):
     device = dist.device                     # the CPU, or a GPU where the features are
     first = torch.full((len(dist),), -1, dtype=torch.long, device=device)
     ap = torch.full((len(dist),), float('nan'), dtype=torch.float64, device=device)
+    inp = ap.clone()
     if most == 0:
-        return first, ap
+        return first, ap, inp
 
     inf = torch.tensor(float('inf'), dtype=dist.dtype, device=device)
     pos_dist = torch.topk(torch.where(positive, dist, inf), most, dim=1, largest=False).values
@@ -130,7 +136,9 @@ def _rank_chunk(dist: torch.Tensor, labels: Labels):
     has_match = num_pos > 0
     ap[has_match] = precision.sum(1)[has_match] / num_pos[has_match].double()
     first[has_match] = negatives_before[has_match, 0]
-    return first, ap
+    last_rank = rank.gather(1, (num_pos - 1).clamp(min=0)[:, None])[:, 0]   # hardest match
+    inp[has_match] = num_pos[has_match].double() / last_rank[has_match].double()
+    return first, ap, inp
 
 
 def summarise_ranks(first: np.ndarray, ap: np.ndarray, max_rank: int):
@@ -143,12 +151,18 @@ def summarise_ranks(first: np.ndarray, ap: np.ndarray, max_rank: int):
     return cmc, float(np.mean(ap[kept]))
 
 
+def mean_inp(first: np.ndarray, inp: np.ndarray) -> float:
+    """mINP over the kept queries (those with a valid match, as in `summarise_ranks`)."""
+    return float(np.mean(inp[first >= 0]))
+
+
 DistanceRows = Callable[[int, int], torch.Tensor]   # (start, end) -> those queries' distances
 
 
 def _rank_in_chunks(distance_rows: DistanceRows, labels: Labels, chunk: int = QUERY_CHUNK):
-    """Runs `_rank_chunk` over query chunks; NonFiniteError if any distance is NaN or inf."""
-    firsts, aps = [], []
+    """(first, AP, INP) per query from `_rank_chunk` over query chunks; NonFiniteError if
+    any distance is NaN or inf."""
+    firsts, aps, inps = [], [], []
     non_finite = 0
     for start in range(0, labels.num_queries, chunk):
         end = min(start + chunk, labels.num_queries)
@@ -158,13 +172,14 @@ def _rank_in_chunks(distance_rows: DistanceRows, labels: Labels, chunk: int = QU
             continue                # rank no more, but count the rest for the message
         if labels.q_pids.device != dist.device:     # distances on a GPU: rank them there
             labels = labels.to(dist.device)
-        first, ap = _rank_chunk(dist, labels.queries(start, end))
+        first, ap, inp = _rank_chunk(dist, labels.queries(start, end))
         firsts.append(first)
         aps.append(ap)
+        inps.append(inp)
     if non_finite:
         raise _non_finite_error(non_finite, labels.num_queries * labels.num_gallery,
                                 'query-gallery distances')
-    return torch.cat(firsts).cpu().numpy(), torch.cat(aps).cpu().numpy()
+    return tuple(torch.cat(values).cpu().numpy() for values in (firsts, aps, inps))
 
 
 def _gallery_max_rank(labels: Labels, max_rank: int) -> int:
@@ -176,9 +191,10 @@ def _gallery_max_rank(labels: Labels, max_rank: int) -> int:
 
 def _evaluate_in_chunks(distance_rows: DistanceRows, labels: Labels, max_rank: int,
                         chunk: int = QUERY_CHUNK):
+    """(cmc, mAP, mINP)."""
     max_rank = _gallery_max_rank(labels, max_rank)
-    first, ap = _rank_in_chunks(distance_rows, labels, chunk)
-    return summarise_ranks(first, ap, max_rank)
+    first, ap, inp = _rank_in_chunks(distance_rows, labels, chunk)
+    return (*summarise_ranks(first, ap, max_rank), mean_inp(first, inp))
 
 
 def _matrix_rows(distmat) -> DistanceRows:
@@ -187,8 +203,8 @@ def _matrix_rows(distmat) -> DistanceRows:
 
 
 def rank_queries(distmat, q_pids, g_pids, q_camids, g_camids):
-    """Per query: the 0-based rank of its first true match (-1: none) and its AP (nan: none),
-    under the same protocol as `evaluate_rank`."""
+    """Per query: the 0-based rank of its first true match (-1: none), its AP and its INP
+    (nan: none), under the same protocol as `evaluate_rank`."""
     return _rank_in_chunks(_matrix_rows(distmat), Labels.of(q_pids, g_pids, q_camids, g_camids))
 
 
@@ -206,7 +222,14 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     labels = Labels.of(q_pids, g_pids, q_camids, g_camids)
     if use_metric_cuhk03:
         return _single_gallery_shot(distmat, labels, max_rank)
-    return _evaluate_in_chunks(_matrix_rows(distmat), labels, max_rank)
+    return _evaluate_in_chunks(_matrix_rows(distmat), labels, max_rank)[:2]
+
+
+def evaluate_rank_all(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):
+    """(cmc, mAP, mINP) under the Market-1501 protocol: `evaluate_rank` plus mINP, the mean
+    over kept queries of (true matches) / (1-based rank of the last true match)."""
+    return _evaluate_in_chunks(_matrix_rows(distmat),
+                               Labels.of(q_pids, g_pids, q_camids, g_camids), max_rank)
 
 
 def _single_shot_cmc(before: np.ndarray, max_rank: int) -> np.ndarray:
@@ -240,7 +263,7 @@ def evaluate_single_gallery_shot(distmat, q_pids, g_pids, q_camids, g_camids,
 
 def _single_gallery_shot(distmat, labels: Labels, max_rank: int):
     max_rank = _gallery_max_rank(labels, max_rank)
-    first, ap = _rank_in_chunks(_matrix_rows(distmat), labels)      # also checks for NaN/inf
+    first, ap, _ = _rank_in_chunks(_matrix_rows(distmat), labels)   # also checks for NaN/inf
     dist = np.asarray(distmat)
     g_pids = labels.g_pids.numpy()
     _, identity = np.unique(g_pids, return_inverse=True)
@@ -301,6 +324,14 @@ def evaluate_features(query_features, gallery_features, q_pids, g_pids, q_camids
     few (chunk x gallery) arrays: MSMT17's 11,659 x 82,161 fits in a few GB instead of ~12 GB.
     NaN or infinite features (or distances that overflow) raise `NonFiniteError`.
     """
+    return evaluate_features_all(query_features, gallery_features, q_pids, g_pids, q_camids,
+                                 g_camids, metric, max_rank, chunk)[:2]
+
+
+def evaluate_features_all(query_features, gallery_features, q_pids, g_pids, q_camids,
+                          g_camids, metric: str = 'euclidean', max_rank: int = 50,
+                          chunk: int = QUERY_CHUNK):
+    """(cmc, mAP, mINP) straight from features: `evaluate_features` plus mINP."""
     qf, gf = _as_tensor(query_features).float(), _as_tensor(gallery_features).float()
     # Checked here first: cheaper than the distances, and the count is of what went wrong.
     non_finite = _count_non_finite(qf) + _count_non_finite(gf)

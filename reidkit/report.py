@@ -53,10 +53,13 @@ def link(file: str | Path, page_dir: str | Path) -> str:
     return urllib.parse.quote(Path(relative).as_posix(), errors='surrogateescape')
 
 
-def summarise(cmc, mAP: float) -> dict:
-    """{'rank1': .., 'rank5': .., 'rank10': .., 'rank20': .., 'mAP': ..} as plain floats."""
+def summarise(cmc, mAP: float, mINP: float | None = None) -> dict:
+    """{'rank1': .., 'rank5': .., 'rank10': .., 'rank20': .., 'mAP': .., 'mINP': ..} as plain
+    floats (no mINP where the protocol has none: CUHK03's single-shot)."""
     summary = {f'rank{r}': float(cmc[r - 1]) for r in CMC_RANKS if r <= len(cmc)}
     summary['mAP'] = float(mAP)
+    if mINP is not None:
+        summary['mINP'] = float(mINP)
     return summary
 
 
@@ -66,7 +69,7 @@ def write_metrics(path: Path, mode: str, result: Mapping, settings: Mapping, dat
     test_sets = datamanager.test_dataset
     metrics = {
         'mode': mode,
-        **summarise(result['cmc'], result['mAP']),
+        **summarise(result['cmc'], result['mAP'], result.get('mINP')),
         'cmc': [float(v) for v in result['cmc']],
         'num_query': sum(len(sets['query']) for sets in test_sets.values()),
         'num_gallery': sum(len(sets['gallery']) for sets in test_sets.values()),
@@ -174,6 +177,7 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
              if Path(p).is_file()]
     failures = sum(1 for row in rows if row['first'] != 0)
     metrics = ' · '.join([f'mAP <b>{summary["mAP"]:.1%}</b>'] +
+                         ([f'mINP <b>{summary["mINP"]:.1%}</b>'] if 'mINP' in summary else []) +
                          [f'Rank-{r} <b>{summary[f"rank{r}"]:.1%}</b>'
                           for r in CMC_RANKS if f'rank{r}' in summary] +
                          [f'{len(rows)} queries', f'{num_gallery} gallery images',

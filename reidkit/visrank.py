@@ -123,8 +123,9 @@ def write_rankings(distmat, dataset, data_type='image', width=128, height=256, s
     q_camids = np.array([item[2] for item in query])
     g_camids = np.array([item[2] for item in gallery])
     indices, distances = top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk)
-    first, ap = evaluation.rank_queries(distmat, q_pids, g_pids, q_camids, g_camids)
+    first, ap, inp = evaluation.rank_queries(distmat, q_pids, g_pids, q_camids, g_camids)
     cmc, mAP = evaluation.summarise_ranks(first, ap, min(50, len(gallery)))
+    mINP = evaluation.mean_inp(first, inp)
     # Strips are named after their queries, relative to the queries' common folder.
     common = os.path.commonpath([os.path.dirname(os.path.abspath(item[0])) for item in query])
     strips = report.unique_names([os.path.relpath(os.path.abspath(item[0]), common)
@@ -149,7 +150,7 @@ def write_rankings(distmat, dataset, data_type='image', width=128, height=256, s
         'matches': [[gallery[g][0], round(float(distances[q, r]), 4), int(g_pids[g]),
                      int(g_camids[g])] for r, g in enumerate(indices[q]) if g >= 0],
     } for q in range(len(query))]
-    page = report.write_gallery_page(save_dir / 'index.html', rows, report.summarise(cmc, mAP),
+    page = report.write_gallery_page(save_dir / 'index.html', rows, report.summarise(cmc, mAP, mINP),
                                      num_gallery=len(gallery))
     print(f'Done. {len(query)} rank images and the gallery page are in "{save_dir}"')
     return page

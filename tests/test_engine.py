@@ -47,16 +47,20 @@ def test_ours_are_used_only_while_the_engine_runs(tiny_settings, monkeypatch):
                          torchreid_engine.visualize_ranked_results is visrank.write_rankings))
             return function(*args, **kwargs)
         return spy
-    monkeypatch.setattr(evaluation, 'evaluate_features', spying(evaluation.evaluate_features))
-    monkeypatch.setattr(evaluation, 'evaluate_rank', spying(evaluation.evaluate_rank))
+    for name in ('evaluate_features_all', 'evaluate_rank_all', 'evaluate_rank'):
+        monkeypatch.setattr(evaluation, name, spying(getattr(evaluation, name)))
     datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
     engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
     save_dir = str(Path(tiny_settings.EXPERIMENTS_DIR) / 'run')
     engine.run(save_dir=save_dir, test_only=True)
-    # Torchreid's own pipeline (here with re-ranking) evaluates through our evaluator too.
-    engine.run(save_dir=save_dir, test_only=True, rerank=True)
-    assert seen == [('evaluate_features', True, True), ('evaluate_rank', True, True)]
-    assert len(engine.results) == 2 and all(0 < r['mAP'] <= 1 for r in engine.results)
+    engine.run(save_dir=save_dir, test_only=True, rerank=True)          # our re-ranking
+    # Torchreid's own pipeline (CUHK03's metric) evaluates through our evaluator too.
+    engine.run(save_dir=save_dir, test_only=True, use_metric_cuhk03=True)
+    assert seen == [('evaluate_features_all', True, True), ('evaluate_rank_all', True, True),
+                    ('evaluate_rank', True, True)]
+    assert len(engine.results) == 3 and all(0 < r['mAP'] <= 1 for r in engine.results)
+    assert 0 < engine.results[0]['mINP'] <= engine.results[0]['mAP']
+    assert engine.results[1]['mINP'] is not None and engine.results[2]['mINP'] is None
     assert metrics.evaluate_rank is TORCHREID_EVALUATE     # and Torchreid's own again after
     assert torchreid_engine.visualize_ranked_results is not visrank.write_rankings
 
@@ -74,7 +78,7 @@ def test_our_evaluation_equals_torchreids_pipeline_on_the_same_features(tiny_set
                                                              loaders['gallery'])
     assert ours[0] == pytest.approx(theirs[0], abs=1e-6)
     assert ours[1] == pytest.approx(theirs[1], abs=1e-6)
-    (cmc_ours, _), (cmc_theirs, _) = engine._evaluations
+    (cmc_ours, *_), (cmc_theirs, *_) = engine._evaluations
     assert (cmc_ours == cmc_theirs).all()
 
 
@@ -212,3 +216,26 @@ def test_flip_test_averages_an_image_with_its_mirror(tiny_settings):
     engine.flip_test = False
     with torch.no_grad():
         assert torch.allclose(engine.test_features(images), plain, atol=1e-6)
+
+
+def test_re_ranking_in_the_engine_is_torchreids_on_the_same_features(tiny_settings):
+    """RERANK through our engine: the same CMC and mAP as Torchreid's re_ranking applied to
+    Torchreid's own distance matrices of the same features."""
+    from torchreid.reid.metrics import compute_distance_matrix
+    from torchreid.reid.utils.rerank import re_ranking
+    datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
+    engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
+    engine.set_model_mode('eval')
+    loaders = engine.test_loader['market1501']
+    engine._evaluations = []
+    with torch.no_grad():
+        engine._evaluate('market1501', loaders['query'], loaders['gallery'], rerank=True)
+        qf, q_pids, q_camids = engine._features(loaders['query'])
+        gf, g_pids, g_camids = engine._features(loaders['gallery'])
+    theirs = re_ranking(compute_distance_matrix(qf, gf).numpy(),
+                        compute_distance_matrix(qf, qf).numpy(),
+                        compute_distance_matrix(gf, gf).numpy())
+    cmc, mAP = evaluation.evaluate_rank(theirs, q_pids.numpy(), g_pids.numpy(),
+                                        q_camids.numpy(), g_camids.numpy())
+    ours_cmc, ours_mAP, _ = engine._evaluations[0]
+    assert (ours_cmc == cmc).all() and ours_mAP == pytest.approx(mAP, abs=1e-6)

@@ -1,0 +1,157 @@
+"""Benchmark: reidkit's k-reciprocal re-ranking against Torchreid's `re_ranking`, same machine.
+
+    python bench/rerank.py            # Market-1501 scale, then MSMT17 scale (many minutes)
+    python bench/rerank.py --quick    # a tenth of the sizes, for a smoke run
+
+Market-1501 scale: 3,368 queries x 15,913 gallery, 751 ids, 2048-d features (identity centres
+plus noise), default k1=20, k2=6, lambda=0.3. Each side runs in a fresh process, so each peak
+RSS is its own: Torchreid's engine path (its three distance matrices, then `re_ranking`),
+our `re_ranking` on the same three matrices, and our `re_ranking_features`. Prints times, peak
+RSS, the speed ratio, the largest distance difference from Torchreid's result and whether
+CMC, mAP and mINP (our evaluator) are identical.
+MSMT17 scale: 11,659 x 82,161, 2048-d: `re_ranking_features` only. Torchreid's is never run
+there: its need for dense (queries + gallery)^2 matrices is computed and printed instead.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name: (queries, gallery, identities, noise); noise makes the original mAP about 0.3-0.4
+SCALES = {'market': (3368, 15913, 751, 4.0), 'msmt': (11659, 82161, 3060, 4.0)}
+DIM = 2048
+
+
+def make_inputs(scale: str):
+    from evaluation import make_inputs as identity_features      # bench/evaluation.py
+    num_q, num_g, num_ids, noise = SCALES[scale.removesuffix('-quick')]
+    if scale.endswith('-quick'):
+        num_q, num_g, num_ids = num_q // 10, num_g // 10, num_ids // 10
+    return identity_features(num_q, num_g, num_ids, DIM, noise=noise)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def run_one(which: str, scale: str, out_dir: str) -> dict:
+    """Runs in a child process: one re-ranking on one scale; saves its result, returns stats."""
+    import numpy as np
+    import warnings
+    warnings.filterwarnings('ignore', 'Cython evaluation')
+    from torchreid.reid.metrics import compute_distance_matrix
+    from torchreid.reid.utils import re_ranking as torchreid_re_ranking
+    from reidkit import rerank
+    from reidkit.evaluation import evaluate_features_all, evaluate_rank_all
+    qf, gf, qp, gp, qc, gc = make_inputs(scale)
+    inputs_rss = peak_rss_gb()
+    started = time.perf_counter()
+    distances_s = 0.0
+    if which == 'features':
+        result = rerank.re_ranking_features(qf, gf)
+    else:                         # the three matrices as Torchreid's engine makes them
+        q_g = compute_distance_matrix(qf, gf).numpy()
+        q_q, g_g = compute_distance_matrix(qf, qf), compute_distance_matrix(gf, gf)
+        distances_s = time.perf_counter() - started
+        rerank_fn = torchreid_re_ranking if which == 'torchreid' else rerank.re_ranking
+        result = rerank_fn(q_g, q_q, g_g)
+    seconds = time.perf_counter() - started
+    peak = peak_rss_gb()
+    original = evaluate_features_all(qf, gf, qp, gp, qc, gc)
+    cmc, mAP, mINP = evaluate_rank_all(result, qp, gp, qc, gc)
+    if out_dir:
+        np.save(Path(out_dir) / f'{which}.npy', result)
+    return {'seconds': seconds, 'distances_s': distances_s, 'peak_rss_gb': peak,
+            'inputs_rss_gb': inputs_rss, 'cmc': np.asarray(cmc).tolist(), 'mAP': mAP,
+            'mINP': mINP, 'original': [float(original[0][0]), original[1], original[2]]}
+
+
+def child(which: str, scale: str, out_dir: str = '') -> dict:
+    out = subprocess.run([sys.executable, __file__, '--child', which, scale, out_dir],
+                         capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f'{which} on {scale} failed:\n{out.stderr[-3000:]}')
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def torchreid_need_gb(num_q: int, num_g: int) -> tuple[float, float]:
+    """(inputs, peak) GB of Torchreid's path: its engine's three float32 distance matrices,
+    then inside `re_ranking` at its argsort: the N x N float32 original distances, V, the
+    int64 argsort and its int32 copy, N = queries + gallery: 20 bytes x N^2."""
+    n = num_q + num_g
+    inputs = 4 * (num_q * num_g + num_q ** 2 + num_g ** 2) / 1024 ** 3
+    return inputs, inputs + 20 * n ** 2 / 1024 ** 3
+
+
+def _summary(stats: dict) -> str:
+    return f'Rank-1 {stats["cmc"][0]:.4f}, mAP {stats["mAP"]:.4f}, mINP {stats["mINP"]:.4f}'
+
+
+def market(suffix: str) -> None:
+    import numpy as np
+    num_q, num_g = (n // (10 if suffix else 1) for n in SCALES['market'][:2])
+    print(f'\nMarket-1501 scale{" (quick: a tenth)" if suffix else ""}: {num_q:,} x {num_g:,}, '
+          f'{DIM}-d, k1=20, k2=6, lambda=0.3')
+    with tempfile.TemporaryDirectory() as out_dir:
+        runs = {which: child(which, 'market' + suffix, out_dir)
+                for which in ('torchreid', 'matrix', 'features')}
+        results = {which: np.load(Path(out_dir) / f'{which}.npy') for which in runs}
+    theirs = runs['torchreid']
+    names = {'torchreid': 'Torchreid re_ranking (its 3 distance matrices + re_ranking)',
+             'matrix': 'reidkit re_ranking (same 3 matrices + ours)',
+             'features': 'reidkit re_ranking_features (from features)'}
+    print('| re-ranking | distances (s) | total (s) | peak RSS (GB) | faster than Torchreid by '
+          '| max abs diff from Torchreid |\n|---|---|---|---|---|---|')
+    for which, stats in runs.items():
+        ratio = '' if which == 'torchreid' else f'{theirs["seconds"] / stats["seconds"]:.1f}x'
+        diff = float(np.abs(results[which] - results['torchreid']).max())
+        print(f'| {names[which]} | {stats["distances_s"]:.1f} | {stats["seconds"]:.1f} | '
+              f'{stats["peak_rss_gb"]:.2f} | {ratio} | {diff:.1e} |')
+    for which in ('matrix', 'features'):
+        same = all(runs[which][key] == theirs[key] for key in ('cmc', 'mAP', 'mINP'))
+        print(f'{which}: CMC, mAP and mINP identical to Torchreid\'s result: {same}')
+    print(f'Original distances: Rank-1 {theirs["original"][0]:.4f}, mAP '
+          f'{theirs["original"][1]:.4f}, mINP {theirs["original"][2]:.4f}; re-ranked: '
+          f'{_summary(theirs)}')
+    inputs, need = torchreid_need_gb(num_q, num_g)
+    print(f'(Computed need of Torchreid\'s path here: {need:.1f} GB, of which its input '
+          f'matrices {inputs:.1f} GB.)')
+
+
+def msmt(suffix: str) -> None:
+    num_q, num_g = (n // (10 if suffix else 1) for n in SCALES['msmt'][:2])
+    print(f'\nMSMT17 scale{" (quick: a tenth)" if suffix else ""}: {num_q:,} x {num_g:,}, '
+          f'{DIM}-d, re_ranking_features')
+    ours = child('features', 'msmt' + suffix)
+    print('| re-ranking | seconds | peak RSS (GB) | of which inputs (GB) |\n|---|---|---|---|')
+    print(f'| reidkit re_ranking_features | {ours["seconds"]:.1f} | {ours["peak_rss_gb"]:.2f} | '
+          f'{ours["inputs_rss_gb"]:.2f} |')
+    inputs, need = torchreid_need_gb(num_q, num_g)
+    print(f'| Torchreid re_ranking | not run | {need:.1f} (computed: 20 bytes x (q+g)^2 '
+          f'inside, + {inputs:.1f} of input matrices) | |')
+    original = ours['original']
+    print(f'Original distances: Rank-1 {original[0]:.4f}, mAP {original[1]:.4f}, mINP '
+          f'{original[2]:.4f}; re-ranked: {_summary(ours)}')
+
+
+def main() -> None:
+    if sys.argv[1:2] == ['--child']:
+        print(json.dumps(run_one(*sys.argv[2:5])))
+        return
+    import torch
+    suffix = '-quick' if '--quick' in sys.argv else ''
+    print(f'CPU threads: {torch.get_num_threads()}; torch {torch.__version__}')
+    market(suffix)
+    msmt(suffix)
+
+
+if __name__ == '__main__':
+    main()
