@@ -1,11 +1,13 @@
 """Rank a folder of your own images for a query image (or a folder of queries) with a trained
-checkpoint: a ranked strip, results.csv with every gallery image, and a small index.html.
+checkpoint: a ranked strip, results.csv with the nearest gallery images, and a small index.html.
 
-Gallery features are extracted in batches, streamed to a file on disk and cached, keyed by the
-checkpoint and the gallery's file list (path, size, mtime): a second query against the same
-gallery does not extract again. Ranking reads the features in chunks, so a gallery of 100,000
-images never needs all features, images or distances of every query in memory at once.
-Searches running at once on one gallery share the cache: one extracts, the others wait for it.
+Gallery features are extracted in batches, streamed to a file on disk and cached per checkpoint
+and gallery folder, with each file's size and mtime: the next search extracts only the files
+added or changed since, and drops the removed ones. Up to SEARCH_EXACT_UP_TO images, ranking is
+exact and reads the features in chunks, so 100,000 images never need all features, images or
+distances in memory at once; above it, an index kept beside the features (search_index.py)
+proposes candidates that are re-ranked exactly. Searches running at once on one gallery share
+the cache: one extracts (or builds the index), the others wait for it.
 """
 from __future__ import annotations
 
@@ -38,9 +40,13 @@ from reidkit.errors import UserError
 from reidkit.report import link, unique_names
 from reidkit.settings import Settings
 from reidkit.evaluation import check_finite, squared_euclidean
+from reidkit import search_index
+from reidkit.search_index import GalleryIndex
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 RANK_CHUNK = 50_000            # gallery rows read from disk at a time when ranking
+EXACT_DISTANCES = 2 ** 26      # query-gallery distances held at once by the exact search (256 MB)
+QUERY_BATCH = 10_000           # queries ranked together (a folder of them: one batch, or a few)
 INCOMPLETE = 'INCOMPLETE.txt'  # in a search's folder until every query's results are written
 SKIPPED_QUERIES = 'skipped_queries.txt'
 
@@ -51,7 +57,9 @@ class Gallery:
     paths: list[str]
     skipped: list[tuple[str, str]]      # (path, why)
     features: np.ndarray                # memory-mapped (len(paths), dim) float32
-    cached: bool
+    cached: bool                        # nothing had to be extracted
+    ids: np.ndarray | None = None       # each row's stable id (ascending): the index's ids
+    key: str = ''                       # its files' name in the cache folder
 
 
 def list_images(folder: Path, outputs: Path | None = None) -> list[Path]:
@@ -92,45 +100,77 @@ def extract_batches(model: torch.nn.Module, transform, paths: list[Path], batch_
             yield [p for p, _ in good], features, bad
 
 
-def _cache_key(checkpoint: Path, image_paths: list[Path], model_key: str) -> str:
+def _cache_key(checkpoint: Path, folder: Path, model_key: str) -> str:
+    """The checkpoint (path, size, mtime) and the gallery folder: one cache per gallery, which
+    follows the folder's changes (see _Manifest)."""
     digest = hashlib.sha256()
     stat = checkpoint.stat()
     digest.update(os.fsencode(f'{checkpoint.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|'
-                              f'{model_key}'))
-    for path in image_paths:
-        stat = path.stat()
-        digest.update(os.fsencode(f'\n{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}'))
+                              f'{model_key}|{folder}'))
     return digest.hexdigest()[:24]
+
+
+def _stamps(image_paths: list[Path]) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of each file: a file whose stamp changed is extracted again."""
+    stamps = {}
+    for path in image_paths:
+        try:
+            stat = path.stat()
+        except OSError:         # removed since it was listed
+            continue
+        stamps[str(path)] = (stat.st_size, stat.st_mtime_ns)
+    return stamps
+
+
+@dataclass
+class _Manifest:
+    """What a gallery's cache holds (the .json beside its .npy): per feature row its file, the
+    file's stamp when extracted and a stable id (the index's id for it); the files skipped."""
+    paths: list[str]
+    stamps: list[tuple[int, int]]
+    ids: list[int]                      # ascending; a new or changed file gets a new one
+    next_id: int
+    skipped: list[tuple[str, str, int, int]]    # (path, why, size, mtime)
+
+    def save(self, target: Path, temporary: Path) -> None:
+        sizes, mtimes = zip(*self.stamps) if self.stamps else ((), ())
+        temporary.write_text(json.dumps({
+            'paths': self.paths, 'sizes': sizes, 'mtimes': mtimes, 'ids': self.ids,
+            'next_id': self.next_id, 'skipped': self.skipped}), encoding='utf-8')
+        os.replace(temporary, target)
 
 
 def gallery_features(model, transform, folder: Path, checkpoint: Path, model_key: str,
                      cache_dir: Path, batch_size: int, device: torch.device,
                      outputs: Path | None = None) -> Gallery:
     """Features of every readable image under `folder` (none under `outputs`, our own
-    EXPERIMENTS_DIR), from the cache when it is current. Paths are absolute, so the cache
-    serves searches started from any working directory."""
-    image_paths = list_images(Path(folder).resolve(), outputs=outputs)
-    if not image_paths:
-        raise UserError(f'GALLERY: no images (.jpg, .jpeg, .png, .bmp) under "{folder}". '
+    EXPERIMENTS_DIR), from the cache as far as it is current: only files that are new or
+    changed since are extracted. Paths are absolute, so the cache serves searches started
+    from any working directory."""
+    given, folder = folder, Path(folder).resolve()
+    image_paths = list_images(folder, outputs=outputs)
+    stamps = _stamps(image_paths)
+    if not stamps:
+        raise UserError(f'GALLERY: no images (.jpg, .jpeg, .png, .bmp) under "{given}". '
                         f'Point --GALLERY at the folder holding your person crops.')
-    key = _cache_key(Path(checkpoint), image_paths, model_key)
-    index_file, feature_file = cache_dir / f'{key}.json', cache_dir / f'{key}.npy'
-    found = _cached_gallery(index_file, feature_file, image_paths)
-    if isinstance(found, Gallery):
-        return found
+    key = _cache_key(Path(checkpoint), folder, model_key)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(cache_dir / f'{key}.lock', 'Waiting for another search that is extracting '
                     f'the features of this gallery (lock: {cache_dir / key}.lock) ...'):
-        found = _cached_gallery(index_file, feature_file, image_paths)   # built while we waited?
-        if isinstance(found, Gallery):
-            return found
-        if found:
-            print(f'Note: the feature cache "{index_file}" cannot be used ({found}); '
-                  f'extracting the features again.')
         for leftover in cache_dir.glob(f'.{key}.*'):   # from a search that was killed
             leftover.unlink(missing_ok=True)
-        return _extract_to_cache(model, transform, folder, image_paths, index_file,
-                                 feature_file, batch_size, device)
+        manifest_file = cache_dir / f'{key}.json'
+        cached = _read_cache(manifest_file, cache_dir / f'{key}.npy', folder)
+        if isinstance(cached, str):
+            if cached:
+                print(f'Note: the feature cache "{manifest_file}" cannot be used ({cached}); '
+                      f'extracting the features again.')
+            cached = None
+
+        def extract(paths: list[Path]):
+            return extract_batches(model, transform, paths, batch_size, device,
+                                   'Gallery features')
+        return _update_cache(extract, given, stamps, cached, cache_dir, key)
 
 
 @contextlib.contextmanager
@@ -146,60 +186,98 @@ def _exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
         yield                   # closing the file releases the lock
 
 
-def _cached_gallery(index_file: Path, feature_file: Path,
-                    image_paths: list[Path]) -> Gallery | str:
-    """The cached gallery, or why it cannot be used ('' when there is no cache)."""
-    if not index_file.exists() and not feature_file.exists():
+def _read_cache(manifest_file: Path, feature_file: Path,
+                folder: Path) -> tuple[_Manifest, np.ndarray] | str:
+    """The cache's manifest and features, or why they cannot be used ('' when there are none)."""
+    if not manifest_file.exists() and not feature_file.exists():
         return ''
     try:
-        index = json.loads(index_file.read_text(encoding='utf-8'))
-        paths, skipped = list(index['paths']), [tuple(s) for s in index['skipped']]
-        # Caches written before paths were absolute, or edited by hand, list other files.
-        same_files = (sorted(paths + [path for path, _ in skipped]) ==
-                      sorted(str(path) for path in image_paths))
+        saved = json.loads(manifest_file.read_text(encoding='utf-8'))
+        paths, sizes, mtimes, ids = (list(saved[k]) for k in ('paths', 'sizes', 'mtimes', 'ids'))
+        skipped = [(str(path), str(why), int(size), int(mtime))
+                   for path, why, size, mtime in saved['skipped']]
+        manifest = _Manifest(paths, list(zip(sizes, mtimes)), ids, int(saved['next_id']),
+                             skipped)
         features = np.load(feature_file, mmap_mode='r')
         rows = len(features) if features.ndim == 2 else -1
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f'{type(error).__name__}: {error}'
-    if rows != len(paths):
+    if not len(paths) == len(sizes) == len(mtimes) == len(ids) == rows:
         return f'{rows} feature rows for {len(paths)} images'
-    if not same_files:
+    # Caches written before paths were absolute, or edited by hand, list other files.
+    inside = os.path.join(str(folder), '')
+    if not all(path.startswith(inside) for path in paths + [s[0] for s in skipped]):
         return 'its file list is not the gallery\'s'
-    return Gallery(paths, skipped, features, cached=True)
+    if any(later <= earlier for earlier, later in zip(ids, ids[1:] + [manifest.next_id])):
+        return 'its row ids are not ascending'
+    return manifest, features
 
 
-def _extract_to_cache(model, transform, folder: Path, image_paths: list[Path], index_file: Path,
-                      feature_file: Path, batch_size: int, device: torch.device) -> Gallery:
-    """Extracts features into a temporary file, then publishes it: the .npy first, then the
-    .json that makes it a cache, each renamed into place whole."""
-    temporary = f'.{index_file.stem}.{os.getpid()}'     # per process, even without the lock
-    partial = feature_file.with_name(f'{temporary}.partial.npy')
-    paths, skipped, features, written = [], [], None, 0
-    for good, batch_features, bad in extract_batches(model, transform, image_paths, batch_size,
-                                                     device, 'Gallery features'):
-        skipped += [(str(p), why) for p, why in bad]
+def _changes(old: _Manifest, stamps: dict[str, tuple[int, int]]) -> tuple[list, list, list]:
+    """The cached rows still current, the skipped files still as they were, and the files to
+    extract (new, changed, or once unreadable and changed since)."""
+    keep = [row for row, (path, stamp) in enumerate(zip(old.paths, old.stamps))
+            if stamps.get(path) == tuple(stamp)]
+    skipped = [s for s in old.skipped if stamps.get(s[0]) == tuple(s[2:])]
+    known = {old.paths[row] for row in keep} | {s[0] for s in skipped}
+    return keep, skipped, [Path(path) for path in stamps if path not in known]
+
+
+def _update_cache(extract, folder: Path, stamps: dict[str, tuple[int, int]], cached: tuple | None,
+                  cache_dir: Path, key: str) -> Gallery:
+    """Keeps the cached rows of unchanged files, extracts the new and changed files, and
+    publishes the result: a new .npy first, then the .json that makes it the cache, each
+    written beside and renamed into place whole."""
+    old, old_features = cached or (_Manifest([], [], [], 0, []), None)
+    keep, skipped, todo = _changes(old, stamps)
+    if cached and not todo and len(keep) == len(old.paths) and len(skipped) == len(old.skipped):
+        return Gallery(old.paths, [s[:2] for s in old.skipped], old_features, cached=True,
+                       ids=np.array(old.ids, dtype=np.int64), key=key)
+    if cached:
+        print(f'Gallery: {len(todo):,} new or changed images to extract, '
+              f'{len(old.paths) + len(old.skipped) - len(keep) - len(skipped):,} gone or '
+              f'changed; {len(keep):,} features kept from the cache.')
+    temporary = f'.{key}.{os.getpid()}'     # per process, even without the lock
+    partial = cache_dir / f'{temporary}.partial.npy'
+    new = _Manifest([old.paths[r] for r in keep], [tuple(old.stamps[r]) for r in keep],
+                    [old.ids[r] for r in keep], old.next_id, skipped)
+    features = None
+
+    def open_features(dim: int) -> np.ndarray:   # streamed to disk: memory holds a batch
+        return np.lib.format.open_memmap(partial, mode='w+', dtype=np.float32,
+                                         shape=(len(keep) + len(todo), dim))
+    if keep:
+        features = open_features(old_features.shape[1])
+        for start in range(0, len(keep), RANK_CHUNK):
+            rows = np.array(keep[start:start + RANK_CHUNK])
+            features[start:start + len(rows)] = search_index.read_rows(old_features, rows)
+    written = len(keep)
+    for good, batch_features, bad in extract(todo) if todo else ():
+        new.skipped += [(str(p), why, *stamps[str(p)]) for p, why in bad]
         if batch_features is None:
             continue
-        if features is None:    # streamed to disk: memory holds one batch, not the gallery
-            features = np.lib.format.open_memmap(partial, mode='w+', dtype=np.float32,
-                                                 shape=(len(image_paths), batch_features.shape[1]))
+        if features is None:
+            features = open_features(batch_features.shape[1])
         features[written:written + len(good)] = batch_features
         written += len(good)
-        paths += [str(p) for p in good]
+        new.paths += [str(p) for p in good]
+        new.stamps += [stamps[str(p)] for p in good]
+        new.ids += range(new.next_id, new.next_id + len(good))
+        new.next_id += len(good)
     if features is None:
-        raise UserError(f'GALLERY: none of the {len(image_paths)} images under "{folder}" could '
-                        f'be read (first: {skipped[0][0]}: {skipped[0][1]}).')
+        raise UserError(f'GALLERY: none of the {len(stamps)} images under "{folder}" could '
+                        f'be read (first: {new.skipped[0][0]}: {new.skipped[0][1]}).')
     features.flush()
     del features
-    if written < len(image_paths):
-        trimmed = feature_file.with_name(f'{temporary}.trimmed.npy')
+    if written < len(keep) + len(todo):
+        trimmed = cache_dir / f'{temporary}.trimmed.npy'
         _keep_rows(partial, trimmed, written)
         partial = trimmed
-    os.replace(partial, feature_file)
-    index = index_file.with_name(f'{temporary}.json')
-    index.write_text(json.dumps({'paths': paths, 'skipped': skipped}), encoding='utf-8')
-    os.replace(index, index_file)
-    return Gallery(paths, skipped, np.load(feature_file, mmap_mode='r'), cached=False)
+    os.replace(partial, cache_dir / f'{key}.npy')
+    new.save(cache_dir / f'{key}.json', cache_dir / f'{temporary}.json')
+    return Gallery(new.paths, [s[:2] for s in new.skipped],
+                   np.load(cache_dir / f'{key}.npy', mmap_mode='r'), cached=False,
+                   ids=np.array(new.ids, dtype=np.int64), key=key)
 
 
 def _keep_rows(source: Path, target: Path, rows: int) -> None:
@@ -231,16 +309,86 @@ def rank_gallery(query_features: np.ndarray, gallery: np.ndarray) -> list[tuple]
     return ranked
 
 
+def rank(queries: np.ndarray, gallery: Gallery, index: GalleryIndex | None, rows: int,
+         nprobe: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each query's nearest `rows` gallery rows and their distances, nearest first: without an
+    index the exact streaming search, each pass over the gallery serving as many queries as
+    EXACT_DISTANCES allows; with one, its candidates re-ranked exactly."""
+    if index is not None:
+        return search_index.search(index, queries, gallery.features, gallery.ids, rows, nprobe)
+    per_pass = max(1, EXACT_DISTANCES // len(gallery.features))
+    return [(order[:rows].copy(), distances[:rows].copy())   # copies: the full rows go
+            for start in range(0, len(queries), per_pass)
+            for order, distances in rank_gallery(queries[start:start + per_pass],
+                                                 gallery.features)]
+
+
+def gallery_index(gallery: Gallery, cache_dir: Path, s: Settings) -> GalleryIndex | None:
+    """The gallery's index, built or brought up to date beside its features (under the
+    gallery's lock); None when the gallery is small enough to rank exactly."""
+    if len(gallery.paths) <= s.SEARCH_EXACT_UP_TO:
+        return None
+    with _exclusive(cache_dir / f'{gallery.key}.lock', 'Waiting for another search that is '
+                    f'updating the index of this gallery (lock: {cache_dir / gallery.key}.lock) '
+                    '...'):
+        index, what = search_index.open_index(
+            cache_dir / f'{gallery.key}.{s.SEARCH_INDEX}.npz', gallery.features, gallery.ids,
+            s.SEARCH_INDEX)
+    print(f'Index: {what}: {len(gallery.paths):,} images above SEARCH_EXACT_UP_TO='
+          f'{s.SEARCH_EXACT_UP_TO:,}, so {s.SEARCH_INDEX} proposes candidates and exact '
+          f'distances rank them.')
+    return index
+
+
+def check_search_settings(s: Settings) -> None:
+    """The search settings make sense (checked before the model is loaded)."""
+    if s.SEARCH_INDEX not in search_index.KINDS:
+        raise UserError(f'SEARCH_INDEX={s.SEARCH_INDEX!r}: valid choices are '
+                        f'{", ".join(map(repr, search_index.KINDS))}. Fix it in config.py or '
+                        f'with --SEARCH_INDEX=...')
+    for key in ('SEARCH_CSV_ROWS', 'SEARCH_NPROBE'):
+        if not s[key] > 0:
+            raise UserError(f'{key}={s[key]!r} must be greater than 0. Fix it in config.py or '
+                            f'with --{key}=...')
+    if not s.SEARCH_EXACT_UP_TO >= 0:
+        raise UserError(f'SEARCH_EXACT_UP_TO={s.SEARCH_EXACT_UP_TO!r} must be 0 (always use the '
+                        f'index) or a number of gallery images up to which search is exact. Fix '
+                        f'it in config.py or with --SEARCH_EXACT_UP_TO=...')
+
+
+def query_batches(model, transform, queries: list[Path], batch_size: int,
+                  device: torch.device) -> Iterator[tuple[list[Path], np.ndarray | None, list]]:
+    """(readable queries, their features, unreadable ones with why) in groups of QUERY_BATCH:
+    a folder of queries is ranked in one batch (a few for a huge folder)."""
+    paths, features, bad = [], [], []
+    for good, batch_features, unreadable in extract_batches(model, transform, queries,
+                                                            batch_size, device, 'Queries'):
+        for path, why in unreadable:
+            print(f'Note: query "{path}" skipped: {why}')
+        bad += unreadable
+        if batch_features is not None:
+            paths += good
+            features.append(batch_features)
+        if len(paths) >= QUERY_BATCH:
+            yield paths, np.concatenate(features), bad
+            paths, features, bad = [], [], []
+    if paths or bad:
+        yield paths, np.concatenate(features) if features else None, bad
+
+
 def write_results(out_dir: Path, query_path: Path, paths: list[str], order: np.ndarray,
-                  distances: np.ndarray, topk: int, skipped: list) -> None:
-    """results.csv (every gallery image), strip.jpg (query + top-k) and index.html."""
+                  distances: np.ndarray, topk: int, skipped: list,
+                  csv_rows: int | None = None) -> None:
+    """results.csv (the first `csv_rows` of `order`, all by default), strip.jpg (query +
+    top-k) and index.html."""
+    listed = len(order) if csv_rows is None else min(csv_rows, len(order))
     from reidkit.visrank import draw_strip, save_strip
     out_dir.mkdir(parents=True, exist_ok=True)
     # surrogateescape: paths that are not UTF-8 are written back as the bytes they are
     with open(out_dir / 'results.csv', 'w', newline='', errors='surrogateescape') as handle:
         writer = csv.writer(handle)
         writer.writerow(['rank', 'path', 'distance'])
-        for rank, (index, distance) in enumerate(zip(order, distances), 1):
+        for rank, (index, distance) in enumerate(zip(order[:listed], distances[:listed]), 1):
             writer.writerow([rank, paths[index], f'{distance:.6g}'])
     top = [(paths[i], float(d)) for i, d in zip(order[:topk], distances[:topk])]
     save_strip(out_dir / 'strip.jpg',
@@ -257,8 +405,9 @@ def write_results(out_dir: Path, query_path: Path, paths: list[str], order: np.n
         'body{font:14px system-ui,sans-serif;margin:16px}figure{display:inline-block;margin:4px;'
         'text-align:center;font-size:11px;width:90px;vertical-align:top}img{width:64px;'
         'height:128px;border:3px solid #888}.q img{border-color:#000}</style></head><body>'
-        f'<h1>Search: {html.escape(query_path.name)}</h1><p>{len(paths)} gallery images ranked; '
-        f'all of them in <a href="results.csv">results.csv</a>.</p>{notes}'
+        f'<h1>Search: {html.escape(query_path.name)}</h1><p>{len(paths):,} gallery images ranked; '
+        + ('all of them' if listed == len(paths) else f'the nearest {listed:,}')
+        + f' in <a href="results.csv">results.csv</a>.</p>{notes}'
         f'<figure class="q"><img src="{rel(query_path)}"><figcaption>query</figcaption></figure>'
         f'{tiles}</body></html>', encoding='utf-8', errors='surrogateescape')
     if skipped:
@@ -295,12 +444,63 @@ def quiet_test_transform(height: int, width: int):
         return build_transforms(height, width, transforms=[])[1]
 
 
+class FlipTest(nn.Module):
+    """FLIP_TEST: the mean of the features of each image and of its mirror image."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.model(images).float() + self.model(images.flip(3)).float()) / 2
+
+
+class OnnxModel(nn.Module):
+    """An exported model.onnx in the place of the PyTorch model: onnxruntime computes the
+    features (`reidkit.onnx_features`, no Torchreid), `transform` is its own preprocessing."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        from reidkit.onnx_features import OnnxExtractor
+        self.extractor = OnnxExtractor(path)
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(self.extractor.preprocess([image])[0])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        session, name = self.extractor.session, self.extractor.input.name
+        return torch.from_numpy(np.asarray(session.run(None, {name: images.numpy()})[0],
+                                           dtype=np.float32))
+
+
+def search_model(s: Settings, weights: Path | None):
+    """(model, transform, checkpoint path, cache key part, s) for a search: a PyTorch
+    checkpoint through Torchreid, or an exported .onnx file through onnxruntime alone."""
+    from reidkit import checks
+    from reidkit.device import choose_device, place_model
+    from reidkit.runs import resolve_checkpoint
+    given = Path(weights or s.WEIGHTS or '')
+    if given.suffix.lower() == '.onnx':
+        if not given.is_file():
+            raise UserError(f'WEIGHTS: "{given}" does not exist. Pass an exported model.onnx '
+                            f'(python main.py export writes one beside its checkpoint).')
+        model = OnnxModel(given)
+        meta = model.extractor
+        key = f'onnx|{meta.model_name}|{meta.height}x{meta.width}'
+        return model, model.transform, given, key, s
+    checkpoint, saved, s = resolve_checkpoint(s, weights)
+    checks.check_names(s)
+    device = choose_device(s.DEVICE)
+    model = place_model(model_for_search(saved, checkpoint, s.MODEL_NAME, s.LOSS), device)
+    return model, quiet_test_transform(s.HEIGHT, s.WIDTH), checkpoint, \
+        f'{s.MODEL_NAME}|{s.HEIGHT}x{s.WIDTH}', s
+
+
 def search(s: Settings, weights: Path | None = None) -> Path:
     """`python main.py search`: ranks GALLERY for each image in QUERY with a checkpoint
     (`weights`, WEIGHTS or the newest run's); returns the new output folder."""
     from reidkit import checks
-    from reidkit.device import choose_device, place_model
-    from reidkit.runs import new_run_dir, resolve_checkpoint
+    from reidkit.runs import new_run_dir
     if not s.QUERY or not s.GALLERY:
         raise UserError('search needs --QUERY=path/to/person.jpg (or a folder of queries) and '
                         '--GALLERY=path/to/folder (searched recursively for images).')
@@ -308,32 +508,32 @@ def search(s: Settings, weights: Path | None = None) -> Path:
     if not Path(s.GALLERY).is_dir():
         raise UserError(f'GALLERY: "{s.GALLERY}" is not a folder. Point --GALLERY at the folder '
                         f'holding the images to rank.')
-    checkpoint, saved, s = resolve_checkpoint(s, weights)
-    checks.check_names(s)
+    model, transform, checkpoint, model_key, s = search_model(s, weights)
     checks.check_numbers(s, training=False)
+    check_search_settings(s)
     checks.check_output_folder(Path(s.EXPERIMENTS_DIR))
-    device = choose_device(s.DEVICE)
-    model = place_model(model_for_search(saved, checkpoint, s.MODEL_NAME, s.LOSS), device)
-    transform = quiet_test_transform(s.HEIGHT, s.WIDTH)
+    if s.FLIP_TEST:             # other features: another cache entry
+        model, model_key = FlipTest(model), model_key + '|flip'
+    device = next(model.parameters(), torch.empty(0)).device
+    cache_dir = Path(s.EXPERIMENTS_DIR) / '.search-cache'
     gallery = gallery_features(
-        model, transform, Path(s.GALLERY), checkpoint, f'{s.MODEL_NAME}|{s.HEIGHT}x{s.WIDTH}',
-        Path(s.EXPERIMENTS_DIR) / '.search-cache', s.BATCH_SIZE_TEST, device,
-        outputs=Path(s.EXPERIMENTS_DIR))
+        model, transform, Path(s.GALLERY), checkpoint, model_key,
+        cache_dir, s.BATCH_SIZE_TEST, device, outputs=Path(s.EXPERIMENTS_DIR))
     print(f'Gallery: {len(gallery.paths)} images ('
           f'{"features from the cache" if gallery.cached else "features extracted and cached"})'
           + (f'; {len(gallery.skipped)} unreadable files skipped' if gallery.skipped else ''))
+    index = gallery_index(gallery, cache_dir, s)
+    rows = min(len(gallery.paths), max(s.SEARCH_CSV_ROWS, s.SEARCH_TOPK))
     names = dict(zip(queries, unique_names(
         [queries[0].name] if len(queries) == 1 else [q.relative_to(s.QUERY) for q in queries],
         reserved=(INCOMPLETE, SKIPPED_QUERIES))))
     out_dir, unreadable = None, []
-    for paths, features, bad in extract_batches(model, transform, queries, s.BATCH_SIZE_TEST,
-                                                device, 'Queries'):
-        for path, why in bad:
-            print(f'Note: query "{path}" skipped: {why}')
+    for paths, features, bad in query_batches(model, transform, queries, s.BATCH_SIZE_TEST,
+                                              device):
         unreadable += bad
-        if features is None:
+        if not paths:
             continue
-        ranked = rank_gallery(features, gallery.features)
+        ranked = rank(features, gallery, index, rows, s.SEARCH_NPROBE)
         if out_dir is None:     # made only once there is something to put in it
             out_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), 'search')
             (out_dir / INCOMPLETE).write_text(
@@ -344,7 +544,7 @@ def search(s: Settings, weights: Path | None = None) -> Path:
             # Written under a hidden name, renamed when whole: a result folder is complete.
             partial = out_dir / f'.{names[path]}.partial'
             write_results(partial, path, gallery.paths, order, distances, s.SEARCH_TOPK,
-                          gallery.skipped)
+                          gallery.skipped, csv_rows=s.SEARCH_CSV_ROWS)
             partial.rename(out_dir / names[path])
     if out_dir is None:
         first = ' The first three:' if len(unreadable) > 3 else ''

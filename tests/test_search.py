@@ -350,3 +350,73 @@ def test_a_cache_made_from_another_working_directory_gives_valid_paths(tmp_path,
     assert gallery.cached
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in gallery.paths)
     _check(gallery, tmp_path / 'data' / 'gallery', means)
+
+
+def test_only_new_or_changed_images_are_extracted_again(tmp_path, monkeypatch, capsys):
+    gallery, cache, model = tmp_path / 'gallery', tmp_path / 'cache', tmp_path / 'model.pth'
+    means = _small_gallery(gallery)
+    model.write_bytes(b'weights')
+    first = _features(gallery, cache, model)
+    extracted, extract = [], searching.extract_batches
+
+    def recorded(model, transform, paths, *args):
+        extracted.append([p.name for p in paths])
+        return extract(model, transform, paths, *args)
+
+    monkeypatch.setattr(searching, 'extract_batches', recorded)
+    (gallery / '00.png').unlink()                                       # removed
+    Image.new('RGB', (8, 16), (200, 100, 50)).save(gallery / '03.png')  # changed
+    os.utime(gallery / '03.png', ns=(1, 10 ** 18))
+    Image.new('RGB', (8, 16), (10, 20, 30)).save(gallery / '06.png')    # added
+    Image.new('RGB', (8, 16), (90, 90, 90)).save(gallery / 'broken.jpg')   # mended
+    capsys.readouterr()
+    second = _features(gallery, cache, model)
+    assert extracted == [['03.png', '06.png', 'broken.jpg']]
+    assert '3 new or changed images to extract, 3 gone or changed; 4 features kept' in \
+        capsys.readouterr().out
+    assert not second.cached and second.skipped == []
+    rows = {Path(p).name: row for row, p in enumerate(second.paths)}
+    assert sorted(rows) == ['01.png', '02.png', '03.png', '04.png', '05.png', '06.png',
+                            'broken.jpg']
+    old_ids = {Path(p).name: i for p, i in zip(first.paths, first.ids)}
+    for name in ('01.png', '02.png', '04.png', '05.png'):           # kept, with their ids
+        assert second.ids[rows[name]] == old_ids[name]
+        np.testing.assert_allclose(second.features[rows[name]], means[int(name[:2])], atol=1e-6)
+    assert second.ids[rows['03.png']] not in first.ids.tolist()     # changed: a new id
+    assert list(second.ids) == sorted(second.ids)
+    np.testing.assert_allclose(second.features[rows['03.png']], np.array([200, 100, 50]) / 255,
+                               atol=1e-6)
+    np.testing.assert_allclose(second.features[rows['broken.jpg']], [90 / 255] * 3, atol=0.02)
+    third = _features(gallery, cache, model)
+    assert third.cached and len(extracted) == 1
+    assert third.paths == second.paths and list(third.ids) == list(second.ids)
+    assert not list(cache.glob('.*'))
+
+
+@pytest.mark.slow
+def test_the_index_ranks_as_the_exact_search_and_follows_the_folder(trained, tmp_path, capsys):
+    s, page_dir, rows = trained
+    query, folder = _valid_gallery(tmp_path, rows[0], page_dir)
+    exact = main.search(s.replace(QUERY=str(query), GALLERY=str(folder))) / query.name
+    expected = list(csv.DictReader(open(exact / 'results.csv')))[:15]
+    settings = s.replace(QUERY=str(query), GALLERY=str(folder), SEARCH_EXACT_UP_TO=0,
+                         SEARCH_CSV_ROWS=15, SEARCH_TOPK=5)
+    capsys.readouterr()
+    out = main.search(settings) / query.name
+    assert 'Index: built' in capsys.readouterr().out
+    found = list(csv.DictReader(open(out / 'results.csv')))
+    assert [r['path'] for r in found] == [r['path'] for r in expected]
+    assert [float(r['distance']) for r in found] == \
+        pytest.approx([float(r['distance']) for r in expected], rel=1e-4)
+    assert 'the nearest 15 in <a href="results.csv">' in (out / 'index.html').read_text()
+
+    shutil.copy(query, folder / 'new_0001.jpg')
+    found = list(csv.DictReader(open(main.search(settings) / query.name / 'results.csv')))
+    assert 'Index: updated (1 added, 0 removed)' in capsys.readouterr().out
+    assert Path(found[0]['path']).name == 'new_0001.jpg' and float(found[0]['distance']) < 1e-3
+    (folder / 'new_0001.jpg').unlink()
+    found = list(csv.DictReader(open(main.search(settings) / query.name / 'results.csv')))
+    assert 'Index: updated (0 added, 1 removed)' in capsys.readouterr().out
+    assert [r['path'] for r in found] == [r['path'] for r in expected]
+    main.search(settings)
+    assert 'Index: reused' in capsys.readouterr().out

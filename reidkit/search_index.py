@@ -1,0 +1,256 @@
+"""An approximate index (FAISS IVF-PQ) over a search gallery's cached features, kept beside them
+and brought up to date with the gallery folder, for galleries too large to rank exactly.
+
+IVF-PQ keeps a 64-byte code per image instead of its 8 KB 2048-d feature, so a million images
+take ~80 MB. Its distances are approximate: each query's candidates are re-ranked with exact
+distances read from the features on disk, so the returned order and distances are exact among
+them. The index holds the gallery's row ids (stable while a file is unchanged), so images added
+to or removed from the folder are added to or removed from the index: no rebuild.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from reidkit.errors import UserError
+from reidkit.evaluation import check_finite
+
+KINDS = ('ivfpq',)
+ADD_CHUNK = 8_192           # rows added at a time: FAISS encodes them with 64 KB of tables each
+SCATTERED = 256             # scattered rows read between releases of their pages
+MIN_CANDIDATES = 300        # re-ranked per query at least, however few rows are wanted
+PQ_BYTES = 64               # code bytes per image (one byte per sub-quantiser)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An index's shape: chosen from the gallery's size, saved with the index."""
+    kind: str
+    dim: int
+    nlist: int              # inverted lists (coarse centroids)
+    m: int                  # product-quantiser sub-vectors
+    nbits: int              # bits per sub-vector code
+
+    def fits(self, wanted: Plan) -> bool:
+        """Still right for a gallery that wants `wanted`: the number of lists may be off by 2x
+        either way, so a gallery near a boundary is not rebuilt on every change."""
+        return (self.kind, self.dim, self.m, self.nbits) == \
+            (wanted.kind, wanted.dim, wanted.m, wanted.nbits) and \
+            wanted.nlist / 2 <= self.nlist <= wanted.nlist * 2
+
+    @property
+    def training_rows(self) -> int:
+        """Sample the quantisers are trained on: 40 per coarse centroid (FAISS's advice is
+        39 or more) and enough for the 256 centroids of each sub-quantiser."""
+        return max(40 * self.nlist, 40 * 2 ** self.nbits)
+
+
+def plan(rows: int, dim: int, kind: str = 'ivfpq') -> Plan:
+    """~sqrt(rows) lists, a power of two (1,024 at 1M, 4,096 at 10M); 64-byte codes, or fewer
+    for features under 256-d (sub-vectors of at least 4 values: smaller ones train slowly for
+    no gain)."""
+    nlist = min(rows, 2 ** round(math.log2(math.sqrt(max(rows, 1)))))
+    m = max(d for d in range(1, max(1, min(dim // 4, PQ_BYTES)) + 1) if dim % d == 0)
+    nbits = max(1, min(8, int(math.log2(max(rows, 1)))))   # tiny galleries: fewer centroids
+    return Plan(kind, dim, nlist, m, nbits)
+
+
+@dataclass
+class GalleryIndex:
+    index: object           # faiss.IndexIVFPQ; its ids are gallery row ids
+    ids: np.ndarray         # the ids it holds, ascending
+    plan: Plan
+    searcher: object = None  # the index on a GPU when FAISS has one, else the index itself
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise UserError('SEARCH_EXACT_UP_TO: this gallery is larger, so search needs its index, '
+                        'which needs FAISS: pip install faiss-cpu (it is in requirements.txt), '
+                        'or rank exactly with a larger --SEARCH_EXACT_UP_TO=...') from None
+    return faiss
+
+
+def read_rows(features: np.ndarray, rows) -> np.ndarray:
+    """A copy of features[rows] (a slice, or ascending row numbers). Pages of a memory-mapped
+    .npy are let go as it reads (see release); scattered rows are read SCATTERED rows at a
+    time, as the kernel maps 64 KB or more around each one."""
+    if isinstance(rows, np.ndarray) and len(rows) and rows[-1] - rows[0] == len(rows) - 1:
+        rows = slice(int(rows[0]), int(rows[-1]) + 1)            # a run: read it whole
+    if isinstance(rows, slice):
+        copy = np.array(features[rows], dtype=np.float32)
+        release(features)
+        return copy
+    copy = np.empty((len(rows), features.shape[1]), dtype=np.float32)
+    for start in range(0, len(rows), SCATTERED):
+        copy[start:start + SCATTERED] = features[rows[start:start + SCATTERED]]
+        release(features)
+    return copy
+
+
+def release(features: np.ndarray) -> None:
+    """Lets go of the pages of a memory-mapped .npy read so far: the page cache keeps them,
+    but they no longer count against this process's memory (a million 2048-d features are
+    8 GB). numpy's own mapping is used (np.memmap's attribute since numpy 1.x): the file may
+    have been replaced by a newer cache since, so it is not opened again."""
+    mapping = getattr(features, '_mmap', None)
+    if mapping is not None and hasattr(mmap, 'MADV_DONTNEED'):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def build(features: np.ndarray, ids: np.ndarray, shape: Plan) -> GalleryIndex:
+    """Trains the quantisers on a sample, then adds every row in chunks (bounded memory)."""
+    faiss = _faiss()
+    index = faiss.IndexIVFPQ(faiss.IndexFlatL2(shape.dim), shape.dim, shape.nlist, shape.m,
+                             shape.nbits)
+    # The sample is sized on purpose; FAISS's "too few points" warnings only concern
+    # galleries of a few hundred images, where every row is re-ranked exactly anyway.
+    index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1
+    gpu = _gpu()
+    if gpu is not None:                 # the coarse k-means on the GPU; the index stays here
+        index.clustering_index = faiss.index_cpu_to_gpu(gpu, 0, faiss.IndexFlatL2(shape.dim))
+    rows = np.sort(np.random.default_rng(0).choice(
+        len(ids), min(len(ids), shape.training_rows), replace=False))
+    sample = read_rows(features, rows)
+    check_finite(sample, 'gallery features')
+    if len(sample) < 2 ** shape.nbits:      # a gallery of one image: k-means needs 2 points
+        sample = np.resize(sample, (2 ** shape.nbits, shape.dim))
+    print(f'Index: training IVF-PQ ({shape.nlist:,} lists, {shape.m}-byte codes) on '
+          f'{len(rows):,} sampled gallery features ...', flush=True)
+    index.train(sample)
+    del sample
+    _add(index, features, np.arange(len(ids)), ids)
+    return GalleryIndex(index, np.array(ids, dtype=np.int64), shape)
+
+
+def _add(index, features: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> None:
+    with tqdm(total=len(rows), desc='Index', unit='img') as bar:
+        for start in range(0, len(rows), ADD_CHUNK):
+            part = rows[start:start + ADD_CHUNK]
+            chunk = read_rows(features, part)
+            check_finite(chunk, 'gallery features')   # NaN would be filed in a random list
+            index.add_with_ids(chunk, np.ascontiguousarray(ids[part], dtype=np.int64))
+            bar.update(len(part))
+
+
+def update(found: GalleryIndex, features: np.ndarray, ids: np.ndarray) -> tuple[int, int]:
+    """Removes the ids the gallery no longer has, adds its new rows; (added, removed)."""
+    gone = np.setdiff1d(found.ids, ids, assume_unique=True)
+    new = np.setdiff1d(ids, found.ids, assume_unique=True)
+    if len(gone):
+        found.index.remove_ids(gone)
+    if len(new):
+        _add(found.index, features, np.searchsorted(ids, new), ids)
+    found.ids, found.searcher = np.array(ids, dtype=np.int64), None
+    return len(new), len(gone)
+
+
+def load(path: Path) -> GalleryIndex | str:
+    """The saved index, or why it cannot be used ('' when there is none)."""
+    if not path.exists():
+        return ''
+    faiss = _faiss()
+    try:
+        with np.load(path) as saved:
+            shape = Plan(**json.loads(str(saved['plan'])))
+            ids, index = saved['ids'], faiss.deserialize_index(saved['index'])
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError, TypeError,
+            RuntimeError) as error:
+        return f'{type(error).__name__}: {error}'
+    if index.ntotal != len(ids):
+        return f'it holds {index.ntotal} codes for {len(ids)} ids'
+    return GalleryIndex(index, ids, shape)
+
+
+def save(found: GalleryIndex, path: Path) -> None:
+    """Written beside, then renamed into place whole: an interrupted save (or build) leaves
+    the previous index as it was."""
+    faiss = _faiss()
+    temporary = path.with_name(f'.{path.name}.{os.getpid()}.partial')
+    try:
+        with open(temporary, 'wb') as handle:
+            np.savez(handle, index=faiss.serialize_index(found.index), ids=found.ids,
+                     plan=np.array(json.dumps(asdict(found.plan))))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def open_index(path: Path, features: np.ndarray, ids: np.ndarray,
+               kind: str) -> tuple[GalleryIndex, str]:
+    """The index at `path` brought up to date with the gallery (`ids` ascending, one per row
+    of `features`), or a new one; saved when changed. Also says which it was."""
+    wanted = plan(len(ids), features.shape[1], kind)
+    found = load(path)
+    if isinstance(found, GalleryIndex) and not found.plan.fits(wanted):
+        found = (f'it has {found.plan.nlist:,} lists, {len(ids):,} images want '
+                 f'{wanted.nlist:,}' if found.plan.dim == wanted.dim else
+                 f'its features have {found.plan.dim} values, these {wanted.dim}')
+    if isinstance(found, str):
+        if found:
+            print(f'Note: the index "{path}" is rebuilt ({found}).')
+        built = build(features, ids, wanted)
+        save(built, path)
+        return built, 'built'
+    added, removed = update(found, features, ids)
+    if not added and not removed:
+        return found, 'reused'
+    save(found, path)
+    return found, f'updated ({added:,} added, {removed:,} removed)'
+
+
+def _gpu():
+    """FAISS's GPU resources when it was built with GPU support and sees a GPU, else None."""
+    faiss = _faiss()
+    if not hasattr(faiss, 'StandardGpuResources') or faiss.get_num_gpus() < 1:
+        return None
+    return faiss.StandardGpuResources()
+
+
+def _searcher(found: GalleryIndex):
+    if found.searcher is None:
+        found.searcher, gpu = found.index, _gpu()
+        if gpu is not None:
+            try:
+                found.searcher = _faiss().index_cpu_to_gpu(gpu, 0, found.index)
+                found.searcher.referenced_resources = gpu      # must outlive the GPU index
+            except RuntimeError as error:   # a shape the GPU kernels lack: the CPU index serves
+                print(f'Note: the index is searched on the CPU ({error}).')
+    return found.searcher
+
+
+def search(found: GalleryIndex, queries: np.ndarray, features: np.ndarray, ids: np.ndarray,
+           rows: int, nprobe: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each query: (gallery rows, squared euclidean distances) of its nearest `rows`,
+    nearest first. The index proposes candidates; exact distances from `features` order them
+    (ties by row, as the exact search orders them)."""
+    faiss = _faiss()
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    check_finite(queries, 'query features')
+    searcher = _searcher(found)
+    space = faiss.ParameterSpace() if searcher is found.index else faiss.GpuParameterSpace()
+    space.set_index_parameter(searcher, 'nprobe', min(nprobe, found.plan.nlist))
+    wanted = min(max(rows, MIN_CANDIDATES), len(ids))
+    _, candidates = searcher.search(queries, wanted)        # ids; -1 past the last one found
+    ranked = []
+    for query, found_ids in zip(queries, candidates):
+        at = np.sort(np.searchsorted(ids, found_ids[found_ids >= 0]))      # id -> row
+        gathered = read_rows(features, at)
+        # |g|^2 - 2 g.q + |q|^2 as the exact search computes it, in numpy's single-threaded
+        # loops: at this size torch's threads only wait for each other on a busy machine.
+        distances = np.einsum('ij,ij->i', gathered, gathered) - \
+            2 * np.einsum('ij,j->i', gathered, query) + np.dot(query, query)
+        check_finite(distances, 'query-gallery distances')
+        order = np.argsort(distances, kind='stable')[:rows]    # ties: by row, as exact search
+        ranked.append((at[order], distances[order]))
+    return ranked
