@@ -188,3 +188,35 @@ def test_a_missing_exporter_package_is_named_before_any_work(tiny_settings, monk
     with pytest.raises(UserError, match=r'export needs onnxscript, which is not installed\. '
                                         r'Install with `pip install onnxscript`'):
         main.export(tiny_settings)      # no checkpoint anywhere: that error would come later
+
+
+def test_search_with_the_onnx_file_ranks_like_the_checkpoint_without_torchreid(exported,
+                                                                               tmp_path):
+    """search --WEIGHTS=model.onnx: onnxruntime features, no Torchreid import on that path,
+    and the same top matches as the PyTorch checkpoint's search (FLIP_TEST too)."""
+    s, checkpoint, path, _ = exported
+    data = Path(s.DATA_ROOT) / 'market1501' / 'Market-1501-v15.09.15'
+    query = sorted((data / 'query').glob('*.jpg'))[0]
+    code = (
+        'import json, sys\n'
+        'from pathlib import Path\n'
+        'import config\n'
+        'from reidkit.settings import Settings, defaults_from, apply_overrides\n'
+        'from reidkit.search import search\n'
+        'values = apply_overrides(defaults_from(config), json.loads(sys.argv[1]))\n'
+        'out = search(Settings(values), Path(sys.argv[2]))\n'
+        'assert "torchreid" not in sys.modules, "torchreid was imported"\n'
+        'print(out)\n')
+    for flip in (False, True):
+        overrides = dict(QUERY=str(query), GALLERY=str(data / 'bounding_box_test'),
+                         EXPERIMENTS_DIR=str(tmp_path / f'exp-{flip}'), FLIP_TEST=flip,
+                         SEARCH_TOPK=5)
+        done = subprocess.run([sys.executable, '-c', code, json.dumps(overrides), str(path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        onnx_csv = (Path(done.stdout.strip().splitlines()[-1]) / query.name / 'results.csv')
+        torch_out = main.search(s.replace(**overrides), checkpoint)
+        torch_csv = torch_out / query.name / 'results.csv'
+        ranked = [[row.split(',')[1] for row in csv.read_text().splitlines()[1:6]]
+                  for csv in (onnx_csv, torch_csv)]
+        assert ranked[0] == ranked[1]
