@@ -7,8 +7,11 @@ Market-1501 scale: 3,368 queries x 15,913 gallery, 751 ids, 2048-d features (ide
 plus noise), default k1=20, k2=6, lambda=0.3. Each side runs in a fresh process, so each peak
 RSS is its own: Torchreid's engine path (its three distance matrices, then `re_ranking`),
 our `re_ranking` on the same three matrices, and our `re_ranking_features`. Prints times, peak
-RSS, the speed ratio, the largest distance difference from Torchreid's result and whether
-CMC, mAP and mINP (our evaluator) are identical.
+RSS, the speed ratio, how far our distances are from Torchreid's and whether CMC, mAP and mINP
+(our evaluator) are identical. Equal float32 distances at a neighbour-list boundary (a few rows
+at this scale) are ordered arbitrarily by numpy's argsort and by torch.topk alike, so a few
+rows can legitimately differ; the counts say how many. The load average is printed because
+the other processes on a shared machine change every time here.
 MSMT17 scale: 11,659 x 82,161, 2048-d: `re_ranking_features` only. Torchreid's is never run
 there: its need for dense (queries + gallery)^2 matrices is computed and printed instead.
 """
@@ -104,20 +107,27 @@ def market(suffix: str) -> None:
         runs = {which: child(which, 'market' + suffix, out_dir)
                 for which in ('torchreid', 'matrix', 'features')}
         results = {which: np.load(Path(out_dir) / f'{which}.npy') for which in runs}
-    theirs = runs['torchreid']
+    theirs, reference = runs['torchreid'], results['torchreid']
     names = {'torchreid': 'Torchreid re_ranking (its 3 distance matrices + re_ranking)',
              'matrix': 'reidkit re_ranking (same 3 matrices + ours)',
              'features': 'reidkit re_ranking_features (from features)'}
-    print('| re-ranking | distances (s) | total (s) | peak RSS (GB) | faster than Torchreid by '
-          '| max abs diff from Torchreid |\n|---|---|---|---|---|---|')
+    print('| re-ranking | of which distances (s) | total (s) | peak RSS (GB) | faster than '
+          'Torchreid by |\n|---|---|---|---|---|')
     for which, stats in runs.items():
         ratio = '' if which == 'torchreid' else f'{theirs["seconds"] / stats["seconds"]:.1f}x'
-        diff = float(np.abs(results[which] - results['torchreid']).max())
-        print(f'| {names[which]} | {stats["distances_s"]:.1f} | {stats["seconds"]:.1f} | '
-              f'{stats["peak_rss_gb"]:.2f} | {ratio} | {diff:.1e} |')
+        distances = f'{stats["distances_s"]:.1f}' if which != 'features' else '(inside)'
+        print(f'| {names[which]} | {distances} | {stats["seconds"]:.1f} | '
+              f'{stats["peak_rss_gb"]:.2f} | {ratio} |')
+    print('\n| against Torchreid\'s result | max abs diff | distances off by > 1e-5 | rows with '
+          'any | CMC identical | mAP diff | mINP diff |\n|---|---|---|---|---|---|---|')
     for which in ('matrix', 'features'):
-        same = all(runs[which][key] == theirs[key] for key in ('cmc', 'mAP', 'mINP'))
-        print(f'{which}: CMC, mAP and mINP identical to Torchreid\'s result: {same}')
+        diff = np.abs(results[which] - reference)
+        off = diff > 1e-5
+        print(f'| {names[which]} | {float(diff.max()):.1e} | {int(off.sum()):,} of '
+              f'{off.size:,} | {int(off.any(1).sum())} of {len(off):,} | '
+              f'{runs[which]["cmc"] == theirs["cmc"]} | '
+              f'{abs(runs[which]["mAP"] - theirs["mAP"]):.1e} | '
+              f'{abs(runs[which]["mINP"] - theirs["mINP"]):.1e} |')
     print(f'Original distances: Rank-1 {theirs["original"][0]:.4f}, mAP '
           f'{theirs["original"][1]:.4f}, mINP {theirs["original"][2]:.4f}; re-ranked: '
           f'{_summary(theirs)}')
@@ -146,11 +156,14 @@ def main() -> None:
     if sys.argv[1:2] == ['--child']:
         print(json.dumps(run_one(*sys.argv[2:5])))
         return
+    import os
     import torch
     suffix = '-quick' if '--quick' in sys.argv else ''
-    print(f'CPU threads: {torch.get_num_threads()}; torch {torch.__version__}')
+    print(f'CPU threads: {torch.get_num_threads()}; torch {torch.__version__}; load average '
+          f'{os.getloadavg()[0]:.1f}')
     market(suffix)
     msmt(suffix)
+    print(f'\nLoad average at the end: {os.getloadavg()[0]:.1f}')
 
 
 if __name__ == '__main__':

@@ -39,8 +39,9 @@ CHUNK = 4096
 # each bounds a few arrays of that many int64 entries.
 ROW_CHUNK = 4096
 PAIR_CHUNK = 1 << 22
-# Query x gallery Jaccard sums accumulated at once (float32 each).
-JACCARD_CHUNK = 1 << 24
+# Query x gallery Jaccard sums accumulated at once (float32 each): 4 MB, so that the scattered
+# additions into them stay in the cache.
+JACCARD_CHUNK = 1 << 20
 # Image pairs whose distance is computed from gathered features at once (2 x 32 MB at 2048-d).
 GATHER_CHUNK = 4096
 
@@ -158,11 +159,12 @@ def _row_pointers(rows: torch.Tensor, n: int) -> torch.Tensor:
 
 def _gather_segments(pointers, segments):
     """(owner, position): for each listed segment, every position pointers[s]..pointers[s+1]-1,
-    owner = the segment's place in `segments`."""
-    starts, counts = pointers[segments], pointers[segments + 1] - pointers[segments]
-    owner = torch.arange(len(segments), device=segments.device).repeat_interleave(counts)
-    first = counts.cumsum(0) - counts
-    position = starts[owner] + torch.arange(len(owner), device=owner.device) - first[owner]
+    owner = the segment's place in `segments`. (index_select: faster than [] on the CPU.)"""
+    starts = pointers.index_select(0, segments)
+    counts = pointers.index_select(0, segments + 1) - starts
+    owner = torch.repeat_interleave(counts)
+    shift = starts - (counts.cumsum(0) - counts)
+    position = torch.arange(len(owner), device=owner.device).add_(shift.index_select(0, owner))
     return owner, position
 
 
@@ -174,10 +176,10 @@ def _query_expansion(pointers, cols, vals, knn, k2: int):
     for start in range(0, n, ROW_CHUNK):
         nearest = knn[start:start + ROW_CHUNK, :k2].flatten()
         owner, position = _gather_segments(pointers, nearest)
-        key = (owner // k2 + start) * n + cols[position]
+        key = (owner // k2 + start) * n + cols.index_select(0, position)
         key, inverse = torch.unique(key, sorted=True, return_inverse=True)
         total = torch.zeros(len(key), dtype=vals.dtype, device=vals.device)
-        total.index_add_(0, inverse, vals[position])
+        total.index_add_(0, inverse, vals.index_select(0, position))
         new_rows.append(key // n)
         new_cols.append(key % n)
         new_vals.append(total / k2)
@@ -203,8 +205,9 @@ def _combine_with_jaccard(result: torch.Tensor, scale: torch.Tensor, pointers, c
     for start in range(0, num_query, rows_per_step):
         end = min(start + rows_per_step, num_query)
         lo, hi = int(pointers[start]), int(pointers[end])
-        q_rows = torch.arange(start, end, device=device).repeat_interleave(
-            pointers[start + 1:end + 1] - pointers[start:end]) - start
+        # each entry's place in `shared`, less the gallery image
+        q_base = torch.arange(end - start, device=device).mul_(num_gallery).repeat_interleave(
+            pointers[start + 1:end + 1] - pointers[start:end])
         q_cols, q_vals = cols[lo:hi], vals[lo:hi]
         pairs = (col_pointers[q_cols + 1] - col_pointers[q_cols]).cumsum(0)
         shared = torch.zeros((end - start) * num_gallery, dtype=vals.dtype, device=device)
@@ -213,9 +216,10 @@ def _combine_with_jaccard(result: torch.Tensor, scale: torch.Tensor, pointers, c
             done = int(pairs[entry - 1]) if entry else 0
             stop = max(entry + 1, int(torch.searchsorted(pairs, done + PAIR_CHUNK, right=True)))
             owner, position = _gather_segments(col_pointers, q_cols[entry:stop])
-            owner += entry
-            shared.index_add_(0, q_rows[owner] * num_gallery + g_rows[position],
-                              torch.minimum(q_vals[owner], g_vals[position]))
+            shared.index_add_(0, q_base[entry:stop].index_select(0, owner)
+                              .add_(g_rows.index_select(0, position)),
+                              torch.minimum(q_vals[entry:stop].index_select(0, owner),
+                                            g_vals.index_select(0, position)))
             entry = stop
         shared = shared.view(end - start, num_gallery)
         jaccard = 1 - shared / (2. - shared)
