@@ -83,7 +83,7 @@ def test_gallery_page_renders_in_a_browser(visrank_run, tmp_path):
     loaded = int(re.search(r'data-loaded="(\d+)"', body).group(1))
     assert shown == min(50, len(rows)) == dom.count('class="row"')
     assert loaded >= shown                          # query thumbnails (and more) loaded
-    assert re.search(r'mAP <b>\d+\.\d%</b> · Rank-1 <b>\d+\.\d%</b>', dom)
+    assert re.search(r'mAP <b>\d+\.\d%</b> · mINP <b>\d+\.\d%</b> · Rank-1 <b>\d+\.\d%</b>', dom)
     screenshot = tmp_path / 'page.png'
     subprocess.run([*common, f'--screenshot={screenshot}', page.as_uri()], capture_output=True,
                    timeout=120)
