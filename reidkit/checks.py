@@ -113,7 +113,7 @@ def check_numbers(s: Settings, training: bool) -> None:
             raise UserError(f'{key}={s[key]} is more matches than one strip image can hold '
                             f'({MAX_STRIP_MATCHES}: JPEG images are at most 65,500 pixels wide). '
                             f'Use --{key}={MAX_STRIP_MATCHES} or fewer'
-                            + ('; results.csv lists every gallery image anyway.'
+                            + ('; results.csv lists SEARCH_CSV_ROWS matches.'
                                if key == 'SEARCH_TOPK' else '.'))
     if training and s.BATCH_SIZE_TRAIN < 2:
         raise UserError(f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN}: training needs at least 2 '
