@@ -190,6 +190,7 @@ def test_a_missing_exporter_package_is_named_before_any_work(tiny_settings, monk
         main.export(tiny_settings)      # no checkpoint anywhere: that error would come later
 
 
+@pytest.mark.slow
 def test_search_with_the_onnx_file_ranks_like_the_checkpoint_without_torchreid(exported,
                                                                                tmp_path):
     """search --WEIGHTS=model.onnx: onnxruntime features, no Torchreid import on that path,
