@@ -20,7 +20,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import config
-import torch
+from reidkit.cli import EXTRA_MODES, answer_early, parse_command_line, usage
+
+if __name__ == '__main__':      # --help and a mistyped command line: answered before torch loads
+    answer_early(sys.argv[1:], __doc__, config)
+
+import torch  # noqa: E402  (the heavy imports follow the early answer)
 import reidkit  # noqa: F401  (first: silences Torchreid's import-time Cython warning)
 import torchreid
 from torchreid.reid.utils import set_random_seed
@@ -34,24 +39,12 @@ from reidkit.errors import UserError
 from reidkit.report import plot_cmc, plot_training, write_metrics
 from reidkit.runs import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
-from reidkit.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, apply_overrides, \
-    defaults_from, parse_override_args
+from reidkit.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, resolve
 from reidkit.speed import fast_training
-
-MODES = ('train', 'test', 'visrank')       # run in this order when none is named
-EXTRA_MODES = ('search', 'export')
-
 
 def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:
     """config.py's values, then config.DEMO's (with demo), then `overrides`; checked."""
-    values = defaults_from(config)
-    if demo:
-        values = apply_overrides(values, config.DEMO, source='config.DEMO')
-    values = apply_overrides(values, overrides or {})
-    for key in PATH_SETTINGS:        # '~/x' means the home folder everywhere it is used
-        if isinstance(values[key], str) and values[key].startswith('~'):
-            values[key] = str(Path(values[key]).expanduser())
-    return Settings(values, given=overrides or {})
+    return resolve(config, overrides, demo=demo)
 
 
 def get_items(s: Settings | None = None):
@@ -259,30 +252,10 @@ def export(s: Settings | None = None, weights: Path | None = None) -> Path:
     return export_onnx(s or load_settings(), weights)
 
 
-def usage() -> str:
-    keys = '\n'.join(f'  --{key}={value!r}' for key, value in defaults_from(config).items())
-    return (f'{__doc__}\nModes: {", ".join(MODES + EXTRA_MODES)}\n\n'
-            f'Settings (config.py defaults):\n{keys}\n')
-
-
-def parse_command_line(argv: list[str]) -> tuple[list[str], bool, dict]:
-    """(modes, demo, overrides) from the command line; UserError on anything unknown."""
-    modes = [arg for arg in argv if not arg.startswith('-')]
-    unknown = [mode for mode in modes if mode not in MODES + EXTRA_MODES]
-    if unknown:
-        raise UserError(f'command line: unknown mode {unknown[0]!r}. Modes are '
-                        f'{", ".join(MODES + EXTRA_MODES)} (train, test and visrank, in order, '
-                        f'when none is given).')
-    flags = [arg for arg in argv if arg.startswith('-')]
-    demo = '--demo' in flags
-    overrides = parse_override_args(flag for flag in flags if flag != '--demo')
-    return modes or list(MODES), demo, overrides
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if '-h' in argv or '--help' in argv:
-        print(usage())
+        print(usage(__doc__, config))
         return 0
     try:
         modes, demo, overrides = parse_command_line(argv)

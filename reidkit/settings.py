@@ -96,6 +96,20 @@ def defaults_from(config: ModuleType) -> dict[str, Any]:
             if name.isupper() and not name.startswith('_') and name not in NOT_SETTINGS}
 
 
+def resolve(config: ModuleType, overrides: Mapping[str, Any] | None = None,
+            demo: bool = False) -> Settings:
+    """config.py's values, then config.DEMO's (with demo), then `overrides`; checked
+    (UserError for an unknown name, a wrong type or a value that is not finite)."""
+    values = defaults_from(config)
+    if demo:
+        values = apply_overrides(values, config.DEMO, source='config.DEMO')
+    values = apply_overrides(values, overrides or {})
+    for key in PATH_SETTINGS:        # '~/x' means the home folder everywhere it is used
+        if isinstance(values[key], str) and values[key].startswith('~'):
+            values[key] = str(Path(values[key]).expanduser())
+    return Settings(values, given=overrides or {})
+
+
 def parse_value(text: str, path: bool = False) -> Any:
     """A Python literal if VALUE is one, else the text itself (so names need no quotes).
     For a path setting, only a quoted string is read as a literal: `2024` stays a folder name."""

@@ -1,0 +1,71 @@
+"""python main.py --help and a mistyped command line are answered before torch is imported."""
+import subprocess
+import sys
+from pathlib import Path
+
+import config
+from reidkit.cli import setting_comments, usage
+from reidkit.settings import defaults_from
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs main.py as `python main.py ARGS` would, then reports its exit code and whether torch
+# (or Torchreid) was imported by then.
+RUN_MAIN = '''
+import runpy, sys
+sys.argv = ['main.py'] + sys.argv[1:]
+try:
+    runpy.run_path('main.py', run_name='__main__')
+    code = 0
+except SystemExit as exit:
+    code = exit.code
+print('EXIT', code, 'torch' in sys.modules, 'torchreid' in sys.modules)
+'''
+
+
+def run_main(*args):
+    done = subprocess.run([sys.executable, '-c', RUN_MAIN, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    last = done.stdout.strip().splitlines()[-1].split()
+    return int(last[1]), last[2] == 'True', done.stdout, done.stderr
+
+
+def test_help_describes_every_setting_without_importing_torch():
+    code, torch_imported, out, _ = run_main('--help')
+    assert code == 0 and not torch_imported
+    described = {name: comment for _, rows in setting_comments(config) for name, comment in rows}
+    assert set(described) == set(defaults_from(config))     # every setting, none twice
+    for name, value in defaults_from(config).items():
+        line = next(line for line in out.splitlines() if line.strip().startswith(f'--{name}='))
+        assert repr(value) in line
+        assert described[name] and described[name] in out
+
+
+def test_a_mistyped_command_line_is_refused_before_torch_loads():
+    for args, expected in [(['--LRR=3'], 'Did you mean LR'), (['trian'], "unknown mode 'trian'"),
+                           (['--LR=abc'], 'LR must be a float'), (['--LR=1e999'], 'not a finite'),
+                           (['--demo', '--MAX_EPOCH=2.5'], 'MAX_EPOCH must be an int'),
+                           (['--MAX_EPOCH'], 'is not an override')]:
+        code, torch_imported, _, err = run_main(*args)
+        assert code == 2 and not torch_imported, args
+        assert expected in err and err.startswith('error: ') and 'Traceback' not in err, args
+
+
+def test_a_good_command_line_goes_on_to_the_real_work():
+    # No mode that runs quickly exists, so check the early answer lets a good line through.
+    from reidkit.cli import answer_early
+    assert answer_early(['test', '--demo', '--LR=0.1', '--GALLERY=2024'], '', config) is None
+
+
+def test_groups_follow_config_py_and_a_hash_inside_a_value_is_not_a_comment(tmp_path):
+    fake = tmp_path / 'fake_config.py'
+    fake.write_text("# --- first ---\nA = '#not a comment'   # the real one\nB = 2\n"
+                    "# --- second -----\nC = [1,\n     2]          # spans lines\nDEMO = dict()\n")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('fake_config', fake)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert setting_comments(module) == [('first', [('A', 'the real one'), ('B', '')]),
+                                        ('second', [('C', 'spans lines')])]
+    text = usage('doc', module)
+    assert "--A='#not a comment'  the real one" in text and '--C=[1, 2]' in text
