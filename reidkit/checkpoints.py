@@ -80,6 +80,8 @@ def load_checkpoint(path: Path, setting: str = 'WEIGHTS') -> dict:
             f'{LATEST_NAME})' + (', or leave WEIGHTS empty to use the newest run\'s.'
                                  if setting == 'WEIGHTS' else '.')
         )
+    if path.suffix.lower() == '.onnx':
+        raise _an_onnx_model(path, setting)
     try:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
@@ -104,6 +106,18 @@ def load_checkpoint(path: Path, setting: str = 'WEIGHTS') -> dict:
             f'Pass a checkpoint written by training.'
         )
     return checkpoint
+
+
+def _an_onnx_model(path: Path, setting: str) -> UserError:
+    """An exported model.onnx holds the feature extractor only (no classifier, no optimiser,
+    no settings): search ranks with it; test, visrank, export and resume need the checkpoint."""
+    beside = sorted(path.parent.glob(f'{CHECKPOINT_PREFIX}*'), key=checkpoint_epoch)
+    hint = (f'e.g. --{setting}={beside[-1]}, the newest checkpoint beside it' if beside
+            else f'a {CHECKPOINT_PREFIX}<epoch> file written by training')
+    return UserError(
+        f'{setting}: "{path}" is an ONNX model (written by python main.py export). It serves '
+        f'search only: python main.py search --WEIGHTS={path} --QUERY=... --GALLERY=... '
+        f'Here pass the PyTorch checkpoint it was exported from ({hint}).')
 
 
 def _not_a_checkpoint(path: Path, error: Exception, setting: str) -> UserError:

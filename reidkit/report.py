@@ -97,11 +97,15 @@ def plot_cmc(cmc, path: Path) -> Path:
     ranks = np.arange(1, len(cmc) + 1)
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
     ax.plot(ranks, np.asarray(cmc) * 100, marker='.', color='tab:blue')
-    for r in CMC_RANKS:
-        if r <= len(cmc):
-            ax.annotate(f'R{r} {cmc[r - 1]:.1%}', (r, cmc[r - 1] * 100), fontsize=7,
-                        textcoords='offset points', xytext=(4, -10))
+    # The printed ranks in one box (a label beside each point overlaps its neighbour's when
+    # their values are equal), each point ringed on the curve.
+    shown = [r for r in CMC_RANKS if r <= len(cmc)]
+    ax.plot(shown, [cmc[r - 1] * 100 for r in shown], 'o', mfc='none', color='tab:red')
+    ax.text(0.97, 0.04, '\n'.join(f'Rank-{r}: {cmc[r - 1]:.1%}' for r in shown),
+            transform=ax.transAxes, ha='right', va='bottom', multialignment='left', fontsize=8,
+            bbox=dict(boxstyle='round', facecolor='white', edgecolor='#bbb'))
     ax.set(xlabel='rank', ylabel='matching rate (%)', title='CMC curve', ylim=(0, 101))
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))      # ranks are whole numbers
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -397,13 +397,15 @@ def write_results(out_dir: Path, query_path: Path, paths: list[str], order: np.n
                            for r, (p, d) in enumerate(top, 1)]))
     rel = lambda p: html.escape(link(p, out_dir))  # noqa: E731
     tiles = ''.join(
-        f'<figure><img loading="lazy" src="{rel(p)}"><figcaption>#{r} d={d:.4g}<br>'
-        f'{html.escape(Path(p).name)}</figcaption></figure>' for r, (p, d) in enumerate(top, 1))
+        f'<figure><img loading="lazy" src="{rel(p)}" title="{html.escape(str(p))}">'
+        f'<figcaption>#{r} d={d:.4g}<br>{html.escape(Path(p).name)}</figcaption></figure>'
+        for r, (p, d) in enumerate(top, 1))
     notes = (f'<p>{len(skipped)} unreadable files skipped: see skipped.txt</p>' if skipped else '')
     (out_dir / 'index.html').write_text(
         '<!doctype html><html><head><meta charset="utf-8"><title>Search results</title><style>'
         'body{font:14px system-ui,sans-serif;margin:16px}figure{display:inline-block;margin:4px;'
-        'text-align:center;font-size:11px;width:90px;vertical-align:top}img{width:64px;'
+        'text-align:center;font-size:11px;width:90px;vertical-align:top}'
+        'h1,figcaption{overflow-wrap:anywhere}img{width:64px;'
         'height:128px;border:3px solid #888}.q img{border-color:#000}</style></head><body>'
         f'<h1>Search: {html.escape(query_path.name)}</h1><p>{len(paths):,} gallery images ranked; '
         + ('all of them' if listed == len(paths) else f'the nearest {listed:,}')
