@@ -91,10 +91,11 @@ def learning_rate(s: Settings) -> float:
     return s.LR * (distributed.current().world_size if s.LR_SCALING == 'linear' else 1)
 
 
-def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
+def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training: bool = True):
     """ImageSoftmaxEngine (ImageTripletEngine when LOSS='triplet'), as Torchreid's scripts do,
     through the fast path where it is on (AMP, CHANNELS_LAST, COMPILE, TRAIN_STEP, DATA_CACHE:
-    all on with CUDA by default)."""
+    all on with CUDA by default). Prints the training path (when `training`) and how it
+    evaluates."""
     use_gpu = next(model.parameters()).is_cuda
     processes = distributed.current()
     if processes.distributed:
@@ -108,7 +109,9 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
               + (' (LR_SCALING=linear)' if s.LR_SCALING == 'linear' else '')
               + ('; SyncBatchNorm' if s.SYNC_BN else ''))
     fast = fast_training(s, model, optimizer, datamanager)
-    print(fast.line)
+    if training:
+        print(fast.line)
+    print(evaluation_line(s, next(model.parameters()).device))
     engine_class = TripletEngine if s.LOSS == 'triplet' else SoftmaxEngine
     return engine_class(
         datamanager, fast.model, optimizer, scheduler=scheduler, use_gpu=use_gpu,
@@ -117,6 +120,17 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
         flip_test=s.FLIP_TEST,
         rerank=dict(k1=s.RERANK_K1, k2=s.RERANK_K2, lambda_value=s.RERANK_LAMBDA),
     )
+
+
+def evaluation_line(s: Settings, device) -> str:
+    """How test features and distances are computed: the switches that change the numbers."""
+    switches = [f'features on {device.type}', 'euclidean distance']
+    if s.FLIP_TEST:
+        switches.append('FLIP_TEST (each image averaged with its mirror)')
+    if s.RERANK:
+        switches.append(f'RERANK (k-reciprocal, k1={s.RERANK_K1}, k2={s.RERANK_K2}, '
+                        f'lambda={s.RERANK_LAMBDA:g})')
+    return 'Evaluation: ' + ', '.join(switches)
 
 
 def train(s: Settings | None = None) -> Path:
@@ -135,7 +149,7 @@ def train(s: Settings | None = None) -> Path:
     set_random_seed((s.SEED + distributed.current().rank) % 2 ** 32)
     run_dir = distributed.on_main(lambda: _training_run_dir(s, checkpoint, resumed, notes))
     started = time.time()
-    with log_to(run_dir / 'log.txt') if distributed.current().is_main else nullcontext():
+    with log_to(run_dir / 'log.txt') if distributed.current().is_main else nullcontext() as log:
         print(f'Run folder: {run_dir}')
         for note in notes:
             print(f'Note: {note}.')
@@ -160,11 +174,16 @@ def train(s: Settings | None = None) -> Path:
                 test_only=False,
                 rerank=s.RERANK,
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             last = resume_point(run_dir)
-            print('\nInterrupted. ' + (
+            message = '\nInterrupted. ' + (
                 f'Last checkpoint: {last}\nResume with: {resume_command(last, s)}'
-                if last else 'No checkpoint was written yet.'))
+                if last else 'No checkpoint was written yet.')
+            # stderr: stdout may be a pipe into a `tee` that the same Ctrl-C has stopped.
+            print(message, file=sys.stderr)
+            if log:
+                print(message, file=log)
+            interrupt.reported = True
             raise
     if distributed.current().is_main:
         plot_training(run_dir, len(engine.train_loader))
@@ -218,7 +237,7 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     main_rank = distributed.current().is_main
     with log_to(out_dir / 'log.txt') if main_rank else nullcontext():
         print(f'Loaded weights from "{checkpoint}" (epoch {saved.get("epoch", "?")})')
-        engine = build_engine(s, datamanager, model, optimizer, scheduler)
+        engine = build_engine(s, datamanager, model, optimizer, scheduler, training=False)
         engine.run(save_dir=str(out_dir), test_only=True, rerank=s.RERANK, **run_flags)
     result = dict(engine.results[-1], epoch=saved.get('epoch'))
     if main_rank:
@@ -271,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(error, 'printed_by_main', False):
             print(f'error: {error}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        if distributed.current().is_main:
+    except KeyboardInterrupt as interrupt:
+        if distributed.current().is_main and not getattr(interrupt, 'reported', False):
             print('Interrupted.', file=sys.stderr)
         return 130
     except RuntimeError as error:

@@ -128,29 +128,47 @@ def output_dir_for(checkpoint: Path, experiments_dir: Path, mode: str) -> Path:
 
 
 class _Tee:
-    def __init__(self, *streams: TextIO):
-        self.streams = streams
+    """Writes to the log file first, then to the terminal stream; a terminal that went away
+    (`python main.py | tee run.log` and Ctrl-C stops `tee` too) never costs the log a line."""
+
+    def __init__(self, terminal: TextIO, log: TextIO):
+        self.terminal, self.log = terminal, log
 
     def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
+        self.log.write(text)
+        try:
+            self.terminal.write(text)
+        except BrokenPipeError:
+            _silence(self.terminal)
         return len(text)
 
     def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
+        self.log.flush()
+        try:
+            self.terminal.flush()
+        except BrokenPipeError:
+            _silence(self.terminal)
 
     def isatty(self) -> bool:
-        return self.streams[0].isatty()
+        return self.terminal.isatty()
+
+
+def _silence(stream: TextIO) -> None:
+    """Points a stream whose reader has gone at /dev/null, so that later prints and the flush
+    at exit do not raise BrokenPipeError again (Python's documented remedy)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 @contextlib.contextmanager
-def log_to(path: Path) -> Iterator[None]:
-    """Everything printed inside the block also goes to `path` (appended)."""
+def log_to(path: Path) -> Iterator[TextIO]:
+    """Everything printed inside the block also goes to `path` (appended); yields the log
+    file, for what must reach it but not stdout."""
     with open(path, 'a', buffering=1) as log:   # line-buffered: `tail -f log.txt` is live
         previous = sys.stdout
         sys.stdout = _Tee(previous, log)
         try:
-            yield
+            yield log
         finally:
             sys.stdout = previous

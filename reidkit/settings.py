@@ -35,6 +35,14 @@ LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'DEVICE', 'GPUS', '
                   'RESUME', 'EXPERIMENTS_DIR', 'WEIGHTS', 'VISRANK_TOPK', 'FLIP_TEST', 'RERANK',
                   'RERANK_K1', 'RERANK_K2', 'RERANK_LAMBDA', 'QUERY', 'GALLERY', 'SEARCH_TOPK',
                   'SEARCH_CSV_ROWS', 'SEARCH_EXACT_UP_TO', 'SEARCH_INDEX', 'SEARCH_NPROBE')
+# Local settings a resumed run keeps from its checkpoint unless given again (how it ran:
+# workers, test batch, device and speed switches, evaluation switches), so that resuming a
+# --demo run or a tuned one continues it as it was. The others name this command's inputs.
+# This command's inputs (the checkpoint it continues or reads, the images it searches) are
+# never a run's: a run records them empty.
+COMMAND_INPUTS = ('RESUME', 'WEIGHTS', 'QUERY', 'GALLERY')
+RESUMED_LOCAL_SETTINGS = tuple(key for key in LOCAL_SETTINGS if key not in
+                               COMMAND_INPUTS + ('DATA_ROOT', 'EXPERIMENTS_DIR'))
 # Settings that name a file or folder: their text is kept as given.
 PATH_SETTINGS = ('DATA_ROOT', 'EXPERIMENTS_DIR', 'WEIGHTS', 'RESUME', 'QUERY', 'GALLERY')
 # Settings that take one dataset name or a list of them.
@@ -83,8 +91,9 @@ class Settings(Mapping):
 
     def record(self) -> dict[str, Any]:
         """The settings as a run stores them: plain values, DATA_ROOT as an absolute path (so
-        test, visrank and resume find the data from any working directory)."""
-        values = dict(self._values)
+        test, visrank and resume find the data from any working directory), COMMAND_INPUTS
+        empty (a resumed run records what it started with)."""
+        values = dict(self._values, **{key: '' for key in COMMAND_INPUTS if key in self._values})
         if values.get('DATA_ROOT'):
             values['DATA_ROOT'] = str(Path(values['DATA_ROOT']).expanduser().resolve())
         return values
@@ -190,14 +199,15 @@ def with_checkpoint_settings(current: Settings, stored: Mapping[str, Any], purpo
                              source: str) -> tuple[Settings, list[str]]:
     """The settings to use with a checkpoint that recorded `stored`, and notes for the log.
 
-    purpose 'resume': run and schedule settings come from the checkpoint; a command-line flag
-    that changes a run setting is an error (`source` names the checkpoint), one that changes a
-    schedule setting applies and is noted. purpose 'evaluate': EVALUATION_SETTINGS come from
+    purpose 'resume': run, schedule and RESUMED_LOCAL_SETTINGS come from the checkpoint; a
+    command-line flag that changes a run setting is an error (`source` names the checkpoint),
+    one that changes another setting applies and is noted. purpose 'evaluate': EVALUATION_SETTINGS come from
     the checkpoint unless given. Either way DATA_ROOT is the recorded one unless given (or
     missing here). Keys the checkpoint does not hold keep their current value.
     """
     stored = {key: value for key, value in stored.items() if key in current}
-    taken = RUN_SETTINGS + SCHEDULE_SETTINGS if purpose == 'resume' else EVALUATION_SETTINGS
+    taken = RUN_SETTINGS + SCHEDULE_SETTINGS + RESUMED_LOCAL_SETTINGS if purpose == 'resume' \
+        else EVALUATION_SETTINGS
     changed = [key for key in RUN_SETTINGS if purpose == 'resume' and key in stored
                and key in current.given and _same(key, current[key], stored[key]) is False]
     if changed:
@@ -215,7 +225,7 @@ def with_checkpoint_settings(current: Settings, stored: Mapping[str, Any], purpo
         if key not in stored:
             continue
         if key in current.given:
-            if key in SCHEDULE_SETTINGS and current[key] != stored[key]:
+            if key not in RUN_SETTINGS and current[key] != stored[key]:
                 notes.append(f'{key}={current[key]!r} from the command line (the run had '
                              f'{stored[key]!r})')
             continue
@@ -228,8 +238,9 @@ def with_checkpoint_settings(current: Settings, stored: Mapping[str, Any], purpo
             notes.append(f'the data recorded with the checkpoint, "{recorded_data}", is not '
                          f'here; using DATA_ROOT={current.DATA_ROOT!r}')
     if purpose == 'resume':
-        notes.insert(0, 'run settings come from the checkpoint; only command-line flags '
-                        'change its schedule (edits to config.py are not read for them)')
+        notes.insert(0, 'the run\'s settings come from the checkpoint; only command-line '
+                        'flags change its schedule or how it runs here (edits to config.py are '
+                        'not read for them)')
     typed = apply_overrides(current, {k: v for k, v in values.items() if v != current[k]},
                             source=source)
     return Settings(typed, current.given), notes

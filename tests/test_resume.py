@@ -28,11 +28,12 @@ def test_ctrl_c_then_resume_continues_epochs_and_state(tiny_settings, monkeypatc
     monkeypatch.setattr(SoftmaxEngine, 'forward_backward', interrupt_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         main.train(s)
-    out = capsys.readouterr().out
+    err = capsys.readouterr().err           # stderr: reaches the terminal when stdout is piped
     (run_dir,) = Path(s.EXPERIMENTS_DIR).iterdir()
     latest = run_dir / 'model' / LATEST_NAME
-    assert f'Last checkpoint: {latest}' in out
-    assert f'Resume with: python main.py train --RESUME={latest}' in out
+    for text in (err, (run_dir / 'log.txt').read_text()):
+        assert f'Last checkpoint: {latest}' in text
+        assert f'Resume with: python main.py train --RESUME={latest}' in text
     saved = load_checkpoint(latest)
     assert saved['epoch'] == 1 and saved['scheduler']['last_epoch'] == 1
 
@@ -87,34 +88,46 @@ def test_a_missing_resume_file_is_named_as_resume(tiny_settings, tmp_path):
         main.train(tiny_settings.replace(RESUME=str(tmp_path / 'gone' / 'model' / 'latest.pth.tar')))
 
 
-def test_the_printed_hint_resumes_a_demo_run(tmp_path):
-    """`python main.py --demo`, Ctrl-C, then the command it printed: no --demo needed, since
-    the run's settings and data come from the checkpoint."""
+def test_the_printed_hint_resumes_a_demo_run_as_it_was(tmp_path):
+    """`python main.py --demo | tee run.log`, Ctrl-C (which stops tee too), then the command it
+    printed: the hint reaches the terminal (stderr) and log.txt once; no --demo is needed, and
+    the run continues with its own settings, the demo's machine-local ones included."""
+    import json
     import os
     import shlex
-    command = [sys.executable, str(ROOT / 'main.py'), 'train', '--demo', '--MAX_EPOCH=2',
-               '--EVAL_FREQ=-1', '--HEIGHT=32', '--WIDTH=16', '--PRINT_FREQ=1']
-    child = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
+    command = shlex.join([sys.executable, str(ROOT / 'main.py'), 'train', '--demo',
+                          '--MAX_EPOCH=2', '--EVAL_FREQ=-1', '--HEIGHT=32', '--WIDTH=16',
+                          '--PRINT_FREQ=1'])
+    shell = f'{command} 2> err.txt | tee out.txt > /dev/null; echo ${{PIPESTATUS[0]}} > rc.txt'
+    child = subprocess.Popen(['bash', '-c', shell], cwd=tmp_path, start_new_session=True)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 600      # against a hang only: the event ends the wait
         while not list(tmp_path.glob(f'experiments/*/model/{LATEST_NAME}')) \
                 and time.time() < deadline and child.poll() is None:
             time.sleep(0.2)
-        child.send_signal(signal.SIGINT)
-        out, _ = child.communicate(timeout=60)
+        os.killpg(child.pid, signal.SIGINT)   # what Ctrl-C does: the whole pipeline
+        child.wait(timeout=120)
     finally:
-        child.kill()
-    assert child.returncode == 130, out[-2000:]
-    (hint,) = [line[len('Resume with: '):] for line in out.splitlines()
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    err = (tmp_path / 'err.txt').read_text()
+    assert (tmp_path / 'rc.txt').read_text().strip() == '130', err[-2000:]
+    assert err.count('Interrupted') == 1 and 'Traceback' not in err, err[-2000:]
+    (run_dir,) = tmp_path.glob('experiments/*-resnet50-softmax-market1501')
+    log = (run_dir / 'log.txt').read_text()
+    (hint,) = [line[len('Resume with: '):] for line in err.splitlines()
                if line.startswith('Resume with: ')]
+    assert f'Resume with: {hint}' in log
     argv = shlex.split(hint)
     assert argv[:3] == ['python', 'main.py', 'train'] and '--demo' not in argv
+    recorded = json.loads((run_dir / 'settings.json').read_text())
+    assert recorded['WORKERS'] == 0 and recorded['BATCH_SIZE_TEST'] == 200   # config.DEMO's
     done = subprocess.run([sys.executable, str(ROOT / 'main.py')] + argv[2:], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300,
+                          capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONWARNINGS='ignore'))
     assert done.returncode == 0, done.stderr[-2000:]
     assert 'epoch: [2/2]' in done.stdout and 'epoch: [1/2]' not in done.stdout
-    (run_dir,) = tmp_path.glob('experiments/*-resnet50-softmax-market1501')
     assert (run_dir / 'model' / 'model.pth.tar-2').is_file()
-    assert load_checkpoint(run_dir / 'model' / 'model.pth.tar-2')['settings']['HEIGHT'] == 32
+    assert json.loads((run_dir / 'settings.json').read_text()) == recorded
+    saved = load_checkpoint(run_dir / 'model' / 'model.pth.tar-2')['settings']
+    assert saved['HEIGHT'] == 32 and saved['WORKERS'] == 0 and saved['BATCH_SIZE_TEST'] == 200
