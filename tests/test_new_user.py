@@ -86,3 +86,17 @@ def test_search_page_captions_stay_inside_their_tiles(tmp_path):
     body = re.search(r'<body([^>]*)>', dom).group(1)
     assert re.search(r'data-tiles="5"', body), body            # the query and 4 matches
     assert re.search(r'data-overflow="0"', body), body
+
+
+@pytest.mark.slow
+def test_each_step_says_what_it_ran_with(tiny_settings, capsys):
+    main.train(tiny_settings)
+    trained = capsys.readouterr().out
+    assert 'Training path: eager float32' in trained
+    assert 'Evaluation: features on cpu, euclidean distance\n' in trained
+    for step in (main.test, main.vis_rank):
+        step(tiny_settings.replace(FLIP_TEST=True, RERANK=True, RERANK_K1=5, RERANK_K2=2))
+        out = capsys.readouterr().out
+        assert 'Training path' not in out
+        assert ('Evaluation: features on cpu, euclidean distance, FLIP_TEST (each image '
+                'averaged with its mirror), RERANK (k-reciprocal, k1=5, k2=2, lambda=0.3)') in out
