@@ -179,9 +179,8 @@ def train(s: Settings | None = None) -> Path:
             message = '\nInterrupted. ' + (
                 f'Last checkpoint: {last}\nResume with: {resume_command(last, s)}'
                 if last else 'No checkpoint was written yet.')
-            # stderr: stdout may be a pipe into a `tee` that the same Ctrl-C has stopped.
-            print(message, file=sys.stderr)
-            if log:
+            if log:     # rank 0 alone; stderr: stdout may be a pipe into a stopped `tee`
+                print(message, file=sys.stderr)
                 print(message, file=log)
             interrupt.reported = True
             raise
