@@ -135,11 +135,10 @@ GENERATION_CHARS = 32
 LINEAGE = 1_000         # earlier generations an index may be brought up to date from
 
 
-def _generation(body: dict) -> str:
-    """A manifest's generation: the digest of all it says (a random nonce included), so a
-    manifest changed after it was written no longer matches its own generation."""
-    text = json.dumps(body, sort_keys=True)      # ASCII: undecodable names come \u-escaped
-    return hashlib.sha256(text.encode('ascii')).hexdigest()[:GENERATION_CHARS]
+def _generation(body: bytes) -> str:
+    """A manifest's generation: the digest of all it says, as written (a random nonce
+    included), so a manifest changed after it was written no longer matches it."""
+    return hashlib.sha256(body).hexdigest()[:GENERATION_CHARS]
 
 
 @dataclass
@@ -147,7 +146,7 @@ class _Manifest:
     """What a gallery's cache holds (the .json beside its .npy): per feature row its file, the
     file's identity when extracted (see _stamps) and a stable id (the index's id for it); the
     files skipped; the generations this cache was derived from, oldest first (their ids mean
-    the same images as this one's)."""
+    the same images as this one's). On disk: a line {"generation": ...}, then the rest."""
     paths: list[str]
     stamps: list[tuple[int, int, int, int]]
     ids: list[int]                      # ascending; a new or changed file gets a new one
@@ -156,20 +155,35 @@ class _Manifest:
     lineage: list[str]
     generation: str = ''
 
-    def body(self) -> dict:
-        return {'paths': self.paths, 'stamps': [list(s) for s in self.stamps], 'ids': self.ids,
-                'next_id': self.next_id, 'skipped': [list(s) for s in self.skipped],
-                'lineage': self.lineage, 'nonce': os.urandom(8).hex()}
-
     def write(self, temporary: Path) -> None:
         """Sets the generation and writes the manifest to `temporary` (renamed into place by
         the caller, after the features)."""
-        body = self.body()
-        self.generation = _generation(body)
+        body = json.dumps({       # ASCII: file names that are not UTF-8 come \u-escaped
+            'paths': self.paths, 'stamps': self.stamps, 'ids': self.ids, 'next_id': self.next_id,
+            'skipped': self.skipped, 'lineage': self.lineage, 'nonce': os.urandom(8).hex()})
+        self.generation = _generation(body.encode('ascii'))
         with open(temporary, 'w', encoding='ascii') as handle:
-            handle.write(json.dumps({**body, 'generation': self.generation}))
+            handle.write(json.dumps({'generation': self.generation}) + '\n' + body)
             handle.flush()
             os.fsync(handle.fileno())
+
+    @classmethod
+    def read(cls, path: Path) -> _Manifest | str:
+        """The manifest at `path`, or why it cannot be used (OSError when it cannot be read)."""
+        text = path.read_bytes()
+        first, _, body = text.partition(b'\n')
+        try:
+            generation = json.loads(first)['generation']
+        except (ValueError, KeyError, TypeError):
+            return 'it has no generation id: damaged, or written by an earlier version'
+        if generation != _generation(body):
+            return 'its manifest was changed after it was written'
+        saved = json.loads(body)
+        stamps = [tuple(int(v) for v in stamp) for stamp in saved['stamps']]
+        skipped = [(str(path), str(why), *(int(v) for v in stamp))
+                   for path, why, *stamp in saved['skipped']]
+        return cls(list(saved['paths']), stamps, list(saved['ids']), int(saved['next_id']),
+                   skipped, [str(g) for g in saved['lineage']], generation)
 
 
 def gallery_features(model, transform, folder: Path, checkpoint: Path, model_key: str,
@@ -241,24 +255,16 @@ def _read_cache(manifest_file: Path, feature_file: Path,
     if not manifest_file.exists() and not feature_file.exists():
         return ''
     try:
-        saved = json.loads(manifest_file.read_text(encoding='utf-8'))
-        if 'generation' not in saved:
-            return 'it has no generation id: damaged, or written by an earlier version'
-        generation = saved.pop('generation')
-        if generation != _generation(saved):
-            return 'its manifest was changed after it was written'
-        paths, stamps, ids = (list(saved[k]) for k in ('paths', 'stamps', 'ids'))
-        stamps = [tuple(int(v) for v in stamp) for stamp in stamps]
-        skipped = [(str(path), str(why), *(int(v) for v in stamp))
-                   for path, why, *stamp in saved['skipped']]
-        manifest = _Manifest(paths, stamps, ids, int(saved['next_id']), skipped,
-                             [str(g) for g in saved['lineage']], generation)
+        manifest = _Manifest.read(manifest_file)
+        if isinstance(manifest, str):
+            return manifest
         features = np.load(feature_file, mmap_mode='r')
         rows = len(features) if features.ndim == 2 else -1
         written_with = _features_generation(feature_file, features) if rows >= 0 else ''
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return f'{type(error).__name__}: {error}'
-    if written_with != generation:
+    paths, stamps, ids, skipped = manifest.paths, manifest.stamps, manifest.ids, manifest.skipped
+    if written_with != manifest.generation:
         return (f'its features file "{feature_file.name}" is not the one its manifest was written '
                 f'with')
     if not len(paths) == len(stamps) == len(ids) == rows or \

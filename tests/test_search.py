@@ -327,9 +327,10 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch, capsys, damage):
     elif damage == 'missing features':
         features.unlink()
     else:                               # as caches were written before paths were absolute
-        saved = json.loads(index.read_text())
+        generation, saved = index.read_text().split('\n', 1)
+        saved = json.loads(saved)
         saved['paths'] = [str(Path(p).relative_to(tmp_path)) for p in saved['paths']]
-        index.write_text(json.dumps(saved))
+        index.write_text(generation + '\n' + json.dumps(saved))
     capsys.readouterr()
     rebuilt = _features('gallery', 'cache', 'model.pth')
     assert not rebuilt.cached
@@ -546,9 +547,12 @@ def test_a_hand_edited_manifest_is_not_trusted(stand_in, tmp_path, capsys):
     _ask_for(s, paths[3:5])
     assert _found_themselves(_top1(s))
     manifest, _, _ = _cache_files(s)
-    saved = json.loads(manifest.read_text())
+    lines = manifest.read_text().split('\n')
+    at = next(k for k, line in enumerate(lines) if '"paths"' in line)
+    saved = json.loads(lines[at])
     saved['paths'][3], saved['paths'][4] = saved['paths'][4], saved['paths'][3]
-    manifest.write_text(json.dumps(saved))           # the same files, paired with other rows
+    lines[at] = json.dumps(saved)                    # the same files, paired with other rows
+    manifest.write_text('\n'.join(lines))
     capsys.readouterr()
     found = _top1(s)
     assert 'cannot be used' in capsys.readouterr().out
