@@ -325,12 +325,14 @@ class _FeatureWriter:
         self.handle.write(GENERATION_MAGIC + generation.encode('ascii'))
         self.handle.flush()
         os.fsync(self.handle.fileno())
-        self.close()
+        self.handle.close()
 
-    def close(self) -> None:
+    def discard(self) -> None:
+        """Closes and removes the file (after a failure: a full disk may fail the close too)."""
         if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+            with contextlib.suppress(OSError):
+                self.handle.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _update_cache(extract, folder: Path, stamps: dict[str, tuple], cached: tuple | None,
@@ -358,15 +360,24 @@ def _update_cache(extract, folder: Path, stamps: dict[str, tuple], cached: tuple
                     [old.ids[r] for r in keep], old.next_id, skipped,
                     (old.lineage + [old.generation])[-LINEAGE:] if cached else [])
     writer = _FeatureWriter(partial, len(keep) + len(todo))
+
+    def cannot_write(error: OSError) -> UserError:
+        return write_failed(feature_file, error, 'the gallery features', 'The previous feature '
+                            'cache is intact and nothing partial is left', 'search again')
+
+    def append(rows: np.ndarray) -> None:
+        try:
+            writer.append(rows)
+        except OSError as error:
+            raise cannot_write(error) from None
     try:
         for start in range(0, len(keep), RANK_CHUNK):
-            writer.append(search_index.read_rows(old_features,
-                                                 np.array(keep[start:start + RANK_CHUNK])))
+            append(search_index.read_rows(old_features, np.array(keep[start:start + RANK_CHUNK])))
         for good, batch_features, bad in extract(todo) if todo else ():
             new.skipped += [(str(p), why, *stamps[str(p)]) for p, why in bad]
             if batch_features is None:
                 continue
-            writer.append(batch_features)
+            append(batch_features)
             new.paths += [str(p) for p in good]
             new.stamps += [stamps[str(p)] for p in good]
             new.ids += range(new.next_id, new.next_id + len(good))
@@ -374,18 +385,16 @@ def _update_cache(extract, folder: Path, stamps: dict[str, tuple], cached: tuple
         if not writer.rows:
             raise UserError(f'GALLERY: none of the {len(stamps)} images under "{folder}" could '
                             f'be read (first: {new.skipped[0][0]}: {new.skipped[0][1]}).')
-        new.write(manifest_partial)         # before any rename: a full disk changes nothing
-        writer.finish(new.generation)
-        os.replace(partial, feature_file)
-        os.replace(manifest_partial, cache_dir / f'{key}.json')
-    except BaseException as error:
-        writer.close()
-        partial.unlink(missing_ok=True)
+        try:
+            new.write(manifest_partial)     # before any rename: a full disk changes nothing
+            writer.finish(new.generation)
+            os.replace(partial, feature_file)
+            os.replace(manifest_partial, cache_dir / f'{key}.json')
+        except OSError as error:
+            raise cannot_write(error) from None
+    except BaseException:               # a full disk, unreadable images, Ctrl-C: no leftovers
+        writer.discard()
         manifest_partial.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise write_failed(feature_file, error, 'the gallery features',
-                               'The previous feature cache is intact and nothing partial is '
-                               'left', 'search again') from None
         raise
     return Gallery(new.paths, [s[:2] for s in new.skipped],
                    np.load(feature_file, mmap_mode='r'), cached=False,
