@@ -2,8 +2,9 @@
 checkpoint: a ranked strip, results.csv with the nearest gallery images, and a small index.html.
 
 Gallery features are extracted in batches, streamed to a file on disk and cached per checkpoint
-and gallery folder, with each file's size and mtime: the next search extracts only the files
-added or changed since, and drops the removed ones. Up to SEARCH_EXACT_UP_TO images, ranking is
+and gallery folder, with each file's identity (size, mtime, inode, ctime): the next search
+extracts only the files added or changed since, and drops the removed ones. The manifest, the
+features and the index carry one generation id, checked on every load (see _Manifest). Up to SEARCH_EXACT_UP_TO images, ranking is
 exact and reads the features in chunks, so 100,000 images never need all features, images or
 distances in memory at once; above it, an index kept beside the features (search_index.py)
 proposes candidates that are re-ranked exactly. Searches running at once on one gallery share

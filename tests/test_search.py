@@ -561,7 +561,8 @@ def test_a_hand_edited_manifest_is_not_trusted(stand_in, tmp_path, capsys):
     assert 'cannot be used' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('replacement', ['rows reordered', "an older cache's"])
+@pytest.mark.parametrize('replacement', ['rows reordered', "an older cache's",
+                                         'newer than the manifest (a crash between renames)'])
 @pytest.mark.parametrize('exact', [True, False], ids=['exact', 'index'])
 def test_a_replaced_features_file_is_not_trusted(stand_in, tmp_path, capsys, replacement, exact):
     paths = _noise_gallery(tmp_path / 'gallery', 300 if not exact else 20)
@@ -573,11 +574,13 @@ def test_a_replaced_features_file_is_not_trusted(stand_in, tmp_path, capsys, rep
         rows = np.load(features)
         np.save(features, rows[::-1])               # same shape, rows for other files
     else:
-        older = features.read_bytes()
+        manifest, _, _ = _cache_files(s)
+        older = manifest if replacement.startswith('newer') else features
+        kept = older.read_bytes()
         paths[0].unlink()                            # one removed, one added: same row count
         _noise_gallery(tmp_path / 'gallery', 1, first=1000)
         _top1(s)
-        features.write_bytes(older)
+        older.write_bytes(kept)
     capsys.readouterr()
     found = _top1(s)
     assert _found_themselves(found), found
