@@ -1,10 +1,12 @@
 """Every bad-input case of `main.py`, run as a user would: exit status, first line, seconds.
 
-    python bench/error_cases.py
+    python bench/error_cases.py [part of a case's name]     # all cases, or those named so
 
 Builds its own small data (a demo dataset and damaged copies of it, a tiny trained checkpoint,
-a crafted pickle) in a temporary folder and prints a Markdown table.
+a crafted pickle) in a temporary folder and prints a Markdown table. Issue 21's full-disk cases
+mount a small tmpfs as the search cache (root only; reported as skipped elsewhere).
 """
+import contextlib
 import os
 import shutil
 import subprocess
@@ -164,11 +166,59 @@ def main():
         ('override: wrong type', ['train', *common, '--MAX_EPOCH=ten'], None),
     ]
     cases = cases[17:] + cases[:17]        # the earlier issues' cases first, then #11's
+    cases = [(name, args, env, None) for name, args, env in cases]
+
+    # Issue 21's cases: the search cache on a full disk, a folder where its index goes.
+    def search_in(experiments, *more):
+        return ['search', f'--EXPERIMENTS_DIR={experiments}', f'--WEIGHTS={checkpoint}',
+                f'--QUERY={queries}', f'--GALLERY={gallery}', *more]
+
+    measured = tmp / 'exp-measure'     # how much room the cache's files take, to size the disk
+    run(search_in(measured, '--SEARCH_EXACT_UP_TO=0'))
+    sizes = {p.suffix: p.stat().st_size for p in (measured / '.search-cache').iterdir()}
+    room = sizes['.npy'] + sizes['.json'] + sizes['.npz'] // 2     # the features, not the index
+    blocked = tmp / 'exp-blocked'
+    run(search_in(blocked))
+    (manifest,) = (blocked / '.search-cache').glob('*.json')
+    manifest.with_suffix('.ivfpq.npz').mkdir()
+    cases += [
+        ('#21 full disk while search writes gallery features',
+         search_in(tmp / 'exp-full'), None, (tmp / 'exp-full' / '.search-cache', 128 * 1024)),
+        ('#21 full disk when search saves its index (the features fit)',
+         search_in(tmp / 'exp-index', '--SEARCH_EXACT_UP_TO=0'), None,
+         (tmp / 'exp-index' / '.search-cache', -(-room // 4096) * 4096)),
+        ('#21 a folder where the index file goes', search_in(blocked, '--SEARCH_EXACT_UP_TO=0'),
+         None, None),
+    ]
+    wanted = sys.argv[1] if len(sys.argv) > 1 else ''
     print('| case | exit | seconds | first line |\n|---|---|---|---|')
-    for name, args, env in cases:
-        code, first, seconds = run(args, env)
+    for name, args, env, disk in cases:
+        if wanted not in name:
+            continue
+        with small_disk(*disk) if disk else contextlib.nullcontext(True) as mounted:
+            if not mounted:
+                print(f'| {name} | - | - | skipped: a tmpfs cannot be mounted here (root only) |')
+                continue
+            code, first, seconds = run(args, env)
         print(f'| {name} | {code} | {seconds:.1f} | {first[:160]} |', flush=True)
     shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: int):
+    """A tmpfs of `size` bytes mounted at `folder` for the block (True), or False when this
+    machine does not let us mount one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs',
+                                  str(folder)], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        mounted = False
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(['umount', str(folder)], check=True)
 
 
 if __name__ == '__main__':

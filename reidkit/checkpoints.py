@@ -43,6 +43,15 @@ def checkpoint_epoch(path: Path) -> int:
     return int(suffix) if Path(path).name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else -1
 
 
+def write_failed(path: Path, error: BaseException, what: str, intact: str,
+                 then: str) -> UserError:
+    """The one-paragraph error for a file that could not be written (a full disk, a folder
+    we may not write in): `what` "path" (the reason). `intact`; free some space ... and `then`."""
+    reason = getattr(error, 'strerror', None) or str(error).strip().splitlines()[0]
+    return UserError(f'could not write {what} "{path}" ({reason}). {intact}; free some space '
+                     f'(or fix the folder\'s permissions) and {then}.')
+
+
 def save_checkpoint(state: dict, path: Path) -> Path:
     """Writes `state` to `path` through a temporary file and a rename, so a kill mid-write
     leaves the previous checkpoint, never a truncated one. A failed write (a full disk)
@@ -58,11 +67,8 @@ def save_checkpoint(state: dict, path: Path) -> Path:
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:   # torch.save reports a short write as RuntimeError
         temporary.unlink(missing_ok=True)
-        reason = getattr(error, 'strerror', None) or str(error).strip().splitlines()[0]
-        raise UserError(
-            f'could not write the checkpoint "{path}" ({reason}). Earlier checkpoints are '
-            f'intact; free some space (or fix the folder\'s permissions) and resume from the '
-            f'last one.') from None
+        raise write_failed(path, error, 'the checkpoint', 'Earlier checkpoints are intact',
+                           'resume from the last one') from None
     except BaseException:           # Ctrl-C mid-write: the earlier file stays, the part goes
         temporary.unlink(missing_ok=True)
         raise

@@ -2,8 +2,9 @@
 checkpoint: a ranked strip, results.csv with the nearest gallery images, and a small index.html.
 
 Gallery features are extracted in batches, streamed to a file on disk and cached per checkpoint
-and gallery folder, with each file's size and mtime: the next search extracts only the files
-added or changed since, and drops the removed ones. Up to SEARCH_EXACT_UP_TO images, ranking is
+and gallery folder, with each file's identity (size, mtime, inode, ctime): the next search
+extracts only the files added or changed since, and drops the removed ones. The manifest, the
+features and the index carry one generation id, checked on every load (see _Manifest). Up to SEARCH_EXACT_UP_TO images, ranking is
 exact and reads the features in chunks, so 100,000 images never need all features, images or
 distances in memory at once; above it, an index kept beside the features (search_index.py)
 proposes candidates that are re-ranked exactly. Searches running at once on one gallery share
@@ -35,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from reidkit.checks import read_image
-from reidkit.checkpoints import load_weights
+from reidkit.checkpoints import load_weights, write_failed
 from reidkit.errors import UserError
 from reidkit.report import link, unique_names
 from reidkit.settings import Settings
@@ -60,6 +61,8 @@ class Gallery:
     cached: bool                        # nothing had to be extracted
     ids: np.ndarray | None = None       # each row's stable id (ascending): the index's ids
     key: str = ''                       # its files' name in the cache folder
+    generation: str = ''                # of its manifest and features (see _Manifest)
+    lineage: tuple[str, ...] = ()       # earlier generations whose ids mean the same images
 
 
 def list_images(folder: Path, outputs: Path | None = None) -> list[Path]:
@@ -110,34 +113,78 @@ def _cache_key(checkpoint: Path, folder: Path, model_key: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def _stamps(image_paths: list[Path]) -> dict[str, tuple[int, int]]:
-    """(size, mtime) of each file: a file whose stamp changed is extracted again."""
+def _stamps(image_paths: list[Path]) -> dict[str, tuple[int, int, int, int]]:
+    """Each file's identity: (size, mtime, inode, ctime), in ns. A file whose identity changed
+    is extracted again. Size and mtime alone miss a picture replaced by another of the same
+    size with its mtime kept (cp -p, rsync -a, tar, unzip); the inode and ctime do not (ctime
+    cannot be set back), at the price of extracting again after a chmod or a restore."""
     stamps = {}
     for path in image_paths:
         try:
             stat = path.stat()
         except OSError:         # removed since it was listed
             continue
-        stamps[str(path)] = (stat.st_size, stat.st_mtime_ns)
+        stamps[str(path)] = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
     return stamps
+
+
+# A feature file ends with its generation, after its rows (np.load reads the rows and ignores
+# it): the manifest and the index name the same one, so no two of them from different writes
+# are ever used together.
+GENERATION_MAGIC = b'\nreidkit search cache generation '
+GENERATION_CHARS = 32
+LINEAGE = 1_000         # earlier generations an index may be brought up to date from
+
+
+def _generation(body: bytes) -> str:
+    """A manifest's generation: the digest of all it says, as written (a random nonce
+    included), so a manifest changed after it was written no longer matches it."""
+    return hashlib.sha256(body).hexdigest()[:GENERATION_CHARS]
 
 
 @dataclass
 class _Manifest:
     """What a gallery's cache holds (the .json beside its .npy): per feature row its file, the
-    file's stamp when extracted and a stable id (the index's id for it); the files skipped."""
+    file's identity when extracted (see _stamps) and a stable id (the index's id for it); the
+    files skipped; the generations this cache was derived from, oldest first (their ids mean
+    the same images as this one's). On disk: a line {"generation": ...}, then the rest."""
     paths: list[str]
-    stamps: list[tuple[int, int]]
+    stamps: list[tuple[int, int, int, int]]
     ids: list[int]                      # ascending; a new or changed file gets a new one
     next_id: int
-    skipped: list[tuple[str, str, int, int]]    # (path, why, size, mtime)
+    skipped: list[tuple]                # (path, why, *stamp)
+    lineage: list[str]
+    generation: str = ''
 
-    def save(self, target: Path, temporary: Path) -> None:
-        sizes, mtimes = zip(*self.stamps) if self.stamps else ((), ())
-        temporary.write_text(json.dumps({
-            'paths': self.paths, 'sizes': sizes, 'mtimes': mtimes, 'ids': self.ids,
-            'next_id': self.next_id, 'skipped': self.skipped}), encoding='utf-8')
-        os.replace(temporary, target)
+    def write(self, temporary: Path) -> None:
+        """Sets the generation and writes the manifest to `temporary` (renamed into place by
+        the caller, after the features)."""
+        body = json.dumps({       # ASCII: file names that are not UTF-8 come \u-escaped
+            'paths': self.paths, 'stamps': self.stamps, 'ids': self.ids, 'next_id': self.next_id,
+            'skipped': self.skipped, 'lineage': self.lineage, 'nonce': os.urandom(8).hex()})
+        self.generation = _generation(body.encode('ascii'))
+        with open(temporary, 'w', encoding='ascii') as handle:
+            handle.write(json.dumps({'generation': self.generation}) + '\n' + body)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @classmethod
+    def read(cls, path: Path) -> _Manifest | str:
+        """The manifest at `path`, or why it cannot be used (OSError when it cannot be read)."""
+        text = path.read_bytes()
+        first, _, body = text.partition(b'\n')
+        try:
+            generation = json.loads(first)['generation']
+        except (ValueError, KeyError, TypeError):
+            return 'it has no generation id: damaged, or written by an earlier version'
+        if generation != _generation(body):
+            return 'its manifest was changed after it was written'
+        saved = json.loads(body)
+        stamps = [tuple(int(v) for v in stamp) for stamp in saved['stamps']]
+        skipped = [(str(path), str(why), *(int(v) for v in stamp))
+                   for path, why, *stamp in saved['skipped']]
+        return cls(list(saved['paths']), stamps, list(saved['ids']), int(saved['next_id']),
+                   skipped, [str(g) for g in saved['lineage']], generation)
 
 
 def gallery_features(model, transform, folder: Path, checkpoint: Path, model_key: str,
@@ -146,7 +193,8 @@ def gallery_features(model, transform, folder: Path, checkpoint: Path, model_key
     """Features of every readable image under `folder` (none under `outputs`, our own
     EXPERIMENTS_DIR), from the cache as far as it is current: only files that are new or
     changed since are extracted. Paths are absolute, so the cache serves searches started
-    from any working directory."""
+    from any working directory. UserError when a cache file's place is taken by a folder
+    (checked before any work) or when the cache cannot be written (a full disk)."""
     given, folder = folder, Path(folder).resolve()
     image_paths = list_images(folder, outputs=outputs)
     stamps = _stamps(image_paths)
@@ -155,6 +203,10 @@ def gallery_features(model, transform, folder: Path, checkpoint: Path, model_key
                         f'Point --GALLERY at the folder holding your person crops.')
     key = _cache_key(Path(checkpoint), folder, model_key)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    search_index.check_place(cache_dir / f'{key}.npy', 'the gallery\'s features')
+    search_index.check_place(cache_dir / f'{key}.json', 'the gallery\'s feature manifest')
+    for kind in search_index.KINDS:
+        search_index.check_place(cache_dir / f'{key}.{kind}.npz', 'the gallery\'s index')
     with _exclusive(cache_dir / f'{key}.lock', 'Waiting for another search that is extracting '
                     f'the features of this gallery (lock: {cache_dir / key}.lock) ...'):
         for leftover in cache_dir.glob(f'.{key}.*'):   # from a search that was killed
@@ -186,23 +238,38 @@ def _exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
         yield                   # closing the file releases the lock
 
 
+def _features_generation(feature_file: Path, features: np.memmap) -> str:
+    """The generation written after a feature file's rows ('' when there is none)."""
+    with open(feature_file, 'rb') as handle:
+        handle.seek(features.offset + features.nbytes)
+        tail = handle.read(len(GENERATION_MAGIC) + GENERATION_CHARS + 1)
+    if len(tail) != len(GENERATION_MAGIC) + GENERATION_CHARS or \
+            not tail.startswith(GENERATION_MAGIC):
+        return ''
+    return tail[len(GENERATION_MAGIC):].decode('ascii', 'replace')
+
+
 def _read_cache(manifest_file: Path, feature_file: Path,
                 folder: Path) -> tuple[_Manifest, np.ndarray] | str:
-    """The cache's manifest and features, or why they cannot be used ('' when there are none)."""
+    """The cache's manifest and features, or why they cannot be used ('' when there are none):
+    they must be of one generation, and the manifest as it was written."""
     if not manifest_file.exists() and not feature_file.exists():
         return ''
     try:
-        saved = json.loads(manifest_file.read_text(encoding='utf-8'))
-        paths, sizes, mtimes, ids = (list(saved[k]) for k in ('paths', 'sizes', 'mtimes', 'ids'))
-        skipped = [(str(path), str(why), int(size), int(mtime))
-                   for path, why, size, mtime in saved['skipped']]
-        manifest = _Manifest(paths, list(zip(sizes, mtimes)), ids, int(saved['next_id']),
-                             skipped)
+        manifest = _Manifest.read(manifest_file)
+        if isinstance(manifest, str):
+            return manifest
         features = np.load(feature_file, mmap_mode='r')
         rows = len(features) if features.ndim == 2 else -1
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        written_with = _features_generation(feature_file, features) if rows >= 0 else ''
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return f'{type(error).__name__}: {error}'
-    if not len(paths) == len(sizes) == len(mtimes) == len(ids) == rows:
+    paths, stamps, ids, skipped = manifest.paths, manifest.stamps, manifest.ids, manifest.skipped
+    if written_with != manifest.generation:
+        return (f'its features file "{feature_file.name}" is not the one its manifest was written '
+                f'with')
+    if not len(paths) == len(stamps) == len(ids) == rows or \
+            any(len(stamp) != 4 for stamp in stamps + [s[2:] for s in skipped]):
         return f'{rows} feature rows for {len(paths)} images'
     # Caches written before paths were absolute, or edited by hand, list other files.
     inside = os.path.join(str(folder), '')
@@ -213,7 +280,7 @@ def _read_cache(manifest_file: Path, feature_file: Path,
     return manifest, features
 
 
-def _changes(old: _Manifest, stamps: dict[str, tuple[int, int]]) -> tuple[list, list, list]:
+def _changes(old: _Manifest, stamps: dict[str, tuple]) -> tuple[list, list, list]:
     """The cached rows still current, the skipped files still as they were, and the files to
     extract (new, changed, or once unreadable and changed since)."""
     keep = [row for row, (path, stamp) in enumerate(zip(old.paths, old.stamps))
@@ -223,73 +290,117 @@ def _changes(old: _Manifest, stamps: dict[str, tuple[int, int]]) -> tuple[list, 
     return keep, skipped, [Path(path) for path in stamps if path not in known]
 
 
-def _update_cache(extract, folder: Path, stamps: dict[str, tuple[int, int]], cached: tuple | None,
+class _FeatureWriter:
+    """A features .npy written with ordinary writes, never through a memory map: on a full
+    disk a write raises OSError (a memory-mapped page would kill the process with SIGBUS).
+    Rows are appended; the header, written for the rows planned, is rewritten for the rows
+    written (numpy pads the row count, so the header keeps its length), then the generation."""
+
+    def __init__(self, path: Path, planned: int):
+        self.path, self.planned, self.rows, self.handle, self.dim = path, planned, 0, None, 0
+
+    def _header(self, rows: int) -> bytes:
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {
+            'descr': np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+            'fortran_order': False, 'shape': (rows, self.dim)})
+        return header.getvalue()
+
+    def append(self, rows: np.ndarray) -> None:
+        if self.handle is None:
+            self.dim = rows.shape[1]
+            self.handle = open(self.path, 'wb')
+            self.handle.write(self._header(self.planned))
+        self.handle.write(np.ascontiguousarray(rows, dtype=np.float32).data)
+        self.rows += len(rows)
+
+    def finish(self, generation: str) -> None:
+        """Writes the header for the rows written and the generation; flushed to the disk."""
+        if self.rows != self.planned:       # skipped files: fewer rows than planned
+            header = self._header(self.rows)
+            if len(header) != len(self._header(self.planned)):
+                raise AssertionError('numpy changed its header padding')
+            self.handle.seek(0)
+            self.handle.write(header)
+            self.handle.seek(0, os.SEEK_END)
+        self.handle.write(GENERATION_MAGIC + generation.encode('ascii'))
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+
+    def discard(self) -> None:
+        """Closes and removes the file (after a failure: a full disk may fail the close too)."""
+        if self.handle is not None:
+            with contextlib.suppress(OSError):
+                self.handle.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _update_cache(extract, folder: Path, stamps: dict[str, tuple], cached: tuple | None,
                   cache_dir: Path, key: str) -> Gallery:
     """Keeps the cached rows of unchanged files, extracts the new and changed files, and
-    publishes the result: a new .npy first, then the .json that makes it the cache, each
-    written beside and renamed into place whole."""
-    old, old_features = cached or (_Manifest([], [], [], 0, []), None)
+    publishes the result: a new .npy and .json of one new generation, each written beside and
+    renamed into place whole (the features first). A write that fails (a full disk) leaves
+    the previous cache as it was and nothing partial: a UserError says so."""
+    old, old_features = cached or (_Manifest([], [], [], 0, [], []), None)
     keep, skipped, todo = _changes(old, stamps)
     if cached and not todo and len(keep) == len(old.paths) and len(skipped) == len(old.skipped):
         return Gallery(old.paths, [s[:2] for s in old.skipped], old_features, cached=True,
-                       ids=np.array(old.ids, dtype=np.int64), key=key)
+                       ids=np.array(old.ids, dtype=np.int64), key=key,
+                       generation=old.generation, lineage=tuple(old.lineage))
     if cached:
         print(f'Gallery: {len(todo):,} new or changed images to extract, '
               f'{len(old.paths) + len(old.skipped) - len(keep) - len(skipped):,} gone or '
               f'changed; {len(keep):,} features kept from the cache.')
     temporary = f'.{key}.{os.getpid()}'     # per process, even without the lock
-    partial = cache_dir / f'{temporary}.partial.npy'
+    partial, manifest_partial = (cache_dir / f'{temporary}.partial{suffix}'
+                                 for suffix in ('.npy', '.json'))
+    feature_file = cache_dir / f'{key}.npy'
+    # Kept rows keep their ids: an index of an earlier generation is updated by id.
     new = _Manifest([old.paths[r] for r in keep], [tuple(old.stamps[r]) for r in keep],
-                    [old.ids[r] for r in keep], old.next_id, skipped)
-    features = None
+                    [old.ids[r] for r in keep], old.next_id, skipped,
+                    (old.lineage + [old.generation])[-LINEAGE:] if cached else [])
+    writer = _FeatureWriter(partial, len(keep) + len(todo))
 
-    def open_features(dim: int) -> np.ndarray:   # streamed to disk: memory holds a batch
-        return np.lib.format.open_memmap(partial, mode='w+', dtype=np.float32,
-                                         shape=(len(keep) + len(todo), dim))
-    if keep:
-        features = open_features(old_features.shape[1])
+    def cannot_write(error: OSError) -> UserError:
+        return write_failed(feature_file, error, 'the gallery features', 'The previous feature '
+                            'cache is intact and nothing partial is left', 'search again')
+
+    def append(rows: np.ndarray) -> None:
+        try:
+            writer.append(rows)
+        except OSError as error:
+            raise cannot_write(error) from None
+    try:
         for start in range(0, len(keep), RANK_CHUNK):
-            rows = np.array(keep[start:start + RANK_CHUNK])
-            features[start:start + len(rows)] = search_index.read_rows(old_features, rows)
-    written = len(keep)
-    for good, batch_features, bad in extract(todo) if todo else ():
-        new.skipped += [(str(p), why, *stamps[str(p)]) for p, why in bad]
-        if batch_features is None:
-            continue
-        if features is None:
-            features = open_features(batch_features.shape[1])
-        features[written:written + len(good)] = batch_features
-        written += len(good)
-        new.paths += [str(p) for p in good]
-        new.stamps += [stamps[str(p)] for p in good]
-        new.ids += range(new.next_id, new.next_id + len(good))
-        new.next_id += len(good)
-    if features is None:
-        raise UserError(f'GALLERY: none of the {len(stamps)} images under "{folder}" could '
-                        f'be read (first: {new.skipped[0][0]}: {new.skipped[0][1]}).')
-    features.flush()
-    del features
-    if written < len(keep) + len(todo):
-        trimmed = cache_dir / f'{temporary}.trimmed.npy'
-        _keep_rows(partial, trimmed, written)
-        partial = trimmed
-    os.replace(partial, cache_dir / f'{key}.npy')
-    new.save(cache_dir / f'{key}.json', cache_dir / f'{temporary}.json')
+            append(search_index.read_rows(old_features, np.array(keep[start:start + RANK_CHUNK])))
+        for good, batch_features, bad in extract(todo) if todo else ():
+            new.skipped += [(str(p), why, *stamps[str(p)]) for p, why in bad]
+            if batch_features is None:
+                continue
+            append(batch_features)
+            new.paths += [str(p) for p in good]
+            new.stamps += [stamps[str(p)] for p in good]
+            new.ids += range(new.next_id, new.next_id + len(good))
+            new.next_id += len(good)
+        if not writer.rows:
+            raise UserError(f'GALLERY: none of the {len(stamps)} images under "{folder}" could '
+                            f'be read (first: {new.skipped[0][0]}: {new.skipped[0][1]}).')
+        try:
+            new.write(manifest_partial)     # before any rename: a full disk changes nothing
+            writer.finish(new.generation)
+            os.replace(partial, feature_file)
+            os.replace(manifest_partial, cache_dir / f'{key}.json')
+        except OSError as error:
+            raise cannot_write(error) from None
+    except BaseException:               # a full disk, unreadable images, Ctrl-C: no leftovers
+        writer.discard()
+        manifest_partial.unlink(missing_ok=True)
+        raise
     return Gallery(new.paths, [s[:2] for s in new.skipped],
-                   np.load(cache_dir / f'{key}.npy', mmap_mode='r'), cached=False,
-                   ids=np.array(new.ids, dtype=np.int64), key=key)
-
-
-def _keep_rows(source: Path, target: Path, rows: int) -> None:
-    """Copies the first `rows` rows of a .npy file (skipped files leave the tail unused)."""
-    full = np.load(source, mmap_mode='r')
-    trimmed = np.lib.format.open_memmap(target, mode='w+', dtype=np.float32,
-                                        shape=(rows, full.shape[1]))
-    for start in range(0, rows, RANK_CHUNK):
-        trimmed[start:start + RANK_CHUNK] = full[start:min(start + RANK_CHUNK, rows)]
-    trimmed.flush()
-    del trimmed, full
-    source.unlink()
+                   np.load(feature_file, mmap_mode='r'), cached=False,
+                   ids=np.array(new.ids, dtype=np.int64), key=key,
+                   generation=new.generation, lineage=tuple(new.lineage))
 
 
 def rank_gallery(query_features: np.ndarray, gallery: np.ndarray) -> list[tuple]:
@@ -333,7 +444,7 @@ def gallery_index(gallery: Gallery, cache_dir: Path, s: Settings) -> GalleryInde
                     '...'):
         index, what = search_index.open_index(
             cache_dir / f'{gallery.key}.{s.SEARCH_INDEX}.npz', gallery.features, gallery.ids,
-            s.SEARCH_INDEX)
+            s.SEARCH_INDEX, generation=gallery.generation, lineage=gallery.lineage)
     print(f'Index: {what}: {len(gallery.paths):,} images above SEARCH_EXACT_UP_TO='
           f'{s.SEARCH_EXACT_UP_TO:,}, so {s.SEARCH_INDEX} proposes candidates and exact '
           f'distances rank them.')

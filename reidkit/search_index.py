@@ -5,7 +5,9 @@ IVF-PQ keeps a 64-byte code per image instead of its 8 KB 2048-d feature, so a m
 take ~80 MB. Its distances are approximate: each query's candidates are re-ranked with exact
 distances read from the features on disk, so the returned order and distances are exact among
 them. The index holds the gallery's row ids (stable while a file is unchanged), so images added
-to or removed from the folder are added to or removed from the index: no rebuild.
+to or removed from the folder are added to or removed from the index: no rebuild. It also holds
+the generation of the feature cache it was last brought up to date with: an index of any other
+cache than this one or one it was derived from (whose ids may mean other images) is rebuilt.
 """
 from __future__ import annotations
 
@@ -69,6 +71,16 @@ class GalleryIndex:
     ids: np.ndarray         # the ids it holds, ascending
     plan: Plan
     searcher: object = None  # the index on a GPU when FAISS has one, else the index itself
+    generation: str = ''    # of the feature cache whose ids it holds (see search._Manifest)
+
+
+def check_place(path: Path, what: str) -> None:
+    """UserError when something other than a file (a folder, say) is where the search cache
+    keeps `what`: nothing could be written there."""
+    if path.exists() and not path.is_file():
+        kind = 'a folder' if path.is_dir() else 'not a regular file'
+        raise UserError(f'search cache: "{path}" is {kind}, where search keeps {what}. Remove '
+                        f'or rename it (nothing else in the cache is affected) and search again.')
 
 
 def _faiss():
@@ -162,14 +174,17 @@ def load(path: Path) -> GalleryIndex | str:
     faiss = _faiss()
     try:
         with np.load(path) as saved:
+            if 'generation' not in saved.files:
+                return 'it has no generation id: written by an earlier version'
             shape = Plan(**json.loads(str(saved['plan'])))
             ids, index = saved['ids'], faiss.deserialize_index(saved['index'])
+            generation = str(saved['generation'])
     except (OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError, TypeError,
             RuntimeError) as error:
         return f'{type(error).__name__}: {error}'
     if index.ntotal != len(ids):
         return f'it holds {index.ntotal} codes for {len(ids)} ids'
-    return GalleryIndex(index, ids, shape)
+    return GalleryIndex(index, ids, shape, generation=generation)
 
 
 def save(found: GalleryIndex, path: Path) -> None:
@@ -180,33 +195,57 @@ def save(found: GalleryIndex, path: Path) -> None:
     try:
         with open(temporary, 'wb') as handle:
             np.savez(handle, index=faiss.serialize_index(found.index), ids=found.ids,
-                     plan=np.array(json.dumps(asdict(found.plan))))
+                     plan=np.array(json.dumps(asdict(found.plan))),
+                     generation=np.array(found.generation))
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def open_index(path: Path, features: np.ndarray, ids: np.ndarray,
-               kind: str) -> tuple[GalleryIndex, str]:
+def open_index(path: Path, features: np.ndarray, ids: np.ndarray, kind: str,
+               generation: str = '', lineage: tuple[str, ...] = ()) -> tuple[GalleryIndex, str]:
     """The index at `path` brought up to date with the gallery (`ids` ascending, one per row
-    of `features`), or a new one; saved when changed. Also says which it was."""
+    of `features`, of the feature cache `generation`, derived from the generations in
+    `lineage`), or a new one; saved when changed. Also says which it was. An index of another
+    generation than these is rebuilt: its ids may mean other images. A save that fails (a
+    full disk) is a one-line note: this search uses the index in memory, the file stays."""
+    check_place(path, 'the gallery\'s index')
     wanted = plan(len(ids), features.shape[1], kind)
     found = load(path)
-    if isinstance(found, GalleryIndex) and not found.plan.fits(wanted):
-        found = (f'it has {found.plan.nlist:,} lists, {len(ids):,} images want '
-                 f'{wanted.nlist:,}' if found.plan.dim == wanted.dim else
-                 f'its features have {found.plan.dim} values, these {wanted.dim}')
+    if isinstance(found, GalleryIndex):
+        if found.generation != generation and found.generation not in lineage:
+            found = 'it was built for another version of the feature cache'
+        elif generation and found.generation == generation and \
+                not np.array_equal(found.ids, ids):
+            found = 'its ids are not those of the feature cache'
+        elif not found.plan.fits(wanted):
+            found = (f'it has {found.plan.nlist:,} lists, {len(ids):,} images want '
+                     f'{wanted.nlist:,}' if found.plan.dim == wanted.dim else
+                     f'its features have {found.plan.dim} values, these {wanted.dim}')
     if isinstance(found, str):
         if found:
             print(f'Note: the index "{path}" is rebuilt ({found}).')
         built = build(features, ids, wanted)
-        save(built, path)
+        built.generation = generation
+        _save_or_say(built, path)
         return built, 'built'
     added, removed = update(found, features, ids)
-    if not added and not removed:
+    if not added and not removed and found.generation == generation:
         return found, 'reused'
-    save(found, path)
+    found.generation = generation
+    _save_or_say(found, path)
     return found, f'updated ({added:,} added, {removed:,} removed)'
+
+
+def _save_or_say(found: GalleryIndex, path: Path) -> None:
+    try:
+        save(found, path)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        print(f'Note: the index could not be saved to "{path}" ({reason}); this search uses it '
+              f'as updated in memory, ' + ('the previous file stays (the next search brings it '
+                                           'up to date).' if path.exists() else
+                                           'the next search builds it again.'), flush=True)
 
 
 def _gpu():
