@@ -56,9 +56,12 @@ def test_the_exact_path_is_todays_ranking_in_any_number_of_passes(tmp_path, monk
     monkeypatch.setattr(searching, 'EXACT_DISTANCES', 3_000 * 7)   # 7 queries per pass
     ranked = searching.rank(queries, gallery, None, 50, nprobe=1)
     assert len(ranked) == len(queries)
+    # A matrix product of another shape rounds float32 differently (BLAS blocking): the same
+    # distances to ~1e-6, and the same order but where two differ by less than that.
     for (order, distances), (want_order, want_distances) in zip(ranked, expected):
-        np.testing.assert_array_equal(order, want_order)
-        np.testing.assert_array_equal(distances, want_distances)
+        np.testing.assert_allclose(distances, want_distances, rtol=2e-6)
+        same = order == want_order
+        assert np.all(np.abs(distances[~same] - want_distances[~same]) <= 2e-6 * distances[~same])
 
 
 def test_the_index_with_every_row_a_candidate_gives_the_exact_order(tmp_path):
