@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Callable, Iterator, TextIO
 
 from reidkit.checkpoints import CHECKPOINT_PREFIX, checkpoint_epoch, load_checkpoint
 from reidkit.errors import UserError
@@ -172,3 +173,27 @@ def log_to(path: Path) -> Iterator[TextIO]:
             yield log
         finally:
             sys.stdout = previous
+
+
+@contextlib.contextmanager
+def log_once_there_is_a_folder() -> Iterator[Callable[[Path], None]]:
+    """Everything printed inside the block is kept in memory until the yielded function is
+    called with a log file's path: then what was kept is written there and the rest of the
+    block's output is appended (for a command whose output folder is made only once there is
+    a result to put in it, like search)."""
+    kept = io.StringIO()
+    previous = sys.stdout
+    tee = sys.stdout = _Tee(previous, kept)
+    opened = []
+
+    def start(path: Path) -> None:
+        log = open(path, 'a', buffering=1, encoding='utf-8', errors='surrogateescape')
+        log.write(kept.getvalue())
+        tee.log = log
+        opened.append(log)
+    try:
+        yield start
+    finally:
+        sys.stdout = previous
+        for log in opened:
+            log.close()

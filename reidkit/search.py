@@ -50,6 +50,7 @@ EXACT_DISTANCES = 2 ** 26      # query-gallery distances held at once by the exa
 QUERY_BATCH = 10_000           # queries ranked together (a folder of them: one batch, or a few)
 INCOMPLETE = 'INCOMPLETE.txt'  # in a search's folder until every query's results are written
 SKIPPED_QUERIES = 'skipped_queries.txt'
+SEARCH_LOG = 'log.txt'             # what the search printed
 
 
 @dataclass
@@ -599,19 +600,30 @@ def search_model(s: Settings, weights: Path | None):
                             f'(python main.py export writes one beside its checkpoint).')
         model = OnnxModel(given)
         meta = model.extractor
+        print(f'Model: "{given}" (ONNX, run by onnxruntime; {meta.model_name}, '
+              f'{meta.height}x{meta.width} input)')
         key = f'onnx|{meta.model_name}|{meta.height}x{meta.width}'
         return model, model.transform, given, key, s
     checkpoint, saved, s = resolve_checkpoint(s, weights)
     checks.check_names(s)
     device = choose_device(s.DEVICE)
     model = place_model(model_for_search(saved, checkpoint, s.MODEL_NAME, s.LOSS), device)
+    print(f'Model: "{checkpoint}" (epoch {saved.get("epoch", "?")}; {s.MODEL_NAME}, '
+          f'{s.HEIGHT}x{s.WIDTH} input, on {device.type})')
     return model, quiet_test_transform(s.HEIGHT, s.WIDTH), checkpoint, \
         f'{s.MODEL_NAME}|{s.HEIGHT}x{s.WIDTH}', s
 
 
 def search(s: Settings, weights: Path | None = None) -> Path:
     """`python main.py search`: ranks GALLERY for each image in QUERY with a checkpoint
-    (`weights`, WEIGHTS or the newest run's); returns the new output folder."""
+    (`weights`, WEIGHTS or the newest run's); returns the new output folder, whose log.txt
+    holds what was printed (the model, the gallery, the ranking)."""
+    from reidkit.runs import log_once_there_is_a_folder
+    with log_once_there_is_a_folder() as start_log:
+        return _search(s, weights, start_log)
+
+
+def _search(s: Settings, weights: Path | None, start_log) -> Path:
     from reidkit import checks
     from reidkit.runs import new_run_dir
     if not s.QUERY or not s.GALLERY:
@@ -627,6 +639,8 @@ def search(s: Settings, weights: Path | None = None) -> Path:
     checks.check_output_folder(Path(s.EXPERIMENTS_DIR))
     if s.FLIP_TEST:             # other features: another cache entry
         model, model_key = FlipTest(model), model_key + '|flip'
+    print('Ranking: euclidean distance' +
+          (', FLIP_TEST (each image averaged with its mirror)' if s.FLIP_TEST else ''))
     device = next(model.parameters(), torch.empty(0)).device
     cache_dir = Path(s.EXPERIMENTS_DIR) / '.search-cache'
     gallery = gallery_features(
@@ -639,7 +653,7 @@ def search(s: Settings, weights: Path | None = None) -> Path:
     rows = min(len(gallery.paths), max(s.SEARCH_CSV_ROWS, s.SEARCH_TOPK))
     names = dict(zip(queries, unique_names(
         [queries[0].name] if len(queries) == 1 else [q.relative_to(s.QUERY) for q in queries],
-        reserved=(INCOMPLETE, SKIPPED_QUERIES))))
+        reserved=(INCOMPLETE, SKIPPED_QUERIES, SEARCH_LOG))))
     out_dir, unreadable = None, []
     for paths, features, bad in query_batches(model, transform, queries, s.BATCH_SIZE_TEST,
                                               device):
@@ -649,6 +663,7 @@ def search(s: Settings, weights: Path | None = None) -> Path:
         ranked = rank(features, gallery, index, rows, s.SEARCH_NPROBE)
         if out_dir is None:     # made only once there is something to put in it
             out_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), 'search')
+            start_log(out_dir / SEARCH_LOG)
             (out_dir / INCOMPLETE).write_text(
                 'This search stopped (or is still running) before every query was done: the '
                 'folders here are the queries that finished. Run the search again for all '
@@ -668,4 +683,6 @@ def search(s: Settings, weights: Path | None = None) -> Path:
             ''.join(f'{path}\t{why}\n' for path, why in unreadable), encoding='utf-8',
             errors='surrogateescape')
     (out_dir / INCOMPLETE).unlink()
+    print(f'{len(queries) - len(unreadable)} queries ranked against {len(gallery.paths):,} '
+          f'gallery images')
     return out_dir

@@ -101,8 +101,17 @@ def test_a_folder_of_queries_gives_one_result_set_each(trained, tmp_path):
     queries.mkdir()
     for row in rows[:3]:
         shutil.copy(page_dir / row['path'], queries)
-    out = main.search(s.replace(QUERY=str(queries), GALLERY=str(folder)))
-    assert sorted(p.name for p in out.iterdir()) == sorted(Path(r['path']).name for r in rows[:3])
+    out = main.search(s.replace(QUERY=str(queries), GALLERY=str(folder), FLIP_TEST=True))
+    assert sorted(p.name for p in out.iterdir()) == \
+        sorted([Path(r['path']).name for r in rows[:3]] + [searching.SEARCH_LOG])
+    # The log says what ranked: the checkpoint (the newest of the run) and the switches on.
+    log = (out / searching.SEARCH_LOG).read_text()
+    assert re.search(r'^Model: ".*model\.pth\.tar-2" \(epoch 2; resnet50, 32x16 input, on cpu\)$',
+                     log, re.M), log
+    assert 'Ranking: euclidean distance, FLIP_TEST' in log
+    assert f'Gallery: {len(list(folder.iterdir()))} images' in log
+    assert log.rstrip().endswith('3 queries ranked against '
+                                 f'{len(list(folder.iterdir())):,} gallery images')
 
 
 @pytest.mark.slow
@@ -197,8 +206,8 @@ def test_an_interrupted_search_never_looks_complete(trained, tmp_path, monkeypat
     monkeypatch.setattr(visrank, 'draw_strip', draw_strip)
     complete = main.search(settings)
     assert not (complete / searching.INCOMPLETE).exists()
-    assert sorted(p.name for p in complete.iterdir()) == sorted(Path(r['path']).name
-                                                                for r in rows[:3])
+    assert sorted(p.name for p in complete.iterdir()) == sorted(
+        [Path(r['path']).name for r in rows[:3]] + [searching.SEARCH_LOG])
 
 
 @pytest.mark.slow
@@ -211,7 +220,7 @@ def test_unreadable_queries_are_listed_and_none_readable_is_an_error(trained, tm
     (queries / 'broken.jpg').write_bytes(b'\xff\xd8\xff not a picture')
     settings = s.replace(QUERY=str(queries), GALLERY=str(folder))
     out = main.search(settings)
-    assert sorted(p.name for p in out.iterdir()) == ['good.jpg', 'skipped_queries.txt']
+    assert sorted(p.name for p in out.iterdir()) == ['good.jpg', 'log.txt', 'skipped_queries.txt']
     assert 'broken.jpg' in (out / 'skipped_queries.txt').read_text()
 
     (queries / 'good.jpg').unlink()
