@@ -33,7 +33,7 @@ from torchreid.reid.utils import set_random_seed
 from reidkit import checks, distributed, search as searching
 from reidkit.checkpoints import load_weights, resume_training
 from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
-from reidkit.device import choose_device, place_model
+from reidkit.device import busy_cpu_note, choose_device, place_model
 from reidkit.engine import SoftmaxEngine, TripletEngine
 from reidkit.errors import UserError
 from reidkit.report import plot_cmc, plot_training, write_metrics
@@ -111,6 +111,8 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
     fast = fast_training(s, model, optimizer, datamanager)
     if training:
         print(fast.line)
+    if not use_gpu and (note := busy_cpu_note()):
+        print(note)
     print(evaluation_line(s, next(model.parameters()).device))
     engine_class = TripletEngine if s.LOSS == 'triplet' else SoftmaxEngine
     return engine_class(

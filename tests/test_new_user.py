@@ -100,3 +100,14 @@ def test_each_step_says_what_it_ran_with(tiny_settings, capsys):
         assert 'Training path' not in out
         assert ('Evaluation: features on cpu, euclidean distance, FLIP_TEST (each image '
                 'averaged with its mirror), RERANK (k-reciprocal, k1=5, k2=2, lambda=0.3)') in out
+
+
+def test_a_busy_cpu_gets_the_thread_hint_once_it_matters(monkeypatch):
+    from reidkit.device import busy_cpu_note
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    assert busy_cpu_note(load=1.5, cores=2) is None          # an ordinary run
+    assert busy_cpu_note(load=9.0, cores=1) is None          # one thread already
+    note = busy_cpu_note(load=6.7, cores=2)
+    assert 'load 6.7 for 2 threads' in note and 'OMP_NUM_THREADS=1 python main.py' in note
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')
+    assert busy_cpu_note(load=6.7, cores=2) is None          # the user chose
