@@ -26,6 +26,7 @@ import torchreid
 from torchreid.reid.utils import set_random_seed
 
 from reidkit import checks, distributed, search as searching
+from reidkit.atomic import disk_full, reason
 from reidkit.checkpoints import load_weights, resume_training
 from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.device import choose_device, place_model
@@ -302,6 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.current().is_main:
             print('Interrupted.', file=sys.stderr)
         return 130
+    except OSError as error:
+        full = disk_full(error)        # a writer without its own message: still no traceback
+        if full is None:
+            raise
+        where = f' writing "{full.filename}"' if full.filename else ''
+        print(f'error: the disk is full ({reason(full)}{where}). Free some space and run '
+              f'again; files already written are complete (each is written whole or not at '
+              f'all).', file=sys.stderr)
+        return 1
     except RuntimeError as error:
         if not distributed.is_peer_failure(error):
             raise

@@ -7,7 +7,6 @@ other Python object is refused, never executed.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from reidkit.atomic import atomic_file
 from reidkit.errors import UserError
 
 CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
@@ -44,29 +44,15 @@ def checkpoint_epoch(path: Path) -> int:
 
 
 def save_checkpoint(state: dict, path: Path) -> Path:
-    """Writes `state` to `path` through a temporary file and a rename, so a kill mid-write
-    leaves the previous checkpoint, never a truncated one. A failed write (a full disk)
-    removes the temporary file and is a one-line error."""
-    path = Path(path)
-    temporary = path.with_name(f'.{path.name}.partial')
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, 'wb') as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:   # torch.save reports a short write as RuntimeError
-        temporary.unlink(missing_ok=True)
-        reason = getattr(error, 'strerror', None) or str(error).strip().splitlines()[0]
-        raise UserError(
-            f'could not write the checkpoint "{path}" ({reason}). Earlier checkpoints are '
-            f'intact; free some space (or fix the folder\'s permissions) and resume from the '
-            f'last one.') from None
-    except BaseException:           # Ctrl-C mid-write: the earlier file stays, the part goes
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    """Writes `state` to `path` through a temporary file and a rename (`reidkit.atomic`), so a
+    kill mid-write leaves the previous checkpoint, never a truncated one. A failed write (a
+    full disk) removes the temporary file and is a one-line error."""
+    # torch.save reports a short write as RuntimeError
+    with atomic_file(path, 'wb', 'the checkpoint', catch=(OSError, RuntimeError), advice=(
+            'Earlier checkpoints are intact; free some space (or fix the folder\'s permissions) '
+            'and resume from the last one.')) as handle:
+        torch.save(state, handle)
+    return Path(path)
 
 
 def load_checkpoint(path: Path, setting: str = 'WEIGHTS') -> dict:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from reidkit.atomic import reason, write_atomically
 from reidkit.checkpoints import CHECKPOINT_PREFIX, checkpoint_epoch, load_checkpoint
 from reidkit.errors import UserError
 from reidkit.settings import Settings, with_checkpoint_settings
@@ -51,12 +51,10 @@ def later_checkpoints(run_dir: Path, epoch: int) -> list[Path]:
 
 
 def write_settings(run_dir: Path, s: Settings) -> Path:
-    """settings.json: the run's settings as it uses them, written atomically."""
-    path = Path(run_dir) / 'settings.json'
-    temporary = path.with_name('.settings.json.partial')
-    temporary.write_text(json.dumps(s.record(), indent=2) + '\n')
-    os.replace(temporary, path)
-    return path
+    """settings.json: the run's settings as it uses them, written atomically (UserError when
+    it cannot be written: a full disk)."""
+    return write_atomically(Path(run_dir) / 'settings.json',
+                            json.dumps(s.record(), indent=2) + '\n', 'the run\'s settings')
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -128,17 +126,33 @@ def output_dir_for(checkpoint: Path, experiments_dir: Path, mode: str) -> Path:
 
 
 class _Tee:
+    """Writes to the terminal and to log files; a log that cannot be written any more (a full
+    disk) is dropped with a note on the terminal, and the run goes on."""
+
     def __init__(self, *streams: TextIO):
-        self.streams = streams
+        self.streams = list(streams)
 
     def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
+        for stream in list(self.streams):
+            try:
+                stream.write(text)
+            except OSError as error:
+                if stream is self.streams[0]:
+                    raise
+                self.streams.remove(stream)
+                self.streams[0].write(f'\nNote: the log "{getattr(stream, "name", "?")}" could '
+                                      f'not be written ({reason(error)}); it stops here, the '
+                                      f'output goes on here.\n')
         return len(text)
 
     def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
+        for stream in list(self.streams):
+            try:
+                stream.flush()
+            except OSError:
+                if stream is self.streams[0]:
+                    raise
+                self.streams.remove(stream)
 
     def isatty(self) -> bool:
         return self.streams[0].isatty()
@@ -146,11 +160,22 @@ class _Tee:
 
 @contextlib.contextmanager
 def log_to(path: Path) -> Iterator[None]:
-    """Everything printed inside the block also goes to `path` (appended)."""
-    with open(path, 'a', buffering=1) as log:   # line-buffered: `tail -f log.txt` is live
-        previous = sys.stdout
-        sys.stdout = _Tee(previous, log)
+    """Everything printed inside the block also goes to `path` (appended); if `path` cannot be
+    written (a full disk), printing goes on without it, with a note."""
+    previous = sys.stdout
+    try:
+        log = open(path, 'a', buffering=1)   # line-buffered: `tail -f log.txt` is live
+    except OSError as error:
+        print(f'Note: the log "{path}" cannot be written ({reason(error)}); output goes to the '
+              f'terminal only.')
+        yield
+        return
+    sys.stdout = _Tee(previous, log)
+    try:
+        yield
+    finally:
+        sys.stdout = previous
         try:
-            yield
-        finally:
-            sys.stdout = previous
+            log.close()
+        except OSError:
+            pass
