@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from reidkit.errors import UserError
+from reidkit.images import upright
 from reidkit.settings import Settings
 
 LOSSES = ('softmax', 'triplet')
@@ -226,9 +227,11 @@ WIDE_GREY_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
 
 def read_image(path: str) -> Image.Image:
     """Torchreid's read_image, minus the endless retry: an unreadable file is an error.
+    Upright: the EXIF orientation is applied (`reidkit.images`; Torchreid's reader ignores it).
     16-bit grey images are scaled to 8 bits (the high byte, as Pillow does for 16-bit colour)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as stored:
+            image = upright(stored)
             if image.mode in WIDE_GREY_MODES:
                 high_byte = np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255)
                 return Image.fromarray(high_byte.astype(np.uint8)).convert('RGB')
