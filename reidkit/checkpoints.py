@@ -7,8 +7,12 @@ other Python object is refused, never executed.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +123,43 @@ def without_module_prefix(state_dict: dict) -> dict:
             for key, value in state_dict.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def classifier_keys(model_name: str) -> frozenset[str] | None:
+    """The state_dict keys of a Torchreid model's identity classifier: those whose shape follows
+    `num_classes` (classifier.*, but HACNN's classifier_global.* and classifier_local.*, PCB's
+    classifier.0.* ...). Found by building the model twice on the meta device (no memory, no
+    weights, milliseconds); None for a name Torchreid cannot build."""
+    from torchreid.reid.models import build_model
+    try:
+        with torch.device('meta'), contextlib.redirect_stdout(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            two, three = (build_model(model_name, num_classes=n, pretrained=False).state_dict()
+                          for n in (2, 3))
+    except Exception:               # an unknown name, or a model that cannot go on meta
+        return None
+    return frozenset(key for key in two if two[key].shape != three[key].shape)
+
+
+def _classifier_of(model_name: str, keys) -> set[str]:
+    """The classifier's keys among `keys`; by name (classifier*) where the model cannot be
+    probed."""
+    known = classifier_keys(model_name)
+    if known is not None:
+        return set(keys) & known
+    return {key for key in keys if key.split('.')[0].startswith('classifier')}
+
+
+def checkpoint_classes(checkpoint: dict, model_name: str) -> int | None:
+    """The number of identities the checkpoint's classifier was trained on (what to build
+    `model_name` with to load it whole), or None when it holds no classifier."""
+    weights = without_module_prefix(checkpoint['state_dict'])
+    for key in sorted(_classifier_of(model_name, weights)):
+        if getattr(weights[key], 'ndim', 0) >= 1:
+            return int(weights[key].shape[0])
+    return None
+
+
 def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path) -> None:
     """Loads a checkpoint's weights (read from `path`) into `model` for testing.
 
@@ -132,9 +173,10 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
     mismatched = sorted(key for key in own
                         if key not in theirs or theirs[key].shape != own[key].shape)
     unexpected = sorted(key for key in theirs if key not in own)
-    if any(not key.startswith('classifier.') for key in mismatched + unexpected):
+    classifier = _classifier_of(model_name, set(own) | set(theirs))
+    if any(key not in classifier for key in mismatched + unexpected):
         saved_from = checkpoint.get('model_name', 'another architecture')
-        example = (mismatched + unexpected)[0]
+        example = next(key for key in mismatched + unexpected if key not in classifier)
         raise UserError(
             f'WEIGHTS: "{path}" was saved from {saved_from}, which does not match '
             f'MODEL_NAME={model_name!r}: '
