@@ -106,8 +106,9 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler):
     use_gpu = next(model.parameters()).is_cuda
     processes = distributed.current()
     if processes.distributed:
-        distributed.shard_loaders(datamanager, s.SEED)
-        checks.check_training_batches(s, datamanager)       # on each process's share
+        # each process checks its own share; a problem is printed once, by the first to find it
+        distributed.same_everywhere(lambda: (distributed.shard_loaders(datamanager, s.SEED),
+                                             checks.check_training_batches(s, datamanager)))
         lr = optimizer.param_groups[0]['lr']     # a resumed run continues with its own
         print(f'DDP: {processes.world_size} processes'
               + (f' on {processes.world_size} GPUs' if use_gpu else ' on the CPU (gloo)')
@@ -134,9 +135,9 @@ def train(s: Settings | None = None) -> Path:
     recorded, in its own folder (or a new one when the checkpoint is not under EXPERIMENTS_DIR)."""
     s = s or load_settings()
     notes, resumed, checkpoint = [], None, None
-    if s.RESUME:
-        checkpoint, resumed, s = resolve_checkpoint(s, setting='RESUME', notes=notes)
-        check_not_finished(resumed, checkpoint, s)
+    if s.RESUME:        # each process reads it; a bad one is one message, not one a process
+        checkpoint, resumed, s = distributed.same_everywhere(
+            lambda: _checked_resume(s, notes))
     distributed.on_main(lambda: checks.check_before_run(s, training=True,
                                                         pretrained=resumed is None))
     # Under DDP each process draws its own augmentations (rank 0's weights are broadcast).
@@ -152,9 +153,9 @@ def train(s: Settings | None = None) -> Path:
         # The checkpoint replaces ImageNet weights when resuming: no download is needed.
         datamanager, model, optimizer, scheduler = get_items(
             s.replace(PRETRAINED=False) if resumed else s)
-        checks.check_training_batches(s, datamanager)
-        start_epoch = resume_training(resumed, checkpoint, model, optimizer, scheduler) \
-            if resumed else 0
+        distributed.same_everywhere(lambda: checks.check_training_batches(s, datamanager))
+        start_epoch = distributed.same_everywhere(lambda: resume_training(
+            resumed, checkpoint, model, optimizer, scheduler)) if resumed else 0
         if start_epoch:
             print(f'Resuming from "{checkpoint}" after epoch {start_epoch}')
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
@@ -179,6 +180,14 @@ def train(s: Settings | None = None) -> Path:
         write_metrics(run_dir / 'metrics.json', 'train', engine.results[-1], s, datamanager,
                       checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started)
     return run_dir
+
+
+def _checked_resume(s: Settings, notes: list):
+    """(checkpoint, its contents, the run's settings) of RESUME; UserError for a missing,
+    changed or finished one."""
+    checkpoint, resumed, s = resolve_checkpoint(s, setting='RESUME', notes=notes)
+    check_not_finished(resumed, checkpoint, s)
+    return checkpoint, resumed, s
 
 
 def _training_run_dir(s: Settings, checkpoint, resumed, notes: list) -> Path:
