@@ -50,12 +50,24 @@ def torchreid_models() -> dict:
     return vars(models)['__model_factory']
 
 
+# Models whose forward pass calls .cuda() whatever the device: they are built on the CPU (and
+# their checkpoints load there) but cannot compute a feature. Of Torchreid 0.2.5's 49 models,
+# each run once on the CPU, only HACNN.
+CUDA_ONLY_MODELS = ('hacnn',)
+
+
 def check_names(s: Settings) -> None:
     """Model, loss, optimiser, scheduler, transforms and dataset names are ones Torchreid has."""
     from torchreid.reid.optim.lr_scheduler import AVAI_SCH
     from torchreid.reid.optim.optimizer import AVAI_OPTIMS
     if s.MODEL_NAME not in torchreid_models():
         raise _choices('MODEL_NAME', s.MODEL_NAME, torchreid_models())
+    if s.MODEL_NAME in CUDA_ONLY_MODELS and (s.DEVICE == 'cpu' or not torch.cuda.is_available()):
+        raise UserError(
+            f'MODEL_NAME={s.MODEL_NAME!r} runs on CUDA only: Torchreid\'s {s.MODEL_NAME} moves '
+            f'tensors to the GPU inside its forward pass (theta.cuda()), so on the CPU it fails '
+            f'at the first image. Run it where PyTorch sees a CUDA GPU (DEVICE=\'auto\' or '
+            f'\'cuda\'), or pick another MODEL_NAME.')
     if s.LOSS not in LOSSES:
         raise _choices('LOSS', s.LOSS, LOSSES)
     if s.OPTIM not in AVAI_OPTIMS:

@@ -147,3 +147,18 @@ def test_every_architecture_loads_a_checkpoint_of_other_identities(name, tmp_pat
     assert checkpoint_classes(saved, name) == 5
     saved['state_dict'] = {f'module.{key}': value for key, value in saved['state_dict'].items()}
     assert checkpoint_classes(saved, name) == 5            # saved from DataParallel
+
+
+def test_hacnn_on_the_cpu_is_refused_before_any_work_as_cuda_only(tiny_data_root, tmp_path,
+                                                                    monkeypatch):
+    """Torchreid's HACNN calls .cuda() in its forward pass: its checkpoint loads on the CPU,
+    but `test` there is a clear error up front, not a traceback after loading the data."""
+    import main
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    path = save_checkpoint({'state_dict': _model('hacnn', 99).state_dict(), 'epoch': 1,
+                            'model_name': 'hacnn', 'input_size': [160, 64]}, tmp_path / 'h.pth')
+    s = main.load_settings(dict(DATA_ROOT=str(tiny_data_root), WORKERS=0,
+                                EXPERIMENTS_DIR=str(tmp_path / 'experiments')))
+    with pytest.raises(UserError, match="MODEL_NAME='hacnn' runs on CUDA only"):
+        main.test(s, path)
+    assert not (tmp_path / 'experiments').exists()
