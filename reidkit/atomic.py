@@ -51,10 +51,11 @@ def write_error(path: Path, error: BaseException, what: str = 'the file',
 
 @contextlib.contextmanager
 def beside(path: Path, what: str = 'the file', advice: str | None = None,
-           catch: tuple = (OSError,)) -> Iterator[Path]:
+           catch: tuple = (OSError,), sync: bool = True) -> Iterator[Path]:
     """Yields the temporary path to write `path`'s contents to (by any means: a handle, numpy,
-    matplotlib, an exporter); when the block ends normally the file is flushed to disk and
-    renamed over `path`. An exception of a type in `catch` (raised in the block or by the
+    matplotlib, an exporter); when the block ends normally the file is flushed to disk (unless
+    `sync` is False: many small files that can be made again, where a power cut may leave
+    them empty but a kill cannot) and renamed over `path`. An exception of a type in `catch` (raised in the block or by the
     rename) removes the temporary file and becomes `write_error(path, ...)`; any other
     (Ctrl-C included) removes it and goes on."""
     path = Path(path)
@@ -62,8 +63,9 @@ def beside(path: Path, what: str = 'the file', advice: str | None = None,
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield temporary
-        with open(temporary, 'rb+') as handle:      # what the writer left in the page cache
-            os.fsync(handle.fileno())
+        if sync:
+            with open(temporary, 'rb+') as handle:  # what the writer left in the page cache
+                os.fsync(handle.fileno())
         os.replace(temporary, path)
     except catch as error:
         temporary.unlink(missing_ok=True)
@@ -75,21 +77,21 @@ def beside(path: Path, what: str = 'the file', advice: str | None = None,
 
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: str = 'wb', what: str = 'the file', advice: str | None = None,
-                catch: tuple = (OSError,), **open_args) -> Iterator[IO]:
+                catch: tuple = (OSError,), sync: bool = True, **open_args) -> Iterator[IO]:
     """`beside()` with the temporary file opened: `with atomic_file(p, 'w') as f: f.write(..)`.
     `open_args` go to `open` (encoding, errors, newline)."""
-    with beside(path, what, advice, catch) as temporary:
+    with beside(path, what, advice, catch, sync) as temporary:
         with open(temporary, mode, **open_args) as handle:
             yield handle
 
 
 def write_atomically(path: Path, data: bytes | str, what: str = 'the file',
                      advice: str | None = None, encoding: str = 'utf-8',
-                     text_errors: str = 'strict') -> Path:
+                     text_errors: str = 'strict', sync: bool = True) -> Path:
     """Writes `data` (bytes, or text in `encoding`) to `path` whole or not at all; returns
     `path`. UserError (see `write_error`) when it cannot be written."""
     if isinstance(data, str):
         data = data.encode(encoding, text_errors)
-    with atomic_file(path, 'wb', what, advice) as handle:
+    with atomic_file(path, 'wb', what, advice, sync=sync) as handle:
         handle.write(data)
     return Path(path)

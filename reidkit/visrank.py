@@ -105,7 +105,8 @@ def save_strip(path: Path, strip: np.ndarray) -> None:
             f'Could not write the rank strip "{path}" ({strip.shape[1]}x{strip.shape[0]} '
             f'pixels). A strip holds at most {MAX_STRIP_MATCHES} matches (JPEG is at most '
             f'{JPEG_MAX_SIDE} pixels wide): lower SEARCH_TOPK or VISRANK_TOPK.')
-    write_atomically(path, data.tobytes(), 'the rank strip')
+    # No fsync: thousands of strips, each made again by running visrank again.
+    write_atomically(path, data.tobytes(), 'the rank strip', sync=False)
 
 
 def write_rankings(distmat, dataset, data_type='image', width=128, height=256, save_dir='',
