@@ -2,7 +2,8 @@
 
 Every output file goes through `beside()`: its bytes go to a hidden temporary file in the same
 folder (`.<name>.<pid>.partial`), which is renamed over the target only once it is complete.
-A kill mid-write leaves the previous file (or none), never a truncated one; a failed write
+A kill mid-write leaves the previous file (or none), never a truncated one (its partial file is
+removed by the next write of that file); a failed write
 (a full disk, a read-only folder) removes the temporary file and raises `UserError` naming
 the file and the reason. The pid keeps two processes writing the same file apart.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 from pathlib import Path
 from typing import IO, Iterator
@@ -24,6 +26,21 @@ def temporary_name(path: Path) -> Path:
     """Where `path`'s bytes are written before the rename: hidden, beside it, per process."""
     path = Path(path)
     return path.with_name(f'.{path.name}.{os.getpid()}{PARTIAL}')
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Partial files of `path` left by processes that were killed mid-write (a checkpoint's can
+    be hundreds of MB); those of running processes stay."""
+    for partial in path.parent.glob(f'.{glob.escape(path.name)}.*{PARTIAL}'):
+        pid = partial.name[len(path.name) + 2:-len(PARTIAL)]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:      # no such process: its write will never finish
+            partial.unlink(missing_ok=True)
+        except OSError:                 # another user's process, alive
+            pass
 
 
 def reason(error: BaseException) -> str:
@@ -62,6 +79,7 @@ def beside(path: Path, what: str = 'the file', advice: str | None = None,
     temporary = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(path)
         yield temporary
         if sync:
             with open(temporary, 'rb+') as handle:  # what the writer left in the page cache

@@ -5,6 +5,7 @@ its first write raises ENOSPC) and, where this process may mount one, on a real 
 filled to the last byte."""
 import errno
 import json
+import os
 import types
 from pathlib import Path
 
@@ -153,3 +154,16 @@ def test_the_helper_names_the_disk_full_error_inside_a_library_error():
     except RuntimeError as outer:
         assert atomic.disk_full(outer) is inner
     assert atomic.disk_full(RuntimeError('other')) is None
+
+
+def test_a_partial_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True).stdout.strip()
+    killed = tmp_path / f'.settings.json.{gone}.partial'       # a process that no longer runs
+    running = tmp_path / f'.settings.json.{os.getppid()}.partial'  # one that does
+    killed.write_text('{"half": ')
+    running.write_text('{"being written": ')
+    atomic.write_atomically(tmp_path / 'settings.json', '{}\n')
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, 'settings.json']
