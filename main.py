@@ -31,6 +31,7 @@ import torchreid
 from torchreid.reid.utils import set_random_seed
 
 from reidkit import checks, distributed, search as searching
+from reidkit.atomic import disk_full, reason
 from reidkit.checkpoints import load_weights, resume_training
 from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.device import busy_cpu_note, choose_device, place_model
@@ -99,8 +100,9 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
     use_gpu = next(model.parameters()).is_cuda
     processes = distributed.current()
     if processes.distributed:
-        distributed.shard_loaders(datamanager, s.SEED)
-        checks.check_training_batches(s, datamanager)       # on each process's share
+        # each process checks its own share; a problem is printed once, by the first to find it
+        distributed.same_everywhere(lambda: (distributed.shard_loaders(datamanager, s.SEED),
+                                             checks.check_training_batches(s, datamanager)))
         lr = optimizer.param_groups[0]['lr']     # a resumed run continues with its own
         print(f'DDP: {processes.world_size} processes'
               + (f' on {processes.world_size} GPUs' if use_gpu else ' on the CPU (gloo)')
@@ -142,16 +144,16 @@ def train(s: Settings | None = None) -> Path:
     recorded, in its own folder (or a new one when the checkpoint is not under EXPERIMENTS_DIR)."""
     s = s or load_settings()
     notes, resumed, checkpoint = [], None, None
-    if s.RESUME:
-        checkpoint, resumed, s = resolve_checkpoint(s, setting='RESUME', notes=notes)
-        check_not_finished(resumed, checkpoint, s)
+    if s.RESUME:        # each process reads it; a bad one is one message, not one a process
+        checkpoint, resumed, s = distributed.same_everywhere(
+            lambda: _checked_resume(s, notes))
     distributed.on_main(lambda: checks.check_before_run(s, training=True,
                                                         pretrained=resumed is None))
     # Under DDP each process draws its own augmentations (rank 0's weights are broadcast).
     set_random_seed((s.SEED + distributed.current().rank) % 2 ** 32)
     run_dir = distributed.on_main(lambda: _training_run_dir(s, checkpoint, resumed, notes))
     started = time.time()
-    with log_to(run_dir / 'log.txt') if distributed.current().is_main else nullcontext() as log:
+    with log_to(run_dir / 'log.txt') if distributed.current().is_main else nullcontext() as tee:
         print(f'Run folder: {run_dir}')
         for note in notes:
             print(f'Note: {note}.')
@@ -160,9 +162,9 @@ def train(s: Settings | None = None) -> Path:
         # The checkpoint replaces ImageNet weights when resuming: no download is needed.
         datamanager, model, optimizer, scheduler = get_items(
             s.replace(PRETRAINED=False) if resumed else s)
-        checks.check_training_batches(s, datamanager)
-        start_epoch = resume_training(resumed, checkpoint, model, optimizer, scheduler) \
-            if resumed else 0
+        distributed.same_everywhere(lambda: checks.check_training_batches(s, datamanager))
+        start_epoch = distributed.same_everywhere(lambda: resume_training(
+            resumed, checkpoint, model, optimizer, scheduler)) if resumed else 0
         if start_epoch:
             print(f'Resuming from "{checkpoint}" after epoch {start_epoch}')
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
@@ -181,9 +183,9 @@ def train(s: Settings | None = None) -> Path:
             message = '\nInterrupted. ' + (
                 f'Last checkpoint: {last}\nResume with: {resume_command(last, s)}'
                 if last else 'No checkpoint was written yet.')
-            if log:     # rank 0 alone; stderr: stdout may be a pipe into a stopped `tee`
+            if tee:     # rank 0 alone; stderr: stdout may be a pipe into a stopped `tee`
                 print(message, file=sys.stderr)
-                print(message, file=log)
+                tee.log_only(message + '\n')
             interrupt.reported = True
             raise
     if distributed.current().is_main:
@@ -191,6 +193,14 @@ def train(s: Settings | None = None) -> Path:
         write_metrics(run_dir / 'metrics.json', 'train', engine.results[-1], s, datamanager,
                       checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started)
     return run_dir
+
+
+def _checked_resume(s: Settings, notes: list):
+    """(checkpoint, its contents, the run's settings) of RESUME; UserError for a missing,
+    changed or finished one."""
+    checkpoint, resumed, s = resolve_checkpoint(s, setting='RESUME', notes=notes)
+    check_not_finished(resumed, checkpoint, s)
+    return checkpoint, resumed, s
 
 
 def _training_run_dir(s: Settings, checkpoint, resumed, notes: list) -> Path:
@@ -295,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.current().is_main and not getattr(interrupt, 'reported', False):
             print('Interrupted.', file=sys.stderr)
         return 130
+    except OSError as error:
+        full = disk_full(error)        # a writer without its own message: still no traceback
+        if full is None:
+            raise
+        where = f' writing "{full.filename}"' if full.filename else ''
+        print(f'error: the disk is full ({reason(full)}{where}). Free some space and run '
+              f'again; files already written are complete (each is written whole or not at '
+              f'all).', file=sys.stderr)
+        return 1
     except RuntimeError as error:
         if not distributed.is_peer_failure(error):
             raise

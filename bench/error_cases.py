@@ -190,6 +190,22 @@ def main():
         ('#21 a folder where the index file goes', search_in(blocked, '--SEARCH_EXACT_UP_TO=0'),
          None, None),
     ]
+
+    # Issue 21's cases: a full disk, a killed launcher, a HACNN checkpoint of other identities.
+    full = full_tmpfs(tmp / 'full-disk')
+    hacnn = tmp / 'hacnn.pth'
+    torch.save({'state_dict': build_model('hacnn', 99, pretrained=False).state_dict(),
+                'model_name': 'hacnn', 'input_size': [160, 64], 'epoch': 1}, hacnn)
+    cases += [(name, args, env, None) for name, args, env in [
+        ('#21 settings.json on a full disk (a 64 KiB tmpfs, one page left)',
+         ['train', *common, f'--EXPERIMENTS_DIR={full}'] if full else
+         lambda: ('-', 'skipped: mounting a tmpfs needs root', 0.0), None),
+        ('#21 kill -9 of our launcher, 2 CPU processes training', lambda: kill_launcher(
+            tmp / 'killed', [f'--DATA_ROOT={data}', *TINY[:-2], '--MAX_EPOCH=1000']), None),
+        ('#21 HACNN checkpoint of 99 other ids in test (CPU: CUDA only; GPU: runs)',
+         ['test', f'--WEIGHTS={hacnn}', f'--DATA_ROOT={data}', f'--EXPERIMENTS_DIR={tmp}/exp',
+          '--WORKERS=0'], None),
+    ]]
     wanted = sys.argv[1] if len(sys.argv) > 1 else ''
     print('| case | exit | seconds | first line |\n|---|---|---|---|')
     for name, args, env, disk in cases:
@@ -199,8 +215,10 @@ def main():
             if not mounted:
                 print(f'| {name} | - | - | skipped: a tmpfs cannot be mounted here (root only) |')
                 continue
-            code, first, seconds = run(args, env)
+            code, first, seconds = args() if callable(args) else run(args, env)
         print(f'| {name} | {code} | {seconds:.1f} | {first[:160]} |', flush=True)
+    if full:
+        subprocess.run(['umount', '-l', str(full)], capture_output=True)
     shutil.rmtree(tmp)
 
 
@@ -219,6 +237,49 @@ def small_disk(folder: Path, size: int):
     finally:
         if mounted:
             subprocess.run(['umount', str(folder)], check=True)
+
+
+def full_tmpfs(folder: Path) -> Path | None:
+    """A 64 KiB tmpfs filled up to its last page (the output folder check's probe and the
+    log's first lines still fit; settings.json does not), or None where it cannot be mounted."""
+    folder.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(folder)],
+                      capture_output=True).returncode != 0:
+        return None
+    with open(folder / 'filler', 'wb', buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b'\0' * 4096)
+        except OSError:
+            pass
+    os.truncate(folder / 'filler', os.path.getsize(folder / 'filler') - 4096)
+    return folder
+
+
+def kill_launcher(experiments: Path, flags: list[str]):
+    """Starts a 2-process CPU training with our launcher, kills the launcher with SIGKILL once
+    both train, and waits for the workers to end. 'exit' is what became of the workers; the
+    first line is the first one they printed after the kill."""
+    import signal
+    command = [sys.executable, '-c', 'import sys; from reidkit import distributed; '
+               'sys.exit(distributed.launch("main.py", sys.argv[1:], 2))', 'train',
+               f'--EXPERIMENTS_DIR={experiments}', '--DEVICE=cpu', *flags]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.time() + 600
+    while not any('DDP: 2 processes' in log.read_text()
+                  for log in experiments.glob('*/log.txt')):
+        if time.time() > deadline or job.poll() is not None:
+            return job.poll(), 'training did not start', 0.0
+        time.sleep(0.5)
+    os.kill(job.pid, signal.SIGKILL)
+    killed = time.perf_counter()
+    job.wait()
+    lines = [line for line in job.stderr.read().splitlines() if line.strip()]  # EOF: all ended
+    seconds = time.perf_counter() - killed
+    first = next((line for line in lines if 'Interrupted' in line or 'error' in line),
+                 lines[0] if lines else '(nothing)')
+    return 'launcher -9; workers ended', first, seconds
 
 
 if __name__ == '__main__':

@@ -7,9 +7,12 @@ other Python object is refused, never executed.
 """
 from __future__ import annotations
 
-import os
+import contextlib
+import functools
+import io
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from reidkit.atomic import atomic_file
 from reidkit.errors import UserError
 
 CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
@@ -43,36 +47,16 @@ def checkpoint_epoch(path: Path) -> int:
     return int(suffix) if Path(path).name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else -1
 
 
-def write_failed(path: Path, error: BaseException, what: str, intact: str,
-                 then: str) -> UserError:
-    """The one-paragraph error for a file that could not be written (a full disk, a folder
-    we may not write in): `what` "path" (the reason). `intact`; free some space ... and `then`."""
-    reason = getattr(error, 'strerror', None) or str(error).strip().splitlines()[0]
-    return UserError(f'could not write {what} "{path}" ({reason}). {intact}; free some space '
-                     f'(or fix the folder\'s permissions) and {then}.')
-
-
 def save_checkpoint(state: dict, path: Path) -> Path:
-    """Writes `state` to `path` through a temporary file and a rename, so a kill mid-write
-    leaves the previous checkpoint, never a truncated one. A failed write (a full disk)
-    removes the temporary file and is a one-line error."""
-    path = Path(path)
-    temporary = path.with_name(f'.{path.name}.partial')
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, 'wb') as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:   # torch.save reports a short write as RuntimeError
-        temporary.unlink(missing_ok=True)
-        raise write_failed(path, error, 'the checkpoint', 'Earlier checkpoints are intact',
-                           'resume from the last one') from None
-    except BaseException:           # Ctrl-C mid-write: the earlier file stays, the part goes
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    """Writes `state` to `path` through a temporary file and a rename (`reidkit.atomic`), so a
+    kill mid-write leaves the previous checkpoint, never a truncated one. A failed write (a
+    full disk) removes the temporary file and is a one-line error."""
+    # torch.save reports a short write as RuntimeError
+    with atomic_file(path, 'wb', 'the checkpoint', catch=(OSError, RuntimeError), advice=(
+            'Earlier checkpoints are intact; free some space (or fix the folder\'s permissions) '
+            'and resume from the last one.')) as handle:
+        torch.save(state, handle)
+    return Path(path)
 
 
 def load_checkpoint(path: Path, setting: str = 'WEIGHTS') -> dict:
@@ -153,6 +137,43 @@ def without_module_prefix(state_dict: dict) -> dict:
             for key, value in state_dict.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def classifier_keys(model_name: str) -> frozenset[str] | None:
+    """The state_dict keys of a Torchreid model's identity classifier: those whose shape follows
+    `num_classes` (classifier.*, but HACNN's classifier_global.* and classifier_local.*, PCB's
+    classifier.0.* ...). Found by building the model twice on the meta device (no memory, no
+    weights, milliseconds); None for a name Torchreid cannot build."""
+    from torchreid.reid.models import build_model
+    try:
+        with torch.device('meta'), contextlib.redirect_stdout(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            two, three = (build_model(model_name, num_classes=n, pretrained=False).state_dict()
+                          for n in (2, 3))
+    except Exception:               # an unknown name, or a model that cannot go on meta
+        return None
+    return frozenset(key for key in two if two[key].shape != three[key].shape)
+
+
+def _classifier_of(model_name: str, keys) -> set[str]:
+    """The classifier's keys among `keys`; by name (classifier*) where the model cannot be
+    probed."""
+    known = classifier_keys(model_name)
+    if known is not None:
+        return set(keys) & known
+    return {key for key in keys if key.split('.')[0].startswith('classifier')}
+
+
+def checkpoint_classes(checkpoint: dict, model_name: str) -> int | None:
+    """The number of identities the checkpoint's classifier was trained on (what to build
+    `model_name` with to load it whole), or None when it holds no classifier."""
+    weights = without_module_prefix(checkpoint['state_dict'])
+    for key in sorted(_classifier_of(model_name, weights)):
+        if getattr(weights[key], 'ndim', 0) >= 1:
+            return int(weights[key].shape[0])
+    return None
+
+
 def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path) -> None:
     """Loads a checkpoint's weights (read from `path`) into `model` for testing.
 
@@ -166,9 +187,10 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
     mismatched = sorted(key for key in own
                         if key not in theirs or theirs[key].shape != own[key].shape)
     unexpected = sorted(key for key in theirs if key not in own)
-    if any(not key.startswith('classifier.') for key in mismatched + unexpected):
+    classifier = _classifier_of(model_name, set(own) | set(theirs))
+    if any(key not in classifier for key in mismatched + unexpected):
         saved_from = checkpoint.get('model_name', 'another architecture')
-        example = (mismatched + unexpected)[0]
+        example = next(key for key in mismatched + unexpected if key not in classifier)
         raise UserError(
             f'WEIGHTS: "{path}" was saved from {saved_from}, which does not match '
             f'MODEL_NAME={model_name!r}: '

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from reidkit.errors import UserError
+from reidkit.images import upright
 from reidkit.settings import Settings
 
 LOSSES = ('softmax', 'triplet')
@@ -49,12 +50,24 @@ def torchreid_models() -> dict:
     return vars(models)['__model_factory']
 
 
+# Models whose forward pass calls .cuda() whatever the device: they are built on the CPU (and
+# their checkpoints load there) but cannot compute a feature. Of Torchreid 0.2.5's 49 models,
+# each run once on the CPU, only HACNN.
+CUDA_ONLY_MODELS = ('hacnn',)
+
+
 def check_names(s: Settings) -> None:
     """Model, loss, optimiser, scheduler, transforms and dataset names are ones Torchreid has."""
     from torchreid.reid.optim.lr_scheduler import AVAI_SCH
     from torchreid.reid.optim.optimizer import AVAI_OPTIMS
     if s.MODEL_NAME not in torchreid_models():
         raise _choices('MODEL_NAME', s.MODEL_NAME, torchreid_models())
+    if s.MODEL_NAME in CUDA_ONLY_MODELS and (s.DEVICE == 'cpu' or not torch.cuda.is_available()):
+        raise UserError(
+            f'MODEL_NAME={s.MODEL_NAME!r} runs on CUDA only: Torchreid\'s {s.MODEL_NAME} moves '
+            f'tensors to the GPU inside its forward pass (theta.cuda()), so on the CPU it fails '
+            f'at the first image. Run it where PyTorch sees a CUDA GPU (DEVICE=\'auto\' or '
+            f'\'cuda\'), or pick another MODEL_NAME.')
     if s.LOSS not in LOSSES:
         raise _choices('LOSS', s.LOSS, LOSSES)
     if s.OPTIM not in AVAI_OPTIMS:
@@ -226,9 +239,11 @@ WIDE_GREY_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
 
 def read_image(path: str) -> Image.Image:
     """Torchreid's read_image, minus the endless retry: an unreadable file is an error.
+    Upright: the EXIF orientation is applied (`reidkit.images`; Torchreid's reader ignores it).
     16-bit grey images are scaled to 8 bits (the high byte, as Pillow does for 16-bit colour)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as stored:
+            image = upright(stored)
             if image.mode in WIDE_GREY_MODES:
                 high_byte = np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255)
                 return Image.fromarray(high_byte.astype(np.uint8)).convert('RGB')

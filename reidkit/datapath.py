@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from reidkit.checks import read_image
 from reidkit.errors import UserError
+from reidkit.images import upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # Torchreid's defaults when norm_mean/norm_std are None
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,10 +45,11 @@ SMALL_LIST = 64                         # fewer images than this are decoded in 
 
 
 def _stored_size(path: str) -> tuple[int, int]:
-    """(height, width) from the file's header; PIL opens lazily, so nothing is decoded."""
+    """(height, width) as `read_image` gives the image (upright: its EXIF orientation
+    applied), from the file's header; PIL opens lazily, so nothing is decoded."""
     try:
         with Image.open(path) as image:
-            width, height = image.size
+            width, height = upright_size(image)
     except Exception as error:          # PIL raises many types for broken files
         raise UserError(f'"{path}" cannot be read as an image ({error}). Delete or replace it '
                         f'and run again.') from None

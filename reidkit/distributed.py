@@ -10,6 +10,7 @@ evaluation, so every rank reaches the same decisions (divergence, best epoch) in
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
 import signal
@@ -67,6 +68,7 @@ def start(device_setting: str) -> Processes:
     global _current
     if not launched() or dist.is_initialized():
         return _current
+    end_with_launcher()
     rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     cuda = device_setting != 'cpu' and torch.cuda.is_available()
@@ -103,6 +105,34 @@ def start(device_setting: str) -> Processes:
         os.environ['TQDM_DISABLE'] = '1'
         warnings.filterwarnings('ignore')
     return _current
+
+
+# The process that started this one (torchrun, or our own launcher), as it was at import:
+# early, so a launcher gone before `end_with_launcher` runs is still noticed.
+_LAUNCHER = os.getppid()
+PR_SET_PDEATHSIG = 1                # <linux/prctl.h>
+
+
+def end_with_launcher() -> bool:
+    """Asks Linux to send this process SIGTERM when its launcher ends, however it ends: after
+    a `kill -9` of torchrun (or the OOM killer choosing it) the workers would otherwise train
+    on alone, writing checkpoints into the run folder while a resume trains into it too.
+    SIGTERM then stops this process as Ctrl-C does (see `_stop_on_sigterm`). Returns whether
+    the request was made (False off Linux, where nothing stops an orphaned worker).
+
+    Linux sends it when the launcher's *thread* that started this process ends: torchrun and
+    our launcher start workers from their main thread."""
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):       # no C library to ask
+        return False
+    if os.getppid() != _LAUNCHER:           # it ended before the request: stop now
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def _stop_on_sigterm(signum, frame):
@@ -151,6 +181,28 @@ def on_main(make: Callable[[], object]):
         error.printed_by_main = not processes.is_main   # one copy of the message, rank 0's
         raise error
     return value
+
+
+def same_everywhere(check: Callable[[], object]):
+    """`check()` on every rank, for a check each process makes itself (the RESUME checkpoint,
+    the batches of an epoch). If it raises UserError on any rank, every rank raises it
+    together (none waits for a peer that stopped) and the message is printed once, by the
+    lowest rank that found it; otherwise each rank gets its own result."""
+    processes = current()
+    if not processes.distributed:
+        return check()
+    try:
+        result, message = check(), None
+    except UserError as error:
+        result, message = None, str(error)
+    messages = [None] * processes.world_size
+    dist.all_gather_object(messages, message)
+    found = [rank for rank, text in enumerate(messages) if text is not None]
+    if found:
+        error = UserError(messages[found[0]])
+        error.printed_by_main = processes.rank != found[0]   # one copy of the message
+        raise error
+    return result
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from tqdm import tqdm
 
 from reidkit import distributed, evaluation
+from reidkit.report import BestEffortWriter
 from reidkit.visrank import write_rankings
 from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
 from reidkit.checks import read_image
@@ -84,8 +85,14 @@ class ReidkitEngineMixin:
         self._print_freq = kwargs.get('print_freq', self._print_freq)
         if not distributed.current().is_main:
             self.writer = NoWriter()          # one set of TensorBoard events, rank 0's
-        with self.torchreid_extended():
-            return super().run(save_dir, *args, **kwargs)
+        elif self.writer is None and not kwargs.get('test_only', False):
+            self.writer = BestEffortWriter(save_dir)    # a full disk: a note, training goes on
+        try:
+            with self.torchreid_extended():
+                return super().run(save_dir, *args, **kwargs)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
 
     def forward_backward(self, data):
         summary = super().forward_backward(data)

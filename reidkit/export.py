@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reidkit import onnx_features as meta
+from reidkit import atomic, onnx_features as meta
 from reidkit.errors import UserError
 from reidkit.settings import Settings
 
@@ -63,6 +63,10 @@ def export(s: Settings, weights: Path | None = None) -> Path:
                             f'MODEL_NAME ({s.MODEL_NAME}) and torch/onnxruntime versions.')
         print(line)
         path = _publish(temporary, checkpoint.parent)
+    except OSError as error:       # a full disk while writing, converting or publishing
+        raise atomic.write_error(checkpoint.parent / 'model.onnx', error, 'the ONNX model',
+                                 'Nothing was kept; free some space (or fix the folder\'s '
+                                 'permissions) and export again.') from None
     finally:
         temporary.unlink(missing_ok=True)
     size = path.stat().st_size / 2 ** 20
@@ -107,6 +111,9 @@ def _write_onnx(model: torch.nn.Module, s: Settings, path: Path) -> int:
                               dynamic_shapes=({0: torch.export.Dim('batch')},),
                               external_data=False)
     except Exception as error:      # each exporter stage has its own error types
+        full = atomic.disk_full(error)
+        if full is not None:
+            raise full from None    # export() says so, as for its other writes
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise UserError(f'export: torch.onnx cannot export MODEL_NAME={s.MODEL_NAME!r} '
                         f'({type(error).__name__}: {first}). Nothing was written. Other '

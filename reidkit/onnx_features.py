@@ -1,7 +1,7 @@
 """Features from an exported model.onnx with onnxruntime: no Torchreid, no torch.
 
-A tracker (or `search` with an .onnx file) needs only this module, numpy, Pillow and
-onnxruntime. The preprocessing is Torchreid's test transform redone in numpy: resize to the
+A tracker (or `search` with an .onnx file) needs only this module (with reidkit.errors and
+reidkit.images), numpy, Pillow and onnxruntime. The preprocessing is Torchreid's test transform redone in numpy: resize to the
 model's HEIGHT x WIDTH (bilinear, with Pillow, as torchvision's Resize does on a PIL image),
 scale to [0, 1], normalise by the mean and std recorded in the file, NCHW.
 """
@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from reidkit.errors import UserError
+from reidkit.images import upright
 
 # The metadata `python main.py export` writes into the file (ONNX metadata_props, strings);
 # the first six are what this module needs to use the model.
@@ -94,10 +95,14 @@ class OnnxExtractor:
                             f'Export the checkpoint again.')
 
     def preprocess(self, images: Sequence) -> np.ndarray:
-        """(n, 3, height, width) float32: Torchreid's test transform, in numpy."""
+        """(n, 3, height, width) float32: Torchreid's test transform, in numpy. A PIL image
+        is first turned upright as its EXIF orientation says (`Image.open` of a phone photo
+        does not), as our other readers do."""
         batch = np.empty((len(images), 3, self.height, self.width), dtype=np.float32)
         for row, image in enumerate(images):
-            if not isinstance(image, Image.Image):
+            if isinstance(image, Image.Image):
+                image = upright(image)
+            else:
                 image = Image.fromarray(np.asarray(image, dtype=np.uint8))
             resized = image.convert('RGB').resize((self.width, self.height), Image.BILINEAR)
             pixels = np.asarray(resized, dtype=np.float32) / 255

@@ -6,12 +6,15 @@ import json
 import os
 import platform
 import re
+import threading
 import urllib.parse
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 import torch
+
+from reidkit.atomic import atomic_file, reason, write_atomically
 
 CMC_RANKS = (1, 5, 10, 20)
 MAX_NAME_BYTES = 200            # file systems allow 255; room for -2 and a suffix
@@ -80,7 +83,7 @@ def write_metrics(path: Path, mode: str, result: Mapping, settings: Mapping, dat
         and settings['DEVICE'] != 'cpu' else f'cpu ({platform.processor() or platform.machine()})',
         'settings': dict(settings),
     }
-    Path(path).write_text(json.dumps(metrics, indent=2) + '\n')
+    write_atomically(path, json.dumps(metrics, indent=2) + '\n', 'the metrics')
     return metrics
 
 
@@ -89,6 +92,15 @@ def _pyplot():
     matplotlib.use('Agg')                 # files only; no display needed
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save_figure(fig, path: Path, what: str) -> None:
+    """A figure as a PNG, written whole or not at all (UserError on a full disk)."""
+    try:
+        with atomic_file(path, 'wb', what) as handle:
+            fig.savefig(handle, format='png')
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_cmc(cmc, path: Path) -> Path:
@@ -108,9 +120,72 @@ def plot_cmc(cmc, path: Path) -> Path:
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))      # ranks are whole numbers
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_figure(fig, path, 'the CMC plot')
     return Path(path)
+
+
+class BestEffortWriter:
+    """TensorBoard's SummaryWriter for a run folder, best effort: the events file is created at
+    the first scalar, and a write that fails (a full disk) stops the events with one note
+    while training goes on. TensorBoard writes from a thread of its own; that thread's
+    failure is reported here, not as a traceback on the terminal."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self._writer = None
+        self.failed = False
+        self._hook = None
+
+    def _ensure(self):
+        if self._writer is None and not self.failed:
+            from torch.utils.tensorboard import SummaryWriter
+            previous = threading.excepthook
+
+            def quiet_writer_thread(args):
+                if type(args.thread).__name__ != '_AsyncWriterThread':
+                    previous(args)
+            self._hook, threading.excepthook = previous, quiet_writer_thread
+            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        return self._writer
+
+    def _call(self, method: str, *args, **kwargs) -> None:
+        try:
+            writer = self._ensure()
+            if writer is not None:
+                getattr(writer, method)(*args, **kwargs)
+        except Exception as error:      # OSError, or whatever the writer thread raised
+            self._give_up(error)
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        self._call('add_scalar', *args, **kwargs)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._call('flush')
+
+    def close(self) -> None:
+        """Flushes and closes the events file; safe to call more than once."""
+        if self._writer is not None:
+            self._call('close')
+        self._writer = None
+        self._restore_hook()
+
+    def _give_up(self, error: BaseException) -> None:
+        writer, self._writer, self.failed = self._writer, None, True
+        print(f'Note: the TensorBoard events in "{self.log_dir}" could not be written '
+              f'({reason(error)}); training goes on without them (training_curves.png and '
+              f'TensorBoard will stop at this point). Checkpoints and metrics are written as '
+              f'usual.')
+        try:
+            if writer is not None:
+                writer.close()
+        except Exception:           # the same failure again, already said
+            pass
+        self._restore_hook()
+
+    def _restore_hook(self) -> None:
+        if self._hook is not None:
+            threading.excepthook, self._hook = self._hook, None
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -159,8 +234,7 @@ def plot_training(run_dir: Path, iterations_per_epoch: int) -> Path | None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(run_dir) / 'training_curves.png'
-    fig.savefig(path)
-    plt.close(fig)
+    _save_figure(fig, path, 'the training curves')
     return path
 
 
@@ -195,8 +269,7 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
               'data': data}
     # One pass, so a '{{...}}' inside a value is never replaced in turn.
     page = re.sub(r'\{\{(\w+)\}\}', lambda m: values[m.group(1)], GALLERY_TEMPLATE)
-    path.write_text(page, encoding='utf-8', errors='surrogateescape')
-    return path
+    return write_atomically(path, page, 'the gallery page', text_errors='surrogateescape')
 
 
 GALLERY_TEMPLATE = '''<!doctype html>

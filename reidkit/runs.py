@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from reidkit.atomic import reason, write_atomically
 from reidkit.checkpoints import CHECKPOINT_PREFIX, checkpoint_epoch, load_checkpoint
 from reidkit.errors import UserError
 from reidkit.settings import Settings, with_checkpoint_settings
@@ -52,12 +53,10 @@ def later_checkpoints(run_dir: Path, epoch: int) -> list[Path]:
 
 
 def write_settings(run_dir: Path, s: Settings) -> Path:
-    """settings.json: the run's settings as it uses them, written atomically."""
-    path = Path(run_dir) / 'settings.json'
-    temporary = path.with_name('.settings.json.partial')
-    temporary.write_text(json.dumps(s.record(), indent=2) + '\n')
-    os.replace(temporary, path)
-    return path
+    """settings.json: the run's settings as it uses them, written atomically (UserError when
+    it cannot be written: a full disk)."""
+    return write_atomically(Path(run_dir) / 'settings.json',
+                            json.dumps(s.record(), indent=2) + '\n', 'the run\'s settings')
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -129,26 +128,46 @@ def output_dir_for(checkpoint: Path, experiments_dir: Path, mode: str) -> Path:
 
 
 class _Tee:
-    """Writes to the log file first, then to the terminal stream; a terminal that went away
-    (`python main.py | tee run.log` and Ctrl-C stops `tee` too) never costs the log a line."""
+    """Writes to the log file first, then to the terminal. A terminal that went away
+    (`python main.py | tee run.log`, and Ctrl-C stops `tee` too) never costs the log a line; a
+    log that cannot be written any more (a full disk) is dropped with a note on the terminal,
+    and the run goes on."""
 
-    def __init__(self, terminal: TextIO, log: TextIO):
+    def __init__(self, terminal: TextIO, log: TextIO | None):
         self.terminal, self.log = terminal, log
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        self.log_only(text)
         try:
             self.terminal.write(text)
         except BrokenPipeError:
             _silence(self.terminal)
         return len(text)
 
+    def log_only(self, text: str) -> None:
+        """`text` to the log alone (what the terminal gets another way, e.g. on stderr)."""
+        if self.log is None:
+            return
+        try:
+            self.log.write(text)
+        except OSError as error:
+            self._drop_log(error)
+
     def flush(self) -> None:
-        self.log.flush()
+        if self.log is not None:
+            try:
+                self.log.flush()
+            except OSError as error:
+                self._drop_log(error)
         try:
             self.terminal.flush()
         except BrokenPipeError:
             _silence(self.terminal)
+
+    def _drop_log(self, error: OSError) -> None:
+        name, self.log = getattr(self.log, 'name', '?'), None
+        self.write(f'\nNote: the log "{name}" could not be written ({reason(error)}); it stops '
+                   f'here, the output goes on here.\n')
 
     def isatty(self) -> bool:
         return self.terminal.isatty()
@@ -163,16 +182,27 @@ def _silence(stream: TextIO) -> None:
 
 
 @contextlib.contextmanager
-def log_to(path: Path) -> Iterator[TextIO]:
-    """Everything printed inside the block also goes to `path` (appended); yields the log
-    file, for what must reach it but not stdout."""
-    with open(path, 'a', buffering=1) as log:   # line-buffered: `tail -f log.txt` is live
-        previous = sys.stdout
-        sys.stdout = _Tee(previous, log)
+def log_to(path: Path) -> Iterator[_Tee]:
+    """Everything printed inside the block also goes to `path` (appended); yields the tee,
+    whose `log_only` writes what must reach the log but not stdout. If `path` cannot be
+    written (a full disk), printing goes on without it, with a note."""
+    previous = sys.stdout
+    try:
+        log = open(path, 'a', buffering=1)   # line-buffered: `tail -f log.txt` is live
+    except OSError as error:
+        print(f'Note: the log "{path}" cannot be written ({reason(error)}); output goes to the '
+              f'terminal only.')
+        log = None
+    tee = sys.stdout = _Tee(previous, log)
+    try:
+        yield tee
+    finally:
+        sys.stdout = previous
         try:
-            yield log
-        finally:
-            sys.stdout = previous
+            if log is not None:
+                log.close()
+        except OSError:
+            pass
 
 
 @contextlib.contextmanager
@@ -187,8 +217,14 @@ def log_once_there_is_a_folder() -> Iterator[Callable[[Path], None]]:
     opened = []
 
     def start(path: Path) -> None:
-        log = open(path, 'a', buffering=1, encoding='utf-8', errors='surrogateescape')
-        log.write(kept.getvalue())
+        try:
+            log = open(path, 'a', buffering=1, encoding='utf-8', errors='surrogateescape')
+            log.write(kept.getvalue())
+        except OSError as error:
+            tee.log = None
+            print(f'Note: the log "{path}" cannot be written ({reason(error)}); output goes '
+                  f'to the terminal only.')
+            return
         tee.log = log
         opened.append(log)
     try:
@@ -196,4 +232,7 @@ def log_once_there_is_a_folder() -> Iterator[Callable[[Path], None]]:
     finally:
         sys.stdout = previous
         for log in opened:
-            log.close()
+            try:
+                log.close()
+            except OSError:
+                pass

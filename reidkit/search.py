@@ -36,7 +36,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from reidkit.checks import read_image
-from reidkit.checkpoints import load_weights, write_failed
+from reidkit.atomic import write_error
+from reidkit.checkpoints import checkpoint_classes, load_weights
 from reidkit.errors import UserError
 from reidkit.report import link, unique_names
 from reidkit.settings import Settings
@@ -364,8 +365,9 @@ def _update_cache(extract, folder: Path, stamps: dict[str, tuple], cached: tuple
     writer = _FeatureWriter(partial, len(keep) + len(todo))
 
     def cannot_write(error: OSError) -> UserError:
-        return write_failed(feature_file, error, 'the gallery features', 'The previous feature '
-                            'cache is intact and nothing partial is left', 'search again')
+        return write_error(feature_file, error, 'the gallery features', 'The previous feature '
+                           'cache is intact and nothing partial is left; free some space (or '
+                           'fix the folder\'s permissions) and search again.')
 
     def append(rows: np.ndarray) -> None:
         try:
@@ -544,8 +546,7 @@ def query_images(query: Path) -> list[Path]:
 def model_for_search(checkpoint: dict, path: Path, model_name: str, loss: str) -> nn.Module:
     """The checkpoint's model, built without ImageNet weights (the checkpoint replaces them)."""
     from torchreid.reid.models import build_model
-    classifier = checkpoint['state_dict'].get('classifier.weight')
-    model = build_model(model_name, num_classes=len(classifier) if classifier is not None else 1,
+    model = build_model(model_name, num_classes=checkpoint_classes(checkpoint, model_name) or 1,
                         loss=loss, pretrained=False)
     load_weights(model, checkpoint, model_name, path)
     return model

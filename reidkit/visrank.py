@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from reidkit import evaluation, report
+from reidkit.atomic import write_atomically
 from reidkit.errors import UserError
 
 THUMB_HEIGHT, THUMB_WIDTH = 128, 64      # Market-1501's own crop size
@@ -96,13 +97,16 @@ def draw_strip(query: tuple, matches: list[tuple]) -> np.ndarray:
 
 
 def save_strip(path: Path, strip: np.ndarray) -> None:
-    """Writes a strip as JPEG; cv2.imwrite reports failure only by returning False."""
-    if not cv2.imwrite(str(path), strip):
+    """Writes a strip as JPEG, whole or not at all; UserError when it cannot be encoded (too
+    wide) or written (a full disk)."""
+    encoded, data = cv2.imencode('.jpg', strip)
+    if not encoded:
         raise UserError(
             f'Could not write the rank strip "{path}" ({strip.shape[1]}x{strip.shape[0]} '
             f'pixels). A strip holds at most {MAX_STRIP_MATCHES} matches (JPEG is at most '
-            f'{JPEG_MAX_SIDE} pixels wide): lower SEARCH_TOPK or VISRANK_TOPK; otherwise check '
-            f'that the folder is writable and the disk is not full.')
+            f'{JPEG_MAX_SIDE} pixels wide): lower SEARCH_TOPK or VISRANK_TOPK.')
+    # No fsync: thousands of strips, each made again by running visrank again.
+    write_atomically(path, data.tobytes(), 'the rank strip', sync=False)
 
 
 def write_rankings(distmat, dataset, data_type='image', width=128, height=256, save_dir='',

@@ -1,4 +1,8 @@
 """Shared fixtures: every test makes its own small data; nothing is downloaded."""
+import errno
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,3 +33,64 @@ def tiny_settings(tiny_data_root, tmp_path):
     """Settings for a seconds-long run on the tiny dataset, writing into tmp_path."""
     return main.load_settings(dict(TINY, DATA_ROOT=str(tiny_data_root),
                                    EXPERIMENTS_DIR=str(tmp_path / 'experiments')))
+
+
+class _FullFile:
+    """An open file on a full disk: it opens, and every write fails with ENOSPC."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every file written through reidkit.atomic (every output of a run but TensorBoard's events
+    and the ONNX exporter's own writes) fails as on a full disk: it opens, then its first write
+    raises OSError(ENOSPC)."""
+    from reidkit import atomic
+
+    def full_open(file, mode='r', *args, **kwargs):
+        handle = open(file, mode, *args, **kwargs)
+        return _FullFile(handle) if any(c in mode for c in 'wax') and '+' not in mode \
+            else handle
+    monkeypatch.setattr(atomic, 'open', full_open, raising=False)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real file system of 64 KiB (tmpfs), for writing until it is full; skipped where this
+    process may not mount one (not root, or in a container that forbids it)."""
+    mount = tmp_path / 'tmpfs'
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which('mount') is None:
+        pytest.skip('mounting a tmpfs needs root')
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here: {done.stderr.strip()}')
+    try:
+        yield mount
+    finally:
+        subprocess.run(['umount', '-l', str(mount)], capture_output=True)
+
+
+def fill(folder: Path) -> None:
+    """Writes a file into `folder` until its file system has no space left."""
+    with open(folder / 'filler', 'wb', buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b'\0' * 4096)
+        except OSError as error:
+            assert error.errno == errno.ENOSPC

@@ -87,3 +87,78 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_pa
     assert '\n' not in message
     assert sorted(p.name for p in path.parent.iterdir()) == ['latest.pth.tar']
     assert load_checkpoint(path)['epoch'] == 1
+
+
+# --- a checkpoint trained on other identities, for every architecture ------------------------
+
+def _other_identities(name: str, tmp_path, trained: int = 5, testing: int = 7):
+    """(the model a command builds, what loading a checkpoint of `trained` identities into it
+    left there, that checkpoint's weights, its contents): through our own loader."""
+    torch.manual_seed(0)
+    saved_model = _model(name, trained)
+    path = save_checkpoint({'state_dict': saved_model.state_dict(), 'model_name': name},
+                           tmp_path / 'model.pth.tar-1')
+    saved = load_checkpoint(path)
+    model = _model(name, testing)
+    load_weights(model, saved, name, path)
+    return model, saved_model.state_dict(), saved
+
+
+def _same_features_weights(model, saved_state, classifier) -> bool:
+    return all(torch.equal(value, saved_state[key]) for key, value in model.state_dict().items()
+               if key not in classifier)
+
+
+def test_a_hacnn_checkpoint_of_other_identities_loads_for_test_and_search(tmp_path, capsys):
+    from reidkit.checkpoints import checkpoint_classes, classifier_keys
+    from reidkit.search import model_for_search
+    model, state, saved = _other_identities('hacnn', tmp_path)
+    assert classifier_keys('hacnn') == {'classifier_global.weight', 'classifier_global.bias',
+                                        'classifier_local.weight', 'classifier_local.bias'}
+    assert _same_features_weights(model, state, classifier_keys('hacnn'))
+    assert checkpoint_classes(saved, 'hacnn') == 5
+    assert 'classifier was trained on other identities' in capsys.readouterr().out
+    searched = model_for_search(saved, tmp_path / 'model.pth.tar-1', 'hacnn', 'softmax')
+    assert _same_features_weights(searched, state, classifier_keys('hacnn'))
+
+
+def test_a_checkpoint_of_another_architecture_is_still_refused_with_a_classifier_key(tmp_path):
+    path = save_checkpoint({'state_dict': _model('hacnn', 5).state_dict(),
+                            'model_name': 'hacnn'}, tmp_path / 'c')
+    with pytest.raises(UserError, match="saved from hacnn.*MODEL_NAME='osnet_x0_25'.*first: "
+                                        "'(?!classifier)"):
+        load_weights(_model('osnet_x0_25'), load_checkpoint(path), 'osnet_x0_25', path)
+
+
+def _architectures():
+    from torchreid.reid.models import __model_factory
+    return sorted(__model_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', _architectures())
+def test_every_architecture_loads_a_checkpoint_of_other_identities(name, tmp_path):
+    """All 49 of Torchreid 0.2.5's models build on the CPU (85 s for all of them here)."""
+    from reidkit.checkpoints import checkpoint_classes, classifier_keys
+    model, state, saved = _other_identities(name, tmp_path)
+    classifier = classifier_keys(name)
+    assert classifier and all(state[key].shape[0] == 5 for key in classifier)
+    assert _same_features_weights(model, state, classifier)
+    assert checkpoint_classes(saved, name) == 5
+    saved['state_dict'] = {f'module.{key}': value for key, value in saved['state_dict'].items()}
+    assert checkpoint_classes(saved, name) == 5            # saved from DataParallel
+
+
+def test_hacnn_on_the_cpu_is_refused_before_any_work_as_cuda_only(tiny_data_root, tmp_path,
+                                                                    monkeypatch):
+    """Torchreid's HACNN calls .cuda() in its forward pass: its checkpoint loads on the CPU,
+    but `test` there is a clear error up front, not a traceback after loading the data."""
+    import main
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    path = save_checkpoint({'state_dict': _model('hacnn', 99).state_dict(), 'epoch': 1,
+                            'model_name': 'hacnn', 'input_size': [160, 64]}, tmp_path / 'h.pth')
+    s = main.load_settings(dict(DATA_ROOT=str(tiny_data_root), WORKERS=0,
+                                EXPERIMENTS_DIR=str(tmp_path / 'experiments')))
+    with pytest.raises(UserError, match="MODEL_NAME='hacnn' runs on CUDA only"):
+        main.test(s, path)
+    assert not (tmp_path / 'experiments').exists()

@@ -379,3 +379,132 @@ def test_sync_bn_on_the_cpu_is_a_clear_error():
     with pytest.raises(UserError, match='SYNC_BN=True needs CUDA'):
         distributed_model(torch.nn.BatchNorm2d(3), main.load_settings({'SYNC_BN': True}),
                           torch.device('cpu'))
+
+
+# --- the launcher killed with SIGKILL: its workers stop too (issue 21) -------------------------
+
+def alive(pid: int) -> bool:
+    """The process exists and has not ended (an ended child of a dead launcher may stay a
+    zombie until init reaps it)."""
+    try:
+        state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ('Z', 'X')
+
+
+def wait_until(condition, timeout: float) -> bool:
+    """Polls `condition` until it holds; the timeout only guards against a hang."""
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+WORKER = ('import os, sys, time, pathlib; sys.path.insert(0, sys.argv[1]); '
+          'from reidkit import distributed; distributed.start("cpu"); '
+          'pathlib.Path(sys.argv[2]).write_text(str(os.getpid())); time.sleep(600)')
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux\'s')
+def test_a_worker_stops_when_its_launcher_is_killed_with_sigkill(tmp_path):
+    """A worker that joined its process group (as every training process does in
+    distributed.start) ends when the process that started it is killed with SIGKILL."""
+    ready = tmp_path / 'worker.pid'
+    env = dict(os.environ, RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
+               MASTER_PORT=str(distributed.free_port()))
+    launcher = subprocess.Popen(
+        [sys.executable, '-c', 'import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); '
+         'time.sleep(600)', sys.executable, '-c', WORKER, str(ROOT), str(ready)], env=env)
+    worker = None
+    try:
+        assert wait_until(lambda: ready.exists() and ready.read_text(), 120)
+        worker = int(ready.read_text())
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        assert wait_until(lambda: not alive(worker), 60), 'the worker outlived its launcher'
+    finally:
+        launcher.kill()
+        if worker and alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('launcher', ['torchrun', 'ours'])
+def test_killing_the_launcher_with_sigkill_stops_a_training_run(tmp_path, launcher):
+    experiments = tmp_path / f'exp-{launcher}'
+    args = ['train', '--demo', '--MAX_EPOCH=1000', '--EVAL_FREQ=1000',
+            f'--EXPERIMENTS_DIR={experiments}']
+    if launcher == 'torchrun':
+        command = [*torchrun(2), MAIN, *args]
+    else:
+        command = [sys.executable, '-c', 'import sys; from reidkit import distributed; '
+                   f'sys.exit(distributed.launch({MAIN!r}, sys.argv[1:], 2))', *args]
+    job = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    workers = {}
+    try:
+        # Training has started in both processes once rank 0 logs its first epoch line.
+        assert wait_until(lambda: any('epoch: [1/1000]' in log.read_text()
+                                      for log in experiments.glob('*/log.txt')), 600)
+        workers = worker_pids(str(experiments))
+        assert sorted(workers) == [0, 1]
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+        assert wait_until(lambda: not any(alive(pid) for pid in workers.values()), 120), \
+            'training went on without its launcher'
+    finally:
+        job.kill()
+        for pid in workers.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_an_error_every_process_finds_is_printed_once_under_torchrun(tmp_path, tiny_data_root):
+    from conftest import TINY
+    finished = tmp_path / 'finished.pth'
+    torch.save({'state_dict': {'w': torch.zeros(1)}, 'epoch': 3}, finished)
+    common = ['train', '--DEVICE=cpu', f'--EXPERIMENTS_DIR={tmp_path}/exp',
+              *(f'--{key}={value!r}' for key, value in TINY.items()),
+              f'--DATA_ROOT={tiny_data_root}']
+    cases = {'RESUME: no checkpoint file': [f'--RESUME={tmp_path}/none.pth'],
+             'it has finished': [f'--RESUME={finished}', '--MAX_EPOCH=2'],
+             'so training would take zero steps': ['--BATCH_SIZE_TRAIN=100000']}
+    for message, flags in cases.items():
+        done = run_main([*common, *flags], tmp_path, torchrun(2), timeout=600)
+        ours = [line for line in done.stderr.splitlines() if line.startswith('error:')]
+        assert len(ours) == 1 and message in ours[0], (message, done.stderr[-3000:])
+        assert not (tmp_path / 'exp').exists() or not list((tmp_path / 'exp').glob('*/model/*'))
+
+
+def _same_everywhere(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    distributed.start('cpu')
+    try:
+        outcomes = []
+        for failing in ({0, 1}, {1}, set()):      # every rank, rank 1 alone, none
+            def check():
+                if rank in failing:
+                    raise UserError(f'found by {rank}')
+                return rank
+            try:
+                outcomes.append(('ok', distributed.same_everywhere(check)))
+            except UserError as error:
+                outcomes.append((str(error), getattr(error, 'printed_by_main', False)))
+        results.put((rank, outcomes))
+    finally:
+        distributed.stop()
+
+
+def test_same_everywhere_stops_every_rank_and_one_prints():
+    queue = mp.get_context('spawn').SimpleQueue()
+    mp.start_processes(_same_everywhere, args=(2, distributed.free_port(), queue), nprocs=2,
+                       start_method='spawn')
+    results = dict(queue.get() for _ in range(2))
+    # (message, printed by another rank): the lowest rank that found it prints it
+    assert results[0] == [('found by 0', False), ('found by 1', True), ('ok', 0)]
+    assert results[1] == [('found by 0', True), ('found by 1', False), ('ok', 1)]

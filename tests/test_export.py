@@ -221,3 +221,28 @@ def test_search_with_the_onnx_file_ranks_like_the_checkpoint_without_torchreid(e
         ranked = [[row.split(',')[1] for row in csv.read_text().splitlines()[1:6]]
                   for csv in (onnx_csv, torch_csv)]
         assert ranked[0] == ranked[1]
+
+
+@pytest.mark.parametrize('stage', ['exporter', 'metadata'])
+def test_a_full_disk_during_export_is_a_message_and_keeps_nothing(exported, tmp_path,
+                                                                   monkeypatch, stage):
+    import errno
+    s, checkpoint, _, _ = exported
+    weights = tmp_path / checkpoint.name
+    weights.write_bytes(checkpoint.read_bytes())
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        except OSError as error:        # the exporter wraps it in its own error type
+            raise RuntimeError('Failed to save the ONNX model') from error
+    if stage == 'exporter':
+        monkeypatch.setattr(torch.onnx, 'export', full)
+    else:
+        monkeypatch.setattr(onnx, 'save', lambda *a, **k: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, 'No space left on device')))
+    with pytest.raises(UserError) as error:
+        _export(s, weights)
+    assert str(error.value).startswith(f'could not write the ONNX model '
+                                       f'"{tmp_path / "model.onnx"}" (No space left on device)')
+    assert [p.name for p in tmp_path.iterdir()] == [weights.name]    # no model, no partial

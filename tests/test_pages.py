@@ -5,7 +5,6 @@ import json
 import urllib.parse
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -136,13 +135,12 @@ def test_a_strip_holds_max_strip_matches_and_one_more_is_an_error(tmp_path):
         visrank.save_strip(tmp_path / 'wide.jpg', too_wide)
 
 
-def test_both_strip_writers_stop_when_a_strip_is_not_written(tmp_path, monkeypatch):
+def test_both_strip_writers_stop_when_a_strip_is_not_written(tmp_path, full_disk):
     query, *gallery = images(tmp_path / 'images', ['q.jpg', 'g1.jpg', 'g2.jpg'])
     dataset = ([(str(query), 0, 0)], [(str(gallery[0]), 0, 1), (str(gallery[1]), 1, 1)])
-    monkeypatch.setattr(cv2, 'imwrite', lambda *args: False)       # a full disk, say
-    with pytest.raises(UserError, match='Could not write the rank strip'):
+    with pytest.raises(UserError, match='could not write the rank strip .*No space left'):
         searching.write_results(tmp_path / 'search', query, [str(p) for p in gallery],
                                 np.arange(2), np.zeros(2, np.float32), 2, [])
-    with pytest.raises(UserError, match='Could not write the rank strip'):
+    with pytest.raises(UserError, match='could not write the rank strip .*No space left'):
         visrank.write_rankings(np.zeros((1, 2)), dataset, save_dir=tmp_path / 'visrank', topk=2,
                                workers=1)

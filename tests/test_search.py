@@ -163,7 +163,7 @@ def test_query_file_names_give_distinct_folders_inside_the_search(trained, tmp_p
     assert _search_folders(s.EXPERIMENTS_DIR) - before == {out}       # nothing beside it
     names = {'person.jpg': 'person.jpg', 'person.png': 'person.png', '_...bmp': '...bmp',
              'sub_person.jpg': 'person.jpg'}
-    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(names)
     for name, query in names.items():
         assert f'Search: {query}<' in (out / name / 'index.html').read_text()
         results = list(csv.DictReader(open(out / name / 'results.csv')))
@@ -486,7 +486,7 @@ def _top1(s) -> dict:
     """Each query's first result: {query name: (gallery file name, distance)}."""
     out = main.search(s)
     found = {}
-    for folder in out.iterdir():
+    for folder in (p for p in out.iterdir() if p.is_dir()):
         first = next(csv.DictReader(open(folder / 'results.csv')))
         found[folder.name] = (Path(first['path']).name, float(first['distance']))
     return found
