@@ -7,15 +7,18 @@ images with our reader through a picklable dataset wrapper (so spawned loader wo
 too). Importing any module changes nothing in Torchreid.
 
 Added around Torchreid's own training step and evaluation: checkpoints written atomically with
-the run's settings inside, a rolling checkpoint to resume from, a stop with a clear error when
-the loss stops being finite (no checkpoint of a diverged model is ever written), progress bars
-on feature extraction, and a record of every evaluation in `results`.
+the run's settings inside, a rolling checkpoint to resume from, the last epoch's checkpoint
+written before the final evaluation, a stop with a clear error when the loss stops being finite
+(no checkpoint of a diverged model is ever written), re-ranking in the evaluations during
+training too, progress bars on feature extraction, and a record of every evaluation in
+`results`.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import importlib
+import inspect
 import math
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from tqdm import tqdm
 
-from reidkit import distributed, evaluation
+from reidkit import distributed, evaluation, rerank as reranking
 from reidkit.visrank import write_rankings
 from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
 from reidkit.checks import read_image
@@ -236,8 +239,7 @@ class ReidkitEngineMixin:
         labels = (q_pids, g_pids, q_camids, g_camids)
         print(f'Computing CMC and mAP with metric={dist_metric}'
               + (', flip test' if self.flip_test else '')
-              + (', re-ranking (k1={k1}, k2={k2}, lambda={lambda_value})'.format(**self.rerank)
-                 if rerank else '')
+              + (f', re-ranking ({_rerank_parameters(self.rerank)})' if rerank else '')
               + (", CUHK03's single-gallery-shot CMC" if use_metric_cuhk03 else '') + ' ...')
         distmat = None
         if rerank:
@@ -316,6 +318,13 @@ class ReidkitEngineMixin:
             self.results.append({'epoch': self.epoch + 1, 'cmc': cmc, 'mAP': mAP,
                                  'mINP': mINP})
         return rank1
+
+
+def _rerank_parameters(given: dict) -> str:
+    """'k1=20, k2=6, lambda=0.3': the parameters re-ranking uses (its defaults where not given)."""
+    defaults = inspect.signature(reranking.re_ranking_features).parameters
+    return ', '.join(f'{name.replace("_value", "")}={given.get(name, defaults[name].default)}'
+                     for name in ('k1', 'k2', 'lambda_value'))
 
 
 class NoWriter:

@@ -28,18 +28,14 @@ def test_a_run_extended_by_resume_follows_its_schedule(scheduler, tiny_settings,
                               MAX_EPOCH=2, EVAL_FREQ=-1)
     seen = []                                   # (epoch, LR it trained with), every run
     interrupt = {'at': None}
-    original_train, original_step = SoftmaxEngine.train, SoftmaxEngine.forward_backward
+    original_train = SoftmaxEngine.train
 
-    def recording_train(self, *args, **kwargs):
+    def recording_train(self, *args, **kwargs):    # one epoch, on any training path
         seen.append((self.epoch + 1, self.optimizer.param_groups[0]['lr']))
-        return original_train(self, *args, **kwargs)
-
-    def interruptible_step(self, data):
         if self.epoch + 1 == interrupt['at']:
-            raise KeyboardInterrupt
-        return original_step(self, data)
+            raise KeyboardInterrupt                # Ctrl-C as the epoch starts
+        return original_train(self, *args, **kwargs)
     monkeypatch.setattr(SoftmaxEngine, 'train', recording_train)
-    monkeypatch.setattr(SoftmaxEngine, 'forward_backward', interruptible_step)
 
     run_dir = main.train(s)
     capsys.readouterr()
@@ -78,18 +74,14 @@ def test_a_shortened_cosine_is_replanned_to_its_new_end(tiny_settings, monkeypat
     s = tiny_settings.replace(MODEL_NAME='resnet18', LR=lr, LR_SCHEDULER='cosine', MAX_EPOCH=6,
                               EVAL_FREQ=-1)
     seen = []
-    original_train, original_step = SoftmaxEngine.train, SoftmaxEngine.forward_backward
+    original_train = SoftmaxEngine.train
 
     def recording_train(self, *args, **kwargs):
         seen.append(self.optimizer.param_groups[0]['lr'])
-        return original_train(self, *args, **kwargs)
-
-    def interrupt_in_epoch_2(self, data):
-        if self.epoch == 1 and len(seen) == 2:
+        if self.epoch == 1 and len(seen) == 2:      # Ctrl-C as epoch 2 starts, first run only
             raise KeyboardInterrupt
-        return original_step(self, data)
+        return original_train(self, *args, **kwargs)
     monkeypatch.setattr(SoftmaxEngine, 'train', recording_train)
-    monkeypatch.setattr(SoftmaxEngine, 'forward_backward', interrupt_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         main.train(s)
     (latest,) = Path(s.EXPERIMENTS_DIR).glob(f'*/model/{LATEST_NAME}')

@@ -12,7 +12,7 @@ import torch
 
 import main
 from reidkit import checks
-from reidkit.checkpoints import load_checkpoint
+from reidkit.checkpoints import load_checkpoint, unwrap
 from reidkit.demo_data import market_data_dir
 from reidkit.engine import SoftmaxEngine
 from reidkit.errors import UserError
@@ -154,7 +154,7 @@ def test_a_failed_final_evaluation_keeps_the_last_epoch(tiny_settings, monkeypat
     original = SoftmaxEngine._evaluate
 
     def failing_evaluation(self, *args, **kwargs):
-        trained['conv1'] = self.model.conv1.weight.detach().clone()
+        trained['conv1'] = unwrap(self.model).conv1.weight.detach().cpu().clone()
         raise RuntimeError('evaluation failed')
     monkeypatch.setattr(SoftmaxEngine, '_evaluate', failing_evaluation)
     with pytest.raises(RuntimeError, match='evaluation failed'):
