@@ -32,7 +32,7 @@ from torchreid.reid.utils import set_random_seed
 
 from reidkit import checks, distributed, search as searching
 from reidkit.atomic import disk_full, reason
-from reidkit.checkpoints import load_weights, resume_training
+from reidkit.checkpoints import continue_schedule, load_weights, resume_training
 from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.device import busy_cpu_note, choose_device, place_model
 from reidkit.engine import SoftmaxEngine, TripletEngine
@@ -163,10 +163,14 @@ def train(s: Settings | None = None) -> Path:
         datamanager, model, optimizer, scheduler = get_items(
             s.replace(PRETRAINED=False) if resumed else s)
         distributed.same_everywhere(lambda: checks.check_training_batches(s, datamanager))
+        distributed.same_everywhere(lambda: checks.check_loaded_matches(datamanager))
         start_epoch = distributed.same_everywhere(lambda: resume_training(
             resumed, checkpoint, model, optimizer, scheduler)) if resumed else 0
         if start_epoch:
             print(f'Resuming from "{checkpoint}" after epoch {start_epoch}')
+            schedule = continue_schedule(resumed, scheduler, optimizer, start_epoch, s.MAX_EPOCH)
+            if schedule:
+                print(f'Note: {schedule}.')
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
         try:
             engine.run(
@@ -179,14 +183,22 @@ def train(s: Settings | None = None) -> Path:
                 rerank=s.RERANK,
             )
         except KeyboardInterrupt as interrupt:
-            last = resume_point(run_dir)
-            message = '\nInterrupted. ' + (
-                f'Last checkpoint: {last}\nResume with: {resume_command(last, s)}'
-                if last else 'No checkpoint was written yet.')
+            if engine.final_checkpoint:
+                message = f'\nInterrupted during the final evaluation. {_evaluate_hint(engine, s)}'
+            else:
+                last = resume_point(run_dir)
+                message = '\nInterrupted. ' + (
+                    f'Last checkpoint: {last}\nResume with: {resume_command(last, s)}'
+                    if last else 'No checkpoint was written yet.')
             if tee:     # rank 0 alone; stderr: stdout may be a pipe into a stopped `tee`
                 print(message, file=sys.stderr)
                 tee.log_only(message + '\n')
             interrupt.reported = True
+            raise
+        except Exception:
+            if engine.final_checkpoint:      # training finished: say where its weights are
+                print(f'The final evaluation failed (the error follows). '
+                      f'{_evaluate_hint(engine, s)}', flush=True)
             raise
     if distributed.current().is_main:
         plot_training(run_dir, len(engine.train_loader))
@@ -201,6 +213,14 @@ def _checked_resume(s: Settings, notes: list):
     checkpoint, resumed, s = resolve_checkpoint(s, setting='RESUME', notes=notes)
     check_not_finished(resumed, checkpoint, s)
     return checkpoint, resumed, s
+
+
+def _evaluate_hint(engine, s: Settings) -> str:
+    """Where a finished training's weights are, and the command that evaluates them."""
+    flags = [f'--WEIGHTS={engine.final_checkpoint}'] + _local_flags(s)
+    return (f'Training finished and its checkpoint is saved: {engine.final_checkpoint}\n'
+            f'Evaluate it with: python main.py test '
+            + ' '.join(shlex.quote(flag) for flag in flags))
 
 
 def _training_run_dir(s: Settings, checkpoint, resumed, notes: list) -> Path:
@@ -228,10 +248,15 @@ def check_not_finished(saved: dict, checkpoint: Path, s: Settings) -> None:
 def resume_command(checkpoint: Path, s: Settings) -> str:
     """The command that continues this run: the run's settings come from the checkpoint, so
     only the machine-local flags given this time are repeated."""
-    flags = [f'--RESUME={checkpoint}'] + [
-        f'--{key}={s[key] if key in PATH_SETTINGS else repr(s[key])}'
-        for key in LOCAL_SETTINGS if key in s.given and key not in ('RESUME', 'WEIGHTS')]
+    flags = [f'--RESUME={checkpoint}'] + _local_flags(s)
     return 'python main.py train ' + ' '.join(shlex.quote(flag) for flag in flags)
+
+
+def _local_flags(s: Settings) -> list[str]:
+    """The machine-local flags given this time (data, outputs, evaluation switches), as
+    --KEY=VALUE, for a command printed to run next."""
+    return [f'--{key}={s[key] if key in PATH_SETTINGS else repr(s[key])}'
+            for key in LOCAL_SETTINGS if key in s.given and key not in ('RESUME', 'WEIGHTS')]
 
 
 def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_flags) -> Path:
@@ -242,6 +267,7 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     distributed.on_main(lambda: checks.check_before_run(s, training=False))
     set_random_seed(s.SEED)
     datamanager, model, optimizer, scheduler = get_items(s)
+    checks.check_loaded_matches(datamanager)
     load_weights(model, saved, s.MODEL_NAME, checkpoint)
     out_dir = distributed.on_main(
         lambda: output_dir_for(checkpoint, Path(s.EXPERIMENTS_DIR), mode))
@@ -272,7 +298,9 @@ def vis_rank(s: Settings | None = None, weights: Path | None = None) -> Path:
 def search(s: Settings | None = None, weights: Path | None = None) -> Path:
     """Ranks every image under GALLERY for each image in QUERY with a checkpoint (WEIGHTS, or
     the newest run's). Writes strip.jpg, results.csv and index.html per query; returns the folder."""
-    return searching.search(s or load_settings(), weights)
+    s = s or load_settings()
+    checks.check_search_switches(s)
+    return searching.search(s, weights)
 
 
 def export(s: Settings | None = None, weights: Path | None = None) -> Path:
@@ -336,6 +364,8 @@ def gpus_for_training(s: Settings, modes: list[str]) -> list[int]:
 
 
 def _run_modes(modes: list[str], demo: bool, s: Settings, processes) -> int:
+    if 'search' in modes:
+        checks.check_search_switches(s)         # before a training that would come first
     if demo:
         summary = distributed.on_main(
             lambda: make_demo_dataset(Path(s.DATA_ROOT), seed=DEMO_DATA_SEED))

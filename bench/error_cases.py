@@ -26,14 +26,16 @@ TINY = ['--HEIGHT=32', '--WIDTH=16', '--BATCH_SIZE_TRAIN=16', '--WORKERS=0',
         '--PRETRAINED=False', '--MAX_EPOCH=1', '--PRINT_FREQ=1000']
 
 
-def run(args, env=None):
+def run(args, env=None, note='Note:'):
+    """(exit status, first line, seconds): the first error line, else the first line starting
+    with `note` (not the CUDA one), else the last line."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - started
     text = [line for line in (done.stderr + '\n' + done.stdout).splitlines() if line.strip()]
     first = next((line for line in text if line.startswith('error:')), None) or \
-        next((line for line in text if line.startswith('Note:') and 'CUDA' not in line),
+        next((line for line in text if line.startswith(note) and 'CUDA' not in line),
              text[-1])
     return done.returncode, first, seconds
 
@@ -166,7 +168,9 @@ def main():
         ('override: wrong type', ['train', *common, '--MAX_EPOCH=ten'], None),
     ]
     cases = cases[17:] + cases[:17]        # the earlier issues' cases first, then #11's
-    cases = [(name, args, env, None) for name, args, env in cases]
+    cases = [(name, args, env, None, 'Note:') for name, args, env in cases]
+    cases += [(name, args, env, None, note)
+              for name, args, env, note in issue_21_cases(tmp, data, common, checkpoint, damaged)]
 
     # Issue 21's cases: the search cache on a full disk, a folder where its index goes.
     def search_in(experiments, *more):
@@ -190,13 +194,14 @@ def main():
         ('#21 a folder where the index file goes', search_in(blocked, '--SEARCH_EXACT_UP_TO=0'),
          None, None),
     ]
+    cases = [case if len(case) == 5 else (*case, 'Note:') for case in cases]
 
     # Issue 21's cases: a full disk, a killed launcher, a HACNN checkpoint of other identities.
     full = full_tmpfs(tmp / 'full-disk')
     hacnn = tmp / 'hacnn.pth'
     torch.save({'state_dict': build_model('hacnn', 99, pretrained=False).state_dict(),
                 'model_name': 'hacnn', 'input_size': [160, 64], 'epoch': 1}, hacnn)
-    cases += [(name, args, env, None) for name, args, env in [
+    cases += [(name, args, env, None, 'Note:') for name, args, env in [
         ('#21 settings.json on a full disk (a 64 KiB tmpfs, one page left)',
          ['train', *common, f'--EXPERIMENTS_DIR={full}'] if full else
          lambda: ('-', 'skipped: mounting a tmpfs needs root', 0.0), None),
@@ -208,14 +213,14 @@ def main():
     ]]
     wanted = sys.argv[1] if len(sys.argv) > 1 else ''
     print('| case | exit | seconds | first line |\n|---|---|---|---|')
-    for name, args, env, disk in cases:
+    for name, args, env, disk, note in cases:
         if wanted not in name:
             continue
         with small_disk(*disk) if disk else contextlib.nullcontext(True) as mounted:
             if not mounted:
                 print(f'| {name} | - | - | skipped: a tmpfs cannot be mounted here (root only) |')
                 continue
-            code, first, seconds = args() if callable(args) else run(args, env)
+            code, first, seconds = args() if callable(args) else run(args, env, note)
         print(f'| {name} | {code} | {seconds:.1f} | {first[:160]} |', flush=True)
     if full:
         subprocess.run(['umount', '-l', str(full)], capture_output=True)
@@ -280,6 +285,58 @@ def kill_launcher(experiments: Path, flags: list[str]):
     first = next((line for line in lines if 'Interrupted' in line or 'error' in line),
                  lines[0] if lines else '(nothing)')
     return 'launcher -9; workers ended', first, seconds
+
+
+def issue_21_cases(tmp, data, common, checkpoint, damaged):
+    """Issue 21's cases: small or odd test sets, an extended cosine, RERANK in search.
+    (name, args, env, prefix of the line to show when the command succeeds)."""
+    first_camera = {}                      # the first 3 test people: their first gallery camera
+    for image in sorted((market_data_dir(data) / 'bounding_box_test').glob('*.jpg')):
+        pid, cam = image.name.split('_')[:2]
+        if pid not in ('-1', '0000') and len(first_camera) < 3:
+            first_camera.setdefault(pid, cam)
+
+    def keep(d, split, wanted):
+        for image in (d / split).glob('*.jpg'):
+            if not wanted(*image.name.split('_')[:2]):
+                image.unlink()
+
+    def tiny_gallery(d):                   # one gallery image each; queries from all cameras
+        kept = set()
+
+        def once(pid, cam):
+            if first_camera.get(pid) == cam and pid not in kept:
+                kept.add(pid)
+                return True
+            return False
+        keep(d, 'bounding_box_test', once)
+        keep(d, 'query', lambda pid, cam: pid in first_camera)
+
+    def same_camera_only(d):               # each query's person only in its own camera
+        for split in ('query', 'bounding_box_test'):
+            keep(d, split, lambda pid, cam: first_camera.get(pid) == cam)
+
+    tiny, no_match = damaged('tiny-gallery', tiny_gallery), damaged('no-match', same_camera_only)
+    cosine = tmp / 'cosine'
+    run(['train', *common, f'--EXPERIMENTS_DIR={cosine}', '--LR_SCHEDULER=cosine',
+         '--MAX_EPOCH=2'])
+    cosine_checkpoint = next(cosine.glob('*/model/model.pth.tar-2'))
+    queries = tmp / 'queries'
+    evaluate = [f'--WEIGHTS={checkpoint}', f'--EXPERIMENTS_DIR={tmp / "exp"}', '--WORKERS=0']
+    return [
+        ('#21 gallery of 3 images: test (runs)', ['test', *evaluate, tiny], None, 'Rank-1'),
+        ('#21 gallery of 3 images: train (runs)', ['train', *common, tiny], None, '(no Rank'),
+        ('#21 no query matchable from another camera: train', ['train', *common, no_match],
+         None, 'Note:'),
+        ('#21 no query matchable from another camera: test', ['test', *evaluate, no_match],
+         None, 'Note:'),
+        ('#21 cosine run of 2 epochs resumed with MAX_EPOCH=4 (runs)',
+         ['train', f'--RESUME={cosine_checkpoint}', '--MAX_EPOCH=4', '--WORKERS=0',
+          f'--EXPERIMENTS_DIR={cosine}'], None, 'Note: MAX_EPOCH=4 where'),
+        ('#21 search with RERANK=True', ['search', *evaluate, f'--QUERY={queries}',
+                                         f'--GALLERY={tmp / "2024"}', '--RERANK=True'],
+         None, 'Note:'),
+    ]
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import pickle
 import re
 import warnings
@@ -233,6 +234,56 @@ def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, s
             f'Resume with the settings the run was started with.'
         ) from None
     return int(checkpoint['epoch'])
+
+
+def continue_schedule(checkpoint: dict, scheduler, optimizer, epoch: int,
+                      max_epoch: int) -> str | None:
+    """Fits a restored learning-rate schedule (after `resume_training`) to MAX_EPOCH; returns
+    a note for the log, or None when the run continues exactly as it was planned.
+
+    A checkpoint records the MAX_EPOCH it was trained towards (its settings; Torchreid's and
+    older ones: a cosine's T_max). With that MAX_EPOCH the restored schedule continues exactly.
+    With another one:
+    - cosine is re-planned: from the learning rate of the last epoch trained (`epoch`), along
+      a half cosine that would reach its minimum one epoch after MAX_EPOCH, as the first plan
+      did. The restored cosine would instead train at LR 0 after its old end, then rise.
+      Re-planning from the LR the next epoch would have had cannot work for a finished run:
+      that LR is the cosine's minimum, 0.
+    - single_step (StepLR) and multi_step (MultiStepLR) are unchanged: the drops already made
+      stay made, and the next ones come on the same epochs as before.
+    """
+    planned = (checkpoint.get('settings') or {}).get('MAX_EPOCH')
+    if planned is None and isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        planned = (checkpoint.get('scheduler') or {}).get('T_max')
+    if planned is None or int(planned) == max_epoch:
+        return None
+    change = f'MAX_EPOCH={max_epoch} where the run planned {int(planned)}'
+    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        low, phase = scheduler.eta_min, scheduler.last_epoch
+        # The LR epoch `epoch` trained with: the cosine one step before the restored position.
+        last = [low + (base - low) * (1 + math.cos(math.pi * (phase - 1) / scheduler.T_max)) / 2
+                for base in scheduler.base_lrs]
+        span = max_epoch - epoch + 1
+        plan = [[low + (lr - low) * (1 + math.cos(math.pi * k / span)) / 2 for lr in last]
+                for k in range(1, span)]
+        # Position 1 of a cosine from `last` over `span` epochs: PyTorch's step() continues it.
+        scheduler.base_lrs, scheduler.T_max, scheduler.last_epoch = last, span, 1
+        for group, lr in zip(optimizer.param_groups, plan[0]):
+            group['lr'] = lr
+        scheduler._last_lr = list(plan[0])
+        shown = ', '.join(f'{lrs[0]:.3g}' for lrs in plan) if len(plan) <= 6 else \
+            f'{plan[0][0]:.3g} ... {plan[-1][0]:.3g}'
+        return (f'{change}: the cosine learning-rate schedule is re-planned over epochs '
+                f'{epoch + 1}-{max_epoch}, falling from epoch {epoch}\'s rate ({last[0]:.3g}) '
+                f'as the first plan fell: {shown}')
+    lr = optimizer.param_groups[0]['lr']
+    if isinstance(scheduler, torch.optim.lr_scheduler.StepLR):
+        return (f'{change}: single_step keeps multiplying the learning rate by '
+                f'{scheduler.gamma:g} every {scheduler.step_size} epochs (STEPSIZE), counted '
+                f'from the run\'s start; the drops already made stay. Epoch {epoch + 1} trains '
+                f'at {lr:.3g}')
+    return f'{change}: the learning-rate schedule continues as it was; epoch {epoch + 1} ' \
+        f'trains at {lr:.3g}'
 
 
 def model_state(engine: Any, name: str, epoch: int, rank1: float, model_name: str) -> dict:

@@ -336,13 +336,18 @@ def check_training_batches(s: Settings, datamanager) -> None:
             f'{yielded} (e.g. --BATCH_SIZE_TRAIN={max(2, min(32, yielded))}), or more data.')
 
 
+def _market_dir(s: Settings) -> Path:
+    """The folder holding Market-1501's splits under DATA_ROOT (as `check_market_layout`)."""
+    data_dir = dataset_dir(Path(s.DATA_ROOT).expanduser(), 'market1501') / 'Market-1501-v15.09.15'
+    return data_dir if data_dir.is_dir() else data_dir.parent
+
+
 def check_triplet_identities(s: Settings) -> None:
     """The identity sampler fills a batch with BATCH_SIZE_TRAIN / 4 different people; with fewer
     training identities Torchreid fails on a bare assertion while building the loader."""
-    data_dir = dataset_dir(Path(s.DATA_ROOT).expanduser(), 'market1501') / 'Market-1501-v15.09.15'
-    train_dir = data_dir if data_dir.is_dir() else data_dir.parent
+    train_dir = _market_dir(s) / 'bounding_box_train'
     ids = {match.group(1) for match in (MARKET_NAME.search(p.name)
-                                        for p in (train_dir / 'bounding_box_train').glob('*.jpg'))
+                                        for p in train_dir.glob('*.jpg'))
            if match and match.group(1) != '-1'}
     needed = s.BATCH_SIZE_TRAIN // TRIPLET_INSTANCES
     if len(ids) < needed:
@@ -350,6 +355,66 @@ def check_triplet_identities(s: Settings) -> None:
             f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN} with LOSS=\'triplet\' needs {needed} '
             f'different people per batch ({TRIPLET_INSTANCES} images each), but the training set '
             f'has {len(ids)}. Use a batch of at most {len(ids) * TRIPLET_INSTANCES}.')
+
+
+def count_matchable_queries(query, gallery) -> int:
+    """How many queries the evaluation can score: those whose person the gallery shows from
+    another camera (Market-1501's protocol ignores the same person in the same camera).
+    `query`, `gallery`: iterables of (person id, camera id)."""
+    cameras = {}
+    for pid, camid in gallery:
+        cameras.setdefault(pid, set()).add(camid)
+    return sum(1 for pid, camid in query if cameras.get(pid, set()) - {camid})
+
+
+def _nothing_to_match(name: str, queries: int, where: str) -> UserError:
+    return UserError(
+        f'TARGETS: the test set {name!r} has nothing to match: none of its {queries} query '
+        f'images has its person in the gallery seen by another camera ({where}), and the '
+        f'evaluation scores only such matches, so there would be no Rank-1 or mAP. Nothing was '
+        f'trained or extracted. Put each query person\'s images from other cameras in the '
+        f'gallery (Market-1501 names: <person>_c<camera>...), or set TARGETS to another '
+        f'dataset.')
+
+
+def check_market_matches(s: Settings) -> None:
+    """A Market-1501 test set (TARGETS) has queries the evaluation can score, read from the
+    file names as Torchreid's loader reads them (junk, person -1, left out); UserError if none.
+    Notes how many queries are left out when only some can be scored."""
+    data_dir = _market_dir(s)
+
+    def labels(split: str) -> list[tuple[int, int]]:
+        found = (MARKET_NAME.search(p.name) for p in (data_dir / split).glob('*.jpg'))
+        pairs = [(int(m.group(1)), int(m.group(2))) for m in found if m]
+        return [(pid, camid) for pid, camid in pairs if pid != -1]
+    query = labels('query')
+    kept = count_matchable_queries(query, labels('bounding_box_test'))
+    if not kept:
+        raise _nothing_to_match('market1501', len(query), f'"{data_dir}"')
+    if kept < len(query):
+        print(f'Note: {len(query) - kept} of the {len(query)} queries of market1501 have no '
+              f'match from another camera in the gallery; the evaluation leaves them out.')
+
+
+def check_loaded_matches(datamanager) -> None:
+    """Every test set Torchreid loaded has queries the evaluation can score (UserError if
+    not): the same check as `check_market_matches`, on any dataset, from the loader's labels."""
+    for name, splits in datamanager.test_dataset.items():
+        query = [(item[1], item[2]) for item in splits['query']]
+        gallery = [(item[1], item[2]) for item in splits['gallery']]
+        if not count_matchable_queries(query, gallery):
+            raise _nothing_to_match(name, len(query), 'as its loader reads it')
+
+
+def check_search_switches(s: Settings) -> None:
+    """Evaluation switches that search cannot apply are refused, never silently ignored:
+    search ranks by plain feature distances (FLIP_TEST applies; re-ranking does not)."""
+    if s.RERANK:
+        raise UserError(
+            'RERANK=True: search does not re-rank; its distances and order are plain feature '
+            'distances, so they would not be the re-ranked ones the setting asks for. Run '
+            'search with --RERANK=False (and set RERANK = False in config.py if it is True '
+            'there); test and visrank re-rank.')
 
 
 def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> None:
@@ -367,6 +432,8 @@ def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> No
             f'(e.g. --BATCH_SIZE_TRAIN={max(2, min(32, train_images))}), or more data.')
     if training and s.LOSS == 'triplet' and train_images is not None:
         check_triplet_identities(s)
+    if 'market1501' in _as_list(s.TARGETS):
+        check_market_matches(s)
     check_output_folder(Path(s.EXPERIMENTS_DIR))
     if training and pretrained:
         check_pretrained(s)

@@ -7,15 +7,18 @@ images with our reader through a picklable dataset wrapper (so spawned loader wo
 too). Importing any module changes nothing in Torchreid.
 
 Added around Torchreid's own training step and evaluation: checkpoints written atomically with
-the run's settings inside, a rolling checkpoint to resume from, a stop with a clear error when
-the loss stops being finite (no checkpoint of a diverged model is ever written), progress bars
-on feature extraction, and a record of every evaluation in `results`.
+the run's settings inside, a rolling checkpoint to resume from, the last epoch's checkpoint
+written before the final evaluation, a stop with a clear error when the loss stops being finite
+(no checkpoint of a diverged model is ever written), re-ranking in the evaluations during
+training too, progress bars on feature extraction, and a record of every evaluation in
+`results`.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import importlib
+import inspect
 import math
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from tqdm import tqdm
 
-from reidkit import distributed, evaluation
+from reidkit import distributed, evaluation, rerank as reranking
 from reidkit.report import BestEffortWriter
 from reidkit.visrank import write_rankings
 from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
@@ -54,6 +57,8 @@ class ReidkitEngineMixin:
         self.settings = settings           # the run's settings, stored in every checkpoint
         self.results: list = []            # every evaluation: {'epoch', 'cmc', 'mAP', 'mINP'}
         self.save_dir = None
+        self.final_checkpoint = None       # written when training ends, before its evaluation
+        self._rerank = False               # run()'s rerank, for the evaluations in training
         self.divergence = DivergenceWatch()
         self._print_freq = 10
         self._evaluations: list = []       # (cmc, mAP, mINP) of the evaluations in one test()
@@ -83,6 +88,9 @@ class ReidkitEngineMixin:
     def run(self, save_dir='log', *args, **kwargs):
         self.save_dir = Path(save_dir)
         self._print_freq = kwargs.get('print_freq', self._print_freq)
+        # Torchreid's run() passes `rerank` to test() only with test_only=True; test() takes
+        # it from here, so the evaluations during and after training re-rank too.
+        self._rerank = bool(kwargs.get('rerank', False))
         if not distributed.current().is_main:
             self.writer = NoWriter()          # one set of TensorBoard events, rank 0's
         elif self.writer is None and not kwargs.get('test_only', False):
@@ -93,6 +101,7 @@ class ReidkitEngineMixin:
         finally:
             if self.writer is not None:
                 self.writer.close()
+            self._rerank = False
 
     def forward_backward(self, data):
         summary = super().forward_backward(data)
@@ -135,8 +144,17 @@ class ReidkitEngineMixin:
             self._train_epoch(print_freq, fixbase_epoch, open_layers)
         self._stop_if_diverged()             # the epoch's last batches, before any checkpoint
         done = self.epoch + 1
-        if self.save_dir is not None and self.latest_every > 0 and done % self.latest_every == 0 \
-                and done < self.max_epoch:
+        if self.save_dir is None:
+            return
+        if done == self.max_epoch:
+            # The final checkpoint, before the final evaluation (which Torchreid's run() does
+            # first): whatever happens there, the trained weights are on disk.
+            for name in self.get_model_names():
+                path = self._save(name, done, float('nan'),
+                                  checkpoint_path(self.save_dir, done, name))
+                print(f'Checkpoint saved to "{path}" (before the final evaluation)')
+                self.final_checkpoint = path
+        elif self.latest_every > 0 and done % self.latest_every == 0:
             # A rolling checkpoint to resume from after Ctrl-C or a crash.
             for name in self.get_model_names():
                 self._save(name, done, float('nan'), self.save_dir / name / LATEST_NAME)
@@ -204,17 +222,15 @@ class ReidkitEngineMixin:
                   rerank=False):
         """Torchreid's evaluation, with the features kept on the model's device and the
         distances computed there in query chunks by our evaluator (never a full distance
-        matrix on the host, unless visrank draws it or re-ranking needs it); re-ranking is ours
-        (`reidkit.rerank`, from each image's nearest neighbours). CUHK03's protocol goes
-        through Torchreid's own `_evaluate` (with our evaluator inside)."""
-        if use_metric_cuhk03:
-            if distributed.current().distributed:
-                raise UserError('The CUHK03 metric is evaluated by one process: run python '
-                                'main.py test --GPUS=1 (or without torchrun) on the checkpoint '
-                                'this run wrote.')
-            return super()._evaluate(dataset_name, query_loader, gallery_loader, dist_metric,
-                                     normalize_feature, visrank, visrank_topk, save_dir,
-                                     use_metric_cuhk03, list(ranks), rerank)
+        matrix on the host, unless visrank draws it, re-ranking needs it or CUHK03's protocol
+        does); re-ranking is ours (`reidkit.rerank`, from each image's nearest neighbours).
+        Every switch (metric, FLIP_TEST, re-ranking) applies to every protocol, CUHK03's too,
+        and the evaluation line names them. Prints the ranks in `ranks` that the gallery
+        has; returns (Rank-1, mAP)."""
+        if use_metric_cuhk03 and distributed.current().distributed:
+            raise UserError('The CUHK03 metric is evaluated by one process: run python '
+                            'main.py test --GPUS=1 (or without torchrun) on the checkpoint '
+                            'this run wrote.')
         print('Extracting features from query set ...')
         qf, q_pids, q_camids = self._features(query_loader)
         print(f'Done, obtained {qf.size(0)}-by-{qf.size(1)} matrix')
@@ -226,22 +242,36 @@ class ReidkitEngineMixin:
             # squared euclidean distances (2 - 2 cos) rank as cosine distances do.
             qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
         labels = (q_pids, g_pids, q_camids, g_camids)
+        print(f'Computing CMC and mAP with metric={dist_metric}'
+              + (', flip test' if self.flip_test else '')
+              + (f', re-ranking ({_rerank_parameters(self.rerank)})' if rerank else '')
+              + (", CUHK03's single-gallery-shot CMC" if use_metric_cuhk03 else '') + ' ...')
         distmat = None
         if rerank:
-            print('Applying person re-ranking ...')
             distmat = torch.from_numpy(re_ranking_features(qf, gf, **self.rerank))
+        if use_metric_cuhk03:
+            if distmat is None:
+                distmat = evaluation.distances(qf, gf, dist_metric)
+            cmc, mAP = evaluation.evaluate_rank(distmat.cpu(), *labels, use_metric_cuhk03=True)
+            mINP = None                      # the single-shot protocol has none
+        elif distmat is not None:
             cmc, mAP, mINP = evaluation.evaluate_rank_all(distmat, *labels)
         else:
-            print(f'Computing CMC and mAP with metric={dist_metric} ...')
             cmc, mAP, mINP = evaluation.evaluate_features_all(qf, gf, *labels,
                                                               metric=dist_metric)
         self._evaluations.append((cmc, mAP, mINP))
         print('** Results **')
         print(f'mAP: {mAP:.1%}')
-        print(f'mINP: {mINP:.1%}')
+        if mINP is not None:
+            print(f'mINP: {mINP:.1%}')
         print('CMC curve')
         for r in ranks:
-            print(f'Rank-{r:<3}: {cmc[r - 1]:.1%}')
+            if r <= len(cmc):                # a smaller gallery has no such rank
+                print(f'Rank-{r:<3}: {cmc[r - 1]:.1%}')
+        missing = [r for r in ranks if r > len(cmc)]
+        if missing:
+            print(f'(no Rank-{min(missing)} or above: the CMC curve stops at rank {len(cmc)}'
+                  + (', the size of the gallery)' if len(cmc) == gf.size(0) else ')'))
         if visrank and distributed.current().is_main:
             if distmat is None:
                 distmat = evaluation.distances(qf, gf, dist_metric)
@@ -277,6 +307,8 @@ class ReidkitEngineMixin:
         return features
 
     def test(self, *args, **kwargs):
+        if len(args) < 8:                    # rerank is test()'s eighth parameter
+            kwargs.setdefault('rerank', self._rerank)
         loaders = self.test_loader
         self.test_loader = {name: {split: WithProgress(loader, f'{name} {split} features')
                                    for split, loader in splits.items()}
@@ -291,6 +323,13 @@ class ReidkitEngineMixin:
             self.results.append({'epoch': self.epoch + 1, 'cmc': cmc, 'mAP': mAP,
                                  'mINP': mINP})
         return rank1
+
+
+def _rerank_parameters(given: dict) -> str:
+    """'k1=20, k2=6, lambda=0.3': the parameters re-ranking uses (its defaults where not given)."""
+    defaults = inspect.signature(reranking.re_ranking_features).parameters
+    return ', '.join(f'{name.replace("_value", "")}={given.get(name, defaults[name].default)}'
+                     for name in ('k1', 'k2', 'lambda_value'))
 
 
 class NoWriter:
