@@ -36,6 +36,7 @@ from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.device import choose_device, place_model
 from reidkit.engine import SoftmaxEngine, TripletEngine
 from reidkit.errors import UserError
+from reidkit.own_dataset import register_all, unknown_camera_targets, write_run_split
 from reidkit.report import plot_cmc, plot_training, write_metrics
 from reidkit.runs import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
@@ -62,6 +63,7 @@ def get_items(s: Settings | None = None):
 
 
 def _data_and_model(s: Settings, device):
+    register_all(s)         # folders and CSV files of SOURCES/TARGETS, under their absolute paths
     datamanager = torchreid.data.ImageDataManager(
         root=s.DATA_ROOT,
         sources=s.SOURCES,
@@ -130,6 +132,8 @@ def evaluation_line(s: Settings, device) -> str:
     if s.RERANK:
         switches.append(f'RERANK (k-reciprocal, k1={s.RERANK_K1}, k2={s.RERANK_K2}, '
                         f'lambda={s.RERANK_LAMBDA:g})')
+    for name in unknown_camera_targets(s):
+        switches.append(f'{name}: no camera information, so same-camera matches count')
     return 'Evaluation: ' + ', '.join(switches)
 
 
@@ -159,6 +163,8 @@ def train(s: Settings | None = None) -> Path:
         datamanager, model, optimizer, scheduler = get_items(
             s.replace(PRETRAINED=False) if resumed else s)
         checks.check_training_batches(s, datamanager)
+        if distributed.current().is_main:
+            write_run_split(run_dir, s)     # own data: which image went where (split.json)
         start_epoch = resume_training(resumed, checkpoint, model, optimizer, scheduler) \
             if resumed else 0
         if start_epoch:
