@@ -36,7 +36,8 @@ from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.device import choose_device, place_model
 from reidkit.engine import SoftmaxEngine, TripletEngine
 from reidkit.errors import UserError
-from reidkit.own_dataset import register_all, unknown_camera_targets, write_run_split
+from reidkit.own_dataset import check_run_split, register_all, unknown_camera_targets, \
+    write_run_split
 from reidkit.report import plot_cmc, plot_training, write_metrics
 from reidkit.runs import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
@@ -237,12 +238,16 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     distributed.on_main(lambda: checks.check_before_run(s, training=False))
     set_random_seed(s.SEED)
     datamanager, model, optimizer, scheduler = get_items(s)
+    # own data: never test on the run's training images (its split.json)
+    split_notes = check_run_split(Path(checkpoint).resolve().parent.parent, s)
     load_weights(model, saved, s.MODEL_NAME, checkpoint)
     out_dir = distributed.on_main(
         lambda: output_dir_for(checkpoint, Path(s.EXPERIMENTS_DIR), mode))
     main_rank = distributed.current().is_main
     with log_to(out_dir / 'log.txt') if main_rank else nullcontext():
         print(f'Loaded weights from "{checkpoint}" (epoch {saved.get("epoch", "?")})')
+        for note in split_notes:
+            print(f'Note: {note}.')
         engine = build_engine(s, datamanager, model, optimizer, scheduler, training=False)
         engine.run(save_dir=str(out_dir), test_only=True, rerank=s.RERANK, **run_flags)
     result = dict(engine.results[-1], epoch=saved.get('epoch'))

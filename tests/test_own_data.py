@@ -397,3 +397,45 @@ def test_train_and_test_on_own_folders_cross_dataset(tmp_path, capsys):
     assert metrics['num_gallery'] == len(split[0]['gallery']) + len(split[1]['gallery'])
     assert 0 <= metrics['mAP'] <= 1
     assert 'no camera information' not in capsys.readouterr().out
+    # test with another TEST_SHARE would measure on trained people: refused
+    with pytest.raises(UserError, match='were training images'):
+        main.test(main.load_settings(dict(TINY, DEVICE='cpu', TEST_SHARE=0.9,
+                                          EXPERIMENTS_DIR=str(tmp_path / 'experiments'))))
+
+
+def test_test_never_evaluates_on_the_runs_training_images(tmp_path):
+    from reidkit.own_dataset import check_run_split
+    root = _identity_folders(tmp_path / 'crops', [f'p{i:02d}' for i in range(12)])
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    own_data.write_split(run_dir, [load(str(root))])
+    settings = lambda path, **more: main.load_settings(   # noqa: E731
+        dict(SOURCES=str(path), TARGETS=str(path), **more))
+    assert check_run_split(run_dir, settings(root)) == []
+    # another share moves some training identities to test: an error, before any work
+    with pytest.raises(UserError, match=r'test images of ".*crops" were training images'):
+        check_run_split(run_dir, settings(root, TEST_SHARE=0.9))
+    # new identities: the others stay where they were, so no training image is tested on
+    _identity_folders(root, ['p98', 'p99'])
+    notes = check_run_split(run_dir, settings(root))
+    assert len(notes) == 1 and 'differs from the run' in notes[0]
+    # a moved folder that gives the same split is the run's data
+    moved = tmp_path / 'moved'
+    root.rename(moved)
+    for person in ('p98', 'p99'):
+        for camera in ('door', 'lift', 'yard'):
+            for i in range(2):
+                (moved / person / camera / f'{i}.jpg').unlink()
+    notes = check_run_split(run_dir, settings(moved))
+    assert len(notes) == 1 and 'moved' in notes[0]
+
+
+def test_export_checks_onnx_on_the_own_test_images_or_random_ones(tmp_path):
+    from reidkit import export
+    root = _identity_folders(tmp_path / 'crops', [f'p{i}' for i in range(6)])
+    s = main.load_settings(dict(TINY, TARGETS=str(root)))
+    images, source = export.check_images(s)
+    assert source == f'test images of "{root}" (query and gallery)'
+    assert len(images) == len(load(str(root)).query + load(str(root)).gallery)
+    s = main.load_settings(dict(TINY, TARGETS=str(tmp_path / 'gone')))
+    assert export.check_images(s)[1] == 'random images'
