@@ -435,7 +435,11 @@ def write_split(run_dir: Path, datasets: list[OwnData]) -> Path:
 def check_own_data(value: str, s, as_source: bool) -> OwnData:
     """Pre-run check of one own-data value of SOURCES/TARGETS (settings `s`): it parses and
     splits (see `load`), and a source has training images; prints what was found."""
-    data = load(value, s.TEST_SHARE, s.SPLIT_SEED)
+    setting = 'SOURCES' if as_source else 'TARGETS'
+    try:
+        data = load(value, s.TEST_SHARE, s.SPLIT_SEED)
+    except UserError as error:          # name the setting that holds the path
+        raise UserError(str(error).replace('SOURCES/TARGETS:', f'{setting}:', 1)) from None
     if as_source and not data.train:
         raise UserError(f'SOURCES: "{data.path}" has no training images (it holds query and '
                         f'gallery images only), so it can be a target but not a source: put it '
