@@ -439,3 +439,50 @@ def test_export_checks_onnx_on_the_own_test_images_or_random_ones(tmp_path):
     assert len(images) == len(load(str(root)).query + load(str(root)).gallery)
     s = main.load_settings(dict(TINY, TARGETS=str(tmp_path / 'gone')))
     assert export.check_images(s)[1] == 'random images'
+
+
+# --- the same images as Market-1501 -----------------------------------------------------------
+
+def test_market_layout_parses_as_torchreids_loader_and_identity_folders_alike(tiny_data_root,
+                                                                             tmp_path):
+    import shutil
+    from torchreid.reid.data.datasets.image.market1501 import Market1501
+    from reidkit.demo_data import market_data_dir
+    theirs = Market1501(root=str(tiny_data_root), verbose=False)
+    ours = load(str(market_data_dir(tiny_data_root)))
+    for split in ('query', 'gallery'):
+        assert sorted(getattr(ours, split)) == \
+            sorted(item[:3] for item in getattr(theirs, split)), split
+    # train: labels 0..N-1 for the same people (Torchreid numbers them in a set's order)
+    people = lambda items: {frozenset((p, camid) for p, label, camid, *_ in items  # noqa: E731
+                                      if label == wanted)
+                            for wanted in {item[1] for item in items}}
+    assert people(ours.train) == people(theirs.train)
+    assert sorted({item[1] for item in ours.train}) == list(range(theirs.num_train_pids))
+    # the same images as <pid>/<camera>/<image> under train/, query/, gallery/
+    copy = tmp_path / 'as-folders'
+    for split, market in (('train', 'bounding_box_train'), ('query', 'query'),
+                          ('gallery', 'bounding_box_test')):
+        for image in (market_data_dir(tiny_data_root) / market).glob('*.jpg'):
+            pid, camera = image.name.split('_')[:2]
+            target = copy / split / pid / camera[:2] / image.name.replace('_', '-')
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, target)
+    folders = load(str(copy))
+    assert folders.layout == 'identity/camera folders in split folders'
+    as_market = lambda items: sorted((Path(p).name.replace('_', '-'), pid, camid)  # noqa: E731
+                                     for p, pid, camid in items)
+    for split in ('train', 'query', 'gallery'):
+        assert as_market(getattr(folders, split)) == as_market(getattr(ours, split)), split
+
+
+def test_the_identity_folder_generator_makes_a_dataset_that_splits(tmp_path):
+    from reidkit.demo_data import make_identity_folders
+    root = make_identity_folders(tmp_path / 'people', num_ids=10, seed=2)
+    data = load(str(root))
+    assert data.layout == 'identity/camera folders' and data.split_made
+    assert len(data.train_names) + len(data.identity_names) == 10
+    assert set(data.camera_names) <= {'door', 'hall', 'lift', 'yard'}
+    again = make_identity_folders(tmp_path / 'again', num_ids=10, seed=2)
+    assert [p.read_bytes() for p in sorted(again.rglob('*.jpg'))] == \
+        [p.read_bytes() for p in sorted(root.rglob('*.jpg'))]
