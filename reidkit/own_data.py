@@ -382,7 +382,8 @@ def make_split(records: list[Record], test_share: float, seed: int, cameras_know
               if len(images) > 1 and (not cameras_known or len({r.camera for r in images}) > 1)}
     if len(by_key) < 2 or not usable:
         raise UserError(
-            f'SOURCES/TARGETS: "{path}" has {len(by_key)} identit{"y" if len(by_key) == 1 else "ies"}'
+            f'SOURCES/TARGETS: "{path}" has {len(by_key)} '
+            f'identit{"y" if len(by_key) == 1 else "ies"}'
             f' and {len(usable)} with images from two cameras (or, cameras unknown, two images):'
             f' splitting into training and test identities needs at least two identities, one '
             f'of them with such images. Add identities, or give train/, query/ and gallery/ '
@@ -415,7 +416,8 @@ def choose_queries(images: list[Record], seed: int, cameras_known: bool) -> list
     by_camera: dict = {}
     for r in images:
         by_camera.setdefault(r.camera if cameras_known else None, []).append(r)
-    chosen = [rng.choice(by_camera[c]) for c in sorted(by_camera, key=lambda c: natural_key(c or ''))]
+    chosen = [rng.choice(by_camera[c])
+              for c in sorted(by_camera, key=lambda c: natural_key(c or ''))]
     while cameras_known:
         left = {c: len(by_camera[c]) - sum(q.camera == c for q in chosen) for c in by_camera}
         bad = [q for q in chosen if not any(n for c, n in left.items() if c != q.camera)]
