@@ -149,3 +149,10 @@ def check_run_split(run_dir: Path, s) -> list[str]:
         notes.append(f'the split of "{data.path}" differs from the run\'s (images added or '
                      f'removed since training); none of its test images was a training image')
     return notes
+
+
+def target_summaries(targets) -> list[dict]:
+    """metrics.json's block per own-data target registered in this process: path, layout,
+    split share/seed/digest, ids and images per split, cameras known or not."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return [data.summary() for data in map(registered, targets) if data is not None]

@@ -395,6 +395,9 @@ def test_train_and_test_on_own_folders_cross_dataset(tmp_path, capsys):
     assert metrics['num_query'] == len(split[0]['query']) + len(split[1]['query'])
     assert metrics['num_gallery'] == len(split[0]['gallery']) + len(split[1]['gallery'])
     assert 0 <= metrics['mAP'] <= 1
+    assert [block['path'] for block in metrics['own_data']] == [str(source), str(target)]
+    assert metrics['own_data'][0]['digest'] == split[0]['digest']
+    assert metrics['own_data'][1]['query_images'] == 12 and metrics['own_data'][1]['train_ids'] == 0
     assert 'no camera information' not in capsys.readouterr().out
     # test with another TEST_SHARE would measure on trained people: refused
     with pytest.raises(UserError, match='were training images'):
