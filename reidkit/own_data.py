@@ -177,8 +177,12 @@ def load(value: str, test_share: float = 0.5, split_seed: int = 0) -> OwnData:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under `folder` (any depth, hidden files and folders skipped), sorted."""
-    found = []
+    found, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(top) in seen:       # a linked folder met twice (or a link loop)
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(top))
         dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
         found += [Path(top) / f for f in files
                   if not f.startswith('.') and f.lower().endswith(IMAGE_SUFFIXES)]
@@ -269,8 +273,13 @@ def read_csv(path: Path) -> list[Record]:
     if not path.is_file():
         raise UserError(f'SOURCES/TARGETS: the CSV file "{path}" does not exist. Give the path '
                         f'of a file with the header path,pid,camid[,split], paths relative to it.')
-    with open(path, newline='', encoding='utf-8-sig') as file:
-        rows = list(csv.reader(file))
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as file:
+            rows = list(csv.reader(file))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f'SOURCES/TARGETS: the CSV file "{path}" cannot be read as UTF-8 CSV '
+                        f'({error}). Save it as UTF-8 text with the header path,pid,camid'
+                        f'[,split] and one row per image.') from None
     header = [column.strip().lower() for column in rows[0]] if rows else []
     missing = [c for c in CSV_COLUMNS if c not in header]
     if missing:

@@ -488,3 +488,30 @@ def test_the_identity_folder_generator_makes_a_dataset_that_splits(tmp_path):
     again = make_identity_folders(tmp_path / 'again', num_ids=10, seed=2)
     assert [p.read_bytes() for p in sorted(again.rglob('*.jpg'))] == \
         [p.read_bytes() for p in sorted(root.rglob('*.jpg'))]
+
+
+def test_unknown_cameras_are_said_once_and_named_in_the_evaluation_line(tmp_path, capsys):
+    from reidkit.own_dataset import register_all
+    root = _identity_folders(tmp_path / 'no-cams', [f'p{i}' for i in range(6)],
+                             camera_folders=False)       # p0/door_0.jpg: no camera anywhere
+    s = main.load_settings(dict(TINY, SOURCES=str(root), TARGETS=['market1501', str(root)]))
+    register_all(s)
+    register_all(s)
+    out = capsys.readouterr().out
+    assert out.count('has no camera information') == 1 and str(root) in out
+    line = main.evaluation_line(s, torch.device('cpu'))
+    assert line.endswith('no-cams: no camera information, so same-camera matches count')
+    cams = _identity_folders(tmp_path / 'cams', [f'p{i}' for i in range(6)])
+    s = main.load_settings(dict(TINY, SOURCES=str(cams), TARGETS=str(cams)))
+    register_all(s)
+    assert 'same-camera' not in main.evaluation_line(s, torch.device('cpu'))
+
+
+def test_a_link_loop_is_listed_once_and_a_binary_csv_is_a_clear_error(tmp_path):
+    root = _identity_folders(tmp_path / 'crops', ['a', 'b', 'c'])
+    (root / 'a' / 'door' / 'loop').symlink_to(root / 'a', target_is_directory=True)
+    assert len(load(str(root)).train + load(str(root)).query + load(str(root)).gallery) == 18
+    binary = tmp_path / 'latin.csv'
+    binary.write_bytes(b'path,pid,camid\n\xe9t\xe9.jpg,1,1\n')
+    with pytest.raises(UserError, match=r'latin.csv" cannot be read as UTF-8'):
+        load(str(binary))
