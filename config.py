@@ -5,8 +5,10 @@ Defaults are the tutorial's recipe: ResNet50, softmax + label smoothing, Market-
 
 # --- data -----------------------------------------------------------------
 DATA_ROOT = 'reid-data'                      # folder holding market1501/Market-1501-v15.09.15/
-SOURCES = 'market1501'                       # dataset(s) to train on
-TARGETS = 'market1501'                       # dataset(s) to test on
+SOURCES = 'market1501'                       # dataset(s) to train on: Torchreid names or a folder/CSV path ('./crops')
+TARGETS = 'market1501'                       # dataset(s) to test on: Torchreid names or a folder/CSV path ('./crops')
+TEST_SHARE = 0.5                             # own data without split folders: share of identities held out to test
+SPLIT_SEED = 0                               # own data: seed of that split (independent of SEED)
 HEIGHT = 256                                 # input height in pixels
 WIDTH = 128                                  # input width in pixels
 BATCH_SIZE_TRAIN = 32                        # images per training step

@@ -37,6 +37,8 @@ from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.device import busy_cpu_note, choose_device, place_model
 from reidkit.engine import SoftmaxEngine, TripletEngine
 from reidkit.errors import UserError
+from reidkit.own_dataset import check_run_split, register_all, unknown_camera_targets, \
+    write_run_split
 from reidkit.report import plot_cmc, plot_training, write_metrics
 from reidkit.runs import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
@@ -63,6 +65,7 @@ def get_items(s: Settings | None = None):
 
 
 def _data_and_model(s: Settings, device):
+    register_all(s)         # folders and CSV files of SOURCES/TARGETS, under their absolute paths
     datamanager = torchreid.data.ImageDataManager(
         root=s.DATA_ROOT,
         sources=s.SOURCES,
@@ -134,6 +137,8 @@ def evaluation_line(s: Settings, device) -> str:
     if s.RERANK:
         switches.append(f'RERANK (k-reciprocal, k1={s.RERANK_K1}, k2={s.RERANK_K2}, '
                         f'lambda={s.RERANK_LAMBDA:g})')
+    for name in unknown_camera_targets(s):
+        switches.append(f'{name}: no camera information, so same-camera matches count')
     return 'Evaluation: ' + ', '.join(switches)
 
 
@@ -164,6 +169,8 @@ def train(s: Settings | None = None) -> Path:
             s.replace(PRETRAINED=False) if resumed else s)
         distributed.same_everywhere(lambda: checks.check_training_batches(s, datamanager))
         distributed.same_everywhere(lambda: checks.check_loaded_matches(datamanager))
+        if distributed.current().is_main:
+            write_run_split(run_dir, s)     # own data: which image went where (split.json)
         start_epoch = distributed.same_everywhere(lambda: resume_training(
             resumed, checkpoint, model, optimizer, scheduler)) if resumed else 0
         if start_epoch:
@@ -268,12 +275,16 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     set_random_seed(s.SEED)
     datamanager, model, optimizer, scheduler = get_items(s)
     checks.check_loaded_matches(datamanager)
+    # own data: never test on the run's training images (its split.json)
+    split_notes = check_run_split(Path(checkpoint).resolve().parent.parent, s)
     load_weights(model, saved, s.MODEL_NAME, checkpoint)
     out_dir = distributed.on_main(
         lambda: output_dir_for(checkpoint, Path(s.EXPERIMENTS_DIR), mode))
     main_rank = distributed.current().is_main
     with log_to(out_dir / 'log.txt') if main_rank else nullcontext():
         print(f'Loaded weights from "{checkpoint}" (epoch {saved.get("epoch", "?")})')
+        for note in split_notes:
+            print(f'Note: {note}.')
         engine = build_engine(s, datamanager, model, optimizer, scheduler, training=False)
         engine.run(save_dir=str(out_dir), test_only=True, rerank=s.RERANK, **run_flags)
     result = dict(engine.results[-1], epoch=saved.get('epoch'))

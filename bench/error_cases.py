@@ -7,6 +7,7 @@ a crafted pickle) in a temporary folder and prints a Markdown table. Issue 21's 
 mount a small tmpfs as the search cache (root only; reported as skipped elsewhere).
 """
 import contextlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -168,6 +169,39 @@ def main():
         ('override: wrong type', ['train', *common, '--MAX_EPOCH=ten'], None),
     ]
     cases = cases[17:] + cases[:17]        # the earlier issues' cases first, then #11's
+
+    # Issue 22's cases: datasets of one's own (folders and CSV files in SOURCES/TARGETS).
+    own = tmp / 'own'
+    crops = itertools.cycle(sorted((market_data_dir(data) / 'bounding_box_train').glob('*.jpg')))
+    for person in range(1, 25):                # <identity>/<camera>/<image>, 24 people
+        for camera in ('door', 'lift'):
+            (own / 'crops' / f'p{person}' / camera).mkdir(parents=True)
+            for i in range(2):
+                shutil.copy(next(crops), own / 'crops' / f'p{person}' / camera / f'{i}.jpg')
+    (own / 'empty').mkdir()
+    (own / 'loose').mkdir()
+    shutil.copy(query, own / 'loose' / 'photo.jpg')
+    shutil.copy(query, own / 'p1.jpg')
+    (own / 'columns.csv').write_text('file,person\np1.jpg,1\n')
+    (own / 'row.csv').write_text('path,pid,camid\np1.jpg,1,1\nmissing.jpg,2,1\n')
+    for split in ('query', 'gallery'):
+        (own / 'targets-only' / split / '1').mkdir(parents=True)
+        shutil.copy(query, own / 'targets-only' / split / '1' / 'c1_a.jpg')
+    mine_ = [*common, f'--TARGETS={own}/crops']
+    cases += [
+        ('#22 own folder, identity/camera folders (runs)', ['train', *mine_,
+                                                          f'--SOURCES={own}/crops'], None),
+        ('#22 own folder empty', ['train', *mine_, f'--SOURCES={own}/empty'], None),
+        ('#22 own folder, names not parsed', ['train', *mine_, f'--SOURCES={own}/loose'], None),
+        ('#22 CSV without its columns', ['train', *mine_, f'--SOURCES={own}/columns.csv'], None),
+        ('#22 CSV row naming a missing image', ['train', *mine_, f'--SOURCES={own}/row.csv'],
+         None),
+        ('#22 query/gallery-only folder as SOURCES', ['train', *mine_,
+                                                      f'--SOURCES={own}/targets-only'], None),
+        ('#22 TEST_SHARE=1.5', ['train', *mine_, f'--SOURCES={own}/crops', '--TEST_SHARE=1.5'],
+         None),
+    ]
+
     cases = [(name, args, env, None, 'Note:') for name, args, env in cases]
     cases += [(name, args, env, None, note)
               for name, args, env, note in issue_21_cases(tmp, data, common, checkpoint, damaged)]

@@ -19,6 +19,7 @@ from PIL import Image
 
 from reidkit.errors import UserError
 from reidkit.images import upright
+from reidkit.own_data import check_own_data, is_own_data
 from reidkit.settings import Settings
 
 LOSSES = ('softmax', 'triplet')
@@ -83,8 +84,9 @@ def check_names(s: Settings) -> None:
             raise _choices('TRANSFORMS', transform, TRANSFORMS)
     for key in ('SOURCES', 'TARGETS'):
         for name in _as_list(s[key]):
-            if name not in torchreid_datasets():
-                raise _choices(key, name, torchreid_datasets())
+            if name not in torchreid_datasets() and not is_own_data(name):
+                raise UserError(f'{_choices(key, name, torchreid_datasets())} For a folder or '
+                                f'CSV file of your own, write it as a path: --{key}=./{name}')
     from reidkit.speed import CHOICES
     for key, valid in CHOICES.items():
         if s[key] not in valid:
@@ -153,6 +155,9 @@ def check_dataset(s: Settings) -> dict[str, int]:
     checked = {}
     root = Path(s.DATA_ROOT).expanduser()
     for name in dict.fromkeys(_as_list(s.SOURCES) + _as_list(s.TARGETS)):
+        if is_own_data(name):       # parsed and split here: bad data fails before any work
+            check_own_data(name, s, as_source=name in _as_list(s.SOURCES))
+            continue
         folder = dataset_dir(root, name)
         if not folder.is_dir() or not any(folder.iterdir()):
             raise UserError(

@@ -352,3 +352,32 @@ def summarise_market_dir(data_dir: Path) -> DemoSummary:
         query_ids=counts['query'][0], query_images=counts['query'][1],
         gallery_ids=counts['bounding_box_test'][0], gallery_images=counts['bounding_box_test'][1],
     )
+
+
+# Camera names of `make_identity_folders`: any folder name is a camera (README: Your own data).
+IDENTITY_FOLDER_CAMERAS = ('door', 'hall', 'lift', 'yard', 'gate', 'shop')
+
+
+def make_identity_folders(root: Path, num_ids: int = 60, seed: int = 0,
+                          num_cameras: int = 4, images_per_camera: tuple[int, int] = (2, 3)
+                          ) -> Path:
+    """Writes the demo's synthetic people in the folder-per-identity layout of one's own data:
+    `root/person-<n>/<camera>/<k>.jpg` (cameras named `IDENTITY_FOLDER_CAMERAS`, no split
+    folders: the split is made by TEST_SHARE and SPLIT_SEED). Each person is seen by two or
+    more of `num_cameras` cameras. Same arguments, same files; another seed draws other
+    people. Returns `root`. Raises ValueError for num_ids < 2 or num_cameras outside 2..6."""
+    if num_ids < 2 or not 2 <= num_cameras <= len(IDENTITY_FOLDER_CAMERAS):
+        raise ValueError('make_identity_folders needs 2+ identities and 2 to 6 cameras')
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    cameras = [_make_camera(rng) for _ in range(num_cameras)]
+    for n in range(1, num_ids + 1):
+        person = _make_person(rng)
+        seen_by = rng.choice(num_cameras, size=rng.integers(2, num_cameras + 1), replace=False)
+        for cam in sorted(seen_by):
+            folder = root / f'person-{n:03d}' / IDENTITY_FOLDER_CAMERAS[cam]
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(1, int(rng.integers(images_per_camera[0],
+                                               images_per_camera[1] + 1)) + 1):
+                _render(person, cameras[cam], rng).save(folder / f'{k}.jpg', quality=90)
+    return root

@@ -39,6 +39,7 @@ from reidkit.checks import read_image
 from reidkit.rerank import re_ranking_features
 from reidkit.datapath import loader_like
 from reidkit.errors import UserError
+from reidkit.own_data import display_name
 from reidkit.step import RunningMeans
 
 
@@ -279,7 +280,8 @@ class ReidkitEngineMixin:
                 distmat.cpu().numpy(), self.datamanager.fetch_test_loaders(dataset_name),
                 self.datamanager.data_type, width=self.datamanager.width,
                 height=self.datamanager.height,
-                save_dir=str(Path(save_dir) / f'visrank_{dataset_name}'), topk=visrank_topk)
+                save_dir=str(Path(save_dir) / f'visrank_{display_name(dataset_name)}'),
+                topk=visrank_topk)
         return cmc[0], mAP
 
     def _features(self, loader):

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reidkit import atomic, onnx_features as meta
+from reidkit import atomic, onnx_features as meta, own_data
 from reidkit.errors import UserError
+from reidkit.own_data import is_own_data
 from reidkit.settings import Settings
 
 # 18: the exporter's own opset (it converts to others, op by op), and one that onnxruntime
@@ -145,7 +146,8 @@ def check_images(s: Settings) -> tuple[list, str]:
     from PIL import Image
     from reidkit.checks import read_image
     name = s.TARGETS if isinstance(s.TARGETS, str) else s.TARGETS[0]
-    paths, why = _test_image_paths(name, Path(s.DATA_ROOT).expanduser())
+    paths, why = _own_test_image_paths(name, s) if is_own_data(name) else \
+        _test_image_paths(name, Path(s.DATA_ROOT).expanduser())
     images = []
     for path in paths:
         try:
@@ -153,13 +155,30 @@ def check_images(s: Settings) -> tuple[list, str]:
         except UserError:           # a broken file is for test to report; skip it here
             continue
     if images:
-        return images, f'test images of {name} (query and gallery) in "{s.DATA_ROOT}"'
+        return images, (f'test images of "{name}" (query and gallery)' if is_own_data(name)
+                        else f'test images of {name} (query and gallery) in "{s.DATA_ROOT}"')
     print(f'Note: the ONNX check runs on {RANDOM_IMAGES} RANDOM images, not on real people: '
           f'{why or "none of its test images could be read"}. It still shows that the ONNX '
           f'graph computes what PyTorch does; pass --DATA_ROOT=... to check on the run\'s data.')
     rng = np.random.default_rng(0)
     return ([Image.fromarray(rng.integers(0, 256, (s.HEIGHT, s.WIDTH, 3), dtype=np.uint8))
              for _ in range(RANDOM_IMAGES)], 'random images')
+
+
+def _own_test_image_paths(name: str, s: Settings) -> tuple[list[str], str]:
+    """(paths, '') or ([], why not) for a dataset of one's own (reidkit.own_data)."""
+    try:
+        data = own_data.load(name, s.TEST_SHARE, s.SPLIT_SEED)
+    except UserError as error:
+        return [], f'your dataset cannot be read ({error})'
+    return _spread([item[0] for item in data.query + data.gallery]), \
+        '' if data.query or data.gallery else f'"{name}" has no query or gallery images'
+
+
+def _spread(paths: list[str]) -> list[str]:
+    """Up to CHECK_IMAGES of `paths`, evenly spread."""
+    picks = np.unique(np.linspace(0, len(paths) - 1, min(CHECK_IMAGES, len(paths))).astype(int))
+    return [paths[i] for i in picks] if paths else []
 
 
 def _test_image_paths(name: str, root: Path) -> tuple[list[str], str]:
@@ -178,8 +197,7 @@ def _test_image_paths(name: str, root: Path) -> tuple[list[str], str]:
     paths = [item[0] for item in dataset.query + dataset.gallery]
     if not paths:
         return [], f'Torchreid finds no query or gallery images in "{folder}"'
-    picks = np.unique(np.linspace(0, len(paths) - 1, min(CHECK_IMAGES, len(paths))).astype(int))
-    return [paths[i] for i in picks], ''
+    return _spread(paths), ''
 
 
 def compare(model: torch.nn.Module, transform, extractor: meta.OnnxExtractor,

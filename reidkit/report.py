@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from reidkit.atomic import atomic_file, reason, write_atomically
+from reidkit.own_dataset import target_summaries
 
 CMC_RANKS = (1, 5, 10, 20)
 MAX_NAME_BYTES = 200            # file systems allow 255; room for -2 and a suffix
@@ -83,6 +84,8 @@ def write_metrics(path: Path, mode: str, result: Mapping, settings: Mapping, dat
         and settings['DEVICE'] != 'cpu' else f'cpu ({platform.processor() or platform.machine()})',
         'settings': dict(settings),
     }
+    if target_summaries(settings['TARGETS']):     # datasets of one's own: how each was split
+        metrics['own_data'] = target_summaries(settings['TARGETS'])
     write_atomically(path, json.dumps(metrics, indent=2) + '\n', 'the metrics')
     return metrics
 

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, TextIO
 from reidkit.atomic import reason, write_atomically
 from reidkit.checkpoints import CHECKPOINT_PREFIX, checkpoint_epoch, load_checkpoint
 from reidkit.errors import UserError
+from reidkit.own_data import display_name
 from reidkit.settings import Settings, with_checkpoint_settings
 
 
@@ -30,8 +31,10 @@ def new_run_dir(parent: Path, name: str) -> Path:
 
 
 def run_name(s: Settings) -> str:
-    """<model>-<loss>-<datasets>: the end of a training run's folder name."""
-    sources = s.SOURCES if isinstance(s.SOURCES, str) else '+'.join(s.SOURCES)
+    """<model>-<loss>-<datasets>: the end of a training run's folder name (own data: its
+    folder's or CSV's base name, never the path)."""
+    sources = '+'.join(map(display_name, [s.SOURCES] if isinstance(s.SOURCES, str)
+                                         else s.SOURCES))
     return f'{s.MODEL_NAME}-{s.LOSS}-{sources}'
 
 

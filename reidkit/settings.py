@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any, Iterable, Mapping
 
 from reidkit.errors import UserError
+from reidkit.own_data import absolute, is_own_data
 
 # config.py constants that are not settings themselves.
 NOT_SETTINGS = {'DEMO'}
@@ -28,7 +29,8 @@ NOT_SETTINGS = {'DEMO'}
 # The class of every setting (see above); a setting added to config.py must be added here.
 RUN_SETTINGS = ('SOURCES', 'TARGETS', 'HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'TRANSFORMS',
                 'MODEL_NAME', 'LOSS', 'PRETRAINED', 'LABEL_SMOOTH', 'OPTIM', 'LR',
-                'LR_SCHEDULER', 'STEPSIZE', 'SEED', 'LR_SCALING', 'SYNC_BN')
+                'LR_SCHEDULER', 'STEPSIZE', 'SEED', 'LR_SCALING', 'SYNC_BN', 'TEST_SHARE',
+                'SPLIT_SEED')
 SCHEDULE_SETTINGS = ('MAX_EPOCH', 'EVAL_FREQ', 'PRINT_FREQ', 'LATEST_EVERY')
 LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'DEVICE', 'GPUS', 'AMP',
                   'CHANNELS_LAST', 'COMPILE', 'TRAIN_STEP', 'DATA_CACHE', 'DATA_CACHE_GB',
@@ -45,7 +47,9 @@ RESUMED_LOCAL_SETTINGS = tuple(key for key in LOCAL_SETTINGS if key not in
                                COMMAND_INPUTS + ('DATA_ROOT', 'EXPERIMENTS_DIR'))
 # Settings that name a file or folder: their text is kept as given.
 PATH_SETTINGS = ('DATA_ROOT', 'EXPERIMENTS_DIR', 'WEIGHTS', 'RESUME', 'QUERY', 'GALLERY')
-# Settings that take one dataset name or a list of them.
+# Settings that take one dataset name or a list of them. A value with '/', starting with '~'
+# or '.', or ending in '.csv' is a folder or CSV of the user's own (reidkit.own_data): kept as
+# text on the command line and stored as an absolute path.
 DATASET_LISTS = ('SOURCES', 'TARGETS')
 
 
@@ -116,6 +120,8 @@ def resolve(config: ModuleType, overrides: Mapping[str, Any] | None = None,
     for key in PATH_SETTINGS:        # '~/x' means the home folder everywhere it is used
         if isinstance(values[key], str) and values[key].startswith('~'):
             values[key] = str(Path(values[key]).expanduser())
+    for key in DATASET_LISTS:        # own data: one absolute path, whatever the current folder
+        values[key] = _absolute_datasets(values[key])
     return Settings(values, given=overrides or {})
 
 
@@ -129,12 +135,21 @@ def parse_value(text: str, path: bool = False) -> Any:
     return text if path and not isinstance(value, str) else value
 
 
+def _absolute_datasets(value: Any) -> Any:
+    """SOURCES/TARGETS with own-data paths made absolute (names and other types unchanged)."""
+    if isinstance(value, str):
+        return absolute(value)
+    return [absolute(v) for v in value] if isinstance(value, list) else value
+
+
 def _typed(key: str, value: Any, default: Any, source: str) -> Any:
     """`value` converted to the default's type, or a UserError saying what was expected."""
     expected = type(default)
     if key in DATASET_LISTS and isinstance(value, (list, tuple)) and value and \
             all(isinstance(name, str) for name in value):
-        return list(value)      # several datasets: Torchreid takes a list
+        return _absolute_datasets(list(value))      # several datasets: Torchreid takes a list
+    if key in DATASET_LISTS and isinstance(value, str):
+        return _absolute_datasets(value)
     if expected is float and type(value) is int:
         return float(value)
     if expected is list and isinstance(value, tuple):
@@ -178,13 +193,15 @@ def parse_override_args(args: Iterable[str]) -> dict[str, Any]:
                 f'command line: {arg!r} is not an override. Write --KEY=VALUE, '
                 f'e.g. --MAX_EPOCH=10 (no spaces around "=").'
             )
-        overrides[key] = parse_value(text, path=key in PATH_SETTINGS)
+        overrides[key] = parse_value(text, path=key in PATH_SETTINGS or (
+            key in DATASET_LISTS and is_own_data(text)))     # --SOURCES=./2024 stays text
     return overrides
 
 
 # What test, visrank and search take from a checkpoint unless given on the command line:
 # the model it holds, the input size its features were learnt at, and its datasets.
-EVALUATION_SETTINGS = ('MODEL_NAME', 'LOSS', 'HEIGHT', 'WIDTH', 'SOURCES', 'TARGETS')
+EVALUATION_SETTINGS = ('MODEL_NAME', 'LOSS', 'HEIGHT', 'WIDTH', 'SOURCES', 'TARGETS',
+                       'TEST_SHARE', 'SPLIT_SEED')     # own data: test on the run's split
 
 
 def _same(key: str, value: Any, recorded: Any) -> bool:

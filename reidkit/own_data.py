@@ -1,0 +1,467 @@
+"""Datasets of the user's own, named by a folder or CSV path in SOURCES/TARGETS: no code.
+
+Name or path: a value of SOURCES/TARGETS is own data when it contains '/' (or '\\'), starts
+with '~' or '.', or ends in '.csv'; Torchreid's dataset names have none of these, so a name
+always means Torchreid's dataset. Own-data values are stored absolute (`absolute`).
+
+Layouts of a folder (each region: the whole folder, or each split folder, is read alone):
+- Market-style file names anywhere under it, `<pid>_c<camera>...` (any number of digits),
+  parsed from the file name only (folders above it are never read for ids): `-1` is junk
+  (dropped), `0`/`0000` a distractor (gallery only);
+- a folder per identity, `<identity>/<image>`: the camera from `c<digits>` in the file name,
+  or unknown; or `<identity>/<camera>/<image>`: the sub-folder is the camera, whatever its name.
+A CSV file has a header `path,pid,camid[,split]`: paths relative to the CSV, an empty camid
+means unknown (for all rows or none), the split column (train/query/gallery) filled for all
+rows or none.
+
+Splits: `train/`, `query/`, `gallery/` folders (or Market's `bounding_box_train/`, `query/`,
+`bounding_box_test/`) are used when present. Otherwise identities are split by a hash of
+their id seeded by SPLIT_SEED (stable when identities are added): TEST_SHARE of them to test,
+at least one on each side; each test identity gives one query per camera (one query when
+cameras are unknown), the rest are its gallery; test identities with one image or one camera
+are gallery distractors.
+
+Unknown cameras: queries get camera id 0 and the gallery 1, so the same-camera rule discards
+nothing: every other image of a query's identity is a match.
+
+This module reads files only (no torch): `settings` imports it before torch is loaded.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reidkit.errors import UserError
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+# Market-1501 names, read from the start of the file name: any number of digits for both.
+MARKET_NAME = re.compile(r'^(-1|\d+)_c(\d+)')
+# A camera written in a file name: `c3` not preceded by a letter (so 'rec3' is no camera).
+CAMERA_IN_NAME = re.compile(r'(?:^|[^A-Za-z])c(\d+)')
+# The split folders, by split: ours first, then Market-1501's names.
+SPLIT_FOLDERS = {'train': ('train', 'bounding_box_train'), 'query': ('query',),
+                 'gallery': ('gallery', 'bounding_box_test')}
+SPLITS = ('train', 'query', 'gallery')
+JUNK, DISTRACTOR = '-1', '0'        # identity keys with Market-1501's meanings
+UNKNOWN_QUERY_CAMERA, UNKNOWN_GALLERY_CAMERA = 0, 1
+CSV_COLUMNS = ('path', 'pid', 'camid')
+WHAT_TO_DO = ('Lay the images out as <pid>_c<camera>_<anything>.jpg, as <identity>/<image>, as '
+              '<identity>/<camera>/<image>, or list them in a CSV file with the header '
+              'path,pid,camid[,split] (README: "Your own data").')
+
+
+def is_own_data(value) -> bool:
+    """Whether a SOURCES/TARGETS value names a folder or CSV file rather than a Torchreid
+    dataset: it contains '/' or '\\', starts with '~' or '.', or ends in '.csv'."""
+    return isinstance(value, str) and (
+        '/' in value or '\\' in value or value.startswith(('~', '.'))
+        or value.lower().endswith('.csv'))
+
+
+def absolute(value):
+    """An own-data value as an absolute path ('~' expanded); other values unchanged."""
+    return str(Path(value).expanduser().resolve()) if is_own_data(value) else value
+
+
+def display_name(value: str) -> str:
+    """A short, safe name for run folders and titles: the folder's (or CSV's) base name with
+    every character other than letters, digits, '.', '_' and '-' replaced by '_'."""
+    if not is_own_data(value):
+        return value
+    path = Path(value)
+    base = path.stem if path.suffix.lower() == '.csv' else path.name
+    return re.sub(r'[^A-Za-z0-9._-]', '_', base).lstrip('.') or 'data'
+
+
+def natural_key(text: str):
+    """Sort key that orders 'c2' before 'c10'."""
+    return [(0, int(part), '') if part.isdigit() else (1, 0, part)
+            for part in re.split(r'(\d+)', text) if part]
+
+
+def _key(name: str) -> str:
+    """An identity's key: numbers without leading zeros ('0001' and '1' are one person)."""
+    return str(int(name)) if re.fullmatch(r'-?\d+', name) else name
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image as read: absolute path, identity key and name, camera name (None: unknown),
+    split (None: to be made), where it was read from (for messages)."""
+    path: str
+    key: str
+    name: str
+    camera: str | None
+    split: str | None
+    origin: str
+
+
+@dataclass
+class OwnData:
+    """A parsed and split dataset of one's own. train/query/gallery: lists of
+    (absolute image path, pid, camid); train pids are relabelled 0..N-1 (Torchreid's
+    relabel=True), query and gallery keep their ids; camids are 0..C-1 in natural order of
+    the camera names (unknown cameras: 0 for queries, 1 for the gallery)."""
+    path: str
+    layout: str
+    cameras_known: bool
+    split_made: bool
+    test_share: float
+    split_seed: int
+    train: list = field(default_factory=list)
+    query: list = field(default_factory=list)
+    gallery: list = field(default_factory=list)
+    identity_names: dict = field(default_factory=dict)   # query/gallery pid -> name
+    train_names: list = field(default_factory=list)      # train label -> name
+    camera_names: list = field(default_factory=list)     # camid -> name ([] when unknown)
+    junk_dropped: int = 0
+
+    def digest(self) -> str:
+        """sha256 of the split (paths relative to the dataset, ids, cameras): the same
+        images split the same way give the same digest wherever the folder lies."""
+        base = Path(self.path)
+        base = base.parent if base.is_file() or base.suffix.lower() == '.csv' else base
+        lines = sorted(f'{split}\t{os.path.relpath(p, base)}\t{pid}\t{camid}'
+                       for split in SPLITS for p, pid, camid in getattr(self, split))
+        return hashlib.sha256('\n'.join(lines).encode()).hexdigest()
+
+    def summary(self) -> dict:
+        """What metrics.json and split.json say about the dataset (no image lists)."""
+        count = lambda items: len({pid for _, pid, _ in items})     # noqa: E731
+        return dict(
+            path=self.path, layout=self.layout, cameras_known=self.cameras_known,
+            split='made (TEST_SHARE, SPLIT_SEED)' if self.split_made else 'folders/CSV',
+            test_share=self.test_share, split_seed=self.split_seed, digest=self.digest(),
+            **{f'{split}_ids': count(getattr(self, split)) for split in SPLITS},
+            **{f'{split}_images': len(getattr(self, split)) for split in SPLITS},
+            junk_dropped=self.junk_dropped)
+
+    def to_json(self) -> dict:
+        """summary() plus every image's split, id and camera (paths relative to the data)."""
+        base = Path(self.path)
+        base = base.parent if base.suffix.lower() == '.csv' else base
+        rows = lambda items, names: [[os.path.relpath(p, base), pid, names(pid), camid]  # noqa
+                                     for p, pid, camid in items]
+        return dict(self.summary(), camera_names=self.camera_names,
+                    columns=['path', 'pid', 'identity', 'camid'],
+                    train=rows(self.train, lambda pid: self.train_names[pid]),
+                    query=rows(self.query, self.identity_names.get),
+                    gallery=rows(self.gallery, self.identity_names.get))
+
+
+def load(value: str, test_share: float = 0.5, split_seed: int = 0) -> OwnData:
+    """The dataset a SOURCES/TARGETS path names, parsed and split (see the module docstring).
+
+    Raises UserError (naming the path and what to do) for a missing or empty folder, images
+    whose names and folders parse in no layout, a CSV with missing columns or a bad row, a
+    TEST_SHARE outside (0, 1), or too few identities to split."""
+    if not 0 < test_share < 1:
+        raise UserError(f'TEST_SHARE={test_share!r} must be between 0 and 1 (the share of '
+                        f'identities held out for testing, e.g. 0.5). Fix it in config.py or '
+                        f'with --TEST_SHARE=...')
+    path = Path(absolute(value))
+    if path.suffix.lower() == '.csv':
+        records, layout = read_csv(path), 'csv'
+    else:
+        records, layout = read_folder(path)
+    return build(str(path), records, layout, test_share, split_seed)
+
+
+# --- reading -----------------------------------------------------------------------------
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder` (any depth, hidden files and folders skipped), sorted."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(top) in seen:       # a linked folder met twice (or a link loop)
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(top))
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        found += [Path(top) / f for f in files
+                  if not f.startswith('.') and f.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(found, key=lambda p: natural_key(str(p)))
+
+
+def split_folders(folder: Path) -> tuple[Path, dict[str, Path]]:
+    """(the folder holding the split folders, {split: folder}), or (folder, {}) when there
+    are none. A folder holding nothing but one sub-folder (an unpacked archive, like Market's
+    Market-1501-v15.09.15/) is looked into, twice at most."""
+    top = folder
+    for _ in range(3):
+        found = {split: folder / name for split, names in SPLIT_FOLDERS.items()
+                 for name in reversed(names) if (folder / name).is_dir()}
+        if found:
+            return folder, found
+        entries = [e for e in folder.iterdir() if not e.name.startswith('.')]
+        if len(entries) != 1 or not entries[0].is_dir():
+            break
+        folder = entries[0]
+    return top, {}
+
+
+def read_folder(path: Path) -> tuple[list[Record], str]:
+    """Every image of a dataset folder as a Record, and the layout's name."""
+    if not path.is_dir():
+        raise UserError(f'SOURCES/TARGETS: "{path}" is not a folder (nor a .csv file). Give the '
+                        f'folder that holds your images, e.g. --SOURCES=./my-crops, or a CSV '
+                        f'file path,pid,camid[,split].')
+    root, splits = split_folders(path)
+    regions = splits or {None: root}
+    records, layouts = [], set()
+    for split, region in regions.items():
+        images = list_images(region)
+        if not images:
+            if split is None:
+                raise UserError(f'SOURCES/TARGETS: "{path}" holds no images '
+                                f'({", ".join(IMAGE_SUFFIXES)}). Put your crops there. '
+                                + WHAT_TO_DO)
+            continue
+        region_records, layout = read_region(region, images, split)
+        records += region_records
+        layouts.add(layout)
+    if not records:
+        raise UserError(f'SOURCES/TARGETS: the split folders of "{path}" '
+                        f'({", ".join(p.name for p in splits.values())}) hold no images. '
+                        f'Put your crops there. ' + WHAT_TO_DO)
+    layout = '+'.join(sorted(layouts))
+    return records, (f'{layout} in split folders' if splits else layout)
+
+
+def read_region(region: Path, images: list[Path], split: str | None) -> tuple[list[Record], str]:
+    """The images of one region (the dataset folder or one split folder) as Records."""
+    names = [MARKET_NAME.match(p.name) for p in images]
+    if all(names):
+        return [Record(str(p), _key(m.group(1)), m.group(1), 'c' + str(int(m.group(2))), split,
+                       str(p)) for p, m in zip(images, names)], 'market-names'
+    parts = [p.relative_to(region).parts for p in images]
+    depths = {len(part) for part in parts}
+    if depths == {2}:
+        cameras = [CAMERA_IN_NAME.search(p.name) for p in images]
+        if any(cameras) and not all(cameras):
+            bad = images[[bool(c) for c in cameras].index(False)]
+            raise UserError(
+                f'SOURCES/TARGETS: some images under "{region}" have a camera (c<digits>) in '
+                f'their file name and some, like "{bad}", do not. Name every image with its '
+                f'camera, none of them (cameras unknown), or put each identity\'s images in '
+                f'one sub-folder per camera: <identity>/<camera>/<image>.')
+        return [Record(str(p), _key(part[0]), part[0],
+                       'c' + str(int(c.group(1))) if c else None, split, str(p))
+                for p, part, c in zip(images, parts, cameras)], \
+            'identity-folders' + ('' if any(cameras) else ' (cameras unknown)')
+    if depths == {3}:
+        return [Record(str(p), _key(part[0]), part[0], part[1], split, str(p))
+                for p, part in zip(images, parts)], 'identity/camera folders'
+    # the image to name: one lying loose, or one at the less common depth
+    odd_depth = min(depths, key=lambda d: (d != 1, sum(len(part) == d for part in parts)))
+    bad = next(p for p, part, m in zip(images, parts, names) if not m and len(part) == odd_depth)
+    raise UserError(
+        f'SOURCES/TARGETS: cannot tell the person and camera of images under "{region}": '
+        f'"{bad}" has no Market-style name (<pid>_c<camera>...) and the images are not all '
+        f'one or two folders below it (<identity>/<image> or <identity>/<camera>/<image>; '
+        f'found depths {sorted(depths)}). ' + WHAT_TO_DO)
+
+
+def read_csv(path: Path) -> list[Record]:
+    """The rows of a dataset CSV file as Records (see the module docstring)."""
+    if not path.is_file():
+        raise UserError(f'SOURCES/TARGETS: the CSV file "{path}" does not exist. Give the path '
+                        f'of a file with the header path,pid,camid[,split], paths relative to it.')
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as file:
+            rows = list(csv.reader(file))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f'SOURCES/TARGETS: the CSV file "{path}" cannot be read as UTF-8 CSV '
+                        f'({error}). Save it as UTF-8 text with the header path,pid,camid'
+                        f'[,split] and one row per image.') from None
+    header = [column.strip().lower() for column in rows[0]] if rows else []
+    missing = [c for c in CSV_COLUMNS if c not in header]
+    if missing:
+        raise UserError(f'SOURCES/TARGETS: the CSV file "{path}" lacks the column(s) '
+                        f'{", ".join(missing)}: its first line must be the header '
+                        f'path,pid,camid (and optionally split), e.g. '
+                        f'"path,pid,camid" then "alice/1.jpg,alice,door".')
+    column = {name: header.index(name) for name in header}
+    records = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        problem = lambda what: UserError(      # noqa: E731
+            f'SOURCES/TARGETS: "{path}", row {line}: {what}. Each row is path,pid,camid'
+            + (',split' if 'split' in column else '') + ' (path relative to the CSV file, camid '
+            'empty when unknown); fix or delete the row.')
+        if len(row) != len(header):
+            raise problem(f'{len(row)} fields where the header has {len(header)}')
+        cell = {name: row[index].strip() for name, index in column.items()}
+        if not cell['path'] or not cell['pid']:
+            raise problem('the path or pid is empty')
+        image = (path.parent / cell['path']).resolve()
+        if not image.is_file():
+            raise problem(f'the image "{image}" does not exist')
+        split = cell.get('split') or None
+        if split is not None and split not in SPLITS:
+            raise problem(f'split {split!r} is none of {", ".join(SPLITS)}')
+        camera = _key(cell['camid']) if cell['camid'] else None
+        records.append(Record(str(image), _key(cell['pid']), cell['pid'], camera, split,
+                              f'"{path}", row {line}'))
+    if not records:
+        raise UserError(f'SOURCES/TARGETS: the CSV file "{path}" lists no images: add one row '
+                        f'path,pid,camid per image under its header.')
+    for attribute, what in (('split', 'the split column'), ('camera', 'camid')):
+        filled = [getattr(r, attribute) is not None for r in records]
+        if any(filled) and not all(filled):
+            odd = records[filled.index(not filled[0])]
+            raise UserError(f'SOURCES/TARGETS: {odd.origin}: {what} is '
+                            f'{"empty" if filled[0] else "filled"} here but not in the first '
+                            f'row. Fill '
+                            f'{what} in every row or leave it empty in every row.')
+    return records
+
+
+# --- numbering and splitting -------------------------------------------------------------
+
+def identity_hash(key: str, seed: int) -> float:
+    """A number in [0, 1) fixed by an identity's key and SPLIT_SEED alone."""
+    digest = hashlib.sha256(f'{seed}/{key}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'big') / 2 ** 64
+
+
+def build(path: str, records: list[Record], layout: str, test_share: float,
+          split_seed: int) -> OwnData:
+    """Numbers identities and cameras, splits when no split was given, relabels train."""
+    known = [r.camera is not None for r in records]
+    if any(known) and not all(known):
+        odd = records[known.index(False)]
+        raise UserError(f'SOURCES/TARGETS: "{path}": {odd.origin} has no camera while other '
+                        f'images have one. Give every image a camera or none.')
+    cameras_known = all(known)
+    camera_names = sorted({r.camera for r in records}, key=natural_key) if cameras_known else []
+    camid = {name: index for index, name in enumerate(camera_names)}
+    names = {}
+    for r in records:
+        names.setdefault(r.key, r.name)
+    people = [k for k in names if k not in (JUNK, DISTRACTOR)]
+    numeric = all(re.fullmatch(r'\d+', k) for k in people)
+    pid = {k: int(k) if numeric else rank for rank, k in
+           enumerate(sorted(people, key=natural_key), start=1)}
+    pid[DISTRACTOR] = 0
+    data = OwnData(path, layout, cameras_known, split_made=records[0].split is None,
+                   test_share=test_share, split_seed=split_seed,
+                   junk_dropped=sum(r.key == JUNK for r in records))
+    kept = [r for r in records if r.key != JUNK]
+    item = lambda r, cam=None: (r.path, pid[r.key], camid[r.camera] if cameras_known  # noqa
+                                else cam)
+    if data.split_made:
+        train, query, gallery = make_split(kept, test_share, split_seed, cameras_known, path)
+    else:
+        train = [r for r in kept if r.split == 'train' and r.key != DISTRACTOR]
+        query = [r for r in kept if r.split == 'query' and r.key != DISTRACTOR]
+        gallery = [r for r in kept if r.split == 'gallery']
+    data.query = [item(r, UNKNOWN_QUERY_CAMERA) for r in query]
+    data.gallery = [item(r, UNKNOWN_GALLERY_CAMERA) for r in gallery]
+    data.identity_names = {pid[r.key]: names[r.key] for r in query + gallery}
+    train_keys = sorted({r.key for r in train}, key=lambda k: pid[k])
+    label = {k: index for index, k in enumerate(train_keys)}
+    data.train = [(r.path, label[r.key], camid[r.camera] if cameras_known else 0) for r in train]
+    data.train_names = [names[k] for k in train_keys]
+    data.camera_names = camera_names
+    if not (data.train or data.query):
+        raise UserError(f'SOURCES/TARGETS: "{path}" has neither training nor query images '
+                        f'(after dropping {data.junk_dropped} junk images, pid -1). '
+                        + WHAT_TO_DO)
+    return data
+
+
+def make_split(records: list[Record], test_share: float, seed: int, cameras_known: bool,
+               path: str) -> tuple[list[Record], list[Record], list[Record]]:
+    """(train, query, gallery) Records: identities to train or test by `identity_hash`, at
+    least one on each side; one query per camera of each test identity (seeded by SPLIT_SEED
+    and the identity), each with a match from another camera left in the gallery."""
+    by_key: dict[str, list[Record]] = {}
+    for r in records:
+        by_key.setdefault(r.key, []).append(r)
+    distractors = by_key.pop(DISTRACTOR, [])
+    usable = {k for k, images in by_key.items()
+              if len(images) > 1 and (not cameras_known or len({r.camera for r in images}) > 1)}
+    if len(by_key) < 2 or not usable:
+        raise UserError(
+            f'SOURCES/TARGETS: "{path}" has {len(by_key)} '
+            f'identit{"y" if len(by_key) == 1 else "ies"}'
+            f' and {len(usable)} with images from two cameras (or, cameras unknown, two images):'
+            f' splitting into training and test identities needs at least two identities, one '
+            f'of them with such images. Add identities, or give train/, query/ and gallery/ '
+            f'folders yourself.')
+    score = {k: identity_hash(k, seed) for k in by_key}
+    test = {k for k in by_key if score[k] < test_share}
+    if not test & usable:             # at least one test identity that gives a query
+        test.add(min(usable, key=score.get))
+    if test == set(by_key):           # at least one training identity
+        test.discard(max(set(by_key) - {min(test & usable, key=score.get)}, key=score.get))
+    train, query, gallery = [], [], list(distractors)
+    for key in sorted(by_key, key=natural_key):
+        images = by_key[key]
+        if key not in test:
+            train += images
+        elif key not in usable:
+            gallery += images         # a distractor: no query can match it
+        else:
+            chosen = choose_queries(images, seed, cameras_known)
+            query += chosen
+            gallery += [r for r in images if r not in chosen]
+    return train, query, gallery
+
+
+def choose_queries(images: list[Record], seed: int, cameras_known: bool) -> list[Record]:
+    """One image per camera (one in all when cameras are unknown), chosen by a generator
+    seeded with SPLIT_SEED and the identity; a query whose camera would leave no image of
+    another camera in the gallery is given back to the gallery."""
+    rng = random.Random(f'{seed}/{images[0].key}')
+    by_camera: dict = {}
+    for r in images:
+        by_camera.setdefault(r.camera if cameras_known else None, []).append(r)
+    chosen = [rng.choice(by_camera[c])
+              for c in sorted(by_camera, key=lambda c: natural_key(c or ''))]
+    while cameras_known:
+        left = {c: len(by_camera[c]) - sum(q.camera == c for q in chosen) for c in by_camera}
+        bad = [q for q in chosen if not any(n for c, n in left.items() if c != q.camera)]
+        if not bad:
+            break
+        chosen.remove(bad[0])
+    return chosen
+
+
+def write_split(run_dir: Path, datasets: list[OwnData]) -> Path:
+    """split.json in the run folder: each own dataset's summary and every image's split."""
+    path = Path(run_dir) / 'split.json'
+    path.write_text(json.dumps([d.to_json() for d in datasets], indent=1) + '\n')
+    return path
+
+
+def check_own_data(value: str, s, as_source: bool) -> OwnData:
+    """Pre-run check of one own-data value of SOURCES/TARGETS (settings `s`): it parses and
+    splits (see `load`), and a source has training images; prints what was found."""
+    setting = 'SOURCES' if as_source else 'TARGETS'
+    try:
+        data = load(value, s.TEST_SHARE, s.SPLIT_SEED)
+    except UserError as error:          # name the setting that holds the path
+        raise UserError(str(error).replace('SOURCES/TARGETS:', f'{setting}:', 1)) from None
+    if as_source and not data.train:
+        raise UserError(f'SOURCES: "{data.path}" has no training images (it holds query and '
+                        f'gallery images only), so it can be a target but not a source: put it '
+                        f'in TARGETS and train on another dataset, or add a train/ folder.')
+    counts = data.summary()
+    print(f'Own data "{data.path}": {data.layout}, '
+          + ', '.join(f'{split} {counts[f"{split}_ids"]} ids / {counts[f"{split}_images"]} '
+                      f'images' for split in SPLITS)
+          + (f', split made with TEST_SHARE={data.test_share:g}, SPLIT_SEED={data.split_seed}'
+             if data.split_made else '')
+          + ('' if data.cameras_known else ', cameras unknown')
+          + (f', {data.junk_dropped} junk images (pid -1) dropped' if data.junk_dropped else '')
+          + '.')
+    return data

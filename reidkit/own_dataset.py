@@ -1,0 +1,158 @@
+"""Own datasets (reidkit.own_data) registered with Torchreid, so that its ImageDataManager,
+samplers and transforms, and our data path, read them unchanged.
+
+Each own-data value of SOURCES/TARGETS is registered under its absolute path, once per
+process (Torchreid refuses a name twice; a later registration in the same process, e.g. test
+after train, replaces our own entry so that its TEST_SHARE/SPLIT_SEED apply). The folder is
+listed once per registration: Torchreid builds each dataset several times per ImageDataManager
+from the registered factory, which holds the parsed split (a functools.partial, picklable
+for spawned loader workers).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from torchreid.reid.data import register_image_dataset
+from torchreid.reid.data.datasets.dataset import ImageDataset
+
+from reidkit.errors import UserError
+from reidkit.own_data import OwnData, display_name, is_own_data, load, write_split
+
+_noted_unknown_cameras: set[str] = set()
+
+
+class OwnImageDataset(ImageDataset):
+    """A Torchreid ImageDataset over an `OwnData` split; `mode` picks train, query or gallery.
+
+    Raises UserError when the training split is asked for and the data has none (a folder
+    with only query/ and gallery/ is a target, not a source)."""
+
+    def __init__(self, data: OwnData, mode: str = 'train', verbose: bool = True, **kwargs):
+        lists = {split: list(getattr(data, split)) for split in ('train', 'query', 'gallery')}
+        if mode in lists and not lists[mode]:
+            raise UserError(
+                f'SOURCES/TARGETS: "{data.path}" has no {mode} images'
+                + (' (it holds query and gallery images only), so it can be a target but not '
+                   'a source: put it in TARGETS and train on another dataset, or add a train/ '
+                   'folder.' if mode == 'train' else
+                   ', so it cannot be a target: add query/ and gallery/ folders, or remove the '
+                   'split folders to have the split made (TEST_SHARE).'))
+        kwargs.pop('root', None)
+        self.own = data
+        # Torchreid's Dataset reads the first item of each list: an empty list (no training
+        # split) gets a stand-in, emptied again below.
+        stand_in = next(items[0] for items in lists.values() if items)
+        super().__init__(*(items or [stand_in] for items in lists.values()), mode=mode,
+                         verbose=False, **{k: v for k, v in kwargs.items()
+                                           if k in ('transform', 'k_tfm', 'combineall')})
+        for split, items in lists.items():
+            if not items:
+                setattr(self, split, [])
+        self.num_train_pids = self.get_num_pids(self.train)
+        self.num_train_cams = self.get_num_cams(self.train)
+        self.data = getattr(self, mode)
+        if verbose:
+            self.show_summary()
+
+
+def registry() -> dict:
+    import torchreid.reid.data.datasets as datasets
+    return vars(datasets)['__image_datasets']
+
+
+def register(value: str, test_share: float, split_seed: int) -> OwnData:
+    """Parses and splits the own dataset `value` names and registers it with Torchreid under
+    its absolute path; returns the split. UserError for bad data (see own_data.load)."""
+    data = load(value, test_share, split_seed)
+    factory = functools.partial(OwnImageDataset, data)
+    names = registry()
+    if data.path not in names:
+        register_image_dataset(data.path, factory)
+    elif isinstance(names[data.path], functools.partial) and \
+            names[data.path].func is OwnImageDataset:
+        names[data.path] = factory          # ours, from an earlier get_items in this process
+    if not data.cameras_known and data.path not in _noted_unknown_cameras:
+        _noted_unknown_cameras.add(data.path)
+        print(f'Note: "{data.path}" has no camera information: each query\'s other images '
+              f'are its matches (nothing is discarded by the same-camera rule), so same-camera '
+              f'matches count in its CMC and mAP.')
+    return data
+
+
+def register_all(s) -> list[OwnData]:
+    """Registers every own-data value of s.SOURCES and s.TARGETS; their splits, in order."""
+    values = [v for key in ('SOURCES', 'TARGETS')
+              for v in ([s[key]] if isinstance(s[key], str) else s[key])]
+    return [register(v, s.TEST_SHARE, s.SPLIT_SEED)
+            for v in dict.fromkeys(v for v in values if is_own_data(v))]
+
+
+def registered(value: str) -> OwnData | None:
+    """The split registered for an own-data value in this process, or None."""
+    factory = registry().get(value)
+    return factory.args[0] if isinstance(factory, functools.partial) and \
+        factory.func is OwnImageDataset else None
+
+
+def write_run_split(run_dir: Path, s) -> Path | None:
+    """split.json in the run folder for the own datasets of s (registered ones), or None."""
+    values = [v for key in ('SOURCES', 'TARGETS')
+              for v in ([s[key]] if isinstance(s[key], str) else s[key]) if is_own_data(v)]
+    datasets = [registered(v) for v in dict.fromkeys(values)]
+    datasets = [d for d in datasets if d is not None]
+    return write_split(run_dir, datasets) if datasets else None
+
+
+def unknown_camera_targets(s) -> list[str]:
+    """Display names of the registered own targets without camera information."""
+    targets = [s.TARGETS] if isinstance(s.TARGETS, str) else s.TARGETS
+    return [display_name(t) for t in targets
+            if (data := registered(t)) is not None and not data.cameras_known]
+
+
+def check_run_split(run_dir: Path, s) -> list[str]:
+    """Test and visrank on a run's checkpoint: each own dataset of s, when it is the run's
+    (same path, or the run's path is gone: a moved folder), must not test on the run's
+    training images. Compares with the run's split.json (nothing to compare without it).
+    Returns notes for the log; raises UserError when a test image was a training image."""
+    stored_file = Path(run_dir) / 'split.json'
+    if not stored_file.is_file():
+        return []
+    stored = json.loads(stored_file.read_text())
+    notes = []
+    values = [v for key in ('SOURCES', 'TARGETS')
+              for v in ([s[key]] if isinstance(s[key], str) else s[key]) if is_own_data(v)]
+    for value in dict.fromkeys(values):
+        data = registered(value) or load(value, s.TEST_SHARE, s.SPLIT_SEED)
+        runs = [b for b in stored if b['path'] == data.path] or \
+            [b for b in stored if not Path(b['path']).exists()]
+        if not runs or any(b['digest'] == data.digest() for b in runs):
+            notes += [f'"{data.path}" gives the same split as the run\'s "{b["path"]}" '
+                      f'(moved)' for b in runs[:1] if b['path'] != data.path]
+            continue
+        current = data.to_json()
+        testing = {row[0] for row in current['query'] + current['gallery']}
+        for block in runs:
+            leaked = sorted(testing & {row[0] for row in block['train']})
+            if leaked:
+                raise UserError(
+                    f'TARGETS: {len(leaked)} test images of "{data.path}" were training images '
+                    f'of the run this checkpoint belongs to (see {stored_file}; e.g. '
+                    f'"{leaked[0]}"): the folder, TEST_SHARE or SPLIT_SEED changed since '
+                    f'training (run: TEST_SHARE={block["test_share"]}, SPLIT_SEED='
+                    f'{block["split_seed"]}, data "{block["path"]}"), so Rank-1 and mAP would be '
+                    f'measured on people the model was trained on. Restore the folder as it was '
+                    f'(split.json lists every image), drop --TEST_SHARE/--SPLIT_SEED, or test '
+                    f'on other data.')
+        notes.append(f'the split of "{data.path}" differs from the run\'s (images added or '
+                     f'removed since training); none of its test images was a training image')
+    return notes
+
+
+def target_summaries(targets) -> list[dict]:
+    """metrics.json's block per own-data target registered in this process: path, layout,
+    split share/seed/digest, ids and images per split, cameras known or not."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return [data.summary() for data in map(registered, targets) if data is not None]
