@@ -84,8 +84,9 @@ def write_metrics(path: Path, mode: str, result: Mapping, settings: Mapping, dat
         and settings['DEVICE'] != 'cpu' else f'cpu ({platform.processor() or platform.machine()})',
         'settings': dict(settings),
     }
-    if target_summaries(settings['TARGETS']):     # datasets of one's own: how each was split
-        metrics['own_data'] = target_summaries(settings['TARGETS'])
+    own = target_summaries(settings.get('TARGETS') or [])
+    if own:                                       # datasets of one's own: how each was split
+        metrics['own_data'] = own
     write_atomically(path, json.dumps(metrics, indent=2) + '\n', 'the metrics')
     return metrics
 
