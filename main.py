@@ -37,8 +37,8 @@ from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.device import busy_cpu_note, choose_device, place_model
 from reidkit.engine import SoftmaxEngine, TripletEngine
 from reidkit.errors import UserError
-from reidkit.own_dataset import check_run_split, register_all, unknown_camera_targets, \
-    write_run_split
+from reidkit.own_dataset import check_run_split, register_all, target_summaries, \
+    unknown_camera_targets, write_run_split
 from reidkit.report import plot_cmc, plot_training, write_metrics
 from reidkit.runs import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
@@ -210,7 +210,8 @@ def train(s: Settings | None = None) -> Path:
     if distributed.current().is_main:
         plot_training(run_dir, len(engine.train_loader))
         write_metrics(run_dir / 'metrics.json', 'train', engine.results[-1], s, datamanager,
-                      checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started)
+                      checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started,
+                      own_data=target_summaries(s.TARGETS))
     return run_dir
 
 
@@ -291,7 +292,8 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     if main_rank:
         plot_cmc(result['cmc'], out_dir / 'cmc.png')
         write_metrics(out_dir / 'metrics.json', mode, result, s, datamanager,
-                      checkpoint=checkpoint, seconds=time.time() - started)
+                      checkpoint=checkpoint, seconds=time.time() - started,
+                      own_data=target_summaries(s.TARGETS))
     return out_dir
 
 

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from reidkit.atomic import atomic_file, reason, write_atomically
-from reidkit.own_dataset import target_summaries
 
 CMC_RANKS = (1, 5, 10, 20)
 MAX_NAME_BYTES = 200            # file systems allow 255; room for -2 and a suffix
@@ -68,8 +67,9 @@ def summarise(cmc, mAP: float, mINP: float | None = None) -> dict:
 
 
 def write_metrics(path: Path, mode: str, result: Mapping, settings: Mapping, datamanager,
-                  checkpoint: Path | None, seconds: float) -> dict:
-    """Writes metrics.json for one mode of a run and returns what it wrote."""
+                  checkpoint: Path | None, seconds: float, own_data: list | None = None) -> dict:
+    """Writes metrics.json for one mode of a run and returns what it wrote; `own_data`: how
+    each dataset of one's own among the targets was split (own_dataset.target_summaries)."""
     test_sets = datamanager.test_dataset
     metrics = {
         'mode': mode,
@@ -84,9 +84,8 @@ def write_metrics(path: Path, mode: str, result: Mapping, settings: Mapping, dat
         and settings['DEVICE'] != 'cpu' else f'cpu ({platform.processor() or platform.machine()})',
         'settings': dict(settings),
     }
-    own = target_summaries(settings.get('TARGETS') or [])
-    if own:                                       # datasets of one's own: how each was split
-        metrics['own_data'] = own
+    if own_data:
+        metrics['own_data'] = own_data
     write_atomically(path, json.dumps(metrics, indent=2) + '\n', 'the metrics')
     return metrics
 
