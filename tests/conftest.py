@@ -3,6 +3,7 @@ import errno
 import os
 import shutil
 import subprocess
+import shutil
 import sys
 from pathlib import Path
 
@@ -94,3 +95,12 @@ def fill(folder: Path) -> None:
                 handle.write(b'\0' * 4096)
         except OSError as error:
             assert error.errno == errno.ENOSPC
+
+
+@pytest.fixture(scope='module')
+def module_tmp_path(tmp_path_factory, request) -> Path:
+    """A folder shared by one module's tests, removed when they are done: a module's training
+    runs hold hundreds of MB of checkpoints, which pytest's retention would keep."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit('.', 1)[-1])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -43,9 +43,9 @@ def _export(s, weights=None) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory, tiny_data_root):
+def exported(module_tmp_path, tiny_data_root):
     from conftest import TINY
-    experiments = tmp_path_factory.mktemp('experiments')
+    experiments = module_tmp_path / 'experiments'
     s = main.load_settings(dict(TINY, **SMALL, DATA_ROOT=str(tiny_data_root),
                                 EXPERIMENTS_DIR=str(experiments)))
     checkpoint = _checkpoint(s)

@@ -21,8 +21,8 @@ CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run
 
 
 @pytest.fixture(scope='module')
-def visrank_run(tmp_path_factory, tiny_data_root):
-    experiments = tmp_path_factory.mktemp('experiments')
+def visrank_run(module_tmp_path, tiny_data_root):
+    experiments = module_tmp_path / 'experiments'
     from conftest import TINY
     s = main.load_settings(dict(TINY, DATA_ROOT=str(tiny_data_root), EXPERIMENTS_DIR=str(experiments),
                                 MAX_EPOCH=2, EVAL_FREQ=1))

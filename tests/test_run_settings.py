@@ -49,10 +49,10 @@ def test_several_datasets_are_a_list_of_names():
 
 
 @pytest.fixture(scope='module')
-def trained_run(tmp_path_factory, tiny_data_root):
+def trained_run(module_tmp_path, tiny_data_root):
     """One 2-epoch run on the tiny data, trained once for the tests below (which copy it)."""
     from conftest import TINY
-    experiments = tmp_path_factory.mktemp('experiments')
+    experiments = module_tmp_path / 'experiments'
     s = main.load_settings(dict(TINY, DATA_ROOT=str(tiny_data_root),
                                 EXPERIMENTS_DIR=str(experiments), MAX_EPOCH=2, EVAL_FREQ=-1))
     return s, main.train(s)

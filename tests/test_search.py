@@ -22,9 +22,9 @@ from reidkit.errors import UserError
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, tiny_data_root):
+def trained(module_tmp_path, tiny_data_root):
     from conftest import TINY
-    experiments = tmp_path_factory.mktemp('experiments')
+    experiments = module_tmp_path / 'experiments'
     s = main.load_settings(dict(TINY, DATA_ROOT=str(tiny_data_root),
                                 EXPERIMENTS_DIR=str(experiments), MAX_EPOCH=2, EVAL_FREQ=-1))
     main.train(s)
