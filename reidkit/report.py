@@ -233,6 +233,8 @@ def plot_training(run_dir: Path, iterations_per_epoch: int) -> Path | None:
                     label=f'{tag.split("/")[1]} {name}')
     ax.set(title='evaluation (%)', xlabel='epoch')
     ax.grid(alpha=0.3)
+    for each in axes:                           # epochs are whole numbers
+        each.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
