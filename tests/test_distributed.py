@@ -130,11 +130,16 @@ def _collectives(rank: int, world: int, port: int, results) -> None:
         distributed.stop()
 
 
-def test_gather_any_rank_and_on_main_over_gloo():
+def _on_two_gloo_ranks(target) -> list:
+    """Runs target(rank, 2, port, queue) in two spawned processes; returns what each put."""
     queue = mp.get_context('spawn').SimpleQueue()
-    mp.start_processes(_collectives, args=(2, distributed.free_port(), queue), nprocs=2,
+    mp.start_processes(target, args=(2, distributed.free_port(), queue), nprocs=2,
                        start_method='spawn')
-    results = sorted(queue.get() for _ in range(2))
+    return [queue.get() for _ in range(2)]
+
+
+def test_gather_any_rank_and_on_main_over_gloo():
+    results = sorted(_on_two_gloo_ranks(_collectives))
     expected = torch.arange(21, dtype=torch.float32).reshape(7, 3).tolist()
     for rank, gathered, flag, made, error in results:
         assert gathered == expected                                # in order, every rank
@@ -501,10 +506,7 @@ def _same_everywhere(rank: int, world: int, port: int, results) -> None:
 
 
 def test_same_everywhere_stops_every_rank_and_one_prints():
-    queue = mp.get_context('spawn').SimpleQueue()
-    mp.start_processes(_same_everywhere, args=(2, distributed.free_port(), queue), nprocs=2,
-                       start_method='spawn')
-    results = dict(queue.get() for _ in range(2))
+    results = dict(_on_two_gloo_ranks(_same_everywhere))
     # (message, printed by another rank): the lowest rank that found it prints it
     assert results[0] == [('found by 0', False), ('found by 1', True), ('ok', 0)]
     assert results[1] == [('found by 0', True), ('found by 1', False), ('ok', 1)]
