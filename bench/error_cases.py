@@ -201,6 +201,12 @@ def main():
         ('#22 TEST_SHARE=1.5', ['train', *mine_, f'--SOURCES={own}/crops', '--TEST_SHARE=1.5'],
          None),
     ]
+    two_digit = tmp / 'two-digit'              # Market-1501 named, but a camera c10
+    shutil.copytree(data, two_digit)
+    renamed = sorted((market_data_dir(two_digit) / 'bounding_box_test').glob('0*.jpg'))[0]
+    renamed.rename(renamed.with_name(renamed.name[:5] + 'c10' + renamed.name[7:]))
+    cases += [('#22 market1501 with a two-digit camera (Torchreid reads c1)',
+               ['train', *common, f'--DATA_ROOT={two_digit}'], None)]
 
     cases = [(name, args, env, None, 'Note:') for name, args, env in cases]
     cases += [(name, args, env, None, note)

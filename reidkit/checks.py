@@ -196,6 +196,7 @@ def check_market_layout(folder: Path) -> dict[str, int]:
                 + (f', but found e.g. "{sample.name}"' if sample else ', but the folder is empty')
                 + '. Check that the dataset was unzipped completely into this folder.'
             )
+        check_market_names(data_dir, named)
         for path in named:
             problem = image_problem(path)
             if problem:
@@ -205,6 +206,34 @@ def check_market_layout(folder: Path) -> dict[str, int]:
                 )
         checked[split] = len(named)
     return checked
+
+
+def check_market_names(data_dir: Path, named: list[Path]) -> None:
+    """Names Torchreid's Market-1501 loader would misread: it searches the whole path for
+    `<pid>_c<one digit>` and asserts 0 <= pid <= 1501 and cameras 1-6. A two-digit camera
+    (`c10` read as `c1`) or a folder above named like `12_c3` silently gives wrong ids and
+    cameras (wrong numbers); larger ids or cameras 7+ fail in its loader. UserError naming the
+    file and pointing to the own-data path, which reads any digits from the file name only."""
+    own = (f'Data that is not Market-1501 itself can be read as your own data, which takes '
+           f'any number of digits from the file name only: --SOURCES={data_dir} '
+           f'--TARGETS={data_dir} (see "Your own data" in the README).')
+    for path in named:
+        whole, name = MARKET_NAME.search(str(path)), MARKET_NAME.search(path.name)
+        if whole.group(0) != name.group(0) or whole.start() < len(str(path)) - len(path.name):
+            raise UserError(
+                f'DATA_ROOT: "{path}": a folder above the image is named like a Market-1501 '
+                f'image ("{whole.group(0)}"), and Torchreid\'s Market-1501 loader would read '
+                f'every image\'s person and camera from it. Rename that folder. {own}')
+        camera = re.search(r'_c(\d+)', path.name).group(1)
+        pid = int(name.group(1))
+        if len(camera) > 1 or not 1 <= int(camera) <= 6 or pid > 1501 or pid < -1:
+            raise UserError(
+                f'DATA_ROOT: "{path.name}" in "{path.parent}" has person {pid} and camera '
+                f'c{camera}; Torchreid\'s Market-1501 loader reads one camera digit (1-6) and '
+                f'person ids up to 1501, so it would '
+                + ('misread it (c10 is taken for c1, and the same-camera rule then drops the '
+                   'wrong gallery images: wrong numbers)' if len(camera) > 1 and
+                   1 <= int(camera[0]) <= 6 and 0 <= pid <= 1501 else 'stop on it') + f'. {own}')
 
 
 def image_problem(path: Path) -> str | None:

@@ -1,5 +1,6 @@
 """Bad input fails fast with one clear paragraph and exit status 2; nothing hangs."""
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -217,3 +218,25 @@ def test_a_checkpoint_from_another_input_size_is_named(tiny_settings, tmp_path):
     with pytest.raises(UserError, match=r'trained on 64x32 images, but HEIGHT x WIDTH is 32x16.*'
                                         r'Drop --HEIGHT and --WIDTH'):
         main.test(tiny_settings.replace(WEIGHTS=str(path)))
+
+
+@pytest.mark.parametrize('new_name, said', [
+    ('0001_c10s1_000151_01.jpg', 'misread it (c10 is taken for c1'),   # silently wrong numbers
+    ('2000_c1s1_000151_01.jpg', 'person 2000 and camera c1'),         # Torchreid's assertion
+    ('0001_c7s1_000151_01.jpg', 'person 1 and camera c7'),
+])
+def test_names_torchreid_market_loader_misreads_point_to_own_data(tiny_data_root, tmp_path,
+                                                                  tiny_settings, new_name, said):
+    root, data_dir = _copy_data(tiny_data_root, tmp_path)
+    victim = sorted((data_dir / 'bounding_box_test').glob('*.jpg'))[2]
+    victim.rename(victim.with_name(new_name))
+    with pytest.raises(UserError, match=re.escape(said)) as error:
+        checks.check_before_run(tiny_settings.replace(DATA_ROOT=str(root)), training=True)
+    assert new_name in str(error.value) and f'--SOURCES={data_dir}' in str(error.value)
+
+
+def test_a_folder_above_named_like_an_image_is_refused(tiny_data_root, tmp_path, tiny_settings):
+    root, data_dir = _copy_data(tiny_data_root, tmp_path / '12_c3')   # Torchreid: all id 12, c3
+    with pytest.raises(UserError, match=r'a folder above the image is named like a Market-1501 '
+                                        r'image \("12_c3"\)'):
+        checks.check_before_run(tiny_settings.replace(DATA_ROOT=str(root)), training=True)
