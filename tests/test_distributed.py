@@ -247,17 +247,21 @@ def worker_pids(marker: str) -> dict[int, int]:
     return found
 
 
+def launched_by(launcher: str, args: list[str]) -> list[str]:
+    """The command that runs main.py ARGS in 2 processes: through torchrun, or our launcher."""
+    if launcher == 'torchrun':
+        return [*torchrun(2), MAIN, *args]
+    return [sys.executable, '-c', 'import sys; from reidkit import distributed; '
+            f'sys.exit(distributed.launch({MAIN!r}, sys.argv[1:], 2))', *args]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('launcher', ['torchrun', 'ours'])
 def test_killing_one_worker_ends_the_run_and_resume_continues(tmp_path, launcher):
     experiments = tmp_path / f'exp-{launcher}'
     args = ['train', '--demo', '--MAX_EPOCH=3', '--EVAL_FREQ=3', '--LATEST_EVERY=1',
             f'--EXPERIMENTS_DIR={experiments}']
-    if launcher == 'torchrun':
-        command = [*torchrun(2), MAIN, *args]
-    else:
-        command = [sys.executable, '-c', 'import sys; from reidkit import distributed; '
-                   f'sys.exit(distributed.launch({MAIN!r}, sys.argv[1:], 2))', *args]
+    command = launched_by(launcher, args)
     started = time.time()
     job = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=dict(
@@ -442,11 +446,7 @@ def test_killing_the_launcher_with_sigkill_stops_a_training_run(tmp_path, launch
     experiments = tmp_path / f'exp-{launcher}'
     args = ['train', '--demo', '--MAX_EPOCH=1000', '--EVAL_FREQ=1000',
             f'--EXPERIMENTS_DIR={experiments}']
-    if launcher == 'torchrun':
-        command = [*torchrun(2), MAIN, *args]
-    else:
-        command = [sys.executable, '-c', 'import sys; from reidkit import distributed; '
-                   f'sys.exit(distributed.launch({MAIN!r}, sys.argv[1:], 2))', *args]
+    command = launched_by(launcher, args)
     job = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     workers = {}
