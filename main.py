@@ -20,7 +20,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import config
-from reidkit.cli import EXTRA_MODES, answer_early, parse_command_line, usage
+from reidkit.run.cli import EXTRA_MODES, answer_early, parse_command_line, usage
 
 if __name__ == '__main__':      # --help and a mistyped command line: answered before torch loads
     answer_early(sys.argv[1:], __doc__, config)
@@ -30,20 +30,22 @@ import reidkit  # noqa: F401  (first: silences Torchreid's import-time Cython wa
 import torchreid
 from torchreid.reid.utils import set_random_seed
 
-from reidkit import checks, distributed, search as searching
-from reidkit.atomic import disk_full, reason
-from reidkit.checkpoints import continue_schedule, load_weights, resume_training
-from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
-from reidkit.device import busy_cpu_note, choose_device, place_model
-from reidkit.engine import SoftmaxEngine, TripletEngine
-from reidkit.errors import UserError
-from reidkit.own_dataset import check_run_split, register_all, target_summaries, \
+from reidkit.data import checks
+from reidkit.run import distributed
+from reidkit.search import command as searching
+from reidkit.run.atomic import disk_full, reason
+from reidkit.run.checkpoints import continue_schedule, load_weights, resume_training
+from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
+from reidkit.run.device import busy_cpu_note, choose_device, place_model
+from reidkit.train.engine import SoftmaxEngine, TripletEngine
+from reidkit.run.errors import UserError
+from reidkit.data.own_dataset import check_run_split, register_all, target_summaries, \
     unknown_camera_targets, write_run_split
-from reidkit.report import plot_cmc, plot_training, write_metrics
-from reidkit.runs import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
+from reidkit.evaluate.report import plot_cmc, plot_training, write_metrics
+from reidkit.run.folders import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
-from reidkit.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, resolve
-from reidkit.speed import fast_training
+from reidkit.run.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, resolve
+from reidkit.train.speed import fast_training
 
 def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:
     """config.py's values, then config.DEMO's (with demo), then `overrides`; checked."""
@@ -319,7 +321,7 @@ def search(s: Settings | None = None, weights: Path | None = None) -> Path:
 def export(s: Settings | None = None, weights: Path | None = None) -> Path:
     """Writes the checkpoint (WEIGHTS, or the newest run's) as model.onnx beside it, checked
     against PyTorch's features with onnxruntime; returns the file."""
-    from reidkit.export import export as export_onnx
+    from reidkit.search.export import export as export_onnx
     return export_onnx(s or load_settings(), weights)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reidkit.checks import check_market_layout  # noqa: E402
-from reidkit.demo_data import make_demo_dataset, market_data_dir  # noqa: E402
+from reidkit.data.checks import check_market_layout  # noqa: E402
+from reidkit.data.demo import make_demo_dataset, market_data_dir  # noqa: E402
 
 total = int(sys.argv[sys.argv.index('--files') + 1]) if '--files' in sys.argv else 33_000
 with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Benchmark: our cached data path (reidkit/datapath.py) against Torchreid's own train loader,
+"""Benchmark: our cached data path (reidkit/data/datapath.py) against Torchreid's own train loader,
 one epoch each over the same demo dataset, same sampler and transforms, same machine, same run.
 
     python bench/datapath.py                      # 64x32 and 256x128, Torchreid with 2 and 0
@@ -27,8 +27,8 @@ import torch  # noqa: E402
 import torchreid  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from reidkit.datapath import CachedLoader, DecodedImages, DeviceTransform  # noqa: E402
-from reidkit.demo_data import make_demo_dataset  # noqa: E402
+from reidkit.data.datapath import CachedLoader, DecodedImages, DeviceTransform  # noqa: E402
+from reidkit.data.demo import make_demo_dataset  # noqa: E402
 
 TRANSFORMS = ['random_flip', 'random_crop', 'color_jitter']     # config.DEMO's
 

@@ -4,7 +4,7 @@
     python bench/ddp.py --processes 4   # 1 vs 4 (on a 4-GPU box: NCCL, one GPU each)
 
 Each configuration runs main.py's own objects (get_items + build_engine) in its own
-processes, started by reidkit.distributed.launch as `python main.py` starts them: one epoch
+processes, started by reidkit.run.distributed.launch as `python main.py` starts them: one epoch
 to warm up, then one timed epoch (every process waits for the others at its end). img/s
 counts the images of all processes. The batch is BATCH_SIZE_TRAIN per process, so N
 processes train with an N-times larger global batch (as torchrun users do).
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 def worker(args) -> None:
     import torch.distributed as dist
     import main
-    from reidkit import distributed
+    from reidkit.run import distributed
     from torchreid.reid.utils import set_random_seed
     s = main.load_settings(dict(DATA_ROOT=args.data, HEIGHT=64, WIDTH=32, WORKERS=0,
                                 PRETRAINED=False, DEVICE=args.device,
@@ -65,7 +65,7 @@ def worker(args) -> None:
 
 
 def measure(processes: int, args) -> dict:
-    from reidkit import distributed
+    from reidkit.run import distributed
     result = Path(tempfile.mkdtemp()) / 'result.json'
     argv = ['--worker', f'--data={args.data}', f'--result={result}', f'--batch={args.batch}',
             f'--device={args.device}']
@@ -96,7 +96,7 @@ def main_bench() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    from reidkit.demo_data import DEMO_DATA_SEED, make_demo_dataset
+    from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
     summary = make_demo_dataset(Path(args.data), seed=DEMO_DATA_SEED)
     device = torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU (gloo)'
     print(f'{device}; demo data: {summary.train_images} training images at 64x32, ResNet50, '

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import main  # noqa: E402
-from reidkit.demo_data import make_demo_dataset  # noqa: E402
+from reidkit.data.demo import make_demo_dataset  # noqa: E402
 from torchreid.reid.utils import set_random_seed  # noqa: E402
 
 s = main.load_settings(demo=True)

@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reidkit.demo_data import make_demo_dataset, market_data_dir  # noqa: E402
+from reidkit.data.demo import make_demo_dataset, market_data_dir  # noqa: E402
 
 TINY = ['--HEIGHT=32', '--WIDTH=16', '--BATCH_SIZE_TRAIN=16', '--WORKERS=0',
         '--PRETRAINED=False', '--MAX_EPOCH=1', '--PRINT_FREQ=1000']
@@ -306,7 +306,7 @@ def kill_launcher(experiments: Path, flags: list[str]):
     both train, and waits for the workers to end. 'exit' is what became of the workers; the
     first line is the first one they printed after the kill."""
     import signal
-    command = [sys.executable, '-c', 'import sys; from reidkit import distributed; '
+    command = [sys.executable, '-c', 'import sys; from reidkit.run import distributed; '
                'sys.exit(distributed.launch("main.py", sys.argv[1:], 2))', 'train',
                f'--EXPERIMENTS_DIR={experiments}', '--DEVICE=cpu', *flags]
     job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -51,7 +51,7 @@ def run_one(which: str, scale: str) -> dict:
     import os
     import numpy as np
     import reidkit  # noqa: F401
-    from reidkit import evaluation
+    from reidkit.evaluate import metrics as evaluation
     from torchreid.reid.metrics import compute_distance_matrix
     from torchreid.reid.metrics.rank import evaluate_py
     quick = scale.endswith('-quick')

@@ -38,7 +38,7 @@ import reidkit  # noqa: E402,F401
 import torchreid  # noqa: E402
 
 import main  # noqa: E402
-from reidkit.demo_data import make_demo_dataset  # noqa: E402
+from reidkit.data.demo import make_demo_dataset  # noqa: E402
 
 RECIPE_EPOCHS, RECIPE_EVALUATIONS = 60, 6
 

@@ -5,11 +5,11 @@
 (Not bench/onnx.py: bench/ is first on sys.path when a bench script runs, so that name would
 hide the onnx package from every script here.)
 
-Each model is exported with `reidkit.export.export` (checked as a user's export is), then both
+Each model is exported with `reidkit.search.export.export` (checked as a user's export is), then both
 runtimes get the same images in the same batches, with the same number of CPU threads:
 - model only: the same preprocessed (batch, 3, H, W) float32 array;
 - with preprocessing: PIL images in, features out, as search would run (Torchreid's test
-  transform + the model, against `reidkit.onnx_features.OnnxExtractor`).
+  transform + the model, against `reidkit.search.onnx_features.OnnxExtractor`).
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import main  # noqa: E402
-from reidkit.checkpoints import save_checkpoint  # noqa: E402
-from reidkit.export import export  # noqa: E402
-from reidkit.onnx_features import OnnxExtractor  # noqa: E402
-from reidkit.search import model_for_search, quiet_test_transform  # noqa: E402
+from reidkit.run.checkpoints import save_checkpoint  # noqa: E402
+from reidkit.search.export import export  # noqa: E402
+from reidkit.search.onnx_features import OnnxExtractor  # noqa: E402
+from reidkit.search.command import model_for_search, quiet_test_transform  # noqa: E402
 
 
 def images_per_second(eager, runtime, batch: int, seconds: float) -> tuple[float, float]:

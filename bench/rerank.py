@@ -60,8 +60,8 @@ def run_one(which: str, scale: str, out_dir: str) -> dict:
     warnings.filterwarnings('ignore', 'Cython evaluation')
     from torchreid.reid.metrics import compute_distance_matrix
     from torchreid.reid.utils import re_ranking as torchreid_re_ranking
-    from reidkit import rerank
-    from reidkit.evaluation import evaluate_features_all, evaluate_rank_all
+    from reidkit.evaluate import rerank
+    from reidkit.evaluate.metrics import evaluate_features_all, evaluate_rank_all
     qf, gf, qp, gp, qc, gc = make_inputs(scale)
     inputs_rss = peak_rss_gb()
     started, cpu_started = time.perf_counter(), cpu_seconds()

@@ -2,7 +2,7 @@
 
     python bench/search.py [--quick]
 
-1. Extraction: images/second of `reidkit.search.extract_batches` (threads decode, model
+1. Extraction: images/second of `reidkit.search.command.extract_batches` (threads decode, model
    extracts) against Torchreid's own FeatureExtractor on the same files, same model.
 2. Ranking a 100,000-image gallery of random 2048-d features stored on disk the way search
    stores them (a memory-mapped .npy), one query alone and a batch of queries sharing one pass
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import reidkit  # noqa: E402,F401
-from reidkit import search  # noqa: E402
+from reidkit.search import command as search  # noqa: E402
 
 
 def peak_rss_gb() -> float:

@@ -6,7 +6,7 @@
    new or changed): size, mtime, inode and ctime all come from that one call, so the stronger
    identity costs no extra system call; timed with the inodes cached (the usual case: listing
    the folder just read them), best and median of 3.
-2. Listing the folder (reidkit.search.list_images: a walk, is_file and resolve per file).
+2. Listing the folder (reidkit.search.command.list_images: a walk, is_file and resolve per file).
 3. Reading the manifest of 100,000 files and checking its generation (JSON parse + SHA-256).
 Files are empty: stat does not read their contents.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reidkit import search  # noqa: E402
+from reidkit.search import command as search  # noqa: E402
 
 
 def main() -> None:

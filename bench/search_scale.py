@@ -11,7 +11,7 @@ randomly rotated directions (as pooled CNN features' does). The noise is set so 
 Rank-1 is ~90%. They are written to a .npy on disk in chunks, as search caches them.
 
 Each measured step runs in a process of its own, so its peak RSS is its own (not the
-generator's): the exact baseline (reidkit.search.rank_gallery, queries in batches of 100, on
+generator's): the exact baseline (reidkit.search.command.rank_gallery, queries in batches of 100, on
 the first --baseline-queries queries: 1M x 1,000 distances would not fit), the index build,
 and the index search (candidates re-ranked exactly from the features on disk). Writing results
 is excluded. Recall@10 and Rank-1 agreement are against exact top-10s of every query.
@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
-from reidkit import search, search_index  # noqa: E402
-from reidkit.evaluation import squared_euclidean  # noqa: E402
+from reidkit.search import command as search  # noqa: E402
+from reidkit.search import index as search_index
+from reidkit.evaluate.metrics import squared_euclidean  # noqa: E402
 
 PER_ID, IDS_PER_GROUP = 20, 50
 CHUNK = 20_000              # rows generated (and ground-truth rows read) at a time

@@ -1,4 +1,4 @@
-"""Benchmark: our training step (reidkit.step.TrainStep) against Torchreid's own
+"""Benchmark: our training step (reidkit.train.step.TrainStep) against Torchreid's own
 `forward_backward`, same model and weights, same batch, same machine, same run.
 
     python bench/train_step.py                       # ResNet-50, batch 32, 64x32 on the CPU,
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torchreid  # noqa: E402
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine  # noqa: E402
 
-from reidkit.step import RunningMeans, TrainStep, fast_optimizer  # noqa: E402
+from reidkit.train.step import RunningMeans, TrainStep, fast_optimizer  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import main  # noqa: E402
-from reidkit.demo_data import make_demo_dataset  # noqa: E402
+from reidkit.data.demo import make_demo_dataset  # noqa: E402
 
 # Small enough to train an epoch in seconds on 2 CPU cores.
 TINY = dict(HEIGHT=32, WIDTH=16, BATCH_SIZE_TRAIN=16, BATCH_SIZE_TEST=64, WORKERS=0,
@@ -57,10 +57,10 @@ class _FullFile:
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """Every file written through reidkit.atomic (every output of a run but TensorBoard's events
+    """Every file written through reidkit.run.atomic (every output of a run but TensorBoard's events
     and the ONNX exporter's own writes) fails as on a full disk: it opens, then its first write
     raises OSError(ENOSPC)."""
-    from reidkit import atomic
+    from reidkit.run import atomic
 
     def full_open(file, mode='r', *args, **kwargs):
         handle = open(file, mode, *args, **kwargs)

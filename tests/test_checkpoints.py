@@ -8,8 +8,8 @@ import torch
 from torchreid.reid.models import build_model
 from torchreid.reid.utils import save_checkpoint as torchreid_save_checkpoint
 
-from reidkit.checkpoints import load_checkpoint, load_weights, save_checkpoint
-from reidkit.errors import UserError
+from reidkit.run.checkpoints import load_checkpoint, load_weights, save_checkpoint
+from reidkit.run.errors import UserError
 
 
 def _model(name='resnet18', num_classes=5):
@@ -110,8 +110,8 @@ def _same_features_weights(model, saved_state, classifier) -> bool:
 
 
 def test_a_hacnn_checkpoint_of_other_identities_loads_for_test_and_search(tmp_path, capsys):
-    from reidkit.checkpoints import checkpoint_classes, classifier_keys
-    from reidkit.search import model_for_search
+    from reidkit.run.checkpoints import checkpoint_classes, classifier_keys
+    from reidkit.search.command import model_for_search
     model, state, saved = _other_identities('hacnn', tmp_path)
     assert classifier_keys('hacnn') == {'classifier_global.weight', 'classifier_global.bias',
                                         'classifier_local.weight', 'classifier_local.bias'}
@@ -139,7 +139,7 @@ def _architectures():
 @pytest.mark.parametrize('name', _architectures())
 def test_every_architecture_loads_a_checkpoint_of_other_identities(name, tmp_path):
     """All 49 of Torchreid 0.2.5's models build on the CPU (85 s for all of them here)."""
-    from reidkit.checkpoints import checkpoint_classes, classifier_keys
+    from reidkit.run.checkpoints import checkpoint_classes, classifier_keys
     model, state, saved = _other_identities(name, tmp_path)
     classifier = classifier_keys(name)
     assert classifier and all(state[key].shape[0] == 5 for key in classifier)

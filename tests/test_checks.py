@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import main
-from reidkit import checks
-from reidkit.demo_data import market_data_dir
-from reidkit.errors import UserError
+from reidkit.data import checks
+from reidkit.data.demo import market_data_dir
+from reidkit.run.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,7 +202,7 @@ def test_pretrained_without_cache_or_network_names_the_file(tiny_settings, tmp_p
 
 
 def test_device_cuda_without_gpu_is_an_error_auto_falls_back(monkeypatch, capsys):
-    from reidkit.device import choose_device
+    from reidkit.run.device import choose_device
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(UserError, match="DEVICE='cuda' but PyTorch sees no CUDA GPU"):
         choose_device('cuda')
@@ -213,7 +213,7 @@ def test_device_cuda_without_gpu_is_an_error_auto_falls_back(monkeypatch, capsys
 
 
 def test_a_checkpoint_from_another_input_size_is_named(tiny_settings, tmp_path):
-    from reidkit.checkpoints import save_checkpoint
+    from reidkit.run.checkpoints import save_checkpoint
     path = save_checkpoint({'state_dict': {}, 'input_size': [64, 32]}, tmp_path / 'demo.pth')
     with pytest.raises(UserError, match=r'trained on 64x32 images, but HEIGHT x WIDTH is 32x16.*'
                                         r'Drop --HEIGHT and --WIDTH'):

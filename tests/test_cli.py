@@ -4,8 +4,8 @@ import sys
 from pathlib import Path
 
 import config
-from reidkit.cli import setting_comments, usage
-from reidkit.settings import defaults_from
+from reidkit.run.cli import setting_comments, usage
+from reidkit.run.settings import defaults_from
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_a_mistyped_command_line_is_refused_before_torch_loads():
 
 def test_a_good_command_line_goes_on_to_the_real_work():
     # No mode that runs quickly exists, so check the early answer lets a good line through.
-    from reidkit.cli import answer_early
+    from reidkit.run.cli import answer_early
     assert answer_early(['test', '--demo', '--LR=0.1', '--GALLERY=2024'], '', config) is None
 
 

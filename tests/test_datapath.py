@@ -24,12 +24,12 @@ from torchreid.reid.data.transforms import Random2DTranslation, build_transforms
 from torchreid.reid.engine import Engine
 from torchvision.transforms import ColorJitter, RandomHorizontalFlip
 
-from reidkit import datapath
-from reidkit.checks import read_image
-from reidkit.datapath import (CachedLoader, DecodedImages, DeviceTransform,
+from reidkit.data import datapath
+from reidkit.data.checks import read_image
+from reidkit.data.datapath import (CachedLoader, DecodedImages, DeviceTransform,
                               build_cached_loaders, decoded_size_gib)
-from reidkit.demo_data import market_data_dir
-from reidkit.errors import UserError
+from reidkit.data.demo import market_data_dir
+from reidkit.run.errors import UserError
 
 ONE_LEVEL = 1 / 255 / 0.224 + 1e-4      # one grey level after ImageNet normalisation
 MEAN_TOLERANCE = 0.01

@@ -11,8 +11,8 @@ import pytest
 
 from torchreid.reid.data.datasets.image.market1501 import Market1501
 
-from reidkit.demo_data import DONE_MARKER, make_demo_dataset, market_data_dir
-from reidkit.errors import UserError
+from reidkit.data.demo import DONE_MARKER, make_demo_dataset, market_data_dir
+from reidkit.run.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r'^(-1|\d{4})_c([1-6])s1_(\d{6})_(\d{2})\.jpg$')
@@ -104,7 +104,7 @@ CHILD = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from reidkit.demo_data import make_demo_dataset
+from reidkit.data.demo import make_demo_dataset
 root, ready, go = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 ready.touch()
 while not go.exists():

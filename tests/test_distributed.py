@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from reidkit import distributed
-from reidkit.distributed import (ShardedIdentitySampler, ShardedRandomSampler, ShardSampler,
+from reidkit.run import distributed
+from reidkit.run.distributed import (ShardedIdentitySampler, ShardedRandomSampler, ShardSampler,
                                  gpus_to_use, shard_bounds)
-from reidkit.errors import UserError
+from reidkit.run.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = str(ROOT / 'main.py')
@@ -99,7 +99,7 @@ def test_test_shards_are_contiguous_and_cover_everything(size, world):
 
 def test_gpus_setting():
     import main
-    from reidkit import checks
+    from reidkit.data import checks
     assert gpus_to_use(0, 4) == [0, 1, 2, 3] and gpus_to_use(2, 4) == [0, 1]
     with pytest.raises(UserError, match='GPUS=5 but this machine shows 4'):
         gpus_to_use(5, 4)
@@ -251,7 +251,7 @@ def launched_by(launcher: str, args: list[str]) -> list[str]:
     """The command that runs main.py ARGS in 2 processes: through torchrun, or our launcher."""
     if launcher == 'torchrun':
         return [*torchrun(2), MAIN, *args]
-    return [sys.executable, '-c', 'import sys; from reidkit import distributed; '
+    return [sys.executable, '-c', 'import sys; from reidkit.run import distributed; '
             f'sys.exit(distributed.launch({MAIN!r}, sys.argv[1:], 2))', *args]
 
 
@@ -352,7 +352,7 @@ def test_killing_the_launcher_stops_its_workers(tmp_path):
     script = tmp_path / 'show_env.py'
     script.write_text(SHOW_ENV)
     launcher = subprocess.Popen(
-        [sys.executable, '-c', 'import sys; from reidkit import distributed; '
+        [sys.executable, '-c', 'import sys; from reidkit.run import distributed; '
          f'sys.exit(distributed.launch({str(script)!r}, [{str(tmp_path)!r}, "300"], 2))'],
         cwd=ROOT)
     deadline = time.time() + 60
@@ -370,7 +370,7 @@ def test_a_forked_child_of_a_ddp_process_ends_on_sigterm():
     """An image-decoding worker forked by a DDP process inherits its SIGTERM handler; there it
     must end the worker, not raise KeyboardInterrupt inside the pool's locks."""
     code = ('import os, signal, time, multiprocessing as mp\n'
-            'from reidkit import distributed\n'
+            'from reidkit.run import distributed\n'
             'distributed._stop_on_sigterm.pid = os.getpid()\n'
             'signal.signal(signal.SIGTERM, distributed._stop_on_sigterm)\n'
             'child = mp.get_context("fork").Process(target=time.sleep, args=(60,))\n'
@@ -384,7 +384,7 @@ def test_a_forked_child_of_a_ddp_process_ends_on_sigterm():
 
 def test_sync_bn_on_the_cpu_is_a_clear_error():
     import main
-    from reidkit.speed import distributed_model
+    from reidkit.train.speed import distributed_model
     with pytest.raises(UserError, match='SYNC_BN=True needs CUDA'):
         distributed_model(torch.nn.BatchNorm2d(3), main.load_settings({'SYNC_BN': True}),
                           torch.device('cpu'))
@@ -413,7 +413,7 @@ def wait_until(condition, timeout: float) -> bool:
 
 
 WORKER = ('import os, sys, time, pathlib; sys.path.insert(0, sys.argv[1]); '
-          'from reidkit import distributed; distributed.start("cpu"); '
+          'from reidkit.run import distributed; distributed.start("cpu"); '
           'pathlib.Path(sys.argv[2]).write_text(str(os.getpid())); time.sleep(600)')
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import main
-from reidkit.checkpoints import load_checkpoint
-from reidkit.runs import newest_checkpoint
+from reidkit.run.checkpoints import load_checkpoint
+from reidkit.run.folders import newest_checkpoint
 
 pytestmark = pytest.mark.slow   # every test here trains or runs main.py
 
@@ -49,7 +49,7 @@ def test_train_test_visrank(tiny_settings, capsys):
     assert [p.name for p in strips] == [p.name for p in queries]
     from PIL import Image
 
-    from reidkit import visrank
+    from reidkit.evaluate import visrank
     k = tiny_settings.VISRANK_TOPK                         # query + top-3 side by side
     with Image.open(strips[0]) as strip:
         assert strip.size == (visrank.THUMB_WIDTH + visrank.QUERY_GAP
@@ -79,7 +79,7 @@ def test_the_command_line_runs_the_pipeline(tiny_data_root, tmp_path):
 
 def test_the_default_checkpoint_is_the_latest_trained_run(tmp_path):
     import os
-    from reidkit.runs import latest_run_checkpoint
+    from reidkit.run.folders import latest_run_checkpoint
     older, newer = tmp_path / '20260101-000000-a', tmp_path / '20260102-000000-b'
     for run, stamp in ((older, 1_000), (newer, 2_000)):
         for epoch in (5, 10):

@@ -12,11 +12,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import main
-import reidkit.engine as engine_module
-from reidkit import evaluation, visrank
-from reidkit.engine import DivergenceWatch, ReidkitEngineMixin
+import reidkit.train.engine as engine_module
+from reidkit.evaluate import metrics as evaluation
+from reidkit.evaluate import visrank
+from reidkit.train.engine import DivergenceWatch, ReidkitEngineMixin
 from torchreid.reid.engine import ImageSoftmaxEngine
-from reidkit.errors import UserError
+from reidkit.run.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHREID_EVALUATE = importlib.import_module('torchreid.reid.metrics').evaluate_rank
@@ -27,7 +28,7 @@ def test_importing_our_modules_changes_nothing_in_torchreid():
     code = ('import torchreid.reid.metrics as m, torchreid.reid.engine.engine as e, '
             'torchreid.reid.data.datasets.dataset as d\n'
             'before = (m.evaluate_rank, e.visualize_ranked_results, d.read_image)\n'
-            'import main, reidkit.engine, reidkit.search, reidkit.visrank, reidkit.evaluation\n'
+            'import main, reidkit.train.engine, reidkit.search.command, reidkit.evaluate.visrank, reidkit.evaluate.metrics\n'
             'assert (m.evaluate_rank, e.visualize_ranked_results, d.read_image) == before\n'
             'print("unchanged")')
     done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
@@ -160,7 +161,7 @@ def test_a_diverging_run_stops_with_an_error_and_writes_no_checkpoint_after_it(
     assert str(error.value).startswith('Training diverged: the loss became nan at epoch 2, '
                                        'batch 3 of 4')
     assert f'The last good checkpoint is "{good}"' in str(error.value)
-    from reidkit.checkpoints import load_checkpoint
+    from reidkit.run.checkpoints import load_checkpoint
     for checkpoint in (run_dir / 'model').iterdir():   # nothing from the diverged epoch
         saved = load_checkpoint(checkpoint)
         assert saved['epoch'] == 1

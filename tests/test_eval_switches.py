@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import main
-import reidkit.engine as engine_module
-from reidkit.engine import SoftmaxEngine
-from reidkit.errors import UserError
+import reidkit.train.engine as engine_module
+from reidkit.train.engine import SoftmaxEngine
+from reidkit.run.errors import UserError
 
 SWITCHES = 'metric=euclidean, flip test, re-ranking (k1=20, k2=6, lambda=0.3)'
 

@@ -1,12 +1,12 @@
-"""reidkit.evaluation gives Torchreid's CMC and mAP, exactly, without Cython."""
+"""reidkit.evaluate.metrics gives Torchreid's CMC and mAP, exactly, without Cython."""
 import numpy as np
 import pytest
 import torch
 from torchreid.reid.metrics import compute_distance_matrix
 from torchreid.reid.metrics.rank import eval_market1501
 
-from reidkit.errors import UserError
-from reidkit.evaluation import (QUERY_CHUNK, NonFiniteError, evaluate_features, evaluate_rank,
+from reidkit.run.errors import UserError
+from reidkit.evaluate.metrics import (QUERY_CHUNK, NonFiniteError, evaluate_features, evaluate_rank,
                                 evaluate_single_gallery_shot, rank_queries)
 
 

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import main
-from reidkit import export as exporting
-from reidkit.checkpoints import save_checkpoint
-from reidkit.errors import UserError
-from reidkit.onnx_features import OnnxExtractor
+from reidkit.search import export as exporting
+from reidkit.run.checkpoints import save_checkpoint
+from reidkit.run.errors import UserError
+from reidkit.search.onnx_features import OnnxExtractor
 
 ROOT = Path(__file__).resolve().parents[1]
 # resnet18 exports in seconds; 64x32 is the demo's input size.
@@ -59,8 +59,8 @@ def _test_images(s, count: int) -> list:
 
 
 def _torch_features(s, checkpoint: Path, images: list) -> np.ndarray:
-    from reidkit.checkpoints import load_checkpoint
-    from reidkit.search import model_for_search, quiet_test_transform
+    from reidkit.run.checkpoints import load_checkpoint
+    from reidkit.search.command import model_for_search, quiet_test_transform
     model = model_for_search(load_checkpoint(checkpoint), checkpoint, s.MODEL_NAME, s.LOSS)
     transform = quiet_test_transform(s.HEIGHT, s.WIDTH)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_the_extractor_runs_without_torchreid(exported, tmp_path):
         'import sys; sys.path.insert(0, sys.argv[1])\n'
         'import numpy as np\n'
         'from PIL import Image\n'
-        'from reidkit.onnx_features import OnnxExtractor\n'
+        'from reidkit.search.onnx_features import OnnxExtractor\n'
         'features = OnnxExtractor(sys.argv[2])([Image.open(p) for p in sys.argv[4:]])\n'
         'np.save(sys.argv[3], features)\n'
         "assert 'torchreid' not in sys.modules, 'torchreid was imported'\n"
@@ -202,8 +202,8 @@ def test_search_with_the_onnx_file_ranks_like_the_checkpoint_without_torchreid(e
         'import json, sys\n'
         'from pathlib import Path\n'
         'import config\n'
-        'from reidkit.settings import Settings, defaults_from, apply_overrides\n'
-        'from reidkit.search import search\n'
+        'from reidkit.run.settings import Settings, defaults_from, apply_overrides\n'
+        'from reidkit.search.command import search\n'
         'values = apply_overrides(defaults_from(config), json.loads(sys.argv[1]))\n'
         'out = search(Settings(values), Path(sys.argv[2]))\n'
         'assert "torchreid" not in sys.modules, "torchreid was imported"\n'

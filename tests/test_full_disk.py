@@ -15,9 +15,11 @@ import torch
 
 import main
 from conftest import fill
-from reidkit import atomic, report, visrank
-from reidkit.errors import UserError
-from reidkit.runs import log_to, write_settings
+from reidkit.run import atomic
+from reidkit.evaluate import report
+from reidkit.evaluate import visrank
+from reidkit.run.errors import UserError
+from reidkit.run.folders import log_to, write_settings
 
 FULL = 'No space left on device'
 
@@ -101,7 +103,7 @@ def test_a_log_that_cannot_be_written_is_dropped_with_a_note(tmp_path, capsys, m
 
         def close(self):
             raise OSError(errno.ENOSPC, FULL)
-    import reidkit.runs as runs
+    import reidkit.run.folders as runs
     monkeypatch.setattr(runs, 'open', lambda *args, **kwargs: FullLog(), raising=False)
     with log_to(tmp_path / 'log.txt'):
         print('epoch 1')
@@ -136,7 +138,7 @@ def test_main_turns_any_other_full_disk_into_a_message(monkeypatch, capsys):
 
 
 def test_a_checkpoints_short_write_is_the_same_message(tmp_path, monkeypatch):
-    from reidkit.checkpoints import save_checkpoint
+    from reidkit.run.checkpoints import save_checkpoint
     monkeypatch.setattr(torch, 'save', lambda *a: (_ for _ in ()).throw(
         RuntimeError('[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0')))
     with pytest.raises(UserError, match='could not write the checkpoint .*unexpected pos'):

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reidkit import images
-from reidkit.checks import read_image
+from reidkit.data import images
+from reidkit.data.checks import read_image
 
 HEIGHT, WIDTH = 64, 32
 
@@ -52,12 +52,12 @@ def test_an_image_without_orientation_is_read_as_stored(tmp_path):
 
 
 def test_search_reads_queries_and_gallery_upright(tmp_path):
-    from reidkit.search import _read
+    from reidkit.search.command import _read
     assert close_to_upright(_read(sideways_jpeg(tmp_path / 'phone.jpg')))
 
 
 def test_the_device_cache_decodes_upright_at_the_upright_size(tmp_path):
-    from reidkit.datapath import DecodedImages, decoded_size_gib
+    from reidkit.data.datapath import DecodedImages, decoded_size_gib
     phone = sideways_jpeg(tmp_path / 'phone.jpg')
     Image.fromarray(upright_pixels()).save(tmp_path / 'plain.jpg', quality=95)
     items = [(str(phone), 0, 0, 0), (str(tmp_path / 'plain.jpg'), 1, 0, 0)]
@@ -68,7 +68,7 @@ def test_the_device_cache_decodes_upright_at_the_upright_size(tmp_path):
 
 
 def test_the_onnx_preprocessing_turns_an_opened_phone_photo_upright(tmp_path):
-    from reidkit.onnx_features import OnnxExtractor
+    from reidkit.search.onnx_features import OnnxExtractor
     extractor = object.__new__(OnnxExtractor)          # preprocessing only: no model needed
     extractor.height, extractor.width = HEIGHT, WIDTH
     extractor.mean = np.zeros(3, np.float32)
@@ -80,13 +80,13 @@ def test_the_onnx_preprocessing_turns_an_opened_phone_photo_upright(tmp_path):
 
 
 def test_rank_strips_show_the_photo_upright(tmp_path):
-    from reidkit.visrank import _read_bgr
+    from reidkit.evaluate.visrank import _read_bgr
     bgr = _read_bgr(str(sideways_jpeg(tmp_path / 'phone.jpg')))   # OpenCV applies it itself
     assert close_to_upright(bgr[:, :, ::-1])
 
 
 def test_the_engine_datasets_read_upright(tmp_path):
-    from reidkit.engine import ReadingWithReidkit
+    from reidkit.train.engine import ReadingWithReidkit
 
     class Dataset:
         data = [(str(sideways_jpeg(tmp_path / 'phone.jpg')), 3, 1, 0)]

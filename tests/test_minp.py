@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from reidkit.evaluation import (NonFiniteError, evaluate_features, evaluate_features_all,
+from reidkit.evaluate.metrics import (NonFiniteError, evaluate_features, evaluate_features_all,
                                 evaluate_rank, evaluate_rank_all)
 
 

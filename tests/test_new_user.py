@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import main
-from reidkit.errors import UserError
+from reidkit.run.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_search_page_captions_stay_inside_their_tiles(tmp_path):
     import re
     import numpy as np
     from PIL import Image
-    from reidkit.search import write_results
+    from reidkit.search.command import write_results
     names = ['person_0001_c1s1_000151_01_from_the_lobby_camera.jpg', 'x.jpg',
              'IMG_20240611_173455_HDR_portrait_mode_cropped_again.png', 'a' * 80 + '.jpg']
     gallery = tmp_path / 'gallery'
@@ -103,7 +103,7 @@ def test_each_step_says_what_it_ran_with(tiny_settings, capsys):
 
 
 def test_a_busy_cpu_gets_the_thread_hint_once_it_matters(monkeypatch):
-    from reidkit.device import busy_cpu_note
+    from reidkit.run.device import busy_cpu_note
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     assert busy_cpu_note(load=1.5, cores=2) is None          # an ordinary run
     assert busy_cpu_note(load=9.0, cores=1) is None          # one thread already

@@ -10,10 +10,11 @@ from PIL import Image
 
 import main
 from conftest import TINY
-from reidkit import evaluation, own_data
-from reidkit.errors import UserError
-from reidkit.own_data import load
-from reidkit.settings import parse_override_args
+from reidkit.evaluate import metrics as evaluation
+from reidkit.data import own_data
+from reidkit.run.errors import UserError
+from reidkit.data.own_data import load
+from reidkit.run.settings import parse_override_args
 
 
 def _image(path: Path, shade: int = 0) -> Path:
@@ -61,7 +62,7 @@ def test_a_path_is_told_from_a_torchreid_name_and_stored_absolute(tmp_path, monk
 
 
 def test_a_bare_unknown_name_suggests_the_path_form(tiny_settings):
-    from reidkit import checks
+    from reidkit.data import checks
     with pytest.raises(UserError, match=r'--SOURCES=\./crops'):
         checks.check_names(tiny_settings.replace(SOURCES='crops'))
 
@@ -149,7 +150,7 @@ def test_a_folder_with_only_query_and_gallery_is_a_valid_target_not_a_source(tmp
         _image(root / 'gallery' / person / 'c2_b.jpg')
     data = load(str(root))
     assert data.train == [] and len(data.query) == 2 and len(data.gallery) == 2
-    from reidkit import checks
+    from reidkit.data import checks
     checks.check_dataset(tiny_settings.replace(TARGETS=str(root)))      # fine as a target
     with pytest.raises(UserError, match=r'(?s)SOURCES: ".*zoo-test" has no training images'):
         checks.check_dataset(tiny_settings.replace(SOURCES=str(root)))
@@ -406,7 +407,7 @@ def test_train_and_test_on_own_folders_cross_dataset(tmp_path, capsys):
 
 
 def test_test_never_evaluates_on_the_runs_training_images(tmp_path):
-    from reidkit.own_dataset import check_run_split
+    from reidkit.data.own_dataset import check_run_split
     root = _identity_folders(tmp_path / 'crops', [f'p{i:02d}' for i in range(12)])
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
@@ -433,7 +434,7 @@ def test_test_never_evaluates_on_the_runs_training_images(tmp_path):
 
 
 def test_export_checks_onnx_on_the_own_test_images_or_random_ones(tmp_path):
-    from reidkit import export
+    from reidkit.search import export
     root = _identity_folders(tmp_path / 'crops', [f'p{i}' for i in range(6)])
     s = main.load_settings(dict(TINY, TARGETS=str(root)))
     images, source = export.check_images(s)
@@ -449,7 +450,7 @@ def test_market_layout_parses_as_torchreids_loader_and_identity_folders_alike(ti
                                                                              tmp_path):
     import shutil
     from torchreid.reid.data.datasets.image.market1501 import Market1501
-    from reidkit.demo_data import market_data_dir
+    from reidkit.data.demo import market_data_dir
     theirs = Market1501(root=str(tiny_data_root), verbose=False)
     ours = load(str(market_data_dir(tiny_data_root)))
     for split in ('query', 'gallery'):
@@ -479,7 +480,7 @@ def test_market_layout_parses_as_torchreids_loader_and_identity_folders_alike(ti
 
 
 def test_the_identity_folder_generator_makes_a_dataset_that_splits(tmp_path):
-    from reidkit.demo_data import make_identity_folders
+    from reidkit.data.demo import make_identity_folders
     root = make_identity_folders(tmp_path / 'people', num_ids=10, seed=2)
     data = load(str(root))
     assert data.layout == 'identity/camera folders' and data.split_made
@@ -491,7 +492,7 @@ def test_the_identity_folder_generator_makes_a_dataset_that_splits(tmp_path):
 
 
 def test_unknown_cameras_are_said_once_and_named_in_the_evaluation_line(tmp_path, capsys):
-    from reidkit.own_dataset import register_all
+    from reidkit.data.own_dataset import register_all
     root = _identity_folders(tmp_path / 'no-cams', [f'p{i}' for i in range(6)],
                              camera_folders=False)       # p0/door_0.jpg: no camera anywhere
     s = main.load_settings(dict(TINY, SOURCES=str(root), TARGETS=['market1501', str(root)]))
@@ -518,7 +519,7 @@ def test_a_link_loop_is_listed_once_and_a_binary_csv_is_a_clear_error(tmp_path):
 
 
 def test_the_split_settings_travel_with_a_checkpoint(tmp_path):
-    from reidkit.settings import with_checkpoint_settings
+    from reidkit.run.settings import with_checkpoint_settings
     stored = dict(main.load_settings(dict(SOURCES=str(tmp_path / 'a'), TEST_SHARE=0.3,
                                           SPLIT_SEED=7)).record())
     # test and visrank use the run's split settings and data unless told otherwise

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reidkit import report, search as searching, visrank
-from reidkit.errors import UserError
+from reidkit.evaluate import report
+from reidkit.search import command as searching
+from reidkit.evaluate import visrank
+from reidkit.run.errors import UserError
 
 # Each breaks something: '#' and '?' end a URL's path, '%23' must not be decoded twice, quotes
 # end an attribute, '<!--<script>' swallows the rest of a page from inside a <script> block.

@@ -32,7 +32,7 @@ def visrank_run(module_tmp_path, tiny_data_root):
 
 def test_run_outputs_plots_and_metrics(visrank_run):
     run_dir, vis_dir, s = visrank_run
-    from reidkit.report import read_scalars
+    from reidkit.evaluate.report import read_scalars
     scalars = read_scalars(run_dir)                # what training_curves.png is drawn from
     batches = len(list((Path(s.DATA_ROOT) / 'market1501/Market-1501-v15.09.15/'
                         'bounding_box_train').glob('*.jpg'))) // s.BATCH_SIZE_TRAIN

@@ -1,4 +1,4 @@
-"""reidkit.rerank gives Torchreid's k-reciprocal re-ranking, also straight from features."""
+"""reidkit.evaluate.rerank gives Torchreid's k-reciprocal re-ranking, also straight from features."""
 import json
 import os
 import subprocess
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torchreid.reid.metrics import compute_distance_matrix
 
-from reidkit.errors import UserError
-from reidkit.evaluation import NonFiniteError, evaluate_rank_all
-from reidkit.rerank import re_ranking, re_ranking_features
+from reidkit.run.errors import UserError
+from reidkit.evaluate.metrics import NonFiniteError, evaluate_rank_all
+from reidkit.evaluate.rerank import re_ranking, re_ranking_features
 
 with warnings.catch_warnings():
     warnings.simplefilter('ignore')             # "Cython evaluation ... unavailable"
@@ -172,7 +172,7 @@ def test_memory_never_holds_a_gallery_squared_matrix():
     # 16,000 gallery images: a gallery x gallery float32 matrix alone would be 1 GB.
     script = textwrap.dedent('''
         import json, resource, torch
-        from reidkit.rerank import re_ranking_features
+        from reidkit.evaluate.rerank import re_ranking_features
         g = torch.Generator().manual_seed(0)
         qf, gf = torch.randn(50, 4, generator=g), torch.randn(16000, 4, generator=g)
         re_ranking_features(qf[:2], gf[:50])               # imports and first calls

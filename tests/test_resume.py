@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import main
-from reidkit.checkpoints import LATEST_NAME, load_checkpoint
-from reidkit.engine import SoftmaxEngine
+from reidkit.run.checkpoints import LATEST_NAME, load_checkpoint
+from reidkit.train.engine import SoftmaxEngine
 
 pytestmark = pytest.mark.slow   # every test here trains or runs main.py
 
@@ -83,7 +83,7 @@ def test_kill_9_during_training_leaves_a_checkpoint_to_resume_from(tiny_data_roo
 
 
 def test_a_missing_resume_file_is_named_as_resume(tiny_settings, tmp_path):
-    from reidkit.errors import UserError
+    from reidkit.run.errors import UserError
     with pytest.raises(UserError, match='RESUME: no checkpoint file at'):
         main.train(tiny_settings.replace(RESUME=str(tmp_path / 'gone' / 'model' / 'latest.pth.tar')))
 

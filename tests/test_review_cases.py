@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import main
-from reidkit.checkpoints import load_checkpoint, save_checkpoint
-from reidkit.errors import UserError
-from reidkit.runs import newest_checkpoint
+from reidkit.run.checkpoints import load_checkpoint, save_checkpoint
+from reidkit.run.errors import UserError
+from reidkit.run.folders import newest_checkpoint
 
 
 def test_the_demo_dataset_does_not_change_with_the_training_seed(tmp_path):
@@ -18,7 +18,7 @@ def test_the_demo_dataset_does_not_change_with_the_training_seed(tmp_path):
         assert main.main(['test', '--demo', f'--DATA_ROOT={data}', f'--SEED={seed}',
                           f'--EXPERIMENTS_DIR={tmp_path / "exp"}']) == 2
     marker = data / 'market1501' / 'Market-1501-v15.09.15' / '.demo-complete'
-    from reidkit.demo_data import DEMO_DATA_SEED
+    from reidkit.data.demo import DEMO_DATA_SEED
     assert f'seed={DEMO_DATA_SEED}' in marker.read_text()
 
 

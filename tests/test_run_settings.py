@@ -10,10 +10,10 @@ import torch
 
 import config
 import main
-from reidkit.checkpoints import LATEST_NAME, load_checkpoint, save_checkpoint
-from reidkit.errors import UserError
-from reidkit.runs import newest_checkpoint
-from reidkit.settings import (LOCAL_SETTINGS, RUN_SETTINGS, SCHEDULE_SETTINGS, defaults_from,
+from reidkit.run.checkpoints import LATEST_NAME, load_checkpoint, save_checkpoint
+from reidkit.run.errors import UserError
+from reidkit.run.folders import newest_checkpoint
+from reidkit.run.settings import (LOCAL_SETTINGS, RUN_SETTINGS, SCHEDULE_SETTINGS, defaults_from,
                               parse_override_args)
 
 
@@ -166,7 +166,7 @@ def test_resume_needs_no_imagenet_weights(trained_run, tmp_path, monkeypatch):
     saved = load_checkpoint(latest)
     saved['settings'] = dict(saved['settings'], PRETRAINED=True)     # started from ImageNet
     save_checkpoint(saved, latest)
-    from reidkit import checks
+    from reidkit.data import checks
 
     def offline(*args, **kwargs):
         raise AssertionError('resume must not look for ImageNet weights')

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import main
-from reidkit.checkpoints import LATEST_NAME, load_checkpoint
-from reidkit.engine import SoftmaxEngine
+from reidkit.run.checkpoints import LATEST_NAME, load_checkpoint
+from reidkit.train.engine import SoftmaxEngine
 
 pytestmark = pytest.mark.slow   # every test here trains
 

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 import main
-from reidkit import search as searching
-from reidkit.errors import UserError
+from reidkit.search import command as searching
+from reidkit.run.errors import UserError
 
 
 @pytest.fixture(scope='module')
@@ -129,8 +129,8 @@ def test_bad_input_is_named(trained, tmp_path):
 
 @pytest.mark.slow
 def test_a_diverged_checkpoint_ranks_nothing(trained, tmp_path):
-    from reidkit.checkpoints import load_checkpoint, save_checkpoint
-    from reidkit.runs import latest_run_checkpoint
+    from reidkit.run.checkpoints import load_checkpoint, save_checkpoint
+    from reidkit.run.folders import latest_run_checkpoint
     s, page_dir, rows = trained
     saved = load_checkpoint(latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
     saved['state_dict']['conv1.weight'].fill_(float('nan'))
@@ -175,7 +175,7 @@ def test_query_file_names_give_distinct_folders_inside_the_search(trained, tmp_p
 
 @pytest.mark.slow
 def test_an_interrupted_search_never_looks_complete(trained, tmp_path, monkeypatch):
-    from reidkit import visrank
+    from reidkit.evaluate import visrank
     s, page_dir, rows = trained
     _, folder = _valid_gallery(tmp_path, rows[0], page_dir)
     queries = tmp_path / 'queries'
@@ -267,7 +267,7 @@ WORKER = """
 import json, sys, time
 from pathlib import Path
 import numpy as np, torch
-from reidkit.search import gallery_features
+from reidkit.search.command import gallery_features
 
 gallery, checkpoint, cache, flags, role = sys.argv[1:]
 flags = Path(flags)
@@ -703,7 +703,7 @@ def test_a_full_disk_while_writing_features_is_a_message(stand_in, tmp_path, mon
 
 
 def test_a_full_disk_when_saving_the_index_is_one_line(stand_in, tmp_path, monkeypatch, capsys):
-    from reidkit import search_index
+    from reidkit.search import index as search_index
     paths = _noise_gallery(tmp_path / 'gallery', 300)
     s = stand_in.replace(SEARCH_EXACT_UP_TO=0)
     _ask_for(s, paths[::30])
@@ -750,7 +750,7 @@ import sys
 from pathlib import Path
 import numpy as np, torch
 import main
-from reidkit import search
+from reidkit.search import command as search
 
 class Pixels(torch.nn.Module):          # a stand-in model: 576 values per 8x24 picture
     def forward(self, images):

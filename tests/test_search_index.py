@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reidkit import search as searching
-from reidkit import search_index
-from reidkit.evaluation import NonFiniteError
+from reidkit.search import command as searching
+from reidkit.search import index as search_index
+from reidkit.evaluate.metrics import NonFiniteError
 
 
 @pytest.fixture(autouse=True)
@@ -221,7 +221,7 @@ def test_non_finite_features_never_give_a_ranking(tmp_path):
 
 def test_search_settings_are_checked():
     import main
-    from reidkit.errors import UserError
+    from reidkit.run.errors import UserError
     s = main.load_settings()
     searching.check_search_settings(s)
     with pytest.raises(UserError, match=r"SEARCH_INDEX='hnsw': valid choices are 'ivfpq'"):

@@ -3,8 +3,8 @@ import pytest
 
 import config
 import main
-from reidkit.errors import UserError
-from reidkit.settings import apply_overrides, defaults_from, parse_override_args
+from reidkit.run.errors import UserError
+from reidkit.run.settings import apply_overrides, defaults_from, parse_override_args
 
 
 def test_defaults_are_the_tutorials_recipe():

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import main
-from reidkit import checks
-from reidkit.checkpoints import load_checkpoint, unwrap
-from reidkit.demo_data import market_data_dir
-from reidkit.engine import SoftmaxEngine
-from reidkit.errors import UserError
+from reidkit.data import checks
+from reidkit.run.checkpoints import load_checkpoint, unwrap
+from reidkit.data.demo import market_data_dir
+from reidkit.train.engine import SoftmaxEngine
+from reidkit.run.errors import UserError
 
 
 def _pid_cam(path: Path) -> tuple[int, int]:

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import main
-from reidkit import checks
-from reidkit.checkpoints import load_checkpoint
-from reidkit.errors import UserError
-from reidkit.runs import newest_checkpoint
-from reidkit.speed import FastModel, fast_path
+from reidkit.data import checks
+from reidkit.run.checkpoints import load_checkpoint
+from reidkit.run.errors import UserError
+from reidkit.run.folders import newest_checkpoint
+from reidkit.train.speed import FastModel, fast_path
 
 
 def test_auto_is_eager_on_the_cpu(tiny_settings, capsys):
@@ -82,7 +82,7 @@ def test_bad_switch_values_are_named_before_any_work(tiny_settings):
 @pytest.mark.parametrize('error', [torch.OutOfMemoryError('CUDA out of memory'),
                                    RuntimeError('shape mismatch in the model')])
 def test_errors_that_are_not_compilation_failures_are_raised_not_hidden(error, monkeypatch):
-    from reidkit.speed import FastModel
+    from reidkit.train.speed import FastModel
 
     def compiled_that_fails(model, mode=None):
         def run(*args):
@@ -100,7 +100,7 @@ def test_our_training_step_trains_exactly_as_torchreids(tiny_settings):
     """TRAIN_STEP='on' (no host sync per batch; on by default with CUDA) against Torchreid's
     own step, same seed, on the CPU: the same weights, the same evaluation, and epoch means in
     TensorBoard at PRINT_FREQ and at each epoch's end only."""
-    from reidkit.report import read_scalars
+    from reidkit.evaluate.report import read_scalars
     runs = {}
     for step in ('off', 'on'):
         s = tiny_settings.replace(TRAIN_STEP=step, MAX_EPOCH=2, PRINT_FREQ=3,

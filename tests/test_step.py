@@ -11,7 +11,7 @@ from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from torchreid.reid.losses import CrossEntropyLoss, DeepSupervision, TripletLoss
 from torchreid.reid.metrics import accuracy
 
-from reidkit.step import (RunningMeans, TrainStep, batch_hard_triplet_loss, fast_optimizer,
+from reidkit.train.step import (RunningMeans, TrainStep, batch_hard_triplet_loss, fast_optimizer,
                           fuse_adam, label_smoothed_cross_entropy, top1_accuracy)
 
 

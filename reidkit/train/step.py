@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reidkit.speed import compile_errors, note_compile_failure
+from reidkit.train.speed import compile_errors, note_compile_failure
 
 Outputs = torch.Tensor | Sequence[torch.Tensor]
 

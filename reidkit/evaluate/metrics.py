@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from reidkit.errors import UserError
+from reidkit.run.errors import UserError
 
 # Queries per chunk: a chunk holds a few (chunk x gallery) arrays, ~0.6 GB at 128 x 100k.
 QUERY_CHUNK = 128

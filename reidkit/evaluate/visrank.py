@@ -2,7 +2,7 @@
 written on it, drawn in parallel with a progress bar, plus a browsable index.html.
 
 `write_rankings` has the signature of Torchreid's `visualize_ranked_results`, which our
-engine puts in its place while it runs (reidkit.engine), so `engine.run(test_only=True,
+engine puts in its place while it runs (reidkit.train.engine), so `engine.run(test_only=True,
 visrank=True)` is still the way to ask for them. Image-reid only (Torchreid's own function handles video).
 """
 from __future__ import annotations
@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from reidkit import evaluation, report
-from reidkit.atomic import write_atomically
-from reidkit.errors import UserError
+from reidkit.evaluate import metrics as evaluation
+from reidkit.evaluate import report
+from reidkit.run.atomic import write_atomically
+from reidkit.run.errors import UserError
 
 THUMB_HEIGHT, THUMB_WIDTH = 128, 64      # Market-1501's own crop size
 CAPTION_HEIGHT = 30
@@ -118,7 +119,7 @@ def write_rankings(distmat, dataset, data_type='image', width=128, height=256, s
     Returns the page's path.
     """
     if data_type != 'image':
-        raise NotImplementedError('reidkit.visrank draws image-reid rankings only')
+        raise NotImplementedError('reidkit.evaluate.visrank draws image-reid rankings only')
     query, gallery = dataset
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from reidkit import distributed
-from reidkit.errors import UserError
+from reidkit.run import distributed
+from reidkit.run.errors import UserError
 
 DEVICE_TEST_BATCH = 256     # images per feature-extraction batch from the device cache
 
@@ -137,7 +137,7 @@ class FastTraining:
 def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
     """The fast path for settings `s` (AMP, CHANNELS_LAST, COMPILE, TRAIN_STEP, DATA_CACHE,
     DATA_CACHE_GB): on with CUDA by default, forced on or off by a setting."""
-    from reidkit.step import TrainStep, fast_optimizer
+    from reidkit.train.step import TrainStep, fast_optimizer
     device = next(model.parameters()).device
     cuda = device.type == 'cuda'
     own_step = switched_on(s.TRAIN_STEP, cuda)
@@ -153,7 +153,7 @@ def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
         line += ' + our training step' + (' (compiled with its loss)' if compile_step else '')
     loaders = None
     if switched_on(s.DATA_CACHE, cuda):
-        from reidkit.datapath import build_cached_loaders, with_machine_workers
+        from reidkit.data.datapath import build_cached_loaders, with_machine_workers
         loaders, why = build_cached_loaders(
             datamanager, s.TRANSFORMS, s.HEIGHT, s.WIDTH, device, s.DATA_CACHE_GB,
             seed=(s.SEED + distributed.current().rank) % 2 ** 32,

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from reidkit.atomic import reason, write_atomically
-from reidkit.checkpoints import CHECKPOINT_PREFIX, checkpoint_epoch, load_checkpoint
-from reidkit.errors import UserError
-from reidkit.own_data import display_name
-from reidkit.settings import Settings, with_checkpoint_settings
+from reidkit.run.atomic import reason, write_atomically
+from reidkit.run.checkpoints import CHECKPOINT_PREFIX, checkpoint_epoch, load_checkpoint
+from reidkit.run.errors import UserError
+from reidkit.data.own_data import display_name
+from reidkit.run.settings import Settings, with_checkpoint_settings
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
@@ -108,7 +108,7 @@ def resolve_checkpoint(s: Settings, weights: Path | None = None, setting: str = 
     contents (loaded safely) and the settings to use it with: with setting='RESUME', the run's
     own (see settings.with_checkpoint_settings); otherwise its model and input size.
     Notes go to `notes` if given, else are printed."""
-    from reidkit import checks
+    from reidkit.data import checks
     path = Path(weights or s[setting] or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
     saved = load_checkpoint(path, setting)
     s, found = with_checkpoint_settings(s, recorded_settings(saved),

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from reidkit.errors import UserError
+from reidkit.run.errors import UserError
 
 # Longest a process waits for the others in one collective; then it stops with an error
 # instead of hanging (a dead or unreachable peer). Checkpoint writes on rank 0 fit in it.
@@ -391,7 +391,7 @@ def gather(shard: torch.Tensor) -> torch.Tensor:
 def shard_loaders(datamanager, seed: int) -> None:
     """Replaces the datamanager's samplers with this rank's shards (training: a new split
     every epoch; test: a fixed contiguous slice)."""
-    from reidkit.datapath import loader_like, _dataset_of
+    from reidkit.data.datapath import loader_like, _dataset_of
     processes = current()
     rank, world = processes.rank, processes.world_size
     train = datamanager.train_loader

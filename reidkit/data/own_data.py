@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reidkit.errors import UserError
+from reidkit.run.errors import UserError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 # Market-1501 names, read from the start of the file name: any number of digits for both.

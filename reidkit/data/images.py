@@ -3,7 +3,7 @@
 A phone stores a portrait photo as a landscape JPEG with an Orientation tag (6: turn it 90
 degrees clockwise to view); viewers and browsers turn it, Pillow does not (Torchreid's own
 `read_image` neither). Every reader of ours goes through `upright`, so the model sees the
-person standing as in any viewer. Pillow only: `reidkit.onnx_features` uses it without torch.
+person standing as in any viewer. Pillow only: `reidkit.search.onnx_features` uses it without torch.
 """
 from __future__ import annotations
 

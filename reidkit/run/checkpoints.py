@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from reidkit.atomic import atomic_file
-from reidkit.errors import UserError
+from reidkit.run.atomic import atomic_file
+from reidkit.run.errors import UserError
 
 CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
 LATEST_NAME = 'latest.pth.tar'         # rolling checkpoint written every LATEST_EVERY epochs
@@ -49,7 +49,7 @@ def checkpoint_epoch(path: Path) -> int:
 
 
 def save_checkpoint(state: dict, path: Path) -> Path:
-    """Writes `state` to `path` through a temporary file and a rename (`reidkit.atomic`), so a
+    """Writes `state` to `path` through a temporary file and a rename (`reidkit.run.atomic`), so a
     kill mid-write leaves the previous checkpoint, never a truncated one. A failed write (a
     full disk) removes the temporary file and is a one-line error."""
     # torch.save reports a short write as RuntimeError
@@ -124,7 +124,7 @@ def _not_a_checkpoint(path: Path, error: Exception, setting: str) -> UserError:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DataParallel, DistributedDataParallel and fast-path wrappers, or the
     model itself."""
-    from reidkit.speed import FastModel
+    from reidkit.train.speed import FastModel
     parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     while isinstance(model, parallel + (FastModel,)):
         model = model.module if isinstance(model, parallel) else model.model

@@ -31,16 +31,18 @@ from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from tqdm import tqdm
 
-from reidkit import distributed, evaluation, rerank as reranking
-from reidkit.report import BestEffortWriter
-from reidkit.visrank import write_rankings
-from reidkit.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
-from reidkit.checks import read_image
-from reidkit.rerank import re_ranking_features
-from reidkit.datapath import loader_like
-from reidkit.errors import UserError
-from reidkit.own_data import display_name
-from reidkit.step import RunningMeans
+from reidkit.run import distributed
+from reidkit.evaluate import metrics as evaluation
+from reidkit.evaluate import rerank as reranking
+from reidkit.evaluate.report import BestEffortWriter
+from reidkit.evaluate.visrank import write_rankings
+from reidkit.run.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
+from reidkit.data.checks import read_image
+from reidkit.evaluate.rerank import re_ranking_features
+from reidkit.data.datapath import loader_like
+from reidkit.run.errors import UserError
+from reidkit.data.own_data import display_name
+from reidkit.train.step import RunningMeans
 
 
 class ReidkitEngineMixin:
@@ -52,7 +54,7 @@ class ReidkitEngineMixin:
         super().__init__(*args, **kwargs)
         self.flip_test = flip_test         # features of the image and its mirror, averaged
         self.rerank = rerank or {}         # k1, k2, lambda_value of k-reciprocal re-ranking
-        self.train_step = train_step       # reidkit.step.TrainStep, or None: Torchreid's step
+        self.train_step = train_step       # reidkit.train.step.TrainStep, or None: Torchreid's step
         self.model_name = model_name       # stored in checkpoints, named in mismatch errors
         self.latest_every = latest_every   # epochs between rolling checkpoints (0: never)
         self.settings = settings           # the run's settings, stored in every checkpoint
@@ -120,7 +122,7 @@ class ReidkitEngineMixin:
         # peer that has stopped); a rank whose own losses were finite names the others'.
         epoch, batch, name, value = found or (self.epoch, self.batch_idx,
                                               'loss of another process', 'not finite')
-        from reidkit.runs import resume_point
+        from reidkit.run.folders import resume_point
         last = resume_point(self.save_dir) if self.save_dir is not None else None
         lr = self.optimizer.param_groups[0]['lr'] if self.optimizer is not None else None
         raise UserError(
@@ -224,7 +226,7 @@ class ReidkitEngineMixin:
         """Torchreid's evaluation, with the features kept on the model's device and the
         distances computed there in query chunks by our evaluator (never a full distance
         matrix on the host, unless visrank draws it, re-ranking needs it or CUHK03's protocol
-        does); re-ranking is ours (`reidkit.rerank`, from each image's nearest neighbours).
+        does); re-ranking is ours (`reidkit.evaluate.rerank`, from each image's nearest neighbours).
         Every switch (metric, FLIP_TEST, re-ranking) applies to every protocol, CUHK03's too,
         and the evaluation line names them. Prints the ranks in `ranks` that the gallery
         has; returns (Rank-1, mAP)."""
@@ -377,7 +379,7 @@ class DivergenceWatch:
 
 
 class ReadingWithReidkit(Dataset):
-    """A Torchreid image dataset whose images are read by `reidkit.checks.read_image` (an
+    """A Torchreid image dataset whose images are read by `reidkit.data.checks.read_image` (an
     unreadable file is an error naming it, where Torchreid's reader retries it forever).
     Picklable, so loader workers started by spawn read the same way."""
 

@@ -1,7 +1,7 @@
 """Features from an exported model.onnx with onnxruntime: no Torchreid, no torch.
 
-A tracker (or `search` with an .onnx file) needs only this module (with reidkit.errors and
-reidkit.images), numpy, Pillow and onnxruntime. The preprocessing is Torchreid's test transform redone in numpy: resize to the
+A tracker (or `search` with an .onnx file) needs only this module (with reidkit.run.errors and
+reidkit.data.images), numpy, Pillow and onnxruntime. The preprocessing is Torchreid's test transform redone in numpy: resize to the
 model's HEIGHT x WIDTH (bilinear, with Pillow, as torchvision's Resize does on a PIL image),
 scale to [0, 1], normalise by the mean and std recorded in the file, NCHW.
 """
@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from reidkit.errors import UserError
-from reidkit.images import upright
+from reidkit.run.errors import UserError
+from reidkit.data.images import upright
 
 # The metadata `python main.py export` writes into the file (ONNX metadata_props, strings);
 # the first six are what this module needs to use the model.

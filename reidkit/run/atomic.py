@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import IO, Iterator
 
-from reidkit.errors import UserError
+from reidkit.run.errors import UserError
 
 PARTIAL = '.partial'
 RETRY = 'free some space (or fix the folder\'s permissions) and run again'

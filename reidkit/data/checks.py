@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reidkit.errors import UserError
-from reidkit.images import upright
-from reidkit.own_data import check_own_data, is_own_data
-from reidkit.settings import Settings
+from reidkit.run.errors import UserError
+from reidkit.data.images import upright
+from reidkit.data.own_data import check_own_data, is_own_data
+from reidkit.run.settings import Settings
 
 LOSSES = ('softmax', 'triplet')
 TRANSFORMS = ('random_flip', 'random_crop', 'random_patch', 'color_jitter')
@@ -87,7 +87,7 @@ def check_names(s: Settings) -> None:
             if name not in torchreid_datasets() and not is_own_data(name):
                 raise UserError(f'{_choices(key, name, torchreid_datasets())} For a folder or '
                                 f'CSV file of your own, write it as a path: --{key}=./{name}')
-    from reidkit.speed import CHOICES
+    from reidkit.train.speed import CHOICES
     for key, valid in CHOICES.items():
         if s[key] not in valid:
             raise UserError(f'{key}={s[key]!r}: valid choices are {", ".join(valid)}. Fix it '
@@ -122,7 +122,7 @@ def check_numbers(s: Settings, training: bool) -> None:
     if training and s.SYNC_BN and (s.DEVICE == 'cpu' or not torch.cuda.is_available()):
         raise UserError('SYNC_BN=True needs CUDA GPUs (PyTorch\'s SyncBatchNorm runs only '
                         'there). Pass --SYNC_BN=False to train on the CPU.')
-    from reidkit.visrank import MAX_STRIP_MATCHES
+    from reidkit.evaluate.visrank import MAX_STRIP_MATCHES
     for key in ('VISRANK_TOPK', 'SEARCH_TOPK'):
         if s[key] > MAX_STRIP_MATCHES:
             raise UserError(f'{key}={s[key]} is more matches than one strip image can hold '
@@ -273,7 +273,7 @@ WIDE_GREY_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
 
 def read_image(path: str) -> Image.Image:
     """Torchreid's read_image, minus the endless retry: an unreadable file is an error.
-    Upright: the EXIF orientation is applied (`reidkit.images`; Torchreid's reader ignores it).
+    Upright: the EXIF orientation is applied (`reidkit.data.images`; Torchreid's reader ignores it).
     16-bit grey images are scaled to 8 bits (the high byte, as Pillow does for 16-bit colour)."""
     try:
         with Image.open(path) as stored:

@@ -2,7 +2,7 @@
 
 # How PyTorch's DataLoader re-raises an error from a loader worker: the type is kept, the
 # message becomes "Caught UserError in DataLoader worker process 0.\nOriginal Traceback ..."
-# ending with "reidkit.errors.UserError: <our message>".
+# ending with "reidkit.run.errors.UserError: <our message>".
 _WORKER_TRACEBACK = 'Original Traceback (most recent call last):'
 
 

@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reidkit import atomic, onnx_features as meta, own_data
-from reidkit.errors import UserError
-from reidkit.own_data import is_own_data
-from reidkit.settings import Settings
+from reidkit.run import atomic
+from reidkit.search import onnx_features as meta
+from reidkit.data import own_data
+from reidkit.run.errors import UserError
+from reidkit.data.own_data import is_own_data
+from reidkit.run.settings import Settings
 
 # 18: the exporter's own opset (it converts to others, op by op), and one that onnxruntime
 # since 1.14, TensorRT 8.6 and OpenVINO 2023 all run.
@@ -35,9 +37,9 @@ MAX_NAMES = 1000             # model.onnx, model-2.onnx ... model-999.onnx
 def export(s: Settings, weights: Path | None = None) -> Path:
     """Exports the checkpoint (`weights`, WEIGHTS or the newest run's) to ONNX beside it;
     returns the new file. UserError, with nothing left behind, if the check fails."""
-    from reidkit import checks
-    from reidkit.runs import resolve_checkpoint
-    from reidkit.search import model_for_search, quiet_test_transform
+    from reidkit.data import checks
+    from reidkit.run.folders import resolve_checkpoint
+    from reidkit.search.command import model_for_search, quiet_test_transform
     _check_installed()
     checkpoint, saved, s = resolve_checkpoint(s, weights)
     checks.check_names(s)
@@ -144,7 +146,7 @@ def check_images(s: Settings) -> tuple[list, str]:
     lists them for evaluation, evenly spread; random images (said so, loudly) when it is not
     here. Returns (PIL images, a description for the printout)."""
     from PIL import Image
-    from reidkit.checks import read_image
+    from reidkit.data.checks import read_image
     name = s.TARGETS if isinstance(s.TARGETS, str) else s.TARGETS[0]
     paths, why = _own_test_image_paths(name, s) if is_own_data(name) else \
         _test_image_paths(name, Path(s.DATA_ROOT).expanduser())
@@ -166,7 +168,7 @@ def check_images(s: Settings) -> tuple[list, str]:
 
 
 def _own_test_image_paths(name: str, s: Settings) -> tuple[list[str], str]:
-    """(paths, '') or ([], why not) for a dataset of one's own (reidkit.own_data)."""
+    """(paths, '') or ([], why not) for a dataset of one's own (reidkit.data.own_data)."""
     try:
         data = own_data.load(name, s.TEST_SHARE, s.SPLIT_SEED)
     except UserError as error:
@@ -184,7 +186,7 @@ def _spread(paths: list[str]) -> list[str]:
 def _test_image_paths(name: str, root: Path) -> tuple[list[str], str]:
     """(paths, '') or ([], why not). Torchreid's loader is asked only for a folder that is
     there: for a missing one it would try to download the dataset."""
-    from reidkit.checks import dataset_dir, torchreid_datasets
+    from reidkit.data.checks import dataset_dir, torchreid_datasets
     folder = dataset_dir(root, name)
     if not folder.is_dir() or not any(folder.iterdir()):
         return [], f'dataset {name!r} is not in "{folder}"'

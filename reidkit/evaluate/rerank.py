@@ -29,8 +29,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from reidkit.errors import UserError
-from reidkit.evaluation import check_finite
+from reidkit.run.errors import UserError
+from reidkit.evaluate.metrics import check_finite
 
 # Images per block of the neighbour search: a block pair holds a few (chunk x chunk) float32
 # arrays, ~0.3 GB at 4096.

@@ -12,8 +12,8 @@ import tokenize
 from pathlib import Path
 from types import ModuleType
 
-from reidkit.errors import UserError
-from reidkit.settings import defaults_from, parse_override_args, resolve
+from reidkit.run.errors import UserError
+from reidkit.run.settings import defaults_from, parse_override_args, resolve
 
 MODES = ('train', 'test', 'visrank')       # run in this order when none is named
 EXTRA_MODES = ('search', 'export')

@@ -20,8 +20,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Mapping
 
-from reidkit.errors import UserError
-from reidkit.own_data import absolute, is_own_data
+from reidkit.run.errors import UserError
+from reidkit.data.own_data import absolute, is_own_data
 
 # config.py constants that are not settings themselves.
 NOT_SETTINGS = {'DEMO'}
@@ -48,7 +48,7 @@ RESUMED_LOCAL_SETTINGS = tuple(key for key in LOCAL_SETTINGS if key not in
 # Settings that name a file or folder: their text is kept as given.
 PATH_SETTINGS = ('DATA_ROOT', 'EXPERIMENTS_DIR', 'WEIGHTS', 'RESUME', 'QUERY', 'GALLERY')
 # Settings that take one dataset name or a list of them. A value with '/', starting with '~'
-# or '.', or ending in '.csv' is a folder or CSV of the user's own (reidkit.own_data): kept as
+# or '.', or ending in '.csv' is a folder or CSV of the user's own (reidkit.data.own_data): kept as
 # text on the command line and stored as an absolute path.
 DATASET_LISTS = ('SOURCES', 'TARGETS')
 

@@ -29,9 +29,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from reidkit.checks import read_image
-from reidkit.errors import UserError
-from reidkit.images import upright_size
+from reidkit.data.checks import read_image
+from reidkit.run.errors import UserError
+from reidkit.data.images import upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # Torchreid's defaults when norm_mean/norm_std are None
 IMAGENET_STD = (0.229, 0.224, 0.225)

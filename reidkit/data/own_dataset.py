@@ -1,4 +1,4 @@
-"""Own datasets (reidkit.own_data) registered with Torchreid, so that its ImageDataManager,
+"""Own datasets (reidkit.data.own_data) registered with Torchreid, so that its ImageDataManager,
 samplers and transforms, and our data path, read them unchanged.
 
 Each own-data value of SOURCES/TARGETS is registered under its absolute path, once per
@@ -17,8 +17,8 @@ from pathlib import Path
 from torchreid.reid.data import register_image_dataset
 from torchreid.reid.data.datasets.dataset import ImageDataset
 
-from reidkit.errors import UserError
-from reidkit.own_data import OwnData, display_name, is_own_data, load, write_split
+from reidkit.run.errors import UserError
+from reidkit.data.own_data import OwnData, display_name, is_own_data, load, write_split
 
 _noted_unknown_cameras: set[str] = set()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from reidkit.errors import UserError
+from reidkit.run.errors import UserError
 
 # Market-1501's crops are 128 high and 64 wide, taken by 6 cameras.
 IMAGE_HEIGHT = 128

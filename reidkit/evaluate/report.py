@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from reidkit.atomic import atomic_file, reason, write_atomically
+from reidkit.run.atomic import atomic_file, reason, write_atomically
 
 CMC_RANKS = (1, 5, 10, 20)
 MAX_NAME_BYTES = 200            # file systems allow 255; room for -2 and a suffix
