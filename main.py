@@ -33,6 +33,7 @@ from torchreid.reid.utils import set_random_seed
 from reidkit.data import checks
 from reidkit.run import distributed
 from reidkit.search import command as searching
+from reidkit.search.export import export as export_onnx
 from reidkit.run.atomic import disk_full, reason
 from reidkit.run.checkpoints import continue_schedule, load_weights, resume_training
 from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
@@ -45,6 +46,7 @@ from reidkit.evaluate.report import plot_cmc, plot_training, write_metrics
 from reidkit.run.folders import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
 from reidkit.run.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, resolve
+from reidkit.train.samplers import shard_loaders
 from reidkit.train.speed import fast_training
 
 def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:
@@ -106,7 +108,7 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
     processes = distributed.current()
     if processes.distributed:
         # each process checks its own share; a problem is printed once, by the first to find it
-        distributed.same_everywhere(lambda: (distributed.shard_loaders(datamanager, s.SEED),
+        distributed.same_everywhere(lambda: (shard_loaders(datamanager, s.SEED),
                                              checks.check_training_batches(s, datamanager)))
         lr = optimizer.param_groups[0]['lr']     # a resumed run continues with its own
         print(f'DDP: {processes.world_size} processes'
@@ -321,7 +323,6 @@ def search(s: Settings | None = None, weights: Path | None = None) -> Path:
 def export(s: Settings | None = None, weights: Path | None = None) -> Path:
     """Writes the checkpoint (WEIGHTS, or the newest run's) as model.onnx beside it, checked
     against PyTorch's features with onnxruntime; returns the file."""
-    from reidkit.search.export import export as export_onnx
     return export_onnx(s or load_settings(), weights)
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import main
-from reidkit.data import checks
+from reidkit.data import checks, images
 from reidkit.data.demo import market_data_dir
 from reidkit.run.errors import UserError
 
@@ -77,7 +77,7 @@ def test_the_loader_fails_on_an_unreadable_image_instead_of_retrying_forever(tmp
     bad = tmp_path / '0001_c1s1_000001_01.jpg'
     bad.write_bytes(b'\xff\xd8\xff garbage \xff\xd9')
     with pytest.raises(UserError, match='cannot be read as an image'):
-        checks.read_image(str(bad))
+        images.read_image(str(bad))
 
 
 @pytest.mark.slow
@@ -91,7 +91,7 @@ def test_a_fifo_named_like_an_image_is_reported_not_waited_on(tiny_data_root, tm
     assert f'{fifo}" is not a regular file (a FIFO, socket or device)' in err
     assert 'Traceback' not in err
     (data_dir / 'query' / 'folder.jpg').mkdir()
-    assert checks.image_problem(data_dir / 'query' / 'folder.jpg') == 'a folder, not an image file'
+    assert images.image_problem(data_dir / 'query' / 'folder.jpg') == 'a folder, not an image file'
 
 
 def _write_16_bit_pngs(folder):
@@ -115,7 +115,7 @@ def _write_16_bit_pngs(folder):
 def test_16_bit_pngs_are_read_scaled_to_8_bits_not_white(tmp_path):
     pngs = _write_16_bit_pngs(tmp_path)
     for name, (path, expected) in pngs.items():
-        image = checks.read_image(str(path))
+        image = images.read_image(str(path))
         assert image.mode == 'RGB', name
         assert np.array_equal(np.asarray(image), expected), name
     grey = pngs['grey'][1]

@@ -25,7 +25,7 @@ from torchreid.reid.engine import Engine
 from torchvision.transforms import ColorJitter, RandomHorizontalFlip
 
 from reidkit.data import datapath
-from reidkit.data.checks import read_image
+from reidkit.data.images import read_image
 from reidkit.data.datapath import (CachedLoader, DecodedImages, DeviceTransform,
                               build_cached_loaders, decoded_size_gib)
 from reidkit.data.demo import market_data_dir

@@ -16,8 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from reidkit.run import distributed
-from reidkit.run.distributed import (ShardedIdentitySampler, ShardedRandomSampler, ShardSampler,
-                                 gpus_to_use, shard_bounds)
+from reidkit.train.samplers import (ShardedIdentitySampler, ShardedRandomSampler, ShardSampler,
+                                    shard_bounds)
+from reidkit.run.distributed import gpus_to_use
 from reidkit.run.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

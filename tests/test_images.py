@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from reidkit.data import images
-from reidkit.data.checks import read_image
+from reidkit.data.images import read_image
 
 HEIGHT, WIDTH = 64, 32
 

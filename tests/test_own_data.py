@@ -12,6 +12,7 @@ import main
 from conftest import TINY
 from reidkit.evaluate import metrics as evaluation
 from reidkit.data import own_data
+from reidkit.run import settings
 from reidkit.run.errors import UserError
 from reidkit.data.own_data import load
 from reidkit.run.settings import parse_override_args
@@ -46,9 +47,9 @@ def _identity_folders(root: Path, people, cameras=('door', 'lift', 'yard'), per_
 def test_a_path_is_told_from_a_torchreid_name_and_stored_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for value in ('./2024', '~/crops', 'a/b', 'people.csv', '.hidden'):
-        assert own_data.is_own_data(value)
+        assert settings.is_own_data(value)
     for value in ('market1501', 'dukemtmcreid', 'msmt17', 'crops'):
-        assert not own_data.is_own_data(value)
+        assert not settings.is_own_data(value)
     # a folder named like a number stays text on the command line, and is stored absolute
     overrides = parse_override_args(['--SOURCES=./2024', '--TARGETS=.5'])
     assert overrides == {'SOURCES': './2024', 'TARGETS': '.5'}
@@ -57,8 +58,8 @@ def test_a_path_is_told_from_a_torchreid_name_and_stored_absolute(tmp_path, monk
     assert main.load_settings({'TARGETS': ['market1501', 'x/y']}).TARGETS == \
         ['market1501', str(tmp_path / 'x' / 'y')]
     assert main.load_settings({'SOURCES': '~/crops'}).SOURCES == str(Path.home() / 'crops')
-    assert own_data.display_name(str(tmp_path / 'my crops')) == 'my_crops'
-    assert own_data.display_name(str(tmp_path / 'people.csv')) == 'people'
+    assert settings.display_name(str(tmp_path / 'my crops')) == 'my_crops'
+    assert settings.display_name(str(tmp_path / 'people.csv')) == 'people'
 
 
 def test_a_bare_unknown_name_suggests_the_path_form(tiny_settings):

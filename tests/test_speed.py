@@ -8,7 +8,7 @@ from reidkit.data import checks
 from reidkit.run.checkpoints import load_checkpoint
 from reidkit.run.errors import UserError
 from reidkit.run.folders import newest_checkpoint
-from reidkit.train.speed import FastModel, fast_path
+from reidkit.train.speed import FastModel
 
 
 def test_auto_is_eager_on_the_cpu(tiny_settings, capsys):
@@ -75,8 +75,9 @@ def test_a_failing_compile_says_so_once_and_continues_eager(tiny_settings, monke
 def test_bad_switch_values_are_named_before_any_work(tiny_settings):
     with pytest.raises(UserError, match="AMP='fp8': valid choices are auto, bf16, off"):
         checks.check_before_run(tiny_settings.replace(AMP='fp8'), training=True)
-    with pytest.raises(UserError, match='COMPILE'):
-        fast_path(torch.nn.Linear(2, 2), torch.device('cpu'), 'off', 'off', 'yes')
+    for key in ('CHANNELS_LAST', 'COMPILE', 'TRAIN_STEP', 'DATA_CACHE'):    # checked in one place
+        with pytest.raises(UserError, match=f"{key}='yes': valid choices are auto, on, off"):
+            checks.check_before_run(tiny_settings.replace(**{key: 'yes'}), training=False)
 
 
 @pytest.mark.parametrize('error', [torch.OutOfMemoryError('CUDA out of memory'),

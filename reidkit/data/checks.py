@@ -1,26 +1,19 @@
-"""Checks that run before any heavy work, each failing with one paragraph that says what to do.
-
-Also `read_image`, which our engine's datasets use: Torchreid's retries an unreadable file
-forever ("Will redo. Don't worry. Just chill."); ours fails at once, naming the file.
-"""
+"""Checks that run before any heavy work, each failing with one paragraph that says what to do."""
 from __future__ import annotations
 
 import re
 import socket
-import stat
 import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
-from PIL import Image
 
 from reidkit.run.errors import UserError
-from reidkit.data.images import upright
-from reidkit.data.own_data import check_own_data, is_own_data
-from reidkit.run.settings import Settings
+from reidkit.data.images import MAX_STRIP_MATCHES, image_problem
+from reidkit.data.own_data import check_own_data
+from reidkit.run.settings import SWITCH_CHOICES, Settings, is_own_data
 
 LOSSES = ('softmax', 'triplet')
 TRANSFORMS = ('random_flip', 'random_crop', 'random_patch', 'color_jitter')
@@ -87,8 +80,7 @@ def check_names(s: Settings) -> None:
             if name not in torchreid_datasets() and not is_own_data(name):
                 raise UserError(f'{_choices(key, name, torchreid_datasets())} For a folder or '
                                 f'CSV file of your own, write it as a path: --{key}=./{name}')
-    from reidkit.train.speed import CHOICES
-    for key, valid in CHOICES.items():
+    for key, valid in SWITCH_CHOICES.items():
         if s[key] not in valid:
             raise UserError(f'{key}={s[key]!r}: valid choices are {", ".join(valid)}. Fix it '
                             f'in config.py or with --{key}=...')
@@ -122,7 +114,6 @@ def check_numbers(s: Settings, training: bool) -> None:
     if training and s.SYNC_BN and (s.DEVICE == 'cpu' or not torch.cuda.is_available()):
         raise UserError('SYNC_BN=True needs CUDA GPUs (PyTorch\'s SyncBatchNorm runs only '
                         'there). Pass --SYNC_BN=False to train on the CPU.')
-    from reidkit.evaluate.visrank import MAX_STRIP_MATCHES
     for key in ('VISRANK_TOPK', 'SEARCH_TOPK'):
         if s[key] > MAX_STRIP_MATCHES:
             raise UserError(f'{key}={s[key]} is more matches than one strip image can hold '
@@ -236,57 +227,6 @@ def check_market_names(data_dir: Path, named: list[Path]) -> None:
                    1 <= int(camera[0]) <= 6 and 0 <= pid <= 1501 else 'stop on it') + f'. {own}')
 
 
-def image_problem(path: Path) -> str | None:
-    """Why an image file cannot be used ('empty', 'not an image', 'truncated', 'not a regular
-    file'), or None.
-
-    Reads only its first and last bytes: fast enough for 30k files before every run. A JPEG
-    cut short loses its end-of-image marker (FF D9).
-    """
-    try:
-        # Stat before opening: open() on a FIFO blocks until a writer comes, i.e. forever.
-        mode = path.stat().st_mode
-        if stat.S_ISDIR(mode):
-            return 'a folder, not an image file'
-        if not stat.S_ISREG(mode):
-            return 'not a regular file (a FIFO, socket or device)'
-        with open(path, 'rb') as handle:
-            head = handle.read(8)
-            if not head:
-                return 'empty (0 bytes)'
-            handle.seek(-min(path.stat().st_size, 64), 2)
-            tail = handle.read()
-    except OSError as error:
-        return f'unreadable ({error.strerror})'
-    if head[:3] == b'\xff\xd8\xff':
-        return None if b'\xff\xd9' in tail else 'a truncated JPEG (no end-of-image marker)'
-    if head.startswith(b'\x89PNG') or head[:2] == b'BM':
-        return None
-    return 'not a JPEG, PNG or BMP image'
-
-
-# Pillow's modes for 16-bit (and 32-bit integer) grey images; convert('RGB') clips their values
-# at 255, so all but the darkest pixels come out white. Pillow reads 16-bit colour PNGs as
-# 8-bit RGB/RGBA itself (keeping the high byte), so they need nothing.
-WIDE_GREY_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
-
-
-def read_image(path: str) -> Image.Image:
-    """Torchreid's read_image, minus the endless retry: an unreadable file is an error.
-    Upright: the EXIF orientation is applied (`reidkit.data.images`; Torchreid's reader ignores it).
-    16-bit grey images are scaled to 8 bits (the high byte, as Pillow does for 16-bit colour)."""
-    try:
-        with Image.open(path) as stored:
-            image = upright(stored)
-            if image.mode in WIDE_GREY_MODES:
-                high_byte = np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255)
-                return Image.fromarray(high_byte.astype(np.uint8)).convert('RGB')
-            return image.convert('RGB')
-    except Exception as error:      # PIL raises many types for broken files
-        raise UserError(f'"{path}" cannot be read as an image ({error}). Delete or replace it '
-                        f'and run again.') from None
-
-
 def check_output_folder(path: Path, setting: str = 'EXPERIMENTS_DIR') -> None:
     """`path` is a folder we can write in, creating it if needed: found out before training,
     not when the first checkpoint is saved."""
@@ -343,17 +283,6 @@ def check_pretrained(s: Settings, timeout: float = 3.0) -> None:
             f'with network and copy it to "{cached}", or train from scratch with '
             f'--PRETRAINED=False (much lower accuracy on real data).'
         ) from None
-
-
-def check_checkpoint_fits(checkpoint: dict, s: Settings, path) -> None:
-    """A checkpoint trained at another input size would give silently worse features."""
-    size = checkpoint.get('input_size')
-    if size and list(size) != [s.HEIGHT, s.WIDTH]:
-        raise UserError(
-            f'WEIGHTS: "{path}" was trained on {size[0]}x{size[1]} images, but HEIGHT x WIDTH '
-            f'is {s.HEIGHT}x{s.WIDTH}. Drop --HEIGHT and --WIDTH to use the checkpoint\'s size, '
-            f'or use a checkpoint trained at {s.HEIGHT}x{s.WIDTH}.'
-        )
 
 
 def check_training_batches(s: Settings, datamanager) -> None:

@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from reidkit.data.checks import read_image
+from reidkit.data.images import read_image
 from reidkit.run.errors import UserError
 from reidkit.data.images import upright_size
 
@@ -449,7 +449,7 @@ def _normalisation(datamanager) -> tuple:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def _dataset_of(loader):
+def dataset_of(loader):
     """The Torchreid dataset under a loader, unwrapped from reidkit's reading wrapper."""
     dataset = loader.dataset
     return dataset if hasattr(dataset, 'data') else dataset.dataset
@@ -468,14 +468,14 @@ def build_cached_loaders(datamanager, transforms, height: int, width: int, devic
     if not DeviceTransform.supports(names):
         return None, (f'{", ".join(DeviceTransform.unsupported(names))} not implemented on '
                       f'the device')
-    train_data = _dataset_of(datamanager.train_loader)
+    train_data = dataset_of(datamanager.train_loader)
     if getattr(train_data, 'k_tfm', 1) != 1:
         return None, f'k_tfm={train_data.k_tfm} not implemented on the device'
     # (train?, loader, its dataset list), train first; test loaders keyed by (name, split).
     lists = {None: (True, datamanager.train_loader, train_data.data)}
     for name, splits in datamanager.test_loader.items():
         for split, loader in splits.items():
-            lists[(name, split)] = (False, loader, _dataset_of(loader).data)
+            lists[(name, split)] = (False, loader, dataset_of(loader).data)
     sizes = {key: _stored_sizes(data) for key, (_, _, data) in lists.items()}
     gib = sum(3 * h * w for found in sizes.values() for h, w in found) / 2 ** 30
     if gib > cap_gib:

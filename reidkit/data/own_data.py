@@ -24,7 +24,8 @@ are gallery distractors.
 Unknown cameras: queries get camera id 0 and the gallery 1, so the same-camera rule discards
 nothing: every other image of a query's identity is a match.
 
-This module reads files only (no torch): `settings` imports it before torch is loaded.
+This module reads files only (no torch). The rule telling a name from a path is
+reidkit.run.settings' (`is_own_data`), used before any file is read.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reidkit.run.errors import UserError
+from reidkit.run.settings import absolute
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 # Market-1501 names, read from the start of the file name: any number of digits for both.
@@ -54,29 +56,6 @@ CSV_COLUMNS = ('path', 'pid', 'camid')
 WHAT_TO_DO = ('Lay the images out as <pid>_c<camera>_<anything>.jpg, as <identity>/<image>, as '
               '<identity>/<camera>/<image>, or list them in a CSV file with the header '
               'path,pid,camid[,split] (README: "Your own data").')
-
-
-def is_own_data(value) -> bool:
-    """Whether a SOURCES/TARGETS value names a folder or CSV file rather than a Torchreid
-    dataset: it contains '/' or '\\', starts with '~' or '.', or ends in '.csv'."""
-    return isinstance(value, str) and (
-        '/' in value or '\\' in value or value.startswith(('~', '.'))
-        or value.lower().endswith('.csv'))
-
-
-def absolute(value):
-    """An own-data value as an absolute path ('~' expanded); other values unchanged."""
-    return str(Path(value).expanduser().resolve()) if is_own_data(value) else value
-
-
-def display_name(value: str) -> str:
-    """A short, safe name for run folders and titles: the folder's (or CSV's) base name with
-    every character other than letters, digits, '.', '_' and '-' replaced by '_'."""
-    if not is_own_data(value):
-        return value
-    path = Path(value)
-    base = path.stem if path.suffix.lower() == '.csv' else path.name
-    return re.sub(r'[^A-Za-z0-9._-]', '_', base).lstrip('.') or 'data'
 
 
 def natural_key(text: str):

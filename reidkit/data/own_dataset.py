@@ -18,7 +18,8 @@ from torchreid.reid.data import register_image_dataset
 from torchreid.reid.data.datasets.dataset import ImageDataset
 
 from reidkit.run.errors import UserError
-from reidkit.data.own_data import OwnData, display_name, is_own_data, load, write_split
+from reidkit.data.own_data import OwnData, load, write_split
+from reidkit.run.settings import display_name, is_own_data
 
 _noted_unknown_cameras: set[str] = set()
 

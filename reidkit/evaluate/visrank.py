@@ -19,17 +19,13 @@ from tqdm import tqdm
 from reidkit.evaluate import metrics as evaluation
 from reidkit.evaluate import report
 from reidkit.run.atomic import write_atomically
+from reidkit.data.images import GAP, JPEG_MAX_SIDE, MAX_STRIP_MATCHES, QUERY_GAP, THUMB_HEIGHT, \
+    THUMB_WIDTH
 from reidkit.run.errors import UserError
 
-THUMB_HEIGHT, THUMB_WIDTH = 128, 64      # Market-1501's own crop size
 CAPTION_HEIGHT = 30
-GAP = 6
-QUERY_GAP = 24
 BORDER = 4
 GREEN, RED, BLACK, GREY = (0, 170, 0), (0, 0, 220), (0, 0, 0), (150, 150, 150)   # BGR
-JPEG_MAX_SIDE = 65_500                   # libjpeg refuses wider images
-# The most matches one strip can show; a wider strip cannot be saved as JPEG.
-MAX_STRIP_MATCHES = (JPEG_MAX_SIDE - THUMB_WIDTH - QUERY_GAP) // (THUMB_WIDTH + GAP)
 
 
 def top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk: int):

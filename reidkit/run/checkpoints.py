@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from reidkit.run.atomic import atomic_file
 from reidkit.run.errors import UserError
+from reidkit.run.settings import Settings
 
 CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
 LATEST_NAME = 'latest.pth.tar'         # rolling checkpoint written every LATEST_EVERY epochs
@@ -122,13 +123,16 @@ def _not_a_checkpoint(path: Path, error: Exception, setting: str) -> UserError:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DataParallel, DistributedDataParallel and fast-path wrappers, or the
-    model itself."""
-    from reidkit.train.speed import FastModel
+    """The model inside DataParallel, DistributedDataParallel and our own wrappers (which name
+    the model they wrap `wrapped`, as the fast path's FastModel does), or the model itself."""
     parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, parallel + (FastModel,)):
-        model = model.module if isinstance(model, parallel) else model.model
-    return model
+    while True:
+        if isinstance(model, parallel):
+            model = model.module
+        elif isinstance(getattr(model, 'wrapped', None), nn.Module):
+            model = model.wrapped
+        else:
+            return model
 
 
 def without_module_prefix(state_dict: dict) -> dict:
@@ -298,3 +302,14 @@ def model_state(engine: Any, name: str, epoch: int, rank1: float, model_name: st
         'model_name': model_name,
         'input_size': [engine.datamanager.height, engine.datamanager.width],
     }
+
+
+def check_checkpoint_fits(checkpoint: dict, s: Settings, path) -> None:
+    """A checkpoint trained at another input size would give silently worse features."""
+    size = checkpoint.get('input_size')
+    if size and list(size) != [s.HEIGHT, s.WIDTH]:
+        raise UserError(
+            f'WEIGHTS: "{path}" was trained on {size[0]}x{size[1]} images, but HEIGHT x WIDTH '
+            f'is {s.HEIGHT}x{s.WIDTH}. Drop --HEIGHT and --WIDTH to use the checkpoint\'s size, '
+            f'or use a checkpoint trained at {s.HEIGHT}x{s.WIDTH}.'
+        )

@@ -6,6 +6,7 @@ import os
 import torch
 import torch.nn as nn
 
+from reidkit.run import distributed
 from reidkit.run.errors import UserError
 
 
@@ -46,5 +47,4 @@ def busy_cpu_note(load: float | None = None, cores: int | None = None) -> str | 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:
     """The model on `device`: this process's GPU under DDP (several GPUs train as several
     processes, see reidkit.run.distributed), else the first visible one."""
-    from reidkit.run import distributed
     return model.to(distributed.device_for(distributed.current(), device))

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from reidkit.run.atomic import reason, write_atomically
-from reidkit.run.checkpoints import CHECKPOINT_PREFIX, checkpoint_epoch, load_checkpoint
+from reidkit.run.checkpoints import (CHECKPOINT_PREFIX, check_checkpoint_fits, checkpoint_epoch,
+                                     load_checkpoint)
 from reidkit.run.errors import UserError
-from reidkit.data.own_data import display_name
+from reidkit.run.settings import display_name
 from reidkit.run.settings import Settings, with_checkpoint_settings
 
 
@@ -108,7 +109,6 @@ def resolve_checkpoint(s: Settings, weights: Path | None = None, setting: str = 
     contents (loaded safely) and the settings to use it with: with setting='RESUME', the run's
     own (see settings.with_checkpoint_settings); otherwise its model and input size.
     Notes go to `notes` if given, else are printed."""
-    from reidkit.data import checks
     path = Path(weights or s[setting] or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
     saved = load_checkpoint(path, setting)
     s, found = with_checkpoint_settings(s, recorded_settings(saved),
@@ -116,7 +116,7 @@ def resolve_checkpoint(s: Settings, weights: Path | None = None, setting: str = 
                                         f'{setting}: "{path}"')
     for note in found:
         notes.append(note) if notes is not None else print(f'Note: {note}.')
-    checks.check_checkpoint_fits(saved, s, path)
+    check_checkpoint_fits(saved, s, path)
     return path, saved, s
 
 

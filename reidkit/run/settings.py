@@ -14,6 +14,7 @@ Every setting belongs to one class, which says what a checkpoint does to it:
 from __future__ import annotations
 
 import ast
+import re
 import difflib
 import math
 from pathlib import Path
@@ -21,7 +22,6 @@ from types import ModuleType
 from typing import Any, Iterable, Mapping
 
 from reidkit.run.errors import UserError
-from reidkit.data.own_data import absolute, is_own_data
 
 # config.py constants that are not settings themselves.
 NOT_SETTINGS = {'DEMO'}
@@ -51,6 +51,36 @@ PATH_SETTINGS = ('DATA_ROOT', 'EXPERIMENTS_DIR', 'WEIGHTS', 'RESUME', 'QUERY', '
 # or '.', or ending in '.csv' is a folder or CSV of the user's own (reidkit.data.own_data): kept as
 # text on the command line and stored as an absolute path.
 DATASET_LISTS = ('SOURCES', 'TARGETS')
+
+
+def is_own_data(value) -> bool:
+    """Whether a SOURCES/TARGETS value names a folder or CSV file rather than a Torchreid
+    dataset: it contains '/' or '\\', starts with '~' or '.', or ends in '.csv'."""
+    return isinstance(value, str) and (
+        '/' in value or '\\' in value or value.startswith(('~', '.'))
+        or value.lower().endswith('.csv'))
+
+
+def absolute(value):
+    """An own-data value as an absolute path ('~' expanded); other values unchanged."""
+    return str(Path(value).expanduser().resolve()) if is_own_data(value) else value
+
+
+def display_name(value: str) -> str:
+    """A short, safe name for run folders and titles: the folder's (or CSV's) base name with
+    every character other than letters, digits, '.', '_' and '-' replaced by '_'."""
+    if not is_own_data(value):
+        return value
+    path = Path(value)
+    base = path.stem if path.suffix.lower() == '.csv' else path.name
+    return re.sub(r'[^A-Za-z0-9._-]', '_', base).lstrip('.') or 'data'
+
+
+
+# The fast-path switches and their values ('auto': on with CUDA, off on the CPU).
+SWITCH_CHOICES = {'AMP': ('auto', 'bf16', 'off'), 'CHANNELS_LAST': ('auto', 'on', 'off'),
+                  'COMPILE': ('auto', 'on', 'off'), 'TRAIN_STEP': ('auto', 'on', 'off'),
+                  'DATA_CACHE': ('auto', 'on', 'off')}
 
 
 class Settings(Mapping):

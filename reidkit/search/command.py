@@ -35,7 +35,7 @@ import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
-from reidkit.data.checks import read_image
+from reidkit.data.images import read_image
 from reidkit.run.atomic import write_error
 from reidkit.run.checkpoints import checkpoint_classes, load_weights
 from reidkit.run.errors import UserError
@@ -44,6 +44,13 @@ from reidkit.run.settings import Settings
 from reidkit.evaluate.metrics import check_finite, squared_euclidean
 from reidkit.search import index as search_index
 from reidkit.search.index import GalleryIndex
+from reidkit.data import checks
+from reidkit.evaluate.visrank import draw_strip, save_strip
+from reidkit.run.device import choose_device, place_model
+from reidkit.run.folders import log_once_there_is_a_folder
+from reidkit.run.folders import new_run_dir
+from reidkit.run.folders import resolve_checkpoint
+from reidkit.search.onnx_features import OnnxExtractor
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 RANK_CHUNK = 50_000            # gallery rows read from disk at a time when ranking
@@ -496,7 +503,6 @@ def write_results(out_dir: Path, query_path: Path, paths: list[str], order: np.n
     """results.csv (the first `csv_rows` of `order`, all by default), strip.jpg (query +
     top-k) and index.html."""
     listed = len(order) if csv_rows is None else min(csv_rows, len(order))
-    from reidkit.evaluate.visrank import draw_strip, save_strip
     out_dir.mkdir(parents=True, exist_ok=True)
     # surrogateescape: paths that are not UTF-8 are written back as the bytes they are
     with open(out_dir / 'results.csv', 'w', newline='', errors='surrogateescape') as handle:
@@ -576,7 +582,6 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: Path):
         super().__init__()
-        from reidkit.search.onnx_features import OnnxExtractor
         self.extractor = OnnxExtractor(path)
 
     def transform(self, image: Image.Image) -> torch.Tensor:
@@ -591,9 +596,6 @@ class OnnxModel(nn.Module):
 def search_model(s: Settings, weights: Path | None):
     """(model, transform, checkpoint path, cache key part, s) for a search: a PyTorch
     checkpoint through Torchreid, or an exported .onnx file through onnxruntime alone."""
-    from reidkit.data import checks
-    from reidkit.run.device import choose_device, place_model
-    from reidkit.run.folders import resolve_checkpoint
     given = Path(weights or s.WEIGHTS or '')
     if given.suffix.lower() == '.onnx':
         if not given.is_file():
@@ -619,14 +621,11 @@ def search(s: Settings, weights: Path | None = None) -> Path:
     """`python main.py search`: ranks GALLERY for each image in QUERY with a checkpoint
     (`weights`, WEIGHTS or the newest run's); returns the new output folder, whose log.txt
     holds what was printed (the model, the gallery, the ranking)."""
-    from reidkit.run.folders import log_once_there_is_a_folder
     with log_once_there_is_a_folder() as start_log:
         return _search(s, weights, start_log)
 
 
 def _search(s: Settings, weights: Path | None, start_log) -> Path:
-    from reidkit.data import checks
-    from reidkit.run.folders import new_run_dir
     if not s.QUERY or not s.GALLERY:
         raise UserError('search needs --QUERY=path/to/person.jpg (or a folder of queries) and '
                         '--GALLERY=path/to/folder (searched recursively for images).')

@@ -22,8 +22,13 @@ from reidkit.run import atomic
 from reidkit.search import onnx_features as meta
 from reidkit.data import own_data
 from reidkit.run.errors import UserError
-from reidkit.data.own_data import is_own_data
+from reidkit.run.settings import is_own_data
 from reidkit.run.settings import Settings
+from reidkit.data import checks
+from reidkit.data.checks import dataset_dir, torchreid_datasets
+from reidkit.data.images import read_image
+from reidkit.run.folders import resolve_checkpoint
+from reidkit.search.command import model_for_search, quiet_test_transform
 
 # 18: the exporter's own opset (it converts to others, op by op), and one that onnxruntime
 # since 1.14, TensorRT 8.6 and OpenVINO 2023 all run.
@@ -37,9 +42,6 @@ MAX_NAMES = 1000             # model.onnx, model-2.onnx ... model-999.onnx
 def export(s: Settings, weights: Path | None = None) -> Path:
     """Exports the checkpoint (`weights`, WEIGHTS or the newest run's) to ONNX beside it;
     returns the new file. UserError, with nothing left behind, if the check fails."""
-    from reidkit.data import checks
-    from reidkit.run.folders import resolve_checkpoint
-    from reidkit.search.command import model_for_search, quiet_test_transform
     _check_installed()
     checkpoint, saved, s = resolve_checkpoint(s, weights)
     checks.check_names(s)
@@ -146,7 +148,6 @@ def check_images(s: Settings) -> tuple[list, str]:
     lists them for evaluation, evenly spread; random images (said so, loudly) when it is not
     here. Returns (PIL images, a description for the printout)."""
     from PIL import Image
-    from reidkit.data.checks import read_image
     name = s.TARGETS if isinstance(s.TARGETS, str) else s.TARGETS[0]
     paths, why = _own_test_image_paths(name, s) if is_own_data(name) else \
         _test_image_paths(name, Path(s.DATA_ROOT).expanduser())
@@ -186,7 +187,6 @@ def _spread(paths: list[str]) -> list[str]:
 def _test_image_paths(name: str, root: Path) -> tuple[list[str], str]:
     """(paths, '') or ([], why not). Torchreid's loader is asked only for a folder that is
     there: for a missing one it would try to download the dataset."""
-    from reidkit.data.checks import dataset_dir, torchreid_datasets
     folder = dataset_dir(root, name)
     if not folder.is_dir() or not any(folder.iterdir()):
         return [], f'dataset {name!r} is not in "{folder}"'

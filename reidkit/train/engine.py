@@ -37,12 +37,13 @@ from reidkit.evaluate import rerank as reranking
 from reidkit.evaluate.report import BestEffortWriter
 from reidkit.evaluate.visrank import write_rankings
 from reidkit.run.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
-from reidkit.data.checks import read_image
+from reidkit.data.images import read_image
 from reidkit.evaluate.rerank import re_ranking_features
 from reidkit.data.datapath import loader_like
 from reidkit.run.errors import UserError
-from reidkit.data.own_data import display_name
+from reidkit.run.settings import display_name
 from reidkit.train.step import RunningMeans
+from reidkit.run.folders import resume_point
 
 
 class ReidkitEngineMixin:
@@ -122,7 +123,6 @@ class ReidkitEngineMixin:
         # peer that has stopped); a rank whose own losses were finite names the others'.
         epoch, batch, name, value = found or (self.epoch, self.batch_idx,
                                               'loss of another process', 'not finite')
-        from reidkit.run.folders import resume_point
         last = resume_point(self.save_dir) if self.save_dir is not None else None
         lr = self.optimizer.param_groups[0]['lr'] if self.optimizer is not None else None
         raise UserError(
@@ -379,7 +379,7 @@ class DivergenceWatch:
 
 
 class ReadingWithReidkit(Dataset):
-    """A Torchreid image dataset whose images are read by `reidkit.data.checks.read_image` (an
+    """A Torchreid image dataset whose images are read by `reidkit.data.images.read_image` (an
     unreadable file is an error naming it, where Torchreid's reader retries it forever).
     Picklable, so loader workers started by spawn read the same way."""
 

@@ -13,15 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from reidkit.data.datapath import build_cached_loaders, with_machine_workers
 from reidkit.run import distributed
 from reidkit.run.errors import UserError
+from reidkit.train.step import TrainStep, compile_errors, fast_optimizer, note_compile_failure
 
 DEVICE_TEST_BATCH = 256     # images per feature-extraction batch from the device cache
-
-CHOICES = {'AMP': ('auto', 'bf16', 'off'), 'CHANNELS_LAST': ('auto', 'on', 'off'),
-           'COMPILE': ('auto', 'on', 'off'), 'TRAIN_STEP': ('auto', 'on', 'off'),
-           'DATA_CACHE': ('auto', 'on', 'off')}
-
 
 def switched_on(value: str, cuda: bool) -> bool:
     """'on', or 'auto' with CUDA."""
@@ -36,25 +33,6 @@ def _float(output):
     return output
 
 
-def compile_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean "torch.compile could not compile this", as opposed to errors
-    of the model or the machine that would happen without it too."""
-    from torch._dynamo import exc
-    return (exc.BackendCompilerFailed, exc.Unsupported, exc.InvalidBackend)
-
-
-def note_compile_failure(error: Exception, what: str = '') -> None:
-    """Says once that compiling `what` failed and that the run carries on eagerly; an
-    out-of-memory error wrapped by the compiler is raised as it is."""
-    cause = getattr(error, 'inner_exception', None) or error
-    if isinstance(cause, torch.OutOfMemoryError):
-        raise cause
-    text = str(cause).strip()
-    print(f'Note: torch.compile failed{f" for {what}" if what else ""} ({type(cause).__name__}: '
-          f'{text.splitlines()[0][:200] if text else ""}); continuing without compilation '
-          f'(COMPILE=off skips the attempt).')
-
-
 class FastModel(nn.Module):
     """Runs `model` under bf16 autocast and/or channels_last, compiled for training."""
 
@@ -67,6 +45,11 @@ class FastModel(nn.Module):
         # Kept out of the module tree, so state_dict() holds each weight once.
         self.__dict__['compiled'] = torch.compile(self.model, mode=compile_mode) \
             if compile_mode else None
+
+    @property
+    def wrapped(self) -> nn.Module:
+        """The model itself (see reidkit.run.checkpoints.unwrap)."""
+        return self.model
 
     def forward(self, images: torch.Tensor):
         if self.channels_last:
@@ -93,10 +76,6 @@ def fast_path(model: nn.Module, device: torch.device, amp: str, channels_last: s
 
     'auto' turns each switch on with CUDA and off on the CPU. `compile_model=False` leaves
     compilation to our training step (which compiles the forward pass with its loss)."""
-    for key, value in (('AMP', amp), ('CHANNELS_LAST', channels_last),
-                       ('COMPILE', compile_setting)):
-        if value not in CHOICES[key]:
-            raise UserError(f'{key}={value!r}: valid choices are {", ".join(CHOICES[key])}.')
     cuda = device.type == 'cuda'
     notes = []
     amp_dtype = None
@@ -137,7 +116,6 @@ class FastTraining:
 def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
     """The fast path for settings `s` (AMP, CHANNELS_LAST, COMPILE, TRAIN_STEP, DATA_CACHE,
     DATA_CACHE_GB): on with CUDA by default, forced on or off by a setting."""
-    from reidkit.train.step import TrainStep, fast_optimizer
     device = next(model.parameters()).device
     cuda = device.type == 'cuda'
     own_step = switched_on(s.TRAIN_STEP, cuda)
@@ -153,7 +131,6 @@ def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
         line += ' + our training step' + (' (compiled with its loss)' if compile_step else '')
     loaders = None
     if switched_on(s.DATA_CACHE, cuda):
-        from reidkit.data.datapath import build_cached_loaders, with_machine_workers
         loaders, why = build_cached_loaders(
             datamanager, s.TRANSFORMS, s.HEIGHT, s.WIDTH, device, s.DATA_CACHE_GB,
             seed=(s.SEED + distributed.current().rank) % 2 ** 32,

@@ -17,12 +17,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reidkit.train.speed import compile_errors, note_compile_failure
 
 Outputs = torch.Tensor | Sequence[torch.Tensor]
 
 # Torchreid's CrossEntropyLoss default; its engines only switch smoothing on or off.
 LABEL_SMOOTH_EPSILON = 0.1
+
+
+def compile_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean "torch.compile could not compile this", as opposed to errors
+    of the model or the machine that would happen without it too."""
+    from torch._dynamo import exc
+    return (exc.BackendCompilerFailed, exc.Unsupported, exc.InvalidBackend)
+
+
+def note_compile_failure(error: Exception, what: str = '') -> None:
+    """Says once that compiling `what` failed and that the run carries on eagerly; an
+    out-of-memory error wrapped by the compiler is raised as it is."""
+    cause = getattr(error, 'inner_exception', None) or error
+    if isinstance(cause, torch.OutOfMemoryError):
+        raise cause
+    text = str(cause).strip()
+    print(f'Note: torch.compile failed{f" for {what}" if what else ""} ({type(cause).__name__}: '
+          f'{text.splitlines()[0][:200] if text else ""}); continuing without compilation '
+          f'(COMPILE=off skips the attempt).')
 
 
 def _mean_over_outputs(loss: Callable, outputs: Outputs, targets: torch.Tensor, *args):
