@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Generator, Iterable, Iterator
 
 try:
     import fcntl
@@ -312,11 +312,11 @@ def _update_cache(extractor: FeatureExtractor, batch_size: int, folder: Path,
     # Kept rows keep their ids: an index of an earlier generation is updated by id.
     new = Manifest([old.rows[k] for k in keep], skipped, old.next_id,
                    (old.lineage + [old.generation])[-LINEAGE:] if cached else [])
-    extracted = extractor.batches(todo, batch_size, 'Gallery features') if todo else ()
     kept = (search_index.read_rows(old_features, np.array(keep[start:start + RANK_CHUNK]))
             for start in range(0, len(keep), RANK_CHUNK))
-    _write_cache(files, new, _with_extracted(kept, extracted, new, stamps),
-                 len(keep) + len(todo), folder)
+    batches = _with_extracted(kept, extractor.batches(todo, batch_size, 'Gallery features')
+                              if todo else (), new, stamps)
+    _write_cache(files, new, batches, len(keep) + len(todo), folder)
     return _gallery(new, np.load(files.features, mmap_mode='r'), files, cached=False)
 
 
@@ -332,7 +332,7 @@ def _with_extracted(kept: Iterable[np.ndarray], extracted: Iterable[tuple], new:
             yield features
 
 
-def _write_cache(files: CacheFiles, new: Manifest, batches: Iterable[np.ndarray],
+def _write_cache(files: CacheFiles, new: Manifest, batches: Generator[np.ndarray, None, None],
                  planned: int, folder: Path) -> None:
     """Writes `batches` (the features of `new`'s rows, which they complete) and `new`, of one
     new generation, each beside and renamed into place whole (the features first). A write
@@ -346,11 +346,12 @@ def _write_cache(files: CacheFiles, new: Manifest, batches: Iterable[np.ndarray]
                            'feature cache is intact and nothing partial is left; free some '
                            'space (or fix the folder\'s permissions) and search again.')
     try:
-        for rows in batches:
-            try:
-                writer.append(rows)
-            except OSError as error:
-                raise cannot_write(error) from None
+        with contextlib.closing(batches):   # a failure ends the extraction, and its progress bar
+            for rows in batches:
+                try:
+                    writer.append(rows)
+                except OSError as error:
+                    raise cannot_write(error) from None
         if not writer.rows:     # then every file listed was skipped
             raise UserError(f'GALLERY: none of the {len(new.skipped)} images under "{folder}" '
                             f'could be read (first: {new.skipped[0].path}: '
