@@ -317,7 +317,7 @@ def search(s: Settings | None = None, weights: Path | None = None) -> Path:
     the newest run's). Writes strip.jpg, results.csv and index.html per query; returns the folder."""
     s = s or load_settings()
     checks.check_search_switches(s)
-    return searching.search(s, weights)
+    return searching.run_search(s, weights)
 
 
 def export(s: Settings | None = None, weights: Path | None = None) -> Path:

@@ -32,7 +32,7 @@ import main  # noqa: E402
 from reidkit.run.checkpoints import save_checkpoint  # noqa: E402
 from reidkit.search.export import export  # noqa: E402
 from reidkit.search.onnx_features import OnnxExtractor  # noqa: E402
-from reidkit.search.command import model_for_search, quiet_test_transform  # noqa: E402
+from reidkit.search.extractor import checkpoint_model, quiet_test_transform  # noqa: E402
 
 
 def images_per_second(eager, runtime, batch: int, seconds: float) -> tuple[float, float]:
@@ -62,7 +62,7 @@ def bench(model_name: str, height: int, width: int, batch: int, seconds: float,
         with contextlib.redirect_stdout(io.StringIO()):   # its check runs on random images
             path = export(s, weights)
         exported = time.perf_counter() - started
-        model = model_for_search(torch.load(weights, weights_only=True), weights, model_name,
+        model = checkpoint_model(torch.load(weights, weights_only=True), weights, model_name,
                                  'softmax').eval()
         transform = quiet_test_transform(height, width)
         rng = np.random.default_rng(0)       # Market-1501's crops are 128x64

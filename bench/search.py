@@ -2,7 +2,7 @@
 
     python bench/search.py [--quick]
 
-1. Extraction: images/second of `reidkit.search.command.extract_batches` (threads decode, model
+1. Extraction: images/second of `reidkit.search.extractor.extract_batches` (threads decode, model
    extracts) against Torchreid's own FeatureExtractor on the same files, same model.
 2. Ranking a 100,000-image gallery of random 2048-d features stored on disk the way search
    stores them (a memory-mapped .npy), one query alone and a batch of queries sharing one pass
@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import reidkit  # noqa: E402,F401
 from reidkit.search import command as search  # noqa: E402
+from reidkit.search import extractor as search_extractor  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -42,9 +43,9 @@ def bench_extraction(num_images: int, height: int, width: int) -> None:
             Image.fromarray(rng.integers(0, 255, (128, 64, 3), dtype=np.uint8)).save(path)
             paths.append(path)
         model = build_model('resnet50', num_classes=10, pretrained=False).eval()
-        transform = search.quiet_test_transform(height, width)
+        transform = search_extractor.quiet_test_transform(height, width)
         started = time.perf_counter()
-        count = sum(len(good) for good, _, _ in search.extract_batches(
+        count = sum(len(good) for good, _, _ in search_extractor.extract_batches(
             model, transform, paths, 100, torch.device('cpu'), 'reidkit'))
         ours = count / (time.perf_counter() - started)
         weights = Path(folder) / 'weights.pth'          # same weights; no ImageNet download

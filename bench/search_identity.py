@@ -6,7 +6,7 @@
    new or changed): size, mtime, inode and ctime all come from that one call, so the stronger
    identity costs no extra system call; timed with the inodes cached (the usual case: listing
    the folder just read them), best and median of 3.
-2. Listing the folder (reidkit.search.command.list_images: a walk, is_file and resolve per file).
+2. Listing the folder (reidkit.search.extractor.list_images: a walk, is_file and resolve per file).
 3. Reading the manifest of 100,000 files and checking its generation (JSON parse + SHA-256).
 Files are empty: stat does not read their contents.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reidkit.search import command as search  # noqa: E402
+from reidkit.search import cache  # noqa: E402
+from reidkit.search.extractor import list_images  # noqa: E402
 
 
 def main() -> None:
@@ -39,23 +40,24 @@ def main() -> None:
         for path in paths:
             path.touch()
         started = time.perf_counter()
-        listed = search.list_images(gallery)
+        listed = list_images(gallery)
         listing = time.perf_counter() - started
         timings = []
         for _ in range(3):
             started = time.perf_counter()
-            stamps = search._stamps(listed)
+            stamps = cache._stamps(listed)
             timings.append(time.perf_counter() - started)
-        manifest = search._Manifest(list(stamps), list(stamps.values()), list(range(len(stamps))),
-                                    len(stamps), [], [])
+        manifest = cache.Manifest([cache.CachedRow(path, stamp, k)
+                                   for k, (path, stamp) in enumerate(stamps.items())],
+                                  [], len(stamps), [])
         manifest.write(Path(folder) / 'manifest.json')
         text = (Path(folder) / 'manifest.json').read_bytes()
         started = time.perf_counter()
         first, _, body = text.partition(b'\n')
-        assert search._generation(body) == json.loads(first)['generation']
+        assert cache._generation(body) == json.loads(first)['generation']
         checking = time.perf_counter() - started
         started = time.perf_counter()
-        assert isinstance(search._Manifest.read(Path(folder) / 'manifest.json'), search._Manifest)
+        assert isinstance(cache.Manifest.read(Path(folder) / 'manifest.json'), cache.Manifest)
         reading = time.perf_counter() - started
         size = len(text)
     print(f'{args.files:,} files, {os.cpu_count()} CPUs, {sys.platform}')

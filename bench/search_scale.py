@@ -137,7 +137,7 @@ def phase_search(folder: Path, rows: int, nprobe: int) -> dict:
     loaded = time.perf_counter() - started
     rss_loaded = peak_rss_gb()
     started = time.perf_counter()
-    ranked = search_index.search(index, queries, gallery, ids, rows, nprobe)
+    ranked = search_index.rank_candidates(index, queries, gallery, ids, rows, nprobe)
     seconds = time.perf_counter() - started
     np.save(folder / f'found-{rows}.npy', np.stack([order[:10] for order, _ in ranked]))
     return {'ms_per_query': 1000 * seconds / len(queries), 'load_s': loaded,

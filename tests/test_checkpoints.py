@@ -111,14 +111,14 @@ def _same_features_weights(model, saved_state, classifier) -> bool:
 
 def test_a_hacnn_checkpoint_of_other_identities_loads_for_test_and_search(tmp_path, capsys):
     from reidkit.run.checkpoints import checkpoint_classes, classifier_keys
-    from reidkit.search.command import model_for_search
+    from reidkit.search.extractor import checkpoint_model
     model, state, saved = _other_identities('hacnn', tmp_path)
     assert classifier_keys('hacnn') == {'classifier_global.weight', 'classifier_global.bias',
                                         'classifier_local.weight', 'classifier_local.bias'}
     assert _same_features_weights(model, state, classifier_keys('hacnn'))
     assert checkpoint_classes(saved, 'hacnn') == 5
     assert 'classifier was trained on other identities' in capsys.readouterr().out
-    searched = model_for_search(saved, tmp_path / 'model.pth.tar-1', 'hacnn', 'softmax')
+    searched = checkpoint_model(saved, tmp_path / 'model.pth.tar-1', 'hacnn', 'softmax')
     assert _same_features_weights(searched, state, classifier_keys('hacnn'))
 
 

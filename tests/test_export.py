@@ -60,8 +60,8 @@ def _test_images(s, count: int) -> list:
 
 def _torch_features(s, checkpoint: Path, images: list) -> np.ndarray:
     from reidkit.run.checkpoints import load_checkpoint
-    from reidkit.search.command import model_for_search, quiet_test_transform
-    model = model_for_search(load_checkpoint(checkpoint), checkpoint, s.MODEL_NAME, s.LOSS)
+    from reidkit.search.extractor import checkpoint_model, quiet_test_transform
+    model = checkpoint_model(load_checkpoint(checkpoint), checkpoint, s.MODEL_NAME, s.LOSS)
     transform = quiet_test_transform(s.HEIGHT, s.WIDTH)
     with torch.no_grad():
         return model.eval()(torch.stack([transform(im) for im in images])).numpy()
@@ -203,9 +203,9 @@ def test_search_with_the_onnx_file_ranks_like_the_checkpoint_without_torchreid(e
         'from pathlib import Path\n'
         'import config\n'
         'from reidkit.run.settings import Settings, defaults_from, apply_overrides\n'
-        'from reidkit.search.command import search\n'
+        'from reidkit.search.command import run_search\n'
         'values = apply_overrides(defaults_from(config), json.loads(sys.argv[1]))\n'
-        'out = search(Settings(values), Path(sys.argv[2]))\n'
+        'out = run_search(Settings(values), Path(sys.argv[2]))\n'
         'assert "torchreid" not in sys.modules, "torchreid was imported"\n'
         'print(out)\n')
     for flip in (False, True):

@@ -52,8 +52,9 @@ def test_an_image_without_orientation_is_read_as_stored(tmp_path):
 
 
 def test_search_reads_queries_and_gallery_upright(tmp_path):
-    from reidkit.search.command import _read
-    assert close_to_upright(_read(sideways_jpeg(tmp_path / 'phone.jpg')))
+    from reidkit.search.extractor import decode
+    image, why = decode(sideways_jpeg(tmp_path / 'phone.jpg'))
+    assert why == '' and close_to_upright(image)
 
 
 def test_the_device_cache_decodes_upright_at_the_upright_size(tmp_path):

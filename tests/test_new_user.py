@@ -65,7 +65,7 @@ def test_search_page_captions_stay_inside_their_tiles(tmp_path):
     import re
     import numpy as np
     from PIL import Image
-    from reidkit.search.command import write_results
+    from reidkit.search.writers import QueryResult, write_results
     names = ['person_0001_c1s1_000151_01_from_the_lobby_camera.jpg', 'x.jpg',
              'IMG_20240611_173455_HDR_portrait_mode_cropped_again.png', 'a' * 80 + '.jpg']
     gallery = tmp_path / 'gallery'
@@ -75,8 +75,8 @@ def test_search_page_captions_stay_inside_their_tiles(tmp_path):
     query = gallery / names[0]
     out_dir = tmp_path / 'result'
     paths = [str(gallery / name) for name in names]
-    write_results(out_dir, query, paths, np.arange(len(names)),
-                  np.linspace(0.1, 2.0, len(names)), topk=4, skipped=[])
+    write_results(out_dir, QueryResult(query, paths, np.arange(len(names)),
+                                       np.linspace(0.1, 2.0, len(names)), skipped=[]), topk=4)
     page = out_dir / 'index.html'
     probe = out_dir / 'probe.html'
     probe.write_text(page.read_text().replace('</body>', OVERFLOW_PROBE + '</body>'))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from reidkit.evaluate import report
-from reidkit.search import command as searching
+from reidkit.search.writers import QueryResult, write_results
 from reidkit.evaluate import visrank
 from reidkit.run.errors import UserError
 
@@ -85,8 +85,9 @@ def test_search_page_links_every_hostile_name_to_its_file(tmp_path):
     (query,) = images(tmp_path / 'query #1?', ['q #?%.jpg'])
     gallery = images(tmp_path / 'gallery 100%', HOSTILE)
     out = tmp_path / 'out'
-    searching.write_results(out, query, [str(p) for p in gallery], np.arange(len(gallery)),
-                            np.linspace(0, 1, len(gallery), dtype=np.float32), len(gallery), [])
+    write_results(out, QueryResult(query, [str(p) for p in gallery], np.arange(len(gallery)),
+                                   np.linspace(0, 1, len(gallery), dtype=np.float32), []),
+                  len(gallery))
     page = parse(out / 'index.html')
     shown = {target(link, out / 'index.html') for link in page.links}
     assert shown == {query.resolve(), *(p.resolve() for p in gallery), out / 'results.csv'}
@@ -141,8 +142,9 @@ def test_both_strip_writers_stop_when_a_strip_is_not_written(tmp_path, full_disk
     query, *gallery = images(tmp_path / 'images', ['q.jpg', 'g1.jpg', 'g2.jpg'])
     dataset = ([(str(query), 0, 0)], [(str(gallery[0]), 0, 1), (str(gallery[1]), 1, 1)])
     with pytest.raises(UserError, match='could not write the rank strip .*No space left'):
-        searching.write_results(tmp_path / 'search', query, [str(p) for p in gallery],
-                                np.arange(2), np.zeros(2, np.float32), 2, [])
+        write_results(tmp_path / 'search', QueryResult(query, [str(p) for p in gallery],
+                                                       np.arange(2), np.zeros(2, np.float32), []),
+                      2)
     with pytest.raises(UserError, match='could not write the rank strip .*No space left'):
         visrank.write_rankings(np.zeros((1, 2)), dataset, save_dir=tmp_path / 'visrank', topk=2,
                                workers=1)

@@ -17,7 +17,10 @@ import torch
 from PIL import Image
 
 import main
+from reidkit.search import cache as gallery_cache
 from reidkit.search import command as searching
+from reidkit.search import extractor as extracting
+from reidkit.search.extractor import FeatureExtractor
 from reidkit.run.errors import UserError
 
 
@@ -65,8 +68,8 @@ def test_top1_equals_the_evaluations_rank1_and_the_cache_is_reused(trained, tmp_
     assert (out / 'strip.jpg').is_file() and 'results.csv' in (out / 'index.html').read_text()
 
     calls = []
-    original = searching.extract_batches
-    monkeypatch.setattr(searching, 'extract_batches',
+    original = extracting.extract_batches
+    monkeypatch.setattr(extracting, 'extract_batches',
                         lambda *a, **k: (calls.append(a[5]), original(*a, **k))[1])
     again = main.search(settings) / query.name
     assert calls == ['Queries']                  # the gallery came from the cache
@@ -252,9 +255,9 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def _features(folder, cache_dir, checkpoint):
-    return searching.gallery_features(_means_model(), _to_tensor, Path(folder),
-                                      Path(checkpoint), 'means', Path(cache_dir), 4,
-                                      torch.device('cpu'))
+    extractor = FeatureExtractor(_means_model(), _to_tensor, torch.device('cpu'),
+                                 Path(checkpoint), 'means')
+    return gallery_cache.gallery_features(extractor, Path(folder), Path(cache_dir), 4)
 
 
 def _check(gallery, folder: Path, means: np.ndarray) -> None:
@@ -267,7 +270,8 @@ WORKER = """
 import json, sys, time
 from pathlib import Path
 import numpy as np, torch
-from reidkit.search.command import gallery_features
+from reidkit.search.cache import gallery_features
+from reidkit.search.extractor import FeatureExtractor
 
 gallery, checkpoint, cache, flags, role = sys.argv[1:]
 flags = Path(flags)
@@ -283,8 +287,9 @@ class MeansAfterGo(torch.nn.Module):
 while role == 'second' and not (flags / 'started').exists():
     time.sleep(0.05)        # until the first search is extracting, holding the lock
 to_tensor = lambda image: torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)
-found = gallery_features(MeansAfterGo(), to_tensor, Path(gallery), Path(checkpoint),
-                         'means', Path(cache), 4, torch.device('cpu'))
+extractor = FeatureExtractor(MeansAfterGo(), to_tensor, torch.device('cpu'), Path(checkpoint),
+                             'means')
+found = gallery_features(extractor, Path(gallery), Path(cache), 4)
 print(json.dumps({'cached': found.cached, 'paths': found.paths, 'skipped': found.skipped,
                   'features': found.features.tolist()}))
 """
@@ -368,13 +373,13 @@ def test_only_new_or_changed_images_are_extracted_again(tmp_path, monkeypatch, c
     means = _small_gallery(gallery)
     model.write_bytes(b'weights')
     first = _features(gallery, cache, model)
-    extracted, extract = [], searching.extract_batches
+    extracted, extract = [], extracting.extract_batches
 
     def recorded(model, transform, paths, *args):
         extracted.append([p.name for p in paths])
         return extract(model, transform, paths, *args)
 
-    monkeypatch.setattr(searching, 'extract_batches', recorded)
+    monkeypatch.setattr(extracting, 'extract_batches', recorded)
     (gallery / '00.png').unlink()                                       # removed
     Image.new('RGB', (8, 16), (200, 100, 50)).save(gallery / '03.png')  # changed
     os.utime(gallery / '03.png', ns=(1, 10 ** 18))
@@ -451,8 +456,8 @@ def stand_in(tmp_path, monkeypatch):
     as in the issue (nprobe 1: a wrong code loses its image)."""
     checkpoint = tmp_path / 'model.pth'
     checkpoint.write_bytes(b'weights')
-    monkeypatch.setattr(searching, 'search_model',
-                        lambda s, weights: (_Grid(), _to_tensor, checkpoint, 'grid', s))
+    grid = FeatureExtractor(_Grid(), _to_tensor, torch.device('cpu'), checkpoint, 'grid')
+    monkeypatch.setattr(searching, 'load_extractor', lambda s, weights: (grid, s))
     return main.load_settings(dict(EXPERIMENTS_DIR=str(tmp_path / 'experiments'),
                                    QUERY=str(tmp_path / 'queries'),
                                    GALLERY=str(tmp_path / 'gallery'), BATCH_SIZE_TEST=64,
@@ -690,7 +695,7 @@ def test_a_full_disk_while_writing_features_is_a_message(stand_in, tmp_path, mon
         path.unlink()
     _noise_gallery(tmp_path / 'gallery', 10, first=1000)
     disk = _FullDisk(Path(s.EXPERIMENTS_DIR) / '.search-cache', room)
-    monkeypatch.setattr(searching, 'open', disk, raising=False)
+    monkeypatch.setattr(gallery_cache, 'open', disk, raising=False)
     searches = _search_folders(s.EXPERIMENTS_DIR)
     with pytest.raises(UserError, match=r'could not write .*\.search-cache.* \(No space left on '
                                         r'device\)\. .*free some space'):
@@ -698,7 +703,7 @@ def test_a_full_disk_while_writing_features_is_a_message(stand_in, tmp_path, mon
     assert disk.failed == 1
     assert _cache_listing(s) == before               # the previous cache, nothing partial
     assert _search_folders(s.EXPERIMENTS_DIR) == searches
-    monkeypatch.setattr(searching, 'open', open, raising=False)
+    monkeypatch.setattr(gallery_cache, 'open', open, raising=False)
     assert _found_themselves(_top1(s))
 
 
@@ -751,6 +756,7 @@ from pathlib import Path
 import numpy as np, torch
 import main
 from reidkit.search import command as search
+from reidkit.search.extractor import FeatureExtractor
 
 class Pixels(torch.nn.Module):          # a stand-in model: 576 values per 8x24 picture
     def forward(self, images):
@@ -758,7 +764,8 @@ class Pixels(torch.nn.Module):          # a stand-in model: 576 values per 8x24 
 
 to_tensor = lambda image: torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)
 checkpoint = Path(sys.argv[1])
-search.search_model = lambda s, weights: (Pixels(), to_tensor, checkpoint, 'pixels', s)
+pixels = FeatureExtractor(Pixels(), to_tensor, torch.device('cpu'), checkpoint, 'pixels')
+search.load_extractor = lambda s, weights: (pixels, s)
 sys.exit(main.main(sys.argv[2:]))
 """
 

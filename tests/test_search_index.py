@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from reidkit.data import checks
+from reidkit.search import cache as gallery_cache
 from reidkit.search import command as searching
 from reidkit.search import index as search_index
 from reidkit.evaluate.metrics import NonFiniteError
@@ -39,9 +41,10 @@ def _on_disk(folder: Path, features: np.ndarray, name: str = 'features.npy') -> 
     return np.load(folder / name, mmap_mode='r')
 
 
-def _gallery(features: np.ndarray, ids=None) -> searching.Gallery:
+def _gallery(features: np.ndarray, ids=None) -> gallery_cache.Gallery:
     ids = np.arange(len(features)) if ids is None else np.asarray(ids)
-    return searching.Gallery([f'/g/{i}.jpg' for i in ids], [], features, cached=True, ids=ids)
+    return gallery_cache.Gallery([f'/g/{i}.jpg' for i in ids], [], features, cached=True,
+                                 ids=ids, files=gallery_cache.CacheFiles(Path('/g'), 'key'))
 
 
 def _exact_top(queries, features, rows):
@@ -68,7 +71,8 @@ def test_the_index_with_every_row_a_candidate_gives_the_exact_order(tmp_path):
     features, queries = _clustered(300, 16)
     features = _on_disk(tmp_path, features)
     index = search_index.build(features, np.arange(300), search_index.plan(300, 16))
-    ranked = search_index.search(index, queries, features, np.arange(300), 300, nprobe=10**6)
+    ranked = search_index.rank_candidates(index, queries, features, np.arange(300), 300,
+                                          nprobe=10**6)
     for (order, distances), (want_order, want_distances) in zip(
             ranked, _exact_top(queries, features, 300)):
         np.testing.assert_allclose(distances, want_distances, rtol=1e-5, atol=1e-4)
@@ -83,7 +87,7 @@ def test_approximate_recall_at_10_against_exact(tmp_path):
     shape = search_index.plan(len(ids), 32)
     assert (shape.nlist, shape.m, shape.nbits) == (128, 8, 8)
     index = search_index.build(features, ids, shape)
-    ranked = search_index.search(index, queries, features, ids, 10, nprobe=16)
+    ranked = search_index.rank_candidates(index, queries, features, ids, 10, nprobe=16)
     exact = _exact_top(queries, features, 10)
     recall = np.mean([len(set(order) & set(want)) / 10
                       for (order, _), (want, _) in zip(ranked, exact)])
@@ -113,13 +117,13 @@ def test_images_added_and_removed_update_the_index(tmp_path, capsys):
                                           lineage=('first',))
     assert what == 'updated (50 added, 100 removed)'
     assert index.index.ntotal == len(ids) and np.array_equal(index.ids, ids)
-    found = search_index.search(index, new_rows, changed, ids, 5, nprobe=8)
+    found = search_index.rank_candidates(index, new_rows, changed, ids, 5, nprobe=8)
     assert [order[0] for order, _ in found] == list(range(1_900, 1_950))  # their own rows
     assert all(distances[0] < 1e-3 for _, distances in found)
     reloaded, what = search_index.open_index(path, changed, ids, 'ivfpq', generation='second',
                                              lineage=('first',))
     assert what == 'reused' and np.array_equal(reloaded.ids, ids)
-    for order, _ in search_index.search(reloaded, queries, changed, ids, 200, nprobe=8):
+    for order, _ in search_index.rank_candidates(reloaded, queries, changed, ids, 200, nprobe=8):
         assert order.max() < len(ids)
     # A cache whose lineage does not hold the index's generation numbered its rows afresh.
     capsys.readouterr()
@@ -199,7 +203,7 @@ def test_a_damaged_or_outgrown_index_is_rebuilt(tmp_path, capsys):
 def test_a_single_image_gallery_works_with_the_index(tmp_path):
     features = _on_disk(tmp_path, np.ones((1, 8), np.float32))
     index, _ = search_index.open_index(tmp_path / 'index.npz', features, np.array([7]), 'ivfpq')
-    ((order, distances),) = search_index.search(index, np.zeros((1, 8)), features,
+    ((order, distances),) = search_index.rank_candidates(index, np.zeros((1, 8)), features,
                                                 np.array([7]), 20, nprobe=4)
     assert list(order) == [0] and distances[0] == pytest.approx(8)
 
@@ -216,18 +220,21 @@ def test_non_finite_features_never_give_a_ranking(tmp_path):
     index, _ = search_index.open_index(tmp_path / 'index.npz', features, np.arange(500), 'ivfpq')
     queries[0, 0] = np.inf
     with pytest.raises(NonFiniteError, match='query features are NaN or infinite'):
-        search_index.search(index, queries, features, np.arange(500), 10, nprobe=4)
+        search_index.rank_candidates(index, queries, features, np.arange(500), 10, nprobe=4)
 
 
 def test_search_settings_are_checked():
     import main
     from reidkit.run.errors import UserError
     s = main.load_settings()
-    searching.check_search_settings(s)
+    checks.check_search_switches(s)
     with pytest.raises(UserError, match=r"SEARCH_INDEX='hnsw': valid choices are 'ivfpq'"):
-        searching.check_search_settings(s.replace(SEARCH_INDEX='hnsw'))
+        checks.check_search_switches(s.replace(SEARCH_INDEX='hnsw'))
     for key in ('SEARCH_CSV_ROWS', 'SEARCH_NPROBE'):
         with pytest.raises(UserError, match=f'{key}=0 must be greater than 0'):
-            searching.check_search_settings(s.replace(**{key: 0}))
+            checks.check_search_switches(s.replace(**{key: 0}))
     with pytest.raises(UserError, match='SEARCH_EXACT_UP_TO=-1 must be 0'):
-        searching.check_search_settings(s.replace(SEARCH_EXACT_UP_TO=-1))
+        checks.check_search_switches(s.replace(SEARCH_EXACT_UP_TO=-1))
+    # search checks them before anything else (no query or gallery needed to find out)
+    with pytest.raises(UserError, match='SEARCH_NPROBE=0 must be greater than 0'):
+        main.search(s.replace(SEARCH_NPROBE=0, QUERY='', GALLERY=''))

@@ -369,15 +369,31 @@ def check_loaded_matches(datamanager) -> None:
             raise _nothing_to_match(name, len(query), 'as its loader reads it')
 
 
+SEARCH_INDEX_KINDS = ('ivfpq',)      # the indexes search can keep (reidkit.search.index)
+
+
 def check_search_switches(s: Settings) -> None:
     """Evaluation switches that search cannot apply are refused, never silently ignored:
-    search ranks by plain feature distances (FLIP_TEST applies; re-ranking does not)."""
+    search ranks by plain feature distances (FLIP_TEST applies; re-ranking does not). Then
+    the search settings make sense (before any model is loaded)."""
     if s.RERANK:
         raise UserError(
             'RERANK=True: search does not re-rank; its distances and order are plain feature '
             'distances, so they would not be the re-ranked ones the setting asks for. Run '
             'search with --RERANK=False (and set RERANK = False in config.py if it is True '
             'there); test and visrank re-rank.')
+    if s.SEARCH_INDEX not in SEARCH_INDEX_KINDS:
+        raise UserError(f'SEARCH_INDEX={s.SEARCH_INDEX!r}: valid choices are '
+                        f'{", ".join(map(repr, SEARCH_INDEX_KINDS))}. Fix it in config.py or '
+                        f'with --SEARCH_INDEX=...')
+    for key in ('SEARCH_CSV_ROWS', 'SEARCH_NPROBE'):
+        if not s[key] > 0:
+            raise UserError(f'{key}={s[key]!r} must be greater than 0. Fix it in config.py or '
+                            f'with --{key}=...')
+    if not s.SEARCH_EXACT_UP_TO >= 0:
+        raise UserError(f'SEARCH_EXACT_UP_TO={s.SEARCH_EXACT_UP_TO!r} must be 0 (always use the '
+                        f'index) or a number of gallery images up to which search is exact. Fix '
+                        f'it in config.py or with --SEARCH_EXACT_UP_TO=...')
 
 
 def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> None:

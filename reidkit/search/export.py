@@ -28,7 +28,7 @@ from reidkit.data import checks
 from reidkit.data.checks import dataset_dir, torchreid_datasets
 from reidkit.data.images import read_image
 from reidkit.run.folders import resolve_checkpoint
-from reidkit.search.command import model_for_search, quiet_test_transform
+from reidkit.search.extractor import checkpoint_model, quiet_test_transform
 
 # 18: the exporter's own opset (it converts to others, op by op), and one that onnxruntime
 # since 1.14, TensorRT 8.6 and OpenVINO 2023 all run.
@@ -45,7 +45,7 @@ def export(s: Settings, weights: Path | None = None) -> Path:
     _check_installed()
     checkpoint, saved, s = resolve_checkpoint(s, weights)
     checks.check_names(s)
-    model = model_for_search(saved, checkpoint, s.MODEL_NAME, s.LOSS).float().eval()
+    model = checkpoint_model(saved, checkpoint, s.MODEL_NAME, s.LOSS).float().eval()
     transform = quiet_test_transform(s.HEIGHT, s.WIDTH)
     normalize = transform.transforms[-1]      # Torchreid's ImageNet mean and std, as it uses
     epoch = saved.get('epoch')

@@ -25,11 +25,14 @@ from tqdm import tqdm
 from reidkit.run.errors import UserError
 from reidkit.evaluate.metrics import check_finite
 
-KINDS = ('ivfpq',)
 ADD_CHUNK = 8_192           # rows added at a time: FAISS encodes them with 64 KB of tables each
 SCATTERED = 256             # scattered rows read between releases of their pages
 MIN_CANDIDATES = 300        # re-ranked per query at least, however few rows are wanted
 PQ_BYTES = 64               # code bytes per image (one byte per sub-quantiser)
+
+
+class Unusable(Exception):
+    """A cache file (features, manifest or index) that cannot be used; its text says why."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class GalleryIndex:
     ids: np.ndarray         # the ids it holds, ascending
     plan: Plan
     searcher: object = None  # the index on a GPU when FAISS has one, else the index itself
-    generation: str = ''    # of the feature cache whose ids it holds (see search._Manifest)
+    generation: str = ''    # of the feature cache whose ids it holds (see cache.Manifest)
 
 
 def check_place(path: Path, what: str) -> None:
@@ -167,23 +170,24 @@ def update(found: GalleryIndex, features: np.ndarray, ids: np.ndarray) -> tuple[
     return len(new), len(gone)
 
 
-def load(path: Path) -> GalleryIndex | str:
-    """The saved index, or why it cannot be used ('' when there is none)."""
+def load(path: Path) -> GalleryIndex | None:
+    """The saved index; None when there is none. Unusable, saying why, when it cannot be
+    read or is inconsistent."""
     if not path.exists():
-        return ''
+        return None
     faiss = _faiss()
     try:
         with np.load(path) as saved:
             if 'generation' not in saved.files:
-                return 'it has no generation id: written by an earlier version'
+                raise Unusable('it has no generation id: written by an earlier version')
             shape = Plan(**json.loads(str(saved['plan'])))
             ids, index = saved['ids'], faiss.deserialize_index(saved['index'])
             generation = str(saved['generation'])
     except (OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError, TypeError,
             RuntimeError) as error:
-        return f'{type(error).__name__}: {error}'
+        raise Unusable(f'{type(error).__name__}: {error}') from None
     if index.ntotal != len(ids):
-        return f'it holds {index.ntotal} codes for {len(ids)} ids'
+        raise Unusable(f'it holds {index.ntotal} codes for {len(ids)} ids')
     return GalleryIndex(index, ids, shape, generation=generation)
 
 
@@ -211,20 +215,14 @@ def open_index(path: Path, features: np.ndarray, ids: np.ndarray, kind: str,
     full disk) is a one-line note: this search uses the index in memory, the file stays."""
     check_place(path, 'the gallery\'s index')
     wanted = plan(len(ids), features.shape[1], kind)
-    found = load(path)
-    if isinstance(found, GalleryIndex):
-        if found.generation != generation and found.generation not in lineage:
-            found = 'it was built for another version of the feature cache'
-        elif generation and found.generation == generation and \
-                not np.array_equal(found.ids, ids):
-            found = 'its ids are not those of the feature cache'
-        elif not found.plan.fits(wanted):
-            found = (f'it has {found.plan.nlist:,} lists, {len(ids):,} images want '
-                     f'{wanted.nlist:,}' if found.plan.dim == wanted.dim else
-                     f'its features have {found.plan.dim} values, these {wanted.dim}')
-    if isinstance(found, str):
-        if found:
-            print(f'Note: the index "{path}" is rebuilt ({found}).')
+    try:
+        found = load(path)
+        if found is not None:
+            _check_usable(found, wanted, ids, generation, lineage)
+    except Unusable as why:
+        print(f'Note: the index "{path}" is rebuilt ({why}).')
+        found = None
+    if found is None:
         built = build(features, ids, wanted)
         built.generation = generation
         _save_or_say(built, path)
@@ -235,6 +233,20 @@ def open_index(path: Path, features: np.ndarray, ids: np.ndarray, kind: str,
     found.generation = generation
     _save_or_say(found, path)
     return found, f'updated ({added:,} added, {removed:,} removed)'
+
+
+def _check_usable(found: GalleryIndex, wanted: Plan, ids: np.ndarray, generation: str,
+                  lineage: tuple[str, ...]) -> None:
+    """Unusable, saying why, unless `found` holds the ids of the feature cache `generation`
+    (or of one it was derived from, in `lineage`) and has the shape `wanted`, near enough."""
+    if found.generation != generation and found.generation not in lineage:
+        raise Unusable('it was built for another version of the feature cache')
+    if generation and found.generation == generation and not np.array_equal(found.ids, ids):
+        raise Unusable('its ids are not those of the feature cache')
+    if not found.plan.fits(wanted):
+        raise Unusable(f'it has {found.plan.nlist:,} lists, {len(ids):,} images want '
+                       f'{wanted.nlist:,}' if found.plan.dim == wanted.dim else
+                       f'its features have {found.plan.dim} values, these {wanted.dim}')
 
 
 def _save_or_say(found: GalleryIndex, path: Path) -> None:
@@ -268,8 +280,9 @@ def _searcher(found: GalleryIndex):
     return found.searcher
 
 
-def search(found: GalleryIndex, queries: np.ndarray, features: np.ndarray, ids: np.ndarray,
-           rows: int, nprobe: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def rank_candidates(found: GalleryIndex, queries: np.ndarray, features: np.ndarray,
+                    ids: np.ndarray, rows: int,
+                    nprobe: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each query: (gallery rows, squared euclidean distances) of its nearest `rows`,
     nearest first. The index proposes candidates; exact distances from `features` order them
     (ties by row, as the exact search orders them)."""

@@ -1,9 +1,10 @@
 """Features from an exported model.onnx with onnxruntime: no Torchreid, no torch.
 
 A tracker (or `search` with an .onnx file) needs only this module (with reidkit.run.errors and
-reidkit.data.images), numpy, Pillow and onnxruntime. The preprocessing is Torchreid's test transform redone in numpy: resize to the
-model's HEIGHT x WIDTH (bilinear, with Pillow, as torchvision's Resize does on a PIL image),
-scale to [0, 1], normalise by the mean and std recorded in the file, NCHW.
+reidkit.data.images), numpy, Pillow and onnxruntime. The preprocessing is Torchreid's test
+transform redone in numpy: resize to the model's HEIGHT x WIDTH (bilinear, with Pillow, as
+torchvision's Resize does on a PIL image), scale to [0, 1], normalise by the mean and std
+recorded in the file, NCHW.
 """
 from __future__ import annotations
 
