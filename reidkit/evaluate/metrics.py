@@ -307,6 +307,13 @@ def squared_euclidean(query: torch.Tensor, gallery: torch.Tensor, *,
     return dist.addmm_(query, gallery.t(), beta=1, alpha=-2)
 
 
+def paired_squared_euclidean(a: torch.Tensor, b: torch.Tensor, a_sq_norms: torch.Tensor,
+                             b_sq_norms: torch.Tensor) -> torch.Tensor:
+    """|a_k - b_k|^2 for each pair of rows k (a, b: pairs x dimensions), by the formula of
+    `squared_euclidean`, from the rows' squared norms."""
+    return (a_sq_norms + b_sq_norms).add_((a * b).sum(1), alpha=-2)
+
+
 def _distance_rows(query: torch.Tensor, gallery: torch.Tensor, metric: str) -> DistanceRows:
     """Distances of query rows start..end-1 to the whole gallery, squared euclidean (as
     Torchreid) or cosine (1 - cosine similarity)."""

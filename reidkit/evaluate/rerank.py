@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from reidkit.run.errors import UserError
-from reidkit.evaluate.metrics import check_finite, squared_euclidean
+from reidkit.evaluate.metrics import check_finite, paired_squared_euclidean, squared_euclidean
 
 # Images per block of the neighbour search: a block pair holds a few (chunk x chunk) float32
 # arrays, ~0.3 GB at 4096.
@@ -413,9 +413,10 @@ def _re_ranking_features(features: torch.Tensor, num_query: int, parameters: Rer
     _check_column_maxima(largest)
 
     def pair_original(i, j):        # the same formula as the blocks, a few pairs at a time
-        dist = torch.cat([(features[i[s:s + GATHER_CHUNK]] * features[j[s:s + GATHER_CHUNK]])
-                          .sum(1) for s in range(0, len(i), GATHER_CHUNK)])
-        dist = (sq_norms[i] + sq_norms[j]).add_(dist, alpha=-2)
+        dist = torch.cat([paired_squared_euclidean(features[i[s]], features[j[s]],
+                                                   sq_norms[i[s]], sq_norms[j[s]])
+                          for s in (slice(start, start + GATHER_CHUNK)
+                                    for start in range(0, len(i), GATHER_CHUNK))])
         return dist.square_() / largest[i]
 
     return _rerank(_Neighbours(knn, knn_dist / largest[:, None], pair_original), result,
