@@ -214,10 +214,9 @@ def train(s: Settings | None = None) -> Path:
             raise
     if distributed.current().is_main:
         plot_training(run_dir, len(engine.train_loader))
-        write_metrics(run_dir / 'metrics.json', engine.results[-1],
-                      RunFacts('train', s, checkpoint=newest_checkpoint(run_dir),
-                               seconds=time.time() - started,
-                               own_data=target_summaries(s.TARGETS)), datamanager)
+        write_metrics(run_dir / 'metrics.json', engine.results[-1], RunFacts(
+            'train', s, checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started,
+            own_data=target_summaries(s.TARGETS)), datamanager)
     return run_dir
 
 
