@@ -5,10 +5,10 @@ The labels of an evaluation are built once (`Labels`: query and gallery person a
 and one function per input kind scores them: `evaluate_distances` (a distance matrix) and
 `evaluate_features` (features; distances made in query chunks), each returning `Scores` (CMC,
 mAP and mINP together). `evaluate_rank` is the adapter with the signature and meaning of
-`torchreid.metrics.evaluate_rank`. Instead of
-sorting every gallery row (Torchreid's way), each query's few true matches are sorted and every
-other gallery item is only bucketed among them (`torch.searchsorted`): that is all CMC and AP
-need. Queries are processed in chunks, so memory stays bounded for any gallery size.
+`torchreid.metrics.evaluate_rank`. Instead of sorting every gallery row (Torchreid's way), each
+query's few true matches are sorted and every other gallery item is only bucketed among them
+(`torch.searchsorted`): that is all CMC and AP need. Queries are processed in chunks, so memory
+stays bounded for any gallery size.
 
 mINP (Ye et al., "Deep Learning for Person Re-identification", TPAMI 2021) is the mean over kept
 queries of (number of true matches) / (1-based rank of the last, hardest true match): how much of
