@@ -38,11 +38,12 @@ from reidkit.run.atomic import disk_full, reason
 from reidkit.run.checkpoints import continue_schedule, load_weights, resume_training
 from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.run.device import busy_cpu_note, choose_device, place_model
-from reidkit.train.engine import SoftmaxEngine, TripletEngine
+from reidkit.train.engine import EngineOptions, SoftmaxEngine, TripletEngine
 from reidkit.run.errors import UserError
 from reidkit.data.own_dataset import check_run_split, register_all, target_summaries, \
     unknown_camera_targets, write_run_split
-from reidkit.evaluate.report import plot_cmc, plot_training, write_metrics
+from reidkit.evaluate.report import RunFacts, plot_cmc, plot_training, write_metrics
+from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
 from reidkit.run.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, resolve
@@ -126,10 +127,10 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
     engine_class = TripletEngine if s.LOSS == 'triplet' else SoftmaxEngine
     return engine_class(
         datamanager, fast.model, optimizer, scheduler=scheduler, use_gpu=use_gpu,
-        label_smooth=s.LABEL_SMOOTH, model_name=s.MODEL_NAME, latest_every=s.LATEST_EVERY,
-        settings=s.record(), train_step=fast.step, loaders=fast.loaders,
-        flip_test=s.FLIP_TEST,
-        rerank=dict(k1=s.RERANK_K1, k2=s.RERANK_K2, lambda_value=s.RERANK_LAMBDA),
+        label_smooth=s.LABEL_SMOOTH, train_step=fast.step, loaders=fast.loaders,
+        options=EngineOptions(model_name=s.MODEL_NAME, settings=s.record(),
+                              latest_every=s.LATEST_EVERY, flip_test=s.FLIP_TEST,
+                              rerank=Reranking(s.RERANK_K1, s.RERANK_K2, s.RERANK_LAMBDA)),
     )
 
 
@@ -213,9 +214,9 @@ def train(s: Settings | None = None) -> Path:
             raise
     if distributed.current().is_main:
         plot_training(run_dir, len(engine.train_loader))
-        write_metrics(run_dir / 'metrics.json', 'train', engine.results[-1], s, datamanager,
-                      checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started,
-                      own_data=target_summaries(s.TARGETS))
+        write_metrics(run_dir / 'metrics.json', engine.results[-1], RunFacts(
+            'train', s, checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started,
+            own_data=target_summaries(s.TARGETS)), datamanager)
     return run_dir
 
 
@@ -295,9 +296,9 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     result = dict(engine.results[-1], epoch=saved.get('epoch'))
     if main_rank:
         plot_cmc(result['cmc'], out_dir / 'cmc.png')
-        write_metrics(out_dir / 'metrics.json', mode, result, s, datamanager,
-                      checkpoint=checkpoint, seconds=time.time() - started,
-                      own_data=target_summaries(s.TARGETS))
+        write_metrics(out_dir / 'metrics.json', result,
+                      RunFacts(mode, s, checkpoint=checkpoint, seconds=time.time() - started,
+                               own_data=target_summaries(s.TARGETS)), datamanager)
     return out_dir
 
 

@@ -77,7 +77,7 @@ def run_one(which: str, scale: str) -> dict:
         qf, gf, qp, gp, qc, gc = make_inputs(*n, dim=2048, noise=3.2)
         baseline_rss = peak_rss_gb()
         started = time.perf_counter()
-        cmc, mAP = evaluation.evaluate_features(qf, gf, qp, gp, qc, gc)
+        cmc, mAP, _ = evaluation.evaluate_features(qf, gf, evaluation.Labels.of(qp, gp, qc, gc))
     return {'seconds': time.perf_counter() - started, 'cmc': np.asarray(cmc).tolist(),
             'mAP': float(mAP), 'peak_rss_gb': peak_rss_gb(), 'inputs_rss_gb': baseline_rss}
 

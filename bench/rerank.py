@@ -61,7 +61,7 @@ def run_one(which: str, scale: str, out_dir: str) -> dict:
     from torchreid.reid.metrics import compute_distance_matrix
     from torchreid.reid.utils import re_ranking as torchreid_re_ranking
     from reidkit.evaluate import rerank
-    from reidkit.evaluate.metrics import evaluate_features_all, evaluate_rank_all
+    from reidkit.evaluate.metrics import Labels, evaluate_distances, evaluate_features
     qf, gf, qp, gp, qc, gc = make_inputs(scale)
     inputs_rss = peak_rss_gb()
     started, cpu_started = time.perf_counter(), cpu_seconds()
@@ -76,8 +76,9 @@ def run_one(which: str, scale: str, out_dir: str) -> dict:
         result = rerank_fn(q_g, q_q, g_g)
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     peak = peak_rss_gb()
-    original = evaluate_features_all(qf, gf, qp, gp, qc, gc)
-    cmc, mAP, mINP = evaluate_rank_all(result, qp, gp, qc, gc)
+    labels = Labels.of(qp, gp, qc, gc)
+    original = evaluate_features(qf, gf, labels)
+    cmc, mAP, mINP = evaluate_distances(result, labels)
     if out_dir:
         np.save(Path(out_dir) / f'{which}.npy', result)
     return {'seconds': seconds, 'cpu_seconds': cpu, 'distances_s': distances_s, 'peak_rss_gb': peak,

@@ -1,5 +1,6 @@
-"""Our engine extends Torchreid only while it runs, reads images with our reader in every
-loader worker, and stops a diverging run before it can be scored or saved."""
+"""Our engine extends Torchreid by subclassing only (nothing in Torchreid is patched), reads
+images with our reader in every loader worker, and stops a diverging run before it can be
+scored or saved."""
 import importlib
 import math
 import shutil
@@ -14,13 +15,11 @@ from torch.utils.data import DataLoader
 import main
 import reidkit.train.engine as engine_module
 from reidkit.evaluate import metrics as evaluation
-from reidkit.evaluate import visrank
 from reidkit.train.engine import DivergenceWatch, ReidkitEngineMixin
 from torchreid.reid.engine import ImageSoftmaxEngine
 from reidkit.run.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCHREID_EVALUATE = importlib.import_module('torchreid.reid.metrics').evaluate_rank
 
 
 @pytest.mark.slow
@@ -36,51 +35,69 @@ def test_importing_our_modules_changes_nothing_in_torchreid():
     assert done.returncode == 0 and 'unchanged' in done.stdout, done.stderr[-2000:]
 
 
-def test_ours_are_used_only_while_the_engine_runs(tiny_settings, monkeypatch):
+def test_every_evaluation_is_ours_and_nothing_in_torchreid_is_patched(tiny_settings,
+                                                                     monkeypatch):
+    """Plain, re-ranked and CUHK03 evaluations and visrank go through our evaluator and rank
+    writer, called by our engine; Torchreid's module attributes are never replaced (each is
+    a stand-in that fails if called, and is still the same object whenever ours runs)."""
     metrics = importlib.import_module('torchreid.reid.metrics')
     torchreid_engine = importlib.import_module('torchreid.reid.engine.engine')
+
+    def never_called(*args, **kwargs):
+        raise AssertionError("Torchreid's own evaluator or rank writer was called")
+    monkeypatch.setattr(metrics, 'evaluate_rank', never_called)
+    monkeypatch.setattr(torchreid_engine, 'visualize_ranked_results', never_called)
     seen = []
 
-    def spying(function):
+    def spying(module, name):
+        function = getattr(module, name)
+
         def spy(*args, **kwargs):
-            seen.append((function.__name__,
-                         getattr(metrics.evaluate_rank, '__self__', None) is engine,
-                         torchreid_engine.visualize_ranked_results is visrank.write_rankings))
+            seen.append((name, metrics.evaluate_rank is never_called and
+                         torchreid_engine.visualize_ranked_results is never_called))
             return function(*args, **kwargs)
-        return spy
-    for name in ('evaluate_features_all', 'evaluate_rank_all', 'evaluate_rank'):
-        monkeypatch.setattr(evaluation, name, spying(getattr(evaluation, name)))
+        monkeypatch.setattr(module, name, spy)
+    for name in ('evaluate_features', 'evaluate_distances'):
+        spying(evaluation, name)
+    spying(engine_module, 'write_rankings')
     datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
     engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
-    save_dir = str(Path(tiny_settings.EXPERIMENTS_DIR) / 'run')
-    engine.run(save_dir=save_dir, test_only=True)
-    engine.run(save_dir=save_dir, test_only=True, rerank=True)          # our re-ranking
-    # Torchreid's own pipeline (CUHK03's metric) evaluates through our evaluator too.
-    engine.run(save_dir=save_dir, test_only=True, use_metric_cuhk03=True)
-    assert seen == [('evaluate_features_all', True, True), ('evaluate_rank_all', True, True),
-                    ('evaluate_rank', True, True)]
+    save_dir = Path(tiny_settings.EXPERIMENTS_DIR) / 'run'
+    engine.run(save_dir=str(save_dir), test_only=True)
+    engine.run(save_dir=str(save_dir), test_only=True, rerank=True)          # our re-ranking
+    engine.run(save_dir=str(save_dir), test_only=True, use_metric_cuhk03=True, visrank=True,
+               visrank_topk=2)
+    assert seen == [('evaluate_features', True), ('evaluate_distances', True),
+                    ('evaluate_distances', True), ('write_rankings', True)]
+    assert (save_dir / 'visrank_market1501' / 'index.html').is_file()
     assert len(engine.results) == 3 and all(0 < r['mAP'] <= 1 for r in engine.results)
     assert 0 < engine.results[0]['mINP'] <= engine.results[0]['mAP']
     assert engine.results[1]['mINP'] is not None and engine.results[2]['mINP'] is None
-    assert metrics.evaluate_rank is TORCHREID_EVALUATE     # and Torchreid's own again after
-    assert torchreid_engine.visualize_ranked_results is not visrank.write_rankings
 
 
-def test_our_evaluation_equals_torchreids_pipeline_on_the_same_features(tiny_settings):
+def test_our_evaluation_equals_torchreids_pipeline_on_the_same_features(tiny_settings,
+                                                                        monkeypatch):
     """Our _evaluate (features kept on the device, chunked distances) against Torchreid's own
     _evaluate with its own distance matrix and our exact evaluator: the same numbers."""
     datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
     engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
     engine.set_model_mode('eval')
     loaders = engine.test_loader['market1501']
-    with engine.torchreid_extended():
-        ours = engine._evaluate('market1501', loaders['query'], loaders['gallery'])
-        theirs = super(ReidkitEngineMixin, engine)._evaluate('market1501', loaders['query'],
-                                                             loaders['gallery'])
+    theirs_cmc = []
+
+    def exact_in_torchreid(*args, **kwargs):
+        cmc, mAP = evaluation.evaluate_rank(*args, **kwargs)
+        theirs_cmc.append(cmc)
+        return cmc, mAP
+    monkeypatch.setattr(importlib.import_module('torchreid.reid.metrics'), 'evaluate_rank',
+                        exact_in_torchreid)
+    ours = engine._evaluate('market1501', loaders['query'], loaders['gallery'])
+    theirs = super(ReidkitEngineMixin, engine)._evaluate('market1501', loaders['query'],
+                                                         loaders['gallery'])
     assert ours[0] == pytest.approx(theirs[0], abs=1e-6)
     assert ours[1] == pytest.approx(theirs[1], abs=1e-6)
-    (cmc_ours, *_), (cmc_theirs, *_) = engine._evaluations
-    assert (cmc_ours == cmc_theirs).all()
+    (result,) = engine.results
+    assert (result['cmc'] == theirs_cmc[0]).all()
 
 
 def _broken_jpeg(path: Path) -> None:
@@ -228,7 +245,6 @@ def test_re_ranking_in_the_engine_is_torchreids_on_the_same_features(tiny_settin
     engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
     engine.set_model_mode('eval')
     loaders = engine.test_loader['market1501']
-    engine._evaluations = []
     with torch.no_grad():
         engine._evaluate('market1501', loaders['query'], loaders['gallery'], rerank=True)
         qf, q_pids, q_camids = engine._features(loaders['query'])
@@ -238,5 +254,6 @@ def test_re_ranking_in_the_engine_is_torchreids_on_the_same_features(tiny_settin
                         compute_distance_matrix(gf, gf).numpy())
     cmc, mAP = evaluation.evaluate_rank(theirs, q_pids.numpy(), g_pids.numpy(),
                                         q_camids.numpy(), g_camids.numpy())
-    ours_cmc, ours_mAP, _ = engine._evaluations[0]
+    (ours,) = engine.results
+    ours_cmc, ours_mAP = ours['cmc'], ours['mAP']
     assert (ours_cmc == cmc).all() and ours_mAP == pytest.approx(mAP, abs=1e-6)

@@ -6,8 +6,8 @@ from torchreid.reid.metrics import compute_distance_matrix
 from torchreid.reid.metrics.rank import eval_market1501
 
 from reidkit.run.errors import UserError
-from reidkit.evaluate.metrics import (QUERY_CHUNK, NonFiniteError, evaluate_features, evaluate_rank,
-                                evaluate_single_gallery_shot, rank_queries)
+from reidkit.evaluate.metrics import (QUERY_CHUNK, Labels, NonFiniteError, evaluate_distances,
+                                      evaluate_features, evaluate_rank, rank_queries)
 
 
 def _random_case(rng):
@@ -73,7 +73,8 @@ def test_evaluate_features_in_small_chunks_equals_the_full_matrix(metric):
     q_cams, g_cams = torch.randint(0, 6, (90,), generator=g), torch.randint(0, 6, (400,), generator=g)
     full = compute_distance_matrix(qf, gf, metric).numpy()
     expected = evaluate_rank(full, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(), g_cams.numpy())
-    cmc, mAP = evaluate_features(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric, chunk=7)
+    cmc, mAP, _ = evaluate_features(qf, gf, Labels.of(q_pids, g_pids, q_cams, g_cams),
+                                    metric=metric, chunk=7)
     assert np.array_equal(cmc, expected[0]) and mAP == pytest.approx(expected[1], abs=1e-9)
     reference = eval_market1501(full, q_pids.numpy(), g_pids.numpy(), q_cams.numpy(),
                                 g_cams.numpy(), 50)
@@ -125,7 +126,8 @@ def _ids(num_q, num_g):
 
 def test_all_nan_distances_are_refused_not_scored_100_percent():
     distmat = np.full((4, 10), np.nan)
-    for evaluate in (evaluate_rank, rank_queries, evaluate_single_gallery_shot,
+    for evaluate in (evaluate_rank, lambda d, *ids: rank_queries(d, Labels.of(*ids)),
+                     lambda d, *ids: evaluate_distances(d, Labels.of(*ids)),
                      lambda *args: evaluate_rank(*args, use_metric_cuhk03=True)):
         with pytest.raises(NonFiniteError, match=r'^40 of the 40 query-gallery distances are '
                                                  r'NaN or infinite.*diverged.*--LR='):
@@ -143,24 +145,24 @@ def test_one_inf_in_any_chunk_is_found_and_every_chunk_counted():
         evaluate_rank(distmat, *_ids(num_q, num_g))
     distmat[0, 0] = -np.inf                                    # and one in the first
     with pytest.raises(NonFiniteError, match=f'^2 of the {num_q * num_g:,} '):
-        rank_queries(torch.from_numpy(distmat), *_ids(num_q, num_g))
+        rank_queries(torch.from_numpy(distmat), Labels.of(*_ids(num_q, num_g)))
 
 
 def test_nan_or_overflowing_features_are_refused():
     rng = np.random.default_rng(1)
     qf, gf = torch.from_numpy(rng.random((6, 8))), torch.from_numpy(rng.random((10, 8)))
-    ids = _ids(6, 10)
-    evaluate_features(qf, gf, *ids)                            # finite: fine
+    ids = Labels.of(*_ids(6, 10))
+    evaluate_features(qf, gf, ids)                             # finite: fine
     nan_query, inf_gallery = qf.clone(), gf.clone()
     nan_query[2, 3] = float('nan')
     inf_gallery[9, 0] = float('inf')
     for metric in ('euclidean', 'cosine'):
         with pytest.raises(NonFiniteError, match=r'^2 of the 128 query and gallery feature '
                                                  r'values are NaN or infinite'):
-            evaluate_features(nan_query, inf_gallery, *ids, metric=metric, chunk=4)
+            evaluate_features(nan_query, inf_gallery, ids, metric=metric, chunk=4)
     all_nan = torch.full((6, 8), float('nan'))
     with pytest.raises(NonFiniteError, match='^48 of the 128 '):
-        evaluate_features(all_nan, gf, *ids)
+        evaluate_features(all_nan, gf, ids)
     # finite features whose squared distances overflow float32 are caught on the distances
     with pytest.raises(NonFiniteError, match='query-gallery distances'):
-        evaluate_features(qf * 1e30, gf, *ids)
+        evaluate_features(qf * 1e30, gf, ids)

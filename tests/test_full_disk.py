@@ -60,11 +60,12 @@ def test_metrics_json_is_written_whole_or_not_at_all(tmp_path, full_disk, monkey
     path.write_text('{"mode": "train", "rank1": 0.25}\n')   # an earlier mode's, say
     result, settings, datamanager = _metrics_inputs()
     with pytest.raises(UserError, match=f'could not write the metrics "{path}" \\({FULL}\\)'):
-        report.write_metrics(path, 'test', result, settings, datamanager, None, 1.0)
+        report.write_metrics(path, result, report.RunFacts('test', settings, None, 1.0),
+                             datamanager)
     assert json.loads(path.read_text())['rank1'] == 0.25   # never half a file
     assert leftovers(tmp_path) == []
     monkeypatch.undo()
-    report.write_metrics(path, 'test', result, settings, datamanager, None, 1.0)
+    report.write_metrics(path, result, report.RunFacts('test', settings, None, 1.0), datamanager)
     assert json.loads(path.read_text())['mode'] == 'test'
 
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from reidkit.evaluate.metrics import (NonFiniteError, evaluate_features, evaluate_features_all,
-                                evaluate_rank, evaluate_rank_all)
+from reidkit.evaluate.metrics import (Labels, NonFiniteError, evaluate_distances,
+                                      evaluate_features, evaluate_rank)
 
 
 def test_a_case_worked_out_by_hand():
@@ -21,11 +21,12 @@ def test_a_case_worked_out_by_hand():
                         [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
     q_pids, g_pids = np.array([1, 2, 9]), np.array([1, 1, 2, 1, 3, 2])
     q_cams, g_cams = np.array([0, 0, 0]), np.array([1, 0, 0, 2, 0, 3])
-    cmc, mAP, mINP = evaluate_rank_all(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=5)
+    cmc, mAP, mINP = evaluate_distances(distmat, Labels.of(q_pids, g_pids, q_cams, g_cams),
+                                        max_rank=5)
     assert cmc.tolist() == [0.5, 0.5, 0.5, 0.5, 1.0]
     assert mAP == pytest.approx(31 / 60)
     assert mINP == pytest.approx(13 / 30)
-    # the two-value functions are unchanged
+    # Torchreid's two-value adapter gives the same
     cmc2, mAP2 = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=5)
     assert cmc2.tolist() == cmc.tolist() and mAP2 == mAP
 
@@ -34,15 +35,16 @@ def test_ties_count_against_the_last_match():
     # One query, pid 1 cam 0; gallery: a match and a wrong match at the same distance, then a
     # second match. Pessimistic: wrong one first -> matches at ranks 2 and 3 -> INP = 2/3.
     distmat = np.array([[0.5, 0.5, 0.7]])
-    _, _, mINP = evaluate_rank_all(distmat, np.array([1]), np.array([1, 2, 1]), np.array([0]),
-                                   np.array([1, 1, 1]), max_rank=3)
+    labels = Labels.of(np.array([1]), np.array([1, 2, 1]), np.array([0]), np.array([1, 1, 1]))
+    _, _, mINP = evaluate_distances(distmat, labels, max_rank=3)
     assert mINP == pytest.approx(2 / 3)
 
 
 def test_every_match_first_is_one():
     distmat = np.array([[0.1, 0.2, 0.9], [0.9, 0.8, 0.1]])
-    _, mAP, mINP = evaluate_rank_all(distmat, np.array([1, 2]), np.array([1, 1, 2]),
-                                     np.array([0, 0]), np.array([1, 2, 1]), max_rank=3)
+    labels = Labels.of(np.array([1, 2]), np.array([1, 1, 2]), np.array([0, 0]),
+                       np.array([1, 2, 1]))
+    _, mAP, mINP = evaluate_distances(distmat, labels, max_rank=3)
     assert mAP == mINP == 1.0
 
 
@@ -67,7 +69,7 @@ def test_equals_a_brute_force_count_on_random_tie_free_cases():
         ids = (rng.integers(0, 8, num_q), rng.integers(0, 8, num_g),
                rng.integers(0, 3, num_q), rng.integers(0, 3, num_g))
         try:
-            _, _, mINP = evaluate_rank_all(distmat, *ids, max_rank=10)
+            _, _, mINP = evaluate_distances(distmat, Labels.of(*ids), max_rank=10)
         except ValueError:                     # no query has a valid match
             continue
         assert mINP == pytest.approx(_brute_force_minp(distmat, *ids), abs=1e-12)
@@ -81,16 +83,15 @@ def test_features_variant_equals_the_matrix_variant():
     ids = (torch.randint(0, 10, (30,), generator=g), torch.randint(0, 10, (90,), generator=g),
            torch.randint(0, 3, (30,), generator=g), torch.randint(0, 3, (90,), generator=g))
     distmat = torch.cdist(qf, gf).pow(2)
-    cmc, mAP, mINP = evaluate_features_all(qf, gf, *ids, chunk=7)
-    cmc_m, mAP_m, mINP_m = evaluate_rank_all(distmat, *ids)
+    cmc, mAP, mINP = evaluate_features(qf, gf, Labels.of(*ids), chunk=7)
+    cmc_m, mAP_m, mINP_m = evaluate_distances(distmat, Labels.of(*ids))
     assert np.array_equal(cmc, cmc_m)
     assert mAP == pytest.approx(mAP_m) and mINP == pytest.approx(mINP_m)
     assert 0 < mINP <= 1
-    assert evaluate_features(qf, gf, *ids, chunk=7)[1] == mAP
 
 
 def test_non_finite_distances_are_an_error():
     distmat = np.array([[0.1, np.nan]])
     with pytest.raises(NonFiniteError):
-        evaluate_rank_all(distmat, np.array([1]), np.array([1, 2]), np.array([0]),
-                          np.array([1, 1]))
+        evaluate_distances(distmat, Labels.of(np.array([1]), np.array([1, 2]), np.array([0]),
+                                              np.array([1, 1])))

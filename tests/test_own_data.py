@@ -306,11 +306,8 @@ def test_too_few_identities_to_split_is_a_clear_error(tmp_path):
 def _evaluate(data, position: dict):
     """Our evaluator on the labels `data` produced, with 1-d features chosen by file name."""
     feature = lambda items: torch.tensor([[position[Path(p).name]] for p, _, _ in items])  # noqa
-    labels = [torch.tensor([item[k] for item in items]) for k in (1, 2)
-              for items in (data.query, data.gallery)]
-    q_pids, g_pids, q_camids, g_camids = labels
-    cmc, mAP, _ = evaluation.evaluate_features_all(feature(data.query), feature(data.gallery),
-                                                   q_pids, g_pids, q_camids, g_camids)
+    cmc, mAP, _ = evaluation.evaluate_features(feature(data.query), feature(data.gallery),
+                                               evaluation.Labels.of_items(data.query, data.gallery))
     return float(cmc[0]), float(mAP)
 
 

@@ -13,8 +13,8 @@ import torch
 from torchreid.reid.metrics import compute_distance_matrix
 
 from reidkit.run.errors import UserError
-from reidkit.evaluate.metrics import NonFiniteError, evaluate_rank_all
-from reidkit.evaluate.rerank import re_ranking, re_ranking_features
+from reidkit.evaluate.metrics import Labels, NonFiniteError, evaluate_distances
+from reidkit.evaluate.rerank import Reranking, re_ranking, re_ranking_features
 
 with warnings.catch_warnings():
     warnings.simplefilter('ignore')             # "Cython evaluation ... unavailable"
@@ -69,11 +69,11 @@ def test_features_version_equals_torchreid_on_the_matrices_it_would_build(k1, k2
     qf, gf, ids = _features(25, 90, dim=16)
     expected = torchreid_re_ranking(*_engine_matrices(qf, gf), k1, k2, lambda_value)
     for chunk in (7, 32, 4096):           # blocks smaller than, across and beyond the queries
-        result = re_ranking_features(qf, gf, k1, k2, lambda_value, chunk=chunk)
+        result = re_ranking_features(qf, gf, Reranking(k1, k2, lambda_value), chunk=chunk)
         assert result.dtype == np.float32 and result.shape == expected.shape
         np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
-    cmc, mAP, mINP = evaluate_rank_all(result, *ids)
-    cmc_ref, mAP_ref, mINP_ref = evaluate_rank_all(expected, *ids)
+    cmc, mAP, mINP = evaluate_distances(result, Labels.of(*ids))
+    cmc_ref, mAP_ref, mINP_ref = evaluate_distances(expected, Labels.of(*ids))
     assert np.array_equal(cmc, cmc_ref) and mAP == mAP_ref and mINP == mINP_ref
 
 
@@ -82,8 +82,8 @@ def test_features_from_numpy_and_a_larger_case():
     expected = torchreid_re_ranking(*_engine_matrices(qf, gf))
     result = re_ranking_features(qf.numpy(), gf.numpy(), chunk=100)
     np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
-    assert np.array_equal(evaluate_rank_all(result, *ids)[0],
-                          evaluate_rank_all(expected, *ids)[0])
+    assert np.array_equal(evaluate_distances(result, Labels.of(*ids)).cmc,
+                          evaluate_distances(expected, Labels.of(*ids)).cmc)
     # and re-ranking did something: the ranking is not the original one
     original = compute_distance_matrix(qf, gf).numpy()
     assert not np.array_equal(result.argsort(1), original.argsort(1))
@@ -97,7 +97,8 @@ def test_k_larger_than_all_images(num_q, num_g):
         expected = torchreid_re_ranking(*matrices, k1, k2, lambda_value)
         np.testing.assert_allclose(re_ranking(*matrices, k1, k2, lambda_value), expected,
                                    rtol=0, atol=1e-5)
-        np.testing.assert_allclose(re_ranking_features(qf, gf, k1, k2, lambda_value, chunk=2),
+        np.testing.assert_allclose(re_ranking_features(qf, gf, Reranking(k1, k2, lambda_value),
+                                                       chunk=2),
                                    expected, rtol=0, atol=1e-5)
 
 
@@ -128,7 +129,7 @@ def test_identical_features_are_a_clear_error():
 def test_bad_parameters_are_a_clear_error(k1, k2, lambda_value):
     qf, gf, _ = _features(3, 5)
     with pytest.raises(UserError, match='re-ranking needs'):
-        re_ranking_features(qf, gf, k1, k2, lambda_value)
+        re_ranking_features(qf, gf, Reranking(k1, k2, lambda_value))
     with pytest.raises(UserError, match='re-ranking needs'):
         re_ranking(*_engine_matrices(qf, gf), k1, k2, lambda_value)
 
@@ -172,12 +173,12 @@ def test_memory_never_holds_a_gallery_squared_matrix():
     # 16,000 gallery images: a gallery x gallery float32 matrix alone would be 1 GB.
     script = textwrap.dedent('''
         import json, resource, torch
-        from reidkit.evaluate.rerank import re_ranking_features
+        from reidkit.evaluate.rerank import Reranking, re_ranking_features
         g = torch.Generator().manual_seed(0)
         qf, gf = torch.randn(50, 4, generator=g), torch.randn(16000, 4, generator=g)
         re_ranking_features(qf[:2], gf[:50])               # imports and first calls
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        result = re_ranking_features(qf, gf, k1=6, k2=3, chunk=1024)
+        result = re_ranking_features(qf, gf, Reranking(k1=6, k2=3), chunk=1024)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps({'grew_mb': (after - before) / 1024, 'shape': list(result.shape)}))
     ''')

@@ -1,14 +1,19 @@
-"""Exact, fast CMC, mAP and mINP in our own vectorised code, installed into Torchreid in one place.
+"""Exact, fast CMC, mAP and mINP in our own vectorised code; the distances and flip test the
+evaluation and search share.
 
-`evaluate_rank` has the signature and meaning of `torchreid.metrics.evaluate_rank`. Instead of
-sorting every gallery row (Torchreid's way), each query's few true matches are sorted and every
-other gallery item is only bucketed among them (`torch.searchsorted`): that is all CMC and AP
-need. Queries are processed in chunks, so memory stays bounded for any gallery size.
+The labels of an evaluation are built once (`Labels`: query and gallery person and camera ids),
+and one function per input kind scores them: `evaluate_distances` (a distance matrix) and
+`evaluate_features` (features; distances made in query chunks), each returning `Scores` (CMC,
+mAP and mINP together). `evaluate_rank` is the adapter with the signature and meaning of
+`torchreid.metrics.evaluate_rank`. Instead of sorting every gallery row (Torchreid's way), each
+query's few true matches are sorted and every other gallery item is only bucketed among them
+(`torch.searchsorted`): that is all CMC and AP need. Queries are processed in chunks, so memory
+stays bounded for any gallery size.
 
 mINP (Ye et al., "Deep Learning for Person Re-identification", TPAMI 2021) is the mean over kept
 queries of (number of true matches) / (1-based rank of the last, hardest true match): how much of
-the list a person must check to find every match. `evaluate_rank_all` and
-`evaluate_features_all` report it beside CMC and mAP; CUHK03's single-shot mode does not.
+the list a person must check to find every match. CUHK03's single-gallery-shot protocol has
+none (`Scores.mINP` is None there).
 
 Ties: a wrong match at exactly the same distance as a true match is ranked before it (the
 pessimistic reading). Torchreid's unstable argsort orders ties arbitrarily, so results on
@@ -20,7 +25,7 @@ so they would otherwise give made-up numbers (all-NaN scored 100% here, ~5% in T
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -79,8 +84,15 @@ class Labels:
 
     @classmethod
     def of(cls, q_pids, g_pids, q_camids, g_camids) -> Labels:
+        """From arrays, lists or tensors (one id per image)."""
         return cls(_as_tensor(q_pids), _as_tensor(g_pids), _as_tensor(q_camids),
                    _as_tensor(g_camids))
+
+    @classmethod
+    def of_items(cls, query, gallery) -> Labels:
+        """From Torchreid's dataset items, (path, pid, camid, ...) each."""
+        return cls.of(*(np.array([item[k] for item in items])
+                        for k, items in ((1, query), (1, gallery), (2, query), (2, gallery))))
 
     @property
     def num_queries(self) -> int:
@@ -103,7 +115,40 @@ class Labels:
         return self.q_pids[:, None] == self.g_pids[None, :]
 
     def ignored(self) -> torch.Tensor:
-        return same_person_same_camera(self.q_pids, self.g_pids, self.q_camids, self.g_camids)
+        """(queries x gallery) True where a gallery item shows the query's person in the
+        query's camera: such items are ignored by the evaluation, by visrank and by nothing
+        else."""
+        return self.same_person() & (self.q_camids[:, None] == self.g_camids[None, :])
+
+
+class Scores(NamedTuple):
+    """One evaluation's result. `cmc[k]`: the fraction of kept queries whose first true match
+    is within rank k+1 (float32 array, length min(max_rank, gallery size)); mAP and mINP:
+    floats in [0, 1]; mINP is None under CUHK03's single-gallery-shot protocol (it has none)."""
+    cmc: np.ndarray
+    mAP: float
+    mINP: float | None
+
+
+class QueryRanks(NamedTuple):
+    """Per query: `first`, the 0-based rank of its first true match (-1: none in another
+    camera: the query is not kept), its `ap` and its `inp` (nan where not kept)."""
+    first: np.ndarray
+    ap: np.ndarray
+    inp: np.ndarray
+
+    def kept(self) -> np.ndarray:
+        kept = self.first >= 0
+        if not kept.any():
+            raise ValueError('Error: all query identities do not appear in gallery')
+        return kept
+
+    def scores(self, max_rank: int) -> Scores:
+        """CMC to `max_rank`, mAP and mINP over the kept queries; ValueError if none is kept."""
+        kept = self.kept()
+        hits = self.first[kept, None] <= np.arange(max_rank)[None, :]
+        cmc = hits.astype(np.float32).sum(0) / float(kept.sum())
+        return Scores(cmc, float(np.mean(self.ap[kept])), float(np.mean(self.inp[kept])))
 
 
 def _rank_chunk(dist: torch.Tensor, labels: Labels):
@@ -141,27 +186,12 @@ def _rank_chunk(dist: torch.Tensor, labels: Labels):
     return first, ap, inp
 
 
-def summarise_ranks(first: np.ndarray, ap: np.ndarray, max_rank: int):
-    """(cmc, mAP) from each query's first-match rank (-1: no valid match) and AP."""
-    kept = first >= 0
-    if not kept.any():
-        raise ValueError('Error: all query identities do not appear in gallery')
-    hits = first[kept, None] <= np.arange(max_rank)[None, :]
-    cmc = hits.astype(np.float32).sum(0) / float(kept.sum())
-    return cmc, float(np.mean(ap[kept]))
-
-
-def mean_inp(first: np.ndarray, inp: np.ndarray) -> float:
-    """mINP over the kept queries (those with a valid match, as in `summarise_ranks`)."""
-    return float(np.mean(inp[first >= 0]))
-
-
 DistanceRows = Callable[[int, int], torch.Tensor]   # (start, end) -> those queries' distances
 
 
-def _rank_in_chunks(distance_rows: DistanceRows, labels: Labels, chunk: int = QUERY_CHUNK):
-    """(first, AP, INP) per query from `_rank_chunk` over query chunks; NonFiniteError if
-    any distance is NaN or inf."""
+def _rank_in_chunks(distance_rows: DistanceRows, labels: Labels,
+                    chunk: int = QUERY_CHUNK) -> QueryRanks:
+    """`_rank_chunk` over query chunks; NonFiniteError if any distance is NaN or inf."""
     firsts, aps, inps = [], [], []
     non_finite = 0
     for start in range(0, labels.num_queries, chunk):
@@ -179,7 +209,7 @@ def _rank_in_chunks(distance_rows: DistanceRows, labels: Labels, chunk: int = QU
     if non_finite:
         raise _non_finite_error(non_finite, labels.num_queries * labels.num_gallery,
                                 'query-gallery distances')
-    return tuple(torch.cat(values).cpu().numpy() for values in (firsts, aps, inps))
+    return QueryRanks(*(torch.cat(values).cpu().numpy() for values in (firsts, aps, inps)))
 
 
 def _gallery_max_rank(labels: Labels, max_rank: int) -> int:
@@ -189,47 +219,36 @@ def _gallery_max_rank(labels: Labels, max_rank: int) -> int:
     return max_rank
 
 
-def _evaluate_in_chunks(distance_rows: DistanceRows, labels: Labels, max_rank: int,
-                        chunk: int = QUERY_CHUNK):
-    """(cmc, mAP, mINP)."""
-    max_rank = _gallery_max_rank(labels, max_rank)
-    first, ap, inp = _rank_in_chunks(distance_rows, labels, chunk)
-    return (*summarise_ranks(first, ap, max_rank), mean_inp(first, inp))
-
-
 def _matrix_rows(distmat) -> DistanceRows:
     dist = _as_tensor(distmat)
     return lambda start, end: dist[start:end]
 
 
-def rank_queries(distmat, q_pids, g_pids, q_camids, g_camids):
-    """Per query: the 0-based rank of its first true match (-1: none), its AP and its INP
-    (nan: none), under the same protocol as `evaluate_rank`."""
-    return _rank_in_chunks(_matrix_rows(distmat), Labels.of(q_pids, g_pids, q_camids, g_camids))
+def rank_queries(distmat, labels: Labels) -> QueryRanks:
+    """Each query's first-match rank, AP and INP from a (queries x gallery) distance matrix,
+    under the same protocol as `evaluate_distances`. NaN or inf distances: NonFiniteError."""
+    return _rank_in_chunks(_matrix_rows(distmat), labels)
+
+
+def evaluate_distances(distmat, labels: Labels, max_rank: int = 50,
+                       single_gallery_shot: bool = False) -> Scores:
+    """CMC, mAP and mINP of a (queries x gallery) distance matrix (numpy or a tensor, on any
+    device), under the Market-1501 protocol: a gallery item with the query's pid and camera
+    is ignored; a query without any true match in another camera is skipped (ValueError if
+    all are). With `single_gallery_shot`, CUHK03's protocol (see `_single_gallery_shot`; no
+    mINP). NaN or infinite distances raise `NonFiniteError`."""
+    max_rank = _gallery_max_rank(labels, max_rank)
+    if single_gallery_shot:
+        return _single_gallery_shot(_as_tensor(distmat).cpu(), labels, max_rank)
+    return rank_queries(distmat, labels).scores(max_rank)
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
                   use_metric_cuhk03: bool = False, use_cython: bool = True):
-    """(cmc, mAP) under the Market-1501 protocol, as `torchreid.metrics.evaluate_rank`.
-
-    A gallery item with the query's pid and camera is ignored; a query without any true match
-    in another camera is skipped. `cmc[k]` is the fraction of kept queries whose first true
-    match is within rank k+1 (float32 array of length min(max_rank, gallery size)); mAP is a
-    float. `use_cython` is accepted for compatibility and ignored. With `use_metric_cuhk03`,
-    the CMC is CUHK03's single-gallery-shot one (see `evaluate_single_gallery_shot`).
-    NaN or infinite distances raise `NonFiniteError`.
-    """
+    """(cmc, mAP), as `torchreid.metrics.evaluate_rank`: `evaluate_distances` on these ids.
+    `use_cython` is accepted for compatibility and ignored."""
     labels = Labels.of(q_pids, g_pids, q_camids, g_camids)
-    if use_metric_cuhk03:
-        return _single_gallery_shot(distmat, labels, max_rank)
-    return _evaluate_in_chunks(_matrix_rows(distmat), labels, max_rank)[:2]
-
-
-def evaluate_rank_all(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):
-    """(cmc, mAP, mINP) under the Market-1501 protocol: `evaluate_rank` plus mINP, the mean
-    over kept queries of (true matches) / (1-based rank of the last true match)."""
-    return _evaluate_in_chunks(_matrix_rows(distmat),
-                               Labels.of(q_pids, g_pids, q_camids, g_camids), max_rank)
+    return evaluate_distances(distmat, labels, max_rank, use_metric_cuhk03)[:2]
 
 
 def _single_shot_cmc(before: np.ndarray, max_rank: int) -> np.ndarray:
@@ -247,28 +266,17 @@ def _single_shot_cmc(before: np.ndarray, max_rank: int) -> np.ndarray:
     return np.cumsum(cmc) / before.shape[1]
 
 
-def evaluate_single_gallery_shot(distmat, q_pids, g_pids, q_camids, g_camids,
-                                 max_rank: int = 50):
-    """(cmc, mAP) under CUHK03's single-gallery-shot protocol.
-
-    The protocol samples one gallery image of every identity and ranks those; Torchreid
-    estimates its CMC from 10 random samplings. This gives the exact expectation instead (each
-    identity's image ranks ahead of a true match with probability = the share of its images
-    that are closer), so it is deterministic and noise-free. mAP is over all kept images, as
-    in Torchreid. Ties count against the true match, as in `evaluate_rank`.
-    """
-    return _single_gallery_shot(distmat, Labels.of(q_pids, g_pids, q_camids, g_camids),
-                                max_rank)
-
-
-def _single_gallery_shot(distmat, labels: Labels, max_rank: int):
-    max_rank = _gallery_max_rank(labels, max_rank)
-    first, ap, _ = _rank_in_chunks(_matrix_rows(distmat), labels)   # also checks for NaN/inf
-    dist = np.asarray(distmat)
-    g_pids = labels.g_pids.numpy()
-    _, identity = np.unique(g_pids, return_inverse=True)
+def _single_gallery_shot(distmat: torch.Tensor, labels: Labels, max_rank: int) -> Scores:
+    """CUHK03's single-gallery-shot protocol: one gallery image of every identity is sampled
+    and ranked. Torchreid estimates its CMC from 10 random samplings; this is the exact
+    expectation (each identity's image ranks ahead of a true match with probability = the
+    share of its images that are closer): deterministic and noise-free. mAP is over all kept
+    images, as in Torchreid. Ties count against the true match, as everywhere here."""
+    ranks = rank_queries(distmat, labels)          # also checks for NaN/inf
+    dist = distmat.numpy()
+    _, identity = np.unique(labels.g_pids.numpy(), return_inverse=True)
     cmcs = []
-    for q in np.flatnonzero(first >= 0):
+    for q in np.flatnonzero(ranks.kept()):
         query = labels.queries(q, q + 1)
         kept = ~query.ignored()[0].numpy()
         positive = kept & query.same_person()[0].numpy()
@@ -281,68 +289,74 @@ def _single_gallery_shot(distmat, labels: Labels, max_rank: int):
         np.add.at(counts, (local, bucket), 1)
         ahead = np.cumsum(counts, axis=1)[:, :len(true_match)]
         cmcs.append(_single_shot_cmc(ahead / counts.sum(1, keepdims=True), max_rank))
-    if not cmcs:
-        raise ValueError('Error: all query identities do not appear in gallery')
     cmc = np.mean(cmcs, axis=0).astype(np.float32)
-    return cmc, float(np.mean(ap[first >= 0]))
+    return Scores(cmc, float(np.mean(ranks.ap[ranks.first >= 0])), None)
 
 
-def same_person_same_camera(q_pids, g_pids, q_camids, g_camids) -> torch.Tensor:
-    """(queries x gallery) True where a gallery item shows the query's person in the query's
-    camera: such items are ignored by the evaluation, by visrank and by nothing else."""
-    q_pids, g_pids = _as_tensor(q_pids), _as_tensor(g_pids)
-    q_camids, g_camids = _as_tensor(q_camids), _as_tensor(g_camids)
-    return (q_pids[:, None] == g_pids[None, :]) & (q_camids[:, None] == g_camids[None, :])
-
-
-def squared_euclidean(query: torch.Tensor, gallery: torch.Tensor,
+def squared_euclidean(query: torch.Tensor, gallery: torch.Tensor, *,
+                      query_sq_norms: torch.Tensor | None = None,
                       gallery_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared euclidean distances (Torchreid's 'euclidean'), query rows x gallery rows.
-    `gallery_sq_norms` may be passed when the same gallery is used for many query chunks."""
+    """Squared euclidean distances (Torchreid's 'euclidean'), query rows x gallery rows:
+    |q|^2 + |g|^2 - 2 q.g. The squared row norms may be passed when the same rows are used
+    for many chunks."""
+    if query_sq_norms is None:
+        query_sq_norms = query.pow(2).sum(1)
     if gallery_sq_norms is None:
         gallery_sq_norms = gallery.pow(2).sum(1)
-    dist = query.pow(2).sum(1, keepdim=True) + gallery_sq_norms[None, :]
+    dist = query_sq_norms[:, None] + gallery_sq_norms[None, :]
     return dist.addmm_(query, gallery.t(), beta=1, alpha=-2)
 
 
-def distances(query: torch.Tensor, gallery: torch.Tensor, metric: str = 'euclidean',
-              gallery_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared euclidean (as Torchreid) or cosine distances, query rows x gallery rows."""
+def paired_squared_euclidean(a: torch.Tensor, b: torch.Tensor, a_sq_norms: torch.Tensor,
+                             b_sq_norms: torch.Tensor) -> torch.Tensor:
+    """|a_k - b_k|^2 for each pair of rows k (a, b: pairs x dimensions), by the formula of
+    `squared_euclidean`, from the rows' squared norms."""
+    return (a_sq_norms + b_sq_norms).add_((a * b).sum(1), alpha=-2)
+
+
+def _distance_rows(query: torch.Tensor, gallery: torch.Tensor, metric: str) -> DistanceRows:
+    """Distances of query rows start..end-1 to the whole gallery, squared euclidean (as
+    Torchreid) or cosine (1 - cosine similarity)."""
     if metric == 'cosine':
-        return 1 - torch.nn.functional.normalize(query, dim=1) @ \
-            torch.nn.functional.normalize(gallery, dim=1).t()
+        query = torch.nn.functional.normalize(query, dim=1)
+        gallery_t = torch.nn.functional.normalize(gallery, dim=1).t()
+        return lambda start, end: 1 - query[start:end] @ gallery_t
     if metric != 'euclidean':
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-    return squared_euclidean(query, gallery, gallery_sq_norms)
+    norms = gallery.pow(2).sum(1)
+    return lambda start, end: squared_euclidean(query[start:end], gallery,
+                                                gallery_sq_norms=norms)
 
 
-def evaluate_features(query_features, gallery_features, q_pids, g_pids, q_camids, g_camids,
-                      metric: str = 'euclidean', max_rank: int = 50, chunk: int = QUERY_CHUNK):
-    """(cmc, mAP) straight from features, never holding the whole distance matrix.
+def distances(query: torch.Tensor, gallery: torch.Tensor,
+              metric: str = 'euclidean') -> torch.Tensor:
+    """Squared euclidean (as Torchreid) or cosine distances, query rows x gallery rows."""
+    return _distance_rows(query, gallery, metric)(0, len(query))
 
-    Distances are computed for `chunk` queries at a time, so memory is the features plus a
-    few (chunk x gallery) arrays: MSMT17's 11,659 x 82,161 fits in a few GB instead of ~12 GB.
-    NaN or infinite features (or distances that overflow) raise `NonFiniteError`.
+
+def evaluate_features(query_features, gallery_features, labels: Labels,
+                      metric: str = 'euclidean', max_rank: int = 50,
+                      chunk: int = QUERY_CHUNK) -> Scores:
+    """CMC, mAP and mINP (as `evaluate_distances`) straight from (images x dimensions)
+    features, never holding the whole distance matrix.
+
+    Distances are computed for `chunk` queries at a time, where the features are, so memory
+    is the features plus a few (chunk x gallery) arrays: MSMT17's 11,659 x 82,161 fits in a
+    few GB instead of ~12 GB. NaN or infinite features (or distances that overflow) raise
+    `NonFiniteError`.
     """
-    return evaluate_features_all(query_features, gallery_features, q_pids, g_pids, q_camids,
-                                 g_camids, metric, max_rank, chunk)[:2]
-
-
-def evaluate_features_all(query_features, gallery_features, q_pids, g_pids, q_camids,
-                          g_camids, metric: str = 'euclidean', max_rank: int = 50,
-                          chunk: int = QUERY_CHUNK):
-    """(cmc, mAP, mINP) straight from features: `evaluate_features` plus mINP."""
     qf, gf = _as_tensor(query_features).float(), _as_tensor(gallery_features).float()
     # Checked here first: cheaper than the distances, and the count is of what went wrong.
     non_finite = _count_non_finite(qf) + _count_non_finite(gf)
     if non_finite:
         raise _non_finite_error(non_finite, qf.numel() + gf.numel(),
                                 'query and gallery feature values')
-    if metric == 'cosine':
-        qf, gf = torch.nn.functional.normalize(qf, dim=1), torch.nn.functional.normalize(gf, dim=1)
-        rows = lambda start, end: 1 - qf[start:end] @ gf.t()   # noqa: E731
-    else:
-        g_norms = gf.pow(2).sum(1)
-        rows = lambda start, end: distances(qf[start:end], gf, metric, g_norms)  # noqa: E731
-    return _evaluate_in_chunks(rows, Labels.of(q_pids, g_pids, q_camids, g_camids), max_rank,
-                               chunk)
+    max_rank = _gallery_max_rank(labels, max_rank)
+    return _rank_in_chunks(_distance_rows(qf, gf, metric), labels, chunk).scores(max_rank)
+
+
+def flip_averaged(extract: Callable[[torch.Tensor], torch.Tensor],
+                  images: torch.Tensor) -> torch.Tensor:
+    """The flip test (as fast-reid's): the mean, in float32, of the features `extract` gives
+    for a batch of NCHW images and for their mirror images (flipped left-right)."""
+    return (extract(images).float() + extract(images.flip(3)).float()) / 2

@@ -8,6 +8,7 @@ import platform
 import re
 import threading
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -66,26 +67,54 @@ def summarise(cmc, mAP: float, mINP: float | None = None) -> dict:
     return summary
 
 
-def write_metrics(path: Path, mode: str, result: Mapping, settings: Mapping, datamanager,
-                  checkpoint: Path | None, seconds: float, own_data: list | None = None) -> dict:
-    """Writes metrics.json for one mode of a run and returns what it wrote; `own_data`: how
-    each dataset of one's own among the targets was split (own_dataset.target_summaries)."""
+def print_scores(scores, ranks: Iterable[int], num_gallery: int) -> None:
+    """The evaluation's printed results (Torchreid's layout): mAP, mINP where the protocol has
+    it, then each rank in `ranks` that the CMC curve (`scores.cmc`) reaches."""
+    cmc, mAP, mINP = scores
+    print('** Results **')
+    print(f'mAP: {mAP:.1%}')
+    if mINP is not None:
+        print(f'mINP: {mINP:.1%}')
+    print('CMC curve')
+    for r in ranks:
+        if r <= len(cmc):                # a smaller gallery has no such rank
+            print(f'Rank-{r:<3}: {cmc[r - 1]:.1%}')
+    missing = [r for r in ranks if r > len(cmc)]
+    if missing:
+        print(f'(no Rank-{min(missing)} or above: the CMC curve stops at rank {len(cmc)}'
+              + (', the size of the gallery)' if len(cmc) == num_gallery else ')'))
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What metrics.json says about a run besides its scores."""
+    mode: str                          # 'train', 'test' or 'visrank'
+    settings: Mapping                  # the run's settings (DEVICE among them)
+    checkpoint: Path | None            # the weights evaluated, if known
+    seconds: float                     # wall time of the mode
+    own_data: list | None = None       # own_dataset.target_summaries: how own data was split
+
+
+def write_metrics(path: Path, result: Mapping, run: RunFacts, datamanager) -> dict:
+    """Writes metrics.json for one mode of a run and returns what it wrote. `result`: the
+    engine's {'cmc', 'mAP', 'mINP', 'epoch'}; `datamanager`: counts the test images."""
     test_sets = datamanager.test_dataset
     metrics = {
-        'mode': mode,
+        'mode': run.mode,
         **summarise(result['cmc'], result['mAP'], result.get('mINP')),
         'cmc': [float(v) for v in result['cmc']],
         'num_query': sum(len(sets['query']) for sets in test_sets.values()),
         'num_gallery': sum(len(sets['gallery']) for sets in test_sets.values()),
         'epoch': result.get('epoch'),
-        'checkpoint': str(checkpoint) if checkpoint else None,
-        'seconds': round(seconds, 1),
+        'checkpoint': str(run.checkpoint) if run.checkpoint else None,
+        'seconds': round(run.seconds, 1),
         'device': torch.cuda.get_device_name() if torch.cuda.is_available()
-        and settings['DEVICE'] != 'cpu' else f'cpu ({platform.processor() or platform.machine()})',
-        'settings': dict(settings),
+        and run.settings['DEVICE'] != 'cpu'
+        else f'cpu ({platform.processor() or platform.machine()})',
+        'settings': dict(run.settings),
     }
-    if own_data:
-        metrics['own_data'] = own_data
+    if run.own_data:
+        metrics['own_data'] = run.own_data
     write_atomically(path, json.dumps(metrics, indent=2) + '\n', 'the metrics')
     return metrics
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
 from reidkit.run.errors import UserError
-from reidkit.evaluate.metrics import check_finite
+from reidkit.evaluate.metrics import check_finite, paired_squared_euclidean, squared_euclidean
 
 # Images per block of the neighbour search: a block pair holds a few (chunk x chunk) float32
 # arrays, ~0.3 GB at 4096.
@@ -48,18 +49,50 @@ GATHER_CHUNK = 4096
 PairDistances = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (i, j) -> original
 
 
-def _check_parameters(k1, k2, lambda_value) -> None:
-    for name, k in (('k1', k1), ('k2', k2)):
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+@dataclass(frozen=True)
+class Reranking:
+    """The parameters of k-reciprocal re-ranking (Torchreid's defaults): k1 neighbours make
+    the reciprocal sets, k2 the query expansion; the result is (1 - lambda_value) * Jaccard
+    + lambda_value * original distance. UserError when k1, k2 are not whole numbers >= 1 or
+    lambda_value is not in [0, 1]."""
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name, k in (('k1', self.k1), ('k2', self.k2)):
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+                raise UserError(
+                    f're-ranking needs {name} to be a whole number of at least 1 (it counts '
+                    f'neighbours), got {k!r}. Torchreid\'s defaults are k1=20, k2=6.')
+        lambda_value = self.lambda_value
+        if isinstance(lambda_value, bool) or not isinstance(lambda_value, numbers.Real) \
+                or not 0 <= lambda_value <= 1:
             raise UserError(
-                f're-ranking needs {name} to be a whole number of at least 1 (it counts '
-                f'neighbours), got {k!r}. Torchreid\'s defaults are k1=20, k2=6.')
-    if isinstance(lambda_value, bool) or not isinstance(lambda_value, numbers.Real) \
-            or not 0 <= lambda_value <= 1:
-        raise UserError(
-            f're-ranking needs lambda_value between 0 and 1 (the weight of the original '
-            f'distance against the Jaccard distance), got {lambda_value!r}. Torchreid\'s '
-            f'default is 0.3.')
+                f're-ranking needs lambda_value between 0 and 1 (the weight of the original '
+                f'distance against the Jaccard distance), got {lambda_value!r}. Torchreid\'s '
+                f'default is 0.3.')
+
+    def __str__(self) -> str:
+        """'k1=20, k2=6, lambda=0.3', as the evaluation line names them."""
+        return f'k1={self.k1}, k2={self.k2}, lambda={self.lambda_value}'
+
+
+@dataclass(frozen=True)
+class _Neighbours:
+    """Each image's nearest images by original distance (`index`, nearest first) with those
+    distances (`original`), and `pair_original` for any other (i, j) pairs."""
+    index: torch.Tensor
+    original: torch.Tensor
+    pair_original: PairDistances
+
+
+@dataclass(frozen=True)
+class _SparseRows:
+    """An N x N matrix in CSR form: row i's columns and values lie at pointers[i]..[i+1]-1."""
+    pointers: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
 
 
 def _check_column_maxima(maxima: torch.Tensor) -> None:
@@ -138,17 +171,17 @@ def _expansion_sets(knn: torch.Tensor, k1: int):
     return torch.cat(rows), torch.cat(cols)
 
 
-def _lookup_or_compute(rows, cols, knn, knn_original, pair_original: PairDistances):
+def _lookup_or_compute(rows, cols, neighbours: _Neighbours):
     """original(rows, cols): from the neighbour lists where there, else `pair_original`."""
     values = torch.empty(len(rows), dtype=torch.float32, device=rows.device)
     for start in range(0, len(rows), PAIR_CHUNK // 16):
         r, c = rows[start:start + PAIR_CHUNK // 16], cols[start:start + PAIR_CHUNK // 16]
-        hit = knn[r] == c[:, None]
+        hit = neighbours.index[r] == c[:, None]
         found = hit.any(1)
-        chunk = knn_original[r].gather(1, hit.int().argmax(1, keepdim=True))[:, 0]
+        chunk = neighbours.original[r].gather(1, hit.int().argmax(1, keepdim=True))[:, 0]
         missing = ~found
         if missing.any():
-            chunk[missing] = pair_original(r[missing], c[missing])
+            chunk[missing] = neighbours.pair_original(r[missing], c[missing])
         values[start:start + len(r)] = chunk
     return values
 
@@ -168,8 +201,9 @@ def _gather_segments(pointers, segments):
     return owner, position
 
 
-def _query_expansion(pointers, cols, vals, knn, k2: int):
+def _query_expansion(v: _SparseRows, knn, k2: int) -> _SparseRows:
     """V(i) := mean of V over i's k2 nearest (i normally among them), sparse."""
+    pointers, cols, vals = v.pointers, v.cols, v.vals
     n = len(pointers) - 1
     k2 = min(k2, n)
     new_rows, new_cols, new_vals = [], [], []
@@ -184,14 +218,15 @@ def _query_expansion(pointers, cols, vals, knn, k2: int):
         new_cols.append(key % n)
         new_vals.append(total / k2)
     rows = torch.cat(new_rows)
-    return _row_pointers(rows, n), torch.cat(new_cols), torch.cat(new_vals)
+    return _SparseRows(_row_pointers(rows, n), torch.cat(new_cols), torch.cat(new_vals))
 
 
-def _combine_with_jaccard(result: torch.Tensor, scale: torch.Tensor, pointers, cols, vals,
-                          num_query: int, lambda_value: float) -> None:
+def _combine_with_jaccard(result: torch.Tensor, scale: torch.Tensor, v: _SparseRows,
+                          lambda_value: float) -> None:
     """result (query x gallery, squared distances squared on entry) := (1 - lambda) * jaccard
-    + lambda * result / scale, Jaccard from the sparse V (rows in CSR form)."""
-    n, device = len(pointers) - 1, vals.device
+    + lambda * result / scale, Jaccard from the sparse V (query rows first)."""
+    pointers, cols, vals = v.pointers, v.cols, v.vals
+    n, device, num_query = len(pointers) - 1, vals.device, len(result)
     num_gallery = n - num_query
     scale = scale.to(device)
     # The gallery rows of V by column (an inverted index): which gallery images hold column k.
@@ -227,23 +262,24 @@ def _combine_with_jaccard(result: torch.Tensor, scale: torch.Tensor, pointers, c
         result[start:end] = (jaccard * (1 - lambda_value) + original * lambda_value).cpu()
 
 
-def _rerank(knn, knn_original, pair_original: PairDistances, result, scale, num_query, k1, k2,
-            lambda_value) -> np.ndarray:
-    """The shared second half: from each image's nearest neighbours (knn, by original
-    distance) to the re-ranked result, written into `result` (see `_combine_with_jaccard`)."""
-    n = len(knn)
-    rows, cols = _expansion_sets(knn, k1)
-    weights = torch.exp(-_lookup_or_compute(rows, cols, knn, knn_original, pair_original))
+def _rerank(neighbours: _Neighbours, result: torch.Tensor, scale: torch.Tensor,
+            parameters: Reranking) -> np.ndarray:
+    """The shared second half: from each image's nearest neighbours (queries first) to the
+    re-ranked result, written into `result` (query x gallery; see `_combine_with_jaccard`,
+    `scale`: the queries' largest distances)."""
+    n = len(neighbours.index)
+    rows, cols = _expansion_sets(neighbours.index, parameters.k1)
+    weights = torch.exp(-_lookup_or_compute(rows, cols, neighbours))
     sums = torch.zeros(n, dtype=weights.dtype, device=weights.device).index_add_(0, rows, weights)
-    pointers, vals = _row_pointers(rows, n), weights / sums[rows]
-    if k2 != 1:
-        pointers, cols, vals = _query_expansion(pointers, cols, vals, knn, k2)
-    _combine_with_jaccard(result, scale, pointers, cols, vals, num_query, lambda_value)
+    v = _SparseRows(_row_pointers(rows, n), cols, weights / sums[rows])
+    if parameters.k2 != 1:
+        v = _query_expansion(v, neighbours.index, parameters.k2)
+    _combine_with_jaccard(result, scale, v, parameters.lambda_value)
     return result.numpy()
 
 
-def _neighbour_count(n: int, k1: int, k2: int) -> int:
-    return min(n, max(k1 + 1, k2))
+def _neighbour_count(n: int, parameters: Reranking) -> int:
+    return min(n, max(parameters.k1 + 1, parameters.k2))
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6,
@@ -256,7 +292,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6,
     that is too large, use `re_ranking_features`. NaN or infinite distances raise
     `NonFiniteError`; k1, k2 < 1 or lambda_value outside [0, 1] raise `UserError`.
     """
-    _check_parameters(k1, k2, lambda_value)
+    parameters = Reranking(k1, k2, lambda_value)
     blocks = [torch.as_tensor(np.asarray(d) if not isinstance(d, torch.Tensor) else d).cpu()
               for d in (q_g_dist, q_q_dist, g_g_dist)]
     q_g, q_q, g_g = blocks
@@ -280,7 +316,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6,
     col_max = squared.amax(0)
     _check_column_maxima(col_max)
     # original(i, j) = squared(j, i) / col_max(i): row i is column i, so rows come in blocks.
-    count = _neighbour_count(n, k1, k2)
+    count = _neighbour_count(n, parameters)
     knn = torch.empty(n, count, dtype=torch.long)
     knn_original = torch.empty(n, count)
     for start in range(0, n, CHUNK):
@@ -288,8 +324,8 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6,
         original = (squared[:, start:end] / col_max[start:end]).t()
         knn_original[start:end], knn[start:end] = torch.topk(original, count, 1, largest=False)
     result = squared[num_query:, :num_query].t().contiguous()
-    return _rerank(knn, knn_original, lambda i, j: squared[j, i] / col_max[i], result,
-                   col_max[:num_query], num_query, k1, k2, lambda_value)
+    neighbours = _Neighbours(knn, knn_original, lambda i, j: squared[j, i] / col_max[i])
+    return _rerank(neighbours, result, col_max[:num_query], parameters)
 
 
 def _merge_nearest(best_dist, best_index, dist, offset: int):
@@ -315,8 +351,9 @@ def _nearest_in_blocks(features, sq_norms, num_query, count, result, chunk):
         a_end = min(a + chunk, n)
         for b in range(a, n, chunk):
             b_end = min(b + chunk, n)
-            dist = sq_norms[a:a_end, None] + sq_norms[None, b:b_end]
-            dist = dist.addmm_(features[a:a_end], features[b:b_end].t(), alpha=-2).square_()
+            dist = squared_euclidean(features[a:a_end], features[b:b_end],
+                                     query_sq_norms=sq_norms[a:a_end],
+                                     gallery_sq_norms=sq_norms[b:b_end]).square_()
             largest[a:a_end] = torch.maximum(largest[a:a_end], dist.amax(1))
             best_dist[a:a_end], best_index[a:a_end] = _merge_nearest(
                 best_dist[a:a_end], best_index[a:a_end], dist, b)
@@ -332,8 +369,9 @@ def _nearest_in_blocks(features, sq_norms, num_query, count, result, chunk):
     return best_dist, best_index, largest
 
 
-def re_ranking_features(query_features, gallery_features, k1: int = 20, k2: int = 6,
-                        lambda_value: float = 0.3, device: torch.device | str | None = None,
+def re_ranking_features(query_features, gallery_features,
+                        parameters: Reranking = Reranking(),
+                        device: torch.device | str | None = None,
                         chunk: int = CHUNK) -> np.ndarray:
     """Re-ranked query x gallery distances (float32 numpy) straight from features.
 
@@ -346,9 +384,8 @@ def re_ranking_features(query_features, gallery_features, k1: int = 20, k2: int 
     O(images x k1 x k2) (MSMT17's 11,659 x 82,161 at 2048-d: about 4.5 GB besides the caller's
     features, 3.8 GB of it the result). Runs where `device` says (default: where the features
     are); the result comes back to the CPU. NaN or infinite features raise
-    `NonFiniteError`; bad k1, k2 or lambda_value raise `UserError`.
+    `NonFiniteError`; bad shapes raise `UserError` (as bad parameters do, in `Reranking`).
     """
-    _check_parameters(k1, k2, lambda_value)
     qf, gf = (f if isinstance(f, torch.Tensor) else torch.from_numpy(np.asarray(f))
               for f in (query_features, gallery_features))
     if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1] or not len(qf) \
@@ -361,23 +398,26 @@ def re_ranking_features(query_features, gallery_features, k1: int = 20, k2: int 
     check_finite(gf, 'gallery feature values')
     device = torch.device(device) if device is not None else qf.device
     with _exact_float32(device):
-        return _re_ranking_features(qf, gf, k1, k2, lambda_value, device, chunk)
+        features = torch.cat([qf.to(device, torch.float32), gf.to(device, torch.float32)])
+        return _re_ranking_features(features, len(qf), parameters, chunk)
 
 
-def _re_ranking_features(qf, gf, k1, k2, lambda_value, device, chunk) -> np.ndarray:
-    features = torch.cat([qf.to(device, torch.float32), gf.to(device, torch.float32)])
-    num_query, n = len(qf), len(features)
+def _re_ranking_features(features: torch.Tensor, num_query: int, parameters: Reranking,
+                         chunk: int) -> np.ndarray:
+    """`re_ranking_features` on the queries' then the gallery's features, one tensor."""
+    n = len(features)
     result = torch.empty(num_query, n - num_query)              # always on the CPU
     sq_norms = features.pow(2).sum(1)
     knn_dist, knn, largest = _nearest_in_blocks(features, sq_norms, num_query,
-                                                _neighbour_count(n, k1, k2), result, chunk)
+                                                _neighbour_count(n, parameters), result, chunk)
     _check_column_maxima(largest)
 
     def pair_original(i, j):        # the same formula as the blocks, a few pairs at a time
-        dist = torch.cat([(features[i[s:s + GATHER_CHUNK]] * features[j[s:s + GATHER_CHUNK]])
-                          .sum(1) for s in range(0, len(i), GATHER_CHUNK)])
-        dist = (sq_norms[i] + sq_norms[j]).add_(dist, alpha=-2)
+        dist = torch.cat([paired_squared_euclidean(features[i[s]], features[j[s]],
+                                                   sq_norms[i[s]], sq_norms[j[s]])
+                          for s in (slice(start, start + GATHER_CHUNK)
+                                    for start in range(0, len(i), GATHER_CHUNK))])
         return dist.square_() / largest[i]
 
-    return _rerank(knn, knn_dist / largest[:, None], pair_original, result,
-                   largest[:num_query].cpu(), num_query, k1, k2, lambda_value)
+    return _rerank(_Neighbours(knn, knn_dist / largest[:, None], pair_original), result,
+                   largest[:num_query].cpu(), parameters)

@@ -1,9 +1,9 @@
 """Rank images people can read: each query's top-k strip with rank, distance, id and camera
 written on it, drawn in parallel with a progress bar, plus a browsable index.html.
 
-`write_rankings` has the signature of Torchreid's `visualize_ranked_results`, which our
-engine puts in its place while it runs (reidkit.train.engine), so `engine.run(test_only=True,
-visrank=True)` is still the way to ask for them. Image-reid only (Torchreid's own function handles video).
+`write_rankings` does what Torchreid's `visualize_ranked_results` does, for image-reid; our
+engine calls it in its evaluation (reidkit.train.engine), so `engine.run(test_only=True,
+visrank=True)` is still the way to ask for them.
 """
 from __future__ import annotations
 
@@ -28,20 +28,17 @@ BORDER = 4
 GREEN, RED, BLACK, GREY = (0, 170, 0), (0, 0, 220), (0, 0, 0), (150, 150, 150)   # BGR
 
 
-def top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk: int):
+def top_matches(distmat, labels: evaluation.Labels, topk: int):
     """(indices, distances), each queries x topk, nearest first, leaving out gallery images of
     the query's own person and camera as the evaluation does. Fewer valid images: index -1."""
     dist = torch.as_tensor(np.asarray(distmat)).float()
-    q_pids, g_pids = torch.as_tensor(q_pids), torch.as_tensor(g_pids)
-    q_camids, g_camids = torch.as_tensor(q_camids), torch.as_tensor(g_camids)
     k = min(topk, dist.shape[1])
     indices, distances = [], []
     for start in range(0, len(dist), evaluation.QUERY_CHUNK):
-        rows = slice(start, start + evaluation.QUERY_CHUNK)
-        ignored = evaluation.same_person_same_camera(q_pids[rows], g_pids, q_camids[rows],
-                                                     g_camids)
-        values, index = torch.topk(dist[rows].masked_fill(ignored, float('inf')), k, dim=1,
-                                   largest=False)
+        end = start + evaluation.QUERY_CHUNK
+        ignored = labels.queries(start, end).ignored()
+        values, index = torch.topk(dist[start:end].masked_fill(ignored, float('inf')), k,
+                                   dim=1, largest=False)
         indices.append(torch.where(torch.isinf(values), -1, index))
         distances.append(values)
     return torch.cat(indices).numpy(), torch.cat(distances).numpy()
@@ -106,27 +103,21 @@ def save_strip(path: Path, strip: np.ndarray) -> None:
     write_atomically(path, data.tobytes(), 'the rank strip', sync=False)
 
 
-def write_rankings(distmat, dataset, data_type='image', width=128, height=256, save_dir='',
-                   topk=10, workers: int | None = None) -> Path:
+def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
+                   workers: int | None = None) -> Path:
     """Writes save_dir/<query>.jpg strips (one distinct name per query, from
-    `report.unique_names`), save_dir/index.html and save_dir/cmc.png.
+    `report.unique_names`), save_dir/index.html and save_dir/cmc.png; returns the page's path.
 
-    `width`/`height` are accepted for Torchreid's signature; strips use Market's 64x128 crops.
-    Returns the page's path.
+    distmat: (queries x gallery) distances; dataset: (query, gallery), Torchreid's
+    (path, pid, camid, ...) items in the distances' order. Strips use Market's 64x128 crops.
     """
-    if data_type != 'image':
-        raise NotImplementedError('reidkit.evaluate.visrank draws image-reid rankings only')
     query, gallery = dataset
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    q_pids = np.array([item[1] for item in query])
-    g_pids = np.array([item[1] for item in gallery])
-    q_camids = np.array([item[2] for item in query])
-    g_camids = np.array([item[2] for item in gallery])
-    indices, distances = top_matches(distmat, q_pids, g_pids, q_camids, g_camids, topk)
-    first, ap, inp = evaluation.rank_queries(distmat, q_pids, g_pids, q_camids, g_camids)
-    cmc, mAP = evaluation.summarise_ranks(first, ap, min(50, len(gallery)))
-    mINP = evaluation.mean_inp(first, inp)
+    labels = evaluation.Labels.of_items(query, gallery)
+    indices, distances = top_matches(distmat, labels, topk)
+    ranks = evaluation.rank_queries(distmat, labels)
+    scores = ranks.scores(min(50, len(gallery)))
     # Strips are named after their queries, relative to the queries' common folder.
     common = os.path.commonpath([os.path.dirname(os.path.abspath(item[0])) for item in query])
     strips = report.unique_names([os.path.relpath(os.path.abspath(item[0]), common)
@@ -144,14 +135,16 @@ def write_rankings(distmat, dataset, data_type='image', width=128, height=256, s
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
         list(tqdm(pool.map(one, range(len(query))), total=len(query),
                   desc='Rank images', unit='query'))
-    report.plot_cmc(cmc, save_dir / 'cmc.png')
+    report.plot_cmc(scores.cmc, save_dir / 'cmc.png')
     rows = [{
-        'strip': strips[q], 'path': query[q][0], 'pid': int(q_pids[q]), 'cam': int(q_camids[q]),
-        'ap': None if np.isnan(ap[q]) else round(float(ap[q]), 4), 'first': int(first[q]),
-        'matches': [[gallery[g][0], round(float(distances[q, r]), 4), int(g_pids[g]),
-                     int(g_camids[g])] for r, g in enumerate(indices[q]) if g >= 0],
+        'strip': strips[q], 'path': query[q][0], 'pid': int(query[q][1]),
+        'cam': int(query[q][2]),
+        'ap': None if np.isnan(ranks.ap[q]) else round(float(ranks.ap[q]), 4),
+        'first': int(ranks.first[q]),
+        'matches': [[gallery[g][0], round(float(distances[q, r]), 4), int(gallery[g][1]),
+                     int(gallery[g][2])] for r, g in enumerate(indices[q]) if g >= 0],
     } for q in range(len(query))]
-    page = report.write_gallery_page(save_dir / 'index.html', rows, report.summarise(cmc, mAP, mINP),
+    page = report.write_gallery_page(save_dir / 'index.html', rows, report.summarise(*scores),
                                      num_gallery=len(gallery))
     print(f'Done. {len(query)} rank images and the gallery page are in "{save_dir}"')
     return page

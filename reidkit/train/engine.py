@@ -1,10 +1,11 @@
-"""Torchreid's engines, extended in this one place and only while they run.
+"""Torchreid's engines, extended by subclassing (the hook Torchreid documents) and nothing else.
 
-Torchreid documents its engine as the thing to subclass; we do, and everything we change is
-scoped to an engine object: while its `run()` or `test()` executes, Torchreid's evaluator and
-rank writer are ours (`unittest.mock.patch.object`, undone on return), and its data loaders read
-images with our reader through a picklable dataset wrapper (so spawned loader workers use it
-too). Importing any module changes nothing in Torchreid.
+Torchreid's `run()` calls `train()` and `test()`, and `test()` calls `_evaluate()` for each
+target: we override those, so the evaluation is ours (`reidkit.evaluate`: the exact evaluator,
+re-ranking and rank writer, called directly) and its results are kept on the engine. Its data
+loaders read images with our reader through a picklable dataset wrapper (so spawned loader
+workers use it too). No Torchreid function is patched, and importing any module changes nothing
+in Torchreid.
 
 Added around Torchreid's own training step and evaluation: checkpoints written atomically with
 the run's settings inside, a rolling checkpoint to resume from, the last epoch's checkpoint
@@ -15,15 +16,11 @@ training too, progress bars on feature extraction, and a record of every evaluat
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
-import importlib
-import inspect
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +30,11 @@ from tqdm import tqdm
 
 from reidkit.run import distributed
 from reidkit.evaluate import metrics as evaluation
-from reidkit.evaluate import rerank as reranking
-from reidkit.evaluate.report import BestEffortWriter
+from reidkit.evaluate.report import BestEffortWriter, print_scores
 from reidkit.evaluate.visrank import write_rankings
 from reidkit.run.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
 from reidkit.data.images import read_image
-from reidkit.evaluate.rerank import re_ranking_features
+from reidkit.evaluate.rerank import Reranking, re_ranking_features
 from reidkit.data.datapath import loader_like
 from reidkit.run.errors import UserError
 from reidkit.run.settings import display_name
@@ -46,26 +42,34 @@ from reidkit.train.step import RunningMeans
 from reidkit.run.folders import resume_point
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """What our engine takes besides Torchreid's arguments, from the run's settings."""
+    model_name: str = 'unknown'        # stored in checkpoints, named in mismatch errors
+    settings: dict | None = None       # the run's settings, stored in every checkpoint
+    latest_every: int = 1              # epochs between rolling checkpoints (0: never)
+    flip_test: bool = False            # test features of the image and its mirror, averaged
+    rerank: Reranking = field(default_factory=Reranking)   # its parameters, where it is on
+
+
 class ReidkitEngineMixin:
     """What our engines add to Torchreid's (see the module's docstring)."""
 
-    def __init__(self, *args, model_name: str = 'unknown', latest_every: int = 1,
-                 settings: dict | None = None, train_step=None, loaders=None,
-                 flip_test: bool = False, rerank: dict | None = None, **kwargs):
+    def __init__(self, *args, options: EngineOptions = EngineOptions(), train_step=None,
+                 loaders=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.flip_test = flip_test         # features of the image and its mirror, averaged
-        self.rerank = rerank or {}         # k1, k2, lambda_value of k-reciprocal re-ranking
+        self.flip_test = options.flip_test
+        self.rerank = options.rerank
         self.train_step = train_step       # reidkit.train.step.TrainStep, or None: Torchreid's step
-        self.model_name = model_name       # stored in checkpoints, named in mismatch errors
-        self.latest_every = latest_every   # epochs between rolling checkpoints (0: never)
-        self.settings = settings           # the run's settings, stored in every checkpoint
+        self.model_name = options.model_name
+        self.latest_every = options.latest_every
+        self.settings = options.settings
         self.results: list = []            # every evaluation: {'epoch', 'cmc', 'mAP', 'mINP'}
         self.save_dir = None
         self.final_checkpoint = None       # written when training ends, before its evaluation
         self._rerank = False               # run()'s rerank, for the evaluations in training
         self.divergence = DivergenceWatch()
         self._print_freq = 10
-        self._evaluations: list = []       # (cmc, mAP, mINP) of the evaluations in one test()
         if loaders is not None:            # images decoded once, augmented on the device
             self.train_loader, self.test_loader = loaders
         else:
@@ -73,21 +77,6 @@ class ReidkitEngineMixin:
             self.test_loader = {name: {split: reading_with_reidkit(loader)
                                        for split, loader in splits.items()}
                                 for name, splits in self.test_loader.items()}
-
-    @contextlib.contextmanager
-    def torchreid_extended(self) -> Iterator[None]:
-        """Inside the block Torchreid's engine evaluates with our exact evaluator (recording
-        each result on this engine) and draws rankings with our rank writer."""
-        torchreid_metrics = importlib.import_module('torchreid.reid.metrics')
-        torchreid_engine = importlib.import_module('torchreid.reid.engine.engine')
-        with mock.patch.object(torchreid_metrics, 'evaluate_rank', self._evaluate_rank), \
-                mock.patch.object(torchreid_engine, 'visualize_ranked_results', write_rankings):
-            yield
-
-    def _evaluate_rank(self, *args, **kwargs):
-        cmc, mAP = evaluation.evaluate_rank(*args, **kwargs)
-        self._evaluations.append((cmc, mAP, None))      # CUHK03's single-shot: no mINP
-        return cmc, mAP
 
     def run(self, save_dir='log', *args, **kwargs):
         self.save_dir = Path(save_dir)
@@ -100,8 +89,7 @@ class ReidkitEngineMixin:
         elif self.writer is None and not kwargs.get('test_only', False):
             self.writer = BestEffortWriter(save_dir)    # a full disk: a note, training goes on
         try:
-            with self.torchreid_extended():
-                return super().run(save_dir, *args, **kwargs)
+            return super().run(save_dir, *args, **kwargs)
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -223,68 +211,56 @@ class ReidkitEngineMixin:
                   dist_metric='euclidean', normalize_feature=False, visrank=False,
                   visrank_topk=10, save_dir='', use_metric_cuhk03=False, ranks=(1, 5, 10, 20),
                   rerank=False):
-        """Torchreid's evaluation, with the features kept on the model's device and the
-        distances computed there in query chunks by our evaluator (never a full distance
-        matrix on the host, unless visrank draws it, re-ranking needs it or CUHK03's protocol
-        does); re-ranking is ours (`reidkit.evaluate.rerank`, from each image's nearest neighbours).
-        Every switch (metric, FLIP_TEST, re-ranking) applies to every protocol, CUHK03's too,
-        and the evaluation line names them. Prints the ranks in `ranks` that the gallery
-        has; returns (Rank-1, mAP)."""
+        """Torchreid's evaluation of one target (its signature), by our evaluator: features
+        kept on the model's device and distances computed there in query chunks (never a full
+        distance matrix on the host, unless visrank draws it, re-ranking needs it or CUHK03's
+        protocol does); re-ranking is ours (`reidkit.evaluate.rerank`, from each image's
+        nearest neighbours). Every switch (metric, FLIP_TEST, re-ranking) applies to every
+        protocol, CUHK03's too, and the evaluation line names them. Prints the ranks in
+        `ranks` that the gallery has, records the scores in `results` and returns
+        (Rank-1, mAP)."""
         if use_metric_cuhk03 and distributed.current().distributed:
             raise UserError('The CUHK03 metric is evaluated by one process: run python '
                             'main.py test --GPUS=1 (or without torchrun) on the checkpoint '
                             'this run wrote.')
+        qf, gf, labels = self._query_and_gallery(query_loader, gallery_loader)
+        if normalize_feature or (rerank and dist_metric == 'cosine'):
+            # Re-ranking scales each image's distances by their largest, so on unit features
+            # squared euclidean distances (2 - 2 cos) rank as cosine distances do.
+            qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
+        print(f'Computing CMC and mAP with metric={dist_metric}'
+              + (', flip test' if self.flip_test else '')
+              + (f', re-ranking ({self.rerank})' if rerank else '')
+              + (", CUHK03's single-gallery-shot CMC" if use_metric_cuhk03 else '') + ' ...')
+        distmat = None                       # a full matrix only where one is needed
+        if rerank:
+            distmat = torch.from_numpy(re_ranking_features(qf, gf, self.rerank))
+        elif use_metric_cuhk03:
+            distmat = evaluation.distances(qf, gf, dist_metric)
+        if distmat is None:
+            scores = evaluation.evaluate_features(qf, gf, labels, dist_metric)
+        else:
+            scores = evaluation.evaluate_distances(distmat, labels,
+                                                   single_gallery_shot=use_metric_cuhk03)
+        self.results.append({'epoch': self.epoch + 1, **scores._asdict()})
+        print_scores(scores, ranks, labels.num_gallery)
+        if visrank and distributed.current().is_main:
+            if distmat is None:
+                distmat = evaluation.distances(qf, gf, dist_metric)
+            write_rankings(distmat.cpu().numpy(),
+                           self.datamanager.fetch_test_loaders(dataset_name),
+                           Path(save_dir) / f'visrank_{display_name(dataset_name)}', visrank_topk)
+        return scores.cmc[0], scores.mAP
+
+    def _query_and_gallery(self, query_loader, gallery_loader):
+        """(query features, gallery features, their `Labels`), as Torchreid prints them."""
         print('Extracting features from query set ...')
         qf, q_pids, q_camids = self._features(query_loader)
         print(f'Done, obtained {qf.size(0)}-by-{qf.size(1)} matrix')
         print('Extracting features from gallery set ...')
         gf, g_pids, g_camids = self._features(gallery_loader)
         print(f'Done, obtained {gf.size(0)}-by-{gf.size(1)} matrix')
-        if normalize_feature or (rerank and dist_metric == 'cosine'):
-            # Re-ranking scales each image's distances by their largest, so on unit features
-            # squared euclidean distances (2 - 2 cos) rank as cosine distances do.
-            qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
-        labels = (q_pids, g_pids, q_camids, g_camids)
-        print(f'Computing CMC and mAP with metric={dist_metric}'
-              + (', flip test' if self.flip_test else '')
-              + (f', re-ranking ({_rerank_parameters(self.rerank)})' if rerank else '')
-              + (", CUHK03's single-gallery-shot CMC" if use_metric_cuhk03 else '') + ' ...')
-        distmat = None
-        if rerank:
-            distmat = torch.from_numpy(re_ranking_features(qf, gf, **self.rerank))
-        if use_metric_cuhk03:
-            if distmat is None:
-                distmat = evaluation.distances(qf, gf, dist_metric)
-            cmc, mAP = evaluation.evaluate_rank(distmat.cpu(), *labels, use_metric_cuhk03=True)
-            mINP = None                      # the single-shot protocol has none
-        elif distmat is not None:
-            cmc, mAP, mINP = evaluation.evaluate_rank_all(distmat, *labels)
-        else:
-            cmc, mAP, mINP = evaluation.evaluate_features_all(qf, gf, *labels,
-                                                              metric=dist_metric)
-        self._evaluations.append((cmc, mAP, mINP))
-        print('** Results **')
-        print(f'mAP: {mAP:.1%}')
-        if mINP is not None:
-            print(f'mINP: {mINP:.1%}')
-        print('CMC curve')
-        for r in ranks:
-            if r <= len(cmc):                # a smaller gallery has no such rank
-                print(f'Rank-{r:<3}: {cmc[r - 1]:.1%}')
-        missing = [r for r in ranks if r > len(cmc)]
-        if missing:
-            print(f'(no Rank-{min(missing)} or above: the CMC curve stops at rank {len(cmc)}'
-                  + (', the size of the gallery)' if len(cmc) == gf.size(0) else ')'))
-        if visrank and distributed.current().is_main:
-            if distmat is None:
-                distmat = evaluation.distances(qf, gf, dist_metric)
-            write_rankings(
-                distmat.cpu().numpy(), self.datamanager.fetch_test_loaders(dataset_name),
-                self.datamanager.data_type, width=self.datamanager.width,
-                height=self.datamanager.height,
-                save_dir=str(Path(save_dir) / f'visrank_{display_name(dataset_name)}'),
-                topk=visrank_topk)
-        return cmc[0], mAP
+        return qf, gf, evaluation.Labels.of(q_pids, g_pids, q_camids, g_camids)
 
     def _features(self, loader):
         """(features on the model's device, pids, camids) of every image the loader gives."""
@@ -304,36 +280,24 @@ class ReidkitEngineMixin:
 
     def test_features(self, images: torch.Tensor) -> torch.Tensor:
         """The model's features of a batch, in float32; with FLIP_TEST the mean of the
-        features of the images and of their mirror images (as fast-reid's flip test)."""
-        features = self.extract_features(images).float()
+        features of the images and of their mirror images (`metrics.flip_averaged`)."""
         if self.flip_test:
-            features = (features + self.extract_features(images.flip(3)).float()) / 2
-        return features
+            return evaluation.flip_averaged(self.extract_features, images)
+        return self.extract_features(images).float()
 
     def test(self, *args, **kwargs):
+        """Torchreid's test() (it calls our `_evaluate` for each target), with progress bars
+        on feature extraction and run()'s `rerank` during training too."""
         if len(args) < 8:                    # rerank is test()'s eighth parameter
             kwargs.setdefault('rerank', self._rerank)
         loaders = self.test_loader
         self.test_loader = {name: {split: WithProgress(loader, f'{name} {split} features')
                                    for split, loader in splits.items()}
                             for name, splits in loaders.items()}
-        self._evaluations = []
         try:
-            with self.torchreid_extended():
-                rank1 = super().test(*args, **kwargs)
+            return super().test(*args, **kwargs)
         finally:
             self.test_loader = loaders
-        for cmc, mAP, mINP in self._evaluations:
-            self.results.append({'epoch': self.epoch + 1, 'cmc': cmc, 'mAP': mAP,
-                                 'mINP': mINP})
-        return rank1
-
-
-def _rerank_parameters(given: dict) -> str:
-    """'k1=20, k2=6, lambda=0.3': the parameters re-ranking uses (its defaults where not given)."""
-    defaults = inspect.signature(reranking.re_ranking_features).parameters
-    return ', '.join(f'{name.replace("_value", "")}={given.get(name, defaults[name].default)}'
-                     for name in ('k1', 'k2', 'lambda_value'))
 
 
 class NoWriter:
