@@ -21,6 +21,7 @@ import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
+from reidkit.evaluate.metrics import flip_averaged
 from reidkit.data import checks
 from reidkit.data.images import read_image
 from reidkit.run.checkpoints import checkpoint_classes, load_weights
@@ -96,7 +97,7 @@ class FlipTest(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (self.model(images).float() + self.model(images.flip(3)).float()) / 2
+        return flip_averaged(self.model, images)
 
 
 class OnnxModel(nn.Module):
