@@ -46,7 +46,7 @@ from reidkit.evaluate.report import plot_cmc, plot_training, write_metrics
 from reidkit.run.folders import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
 from reidkit.run.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, resolve
-from reidkit.train.samplers import shard_loaders
+from reidkit.train.ddp import shard_loaders
 from reidkit.train.speed import fast_training
 
 def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:

@@ -92,9 +92,11 @@ def _read(path: Path) -> Image.Image | str:
 
 
 def extract_batches(model: torch.nn.Module, transform, paths: list[Path], batch_size: int,
-                    device: torch.device, description: str) -> Iterator[tuple[list, np.ndarray]]:
-    """Yields (readable paths, their features) batch by batch, with a progress bar; decoding
-    runs in threads ahead of the model. Unreadable paths come back with features None."""
+                    device: torch.device, description: str
+                    ) -> Iterator[tuple[list[Path], np.ndarray | None, list[tuple[Path, str]]]]:
+    """Yields, for each batch of `batch_size` paths, (readable paths, their features as a
+    float32 (N, D) array, or None when none of the batch could be read, [(unreadable path,
+    why)]), with a progress bar (`description`); decoding runs in threads ahead of the model."""
     model.eval()
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool, \
             tqdm(total=len(paths), desc=description, unit='img') as bar:

@@ -6,12 +6,13 @@ rank writer are ours (`unittest.mock.patch.object`, undone on return), and its d
 images with our reader through a picklable dataset wrapper (so spawned loader workers use it
 too). Importing any module changes nothing in Torchreid.
 
-Added around Torchreid's own training step and evaluation: checkpoints written atomically with
-the run's settings inside, a rolling checkpoint to resume from, the last epoch's checkpoint
-written before the final evaluation, a stop with a clear error when the loss stops being finite
-(no checkpoint of a diverged model is ever written), re-ranking in the evaluations during
-training too, progress bars on feature extraction, and a record of every evaluation in
-`results`.
+Training runs Torchreid's epoch loop around our step (reidkit.train.step.TrainStep: Torchreid's
+losses computed on the device, tested equal to them). Added around it and Torchreid's
+evaluation: checkpoints written atomically with the run's settings inside, a rolling checkpoint
+to resume from, the last epoch's checkpoint written before the final evaluation, a stop with a
+clear error when the loss stops being finite (no checkpoint of a diverged model is ever
+written), re-ranking in the evaluations during training too, progress bars on feature
+extraction, and a record of every evaluation in `results`.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class ReidkitEngineMixin:
         super().__init__(*args, **kwargs)
         self.flip_test = flip_test         # features of the image and its mirror, averaged
         self.rerank = rerank or {}         # k1, k2, lambda_value of k-reciprocal re-ranking
-        self.train_step = train_step       # reidkit.train.step.TrainStep, or None: Torchreid's step
+        self.train_step = train_step       # reidkit.train.step.TrainStep: the only training step
         self.model_name = model_name       # stored in checkpoints, named in mismatch errors
         self.latest_every = latest_every   # epochs between rolling checkpoints (0: never)
         self.settings = settings           # the run's settings, stored in every checkpoint
@@ -107,13 +108,6 @@ class ReidkitEngineMixin:
                 self.writer.close()
             self._rerank = False
 
-    def forward_backward(self, data):
-        summary = super().forward_backward(data)
-        self.divergence.observe(summary, self.epoch, self.batch_idx)
-        if (self.batch_idx + 1) % self._print_freq == 0:
-            self._stop_if_diverged()
-        return summary
-
     def _stop_if_diverged(self) -> None:
         found = self.divergence.first_bad()
         device = next(self.model.parameters()).device
@@ -140,11 +134,7 @@ class ReidkitEngineMixin:
         sampler = getattr(self.train_loader, 'sampler', None)
         if hasattr(sampler, 'set_epoch'):     # DDP: a new split of the data every epoch
             sampler.set_epoch(self.epoch)
-        if self.train_step is None:
-            super().train(print_freq=print_freq, fixbase_epoch=fixbase_epoch,
-                          open_layers=open_layers)
-        else:
-            self._train_epoch(print_freq, fixbase_epoch, open_layers)
+        self._train_epoch(print_freq, fixbase_epoch, open_layers)
         self._stop_if_diverged()             # the epoch's last batches, before any checkpoint
         done = self.epoch + 1
         if self.save_dir is None:
