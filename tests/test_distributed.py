@@ -224,7 +224,7 @@ def test_python_main_py_starts_one_process_per_gpu(monkeypatch, tmp_path):
 def test_linear_lr_scaling_multiplies_by_the_processes(monkeypatch):
     import main
     s = main.load_settings()
-    monkeypatch.setattr(distributed, '_current', distributed.Processes(0, 4, 0))
+    monkeypatch.setattr(distributed, '_current', distributed.ProcessRank(0, 4, 0))
     assert main.learning_rate(s) == s.LR
     assert main.learning_rate(s.replace(LR_SCALING='linear')) == pytest.approx(4 * s.LR)
 

@@ -146,3 +146,20 @@ def test_the_device_data_path_trains_and_evaluates_end_to_end(tiny_settings):
     rank1 = json.loads((tested / 'metrics.json').read_text())['rank1']
     assert abs(rank1 - trained) <= 0.05           # resize differs by at most one level
     assert 0 < trained <= 1
+
+
+def test_a_checkpoint_that_recorded_train_step_still_resumes_and_evaluates(tiny_settings,
+                                                                           tmp_path):
+    """TRAIN_STEP is gone (our step is the only one); runs that recorded it load as before."""
+    from reidkit.run.folders import resolve_checkpoint
+    recorded = dict(tiny_settings.record(), TRAIN_STEP='off', COMPILE='on', STEPSIZE=7)
+    path = tmp_path / 'old.pth.tar'
+    torch.save({'state_dict': {}, 'epoch': 2, 'settings': recorded}, path)
+    assert 'TRAIN_STEP' not in tiny_settings
+    for setting in ('RESUME', 'WEIGHTS'):
+        _, saved, s = resolve_checkpoint(tiny_settings.replace(**{setting: str(path)}),
+                                         setting=setting)
+        assert saved['settings']['TRAIN_STEP'] == 'off' and 'TRAIN_STEP' not in s
+    assert s.COMPILE == tiny_settings.COMPILE                      # evaluating: not taken
+    _, _, resumed = resolve_checkpoint(tiny_settings.replace(RESUME=str(path)), setting='RESUME')
+    assert resumed.COMPILE == 'on' and resumed.STEPSIZE == 7       # the rest of the run's

@@ -155,8 +155,8 @@ class ShardSampler(Sampler):
 def shard_loaders(datamanager, seed: int) -> None:
     """Replaces the datamanager's samplers with this rank's shards (training: a new split
     every epoch; test: a fixed contiguous slice)."""
-    processes = distributed.current()
-    rank, world = processes.rank, processes.world_size
+    process = distributed.current()
+    rank, world = process.rank, process.world_size
     train = datamanager.train_loader
     data = dataset_of(train).data
     if type(train.sampler).__name__ == 'RandomIdentitySampler':
