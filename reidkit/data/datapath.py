@@ -36,6 +36,7 @@ from reidkit.data.images import upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # Torchreid's defaults when norm_mean/norm_std are None
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_NORMALISATION = (IMAGENET_MEAN, IMAGENET_STD)
 SUPPORTED_TRANSFORMS = ('random_flip', 'random_crop', 'color_jitter')
 FLIP_PROBABILITY = 0.5                  # torchvision's RandomHorizontalFlip() default
 CROP_PROBABILITY = 0.5                  # Random2DTranslation's default p
@@ -257,11 +258,12 @@ class DeviceTransform:
     transform_te. Train: resize, then in Torchreid's order random_flip, random_crop and
     color_jitter where named, then to [0, 1] and normalise: its transform_tr. Each image gets
     its own random draws, from a torch.Generator on the device (seeded: a seed repeats an
-    epoch; unseeded: seeded from torch's global generator, so torch.manual_seed repeats it)."""
+    epoch; unseeded: seeded from torch's global generator, so torch.manual_seed repeats it).
+    `normalisation` is Normalize's (mean, std) per channel, ImageNet's by default."""
 
     def __init__(self, height: int, width: int, transforms=None, train: bool = True,
-                 norm_mean: Sequence[float] | None = None,
-                 norm_std: Sequence[float] | None = None, seed: int | None = None):
+                 normalisation: tuple[Sequence[float], Sequence[float]] = IMAGENET_NORMALISATION,
+                 seed: int | None = None):
         names = _transform_names(transforms) if train else []
         if not self.supports(names):
             raise ValueError(f'DeviceTransform does not implement {self.unsupported(names)}; '
@@ -272,9 +274,7 @@ class DeviceTransform:
         self.jitter = 'color_jitter' in names
         # Python's round, as Random2DTranslation's int(round(...)): half to even.
         self.enlarged_size = (int(round(height * CROP_ENLARGE)), int(round(width * CROP_ENLARGE)))
-        if norm_mean is None or norm_std is None:     # as build_transforms: both or ImageNet's
-            norm_mean, norm_std = IMAGENET_MEAN, IMAGENET_STD
-        self.norm_mean, self.norm_std = tuple(norm_mean), tuple(norm_std)
+        self.norm_mean, self.norm_std = (tuple(values) for values in normalisation)
         self._seed = int(torch.randint(2 ** 62, (1,))) if seed is None else int(seed)
         self._on_device: dict = {}        # per device: its generator, mean and std
 
@@ -435,7 +435,7 @@ def _normalisation(datamanager) -> tuple:
     for step in getattr(datamanager.transform_te, 'transforms', []):
         if hasattr(step, 'mean') and hasattr(step, 'std'):
             return tuple(step.mean), tuple(step.std)
-    return IMAGENET_MEAN, IMAGENET_STD
+    return IMAGENET_NORMALISATION
 
 
 def dataset_of(loader):
@@ -484,11 +484,11 @@ def build_cached_loaders(datamanager, request: CacheRequest):
     if gib > request.cap_gib:
         return None, (f'the decoded images would take {gib:.2f} GiB, over DATA_CACHE_GB='
                       f'{request.cap_gib:g}')
-    mean, std = _normalisation(datamanager)
+    normalisation = _normalisation(datamanager)
     size = (request.height, request.width)
-    train_transform = DeviceTransform(*size, names, train=True, norm_mean=mean, norm_std=std,
+    train_transform = DeviceTransform(*size, names, train=True, normalisation=normalisation,
                                       seed=request.seed)
-    test_transform = DeviceTransform(*size, train=False, norm_mean=mean, norm_std=std)
+    test_transform = DeviceTransform(*size, train=False, normalisation=normalisation)
     cached = {}
     for key, (is_train, loader, data) in lists.items():
         what = 'train' if is_train else ' '.join(key)
