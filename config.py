@@ -40,7 +40,6 @@ SYNC_BN = False                              # SyncBatchNorm across DDP processe
 AMP = 'auto'                                 # bf16 autocast: 'auto' (on with CUDA), 'bf16', 'off'
 CHANNELS_LAST = 'auto'                       # channels_last memory format: 'auto', 'on', 'off'
 COMPILE = 'auto'                             # torch.compile for training: 'auto', 'on', 'off'
-TRAIN_STEP = 'auto'                          # our step, no host sync per batch: 'auto', 'on', 'off'
 DATA_CACHE = 'auto'                          # images decoded once, augmented on the device: 'auto', 'on', 'off'
 DATA_CACHE_GB = 8.0                          # most memory the decoded images may take (else Torchreid's loader)
 RESUME = ''                                  # checkpoint to continue training from ('' = new run)

@@ -47,7 +47,7 @@ from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
 from reidkit.run.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, resolve
-from reidkit.train.samplers import shard_loaders
+from reidkit.train.ddp import shard_loaders
 from reidkit.train.speed import fast_training
 
 def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:
@@ -102,19 +102,19 @@ def learning_rate(s: Settings) -> float:
 
 def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training: bool = True):
     """ImageSoftmaxEngine (ImageTripletEngine when LOSS='triplet'), as Torchreid's scripts do,
-    through the fast path where it is on (AMP, CHANNELS_LAST, COMPILE, TRAIN_STEP, DATA_CACHE:
+    training with our step, through the fast path where it is on (AMP, CHANNELS_LAST, COMPILE, DATA_CACHE:
     all on with CUDA by default). Prints the training path (when `training`) and how it
     evaluates."""
     use_gpu = next(model.parameters()).is_cuda
-    processes = distributed.current()
-    if processes.distributed:
+    process = distributed.current()
+    if process.distributed:
         # each process checks its own share; a problem is printed once, by the first to find it
         distributed.same_everywhere(lambda: (shard_loaders(datamanager, s.SEED),
                                              checks.check_training_batches(s, datamanager)))
         lr = optimizer.param_groups[0]['lr']     # a resumed run continues with its own
-        print(f'DDP: {processes.world_size} processes'
-              + (f' on {processes.world_size} GPUs' if use_gpu else ' on the CPU (gloo)')
-              + f'; global batch {processes.world_size * s.BATCH_SIZE_TRAIN} '
+        print(f'DDP: {process.world_size} processes'
+              + (f' on {process.world_size} GPUs' if use_gpu else ' on the CPU (gloo)')
+              + f'; global batch {process.world_size * s.BATCH_SIZE_TRAIN} '
                 f'({s.BATCH_SIZE_TRAIN} per process); learning rate {lr:g}'
               + (' (LR_SCALING=linear)' if s.LR_SCALING == 'linear' else '')
               + ('; SyncBatchNorm' if s.SYNC_BN else ''))
@@ -339,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(gpus) > 1:       # one process per GPU, started here as torchrun would
             print(f'Training on {len(gpus)} GPUs: starting {len(gpus)} processes (DDP).')
             return distributed.launch(str(Path(__file__).resolve()), argv, len(gpus), gpus)
-        processes = distributed.start(s.DEVICE)
+        process = distributed.start(s.DEVICE)
         with distributed.main_only():
-            return _run_modes(modes, demo, s, processes)
+            return _run_modes(modes, demo, s, process)
     except UserError as error:
         if not getattr(error, 'printed_by_main', False):
             print(f'error: {error}', file=sys.stderr)
@@ -380,7 +380,7 @@ def gpus_for_training(s: Settings, modes: list[str]) -> list[int]:
     return gpus
 
 
-def _run_modes(modes: list[str], demo: bool, s: Settings, processes) -> int:
+def _run_modes(modes: list[str], demo: bool, s: Settings, process) -> int:
     if 'search' in modes:
         checks.check_search_switches(s)         # before a training that would come first
     if demo:
@@ -391,17 +391,17 @@ def _run_modes(modes: list[str], demo: bool, s: Settings, processes) -> int:
               f'in {summary.data_dir}')
     weights = None
     for mode in modes:
-        if mode in EXTRA_MODES and not processes.is_main:
+        if mode in EXTRA_MODES and not process.is_main:
             continue            # search and export run once, in rank 0
         if mode == 'train':
             run_dir = train(s)
-            if processes.distributed:
+            if process.distributed:
                 # The checkpoint is on rank 0's disk (other machines may not see it): the
                 # steps after training run there, in one process, as search and export do.
                 distributed.stop(barrier=True)
-                if not processes.is_main:
+                if not process.is_main:
                     return 0
-                processes = distributed.current()
+                process = distributed.current()
             weights = newest_checkpoint(run_dir)   # test/visrank use what was just trained
             print(f'Training run: {run_dir}')
         elif mode == 'test':

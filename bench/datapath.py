@@ -79,7 +79,7 @@ def main() -> None:
                               num_workers=workers, pin_memory=cuda, drop_last=True)
                    for workers in args.workers}
         started = time.perf_counter()
-        images = DecodedImages(theirs.dataset.data, progress=False).to(device)
+        images = DecodedImages(theirs.dataset.data, progress=None).to(device)
         decode_s = time.perf_counter() - started
         loaders['reidkit CachedLoader'] = CachedLoader(
             images, DeviceTransform(height, width, TRANSFORMS, seed=0), theirs.sampler,

@@ -95,8 +95,6 @@ def host_syncs(s, batches: int = 20) -> int:
     torch.cuda.set_sync_debug_mode('warn') (the log line reads the means once at its end)."""
     import warnings
     engine, _ = build(s, ours=True)
-    if engine.train_step is None:
-        return -1
     engine.set_model_mode('train')
     loader = iter(engine.train_loader)
     for _ in range(3):                      # compile and warm up outside the count
@@ -223,7 +221,7 @@ def main_bench() -> None:
     overrides = dict(DATA_ROOT=str(root), PRETRAINED=False, EXPERIMENTS_DIR=str(root / 'exp'))
     if not gpu:
         # Our step and data path forced on, so the CPU run goes through the same code.
-        overrides.update(HEIGHT=64, WIDTH=32, WORKERS=0, TRAIN_STEP='on', DATA_CACHE='on')
+        overrides.update(HEIGHT=64, WIDTH=32, WORKERS=0, DATA_CACHE='on')
     s = main.load_settings(overrides)
     paths = [p for p in ('theirs', 'ours') if args.only in (None, p)]
     figures = {path: measure(s, path == 'ours', root / path) for path in paths}

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torchreid  # noqa: E402
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine  # noqa: E402
 
-from reidkit.train.step import RunningMeans, TrainStep, fast_optimizer  # noqa: E402
+from reidkit.train.step import Loss, RunningMeans, TrainStep, fast_optimizer  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -103,7 +103,7 @@ def main() -> None:
     # Ours.
     ours_model = copy.deepcopy(model)
     ours_optimizer = fast_optimizer(torchreid.optim.build_optimizer(ours_model, optim='adam'))
-    step = TrainStep(ours_model, ours_optimizer, loss=args.loss, label_smooth=True,
+    step = TrainStep(ours_model, ours_optimizer, Loss(args.loss, label_smooth=True),
                      compile=args.compile)
     means = RunningMeans()
 

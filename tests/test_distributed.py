@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from reidkit.run import distributed
-from reidkit.train.samplers import (ShardedIdentitySampler, ShardedRandomSampler, ShardSampler,
-                                    shard_bounds)
+from reidkit.train.ddp import (ShardedIdentitySampler, ShardedRandomSampler, ShardSampler,
+                               shard_bounds)
 from reidkit.run.distributed import gpus_to_use
 from reidkit.run.errors import UserError
 
@@ -224,7 +224,7 @@ def test_python_main_py_starts_one_process_per_gpu(monkeypatch, tmp_path):
 def test_linear_lr_scaling_multiplies_by_the_processes(monkeypatch):
     import main
     s = main.load_settings()
-    monkeypatch.setattr(distributed, '_current', distributed.Processes(0, 4, 0))
+    monkeypatch.setattr(distributed, '_current', distributed.ProcessRank(0, 4, 0))
     assert main.learning_rate(s) == s.LR
     assert main.learning_rate(s.replace(LR_SCALING='linear')) == pytest.approx(4 * s.LR)
 
@@ -383,12 +383,14 @@ def test_a_forked_child_of_a_ddp_process_ends_on_sigterm():
     assert 'KeyboardInterrupt' not in done.stderr
 
 
-def test_sync_bn_on_the_cpu_is_a_clear_error():
+def test_sync_bn_without_cuda_is_refused_before_any_work(monkeypatch):
+    """SYNC_BN is checked once, with the other settings (DEVICE='auto' on a box with no GPU)."""
     import main
-    from reidkit.train.speed import distributed_model
+    from reidkit.data import checks
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    s = main.load_settings({'SYNC_BN': True})
     with pytest.raises(UserError, match='SYNC_BN=True needs CUDA'):
-        distributed_model(torch.nn.BatchNorm2d(3), main.load_settings({'SYNC_BN': True}),
-                          torch.device('cpu'))
+        checks.check_before_run(s, training=True)
 
 
 # --- the launcher killed with SIGKILL: its workers stop too (issue 21) -------------------------

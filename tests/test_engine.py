@@ -15,8 +15,7 @@ from torch.utils.data import DataLoader
 import main
 import reidkit.train.engine as engine_module
 from reidkit.evaluate import metrics as evaluation
-from reidkit.train.engine import DivergenceWatch, ReidkitEngineMixin
-from torchreid.reid.engine import ImageSoftmaxEngine
+from reidkit.train.engine import DivergenceWatch, ReidkitEngineMixin, SoftmaxEngine
 from reidkit.run.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,23 +159,22 @@ def test_divergence_watch_finds_the_first_bad_batch_on_floats_and_device_tensors
 @pytest.mark.slow
 def test_a_diverging_run_stops_with_an_error_and_writes_no_checkpoint_after_it(
         tiny_settings, monkeypatch):
-    original = ImageSoftmaxEngine.forward_backward
+    original = SoftmaxEngine.parse_data_for_train
 
-    def diverge_in_epoch_2(self, data):
-        summary = original(self, data)
+    def diverge_in_epoch_2(self, data):     # called by the training loop before each step
         if self.epoch == 1 and self.batch_idx >= 2:
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float('nan'))
-            summary['loss'] = float('nan')
-        return summary
-    monkeypatch.setattr(ImageSoftmaxEngine, 'forward_backward', diverge_in_epoch_2)
+        return original(self, data)
+    monkeypatch.setattr(SoftmaxEngine, 'parse_data_for_train', diverge_in_epoch_2)
     s = tiny_settings.replace(MAX_EPOCH=3, EVAL_FREQ=1)
     with pytest.raises(UserError) as error:
         main.train(s)
     (run_dir,) = Path(s.EXPERIMENTS_DIR).iterdir()
     good = run_dir / 'model' / 'model.pth.tar-1'
-    assert str(error.value).startswith('Training diverged: the loss became nan at epoch 2, '
-                                       'batch 3 of 4')
+    # the step's losses stay on the device: checked there, reported as "not finite"
+    assert str(error.value).startswith('Training diverged: the loss became not finite at '
+                                       'epoch 2, batch 3 of 4')
     assert f'The last good checkpoint is "{good}"' in str(error.value)
     from reidkit.run.checkpoints import load_checkpoint
     for checkpoint in (run_dir / 'model').iterdir():   # nothing from the diverged epoch

@@ -10,7 +10,7 @@ import torch
 
 import main
 from reidkit.run.checkpoints import LATEST_NAME, load_checkpoint
-from reidkit.train.engine import SoftmaxEngine
+from reidkit.train.step import TrainStep
 
 pytestmark = pytest.mark.slow   # every test here trains or runs main.py
 
@@ -19,13 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ctrl_c_then_resume_continues_epochs_and_state(tiny_settings, monkeypatch, capsys):
     s = tiny_settings.replace(MAX_EPOCH=3, EVAL_FREQ=-1, STEPSIZE=1, PRINT_FREQ=1)
-    original = SoftmaxEngine.forward_backward
+    original = TrainStep.__call__
+    engines = []                        # the engine training, whose epoch the step is in
+    build_engine = main.build_engine
+    monkeypatch.setattr(main, 'build_engine', lambda *a, **k: engines.append(
+        build_engine(*a, **k)) or engines[-1])
 
-    def interrupt_in_epoch_2(self, data):
-        if self.epoch == 1:
+    def interrupt_in_epoch_2(step, images, pids):
+        if engines[-1].epoch == 1:
             raise KeyboardInterrupt
-        return original(self, data)
-    monkeypatch.setattr(SoftmaxEngine, 'forward_backward', interrupt_in_epoch_2)
+        return original(step, images, pids)
+    monkeypatch.setattr(TrainStep, '__call__', interrupt_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         main.train(s)
     err = capsys.readouterr().err           # stderr: reaches the terminal when stdout is piped
@@ -39,14 +43,14 @@ def test_ctrl_c_then_resume_continues_epochs_and_state(tiny_settings, monkeypatc
 
     seen = {}
 
-    def record_first_step(self, data):
+    def record_first_step(step, images, pids):
         if not seen:
-            seen['epoch'] = self.epoch
-            seen['weights'] = self.model.conv1.weight.detach().clone()
-            seen['lr'] = self.optimizer.param_groups[0]['lr']
-            seen['adam_steps'] = next(iter(self.optimizer.state.values()))['step'].item()
-        return original(self, data)
-    monkeypatch.setattr(SoftmaxEngine, 'forward_backward', record_first_step)
+            seen['epoch'] = engines[-1].epoch
+            seen['weights'] = step.model.conv1.weight.detach().clone()
+            seen['lr'] = step.optimizer.param_groups[0]['lr']
+            seen['adam_steps'] = next(iter(step.optimizer.state.values()))['step'].item()
+        return original(step, images, pids)
+    monkeypatch.setattr(TrainStep, '__call__', record_first_step)
     assert main.train(s.replace(RESUME=str(latest))) == run_dir
     out = capsys.readouterr().out
     assert 'epoch: [1/3]' not in out and 'epoch: [2/3]' in out and 'epoch: [3/3]' in out

@@ -1,21 +1,26 @@
 """The fast path's switches, on the CPU (CI has no GPU): bf16 autocast and channels_last train
-and evaluate correctly, checkpoints stay plain, a failing compile falls back to eager."""
+and evaluate correctly, checkpoints stay plain, a failing compile falls back to eager, and our
+training step (the only one) trains as Torchreid's own step does."""
 import pytest
 import torch
+from torchreid.reid.engine import ImageSoftmaxEngine
 
 import main
 from reidkit.data import checks
 from reidkit.run.checkpoints import load_checkpoint
 from reidkit.run.errors import UserError
 from reidkit.run.folders import newest_checkpoint
+from reidkit.train.engine import ReidkitEngineMixin
 from reidkit.train.speed import FastModel
+from reidkit.train.step import TrainStep
 
 
-def test_auto_is_eager_on_the_cpu(tiny_settings, capsys):
+def test_auto_is_eager_on_the_cpu_with_our_step(tiny_settings, capsys):
     datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
     engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
     assert engine.model is model
-    assert 'Training path: eager float32' in capsys.readouterr().out
+    assert isinstance(engine.train_step, TrainStep) and not engine.train_step.compiled
+    assert 'Training path: eager float32 + our training step\n' in capsys.readouterr().out
 
 
 # 32x32, not the tiny 32x16: on this CPU, oneDNN's bf16 weight gradient of a 3x3 convolution
@@ -58,7 +63,7 @@ def test_the_fast_path_round_trips_through_test(tiny_settings, capsys):
 def test_a_failing_compile_says_so_once_and_continues_eager(tiny_settings, monkeypatch, capsys):
     from torch._dynamo.exc import BackendCompilerFailed
 
-    def broken_compile(model, mode=None):
+    def broken_compile(step):
         def run(*args):
             raise BackendCompilerFailed(broken_compile, RuntimeError('no C++ compiler found'),
                                         None)
@@ -67,15 +72,16 @@ def test_a_failing_compile_says_so_once_and_continues_eager(tiny_settings, monke
     s = tiny_settings.replace(COMPILE='on', MAX_EPOCH=2, EVAL_FREQ=-1)
     run_dir = main.train(s)
     out = capsys.readouterr().out
-    assert 'Training path: torch.compile (CPU)' in out
-    assert out.count('Note: torch.compile failed (RuntimeError: no C++ compiler found)') == 1
+    assert 'Training path: float32 + our training step (compiled with its loss)' in out
+    assert out.count('Note: torch.compile failed for the training step (RuntimeError: no C++ '
+                     'compiler found)') == 1
     assert newest_checkpoint(run_dir).name == 'model.pth.tar-2'
 
 
 def test_bad_switch_values_are_named_before_any_work(tiny_settings):
     with pytest.raises(UserError, match="AMP='fp8': valid choices are auto, bf16, off"):
         checks.check_before_run(tiny_settings.replace(AMP='fp8'), training=True)
-    for key in ('CHANNELS_LAST', 'COMPILE', 'TRAIN_STEP', 'DATA_CACHE'):    # checked in one place
+    for key in ('CHANNELS_LAST', 'COMPILE', 'DATA_CACHE'):    # checked in one place
         with pytest.raises(UserError, match=f"{key}='yes': valid choices are auto, on, off"):
             checks.check_before_run(tiny_settings.replace(**{key: 'yes'}), training=False)
 
@@ -83,34 +89,36 @@ def test_bad_switch_values_are_named_before_any_work(tiny_settings):
 @pytest.mark.parametrize('error', [torch.OutOfMemoryError('CUDA out of memory'),
                                    RuntimeError('shape mismatch in the model')])
 def test_errors_that_are_not_compilation_failures_are_raised_not_hidden(error, monkeypatch):
-    from reidkit.train.speed import FastModel
-
-    def compiled_that_fails(model, mode=None):
+    def compiled_that_fails(step):
         def run(*args):
             raise error
         return run
     monkeypatch.setattr(torch, 'compile', compiled_that_fails)
-    model = FastModel(torch.nn.Linear(4, 2), None, False, 'default').train()
+    model = torch.nn.Linear(4, 2).train()
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), compile=True)
     with pytest.raises(type(error), match=str(error)):
-        model(torch.ones(3, 4))
-    assert model.compiled is not None             # not silently switched to eager
+        step(torch.ones(3, 4), torch.tensor([0, 1, 0]))
+    assert step.compiled and step.compile_error is None   # not silently switched to eager
 
 
 @pytest.mark.slow
-def test_our_training_step_trains_exactly_as_torchreids(tiny_settings):
-    """TRAIN_STEP='on' (no host sync per batch; on by default with CUDA) against Torchreid's
-    own step, same seed, on the CPU: the same weights, the same evaluation, and epoch means in
-    TensorBoard at PRINT_FREQ and at each epoch's end only."""
+def test_our_training_step_trains_exactly_as_torchreids(tiny_settings, monkeypatch):
+    """Our step (the only one, on every device) against Torchreid's own epoch loop and
+    `forward_backward`, the reference, same seed, on the CPU: the same weights, the same
+    evaluation, and epoch means in TensorBoard at PRINT_FREQ and at each epoch's end only."""
     from reidkit.evaluate.report import read_scalars
-    runs = {}
-    for step in ('off', 'on'):
-        s = tiny_settings.replace(TRAIN_STEP=step, MAX_EPOCH=2, PRINT_FREQ=3,
-                                  EXPERIMENTS_DIR=f'{tiny_settings.EXPERIMENTS_DIR}/{step}')
+    def trained(name: str):
+        s = tiny_settings.replace(MAX_EPOCH=2, PRINT_FREQ=3,
+                                  EXPERIMENTS_DIR=f'{tiny_settings.EXPERIMENTS_DIR}/{name}')
         run_dir = main.train(s)
-        runs[step] = (load_checkpoint(newest_checkpoint(run_dir)), read_scalars(run_dir),
-                      (run_dir / 'log.txt').read_text())
-    (theirs, their_scalars, their_log), (ours, our_scalars, our_log) = runs['off'], runs['on']
-    assert 'our training step' in our_log and 'our training step' not in their_log
+        return load_checkpoint(newest_checkpoint(run_dir)), read_scalars(run_dir)
+    runs = {}
+    with monkeypatch.context() as patch:     # Torchreid's loop, which calls its forward_backward
+        patch.setattr(ReidkitEngineMixin, '_train_epoch',
+                      lambda self, *args: ImageSoftmaxEngine.train(self, *args))
+        runs['torchreid'] = trained('torchreid')
+    runs['ours'] = trained('ours')
+    (theirs, their_scalars), (ours, our_scalars) = runs['torchreid'], runs['ours']
     for key, value in theirs['state_dict'].items():
         assert torch.allclose(value.float(), ours['state_dict'][key].float(), atol=1e-5), key
     assert ours['rank1'] == theirs['rank1']
@@ -126,7 +134,7 @@ def test_our_training_step_trains_exactly_as_torchreids(tiny_settings):
 def test_the_device_data_path_trains_and_evaluates_end_to_end(tiny_settings):
     """DATA_CACHE='on' (on by default with CUDA): images decoded once, augmented per batch on
     the device, with our step; a test through Torchreid's loader agrees with its evaluation."""
-    s = tiny_settings.replace(DATA_CACHE='on', TRAIN_STEP='on', MAX_EPOCH=2,
+    s = tiny_settings.replace(DATA_CACHE='on', MAX_EPOCH=2,
                               TRANSFORMS=['random_flip', 'random_crop', 'color_jitter'])
     run_dir = main.train(s)
     log = (run_dir / 'log.txt').read_text()
@@ -138,3 +146,20 @@ def test_the_device_data_path_trains_and_evaluates_end_to_end(tiny_settings):
     rank1 = json.loads((tested / 'metrics.json').read_text())['rank1']
     assert abs(rank1 - trained) <= 0.05           # resize differs by at most one level
     assert 0 < trained <= 1
+
+
+def test_a_checkpoint_that_recorded_train_step_still_resumes_and_evaluates(tiny_settings,
+                                                                           tmp_path):
+    """TRAIN_STEP is gone (our step is the only one); runs that recorded it load as before."""
+    from reidkit.run.folders import resolve_checkpoint
+    recorded = dict(tiny_settings.record(), TRAIN_STEP='off', COMPILE='on', STEPSIZE=7)
+    path = tmp_path / 'old.pth.tar'
+    torch.save({'state_dict': {}, 'epoch': 2, 'settings': recorded}, path)
+    assert 'TRAIN_STEP' not in tiny_settings
+    for setting in ('RESUME', 'WEIGHTS'):
+        _, saved, s = resolve_checkpoint(tiny_settings.replace(**{setting: str(path)}),
+                                         setting=setting)
+        assert saved['settings']['TRAIN_STEP'] == 'off' and 'TRAIN_STEP' not in s
+    assert s.COMPILE == tiny_settings.COMPILE                      # evaluating: not taken
+    _, _, resumed = resolve_checkpoint(tiny_settings.replace(RESUME=str(path)), setting='RESUME')
+    assert resumed.COMPILE == 'on' and resumed.STEPSIZE == 7       # the rest of the run's

@@ -11,8 +11,9 @@ from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from torchreid.reid.losses import CrossEntropyLoss, DeepSupervision, TripletLoss
 from torchreid.reid.metrics import accuracy
 
-from reidkit.train.step import (RunningMeans, TrainStep, batch_hard_triplet_loss, fast_optimizer,
-                          fuse_adam, label_smoothed_cross_entropy, top1_accuracy)
+from reidkit.train.step import (Loss, RunningMeans, TrainStep, batch_hard_triplet_loss,
+                                fast_optimizer, fuse_adam, label_smoothed_cross_entropy,
+                                top1_accuracy)
 
 
 def identities(num_ids: int, per_id: int, generator=None) -> torch.Tensor:
@@ -163,7 +164,7 @@ def test_softmax_step_equals_torchreids_forward_backward(label_smooth, optim):
     (ref_model, ref_optimizer), (model, optimizer) = twin_setups('softmax', optim)
     engine = torchreid_engine(ImageSoftmaxEngine, ref_model, ref_optimizer, 4,
                               label_smooth=label_smooth)
-    step = TrainStep(model, optimizer, loss='softmax', label_smooth=label_smooth)
+    step = TrainStep(model, optimizer, Loss('softmax', label_smooth=label_smooth))
     for images, pids in batches(2, per_id=2):
         theirs = engine.forward_backward({'img': images, 'pid': pids})
         ours = step(images, pids)
@@ -182,8 +183,8 @@ def test_triplet_step_equals_torchreids_forward_backward(weights, optim):
     (ref_model, ref_optimizer), (model, optimizer) = twin_setups('triplet', optim)
     engine = torchreid_engine(ImageTripletEngine, ref_model, ref_optimizer, 4,
                               margin=0.3, weight_t=weight_t, weight_x=weight_x)
-    step = TrainStep(model, optimizer, loss='triplet', label_smooth=True, weight_t=weight_t,
-                     weight_x=weight_x, margin=0.3)
+    step = TrainStep(model, optimizer, Loss('triplet', label_smooth=True, weight_t=weight_t,
+                                            weight_x=weight_x, margin=0.3))
     for images, pids in batches(2):
         theirs = engine.forward_backward({'img': images, 'pid': pids})
         ours = step(images, pids)
@@ -194,12 +195,10 @@ def test_triplet_step_equals_torchreids_forward_backward(weights, optim):
 
 
 def test_step_rejects_what_torchreid_rejects():
-    model = nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match='softmax'):
-        TrainStep(model, optimizer, loss='arcface')
+        Loss('arcface')
     with pytest.raises(ValueError, match='weight_t'):
-        TrainStep(model, optimizer, loss='triplet', weight_t=0, weight_x=0)
+        Loss('triplet', weight_t=0, weight_x=0)
 
 
 class TwoHeads(nn.Module):
@@ -239,7 +238,7 @@ def test_a_step_reads_nothing_back_to_the_host(loss, optim, no_host_reads):
     model = TwoHeads(triplet=loss == 'triplet').train()
     optimizer = fuse_adam(torch.optim.Adam(model.parameters())) if optim == 'fused adam' else \
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    step = TrainStep(model, optimizer, loss=loss)
+    step = TrainStep(model, optimizer, Loss(loss))
     means = RunningMeans()
     images, pids = batches(1)[0]
     step(images, pids)                        # the optimizer's state is created here
@@ -257,9 +256,9 @@ def test_compiled_step_runs_and_matches_eager():
     eager_model = TwoHeads(triplet=True).train()
     compiled_model = copy.deepcopy(eager_model)
     eager = TrainStep(eager_model, torch.optim.SGD(eager_model.parameters(), lr=0.1),
-                      loss='triplet')
+                      Loss('triplet'))
     compiled = TrainStep(compiled_model, torch.optim.SGD(compiled_model.parameters(), lr=0.1),
-                         loss='triplet', compile=True)
+                         Loss('triplet'), compile=True)
     for images, pids in batches(2):
         expected = eager(images, pids)
         got = compiled(images, pids)

@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -35,6 +36,7 @@ from reidkit.data.images import upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # Torchreid's defaults when norm_mean/norm_std are None
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_NORMALISATION = (IMAGENET_MEAN, IMAGENET_STD)
 SUPPORTED_TRANSFORMS = ('random_flip', 'random_crop', 'color_jitter')
 FLIP_PROBABILITY = 0.5                  # torchvision's RandomHorizontalFlip() default
 CROP_PROBABILITY = 0.5                  # Random2DTranslation's default p
@@ -60,12 +62,6 @@ def _stored_sizes(items: Sequence) -> list[tuple[int, int]]:
     return [_stored_size(item[0]) for item in items]
 
 
-def decoded_size_gib(items: Sequence) -> float:
-    """GiB that `DecodedImages(items)` will take (3 bytes a pixel), read from image headers only,
-    so a caller can choose Torchreid's loader before decoding anything."""
-    return sum(3 * h * w for h, w in _stored_sizes(items)) / 2 ** 30
-
-
 def _decode(path: str) -> np.ndarray:
     """(H, W, 3) uint8, read as Torchreid reads it, but an unreadable file is our UserError."""
     return np.array(read_image(path))     # writable, so torch.from_numpy takes it quietly
@@ -81,11 +77,15 @@ def _cpu_count() -> int:
 class DecodedImages:
     """Every image of a Torchreid dataset list (items `(path, pid, camid, dsetid)`) decoded once,
     at its stored size, into uint8 (3, H, W). Images of one size share one contiguous
-    (N, 3, H, W) tensor; a list of mixed sizes keeps one such tensor per size."""
+    (N, 3, H, W) tensor; a list of mixed sizes keeps one such tensor per size.
 
-    def __init__(self, items: Sequence, workers: int | None = None, progress: bool = True,
+    `workers` processes decode (None: one per core, at most 16); `sizes` are the images'
+    (height, width) when already read from their headers; `progress` is the progress bar's
+    text (None: no bar). UserError naming the file for an image that cannot be read."""
+
+    def __init__(self, items: Sequence, workers: int | None = None,
                  sizes: Sequence[tuple[int, int]] | None = None,
-                 description: str = 'Decoding images'):
+                 progress: str | None = 'Decoding images'):
         items = list(items)
         self.paths = [str(item[0]) for item in items]
         self.pids = torch.tensor([int(item[1]) for item in items], dtype=torch.int64)
@@ -105,9 +105,9 @@ class DecodedImages:
         self.groups = [torch.empty((count, 3, *size), dtype=torch.uint8)
                        for size, count in zip(group_of_size, counts)]
         self._group, self._slot = group, slot   # host lists: used only for mixed sizes
-        self._fill(workers, progress, description)
+        self._fill(workers, progress)
 
-    def _fill(self, workers: int | None, progress: bool, description: str) -> None:
+    def _fill(self, workers: int | None, progress: str | None) -> None:
         workers = workers or min(_cpu_count(), 16)
         if workers <= 1 or len(self.paths) < SMALL_LIST:
             pool = None
@@ -118,8 +118,8 @@ class DecodedImages:
             pool = multiprocessing.get_context().Pool(workers)
             decoded = pool.imap(_decode, self.paths, chunksize=32)
         try:
-            bar = tqdm(decoded, total=len(self.paths), desc=description, unit='img',
-                       disable=not progress, leave=False)
+            bar = tqdm(decoded, total=len(self.paths), desc=progress, unit='img',
+                       disable=progress is None, leave=False)
             for index, array in enumerate(bar):
                 target = self.groups[self._group[index]][self._slot[index]]
                 if array.shape != (*target.shape[1:], 3):
@@ -147,10 +147,6 @@ class DecodedImages:
     @property
     def device(self) -> torch.device:
         return self.groups[0].device if self.groups else self.pids.device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(group.numel() for group in self.groups)
 
     def to(self, device, non_blocking: bool = False) -> 'DecodedImages':
         """Moves the images and labels to `device` (in place, like nn.Module.to)."""
@@ -262,11 +258,12 @@ class DeviceTransform:
     transform_te. Train: resize, then in Torchreid's order random_flip, random_crop and
     color_jitter where named, then to [0, 1] and normalise: its transform_tr. Each image gets
     its own random draws, from a torch.Generator on the device (seeded: a seed repeats an
-    epoch; unseeded: seeded from torch's global generator, so torch.manual_seed repeats it)."""
+    epoch; unseeded: seeded from torch's global generator, so torch.manual_seed repeats it).
+    `normalisation` is Normalize's (mean, std) per channel, ImageNet's by default."""
 
     def __init__(self, height: int, width: int, transforms=None, train: bool = True,
-                 norm_mean: Sequence[float] | None = None,
-                 norm_std: Sequence[float] | None = None, seed: int | None = None):
+                 normalisation: tuple[Sequence[float], Sequence[float]] = IMAGENET_NORMALISATION,
+                 seed: int | None = None):
         names = _transform_names(transforms) if train else []
         if not self.supports(names):
             raise ValueError(f'DeviceTransform does not implement {self.unsupported(names)}; '
@@ -277,9 +274,7 @@ class DeviceTransform:
         self.jitter = 'color_jitter' in names
         # Python's round, as Random2DTranslation's int(round(...)): half to even.
         self.enlarged_size = (int(round(height * CROP_ENLARGE)), int(round(width * CROP_ENLARGE)))
-        if norm_mean is None or norm_std is None:     # as build_transforms: both or ImageNet's
-            norm_mean, norm_std = IMAGENET_MEAN, IMAGENET_STD
-        self.norm_mean, self.norm_std = tuple(norm_mean), tuple(norm_std)
+        self.norm_mean, self.norm_std = (tuple(values) for values in normalisation)
         self._seed = int(torch.randint(2 ** 62, (1,))) if seed is None else int(seed)
         self._on_device: dict = {}        # per device: its generator, mean and std
 
@@ -292,12 +287,6 @@ class DeviceTransform:
         """Whether every named training transform is implemented here (else: Torchreid's
         loader). Unknown names count as unsupported: Torchreid ignores them, we do not guess."""
         return not DeviceTransform.unsupported(transforms)
-
-    def manual_seed(self, seed: int) -> None:
-        """Restarts the random draws on every device from `seed`."""
-        self._seed = int(seed)
-        self._on_device = {key: value for key, value in self._on_device.items()
-                           if key[0] != 'generator'}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = ('generator', str(device))
@@ -446,7 +435,7 @@ def _normalisation(datamanager) -> tuple:
     for step in getattr(datamanager.transform_te, 'transforms', []):
         if hasattr(step, 'mean') and hasattr(step, 'std'):
             return tuple(step.mean), tuple(step.std)
-    return IMAGENET_MEAN, IMAGENET_STD
+    return IMAGENET_NORMALISATION
 
 
 def dataset_of(loader):
@@ -455,16 +444,30 @@ def dataset_of(loader):
     return dataset if hasattr(dataset, 'data') else dataset.dataset
 
 
-def build_cached_loaders(datamanager, transforms, height: int, width: int, device,
-                         cap_gib: float, seed: int | None = None, workers: int | None = None,
-                         test_batch_size: int | None = None):
+@dataclass(frozen=True)
+class CacheRequest:
+    """What `build_cached_loaders` builds: images resized to (height, width) and augmented by
+    `transforms` (Torchreid's names) on `device`, at most `cap_gib` GiB decoded; training draws
+    from `seed` (None: from torch's global generator); `workers` decoding processes (None: one
+    per core); test features `test_batch_size` images at a time where given (BATCH_SIZE_TEST
+    if larger): evaluation has no gradients to keep, so a GPU takes far more than 100 at once."""
+    transforms: Sequence[str] | str | None
+    height: int
+    width: int
+    device: torch.device | str
+    cap_gib: float
+    seed: int | None = None
+    workers: int | None = None
+    test_batch_size: int | None = None
+
+
+def build_cached_loaders(datamanager, request: CacheRequest):
     """(loaders, why): loaders is (train_loader, test_loaders) over images decoded once and
-    kept on `device`, with test_loaders shaped like Torchreid's {name: {'query', 'gallery'}},
-    or None when Torchreid's loader must stay (transforms not implemented here, k_tfm > 1, or
-    more than `cap_gib` GiB decoded); `why` says which path, in words for the log. Features
-    are extracted `test_batch_size` images at a time where given (BATCH_SIZE_TEST if larger):
-    evaluation has no gradients to keep, so a GPU takes far more than 100 at once."""
-    names = _transform_names(transforms)
+    kept on `request.device`, with test_loaders shaped like Torchreid's {name: {'query',
+    'gallery'}}, or None when Torchreid's loader must stay (transforms not implemented here,
+    k_tfm > 1, or more than `request.cap_gib` GiB decoded); `why` says which path, in words
+    for the log. UserError naming the file for an image that cannot be read."""
+    names = _transform_names(request.transforms)
     if not DeviceTransform.supports(names):
         return None, (f'{", ".join(DeviceTransform.unsupported(names))} not implemented on '
                       f'the device')
@@ -478,20 +481,21 @@ def build_cached_loaders(datamanager, transforms, height: int, width: int, devic
             lists[(name, split)] = (False, loader, dataset_of(loader).data)
     sizes = {key: _stored_sizes(data) for key, (_, _, data) in lists.items()}
     gib = sum(3 * h * w for found in sizes.values() for h, w in found) / 2 ** 30
-    if gib > cap_gib:
+    if gib > request.cap_gib:
         return None, (f'the decoded images would take {gib:.2f} GiB, over DATA_CACHE_GB='
-                      f'{cap_gib:g}')
-    mean, std = _normalisation(datamanager)
-    train_transform = DeviceTransform(height, width, names, train=True, norm_mean=mean,
-                                      norm_std=std, seed=seed)
-    test_transform = DeviceTransform(height, width, train=False, norm_mean=mean, norm_std=std)
+                      f'{request.cap_gib:g}')
+    normalisation = _normalisation(datamanager)
+    size = (request.height, request.width)
+    train_transform = DeviceTransform(*size, names, train=True, normalisation=normalisation,
+                                      seed=request.seed)
+    test_transform = DeviceTransform(*size, train=False, normalisation=normalisation)
     cached = {}
     for key, (is_train, loader, data) in lists.items():
         what = 'train' if is_train else ' '.join(key)
-        images = DecodedImages(data, workers=workers, sizes=sizes[key],
-                               description=f'Decoding {what} images').to(device)
+        images = DecodedImages(data, workers=request.workers, sizes=sizes[key],
+                               progress=f'Decoding {what} images').to(request.device)
         batch_size = loader.batch_size if is_train else \
-            max(loader.batch_size, test_batch_size or 0)
+            max(loader.batch_size, request.test_batch_size or 0)
         cached[key] = CachedLoader(images, train_transform if is_train else test_transform,
                                    loader.sampler, batch_size, loader.drop_last)
     test_loaders = {name: {split: cached[(name, split)] for split in splits}

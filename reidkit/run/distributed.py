@@ -33,8 +33,9 @@ TIMEOUT = datetime.timedelta(seconds=float(os.environ.get('REIDKIT_DDP_TIMEOUT',
 
 
 @dataclass(frozen=True)
-class Processes:
-    """Where this process stands: its rank among `world_size` and its GPU on this machine."""
+class ProcessRank:
+    """Where this one process stands: its rank among `world_size` processes and its GPU
+    (local_rank) on this machine."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -48,10 +49,10 @@ class Processes:
         return self.rank == 0
 
 
-_current = Processes()
+_current = ProcessRank()
 
 
-def current() -> Processes:
+def current() -> ProcessRank:
     return _current
 
 
@@ -60,7 +61,7 @@ def launched() -> bool:
     return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
 
 
-def start(device_setting: str) -> Processes:
+def start(device_setting: str) -> ProcessRank:
     """Joins the process group torchrun describes in the environment (a no-op otherwise).
     NCCL with CUDA, gloo on the CPU; each process takes the GPU of its LOCAL_RANK."""
     global _current
@@ -96,7 +97,7 @@ def start(device_setting: str) -> Processes:
             f'{os.environ.get("MASTER_PORT")}): {str(error).splitlines()[0][:300]}. Check '
             f'that the rendezvous host is reachable from every machine, the port is free and '
             f'open, and every launcher uses the same --nnodes and --rdzv-endpoint.') from error
-    _current = Processes(rank, world, local_rank)
+    _current = ProcessRank(rank, world, local_rank)
     _stop_on_sigterm.pid = os.getpid()
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     if rank != 0:       # one set of progress bars and warnings: rank 0's
@@ -151,23 +152,23 @@ def stop(barrier: bool = False) -> None:
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
-    _current = Processes()
+    _current = ProcessRank()
 
 
-def device_for(processes: Processes, device: torch.device) -> torch.device:
+def device_for(process: ProcessRank, device: torch.device) -> torch.device:
     """This process's GPU (cuda:LOCAL_RANK) when training on CUDA with several processes."""
-    if device.type == 'cuda' and processes.distributed:
-        return torch.device('cuda', processes.local_rank)
+    if device.type == 'cuda' and process.distributed:
+        return torch.device('cuda', process.local_rank)
     return device
 
 
 def on_main(make: Callable[[], object]):
     """`make()` on rank 0 only (e.g. creating a folder); every rank gets its result."""
-    processes = current()
-    if not processes.distributed:
+    process = current()
+    if not process.distributed:
         return make()
     box = [None]
-    if processes.is_main:
+    if process.is_main:
         try:
             box[0] = ('ok', make())
         except UserError as error:      # every rank stops with rank 0's message
@@ -176,7 +177,7 @@ def on_main(make: Callable[[], object]):
     status, value = box[0]
     if status == 'error':
         error = UserError(value)
-        error.printed_by_main = not processes.is_main   # one copy of the message, rank 0's
+        error.printed_by_main = not process.is_main   # one copy of the message, rank 0's
         raise error
     return value
 
@@ -186,19 +187,19 @@ def same_everywhere(check: Callable[[], object]):
     the batches of an epoch). If it raises UserError on any rank, every rank raises it
     together (none waits for a peer that stopped) and the message is printed once, by the
     lowest rank that found it; otherwise each rank gets its own result."""
-    processes = current()
-    if not processes.distributed:
+    process = current()
+    if not process.distributed:
         return check()
     try:
         result, message = check(), None
     except UserError as error:
         result, message = None, str(error)
-    messages = [None] * processes.world_size
+    messages = [None] * process.world_size
     dist.all_gather_object(messages, message)
     found = [rank for rank, text in enumerate(messages) if text is not None]
     if found:
         error = UserError(messages[found[0]])
-        error.printed_by_main = processes.rank != found[0]   # one copy of the message
+        error.printed_by_main = process.rank != found[0]   # one copy of the message
         raise error
     return result
 
@@ -206,11 +207,11 @@ def same_everywhere(check: Callable[[], object]):
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
     """Rank 0 runs the block first (it may download weights or write a cache), then the rest."""
-    processes = current()
-    if processes.distributed and not processes.is_main:
+    process = current()
+    if process.distributed and not process.is_main:
         dist.barrier()
     yield
-    if processes.distributed and processes.is_main:
+    if process.distributed and process.is_main:
         dist.barrier()
 
 
@@ -232,11 +233,11 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def gather(shard: torch.Tensor) -> torch.Tensor:
     """Every rank's `shard` (rows of one test set, in rank order) concatenated, on every rank."""
-    processes = current()
-    if not processes.distributed:
+    process = current()
+    if not process.distributed:
         return shard
     count = torch.tensor([shard.shape[0]], device=shard.device)
-    counts = [torch.zeros_like(count) for _ in range(processes.world_size)]
+    counts = [torch.zeros_like(count) for _ in range(process.world_size)]
     dist.all_gather(counts, count)
     counts = [int(c.item()) for c in counts]
     padded = torch.zeros((max(counts),) + tuple(shard.shape[1:]), dtype=shard.dtype,
@@ -248,6 +249,19 @@ def gather(shard: torch.Tensor) -> torch.Tensor:
 
 
 # --- launching ----------------------------------------------------------------------------
+# Our own launcher, not torchrun's elastic agent (torch.distributed.run / elastic_launch) nor
+# torch.multiprocessing.spawn, for what they cannot do here:
+# - name the cause: when a worker is killed, its peer then fails too ("lost contact"); the
+#   elastic agent reports the failure with the smallest timestamp, kept in whole seconds (ties
+#   go to the lowest rank), and spawn's join() the first sentinel it reads; ours names the
+#   worker killed by a signal before one that exited with an error;
+# - exit as the worker did (2 for a UserError, 130 for Ctrl-C) with one line and no traceback:
+#   the agent raises ChildFailedError and prints its own report;
+# - run main.py as a script in fresh interpreters: spawn runs a pickled function in children
+#   that re-import the parent's __main__, and join() leaves the launcher's own SIGTERM and
+#   Ctrl-C to us (its children would be left running);
+# - map GPUS onto CUDA_VISIBLE_DEVICES and share the cores (OMP_NUM_THREADS) per worker.
+# The workers end with their launcher (end_with_launcher) under any of them, torchrun included.
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -310,7 +324,10 @@ def _first_failure(workers: list[subprocess.Popen]) -> tuple[int, int] | None:
 
 def is_peer_failure(error: BaseException) -> bool:
     """A collective failed because another process died or cannot be reached (gloo and NCCL
-    raise these as RuntimeError from inside backward or a collective)."""
+    raise these as RuntimeError from inside backward or a collective). Matched by text: gloo
+    raises a peer's closed connection as a plain RuntimeError (checked with torch 2.14), and
+    NCCL's DistBackendError also covers errors of this process's own GPU, which must not be
+    reported as a lost peer."""
     if isinstance(error, (dist.DistNetworkError, dist.DistStoreError)):
         return True
     text = str(error)

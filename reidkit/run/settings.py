@@ -33,7 +33,7 @@ RUN_SETTINGS = ('SOURCES', 'TARGETS', 'HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'TR
                 'SPLIT_SEED')
 SCHEDULE_SETTINGS = ('MAX_EPOCH', 'EVAL_FREQ', 'PRINT_FREQ', 'LATEST_EVERY')
 LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'DEVICE', 'GPUS', 'AMP',
-                  'CHANNELS_LAST', 'COMPILE', 'TRAIN_STEP', 'DATA_CACHE', 'DATA_CACHE_GB',
+                  'CHANNELS_LAST', 'COMPILE', 'DATA_CACHE', 'DATA_CACHE_GB',
                   'RESUME', 'EXPERIMENTS_DIR', 'WEIGHTS', 'VISRANK_TOPK', 'FLIP_TEST', 'RERANK',
                   'RERANK_K1', 'RERANK_K2', 'RERANK_LAMBDA', 'QUERY', 'GALLERY', 'SEARCH_TOPK',
                   'SEARCH_CSV_ROWS', 'SEARCH_EXACT_UP_TO', 'SEARCH_INDEX', 'SEARCH_NPROBE')
@@ -79,8 +79,7 @@ def display_name(value: str) -> str:
 
 # The fast-path switches and their values ('auto': on with CUDA, off on the CPU).
 SWITCH_CHOICES = {'AMP': ('auto', 'bf16', 'off'), 'CHANNELS_LAST': ('auto', 'on', 'off'),
-                  'COMPILE': ('auto', 'on', 'off'), 'TRAIN_STEP': ('auto', 'on', 'off'),
-                  'DATA_CACHE': ('auto', 'on', 'off')}
+                  'COMPILE': ('auto', 'on', 'off'), 'DATA_CACHE': ('auto', 'on', 'off')}
 
 
 class Settings(Mapping):

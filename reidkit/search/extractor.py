@@ -52,7 +52,8 @@ def decode(path: Path) -> tuple[Image.Image | None, str]:
 
 
 def extract_batches(model: nn.Module, transform, paths: list[Path], batch_size: int,
-                    device: torch.device, description: str) -> Iterator[tuple[list, np.ndarray]]:
+                    device: torch.device, description: str
+                    ) -> Iterator[tuple[list[Path], np.ndarray | None, list[tuple[Path, str]]]]:
     """Yields (readable paths, their (n, dim) float32 features or None when there are none,
     [(unreadable path, why)]) batch by batch, with a progress bar; decoding runs in threads
     ahead of the model."""

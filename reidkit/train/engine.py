@@ -7,12 +7,13 @@ loaders read images with our reader through a picklable dataset wrapper (so spaw
 workers use it too). No Torchreid function is patched, and importing any module changes nothing
 in Torchreid.
 
-Added around Torchreid's own training step and evaluation: checkpoints written atomically with
-the run's settings inside, a rolling checkpoint to resume from, the last epoch's checkpoint
-written before the final evaluation, a stop with a clear error when the loss stops being finite
-(no checkpoint of a diverged model is ever written), re-ranking in the evaluations during
-training too, progress bars on feature extraction, and a record of every evaluation in
-`results`.
+Training runs Torchreid's epoch loop around our step (reidkit.train.step.TrainStep: Torchreid's
+losses computed on the device, tested equal to them). Added around it and Torchreid's
+evaluation: checkpoints written atomically with the run's settings inside, a rolling checkpoint
+to resume from, the last epoch's checkpoint written before the final evaluation, a stop with a
+clear error when the loss stops being finite (no checkpoint of a diverged model is ever
+written), re-ranking in the evaluations during training too, progress bars on feature
+extraction, and a record of every evaluation in `results`.
 """
 from __future__ import annotations
 
@@ -58,12 +59,12 @@ class ReidkitEngineMixin:
     def __init__(self, *args, options: EngineOptions = EngineOptions(), train_step=None,
                  loaders=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.flip_test = options.flip_test
-        self.rerank = options.rerank
-        self.train_step = train_step       # reidkit.train.step.TrainStep, or None: Torchreid's step
-        self.model_name = options.model_name
-        self.latest_every = options.latest_every
-        self.settings = options.settings
+        self.flip_test = options.flip_test       # features of the image and its mirror, averaged
+        self.rerank = options.rerank             # k-reciprocal re-ranking's parameters
+        self.train_step = train_step             # reidkit.train.step.TrainStep: the only step
+        self.model_name = options.model_name     # stored in checkpoints, named in mismatch errors
+        self.latest_every = options.latest_every  # epochs between rolling checkpoints (0: never)
+        self.settings = options.settings         # the run's settings, stored in every checkpoint
         self.results: list = []            # every evaluation: {'epoch', 'cmc', 'mAP', 'mINP'}
         self.save_dir = None
         self.final_checkpoint = None       # written when training ends, before its evaluation
@@ -95,13 +96,6 @@ class ReidkitEngineMixin:
                 self.writer.close()
             self._rerank = False
 
-    def forward_backward(self, data):
-        summary = super().forward_backward(data)
-        self.divergence.observe(summary, self.epoch, self.batch_idx)
-        if (self.batch_idx + 1) % self._print_freq == 0:
-            self._stop_if_diverged()
-        return summary
-
     def _stop_if_diverged(self) -> None:
         found = self.divergence.first_bad()
         device = next(self.model.parameters()).device
@@ -128,11 +122,7 @@ class ReidkitEngineMixin:
         sampler = getattr(self.train_loader, 'sampler', None)
         if hasattr(sampler, 'set_epoch'):     # DDP: a new split of the data every epoch
             sampler.set_epoch(self.epoch)
-        if self.train_step is None:
-            super().train(print_freq=print_freq, fixbase_epoch=fixbase_epoch,
-                          open_layers=open_layers)
-        else:
-            self._train_epoch(print_freq, fixbase_epoch, open_layers)
+        self._train_epoch(print_freq, fixbase_epoch, open_layers)
         self._stop_if_diverged()             # the epoch's last batches, before any checkpoint
         done = self.epoch + 1
         if self.save_dir is None:

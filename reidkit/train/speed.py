@@ -1,10 +1,9 @@
-"""The fast path for a GPU: bf16 autocast, channels_last and a compiled model (CUDA graphs).
+"""The fast path for a GPU: bf16 autocast, channels_last, a compiled step, images decoded once.
 
-`FastModel` wraps the model that Torchreid's engine drives, so the engine's own training step
-and evaluation stay Torchreid's: the wrapper only changes how the forward pass runs (the
-backward pass follows it). Outputs come back in float32, so losses and metrics are computed as
-before. If compilation fails, it says so once and continues eagerly. Only a failure to compile
-does that: an out-of-memory error or a bug in the model is raised as it is.
+`FastModel` runs the model under bf16 autocast and/or channels_last; outputs come back in
+float32, so losses and metrics are computed as before. `fast_training` puts together what the
+engine trains with: the model (in DDP first when several processes train), our training step
+(compiled with its loss under COMPILE) and, under DATA_CACHE, loaders over images decoded once.
 """
 from __future__ import annotations
 
@@ -13,16 +12,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from reidkit.data.datapath import build_cached_loaders, with_machine_workers
+from reidkit.data.datapath import CacheRequest, build_cached_loaders, with_machine_workers
 from reidkit.run import distributed
-from reidkit.run.errors import UserError
-from reidkit.train.step import TrainStep, compile_errors, fast_optimizer, note_compile_failure
+from reidkit.train.ddp import distributed_model
+from reidkit.train.step import Loss, TrainStep, fast_optimizer
 
 DEVICE_TEST_BATCH = 256     # images per feature-extraction batch from the device cache
 
+
 def switched_on(value: str, cuda: bool) -> bool:
-    """'on', or 'auto' with CUDA."""
-    return value == 'on' or (value == 'auto' and cuda)
+    """A fast-path switch's value: 'auto' is on with CUDA, 'off' is off, any other choice
+    ('on', 'bf16') is on."""
+    return cuda if value == 'auto' else value != 'off'
 
 
 def _float(output):
@@ -34,17 +35,13 @@ def _float(output):
 
 
 class FastModel(nn.Module):
-    """Runs `model` under bf16 autocast and/or channels_last, compiled for training."""
+    """Runs `model` under bf16 autocast (amp_dtype) and/or in channels_last."""
 
-    def __init__(self, model: nn.Module, amp_dtype: torch.dtype | None, channels_last: bool,
-                 compile_mode: str | None):
+    def __init__(self, model: nn.Module, amp_dtype: torch.dtype | None, channels_last: bool):
         super().__init__()
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
-        # Kept out of the module tree, so state_dict() holds each weight once.
-        self.__dict__['compiled'] = torch.compile(self.model, mode=compile_mode) \
-            if compile_mode else None
 
     @property
     def wrapped(self) -> nn.Module:
@@ -56,85 +53,59 @@ class FastModel(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            return _float(self._forward(images))
-
-    def _forward(self, images: torch.Tensor):
-        # Only training is compiled: evaluation batches vary in size (the last one is smaller)
-        # and would each cost a recompilation and a CUDA graph.
-        if self.compiled is not None and self.training:
-            try:
-                return self.compiled(images)
-            except compile_errors() as error:   # a missing compiler, an old GPU, an unsupported op
-                note_compile_failure(error)
-                self.__dict__['compiled'] = None
-        return self.model(images)
+            return _float(self.model(images))
 
 
 def fast_path(model: nn.Module, device: torch.device, amp: str, channels_last: str,
-              compile_setting: str, compile_model: bool = True) -> tuple[nn.Module, str]:
-    """The model to train and evaluate with, and a line saying which path was taken.
-
-    'auto' turns each switch on with CUDA and off on the CPU. `compile_model=False` leaves
-    compilation to our training step (which compiles the forward pass with its loss)."""
+              compiled: bool) -> tuple[nn.Module, str]:
+    """The model to train and evaluate with (wrapped in FastModel where AMP or CHANNELS_LAST
+    is on) and the words that say so for the path line ('eager float32' when neither is on and
+    the step is not `compiled`)."""
     cuda = device.type == 'cuda'
-    notes = []
-    amp_dtype = None
-    if amp == 'bf16' or (amp == 'auto' and cuda):
+    amp_dtype, note = None, ''
+    if switched_on(amp, cuda):
         if cuda and not torch.cuda.is_bf16_supported():
-            notes.append('this GPU has no bf16, so AMP is off')
+            note = ' (this GPU has no bf16, so AMP is off)'
         else:
             amp_dtype = torch.bfloat16
-    use_channels_last = channels_last == 'on' or (channels_last == 'auto' and cuda)
-    compile_mode = None
-    if compile_setting == 'on' or (compile_setting == 'auto' and cuda):
-        # CUDA graphs replay fixed buffers: DDP's gradient hooks need the default mode.
-        compile_mode = 'reduce-overhead' if cuda and not isinstance(
-            model, nn.parallel.DistributedDataParallel) else 'default'
+    use_channels_last = switched_on(channels_last, cuda)
     parts = (['bf16 autocast'] if amp_dtype else []) + \
-            (['channels_last'] if use_channels_last else []) + \
-            ([f'torch.compile ({"CUDA graphs" if cuda else "CPU"})']
-             if compile_mode and compile_model else [])
-    compile_mode = compile_mode if compile_model else None
-    line = 'Training path: ' + (' + '.join(parts) if parts else 'eager float32') + \
-        (f' ({"; ".join(notes)})' if notes else '')
+            (['channels_last'] if use_channels_last else [])
     if not parts:
-        return model, line
-    return FastModel(model, amp_dtype, use_channels_last, compile_mode), line
+        return model, ('float32' if compiled else 'eager float32') + note
+    return FastModel(model, amp_dtype, use_channels_last), ' + '.join(parts) + note
 
 
 @dataclass
 class FastTraining:
-    """What the engine trains with: the model (wrapped by the fast path), our training step
-    (None: Torchreid's), loaders over images decoded once (None: Torchreid's) and a line
-    saying which path was taken."""
+    """What the engine trains with: the model (wrapped by the fast path), our training step,
+    loaders over images decoded once (None: Torchreid's) and a line saying which path was
+    taken."""
     model: nn.Module
-    step: object
+    step: TrainStep
     loaders: tuple | None
     line: str
 
 
 def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
-    """The fast path for settings `s` (AMP, CHANNELS_LAST, COMPILE, TRAIN_STEP, DATA_CACHE,
-    DATA_CACHE_GB): on with CUDA by default, forced on or off by a setting."""
+    """The training path for settings `s` (AMP, CHANNELS_LAST, COMPILE, DATA_CACHE,
+    DATA_CACHE_GB: on with CUDA by default, forced on or off by a setting; SYNC_BN under DDP)."""
     device = next(model.parameters()).device
     cuda = device.type == 'cuda'
-    own_step = switched_on(s.TRAIN_STEP, cuda)
-    compile_step = own_step and switched_on(s.COMPILE, cuda)
+    compile_step = switched_on(s.COMPILE, cuda)
     if distributed.current().distributed:
-        model = distributed_model(model, s, device)
-    model, line = fast_path(model, device, s.AMP, s.CHANNELS_LAST, s.COMPILE,
-                            compile_model=not own_step)
-    step = None
-    if own_step:
-        step = TrainStep(model, fast_optimizer(optimizer), s.LOSS, s.LABEL_SMOOTH,
-                         compile=compile_step)
-        line += ' + our training step' + (' (compiled with its loss)' if compile_step else '')
+        model = distributed_model(model, device, switched_on(s.CHANNELS_LAST, cuda), s.SYNC_BN)
+    model, words = fast_path(model, device, s.AMP, s.CHANNELS_LAST, compile_step)
+    step = TrainStep(model, fast_optimizer(optimizer), Loss(s.LOSS, s.LABEL_SMOOTH),
+                     compile=compile_step)
+    line = f'Training path: {words} + our training step' + \
+        (' (compiled with its loss)' if compile_step else '')
     loaders = None
     if switched_on(s.DATA_CACHE, cuda):
-        loaders, why = build_cached_loaders(
-            datamanager, s.TRANSFORMS, s.HEIGHT, s.WIDTH, device, s.DATA_CACHE_GB,
+        loaders, why = build_cached_loaders(datamanager, CacheRequest(
+            s.TRANSFORMS, s.HEIGHT, s.WIDTH, device, s.DATA_CACHE_GB,
             seed=(s.SEED + distributed.current().rank) % 2 ** 32,
-            test_batch_size=DEVICE_TEST_BATCH if cuda else None)
+            test_batch_size=DEVICE_TEST_BATCH if cuda else None))
         if loaders:
             line += ' + images decoded once, augmented on the device' + \
                 (f' (features {max(s.BATCH_SIZE_TEST, DEVICE_TEST_BATCH)} images at a time)'
@@ -144,19 +115,4 @@ def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
             workers = with_machine_workers(datamanager) if cuda else None
             line += f' (Torchreid\'s loader: {why}' + \
                 (f'; {workers} loader workers, one per spare core)' if workers else ')')
-    return FastTraining(model, step, loaders, line.replace('Training path: eager float32 + ',
-                                                           'Training path: float32 + '))
-
-
-def distributed_model(model: nn.Module, s, device: torch.device) -> nn.Module:
-    """The model in DistributedDataParallel (SyncBatchNorm first with SYNC_BN), in the memory
-    format the fast path will use, so DDP's gradient buckets match the weights' layout."""
-    if switched_on(s.CHANNELS_LAST, device.type == 'cuda'):
-        model = model.to(memory_format=torch.channels_last)
-    if s.SYNC_BN:
-        if device.type != 'cuda':
-            raise UserError('SYNC_BN=True needs CUDA GPUs (PyTorch\'s SyncBatchNorm runs only '
-                            'there). Pass --SYNC_BN=False to train on the CPU.')
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the same parameters
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == 'cuda' else None)
+    return FastTraining(model, step, loaders, line)

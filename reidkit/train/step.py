@@ -11,6 +11,7 @@ optimizer's checkpoints those of a plain Adam.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -100,6 +101,31 @@ def top1_accuracy(logits: Outputs, targets: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=1) == targets).float().mean() * 100
 
 
+@dataclass(frozen=True)
+class Loss:
+    """What a training step minimises, as Torchreid's engines take it: 'softmax' (label-smoothed
+    cross-entropy) or 'triplet' (weight_t * batch-hard triplet loss with `margin` + weight_x *
+    cross-entropy). ValueError for a name or weights Torchreid's engines would reject."""
+    name: str = 'softmax'
+    label_smooth: bool = True
+    weight_t: float = 1.0
+    weight_x: float = 1.0
+    margin: float = 0.3
+
+    def __post_init__(self):
+        if self.name not in ('softmax', 'triplet'):
+            raise ValueError(f"loss={self.name!r}: choose 'softmax' or 'triplet'.")
+        if self.name == 'triplet' and (self.weight_t < 0 or self.weight_x < 0
+                                       or self.weight_t + self.weight_x <= 0):
+            raise ValueError(f'weight_t={self.weight_t}, weight_x={self.weight_x}: both must '
+                             'be >= 0 and at least one > 0.')
+
+    @property
+    def epsilon(self) -> float:
+        """The label-smoothing epsilon (0: none)."""
+        return LABEL_SMOOTH_EPSILON if self.label_smooth else 0.0
+
+
 class TrainStep:
     """One training step of Torchreid's softmax or triplet engine, without a host sync.
 
@@ -110,17 +136,8 @@ class TrainStep:
     'acc' is top-1 accuracy in percent. The model's train/eval mode is left to the caller."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss: str = 'softmax', label_smooth: bool = True, weight_t: float = 1.0,
-                 weight_x: float = 1.0, margin: float = 0.3, compile: bool = False):
-        if loss not in ('softmax', 'triplet'):
-            raise ValueError(f"loss={loss!r}: choose 'softmax' or 'triplet'.")
-        if loss == 'triplet' and (weight_t < 0 or weight_x < 0 or weight_t + weight_x <= 0):
-            raise ValueError(f'weight_t={weight_t}, weight_x={weight_x}: both must be >= 0 and '
-                             'at least one > 0.')
-        self.model, self.optimizer = model, optimizer
-        self.loss = loss
-        self.epsilon = LABEL_SMOOTH_EPSILON if label_smooth else 0.0
-        self.weight_t, self.weight_x, self.margin = weight_t, weight_x, margin
+                 loss: Loss = Loss(), compile: bool = False):
+        self.model, self.optimizer, self.loss = model, optimizer, loss
         # Only forward + loss are compiled: backward is autograd's (AOTAutograd compiles it with
         # the forward) and the optimizer stays an ordinary call.
         self._compiled = torch.compile(self.forward_and_loss) if compile else None
@@ -145,19 +162,20 @@ class TrainStep:
     def forward_and_loss(self, images: torch.Tensor, pids: torch.Tensor
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise and the batch's values to report (not yet detached)."""
-        if self.loss == 'softmax':
+        loss = self.loss
+        if loss.name == 'softmax':
             logits = self.model(images)
-            loss = label_smoothed_cross_entropy(logits, pids, self.epsilon)
-            return loss, {'loss': loss, 'acc': top1_accuracy(logits, pids)}
+            total = label_smoothed_cross_entropy(logits, pids, loss.epsilon)
+            return total, {'loss': total, 'acc': top1_accuracy(logits, pids)}
         logits, features = self.model(images)
         total, values = 0, {}
-        if self.weight_t > 0:
-            values['loss_t'] = batch_hard_triplet_loss(features, pids, self.margin)
-            total = total + self.weight_t * values['loss_t']
-        if self.weight_x > 0:
-            values['loss_x'] = label_smoothed_cross_entropy(logits, pids, self.epsilon)
+        if loss.weight_t > 0:
+            values['loss_t'] = batch_hard_triplet_loss(features, pids, loss.margin)
+            total = total + loss.weight_t * values['loss_t']
+        if loss.weight_x > 0:
+            values['loss_x'] = label_smoothed_cross_entropy(logits, pids, loss.epsilon)
             values['acc'] = top1_accuracy(logits, pids)
-            total = total + self.weight_x * values['loss_x']
+            total = total + loss.weight_x * values['loss_x']
         return total, values
 
     def _forward_and_loss(self, images, pids):

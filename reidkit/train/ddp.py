@@ -1,11 +1,13 @@
-"""DDP samplers: each process's share of the training and test images (reidkit.run.distributed
-holds the processes themselves)."""
+"""What DDP changes in training: the model wrapped in DistributedDataParallel, and each
+process's share of the training and test images (reidkit.run.distributed holds the processes
+themselves: launching, joining, collectives)."""
 from __future__ import annotations
 
 from collections import Counter
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn as nn
 from torch.utils.data import Sampler
 
 from reidkit.data.datapath import dataset_of, loader_like
@@ -153,8 +155,8 @@ class ShardSampler(Sampler):
 def shard_loaders(datamanager, seed: int) -> None:
     """Replaces the datamanager's samplers with this rank's shards (training: a new split
     every epoch; test: a fixed contiguous slice)."""
-    processes = distributed.current()
-    rank, world = processes.rank, processes.world_size
+    process = distributed.current()
+    rank, world = process.rank, process.world_size
     train = datamanager.train_loader
     data = dataset_of(train).data
     if type(train.sampler).__name__ == 'RandomIdentitySampler':
@@ -174,3 +176,16 @@ def shard_loaders(datamanager, seed: int) -> None:
                                                                 world))
                for split, loader in splits.items()}
         for name, splits in datamanager.test_loader.items()}
+
+
+def distributed_model(model: nn.Module, device: torch.device, channels_last: bool,
+                      sync_bn: bool) -> nn.Module:
+    """The model in DistributedDataParallel (SyncBatchNorm first with `sync_bn`, which needs
+    CUDA: reidkit.data.checks refuses it elsewhere before any work), in the memory format the
+    fast path will use (`channels_last`), so DDP's gradient buckets match the weights' layout."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the same parameters
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == 'cuda' else None)
