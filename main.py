@@ -102,9 +102,9 @@ def learning_rate(s: Settings) -> float:
 
 def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training: bool = True):
     """ImageSoftmaxEngine (ImageTripletEngine when LOSS='triplet'), as Torchreid's scripts do,
-    training with our step, through the fast path where it is on (AMP, CHANNELS_LAST, COMPILE, DATA_CACHE:
-    all on with CUDA by default). Prints the training path (when `training`) and how it
-    evaluates."""
+    training with our step, through the fast path where it is on (AMP, CHANNELS_LAST, COMPILE,
+    DATA_CACHE: all on with CUDA by default). Prints the training path (when `training`) and
+    how it evaluates."""
     use_gpu = next(model.parameters()).is_cuda
     process = distributed.current()
     if process.distributed:
