@@ -47,9 +47,9 @@ from reidkit.search.index import GalleryIndex
 from reidkit.data import checks
 from reidkit.evaluate.visrank import draw_strip, save_strip
 from reidkit.run.device import choose_device, place_model
-from reidkit.run.folders import log_once_there_is_a_folder
 from reidkit.run.folders import new_run_dir
 from reidkit.run.folders import resolve_checkpoint
+from reidkit.run.log import log_once_there_is_a_folder
 from reidkit.search.onnx_features import OnnxExtractor
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
