@@ -80,9 +80,9 @@ def beside(path: Path, what: str = 'the file', advice: str | None = None,
     """Yields the temporary path to write `path`'s contents to (by any means: a handle, numpy,
     matplotlib, an exporter); when the block ends normally the file is flushed to disk (unless
     `sync` is False: many small files that can be made again, where a power cut may leave
-    them empty but a kill cannot) and renamed over `path`. An exception of a type in `catch` (raised in the block or by the
-    rename) removes the temporary file and becomes `write_error(path, ...)`; any other
-    (Ctrl-C included) removes it and goes on."""
+    them empty but a kill cannot) and renamed over `path`. An exception of a type in `catch`
+    (raised in the block or by the rename) removes the temporary file and becomes
+    `write_error(path, ...)`; any other (Ctrl-C included) removes it and goes on."""
     path = Path(path)
     temporary = temporary_name(path)
     try:
