@@ -16,8 +16,9 @@ from __future__ import annotations
 import shlex
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import config
 from reidkit.run.cli import EXTRA_MODES, answer_early, parse_command_line, usage
@@ -44,8 +45,9 @@ from reidkit.data.own_dataset import check_run_split, register_all, target_summa
     unknown_camera_targets, write_run_split
 from reidkit.evaluate.report import RunFacts, plot_cmc, plot_training, write_metrics
 from reidkit.evaluate.rerank import Reranking
-from reidkit.run.folders import log_to, new_run_dir, newest_checkpoint, output_dir_for, \
-    resolve_checkpoint, resume_point, run_name, run_to_continue, write_settings
+from reidkit.run.folders import Resumed, newest_checkpoint, output_dir_for, resolve_checkpoint, \
+    resume_checkpoint, resume_point, training_run_dir, write_settings
+from reidkit.run.log import log_to
 from reidkit.run.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, resolve
 from reidkit.train.ddp import shard_loaders
 from reidkit.train.speed import fast_training
@@ -153,38 +155,22 @@ def train(s: Settings | None = None) -> Path:
     With RESUME set, continues that checkpoint's run from its epoch with the settings it
     recorded, in its own folder (or a new one when the checkpoint is not under EXPERIMENTS_DIR)."""
     s = s or load_settings()
-    notes, resumed, checkpoint = [], None, None
-    if s.RESUME:        # each process reads it; a bad one is one message, not one a process
-        checkpoint, resumed, s = distributed.same_everywhere(
-            lambda: _checked_resume(s, notes))
+    # each process reads RESUME; a bad one is one message, not one a process
+    resumed = distributed.same_everywhere(lambda: resume_checkpoint(s)) if s.RESUME else None
+    s = resumed.settings if resumed else s
     distributed.on_main(lambda: checks.check_before_run(s, training=True,
                                                         pretrained=resumed is None))
-    # Under DDP each process draws its own augmentations (rank 0's weights are broadcast).
-    set_random_seed((s.SEED + distributed.current().rank) % 2 ** 32)
-    run_dir = distributed.on_main(lambda: _training_run_dir(s, checkpoint, resumed, notes))
+    set_random_seed(distributed.rank_seed(s.SEED))
+    run_dir, notes = distributed.on_main(lambda: training_run_dir(s, resumed))
     started = time.time()
     with log_to(run_dir / 'log.txt') if distributed.current().is_main else nullcontext() as tee:
         print(f'Run folder: {run_dir}')
         for note in notes:
             print(f'Note: {note}.')
-        if distributed.current().is_main:
-            write_settings(run_dir, s)
-        # The checkpoint replaces ImageNet weights when resuming: no download is needed.
-        datamanager, model, optimizer, scheduler = get_items(
-            s.replace(PRETRAINED=False) if resumed else s)
-        distributed.same_everywhere(lambda: checks.check_training_batches(s, datamanager))
-        distributed.same_everywhere(lambda: checks.check_loaded_matches(datamanager))
-        if distributed.current().is_main:
-            write_run_split(run_dir, s)     # own data: which image went where (split.json)
-        start_epoch = distributed.same_everywhere(lambda: resume_training(
-            resumed, checkpoint, model, optimizer, scheduler)) if resumed else 0
-        if start_epoch:
-            print(f'Resuming from "{checkpoint}" after epoch {start_epoch}')
-            schedule = continue_schedule(resumed, scheduler, optimizer, start_epoch, s.MAX_EPOCH)
-            if schedule:
-                print(f'Note: {schedule}.')
+        datamanager, model, optimizer, scheduler = _training_items(s, run_dir, resumed)
+        start_epoch = _resume_state(resumed, model, optimizer, scheduler, s.MAX_EPOCH)
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
-        try:
+        with _failure_explained(engine, run_dir, s, tee):
             engine.run(
                 save_dir=str(run_dir),
                 max_epoch=s.MAX_EPOCH,
@@ -194,38 +180,79 @@ def train(s: Settings | None = None) -> Path:
                 test_only=False,
                 rerank=s.RERANK,
             )
-        except KeyboardInterrupt as interrupt:
-            if engine.final_checkpoint:
-                message = f'\nInterrupted during the final evaluation. {_evaluate_hint(engine, s)}'
-            else:
-                last = resume_point(run_dir)
-                message = '\nInterrupted. ' + (
-                    f'Last checkpoint: {last}\nResume with: {resume_command(last, s)}'
-                    if last else 'No checkpoint was written yet.')
-            if tee:     # rank 0 alone; stderr: stdout may be a pipe into a stopped `tee`
-                print(message, file=sys.stderr)
-                tee.log_only(message + '\n')
-            interrupt.reported = True
-            raise
-        except Exception:
-            if engine.final_checkpoint:      # training finished: say where its weights are
-                print(f'The final evaluation failed (the error follows). '
-                      f'{_evaluate_hint(engine, s)}', flush=True)
-            raise
     if distributed.current().is_main:
-        plot_training(run_dir, len(engine.train_loader))
-        write_metrics(run_dir / 'metrics.json', engine.results[-1], RunFacts(
-            'train', s, checkpoint=newest_checkpoint(run_dir), seconds=time.time() - started,
-            own_data=target_summaries(s.TARGETS)), datamanager)
+        _write_training_results(run_dir, engine, s, seconds=time.time() - started)
     return run_dir
 
 
-def _checked_resume(s: Settings, notes: list):
-    """(checkpoint, its contents, the run's settings) of RESUME; UserError for a missing,
-    changed or finished one."""
-    checkpoint, resumed, s = resolve_checkpoint(s, setting='RESUME', notes=notes)
-    check_not_finished(resumed, checkpoint, s)
-    return checkpoint, resumed, s
+def _training_items(s: Settings, run_dir: Path, resumed: Resumed | None):
+    """get_items() for training, its batches checked, with the run's settings.json and (own
+    data) split.json written to `run_dir`."""
+    if distributed.current().is_main:
+        write_settings(run_dir, s)
+    # The checkpoint replaces ImageNet weights when resuming: no download is needed.
+    datamanager, model, optimizer, scheduler = get_items(
+        s.replace(PRETRAINED=False) if resumed else s)
+    distributed.same_everywhere(lambda: checks.check_training_batches(s, datamanager))
+    distributed.same_everywhere(lambda: checks.check_loaded_matches(datamanager))
+    if distributed.current().is_main:
+        write_run_split(run_dir, s)     # own data: which image went where (split.json)
+    return datamanager, model, optimizer, scheduler
+
+
+def _resume_state(resumed: Resumed | None, model, optimizer, scheduler, max_epoch: int) -> int:
+    """The epoch training starts after: 0, or the resumed checkpoint's, with its model,
+    optimiser and scheduler restored and the schedule fitted to `max_epoch` (printed)."""
+    if resumed is None:
+        return 0
+    start_epoch = distributed.same_everywhere(lambda: resume_training(
+        resumed.saved, resumed.path, model, optimizer, scheduler))
+    if start_epoch:
+        print(f'Resuming from "{resumed.path}" after epoch {start_epoch}')
+        schedule = continue_schedule(resumed.saved, scheduler, optimizer, start_epoch, max_epoch)
+        if schedule:
+            print(f'Note: {schedule}.')
+    return start_epoch
+
+
+@contextmanager
+def _failure_explained(engine, run_dir: Path, s: Settings, tee) -> Iterator[None]:
+    """Ctrl-C in the block says how to resume (or evaluate, when only the final evaluation was
+    left), on stderr and in the log (`tee`: rank 0 alone); a failed final evaluation says where
+    the trained weights are. Either way the exception goes on."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        if tee:     # stderr: stdout may be a pipe into a stopped `tee`
+            message = _interrupt_message(engine, run_dir, s)
+            print(message, file=sys.stderr)
+            tee.log_only(message + '\n')
+        interrupt.reported = True
+        raise
+    except Exception:
+        if engine.final_checkpoint:      # training finished: say where its weights are
+            print(f'The final evaluation failed (the error follows). '
+                  f'{_evaluate_hint(engine, s)}', flush=True)
+        raise
+
+
+def _interrupt_message(engine, run_dir: Path, s: Settings) -> str:
+    """What Ctrl-C during training says: the command that resumes it, or the one that
+    evaluates it when only the final evaluation was left."""
+    if engine.final_checkpoint:
+        return f'\nInterrupted during the final evaluation. {_evaluate_hint(engine, s)}'
+    last = resume_point(run_dir)
+    return '\nInterrupted. ' + (
+        f'Last checkpoint: {last}\nResume with: {resume_command(last, s)}'
+        if last else 'No checkpoint was written yet.')
+
+
+def _write_training_results(run_dir: Path, engine, s: Settings, seconds: float) -> None:
+    """The run's training plots and metrics.json (its last evaluation)."""
+    plot_training(run_dir, len(engine.train_loader))
+    write_metrics(run_dir / 'metrics.json', engine.results[-1], RunFacts(
+        'train', s, checkpoint=newest_checkpoint(run_dir), seconds=seconds,
+        own_data=target_summaries(s.TARGETS)), engine.datamanager)
 
 
 def _evaluate_hint(engine, s: Settings) -> str:
@@ -234,28 +261,6 @@ def _evaluate_hint(engine, s: Settings) -> str:
     return (f'Training finished and its checkpoint is saved: {engine.final_checkpoint}\n'
             f'Evaluate it with: python main.py test '
             + ' '.join(shlex.quote(flag) for flag in flags))
-
-
-def _training_run_dir(s: Settings, checkpoint, resumed, notes: list) -> Path:
-    """The run folder: the checkpoint's own when resuming its newest, else a new one."""
-    run_dir = run_to_continue(checkpoint, Path(s.EXPERIMENTS_DIR),
-                              int(resumed.get('epoch') or 0)) if resumed else None
-    if resumed and run_dir is None:
-        notes.append(f'"{checkpoint}" is not the newest checkpoint of a run folder under '
-                     f'EXPERIMENTS_DIR, so the run continues in a new one (nothing is '
-                     f'overwritten)')
-    return run_dir or new_run_dir(Path(s.EXPERIMENTS_DIR), run_name(s))
-
-
-def check_not_finished(saved: dict, checkpoint: Path, s: Settings) -> None:
-    """Resuming a run that reached MAX_EPOCH would retrain its last epoch over its checkpoint."""
-    epoch = int(saved.get('epoch') or 0)
-    if epoch >= s.MAX_EPOCH:
-        raise UserError(
-            f'RESUME: "{checkpoint}" is from epoch {epoch} and the run\'s MAX_EPOCH is '
-            f'{s.MAX_EPOCH}: it has finished, so there is nothing to train and nothing was '
-            f'written. To train it further pass --MAX_EPOCH=N with N > {epoch}; to evaluate it: '
-            f'python main.py test --WEIGHTS={shlex.quote(str(checkpoint))}')
 
 
 def resume_command(checkpoint: Path, s: Settings) -> str:

@@ -3,7 +3,6 @@ import errno
 import os
 import shutil
 import subprocess
-import shutil
 import sys
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 """Checkpoints: Torchreid's load on current PyTorch, nothing in a file is ever executed."""
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,10 +57,30 @@ def test_truncated_missing_and_foreign_files_are_named(tmp_path):
         load_checkpoint(tmp_path / 'missing')
 
 
-def test_save_is_atomic_and_leaves_no_partial_file(tmp_path):
-    path = save_checkpoint({'state_dict': {}, 'epoch': 2}, tmp_path / 'model' / 'model.pth.tar-2')
+def test_a_save_interrupted_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = save_checkpoint({'state_dict': {'w': torch.ones(3)}, 'epoch': 1},
+                           tmp_path / 'model' / 'latest.pth.tar')
+    before = path.read_bytes()
+    real_save = torch.save
+    seen_during_write = []
+
+    def killed_mid_write(state, handle):
+        real_save(state, handle)
+        handle.flush()
+        # the new bytes went to another file: the checkpoint on disk is still the old one
+        seen_during_write.append((Path(handle.name) != path, path.read_bytes() == before))
+        handle.truncate(handle.tell() // 2)          # then the write stops half way
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({'state_dict': {'w': torch.zeros(3)}, 'epoch': 2}, path)
+    assert seen_during_write == [(True, True)]
+    assert path.read_bytes() == before                             # byte for byte
+    assert [p.name for p in path.parent.iterdir()] == ['latest.pth.tar']   # no partial file
+    assert load_checkpoint(path)['epoch'] == 1
+    monkeypatch.setattr(torch, 'save', real_save)
+    save_checkpoint({'state_dict': {'w': torch.zeros(3)}, 'epoch': 2}, path)   # and it goes on
     assert load_checkpoint(path)['epoch'] == 2
-    assert [p.name for p in path.parent.iterdir()] == ['model.pth.tar-2']
 
 
 def test_other_identities_load_with_a_note_other_architecture_is_an_error(tmp_path, capsys):

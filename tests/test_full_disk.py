@@ -19,7 +19,8 @@ from reidkit.run import atomic
 from reidkit.evaluate import report
 from reidkit.evaluate import visrank
 from reidkit.run.errors import UserError
-from reidkit.run.folders import log_to, write_settings
+from reidkit.run.folders import write_settings
+from reidkit.run.log import log_to
 
 FULL = 'No space left on device'
 
@@ -104,8 +105,8 @@ def test_a_log_that_cannot_be_written_is_dropped_with_a_note(tmp_path, capsys, m
 
         def close(self):
             raise OSError(errno.ENOSPC, FULL)
-    import reidkit.run.folders as runs
-    monkeypatch.setattr(runs, 'open', lambda *args, **kwargs: FullLog(), raising=False)
+    import reidkit.run.log as log
+    monkeypatch.setattr(log, 'open', lambda *args, **kwargs: FullLog(), raising=False)
     with log_to(tmp_path / 'log.txt'):
         print('epoch 1')
         print('epoch 2')

@@ -517,20 +517,19 @@ def test_a_link_loop_is_listed_once_and_a_binary_csv_is_a_clear_error(tmp_path):
 
 
 def test_the_split_settings_travel_with_a_checkpoint(tmp_path):
-    from reidkit.run.settings import with_checkpoint_settings
+    from reidkit.run.settings import settings_to_evaluate, settings_to_resume
     stored = dict(main.load_settings(dict(SOURCES=str(tmp_path / 'a'), TEST_SHARE=0.3,
                                           SPLIT_SEED=7)).record())
     # test and visrank use the run's split settings and data unless told otherwise
-    evaluated, _ = with_checkpoint_settings(main.load_settings(), stored, 'evaluate', 'ckpt')
+    evaluated, _ = settings_to_evaluate(main.load_settings(), stored, 'ckpt')
     assert (evaluated.TEST_SHARE, evaluated.SPLIT_SEED, evaluated.SOURCES) == \
         (0.3, 7, str(tmp_path / 'a'))
     # resuming takes them from the checkpoint; changing one is an error
-    resumed, _ = with_checkpoint_settings(main.load_settings(), stored, 'resume', 'ckpt')
+    resumed, _ = settings_to_resume(main.load_settings(), stored, 'ckpt')
     assert (resumed.TEST_SHARE, resumed.SPLIT_SEED) == (0.3, 7)
     with pytest.raises(UserError, match='SPLIT_SEED=7'):
-        with_checkpoint_settings(main.load_settings({'SPLIT_SEED': 8}), stored, 'resume', 'ckpt')
+        settings_to_resume(main.load_settings({'SPLIT_SEED': 8}), stored, 'ckpt')
     # the same folder written another way is the same setting
-    same, _ = with_checkpoint_settings(
-        main.load_settings({'SOURCES': str(tmp_path / 'x' / '..' / 'a')}), stored, 'resume',
-        'ckpt')
+    same, _ = settings_to_resume(
+        main.load_settings({'SOURCES': str(tmp_path / 'x' / '..' / 'a')}), stored, 'ckpt')
     assert same.SOURCES == str(tmp_path / 'a')

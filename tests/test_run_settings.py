@@ -188,3 +188,28 @@ def test_an_old_checkpoint_of_another_optimiser_is_named(trained_run, tmp_path):
     save_checkpoint(saved, latest)
     with pytest.raises(UserError, match='holds the state of another optimiser than SGD'):
         main.train(s.replace(RESUME=str(latest), OPTIM='sgd'))
+
+
+def test_resume_resolution_returns_its_notes_and_finds_the_run_folder(tmp_path, capsys):
+    from reidkit.run.folders import resume_checkpoint, training_run_dir
+    experiments = tmp_path / 'experiments'
+    run = main.load_settings({'MAX_EPOCH': 2, 'LR': 0.01, 'EXPERIMENTS_DIR': str(experiments)})
+    model_dir = experiments / '20250101-000000-run' / 'model'
+    for epoch in (1, 2):
+        save_checkpoint({'state_dict': {'w': torch.ones(1)}, 'epoch': epoch,
+                         'settings': run.record()}, model_dir / f'model.pth.tar-{epoch}')
+    command = main.load_settings({'MAX_EPOCH': 3, 'EXPERIMENTS_DIR': str(experiments),
+                                  'RESUME': str(model_dir / 'model.pth.tar-2')})
+    resumed = resume_checkpoint(command)
+    assert resumed.path == model_dir / 'model.pth.tar-2' and resumed.saved['epoch'] == 2
+    assert (resumed.settings.LR, resumed.settings.MAX_EPOCH) == (0.01, 3)   # run's, then flag
+    assert 'edits to config.py are not read' in resumed.notes[0]
+    assert 'MAX_EPOCH=3 from the command line (the run had 2)' in resumed.notes[1]
+    # the newest checkpoint of a run under EXPERIMENTS_DIR continues in that run's folder
+    assert training_run_dir(resumed.settings, resumed) == (model_dir.parent, resumed.notes)
+    # an earlier one would overwrite epoch 2 there: a new folder, and a note saying so
+    earlier = resume_checkpoint(command.replace(RESUME=str(model_dir / 'model.pth.tar-1')))
+    folder, notes = training_run_dir(earlier.settings, earlier)
+    assert folder.parent == experiments and folder != model_dir.parent
+    assert notes[:-1] == earlier.notes and 'continues in a new one' in notes[-1]
+    assert capsys.readouterr().out == ''            # notes go to the log, with the run folder

@@ -9,8 +9,6 @@ always give the same files.
 from __future__ import annotations
 
 import colorsys
-import contextlib
-import fcntl
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from reidkit.run.atomic import exclusive
 from reidkit.run.errors import UserError
 
 # Market-1501's crops are 128 high and 64 wide, taken by 6 cameras.
@@ -248,17 +247,10 @@ def _make_data_root(root: Path) -> None:
         ) from None
 
 
-@contextlib.contextmanager
 def _generation_lock(folder: Path):
     """Holds an exclusive lock on `folder`/LOCK_FILE; says so when it has to wait for it."""
-    with open(folder / LOCK_FILE, 'a') as handle:        # 'a': create, never truncate
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f'Waiting for another run to finish generating the demo dataset in '
-                  f'"{folder}" ...', flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield                                             # closing the file releases the lock
+    return exclusive(folder / LOCK_FILE, f'Waiting for another run to finish generating the '
+                                         f'demo dataset in "{folder}" ...')
 
 
 # The seed of the demo dataset `python main.py --demo` writes. Not SEED (the training seed):

@@ -1,4 +1,5 @@
-"""Files written whole or not at all, and a full disk as one paragraph instead of a traceback.
+"""Files written whole or not at all, one process at a time, and a full disk as one paragraph
+instead of a traceback.
 
 Every output file goes through `beside()`: its bytes go to a hidden temporary file in the same
 folder (`.<name>.<pid>.partial`), which is renamed over the target only once it is complete.
@@ -6,6 +7,8 @@ A kill mid-write leaves the previous file (or none), never a truncated one (its 
 removed by the next write of that file); a failed write
 (a full disk, a read-only folder) removes the temporary file and raises `UserError` naming
 the file and the reason. The pid keeps two processes writing the same file apart.
+Work that must not run twice at once (generating the demo data, filling a gallery's feature
+cache) holds `exclusive(lock_file)`.
 """
 from __future__ import annotations
 
@@ -15,6 +18,11 @@ import glob
 import os
 from pathlib import Path
 from typing import IO, Iterator
+
+try:
+    import fcntl
+except ImportError:         # Windows: no lock; such work should not overlap there
+    fcntl = None
 
 from reidkit.run.errors import UserError
 
@@ -72,9 +80,9 @@ def beside(path: Path, what: str = 'the file', advice: str | None = None,
     """Yields the temporary path to write `path`'s contents to (by any means: a handle, numpy,
     matplotlib, an exporter); when the block ends normally the file is flushed to disk (unless
     `sync` is False: many small files that can be made again, where a power cut may leave
-    them empty but a kill cannot) and renamed over `path`. An exception of a type in `catch` (raised in the block or by the
-    rename) removes the temporary file and becomes `write_error(path, ...)`; any other
-    (Ctrl-C included) removes it and goes on."""
+    them empty but a kill cannot) and renamed over `path`. An exception of a type in `catch`
+    (raised in the block or by the rename) removes the temporary file and becomes
+    `write_error(path, ...)`; any other (Ctrl-C included) removes it and goes on."""
     path = Path(path)
     temporary = temporary_name(path)
     try:
@@ -95,21 +103,39 @@ def beside(path: Path, what: str = 'the file', advice: str | None = None,
 
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: str = 'wb', what: str = 'the file', advice: str | None = None,
-                catch: tuple = (OSError,), sync: bool = True, **open_args) -> Iterator[IO]:
-    """`beside()` with the temporary file opened: `with atomic_file(p, 'w') as f: f.write(..)`.
-    `open_args` go to `open` (encoding, errors, newline)."""
+                catch: tuple = (OSError,), sync: bool = True) -> Iterator[IO]:
+    """`beside()` with the temporary file opened in `mode` (a writing mode; text modes write
+    UTF-8): `with atomic_file(p, 'w') as f: f.write(..)`."""
     with beside(path, what, advice, catch, sync) as temporary:
-        with open(temporary, mode, **open_args) as handle:
+        with open(temporary, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as handle:
             yield handle
 
 
 def write_atomically(path: Path, data: bytes | str, what: str = 'the file',
-                     advice: str | None = None, encoding: str = 'utf-8',
-                     text_errors: str = 'strict', sync: bool = True) -> Path:
-    """Writes `data` (bytes, or text in `encoding`) to `path` whole or not at all; returns
-    `path`. UserError (see `write_error`) when it cannot be written."""
+                     advice: str | None = None, text_errors: str = 'strict',
+                     sync: bool = True) -> Path:
+    """Writes `data` (bytes, or text as UTF-8; `text_errors` as in str.encode) to `path` whole
+    or not at all; returns `path`. UserError (see `write_error`) when it cannot be written."""
     if isinstance(data, str):
-        data = data.encode(encoding, text_errors)
+        data = data.encode('utf-8', text_errors)
     with atomic_file(path, 'wb', what, advice, sync=sync) as handle:
         handle.write(data)
     return Path(path)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
+    """Holds an exclusive lock on `lock_file` (created if missing, never truncated nor deleted:
+    deleting it would race) for the block; prints `waiting` first when another process holds
+    it. Without fcntl (Windows) the block runs unlocked."""
+    descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(waiting, flush=True)
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)        # releases the lock

@@ -56,6 +56,12 @@ def current() -> ProcessRank:
     return _current
 
 
+def rank_seed(seed: int) -> int:
+    """This process's random seed from the run's SEED: under DDP each process draws its own
+    augmentations (and data-path shuffles), while rank 0's weights are broadcast to all."""
+    return (seed + current().rank) % 2 ** 32
+
+
 def launched() -> bool:
     """Started by torchrun (or by our own launcher, which sets the same variables)."""
     return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ

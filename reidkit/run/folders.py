@@ -1,21 +1,17 @@
 """Where a run's outputs go: one new folder per run, never an earlier run's."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
-import sys
+import shlex
 import time
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import NamedTuple
 
-from reidkit.run.atomic import reason, write_atomically
+from reidkit.run.atomic import write_atomically
 from reidkit.run.checkpoints import (CHECKPOINT_PREFIX, check_checkpoint_fits, checkpoint_epoch,
                                      load_checkpoint)
 from reidkit.run.errors import UserError
-from reidkit.run.settings import display_name
-from reidkit.run.settings import Settings, with_checkpoint_settings
+from reidkit.run.settings import Settings, display_name, settings_to_evaluate, settings_to_resume
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
@@ -103,21 +99,62 @@ def recorded_settings(saved: dict) -> dict:
     return recorded
 
 
-def resolve_checkpoint(s: Settings, weights: Path | None = None, setting: str = 'WEIGHTS',
-                       notes: list[str] | None = None) -> tuple[Path, dict, Settings]:
-    """The checkpoint a command uses (`weights`, else the setting, else the newest run's), its
-    contents (loaded safely) and the settings to use it with: with setting='RESUME', the run's
-    own (see settings.with_checkpoint_settings); otherwise its model and input size.
-    Notes go to `notes` if given, else are printed."""
-    path = Path(weights or s[setting] or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
-    saved = load_checkpoint(path, setting)
-    s, found = with_checkpoint_settings(s, recorded_settings(saved),
-                                        'resume' if setting == 'RESUME' else 'evaluate',
-                                        f'{setting}: "{path}"')
-    for note in found:
-        notes.append(note) if notes is not None else print(f'Note: {note}.')
+def resolve_checkpoint(s: Settings, weights: Path | None = None) -> tuple[Path, dict, Settings]:
+    """The checkpoint test, visrank, search and export use (`weights`, else WEIGHTS, else the
+    newest run's), its contents (loaded safely) and the settings to use it with (its model,
+    input size and data: settings.settings_to_evaluate); notes are printed. UserError for a
+    missing or unreadable file, or one trained at another input size."""
+    path = Path(weights or s.WEIGHTS or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
+    saved = load_checkpoint(path, 'WEIGHTS')
+    s, notes = settings_to_evaluate(s, recorded_settings(saved), f'WEIGHTS: "{path}"')
+    for note in notes:
+        print(f'Note: {note}.')
     check_checkpoint_fits(saved, s, path)
     return path, saved, s
+
+
+class Resumed(NamedTuple):
+    """A RESUME checkpoint, checked: what training continues from."""
+    path: Path                  # the file
+    saved: dict                 # its contents (weights, optimiser, scheduler, epoch, settings)
+    settings: Settings          # the run's own (settings.settings_to_resume)
+    notes: list[str]            # for the log: flags that changed how it runs, missing data
+
+
+def resume_checkpoint(s: Settings) -> Resumed:
+    """The RESUME checkpoint with the run's settings; UserError for a missing, unreadable or
+    finished one, or a flag that changes the run."""
+    path = Path(s.RESUME)
+    saved = load_checkpoint(path, 'RESUME')
+    s, notes = settings_to_resume(s, recorded_settings(saved), f'RESUME: "{path}"')
+    check_checkpoint_fits(saved, s, path)
+    check_not_finished(saved, path, s)
+    return Resumed(path, saved, s, notes)
+
+
+def check_not_finished(saved: dict, checkpoint: Path, s: Settings) -> None:
+    """Resuming a run that reached MAX_EPOCH would retrain its last epoch over its checkpoint."""
+    epoch = int(saved.get('epoch') or 0)
+    if epoch >= s.MAX_EPOCH:
+        raise UserError(
+            f'RESUME: "{checkpoint}" is from epoch {epoch} and the run\'s MAX_EPOCH is '
+            f'{s.MAX_EPOCH}: it has finished, so there is nothing to train and nothing was '
+            f'written. To train it further pass --MAX_EPOCH=N with N > {epoch}; to evaluate it: '
+            f'python main.py test --WEIGHTS={shlex.quote(str(checkpoint))}')
+
+
+def training_run_dir(s: Settings, resumed: Resumed | None) -> tuple[Path, list[str]]:
+    """The folder a training writes to (the resumed checkpoint's own run when that is under
+    EXPERIMENTS_DIR and has nothing after it, else a new one) and the notes for its log."""
+    if resumed is None:
+        return new_run_dir(Path(s.EXPERIMENTS_DIR), run_name(s)), []
+    run_dir = run_to_continue(resumed.path, Path(s.EXPERIMENTS_DIR),
+                              int(resumed.saved.get('epoch') or 0))
+    if run_dir is not None:
+        return run_dir, resumed.notes
+    return new_run_dir(Path(s.EXPERIMENTS_DIR), run_name(s)), resumed.notes + [
+        f'"{resumed.path}" is not the newest checkpoint of a run folder under EXPERIMENTS_DIR, '
+        f'so the run continues in a new one (nothing is overwritten)']
 
 
 def output_dir_for(checkpoint: Path, experiments_dir: Path, mode: str) -> Path:
@@ -128,114 +165,3 @@ def output_dir_for(checkpoint: Path, experiments_dir: Path, mode: str) -> Path:
     if run.parent == experiments_dir:
         return new_run_dir(run, mode)
     return new_run_dir(experiments_dir, mode)
-
-
-class _Tee:
-    """Writes to the log file first, then to the terminal. A terminal that went away
-    (`python main.py | tee run.log`, and Ctrl-C stops `tee` too) never costs the log a line; a
-    log that cannot be written any more (a full disk) is dropped with a note on the terminal,
-    and the run goes on."""
-
-    def __init__(self, terminal: TextIO, log: TextIO | None):
-        self.terminal, self.log = terminal, log
-
-    def write(self, text: str) -> int:
-        self.log_only(text)
-        try:
-            self.terminal.write(text)
-        except BrokenPipeError:
-            _silence(self.terminal)
-        return len(text)
-
-    def log_only(self, text: str) -> None:
-        """`text` to the log alone (what the terminal gets another way, e.g. on stderr)."""
-        if self.log is None:
-            return
-        try:
-            self.log.write(text)
-        except OSError as error:
-            self._drop_log(error)
-
-    def flush(self) -> None:
-        if self.log is not None:
-            try:
-                self.log.flush()
-            except OSError as error:
-                self._drop_log(error)
-        try:
-            self.terminal.flush()
-        except BrokenPipeError:
-            _silence(self.terminal)
-
-    def _drop_log(self, error: OSError) -> None:
-        name, self.log = getattr(self.log, 'name', '?'), None
-        self.write(f'\nNote: the log "{name}" could not be written ({reason(error)}); it stops '
-                   f'here, the output goes on here.\n')
-
-    def isatty(self) -> bool:
-        return self.terminal.isatty()
-
-
-def _silence(stream: TextIO) -> None:
-    """Points a stream whose reader has gone at /dev/null, so that later prints and the flush
-    at exit do not raise BrokenPipeError again (Python's documented remedy)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, stream.fileno())
-    os.close(devnull)
-
-
-@contextlib.contextmanager
-def log_to(path: Path) -> Iterator[_Tee]:
-    """Everything printed inside the block also goes to `path` (appended); yields the tee,
-    whose `log_only` writes what must reach the log but not stdout. If `path` cannot be
-    written (a full disk), printing goes on without it, with a note."""
-    previous = sys.stdout
-    try:
-        log = open(path, 'a', buffering=1)   # line-buffered: `tail -f log.txt` is live
-    except OSError as error:
-        print(f'Note: the log "{path}" cannot be written ({reason(error)}); output goes to the '
-              f'terminal only.')
-        log = None
-    tee = sys.stdout = _Tee(previous, log)
-    try:
-        yield tee
-    finally:
-        sys.stdout = previous
-        try:
-            if log is not None:
-                log.close()
-        except OSError:
-            pass
-
-
-@contextlib.contextmanager
-def log_once_there_is_a_folder() -> Iterator[Callable[[Path], None]]:
-    """Everything printed inside the block is kept in memory until the yielded function is
-    called with a log file's path: then what was kept is written there and the rest of the
-    block's output is appended (for a command whose output folder is made only once there is
-    a result to put in it, like search)."""
-    kept = io.StringIO()
-    previous = sys.stdout
-    tee = sys.stdout = _Tee(previous, kept)
-    opened = []
-
-    def start(path: Path) -> None:
-        try:
-            log = open(path, 'a', buffering=1, encoding='utf-8', errors='surrogateescape')
-            log.write(kept.getvalue())
-        except OSError as error:
-            tee.log = None
-            print(f'Note: the log "{path}" cannot be written ({reason(error)}); output goes '
-                  f'to the terminal only.')
-            return
-        tee.log = log
-        opened.append(log)
-    try:
-        yield start
-    finally:
-        sys.stdout = previous
-        for log in opened:
-            try:
-                log.close()
-            except OSError:
-                pass

@@ -241,21 +241,14 @@ def _same(key: str, value: Any, recorded: Any) -> bool:
     return value == recorded
 
 
-def with_checkpoint_settings(current: Settings, stored: Mapping[str, Any], purpose: str,
-                             source: str) -> tuple[Settings, list[str]]:
-    """The settings to use with a checkpoint that recorded `stored`, and notes for the log.
-
-    purpose 'resume': run, schedule and RESUMED_LOCAL_SETTINGS come from the checkpoint; a
-    command-line flag that changes a run setting is an error (`source` names the checkpoint),
-    one that changes another setting applies and is noted. purpose 'evaluate': EVALUATION_SETTINGS come from
-    the checkpoint unless given. Either way DATA_ROOT is the recorded one unless given (or
-    missing here). Keys the checkpoint does not hold keep their current value.
-    """
-    stored = {key: value for key, value in stored.items() if key in current}
-    taken = RUN_SETTINGS + SCHEDULE_SETTINGS + RESUMED_LOCAL_SETTINGS if purpose == 'resume' \
-        else EVALUATION_SETTINGS
-    changed = [key for key in RUN_SETTINGS if purpose == 'resume' and key in stored
-               and key in current.given and _same(key, current[key], stored[key]) is False]
+def settings_to_resume(current: Settings, stored: Mapping[str, Any],
+                       source: str) -> tuple[Settings, list[str]]:
+    """The settings a resumed run continues with, and notes for its log: run, schedule and
+    RESUMED_LOCAL_SETTINGS come from the checkpoint's `stored` settings unless given on the
+    command line. A flag that changes a run setting is a UserError (`source` names the
+    checkpoint); one that changes another setting applies and is noted."""
+    changed = [key for key in RUN_SETTINGS if key in stored and key in current.given
+               and not _same(key, current[key], stored[key])]
     if changed:
         raise UserError(
             f'{source} was trained with ' + ', '.join(f'{key}={stored[key]!r}' for key in changed)
@@ -266,6 +259,27 @@ def with_checkpoint_settings(current: Settings, stored: Mapping[str, Any], purpo
             'resuming: drop those flags to continue the run as it was, or start a new run '
             'without --RESUME.'
         )
+    s, notes = _from_checkpoint(current, stored,
+                                RUN_SETTINGS + SCHEDULE_SETTINGS + RESUMED_LOCAL_SETTINGS, source)
+    return s, ['the run\'s settings come from the checkpoint; only command-line flags change '
+               'its schedule or how it runs here (edits to config.py are not read for them)',
+               *notes]
+
+
+def settings_to_evaluate(current: Settings, stored: Mapping[str, Any],
+                         source: str) -> tuple[Settings, list[str]]:
+    """The settings test, visrank, search and export use a checkpoint with, and notes for the
+    log: EVALUATION_SETTINGS (its model, input size and data) come from the checkpoint's
+    `stored` settings unless given on the command line."""
+    return _from_checkpoint(current, stored, EVALUATION_SETTINGS, source)
+
+
+def _from_checkpoint(current: Settings, stored: Mapping[str, Any], taken: tuple[str, ...],
+                     source: str) -> tuple[Settings, list[str]]:
+    """`current` with the `taken` settings the checkpoint holds, but those given on the command
+    line (a change of one that is not a run setting is noted), and with the recorded DATA_ROOT
+    unless given (or missing here). Keys the checkpoint does not hold keep their value."""
+    stored = {key: value for key, value in stored.items() if key in current}
     values, notes = dict(current), []
     for key in taken:
         if key not in stored:
@@ -283,10 +297,6 @@ def with_checkpoint_settings(current: Settings, stored: Mapping[str, Any], purpo
         elif Path(recorded_data) != Path(current.DATA_ROOT).resolve():
             notes.append(f'the data recorded with the checkpoint, "{recorded_data}", is not '
                          f'here; using DATA_ROOT={current.DATA_ROOT!r}')
-    if purpose == 'resume':
-        notes.insert(0, 'the run\'s settings come from the checkpoint; only command-line '
-                        'flags change its schedule or how it runs here (edits to config.py are '
-                        'not read for them)')
     typed = apply_overrides(current, {k: v for k, v in values.items() if v != current[k]},
                             source=source)
     return Settings(typed, current.given), notes

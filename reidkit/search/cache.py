@@ -19,15 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generator, Iterable, Iterator
 
-try:
-    import fcntl
-except ImportError:         # Windows: no lock; searches on one gallery should not overlap
-    fcntl = None
-
 import numpy as np
 
 from reidkit.data.checks import SEARCH_INDEX_KINDS
-from reidkit.run.atomic import write_error
+from reidkit.run.atomic import exclusive, write_error
 from reidkit.run.errors import UserError
 from reidkit.run.settings import Settings
 from reidkit.search import index as search_index
@@ -220,7 +215,7 @@ def gallery_features(extractor: FeatureExtractor, folder: Path, cache_dir: Path,
     search_index.check_place(files.manifest, 'the gallery\'s feature manifest')
     for kind in SEARCH_INDEX_KINDS:
         search_index.check_place(files.index(kind), 'the gallery\'s index')
-    with _exclusive(files.lock, 'Waiting for another search that is extracting the features '
+    with exclusive(files.lock, 'Waiting for another search that is extracting the features '
                     f'of this gallery (lock: {files.lock}) ...'):
         for leftover in files.leftovers():       # from a search that was killed
             leftover.unlink(missing_ok=True)
@@ -231,19 +226,6 @@ def gallery_features(extractor: FeatureExtractor, folder: Path, cache_dir: Path,
                   f'extracting the features again.')
             cached = None
         return _update_cache(extractor, batch_size, given, stamps, cached, files)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_file: Path, waiting: str) -> Iterator[None]:
-    """Holds an exclusive lock on `lock_file` for the block, saying so if it has to wait."""
-    with open(lock_file, 'a') as handle:
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(waiting, flush=True)
-                fcntl.flock(handle, fcntl.LOCK_EX)
-        yield                   # closing the file releases the lock
 
 
 def _features_generation(feature_file: Path, features: np.memmap) -> str:
@@ -421,7 +403,7 @@ def gallery_index(gallery: Gallery, s: Settings) -> GalleryIndex | None:
     if len(gallery.paths) <= s.SEARCH_EXACT_UP_TO:
         return None
     files = gallery.files
-    with _exclusive(files.lock, 'Waiting for another search that is updating the index of '
+    with exclusive(files.lock, 'Waiting for another search that is updating the index of '
                     f'this gallery (lock: {files.lock}) ...'):
         index, what = search_index.open_index(
             files.index(s.SEARCH_INDEX), gallery.features, gallery.ids, s.SEARCH_INDEX,

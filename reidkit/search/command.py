@@ -20,7 +20,8 @@ from reidkit.data import checks
 from reidkit.evaluate.metrics import check_finite, squared_euclidean
 from reidkit.evaluate.report import unique_names
 from reidkit.run.errors import UserError
-from reidkit.run.folders import log_once_there_is_a_folder, new_run_dir
+from reidkit.run.folders import new_run_dir
+from reidkit.run.log import log_once_there_is_a_folder
 from reidkit.run.settings import Settings
 from reidkit.search import index as search_index
 from reidkit.search.cache import RANK_CHUNK, Gallery, gallery_features, gallery_index

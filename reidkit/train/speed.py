@@ -104,7 +104,7 @@ def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
     if switched_on(s.DATA_CACHE, cuda):
         loaders, why = build_cached_loaders(datamanager, CacheRequest(
             s.TRANSFORMS, s.HEIGHT, s.WIDTH, device, s.DATA_CACHE_GB,
-            seed=(s.SEED + distributed.current().rank) % 2 ** 32,
+            seed=distributed.rank_seed(s.SEED),
             test_batch_size=DEVICE_TEST_BATCH if cuda else None))
         if loaders:
             line += ' + images decoded once, augmented on the device' + \
