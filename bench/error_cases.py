@@ -21,7 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reidkit.data.demo import make_demo_dataset, market_data_dir  # noqa: E402
+from reidkit.data.demo import make_demo_dataset  # noqa: E402
+from reidkit.data.market import market_data_dir  # noqa: E402
 
 TINY = ['--HEIGHT=32', '--WIDTH=16', '--BATCH_SIZE_TRAIN=16', '--WORKERS=0',
         '--PRETRAINED=False', '--MAX_EPOCH=1', '--PRINT_FREQ=1000']
@@ -49,7 +50,7 @@ class Payload:
 def main():
     tmp = Path(tempfile.mkdtemp())
     data = tmp / 'data'
-    make_demo_dataset(data, num_train_ids=8, num_test_ids=8, num_junk=2, num_distractors=2)
+    make_demo_dataset(data, num_train_ids=8, num_test_ids=8, gallery_extras=2)
     common = [f'--DATA_ROOT={data}', f'--EXPERIMENTS_DIR={tmp / "exp"}', *TINY]
     run(['train', *common])
     checkpoint = next((tmp / 'exp').glob('*/model/model.pth.tar-1'))

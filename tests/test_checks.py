@@ -15,7 +15,7 @@ from PIL import Image
 
 import main
 from reidkit.data import checks, images
-from reidkit.data.demo import market_data_dir
+from reidkit.data.market import market_data_dir
 from reidkit.run.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
