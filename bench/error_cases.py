@@ -209,6 +209,21 @@ def main():
     cases += [('#22 market1501 with a two-digit camera (Torchreid reads c1)',
                ['train', *common, f'--DATA_ROOT={two_digit}'], None)]
 
+    # Issue 19/22 (part 3): the batch and identity checks count the splits SOURCES/TARGETS select.
+    from reidkit.data.own_data import load
+    own_train = len(load(str(own / 'crops')).train)
+    cases += [
+        ('#22.3 two sources (market1501 + own), a triplet batch beyond their identities',
+         ['train', *common, f"--SOURCES=['market1501', '{own}/crops']", '--LOSS=triplet',
+          '--BATCH_SIZE_TRAIN=400'], None),
+        ('#22.3 own source, market1501 target, a batch beyond the source\'s images',
+         ['train', *common, f'--SOURCES={own}/crops', '--TARGETS=market1501',
+          f'--BATCH_SIZE_TRAIN={own_train + 1}'], None),
+        ('#22.3 a triplet batch (P x K) the own training split cannot fill',
+         ['train', *mine_, f'--SOURCES={own}/crops', '--LOSS=triplet',
+          '--BATCH_SIZE_TRAIN=200'], None),
+    ]
+
     cases = [(name, args, env, None, 'Note:') for name, args, env in cases]
     cases += [(name, args, env, None, note)
               for name, args, env, note in issue_21_cases(tmp, data, common, checkpoint, damaged)]

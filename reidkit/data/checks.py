@@ -5,7 +5,6 @@ import re
 import socket
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -77,18 +76,28 @@ def check_names(s: Settings) -> None:
                                 f'CSV file of your own, write it as a path: --{key}=./{name}')
     for key, valid in SWITCH_CHOICES.items():
         if s[key] not in valid:
-            raise UserError(f'{key}={s[key]!r}: valid choices are {", ".join(valid)}. Fix it '
-                            f'in config.py or with --{key}=...')
+            raise invalid_choice(key, s[key], valid)
+
+
+def invalid_choice(key: str, value, valid) -> UserError:
+    """The error for a setting whose value is none of `valid` (a switch, an index kind)."""
+    return UserError(f'{key}={value!r}: valid choices are {", ".join(valid)}. Fix it in '
+                     f'config.py or with --{key}=...')
+
+
+def check_positive(s: Settings, keys) -> None:
+    """Each setting of `keys` is greater than 0 (UserError naming the first that is not)."""
+    for key in keys:
+        if not s[key] > 0:
+            raise UserError(f'{key}={s[key]!r} must be greater than 0. Fix it in config.py '
+                            f'or with --{key}=...')
 
 
 def check_numbers(s: Settings, training: bool) -> None:
     """Sizes, rates and counts that make sense."""
-    positive = ['HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'BATCH_SIZE_TEST', 'LR', 'STEPSIZE',
-                'PRINT_FREQ', 'VISRANK_TOPK', 'SEARCH_TOPK'] + (['MAX_EPOCH'] if training else [])
-    for key in positive:
-        if not s[key] > 0:
-            raise UserError(f'{key}={s[key]!r} must be greater than 0. Fix it in config.py '
-                            f'or with --{key}=...')
+    check_positive(s, ['HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'BATCH_SIZE_TEST', 'LR',
+                       'STEPSIZE', 'PRINT_FREQ', 'VISRANK_TOPK', 'SEARCH_TOPK']
+                   + (['MAX_EPOCH'] if training else []))
     if not 0 <= s.SEED < 2 ** 32:
         raise UserError(f'SEED={s.SEED} must be between 0 and 2**32 - 1 (numpy\'s range). Fix it '
                         f'in config.py or with --SEED=...')
@@ -366,20 +375,13 @@ def _sources_named(sources: list[SplitLabels], count) -> str:
     return ' + '.join(f'{source.shown} ({count(source)})' for source in sources) + ' together'
 
 
-def identity_sampler_images(train: list) -> int:
-    """How many images an epoch of Torchreid's RandomIdentitySampler gives for the training
-    labels `train` ((pid, camid) per image): each identity's count, raised to TRIPLET_INSTANCES
-    (it draws again from a smaller one) and cut to a multiple of it."""
-    counts = [max(n, TRIPLET_INSTANCES) for n in Counter(pid for pid, _ in train).values()]
-    return sum(n - n % TRIPLET_INSTANCES for n in counts)
-
-
 def check_training_split(s: Settings, sources: list[SplitLabels]) -> None:
-    """The training split of SOURCES (all sources together, as Torchreid combines them: their
-    identities are kept apart) can train: two identities or more, at least one full batch per
-    epoch, and for LOSS='triplet' BATCH_SIZE_TRAIN / 4 identities per batch (Torchreid's
-    identity sampler fails on a bare assertion otherwise). UserError naming the datasets and
-    their numbers."""
+    """The training split of SOURCES (all sources together, as Torchreid combines them, each
+    keeping its own identities) can train: two identities or more and at least one full batch
+    per epoch: BATCH_SIZE_TRAIN images, or with LOSS='triplet' BATCH_SIZE_TRAIN / 4 identities
+    (its identity sampler takes 4 images of each, drawing again from an identity with fewer;
+    with fewer identities Torchreid fails on a bare assertion). UserError naming the datasets
+    and their numbers."""
     ids = sum(source.train_ids for source in sources)
     images = sum(len(source.train) for source in sources)
     people = (f'the training set{"s" if len(sources) > 1 else ""} of '
@@ -390,21 +392,15 @@ def check_training_split(s: Settings, sources: list[SplitLabels]) -> None:
             f'SOURCES: {people} {has} {ids} identit{"y" if ids == 1 else "ies"}: training a '
             f're-identification model needs at least two people to tell apart. Add '
             f'identities, or add a source with more of them.')
-    if s.BATCH_SIZE_TRAIN > images:
-        raise _zero_steps(s, images, f'the {images} training images of '
-                          + _sources_named(sources, lambda source: len(source.train)))
-    if s.LOSS != 'triplet':
-        return
     needed = s.BATCH_SIZE_TRAIN // TRIPLET_INSTANCES
-    if ids < needed:
+    if s.LOSS == 'triplet' and ids < needed:
         raise UserError(
             f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN} with LOSS=\'triplet\' needs {needed} '
             f'different people per batch ({TRIPLET_INSTANCES} images each), but {people} '
             f'{has} {ids}. Use a batch of at most {ids * TRIPLET_INSTANCES}.')
-    yielded = sum(identity_sampler_images(source.train) for source in sources)
-    if s.BATCH_SIZE_TRAIN > yielded:
-        raise _zero_steps(s, yielded, f'what one epoch of {people} gives ({yielded} images '
-                                      f'from the identity sampler)')
+    if s.LOSS != 'triplet' and s.BATCH_SIZE_TRAIN > images:
+        raise _zero_steps(s, images, f'the {images} training images of '
+                          + _sources_named(sources, lambda source: len(source.train)))
 
 
 def count_matchable_queries(query, gallery) -> int:
