@@ -186,15 +186,13 @@ def train(s: Settings | None = None) -> Path:
 
 
 def _training_items(s: Settings, run_dir: Path, resumed: Resumed | None):
-    """get_items() for training, its batches checked, with the run's settings.json and (own
-    data) split.json written to `run_dir`."""
+    """get_items() for training, with the run's settings.json and (own data) split.json
+    written to `run_dir` (the splits were checked before: checks.check_before_run)."""
     if distributed.current().is_main:
         write_settings(run_dir, s)
     # The checkpoint replaces ImageNet weights when resuming: no download is needed.
     datamanager, model, optimizer, scheduler = get_items(
         s.replace(PRETRAINED=False) if resumed else s)
-    distributed.same_everywhere(lambda: checks.check_training_batches(s, datamanager))
-    distributed.same_everywhere(lambda: checks.check_loaded_matches(datamanager))
     if distributed.current().is_main:
         write_run_split(run_dir, s)     # own data: which image went where (split.json)
     return datamanager, model, optimizer, scheduler
@@ -285,7 +283,6 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     distributed.on_main(lambda: checks.check_before_run(s, training=False))
     set_random_seed(s.SEED)
     datamanager, model, optimizer, scheduler = get_items(s)
-    checks.check_loaded_matches(datamanager)
     # own data: never test on the run's training images (its split.json)
     split_notes = check_run_split(Path(checkpoint).resolve().parent.parent, s)
     load_weights(model, saved, s.MODEL_NAME, checkpoint)

@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reidkit.data.checks import check_market_layout  # noqa: E402
-from reidkit.data.demo import make_demo_dataset, market_data_dir  # noqa: E402
+from reidkit.data.demo import make_demo_dataset  # noqa: E402
+from reidkit.data.market import market_data_dir  # noqa: E402
 
 total = int(sys.argv[sys.argv.index('--files') + 1]) if '--files' in sys.argv else 33_000
 with tempfile.TemporaryDirectory() as tmp:
@@ -29,7 +30,7 @@ with tempfile.TemporaryDirectory() as tmp:
             image = images[i % len(images)]
             shutil.copy(image, target / split / f'{i % 1500 + 1:04d}_c{i % 6 + 1}s1_{i:06d}_01.jpg')
     started = time.perf_counter()
-    checked = check_market_layout(target.parent)
+    checked = {split: len(paths) for split, paths in check_market_layout(target.parent).items()}
     seconds = time.perf_counter() - started
     print(f'checked {sum(checked.values())} images ({checked}) in {seconds:.2f} s '
           f'({sum(checked.values()) / seconds:,.0f} files/s)')

@@ -21,7 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reidkit.data.demo import make_demo_dataset, market_data_dir  # noqa: E402
+from reidkit.data.demo import make_demo_dataset  # noqa: E402
+from reidkit.data.market import market_data_dir  # noqa: E402
 
 TINY = ['--HEIGHT=32', '--WIDTH=16', '--BATCH_SIZE_TRAIN=16', '--WORKERS=0',
         '--PRETRAINED=False', '--MAX_EPOCH=1', '--PRINT_FREQ=1000']
@@ -49,7 +50,7 @@ class Payload:
 def main():
     tmp = Path(tempfile.mkdtemp())
     data = tmp / 'data'
-    make_demo_dataset(data, num_train_ids=8, num_test_ids=8, num_junk=2, num_distractors=2)
+    make_demo_dataset(data, num_train_ids=8, num_test_ids=8, gallery_extras=2)
     common = [f'--DATA_ROOT={data}', f'--EXPERIMENTS_DIR={tmp / "exp"}', *TINY]
     run(['train', *common])
     checkpoint = next((tmp / 'exp').glob('*/model/model.pth.tar-1'))
@@ -207,6 +208,25 @@ def main():
     renamed.rename(renamed.with_name(renamed.name[:5] + 'c10' + renamed.name[7:]))
     cases += [('#22 market1501 with a two-digit camera (Torchreid reads c1)',
                ['train', *common, f'--DATA_ROOT={two_digit}'], None)]
+
+    # Issue 19/22 (part 3): the batch and identity checks count the splits SOURCES/TARGETS select.
+    from reidkit.data.own_data import load
+    own_train = len(load(str(own / 'crops')).train)
+    two = tmp / 'two-sources'                  # the demo also as DukeMTMC-reID (no junk)
+    shutil.copytree(data, two)
+    shutil.copytree(market_data_dir(two), two / 'dukemtmc-reid' / 'DukeMTMC-reID',
+                    ignore=lambda folder, names: [n for n in names if n.startswith('-1_')])
+    cases += [
+        ('#22.3 two sources (market1501 + dukemtmcreid), a triplet batch beyond their identities',
+         ['train', *common, f'--DATA_ROOT={two}', "--SOURCES=['market1501', 'dukemtmcreid']",
+          '--LOSS=triplet', '--BATCH_SIZE_TRAIN=68'], None),
+        ('#22.3 own source, market1501 target, a batch beyond the source\'s images',
+         ['train', *common, f'--SOURCES={own}/crops', '--TARGETS=market1501',
+          f'--BATCH_SIZE_TRAIN={own_train + 1}'], None),
+        ('#22.3 a triplet batch (P x K) the own training split cannot fill',
+         ['train', *mine_, f'--SOURCES={own}/crops', '--LOSS=triplet',
+          '--BATCH_SIZE_TRAIN=200'], None),
+    ]
 
     cases = [(name, args, env, None, 'Note:') for name, args, env in cases]
     cases += [(name, args, env, None, note)

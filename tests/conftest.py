@@ -23,8 +23,7 @@ TINY = dict(HEIGHT=32, WIDTH=16, BATCH_SIZE_TRAIN=16, BATCH_SIZE_TEST=64, WORKER
 def tiny_data_root(tmp_path_factory) -> Path:
     """A 16-identity demo dataset in Market-1501's layout."""
     root = tmp_path_factory.mktemp('tiny-data')
-    make_demo_dataset(root, num_train_ids=8, num_test_ids=8, seed=3, num_junk=4,
-                      num_distractors=4)
+    make_demo_dataset(root, num_train_ids=8, num_test_ids=8, seed=3, gallery_extras=4)
     return root
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 import main
 from reidkit.data import checks, images
-from reidkit.data.demo import market_data_dir
+from reidkit.data.market import market_data_dir
 from reidkit.run.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,3 +240,92 @@ def test_a_folder_above_named_like_an_image_is_refused(tiny_data_root, tmp_path,
     with pytest.raises(UserError, match=r'a folder above the image is named like a Market-1501 '
                                         r'image \("12_c3"\)'):
         checks.check_before_run(tiny_settings.replace(DATA_ROOT=str(root)), training=True)
+
+
+# Issue 22, part 3: the checks count what the loader will read, for any SOURCES/TARGETS.
+
+def _duke(tiny_data_root, root: Path) -> Path:
+    """The tiny dataset also as DukeMTMC-reID (no junk: Duke's loader has none), beside
+    Market-1501 under `root`."""
+    shutil.copytree(tiny_data_root, root)
+    shutil.copytree(market_data_dir(root), root / 'dukemtmc-reid' / 'DukeMTMC-reID',
+                    ignore=lambda folder, names: [n for n in names if n.startswith('-1_')])
+    return root
+
+
+def _refused_before_any_epoch(capsys, tmp_path, *flags) -> str:
+    """The message of `main.py train *flags` on the tiny settings: exit 2, one paragraph, no
+    run folder (nothing trained)."""
+    from conftest import TINY
+    argv = ['train', f'--EXPERIMENTS_DIR={tmp_path}/exp',
+            *(f'--{key}={value!r}' for key, value in TINY.items()), *flags]
+    assert main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1 and 'Traceback' not in err
+    assert not (tmp_path / 'exp').exists()
+    return err
+
+
+def test_a_second_source_counts_toward_the_identities_a_triplet_batch_needs(
+        tiny_data_root, tmp_path, tiny_settings, capsys):
+    """market1501 and dukemtmcreid (Torchreid's loader) combined: 8 + 8 training identities."""
+    root = _duke(tiny_data_root, tmp_path / 'data')
+    s = tiny_settings.replace(DATA_ROOT=str(root), SOURCES=['market1501', 'dukemtmcreid'],
+                              LOSS='triplet')
+    ids = {name: len({pid for _, pid, _, _ in checks.torchreid_datasets()[name](
+        root=str(root), verbose=False).train}) for name in s.SOURCES}
+    total = sum(ids.values())
+    checks.check_before_run(s.replace(BATCH_SIZE_TRAIN=4 * total), training=True)   # fits
+    err = _refused_before_any_epoch(
+        capsys, tmp_path, f'--DATA_ROOT={root}', "--SOURCES=['market1501', 'dukemtmcreid']",
+        "--LOSS='triplet'", f'--BATCH_SIZE_TRAIN={4 * total + 4}')
+    assert (f"needs {total + 1} different people per batch (4 images each), but the training "
+            f"sets of market1501 ({ids['market1501']} identities) + dukemtmcreid "
+            f"({ids['dukemtmcreid']} identities) together have {total}. Use a batch of at most "
+            f"{4 * total}.") in err
+
+
+def test_a_market_target_with_an_own_source_counts_the_sources_images(
+        tiny_data_root, tmp_path, tiny_settings, capsys):
+    from reidkit.data.demo import make_identity_folders
+    from reidkit.data.own_data import load
+    people = make_identity_folders(tmp_path / 'people', num_ids=8, seed=2)
+    own = load(str(people), tiny_settings.TEST_SHARE, tiny_settings.SPLIT_SEED)
+    market_images = len(list((market_data_dir(tiny_data_root) / 'bounding_box_train')
+                             .glob('*.jpg')))
+    batch = len(own.train) + 1
+    assert batch <= market_images           # Market's training split would have filled it
+    err = _refused_before_any_epoch(capsys, tmp_path, f'--DATA_ROOT={tiny_data_root}',
+                                    f'--SOURCES={people}', '--TARGETS=market1501',
+                                    f'--BATCH_SIZE_TRAIN={batch}')
+    assert (f'BATCH_SIZE_TRAIN={batch} is larger than the {len(own.train)} training images of '
+            f'"{people}", so training would take zero steps') in err
+
+
+def test_a_triplet_batch_the_training_split_cannot_fill_and_one_identity_are_refused(
+        tmp_path, tiny_data_root, capsys):
+    from reidkit.data.demo import make_identity_folders
+    split = tmp_path / 'split'
+    make_identity_folders(split / 'train', num_ids=5, seed=4)
+    make_identity_folders(split / 'query', num_ids=2, seed=5)
+    shutil.copytree(split / 'query', split / 'gallery')
+    common = [f'--DATA_ROOT={tiny_data_root}', f'--SOURCES={split}', f'--TARGETS={split}']
+    err = _refused_before_any_epoch(capsys, tmp_path, *common, "--LOSS='triplet'",
+                                    '--BATCH_SIZE_TRAIN=24')
+    assert (f'needs 6 different people per batch (4 images each), but the training set of '
+            f'"{split}" has 5. Use a batch of at most 20.') in err
+    for person in sorted((split / 'train').iterdir())[1:]:
+        shutil.rmtree(person)
+    err = _refused_before_any_epoch(capsys, tmp_path, *common)
+    assert f'SOURCES: the training set of "{split}" has 1 identity: training' in err
+
+
+def test_an_own_target_without_queries_is_refused_before_any_epoch(tmp_path, tiny_data_root,
+                                                                   capsys):
+    from reidkit.data.demo import make_identity_folders
+    split = tmp_path / 'split'
+    make_identity_folders(split / 'train', num_ids=3, seed=4)
+    make_identity_folders(split / 'gallery', num_ids=2, seed=5)
+    err = _refused_before_any_epoch(capsys, tmp_path, f'--DATA_ROOT={tiny_data_root}',
+                                    f'--TARGETS={split}')
+    assert f'TARGETS: "{split}" has no query images, so it cannot be a target' in err

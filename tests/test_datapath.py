@@ -28,7 +28,7 @@ from reidkit.data import datapath
 from reidkit.data.images import read_image
 from reidkit.data.datapath import (CachedLoader, CacheRequest, DecodedImages, DeviceTransform,
                                    build_cached_loaders)
-from reidkit.data.demo import market_data_dir
+from reidkit.data.market import market_data_dir
 from reidkit.run.errors import UserError
 
 ONE_LEVEL = 1 / 255 / 0.224 + 1e-4      # one grey level after ImageNet normalisation

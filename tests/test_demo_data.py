@@ -11,7 +11,8 @@ import pytest
 
 from torchreid.reid.data.datasets.image.market1501 import Market1501
 
-from reidkit.data.demo import DONE_MARKER, make_demo_dataset, market_data_dir
+from reidkit.data.demo import DONE_MARKER, make_demo_dataset
+from reidkit.data.market import market_data_dir
 from reidkit.run.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ NAME = re.compile(r'^(-1|\d{4})_c([1-6])s1_(\d{6})_(\d{2})\.jpg$')
 def test_torchreids_market1501_loader_reads_it_with_the_expected_counts(tiny_data_root):
     dataset = Market1501(root=str(tiny_data_root), verbose=False)
     summary = make_demo_dataset(tiny_data_root, num_train_ids=8, num_test_ids=8, seed=3,
-                                num_junk=4, num_distractors=4)
+                                gallery_extras=4)
     assert dataset.num_train_pids == summary.train_ids == 8
     assert len(dataset.train) == summary.train_images
     assert len(dataset.query) == summary.query_images
@@ -56,18 +57,18 @@ def _digest(root):
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path):
-    make_demo_dataset(tmp_path / 'a', num_train_ids=2, num_test_ids=2, seed=7, num_junk=1, num_distractors=1)
-    make_demo_dataset(tmp_path / 'b', num_train_ids=2, num_test_ids=2, seed=7, num_junk=1, num_distractors=1)
-    make_demo_dataset(tmp_path / 'c', num_train_ids=2, num_test_ids=2, seed=8, num_junk=1, num_distractors=1)
+    make_demo_dataset(tmp_path / 'a', num_train_ids=2, num_test_ids=2, seed=7, gallery_extras=1)
+    make_demo_dataset(tmp_path / 'b', num_train_ids=2, num_test_ids=2, seed=7, gallery_extras=1)
+    make_demo_dataset(tmp_path / 'c', num_train_ids=2, num_test_ids=2, seed=8, gallery_extras=1)
     assert _digest(tmp_path / 'a') == _digest(tmp_path / 'b') != _digest(tmp_path / 'c')
 
 
 def test_an_interrupted_generation_is_redone(tmp_path):
-    make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2, seed=1, num_junk=1, num_distractors=1)
+    make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2, seed=1, gallery_extras=1)
     before = _digest(tmp_path)
     (market_data_dir(tmp_path) / DONE_MARKER).unlink()              # as if killed before the end
     next(market_data_dir(tmp_path).rglob('*.jpg')).unlink()
-    make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2, seed=1, num_junk=1, num_distractors=1)
+    make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2, seed=1, gallery_extras=1)
     assert _digest(tmp_path) == before
 
 
@@ -81,10 +82,8 @@ def test_never_overwrites_data_it_did_not_generate(tmp_path):
 
 
 def test_other_arguments_regenerate_its_own_folder(tmp_path):
-    first = make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2, num_junk=0,
-                              num_distractors=0)
-    second = make_demo_dataset(tmp_path, num_train_ids=3, num_test_ids=2, num_junk=0,
-                               num_distractors=0)
+    first = make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2, gallery_extras=0)
+    second = make_demo_dataset(tmp_path, num_train_ids=3, num_test_ids=2, gallery_extras=0)
     assert (first.train_ids, second.train_ids) == (2, 3)
 
 
@@ -111,7 +110,7 @@ while not go.exists():
     time.sleep(0.005)
 make_demo_dataset(root, **SIZES)
 """
-SIZES = dict(num_train_ids=6, num_test_ids=6, seed=4, num_junk=2, num_distractors=2)
+SIZES = dict(num_train_ids=6, num_test_ids=6, seed=4, gallery_extras=2)
 
 
 def test_two_runs_generating_one_folder_at_once_take_turns(tmp_path):

@@ -448,7 +448,7 @@ def test_market_layout_parses_as_torchreids_loader_and_identity_folders_alike(ti
                                                                              tmp_path):
     import shutil
     from torchreid.reid.data.datasets.image.market1501 import Market1501
-    from reidkit.data.demo import market_data_dir
+    from reidkit.data.market import market_data_dir
     theirs = Market1501(root=str(tiny_data_root), verbose=False)
     ours = load(str(market_data_dir(tiny_data_root)))
     for split in ('query', 'gallery'):

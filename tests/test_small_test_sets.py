@@ -5,21 +5,20 @@ import json
 import shlex
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import main
-from reidkit.data import checks
+from reidkit.data import checks, market
 from reidkit.run.checkpoints import load_checkpoint, unwrap
-from reidkit.data.demo import market_data_dir
+from reidkit.data.market import market_data_dir
 from reidkit.train.engine import SoftmaxEngine
 from reidkit.run.errors import UserError
 
 
 def _pid_cam(path: Path) -> tuple[int, int]:
-    match = checks.MARKET_NAME.search(path.name)
+    match = market.LOADER_NAME.search(path.name)
     return int(match.group(1)), int(match.group(2))
 
 
@@ -82,15 +81,32 @@ def test_matchable_queries_are_counted_from_the_labels():
     assert checks.count_matchable_queries([], gallery) == 0
 
 
-def test_a_loaded_test_set_with_nothing_to_match_is_refused():
-    """Any dataset, from the labels Torchreid's loader gives (path, pid, camid, dsetid)."""
-    manager = SimpleNamespace(test_dataset={'dukemtmcreid': {
-        'query': [('q.jpg', 5, 0, 0)], 'gallery': [('g.jpg', 5, 0, 0), ('h.jpg', 6, 1, 0)]}})
-    with pytest.raises(UserError, match="'dukemtmcreid' has nothing to match: none of its 1 "
-                                        "query images"):
-        checks.check_loaded_matches(manager)
-    manager.test_dataset['dukemtmcreid']['gallery'].append(('i.jpg', 5, 2, 0))
-    checks.check_loaded_matches(manager)
+def duke_copy(source_root: Path, root: Path, keep_query, keep_gallery) -> Path:
+    """`market_subset`'s data in DukeMTMC-reID's layout (DATA_ROOT/dukemtmc-reid/DukeMTMC-reID/,
+    no junk: Duke's loader has none), read by Torchreid's DukeMTMC-reID loader."""
+    market_subset(source_root, root / 'market', keep_query, keep_gallery)
+    duke = root / 'dukemtmc-reid' / 'DukeMTMC-reID'
+    shutil.copytree(market_data_dir(root / 'market'), duke,
+                    ignore=lambda folder, names: [n for n in names if n.startswith('-1_')])
+    shutil.rmtree(root / 'market')
+    return root
+
+
+def test_a_test_set_of_another_torchreid_dataset_with_nothing_to_match_is_refused(
+        tiny_data_root, tmp_path, tiny_settings):
+    """Any Torchreid dataset, from the labels its own loader gives, before any work."""
+    cameras = first_people(tiny_data_root, 3)
+    same_camera = lambda pid_cam: cameras.get(pid_cam[0]) == pid_cam[1]      # noqa: E731
+    root = duke_copy(tiny_data_root, tmp_path / 'duke', same_camera, same_camera)
+    s = tiny_settings.replace(DATA_ROOT=str(root), SOURCES='dukemtmcreid',
+                              TARGETS='dukemtmcreid')
+    with pytest.raises(UserError, match="'dukemtmcreid' has nothing to match: none of its 3 "
+                                        "query images .*as its loader reads it"):
+        checks.check_before_run(s, training=False)
+    assert not Path(s.EXPERIMENTS_DIR).exists()
+    root = duke_copy(tiny_data_root, tmp_path / 'duke-ok', lambda pid_cam: pid_cam[0] in cameras,
+                     lambda pid_cam: True)
+    checks.check_before_run(s.replace(DATA_ROOT=str(root)), training=False)
 
 
 def test_nothing_to_match_is_refused_before_training_or_extraction(tiny_data_root, tmp_path,

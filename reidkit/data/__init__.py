@@ -2,6 +2,7 @@
 
 - images: reading an image upright (EXIF) or saying why it cannot be read
 - checks: every check made before any work (names, numbers, datasets, batches, matches)
+- market: Market-1501's folder layout and file names (one definition)
 - demo: the generated demo dataset, in Market-1501's layout
 - own_data: folders and CSV files of your own: layouts, splits (no torch)
 - own_dataset: those registered with Torchreid (register_image_dataset), split.json

@@ -5,22 +5,20 @@ import re
 import socket
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
-from reidkit.run.errors import UserError
+from reidkit.data import market
 from reidkit.data.images import MAX_STRIP_MATCHES, image_problem
-from reidkit.data.own_data import check_own_data
-from reidkit.run.settings import SWITCH_CHOICES, Settings, is_own_data
+from reidkit.data.own_data import OwnData, check_own_data, missing_split
+from reidkit.run.errors import UserError
+from reidkit.run.settings import SWITCH_CHOICES, Settings, dataset_list, is_own_data
 
 LOSSES = ('softmax', 'triplet')
 TRANSFORMS = ('random_flip', 'random_crop', 'random_patch', 'color_jitter')
-# Market-1501 style names: <pid>_c<camera>... ; the loaders of Market-1501, DukeMTMC-reID and
-# MSMT17 parse these.
-MARKET_NAME = re.compile(r'([-\d]+)_c(\d)')
-MARKET_SPLITS = ('bounding_box_train', 'query', 'bounding_box_test')
 # Torchreid's RandomIdentitySampler puts this many images of each identity in a batch.
 TRIPLET_INSTANCES = 4
 
@@ -28,10 +26,6 @@ TRIPLET_INSTANCES = 4
 def _choices(kind: str, value, valid) -> UserError:
     return UserError(f'{kind}={value!r} is not one Torchreid knows. Valid choices: '
                      f'{", ".join(sorted(valid))}. Fix it in config.py or with --{kind}=...')
-
-
-def _as_list(value) -> list:
-    return [value] if isinstance(value, str) else list(value)
 
 
 def torchreid_datasets() -> dict:
@@ -76,24 +70,34 @@ def check_names(s: Settings) -> None:
         if transform not in TRANSFORMS:
             raise _choices('TRANSFORMS', transform, TRANSFORMS)
     for key in ('SOURCES', 'TARGETS'):
-        for name in _as_list(s[key]):
+        for name in dataset_list(s[key]):
             if name not in torchreid_datasets() and not is_own_data(name):
                 raise UserError(f'{_choices(key, name, torchreid_datasets())} For a folder or '
                                 f'CSV file of your own, write it as a path: --{key}=./{name}')
     for key, valid in SWITCH_CHOICES.items():
         if s[key] not in valid:
-            raise UserError(f'{key}={s[key]!r}: valid choices are {", ".join(valid)}. Fix it '
-                            f'in config.py or with --{key}=...')
+            raise invalid_choice(key, s[key], valid)
+
+
+def invalid_choice(key: str, value, valid) -> UserError:
+    """The error for a setting whose value is none of `valid` (a switch, an index kind)."""
+    return UserError(f'{key}={value!r}: valid choices are {", ".join(valid)}. Fix it in '
+                     f'config.py or with --{key}=...')
+
+
+def check_positive(s: Settings, keys) -> None:
+    """Each setting of `keys` is greater than 0 (UserError naming the first that is not)."""
+    for key in keys:
+        if not s[key] > 0:
+            raise UserError(f'{key}={s[key]!r} must be greater than 0. Fix it in config.py '
+                            f'or with --{key}=...')
 
 
 def check_numbers(s: Settings, training: bool) -> None:
     """Sizes, rates and counts that make sense."""
-    positive = ['HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'BATCH_SIZE_TEST', 'LR', 'STEPSIZE',
-                'PRINT_FREQ', 'VISRANK_TOPK', 'SEARCH_TOPK'] + (['MAX_EPOCH'] if training else [])
-    for key in positive:
-        if not s[key] > 0:
-            raise UserError(f'{key}={s[key]!r} must be greater than 0. Fix it in config.py '
-                            f'or with --{key}=...')
+    check_positive(s, ['HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'BATCH_SIZE_TEST', 'LR',
+                       'STEPSIZE', 'PRINT_FREQ', 'VISRANK_TOPK', 'SEARCH_TOPK']
+                   + (['MAX_EPOCH'] if training else []))
     if not 0 <= s.SEED < 2 ** 32:
         raise UserError(f'SEED={s.SEED} must be between 0 and 2**32 - 1 (numpy\'s range). Fix it '
                         f'in config.py or with --SEED=...')
@@ -139,46 +143,105 @@ def dataset_dir(data_root: Path, name: str) -> Path:
     return Path(data_root) / torchreid_datasets()[name].dataset_dir
 
 
-def check_dataset(s: Settings) -> dict[str, int]:
+@dataclass(frozen=True)
+class SplitLabels:
+    """One dataset of SOURCES/TARGETS as its loader will read it: (person id, camera id) of
+    every image per split, junk (pid -1) left out. `name`: as SOURCES/TARGETS give it;
+    `where`: where the labels were read, for messages; `checked`: images whose files were
+    checked, per split folder (Market-1501's layout only)."""
+    name: str
+    train: list
+    query: list
+    gallery: list
+    where: str
+    checked: dict = field(default_factory=dict)
+
+    @property
+    def train_ids(self) -> int:
+        return len({pid for pid, _ in self.train})
+
+    @property
+    def shown(self) -> str:
+        """The name as messages show it: a path in double quotes."""
+        return f'"{self.name}"' if is_own_data(self.name) else self.name
+
+
+def own_labels(data: OwnData) -> SplitLabels:
+    """The labels of an own dataset's split (reidkit.data.own_data), as its loader reads them."""
+    pairs = lambda items: [(pid, camid) for _, pid, camid in items]     # noqa: E731
+    return SplitLabels(data.path, pairs(data.train), pairs(data.query), pairs(data.gallery),
+                       f'"{data.path}"')
+
+
+def loader_labels(s: Settings, name: str) -> SplitLabels:
+    """The labels of a Torchreid dataset, read by Torchreid's own loader for it (the file
+    lists only: no image is decoded), as ImageDataManager will read them."""
+    dataset = torchreid_datasets()[name](root=str(Path(s.DATA_ROOT).expanduser()),
+                                         verbose=False)
+    pairs = lambda items: [(item[1], item[2]) for item in items]       # noqa: E731
+    return SplitLabels(name, pairs(dataset.train), pairs(dataset.query), pairs(dataset.gallery),
+                       'as its loader reads it')
+
+
+def check_dataset(s: Settings) -> dict[str, SplitLabels | None]:
     """Every dataset exists (Torchreid would otherwise try to download it, from a dead URL for
     Market-1501) and, for Market-1501's layout, every split has parseable, readable images.
-    Returns the number of images checked per split folder."""
-    checked = {}
+    Own data is parsed and split here (bad data fails before any work), and a source must
+    have training images, a target queries. Returns the labels of each dataset of
+    SOURCES/TARGETS read so far: own data and market1501; None for Torchreid's others."""
+    found = {}
     root = Path(s.DATA_ROOT).expanduser()
-    for name in dict.fromkeys(_as_list(s.SOURCES) + _as_list(s.TARGETS)):
-        if is_own_data(name):       # parsed and split here: bad data fails before any work
-            check_own_data(name, s, as_source=name in _as_list(s.SOURCES))
+    for name in dict.fromkeys(dataset_list(s.SOURCES) + dataset_list(s.TARGETS)):
+        if is_own_data(name):
+            data = check_own_data(name, s, as_source=name in dataset_list(s.SOURCES))
+            if name in dataset_list(s.TARGETS) and not data.query:
+                raise missing_split(data, 'query', 'TARGETS')
+            found[name] = own_labels(data)
             continue
         folder = dataset_dir(root, name)
         if not folder.is_dir() or not any(folder.iterdir()):
             raise UserError(
                 f'DATA_ROOT: dataset {name!r} not found: "{folder.resolve()}" is missing or '
                 f'empty. Download it and put it there'
-                + (f' so that {folder}/Market-1501-v15.09.15/ holds {", ".join(MARKET_SPLITS)}'
+                + (f' so that {folder}/{market.UNZIPPED_DIR}/ holds '
+                   f'{", ".join(market.SPLIT_FOLDERS.values())}'
                    if name == 'market1501' else '')
                 + f', or set DATA_ROOT (config.py or --DATA_ROOT=...) to the folder that holds '
                 f'{folder.name}/. To try the pipeline without it: python main.py --demo.'
             )
-        if name == 'market1501':
-            checked.update(check_market_layout(folder))
-    return checked
+        found[name] = market_labels(folder) if name == 'market1501' else None
+    return found
 
 
-def check_market_layout(folder: Path) -> dict[str, int]:
-    data_dir = folder / 'Market-1501-v15.09.15'
-    data_dir = data_dir if data_dir.is_dir() else folder
-    for split in MARKET_SPLITS:
+def market_labels(folder: Path) -> SplitLabels:
+    """Labels of the Market-1501 dataset in `folder` (DATA_ROOT/market1501), read from the
+    file names as Torchreid's loader reads them, after `check_market_layout`."""
+    data_dir = market.splits_dir(folder)
+    named = check_market_layout(folder)
+    labels = {split: market.name_labels(p.name for p in named[split_folder])
+              for split, split_folder in market.SPLIT_FOLDERS.items()}
+    return SplitLabels('market1501', labels['train'], labels['query'], labels['gallery'],
+                       f'"{data_dir}"', {split: len(paths) for split, paths in named.items()})
+
+
+def check_market_layout(folder: Path) -> dict[str, list[Path]]:
+    """Market-1501's split folders are there under `folder` and hold images whose names
+    Torchreid's loader reads correctly and whose files are readable (UserError naming the
+    folder or file if not). Returns the images checked, per split folder."""
+    data_dir = market.splits_dir(folder)
+    splits = tuple(market.SPLIT_FOLDERS.values())
+    for split in splits:
         if not (data_dir / split).is_dir():
             raise UserError(
                 f'DATA_ROOT: "{data_dir / split}" is missing. Market-1501 needs '
-                f'{", ".join(MARKET_SPLITS)} inside "{data_dir}" (as in the unzipped '
-                f'Market-1501-v15.09.15.zip).'
+                f'{", ".join(splits)} inside "{data_dir}" (as in the unzipped '
+                f'{market.UNZIPPED_DIR}.zip).'
             )
     checked = {}
-    for split in MARKET_SPLITS:
+    for split in splits:
         split_dir = data_dir / split
         images = sorted(split_dir.glob('*.jpg'))
-        named = [p for p in images if MARKET_NAME.search(p.name)]
+        named = [p for p in images if market.LOADER_NAME.search(p.name)]
         if not named:
             sample = next(iter(sorted(split_dir.iterdir())), None)
             raise UserError(
@@ -195,7 +258,7 @@ def check_market_layout(folder: Path) -> dict[str, int]:
                     f'DATA_ROOT: "{path}" is {problem}. Delete it or replace it with a good copy '
                     f'(re-extract the dataset), then run again.'
                 )
-        checked[split] = len(named)
+        checked[split] = named
     return checked
 
 
@@ -209,7 +272,8 @@ def check_market_names(data_dir: Path, named: list[Path]) -> None:
            f'any number of digits from the file name only: --SOURCES={data_dir} '
            f'--TARGETS={data_dir} (see "Your own data" in the README).')
     for path in named:
-        whole, name = MARKET_NAME.search(str(path)), MARKET_NAME.search(path.name)
+        whole = market.LOADER_NAME.search(str(path))
+        name = market.LOADER_NAME.search(path.name)
         if whole.group(0) != name.group(0) or whole.start() < len(str(path)) - len(path.name):
             raise UserError(
                 f'DATA_ROOT: "{path}": a folder above the image is named like a Market-1501 '
@@ -285,39 +349,58 @@ def check_pretrained(s: Settings, timeout: float = 3.0) -> None:
         ) from None
 
 
+def _zero_steps(s: Settings, yielded: int, what: str) -> UserError:
+    """A batch larger than what one epoch yields: the loader drops an incomplete last batch,
+    so training would take zero steps and save an untrained model."""
+    return UserError(
+        f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN} is larger than {what}, so training would take '
+        f'zero steps. Use a batch of at most {yielded} '
+        f'(e.g. --BATCH_SIZE_TRAIN={max(2, min(32, yielded))}), or more data.')
+
+
 def check_training_batches(s: Settings, datamanager) -> None:
-    """An epoch trains at least one step: the loader drops an incomplete last batch, so a
-    batch larger than the training set would 'train' zero steps and save an untrained model."""
+    """An epoch of this process's training loader (its DDP share) trains at least one step."""
     loader = datamanager.train_loader
     if len(loader) == 0:
         yielded = len(loader.sampler) if loader.sampler is not None else len(loader.dataset)
+        raise _zero_steps(s, yielded, f'what one epoch of the training set gives ({yielded} '
+                                      f'images'
+                          + (' from the identity sampler' if s.LOSS == 'triplet' else '') + ')')
+
+
+def _sources_named(sources: list[SplitLabels], count) -> str:
+    """'market1501', or 'A (n) + B (m) together' with `count(source)` for several sources."""
+    if len(sources) == 1:
+        return sources[0].shown
+    return ' + '.join(f'{source.shown} ({count(source)})' for source in sources) + ' together'
+
+
+def check_training_split(s: Settings, sources: list[SplitLabels]) -> None:
+    """The training split of SOURCES (all sources together, as Torchreid combines them, each
+    keeping its own identities) can train: two identities or more and at least one full batch
+    per epoch: BATCH_SIZE_TRAIN images, or with LOSS='triplet' BATCH_SIZE_TRAIN / 4 identities
+    (its identity sampler takes 4 images of each, drawing again from an identity with fewer;
+    with fewer identities Torchreid fails on a bare assertion). UserError naming the datasets
+    and their numbers."""
+    ids = sum(source.train_ids for source in sources)
+    images = sum(len(source.train) for source in sources)
+    people = (f'the training set{"s" if len(sources) > 1 else ""} of '
+              + _sources_named(sources, lambda source: f'{source.train_ids} identities'))
+    has = 'have' if len(sources) > 1 else 'has'
+    if ids < 2:
         raise UserError(
-            f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN} is larger than what one epoch of the '
-            f'training set gives ({yielded} images'
-            + (' from the identity sampler' if s.LOSS == 'triplet' else '')
-            + '), so training would take zero steps. Use a batch of at most '
-            f'{yielded} (e.g. --BATCH_SIZE_TRAIN={max(2, min(32, yielded))}), or more data.')
-
-
-def _market_dir(s: Settings) -> Path:
-    """The folder holding Market-1501's splits under DATA_ROOT (as `check_market_layout`)."""
-    data_dir = dataset_dir(Path(s.DATA_ROOT).expanduser(), 'market1501') / 'Market-1501-v15.09.15'
-    return data_dir if data_dir.is_dir() else data_dir.parent
-
-
-def check_triplet_identities(s: Settings) -> None:
-    """The identity sampler fills a batch with BATCH_SIZE_TRAIN / 4 different people; with fewer
-    training identities Torchreid fails on a bare assertion while building the loader."""
-    train_dir = _market_dir(s) / 'bounding_box_train'
-    ids = {match.group(1) for match in (MARKET_NAME.search(p.name)
-                                        for p in train_dir.glob('*.jpg'))
-           if match and match.group(1) != '-1'}
+            f'SOURCES: {people} {has} {ids} identit{"y" if ids == 1 else "ies"}: training a '
+            f're-identification model needs at least two people to tell apart. Add '
+            f'identities, or add a source with more of them.')
     needed = s.BATCH_SIZE_TRAIN // TRIPLET_INSTANCES
-    if len(ids) < needed:
+    if s.LOSS == 'triplet' and ids < needed:
         raise UserError(
             f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN} with LOSS=\'triplet\' needs {needed} '
-            f'different people per batch ({TRIPLET_INSTANCES} images each), but the training set '
-            f'has {len(ids)}. Use a batch of at most {len(ids) * TRIPLET_INSTANCES}.')
+            f'different people per batch ({TRIPLET_INSTANCES} images each), but {people} '
+            f'{has} {ids}. Use a batch of at most {ids * TRIPLET_INSTANCES}.')
+    if s.LOSS != 'triplet' and s.BATCH_SIZE_TRAIN > images:
+        raise _zero_steps(s, images, f'the {images} training images of '
+                          + _sources_named(sources, lambda source: len(source.train)))
 
 
 def count_matchable_queries(query, gallery) -> int:
@@ -330,43 +413,27 @@ def count_matchable_queries(query, gallery) -> int:
     return sum(1 for pid, camid in query if cameras.get(pid, set()) - {camid})
 
 
-def _nothing_to_match(name: str, queries: int, where: str) -> UserError:
-    return UserError(
-        f'TARGETS: the test set {name!r} has nothing to match: none of its {queries} query '
-        f'images has its person in the gallery seen by another camera ({where}), and the '
-        f'evaluation scores only such matches, so there would be no Rank-1 or mAP. Nothing was '
-        f'trained or extracted. Put each query person\'s images from other cameras in the '
-        f'gallery (Market-1501 names: <person>_c<camera>...), or set TARGETS to another '
-        f'dataset.')
-
-
-def check_market_matches(s: Settings) -> None:
-    """A Market-1501 test set (TARGETS) has queries the evaluation can score, read from the
-    file names as Torchreid's loader reads them (junk, person -1, left out); UserError if none.
-    Notes how many queries are left out when only some can be scored."""
-    data_dir = _market_dir(s)
-
-    def labels(split: str) -> list[tuple[int, int]]:
-        found = (MARKET_NAME.search(p.name) for p in (data_dir / split).glob('*.jpg'))
-        pairs = [(int(m.group(1)), int(m.group(2))) for m in found if m]
-        return [(pid, camid) for pid, camid in pairs if pid != -1]
-    query = labels('query')
-    kept = count_matchable_queries(query, labels('bounding_box_test'))
+def check_test_split(target: SplitLabels) -> None:
+    """A test set (TARGETS) has queries the evaluation can score (UserError if none); notes
+    how many queries are left out when only some can be scored."""
+    fix = ('Nothing was trained or extracted. Put each query person\'s images from other '
+           'cameras in the gallery (Market-1501 names: <person>_c<camera>...), or set TARGETS '
+           'to another dataset.')
+    if not target.query:
+        raise UserError(f'TARGETS: the test set {target.name!r} has no query images '
+                        f'({target.where}, junk images of pid -1 left out), so there is nothing '
+                        f'to evaluate. {fix}')
+    kept = count_matchable_queries(target.query, target.gallery)
     if not kept:
-        raise _nothing_to_match('market1501', len(query), f'"{data_dir}"')
-    if kept < len(query):
-        print(f'Note: {len(query) - kept} of the {len(query)} queries of market1501 have no '
-              f'match from another camera in the gallery; the evaluation leaves them out.')
-
-
-def check_loaded_matches(datamanager) -> None:
-    """Every test set Torchreid loaded has queries the evaluation can score (UserError if
-    not): the same check as `check_market_matches`, on any dataset, from the loader's labels."""
-    for name, splits in datamanager.test_dataset.items():
-        query = [(item[1], item[2]) for item in splits['query']]
-        gallery = [(item[1], item[2]) for item in splits['gallery']]
-        if not count_matchable_queries(query, gallery):
-            raise _nothing_to_match(name, len(query), 'as its loader reads it')
+        raise UserError(
+            f'TARGETS: the test set {target.name!r} has nothing to match: none of its '
+            f'{len(target.query)} query images has its person in the gallery seen by another '
+            f'camera ({target.where}), and the evaluation scores only such matches, so there '
+            f'would be no Rank-1 or mAP. {fix}')
+    if kept < len(target.query):
+        print(f'Note: {len(target.query) - kept} of the {len(target.query)} queries of '
+              f'{target.shown} have no match from another camera in the gallery; the '
+              f'evaluation leaves them out.')
 
 
 SEARCH_INDEX_KINDS = ('ivfpq',)      # the indexes search can keep (reidkit.search.index)
@@ -398,24 +465,23 @@ def check_search_switches(s: Settings) -> None:
 
 def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> None:
     """All checks, cheapest first; prints what was checked and how long it took.
+    The batch, identity and match checks use the splits the loader will read: every source's
+    training split (when `training`) and every target's query and gallery.
     `pretrained`: whether training will load ImageNet weights (not when resuming)."""
     started = time.time()
     check_names(s)
     check_numbers(s, training)
-    checked = check_dataset(s)
-    train_images = checked.get('bounding_box_train')
-    if training and train_images is not None and s.BATCH_SIZE_TRAIN > train_images:
-        raise UserError(
-            f'BATCH_SIZE_TRAIN={s.BATCH_SIZE_TRAIN} is larger than the {train_images} training '
-            f'images, so training would take zero steps. Use a batch of at most {train_images} '
-            f'(e.g. --BATCH_SIZE_TRAIN={max(2, min(32, train_images))}), or more data.')
-    if training and s.LOSS == 'triplet' and train_images is not None:
-        check_triplet_identities(s)
-    if 'market1501' in _as_list(s.TARGETS):
-        check_market_matches(s)
+    found = check_dataset(s)
+    labels = lambda name: found[name] or loader_labels(s, name)     # noqa: E731
+    if training:
+        check_training_split(s, [labels(name) for name in dataset_list(s.SOURCES)])
+    for name in dict.fromkeys(dataset_list(s.TARGETS)):
+        check_test_split(labels(name))
     check_output_folder(Path(s.EXPERIMENTS_DIR))
     if training and pretrained:
         check_pretrained(s)
+    checked = {split: count for data in found.values() if data
+               for split, count in data.checked.items()}
     if checked:
         print(f'Checked {sum(checked.values())} images in {time.time() - started:.1f}s '
               f'({", ".join(f"{k}: {v}" for k, v in checked.items())}).')

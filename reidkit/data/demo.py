@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from reidkit.data.market import SPLIT_FOLDERS, market_data_dir, name_labels
 from reidkit.run.atomic import exclusive
 from reidkit.run.errors import UserError
 
@@ -23,8 +24,6 @@ from reidkit.run.errors import UserError
 IMAGE_HEIGHT = 128
 IMAGE_WIDTH = 64
 NUM_CAMERAS = 6
-MARKET_SUBDIR = Path('market1501') / 'Market-1501-v15.09.15'
-SPLIT_DIRS = ('bounding_box_train', 'query', 'bounding_box_test')
 # Written first and last: a folder with the first is ours (safe to replace); one with the
 # last is complete (an interrupted generation is redone).
 STARTED_MARKER = '.demo-started'
@@ -227,11 +226,6 @@ def _render(person: Person | None, camera: Camera, rng: np.random.Generator,
     return _photograph(canvas, camera, rng)
 
 
-def market_data_dir(root: Path) -> Path:
-    """Where Torchreid's Market1501 loader looks for the split folders under DATA_ROOT."""
-    return Path(root) / MARKET_SUBDIR
-
-
 def _make_data_root(root: Path) -> None:
     """Creates DATA_ROOT/market1501/ for the demo, or says in one paragraph why it cannot."""
     root = Path(root)
@@ -259,90 +253,104 @@ DEMO_DATA_SEED = 1
 
 
 def make_demo_dataset(root: Path, num_train_ids: int = 100, num_test_ids: int = 60,
-                      seed: int = 0, num_junk: int = 30, num_distractors: int = 30,
+                      seed: int = 0, gallery_extras: int = 30,
                       images_per_camera: tuple[int, int] = (2, 4)) -> DemoSummary:
     """Writes train and test identities under `root` in Market-1501's layout.
 
     Like Market-1501: train and test identities are disjoint; every test identity is seen by at
-    least two cameras and has one query image per camera; the gallery also holds junk
-    detections (pid -1, ignored by the loader) and distractors (pid 0000).
+    least two cameras and has one query image per camera; the gallery also holds
+    `gallery_extras` junk detections (pid -1, ignored by the loader) and as many distractors
+    (pid 0000). `images_per_camera`: (fewest, most) images of a person per camera.
     If `root` already holds a complete dataset made with the same arguments it is kept.
     Runs started at once on one `root` take turns: the later ones find it complete.
+    Raises ValueError for no train or no test identity, UserError for a DATA_ROOT it cannot
+    write or one holding data it did not generate.
     """
     if num_train_ids < 1 or num_test_ids < 1:
         raise ValueError('make_demo_dataset needs at least one train and one test identity')
     data_dir = market_data_dir(root)
     signature = (f'version={GENERATOR_VERSION} train={num_train_ids} test={num_test_ids} '
-                 f'seed={seed} junk={num_junk} distractors={num_distractors} '
+                 f'seed={seed} junk={gallery_extras} distractors={gallery_extras} '
                  f'per_camera={images_per_camera}')
     _make_data_root(root)
     with _generation_lock(data_dir.parent):    # a second run waits here, then finds it done
         marker = data_dir / DONE_MARKER
         if marker.is_file() and marker.read_text() == signature:
             return summarise_market_dir(data_dir)
-        if data_dir.exists() and any(data_dir.iterdir()):
-            if not (data_dir / STARTED_MARKER).is_file():
-                raise UserError(
-                    f'DATA_ROOT: "{data_dir}" already holds data that the demo did not '
-                    f'generate, so --demo will not overwrite it. Point --DATA_ROOT at another '
-                    f'folder for the demo (config.DEMO uses "demo-data"), or move that data '
-                    f'away first.'
-                )
-            shutil.rmtree(data_dir)
-        for split in SPLIT_DIRS:
-            (data_dir / split).mkdir(parents=True)
-        (data_dir / STARTED_MARKER).write_text(signature)
-
-        rng = np.random.default_rng(seed)
-        cameras = [_make_camera(rng) for _ in range(NUM_CAMERAS)]
-        pids = rng.permutation(np.arange(1, 1502))[:num_train_ids + num_test_ids]
-        frame = 0
-
-        def save(image: Image.Image, split: str, pid: int, cam: int, det: int) -> None:
-            nonlocal frame
-            frame += 25
-            name = f'{pid:04d}_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg' if pid >= 0 else \
-                f'-1_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg'
-            image.save(data_dir / split / name, quality=90)
-
-        for index, pid in enumerate(pids):
-            person = _make_person(rng)
-            is_train = index < num_train_ids
-            seen_by = rng.choice(NUM_CAMERAS, size=rng.integers(2, 5), replace=False)
-            for cam in sorted(seen_by):
-                # a test identity needs a query and a gallery image per camera
-                fewest = images_per_camera[0] if is_train else max(images_per_camera[0], 2)
-                for det in range(1, int(rng.integers(fewest, images_per_camera[1] + 1)) + 1):
-                    image = _render(person, cameras[cam], rng)
-                    if is_train:
-                        save(image, 'bounding_box_train', pid, cam, det)
-                    else:
-                        split = 'query' if det == 1 else 'bounding_box_test'
-                        save(image, split, pid, cam, det)
-        for _ in range(num_junk):
-            cam = int(rng.integers(NUM_CAMERAS))
-            save(_render(_make_person(rng), cameras[cam], rng, partial=True),
-                 'bounding_box_test', -1, cam, 1)
-        for _ in range(num_distractors):
-            cam = int(rng.integers(NUM_CAMERAS))
-            save(_render(None, cameras[cam], rng), 'bounding_box_test', 0, cam, 1)
-
+        _start_generation(data_dir, signature)
+        _draw_dataset(_ImageWriter(data_dir), np.random.default_rng(seed),
+                      (num_train_ids, num_test_ids), gallery_extras, images_per_camera)
         marker.write_text(signature)
     return summarise_market_dir(data_dir)
+
+
+def _start_generation(data_dir: Path, signature: str) -> None:
+    """Empties `data_dir` for a new generation (only when the demo made what it holds) and
+    marks it as ours; UserError when it holds data the demo did not generate."""
+    if data_dir.exists() and any(data_dir.iterdir()):
+        if not (data_dir / STARTED_MARKER).is_file():
+            raise UserError(
+                f'DATA_ROOT: "{data_dir}" already holds data that the demo did not '
+                f'generate, so --demo will not overwrite it. Point --DATA_ROOT at another '
+                f'folder for the demo (config.DEMO uses "demo-data"), or move that data '
+                f'away first.'
+            )
+        shutil.rmtree(data_dir)
+    for folder in SPLIT_FOLDERS.values():
+        (data_dir / folder).mkdir(parents=True)
+    (data_dir / STARTED_MARKER).write_text(signature)
+
+
+class _ImageWriter:
+    """Saves images under Market-1501 names, numbering frames in the order they are saved."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir, self.frame = data_dir, 0
+
+    def save(self, image: Image.Image, split: str, pid: int, cam: int, det: int) -> None:
+        """`split`: train, query or gallery; `cam` from 0; `pid` -1 for junk."""
+        self.frame += 25
+        person = f'{pid:04d}' if pid >= 0 else '-1'
+        name = f'{person}_c{cam + 1}s1_{self.frame:06d}_{det:02d}.jpg'
+        image.save(self.data_dir / SPLIT_FOLDERS[split] / name, quality=90)
+
+
+def _draw_dataset(writer: _ImageWriter, rng: np.random.Generator, identities: tuple[int, int],
+                  gallery_extras: int, images_per_camera: tuple[int, int]) -> None:
+    """Draws (train, test) `identities` people, then the gallery's junk and distractors."""
+    num_train_ids, num_test_ids = identities
+    cameras = [_make_camera(rng) for _ in range(NUM_CAMERAS)]
+    pids = rng.permutation(np.arange(1, 1502))[:num_train_ids + num_test_ids]
+    for index, pid in enumerate(pids):
+        person = _make_person(rng)
+        is_train = index < num_train_ids
+        seen_by = rng.choice(NUM_CAMERAS, size=rng.integers(2, 5), replace=False)
+        for cam in sorted(seen_by):
+            # a test identity needs a query and a gallery image per camera
+            fewest = images_per_camera[0] if is_train else max(images_per_camera[0], 2)
+            for det in range(1, int(rng.integers(fewest, images_per_camera[1] + 1)) + 1):
+                split = 'train' if is_train else 'query' if det == 1 else 'gallery'
+                writer.save(_render(person, cameras[cam], rng), split, pid, cam, det)
+    for _ in range(gallery_extras):
+        cam = int(rng.integers(NUM_CAMERAS))
+        writer.save(_render(_make_person(rng), cameras[cam], rng, partial=True), 'gallery', -1,
+                    cam, 1)
+    for _ in range(gallery_extras):
+        cam = int(rng.integers(NUM_CAMERAS))
+        writer.save(_render(None, cameras[cam], rng), 'gallery', 0, cam, 1)
 
 
 def summarise_market_dir(data_dir: Path) -> DemoSummary:
     """Counts identities and images per split the way Market-1501's loader does (pid -1 skipped)."""
     counts = {}
-    for split in SPLIT_DIRS:
-        pids = [name.split('_')[0] for name in (p.name for p in (data_dir / split).glob('*.jpg'))]
-        pids = [p for p in pids if p != '-1']
+    for split, folder in SPLIT_FOLDERS.items():
+        pids = [pid for pid, _ in name_labels(p.name for p in (data_dir / folder).glob('*.jpg'))]
         counts[split] = (len(set(pids)), len(pids))
     return DemoSummary(
         data_dir=data_dir,
-        train_ids=counts['bounding_box_train'][0], train_images=counts['bounding_box_train'][1],
+        train_ids=counts['train'][0], train_images=counts['train'][1],
         query_ids=counts['query'][0], query_images=counts['query'][1],
-        gallery_ids=counts['bounding_box_test'][0], gallery_images=counts['bounding_box_test'][1],
+        gallery_ids=counts['gallery'][0], gallery_images=counts['gallery'][1],
     )
 
 

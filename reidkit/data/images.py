@@ -92,8 +92,13 @@ def read_image(path: str) -> Image.Image:
                 return Image.fromarray(high_byte.astype(np.uint8)).convert('RGB')
             return image.convert('RGB')
     except Exception as error:      # PIL raises many types for broken files
-        raise UserError(f'"{path}" cannot be read as an image ({error}). Delete or replace it '
-                        f'and run again.') from None
+        raise unreadable_image(path, error) from None
+
+
+def unreadable_image(path, error: Exception) -> UserError:
+    """The error for an image file PIL cannot open or decode (`error`, what PIL raised)."""
+    return UserError(f'"{path}" cannot be read as an image ({error}). Delete or replace it and '
+                     f'run again.')
 
 
 # Rank strips (reidkit.evaluate.visrank, search): a query, then its matches, in one JPEG.

@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reidkit.data import market
 from reidkit.run.errors import UserError
 from reidkit.run.settings import absolute
 
@@ -47,9 +48,9 @@ MARKET_NAME = re.compile(r'^(-1|\d+)_c(\d+)')
 # A camera written in a file name: `c3` not preceded by a letter (so 'rec3' is no camera).
 CAMERA_IN_NAME = re.compile(r'(?:^|[^A-Za-z])c(\d+)')
 # The split folders, by split: ours first, then Market-1501's names.
-SPLIT_FOLDERS = {'train': ('train', 'bounding_box_train'), 'query': ('query',),
-                 'gallery': ('gallery', 'bounding_box_test')}
 SPLITS = ('train', 'query', 'gallery')
+SPLIT_FOLDERS = {split: tuple(dict.fromkeys((split, market.SPLIT_FOLDERS[split])))
+                 for split in SPLITS}
 JUNK, DISTRACTOR = '-1', '0'        # identity keys with Market-1501's meanings
 UNKNOWN_QUERY_CAMERA, UNKNOWN_GALLERY_CAMERA = 0, 1
 CSV_COLUMNS = ('path', 'pid', 'camid')
@@ -422,6 +423,18 @@ def write_split(run_dir: Path, datasets: list[OwnData]) -> Path:
     return path
 
 
+def missing_split(data: OwnData, split: str, setting: str = 'SOURCES/TARGETS') -> UserError:
+    """The error for a dataset without images in `split` (train: it cannot be a source;
+    query or gallery: it cannot be a target); `setting` names where its path was given."""
+    if split == 'train':
+        return UserError(f'{setting}: "{data.path}" has no training images (it holds query and '
+                         f'gallery images only), so it can be a target but not a source: put it '
+                         f'in TARGETS and train on another dataset, or add a train/ folder.')
+    return UserError(f'{setting}: "{data.path}" has no {split} images, so it cannot be a target: '
+                     f'add query/ and gallery/ folders, or remove the split folders to have the '
+                     f'split made (TEST_SHARE).')
+
+
 def check_own_data(value: str, s, as_source: bool) -> OwnData:
     """Pre-run check of one own-data value of SOURCES/TARGETS (settings `s`): it parses and
     splits (see `load`), and a source has training images; prints what was found."""
@@ -431,9 +444,7 @@ def check_own_data(value: str, s, as_source: bool) -> OwnData:
     except UserError as error:          # name the setting that holds the path
         raise UserError(str(error).replace('SOURCES/TARGETS:', f'{setting}:', 1)) from None
     if as_source and not data.train:
-        raise UserError(f'SOURCES: "{data.path}" has no training images (it holds query and '
-                        f'gallery images only), so it can be a target but not a source: put it '
-                        f'in TARGETS and train on another dataset, or add a train/ folder.')
+        raise missing_split(data, 'train', setting)
     counts = data.summary()
     print(f'Own data "{data.path}": {data.layout}, '
           + ', '.join(f'{split} {counts[f"{split}_ids"]} ids / {counts[f"{split}_images"]} '

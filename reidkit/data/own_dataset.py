@@ -18,8 +18,8 @@ from torchreid.reid.data import register_image_dataset
 from torchreid.reid.data.datasets.dataset import ImageDataset
 
 from reidkit.run.errors import UserError
-from reidkit.data.own_data import OwnData, load, write_split
-from reidkit.run.settings import display_name, is_own_data
+from reidkit.data.own_data import OwnData, load, missing_split, write_split
+from reidkit.run.settings import dataset_list, display_name, is_own_data
 
 _noted_unknown_cameras: set[str] = set()
 
@@ -33,13 +33,7 @@ class OwnImageDataset(ImageDataset):
     def __init__(self, data: OwnData, mode: str = 'train', verbose: bool = True, **kwargs):
         lists = {split: list(getattr(data, split)) for split in ('train', 'query', 'gallery')}
         if mode in lists and not lists[mode]:
-            raise UserError(
-                f'SOURCES/TARGETS: "{data.path}" has no {mode} images'
-                + (' (it holds query and gallery images only), so it can be a target but not '
-                   'a source: put it in TARGETS and train on another dataset, or add a train/ '
-                   'folder.' if mode == 'train' else
-                   ', so it cannot be a target: add query/ and gallery/ folders, or remove the '
-                   'split folders to have the split made (TEST_SHARE).'))
+            raise missing_split(data, mode)
         kwargs.pop('root', None)
         self.own = data
         # Torchreid's Dataset reads the first item of each list: an empty list (no training
@@ -82,12 +76,15 @@ def register(value: str, test_share: float, split_seed: int) -> OwnData:
     return data
 
 
+def own_data_values(s) -> list[str]:
+    """The own-data values of s.SOURCES and s.TARGETS, each once, in order."""
+    return list(dict.fromkeys(v for key in ('SOURCES', 'TARGETS') for v in dataset_list(s[key])
+                              if is_own_data(v)))
+
+
 def register_all(s) -> list[OwnData]:
     """Registers every own-data value of s.SOURCES and s.TARGETS; their splits, in order."""
-    values = [v for key in ('SOURCES', 'TARGETS')
-              for v in ([s[key]] if isinstance(s[key], str) else s[key])]
-    return [register(v, s.TEST_SHARE, s.SPLIT_SEED)
-            for v in dict.fromkeys(v for v in values if is_own_data(v))]
+    return [register(v, s.TEST_SHARE, s.SPLIT_SEED) for v in own_data_values(s)]
 
 
 def registered(value: str) -> OwnData | None:
@@ -99,17 +96,14 @@ def registered(value: str) -> OwnData | None:
 
 def write_run_split(run_dir: Path, s) -> Path | None:
     """split.json in the run folder for the own datasets of s (registered ones), or None."""
-    values = [v for key in ('SOURCES', 'TARGETS')
-              for v in ([s[key]] if isinstance(s[key], str) else s[key]) if is_own_data(v)]
-    datasets = [registered(v) for v in dict.fromkeys(values)]
+    datasets = [registered(v) for v in own_data_values(s)]
     datasets = [d for d in datasets if d is not None]
     return write_split(run_dir, datasets) if datasets else None
 
 
 def unknown_camera_targets(s) -> list[str]:
     """Display names of the registered own targets without camera information."""
-    targets = [s.TARGETS] if isinstance(s.TARGETS, str) else s.TARGETS
-    return [display_name(t) for t in targets
+    return [display_name(t) for t in dataset_list(s.TARGETS)
             if (data := registered(t)) is not None and not data.cameras_known]
 
 
@@ -123,9 +117,7 @@ def check_run_split(run_dir: Path, s) -> list[str]:
         return []
     stored = json.loads(stored_file.read_text())
     notes = []
-    values = [v for key in ('SOURCES', 'TARGETS')
-              for v in ([s[key]] if isinstance(s[key], str) else s[key]) if is_own_data(v)]
-    for value in dict.fromkeys(values):
+    for value in own_data_values(s):
         data = registered(value) or load(value, s.TEST_SHARE, s.SPLIT_SEED)
         runs = [b for b in stored if b['path'] == data.path] or \
             [b for b in stored if not Path(b['path']).exists()]
@@ -155,5 +147,5 @@ def check_run_split(run_dir: Path, s) -> list[str]:
 def target_summaries(targets) -> list[dict]:
     """metrics.json's block per own-data target registered in this process: path, layout,
     split share/seed/digest, ids and images per split, cameras known or not."""
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    return [data.summary() for data in map(registered, targets) if data is not None]
+    return [data.summary() for data in map(registered, dataset_list(targets))
+            if data is not None]

@@ -61,6 +61,11 @@ def is_own_data(value) -> bool:
         or value.lower().endswith('.csv'))
 
 
+def dataset_list(value) -> list[str]:
+    """SOURCES or TARGETS as a list of names and paths: one name becomes a one-item list."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 def absolute(value):
     """An own-data value as an absolute path ('~' expanded); other values unchanged."""
     return str(Path(value).expanduser().resolve()) if is_own_data(value) else value
@@ -236,8 +241,7 @@ EVALUATION_SETTINGS = ('MODEL_NAME', 'LOSS', 'HEIGHT', 'WIDTH', 'SOURCES', 'TARG
 def _same(key: str, value: Any, recorded: Any) -> bool:
     """Whether two values of a setting mean the same ('market1501' and ['market1501'] do)."""
     if key in DATASET_LISTS:
-        as_list = lambda v: [v] if isinstance(v, str) else list(v)   # noqa: E731
-        return as_list(value) == as_list(recorded)
+        return dataset_list(value) == dataset_list(recorded)
     return value == recorded
 
 
