@@ -20,14 +20,15 @@ def _printed_metrics(text):
     return dict(found[-5:])
 
 
-def _check_metrics(metrics, printed):
-    """metrics.json's numbers are fractions in [0, 1], consistent with each other and with the
-    percentages printed."""
+def check_metrics(metrics, printed=None):
+    """metrics.json's numbers are fractions in [0, 1], consistent with each other and (given
+    `printed`, from _printed_metrics) with the percentages printed."""
     cmc = metrics['cmc']
     assert all(0 <= v <= 1 for v in cmc) and cmc == sorted(cmc) and 0 <= metrics['mAP'] <= 1
     assert [metrics[f'rank{r}'] for r in (1, 5, 10, 20)] == [cmc[0], cmc[4], cmc[9], cmc[19]]
-    assert printed == {'mAP': f'{metrics["mAP"]:.1%}'[:-1],
-                       **{f'Rank-{r}': f'{metrics[f"rank{r}"]:.1%}'[:-1] for r in (1, 5, 10, 20)}}
+    assert printed is None or printed == {
+        'mAP': f'{metrics["mAP"]:.1%}'[:-1],
+        **{f'Rank-{r}': f'{metrics[f"rank{r}"]:.1%}'[:-1] for r in (1, 5, 10, 20)}}
 
 
 def _check_strip(path, k):
@@ -55,7 +56,7 @@ def test_train_test_visrank(tiny_settings, capsys):
     checkpoint = newest_checkpoint(run_dir)
     assert checkpoint == run_dir / 'model' / 'model.pth.tar-1'
     train_metrics = json.loads((run_dir / 'metrics.json').read_text())
-    _check_metrics(train_metrics, _printed_metrics(trained))
+    check_metrics(train_metrics, _printed_metrics(trained))
     saved = load_checkpoint(checkpoint)                      # safe loading, torch >= 2.6
     assert saved['epoch'] == train_metrics['epoch'] == 1
     assert saved['rank1'] == train_metrics['rank1']
@@ -71,7 +72,7 @@ def test_train_test_visrank(tiny_settings, capsys):
     assert test_dir.parent == run_dir
     assert _printed_metrics(tested) == _printed_metrics(trained) != {}
     test_metrics = json.loads((test_dir / 'metrics.json').read_text())
-    _check_metrics(test_metrics, _printed_metrics(tested))
+    check_metrics(test_metrics, _printed_metrics(tested))
     for key in ('rank1', 'rank5', 'rank10', 'rank20', 'mAP', 'cmc'):
         assert test_metrics[key] == train_metrics[key]
     assert test_metrics['epoch'] == 1 and test_metrics['checkpoint'] == str(checkpoint)
@@ -118,7 +119,7 @@ def test_the_command_line_runs_the_pipeline(tiny_data_root, tmp_path):
     tested = Path(re.search(r'^Test results: (.*)$', done.stdout, re.M).group(1))
     assert tested.parent == run
     # the test step printed its numbers last; they are the ones in its metrics.json
-    _check_metrics(json.loads((tested / 'metrics.json').read_text()),
+    check_metrics(json.loads((tested / 'metrics.json').read_text()),
                    _printed_metrics(done.stdout))
     saved = load_checkpoint(run / 'model' / 'model.pth.tar-1')
     assert saved['epoch'] == 1
