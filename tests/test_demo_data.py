@@ -85,6 +85,8 @@ def test_other_arguments_regenerate_its_own_folder(tmp_path):
     first = make_demo_dataset(tmp_path, num_train_ids=2, num_test_ids=2, gallery_extras=0)
     second = make_demo_dataset(tmp_path, num_train_ids=3, num_test_ids=2, gallery_extras=0)
     assert (first.train_ids, second.train_ids) == (2, 3)
+    on_disk = Market1501(root=str(tmp_path), verbose=False)     # the files, not the summary
+    assert on_disk.num_train_pids == 3 and len(on_disk.train) == second.train_images
 
 
 def test_data_root_that_is_a_file_names_data_root(tmp_path):

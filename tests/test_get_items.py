@@ -42,7 +42,25 @@ def test_default_config_builds_the_tutorials_objects(tiny_data_root, tmp_path, m
 
     assert isinstance(optimizer, torch.optim.Adam)
     assert optimizer.param_groups[0]['lr'] == 0.0003
+    # the optimiser holds the very parameters of the model that trains, every one of them
+    optimised = {id(p) for group in optimizer.param_groups for p in group['params']}
+    assert optimised == {id(p) for p in model.parameters() if p.requires_grad}
     assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and scheduler.step_size == 20
+    for _ in range(20):                    # one drop, by 10x, after STEPSIZE=20 epochs
+        assert optimizer.param_groups[0]['lr'] == 0.0003
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]['lr'] == 0.0003 * 0.1
+
+    # eval: one 2048-d feature per image, the same for the same image; train: one logit per id
+    image = torch.rand(1, 3, 256, 128)
+    model.eval()
+    with torch.no_grad():
+        features = model(torch.cat([image, image, torch.rand(1, 3, 256, 128)]))
+    assert features.shape == (3, 2048) and torch.equal(features[0], features[1])
+    assert not torch.allclose(features[0], features[2])
+    model.train()
+    assert model(torch.rand(2, 3, 256, 128)).shape == (2, datamanager.num_train_pids)
 
     engine = main.build_engine(s, datamanager, model, optimizer, scheduler)
     assert isinstance(engine, ImageSoftmaxEngine)
@@ -58,4 +76,12 @@ def test_triplet_loss_builds_the_triplet_engine_and_identity_sampler(tiny_settin
     datamanager, model, optimizer, scheduler = main.get_items(s)
     engine = main.build_engine(s, datamanager, model, optimizer, scheduler)
     assert isinstance(engine, ImageTripletEngine)
-    assert type(datamanager.train_loader.sampler).__name__ == 'RandomIdentitySampler'
+    assert engine.criterion_t.margin == 0.3                     # Torchreid's default
+    # each batch: BATCH_SIZE_TRAIN / 4 identities, 4 images of each (what the loss compares)
+    sampler = datamanager.train_loader.sampler
+    assert type(sampler).__name__ == 'RandomIdentitySampler'
+    pids = [sampler.data_source[index][1] for index in sampler]
+    assert pids and len(pids) % 8 == 0
+    for start in range(0, len(pids), 8):
+        batch = pids[start:start + 8]
+        assert sorted(batch.count(pid) for pid in set(batch)) == [4, 4], batch

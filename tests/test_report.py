@@ -9,8 +9,10 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 from PIL import Image
+from torchreid.reid.data.datasets.image.market1501 import Market1501
 
 import main
+from test_end_to_end import check_metrics
 
 pytestmark = pytest.mark.slow   # every test here trains or runs main.py
 
@@ -48,8 +50,15 @@ def test_run_outputs_plots_and_metrics(visrank_run):
     assert metrics['num_query'] == len(queries) and metrics['num_gallery'] > 0
     assert metrics['mode'] == 'visrank' and metrics['epoch'] == 2
     assert metrics['settings']['VISRANK_TOPK'] == 3 and metrics['seconds'] > 0
-    assert set(metrics) >= {'rank1', 'rank5', 'rank10', 'rank20', 'mAP', 'cmc', 'device',
-                            'checkpoint'}
+    gallery = Market1501(root=s.DATA_ROOT, verbose=False).gallery     # junk (-1) left out
+    assert metrics['num_gallery'] == len(gallery)
+    check_metrics(metrics)
+    # visrank evaluated the run's last checkpoint: the numbers training ended with
+    trained = json.loads((run_dir / 'metrics.json').read_text())
+    assert trained['epoch'] == 2 and trained['mode'] == 'train'
+    assert {k: trained[k] for k in ('rank1', 'mAP', 'cmc')} == \
+        {k: metrics[k] for k in ('rank1', 'mAP', 'cmc')}
+    assert metrics['checkpoint'] == str(run_dir / 'model' / 'model.pth.tar-2')
 
 
 def test_gallery_page_holds_every_query_failures_first(visrank_run):
@@ -67,6 +76,38 @@ def test_gallery_page_holds_every_query_failures_first(visrank_run):
         distances = [m[1] for m in row['matches']]
         assert distances == sorted(distances)
     assert 'http://' not in page and 'https://' not in page      # nothing from the network
+    # each row's first true match is where its ids say; the page's numbers are metrics.json's
+    for row in rows:
+        same = [m[2] == row['pid'] for m in row['matches']]
+        if 0 <= row['first'] < len(same):           # shown: the first green tile
+            assert same.index(True) == row['first']
+        else:                                       # further down, or none: no green tile
+            assert True not in same
+    kept = [row for row in rows if row['first'] >= 0]
+    metrics = json.loads((vis_dir / 'metrics.json').read_text())
+    assert np.isclose(np.mean([row['first'] == 0 for row in kept]), metrics['rank1'])
+    assert np.isclose(np.mean([row['ap'] for row in kept]), metrics['mAP'], atol=1e-4)
+    assert f'Rank-1 <b>{metrics["rank1"]:.1%}</b>' in page
+    assert f'mAP <b>{metrics["mAP"]:.1%}</b>' in page
+
+
+def test_each_strip_has_one_tile_per_match_framed_by_whether_it_is_the_same_person(visrank_run):
+    _, vis_dir, s = visrank_run
+    from reidkit.evaluate import visrank
+    page = (vis_dir / 'visrank_market1501' / 'index.html').read_text()
+    rows = json.loads(re.search(r'application/json">(.*?)</script>', page, re.S).group(1))
+    green, red = visrank.GREEN[::-1], visrank.RED[::-1]               # BGR -> RGB
+    for row in rows:
+        with Image.open(vis_dir / 'visrank_market1501' / unquote(row['strip'])) as image:
+            pixels = np.asarray(image.convert('RGB')).astype(int)
+        assert pixels.shape[1] == visrank.THUMB_WIDTH + visrank.QUERY_GAP + \
+            len(row['matches']) * (visrank.THUMB_WIDTH + visrank.GAP)
+        for rank, match in enumerate(row['matches']):
+            left = visrank.THUMB_WIDTH + visrank.QUERY_GAP + rank * (visrank.THUMB_WIDTH
+                                                                     + visrank.GAP)
+            frame = pixels[1:visrank.BORDER - 1, left + 8:left + visrank.THUMB_WIDTH - 8]
+            expected = green if match[2] == row['pid'] else red
+            assert np.abs(frame.mean(axis=(0, 1)) - expected).max() < 40, (row['strip'], rank)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason='Chromium is not installed (Debian package '

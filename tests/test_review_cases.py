@@ -55,15 +55,21 @@ def test_resuming_an_earlier_checkpoint_branches_into_a_new_run(tiny_settings, c
 
 
 @pytest.mark.slow
-def test_a_dataparallel_checkpoint_resumes_and_an_equivalent_list_is_no_change(tiny_settings):
+def test_a_dataparallel_checkpoint_resumes_and_an_equivalent_list_is_no_change(tiny_settings,
+                                                                              capsys):
     run_dir = main.train(tiny_settings.replace(MAX_EPOCH=1, EVAL_FREQ=-1))
     saved = load_checkpoint(newest_checkpoint(run_dir))
+    names = set(saved['state_dict'])
     saved['state_dict'] = {f'module.{k}': v for k, v in saved['state_dict'].items()}
     kept = save_checkpoint(saved, Path(tiny_settings.EXPERIMENTS_DIR).parent / 'dp' / 'model'
                            / 'model.pth.tar-1')
+    capsys.readouterr()
     resumed = main.train(tiny_settings.replace(RESUME=str(kept), MAX_EPOCH=2, EVAL_FREQ=-1,
                                                SOURCES=['market1501']))
-    assert newest_checkpoint(resumed).name == 'model.pth.tar-2'
+    assert f'Resuming from "{kept}" after epoch 1' in capsys.readouterr().out
+    continued = load_checkpoint(newest_checkpoint(resumed))
+    assert newest_checkpoint(resumed).name == 'model.pth.tar-2' and continued['epoch'] == 2
+    assert set(continued['state_dict']) == names              # saved without 'module.'
 
 
 @pytest.mark.slow
