@@ -39,6 +39,7 @@ from reidkit.run.checkpoints import continue_schedule, load_weights, resume_trai
 from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.run.device import busy_cpu_note, choose_device, place_model
 from reidkit.train.engine import SoftmaxEngine, TripletEngine
+from reidkit.train.fine_tune import check_fine_tune, load_init_weights, read_init_weights
 from reidkit.run.errors import UserError
 from reidkit.data.own_dataset import check_run_split, register_all, target_summaries, \
     unknown_camera_targets, write_run_split
@@ -150,12 +151,16 @@ def train(s: Settings | None = None) -> Path:
     """Step 1: trains, evaluating and checkpointing every EVAL_FREQ epochs. Returns the run folder.
 
     With RESUME set, continues that checkpoint's run from its epoch with the settings it
-    recorded, in its own folder (or a new one when the checkpoint is not under EXPERIMENTS_DIR)."""
+    recorded, in its own folder (or a new one when the checkpoint is not under EXPERIMENTS_DIR).
+    With INIT_WEIGHTS set, a new run starts from that checkpoint's weights but its classifier."""
     s = s or load_settings()
-    notes, resumed, checkpoint = [], None, None
+    distributed.same_everywhere(lambda: check_fine_tune(s))   # before any work
+    notes, resumed, checkpoint, init = [], None, None, None
     if s.RESUME:        # each process reads it; a bad one is one message, not one a process
         checkpoint, resumed, s = distributed.same_everywhere(
             lambda: _checked_resume(s, notes))
+    elif s.INIT_WEIGHTS:    # a resumed fine-tuning run has its weights: never reloaded
+        s, init = distributed.same_everywhere(lambda: read_init_weights(s, notes))
     distributed.on_main(lambda: checks.check_before_run(s, training=True,
                                                         pretrained=resumed is None))
     # Under DDP each process draws its own augmentations (rank 0's weights are broadcast).
@@ -173,6 +178,9 @@ def train(s: Settings | None = None) -> Path:
             s.replace(PRETRAINED=False) if resumed else s)
         distributed.same_everywhere(lambda: checks.check_training_batches(s, datamanager))
         distributed.same_everywhere(lambda: checks.check_loaded_matches(datamanager))
+        if init:        # in place, before the optimiser steps and anything wraps the model
+            distributed.same_everywhere(lambda: load_init_weights(
+                model, init, s.MODEL_NAME, s.INIT_WEIGHTS))
         if distributed.current().is_main:
             write_run_split(run_dir, s)     # own data: which image went where (split.json)
         start_epoch = distributed.same_everywhere(lambda: resume_training(
@@ -190,6 +198,8 @@ def train(s: Settings | None = None) -> Path:
                 start_epoch=start_epoch,
                 eval_freq=s.EVAL_FREQ,
                 print_freq=s.PRINT_FREQ,
+                fixbase_epoch=s.FIXBASE_EPOCH,
+                open_layers=s.OPEN_LAYERS,
                 test_only=False,
                 rerank=s.RERANK,
             )

@@ -328,6 +328,13 @@ class ReidkitEngineMixin:
                                  'mINP': mINP})
         return rank1
 
+    def two_stepped_transfer_learning(self, epoch, fixbase_epoch, open_layers, model=None):
+        """Torchreid's FIXBASE_EPOCH/OPEN_LAYERS, on the model itself: Torchreid looks the
+        layers up on the model it is given and unwraps only DataParallel, not DDP nor the fast
+        path's FastModel. Frozen layers have no gradient, so every optimiser skips them."""
+        super().two_stepped_transfer_learning(
+            epoch, fixbase_epoch, open_layers, model=unwrap(self.model) if model is None else model)
+
 
 def _rerank_parameters(given: dict) -> str:
     """'k1=20, k2=6, lambda=0.3': the parameters re-ranking uses (its defaults where not given)."""

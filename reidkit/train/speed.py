@@ -158,5 +158,7 @@ def distributed_model(model: nn.Module, s, device: torch.device) -> nn.Module:
             raise UserError('SYNC_BN=True needs CUDA GPUs (PyTorch\'s SyncBatchNorm runs only '
                             'there). Pass --SYNC_BN=False to train on the CPU.')
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the same parameters
+    # FIXBASE_EPOCH: frozen layers give no gradient, which DDP must be told to expect.
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == 'cuda' else None)
+        model, device_ids=[device.index] if device.type == 'cuda' else None,
+        find_unused_parameters=s.FIXBASE_EPOCH > 0)
