@@ -167,3 +167,98 @@ def test_fixbase_epochs_train_the_open_layers_only(tiny_settings, monkeypatch, p
 
 def rank1_of(run: Path) -> float:
     return json.loads((run / 'metrics.json').read_text())['rank1']
+
+
+# The demo's recipe at 64x32 (config.DEMO), with the small model.
+RECIPE = dict(HEIGHT=64, WIDTH=32, BATCH_SIZE_TRAIN=16, BATCH_SIZE_TEST=64, WORKERS=0,
+              PRETRAINED=False, MODEL_NAME=MODEL, LR=0.001, EVAL_FREQ=-1, PRINT_FREQ=1000,
+              TRANSFORMS=['random_flip', 'random_crop', 'color_jitter'])
+
+
+@pytest.fixture(scope='module')
+def demo_checkpoint(tiny_data_root, module_tmp_path) -> Path:
+    """A model trained a few epochs on the tiny demo data (Market-1501's layout)."""
+    s = main.load_settings(dict(RECIPE, DATA_ROOT=str(tiny_data_root), MAX_EPOCH=3,
+                                EXPERIMENTS_DIR=str(module_tmp_path / 'demo')))
+    return newest_checkpoint(main.train(s))
+
+
+@pytest.fixture(scope='module')
+def other_people(module_tmp_path) -> dict:
+    """Other identities seen by other cameras, as one's own data: 16 people to train on, 16
+    to test on."""
+    folder = make_identity_folders(module_tmp_path / 'other-people', num_ids=32, seed=5)
+    return dict(SOURCES=str(folder), TARGETS=str(folder))
+
+
+@pytest.fixture(scope='module')
+def zero_shot_rank1(demo_checkpoint, other_people, module_tmp_path) -> float:
+    """The demo model's Rank-1 on the other people's test split, before any fine-tuning."""
+    s = main.load_settings(dict(other_people, BATCH_SIZE_TEST=64, WORKERS=0,
+                                EXPERIMENTS_DIR=str(module_tmp_path / 'zero-shot')))
+    return rank1_of(main.test(s, weights=demo_checkpoint))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('fixbase', [0, 1])
+def test_fine_tuning_on_other_people_beats_the_zero_shot_model(
+        demo_checkpoint, other_people, zero_shot_rank1, tmp_path, fixbase, capsys):
+    s = main.load_settings(dict(RECIPE, **other_people, MAX_EPOCH=4, FIXBASE_EPOCH=fixbase,
+                                INIT_WEIGHTS=str(demo_checkpoint),
+                                EXPERIMENTS_DIR=str(tmp_path / 'experiments')))
+    run = main.train(s)
+    fine_tuned = rank1_of(run)
+    print(f'Rank-1 on other people: zero-shot {zero_shot_rank1:.1%}, fine-tuned '
+          f'(FIXBASE_EPOCH={fixbase}) {fine_tuned:.1%}', file=sys.stderr)
+    assert fine_tuned > zero_shot_rank1
+    log = (run / 'log.txt').read_text()
+    demo_classifier, demo_backbone = classifier_and_backbone(
+        load_checkpoint(demo_checkpoint)['state_dict'])
+    assert (f'INIT_WEIGHTS: {len(demo_backbone)} tensors loaded from "{demo_checkpoint}" '
+            f'(epoch 3), {len(demo_classifier)} skipped') in log
+    assert ("* Only train ['classifier'] (epoch: 1/1)" in log) == (fixbase == 1)
+    final = load_checkpoint(newest_checkpoint(run))
+    for recorded in (json.loads((run / 'settings.json').read_text()), final['settings']):
+        assert recorded['INIT_WEIGHTS'] == str(demo_checkpoint.resolve())
+        assert recorded['PRETRAINED'] is False and recorded['FIXBASE_EPOCH'] == fixbase
+    if fixbase == 0:
+        # Resuming a fine-tuned run continues it: INIT_WEIGHTS comes back from its settings
+        # and is not loaded again over the weights it reached.
+        capsys.readouterr()
+        resumed = main.train(main.load_settings(dict(
+            RESUME=str(newest_checkpoint(run)), MAX_EPOCH=5, EXPERIMENTS_DIR=s.EXPERIMENTS_DIR)))
+        out = capsys.readouterr().out
+        assert resumed == run and 'Resuming from' in out and 'INIT_WEIGHTS:' not in out
+        assert load_checkpoint(newest_checkpoint(run))['settings']['INIT_WEIGHTS'] == \
+            str(demo_checkpoint.resolve())
+
+
+def flags(**settings) -> list[str]:
+    return [f'--{key}={value!r}' if not isinstance(value, (str, Path)) else f'--{key}={value}'
+            for key, value in settings.items()]
+
+
+@pytest.mark.slow
+def test_ddp_fine_tune_with_fixbase_epoch_on_the_cpu(tiny_data_root, tmp_path):
+    from conftest import TINY
+    init = zoo_file(tmp_path / 'zoo.pth', built())
+    experiments = tmp_path / 'experiments'
+    done = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         MAIN, 'train', *flags(**dict(TINY, MODEL_NAME=MODEL, DATA_ROOT=tiny_data_root,
+                                      EXPERIMENTS_DIR=experiments, MAX_EPOCH=2, EVAL_FREQ=-1,
+                                      LATEST_EVERY=1, INIT_WEIGHTS=init, FIXBASE_EPOCH=1))],
+        cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert 'DDP: 2 processes on the CPU (gloo)' in done.stdout
+    _, backbone = classifier_and_backbone(built().state_dict())
+    assert done.stdout.count(f'INIT_WEIGHTS: {len(backbone)} tensors loaded') == 1   # rank 0's
+    assert "* Only train ['classifier'] (epoch: 1/1)" in done.stdout
+    (run,) = experiments.iterdir()
+    assert json.loads((run / 'settings.json').read_text())['INIT_WEIGHTS'] == str(init)
+    after_fixbase = load_checkpoint(run / 'model' / 'latest.pth.tar')
+    assert after_fixbase['epoch'] == 1
+    assert same(classifier_and_backbone(after_fixbase['state_dict'])[1], backbone)
+    final = load_checkpoint(newest_checkpoint(run))
+    assert final['epoch'] == 2 and not same(classifier_and_backbone(final['state_dict'])[1],
+                                            backbone)
