@@ -138,9 +138,7 @@ PATHS = {'torchreid step': dict(TRAIN_STEP='off'),
          'our step, compiled': dict(TRAIN_STEP='on', CHANNELS_LAST='on', COMPILE='on')}
 
 
-@pytest.mark.parametrize('path', [
-    'torchreid step', 'our step, channels_last',
-    pytest.param('our step, compiled', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('path', list(PATHS))
 def test_fixbase_epochs_train_the_open_layers_only(tiny_settings, monkeypatch, path):
     if 'compiled' in path:      # dynamo's guards and graphs, without a C++ compiler
         monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile,
