@@ -45,6 +45,11 @@ DATA_CACHE_GB = 8.0                          # most memory the decoded images ma
 RESUME = ''                                  # checkpoint to continue training from ('' = new run)
 LATEST_EVERY = 1                             # epochs between rolling resume checkpoints (0 = off)
 
+# --- fine-tuning: a new run from a trained model (python main.py train --INIT_WEIGHTS=...) ---
+INIT_WEIGHTS = ''                            # checkpoint a new run starts from, not its classifier ('' = PRETRAINED's)
+FIXBASE_EPOCH = 0                            # first epochs train only OPEN_LAYERS (counted in MAX_EPOCH)
+OPEN_LAYERS = ['classifier']                 # the model's layers those epochs train (attribute names)
+
 # --- output ---------------------------------------------------------------
 EXPERIMENTS_DIR = 'experiments'              # each run gets its own folder in here
 WEIGHTS = ''                                 # checkpoint for test/visrank; '' = newest run's

@@ -40,6 +40,7 @@ from reidkit.run.checkpoints import continue_schedule, load_weights, resume_trai
 from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.run.device import busy_cpu_note, choose_device, place_model
 from reidkit.train.engine import EngineOptions, SoftmaxEngine, TripletEngine
+from reidkit.train.fine_tune import check_fine_tune, load_init_weights, read_init_weights
 from reidkit.run.errors import UserError
 from reidkit.data.own_dataset import check_run_split, register_all, target_summaries, \
     unknown_camera_targets, write_run_split
@@ -153,21 +154,25 @@ def train(s: Settings | None = None) -> Path:
     """Step 1: trains, evaluating and checkpointing every EVAL_FREQ epochs. Returns the run folder.
 
     With RESUME set, continues that checkpoint's run from its epoch with the settings it
-    recorded, in its own folder (or a new one when the checkpoint is not under EXPERIMENTS_DIR)."""
+    recorded, in its own folder (or a new one when the checkpoint is not under EXPERIMENTS_DIR).
+    With INIT_WEIGHTS set, a new run starts from that checkpoint's weights but its classifier."""
     s = s or load_settings()
-    # each process reads RESUME; a bad one is one message, not one a process
-    resumed = distributed.same_everywhere(lambda: resume_checkpoint(s)) if s.RESUME else None
-    s = resumed.settings if resumed else s
+    distributed.same_everywhere(lambda: check_fine_tune(s))   # before any work
+    s, resumed, init = _starting_point(s)
     distributed.on_main(lambda: checks.check_before_run(s, training=True,
                                                         pretrained=resumed is None))
     set_random_seed(distributed.rank_seed(s.SEED))
     run_dir, notes = distributed.on_main(lambda: training_run_dir(s, resumed))
+    notes += init.notes if init else []
     started = time.time()
     with log_to(run_dir / 'log.txt') if distributed.current().is_main else nullcontext() as tee:
         print(f'Run folder: {run_dir}')
         for note in notes:
             print(f'Note: {note}.')
         datamanager, model, optimizer, scheduler = _training_items(s, run_dir, resumed)
+        if init:        # in place, before the optimiser steps and anything wraps the model
+            distributed.same_everywhere(lambda: load_init_weights(
+                model, init.saved, s.MODEL_NAME, s.INIT_WEIGHTS))
         start_epoch = _resume_state(resumed, model, optimizer, scheduler, s.MAX_EPOCH)
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
         with _failure_explained(engine, run_dir, s, tee):
@@ -177,12 +182,25 @@ def train(s: Settings | None = None) -> Path:
                 start_epoch=start_epoch,
                 eval_freq=s.EVAL_FREQ,
                 print_freq=s.PRINT_FREQ,
+                fixbase_epoch=s.FIXBASE_EPOCH,
+                open_layers=s.OPEN_LAYERS,
                 test_only=False,
                 rerank=s.RERANK,
             )
     if distributed.current().is_main:
         _write_training_results(run_dir, engine, s, seconds=time.time() - started)
     return run_dir
+
+
+def _starting_point(s: Settings):
+    """(settings, Resumed or None, InitWeights or None): the run RESUME continues, with its
+    settings, or else the weights INIT_WEIGHTS starts from (a resumed fine-tuning run has its
+    weights: they are never reloaded). Each process reads the file; a bad one is one message."""
+    resumed = distributed.same_everywhere(lambda: resume_checkpoint(s)) if s.RESUME else None
+    if resumed:
+        return resumed.settings, resumed, None
+    init = distributed.same_everywhere(lambda: read_init_weights(s)) if s.INIT_WEIGHTS else None
+    return (init.settings if init else s), None, init
 
 
 def _training_items(s: Settings, run_dir: Path, resumed: Resumed | None):

@@ -148,15 +148,10 @@ def classifier_keys(model_name: str) -> frozenset[str] | None:
     `num_classes` (classifier.*, but HACNN's classifier_global.* and classifier_local.*, PCB's
     classifier.0.* ...). Found by building the model twice on the meta device (no memory, no
     weights, milliseconds); None for a name Torchreid cannot build."""
-    from torchreid.reid.models import build_model
-    try:
-        with torch.device('meta'), contextlib.redirect_stdout(io.StringIO()), \
-                warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            two, three = (build_model(model_name, num_classes=n, pretrained=False).state_dict()
-                          for n in (2, 3))
-    except Exception:               # an unknown name, or a model that cannot go on meta
+    two, three = (meta_model(model_name, num_classes=n) for n in (2, 3))
+    if two is None:
         return None
+    two, three = two.state_dict(), three.state_dict()
     return frozenset(key for key in two if two[key].shape != three[key].shape)
 
 
@@ -179,8 +174,10 @@ def checkpoint_classes(checkpoint: dict, model_name: str) -> int | None:
     return None
 
 
-def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path) -> None:
-    """Loads a checkpoint's weights (read from `path`) into `model` for testing.
+def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path,
+                 setting: str = 'WEIGHTS') -> None:
+    """Loads a checkpoint's weights (read from `path`, given as `setting`) into `model` for
+    testing.
 
     The classifier may differ (a checkpoint trained on other identities): it is not used at
     test time, so it is skipped with a one-line note. Any other mismatch means another
@@ -197,7 +194,7 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
         saved_from = checkpoint.get('model_name', 'another architecture')
         example = next(key for key in mismatched + unexpected if key not in classifier)
         raise UserError(
-            f'WEIGHTS: "{path}" was saved from {saved_from}, which does not match '
+            f'{setting}: "{path}" was saved from {saved_from}, which does not match '
             f'MODEL_NAME={model_name!r}: '
             f'{len(mismatched)} of {len(own)} weights are missing or differ in shape '
             f'(first: {example!r}). Set MODEL_NAME to the architecture the checkpoint was '
@@ -313,3 +310,16 @@ def check_checkpoint_fits(checkpoint: dict, s: Settings, path) -> None:
             f'is {s.HEIGHT}x{s.WIDTH}. Drop --HEIGHT and --WIDTH to use the checkpoint\'s size, '
             f'or use a checkpoint trained at {s.HEIGHT}x{s.WIDTH}.'
         )
+
+
+def meta_model(model_name: str, num_classes: int = 2) -> nn.Module | None:
+    """Torchreid's `model_name` built on the meta device (no memory, no weights, milliseconds),
+    to read its layers and tensor names and shapes; None for a name Torchreid cannot build."""
+    from torchreid.reid.models import build_model
+    try:
+        with torch.device('meta'), contextlib.redirect_stdout(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return build_model(model_name, num_classes=num_classes, pretrained=False)
+    except Exception:               # an unknown name, or a model that cannot go on meta
+        return None

@@ -30,7 +30,7 @@ NOT_SETTINGS = {'DEMO'}
 RUN_SETTINGS = ('SOURCES', 'TARGETS', 'HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'TRANSFORMS',
                 'MODEL_NAME', 'LOSS', 'PRETRAINED', 'LABEL_SMOOTH', 'OPTIM', 'LR',
                 'LR_SCHEDULER', 'STEPSIZE', 'SEED', 'LR_SCALING', 'SYNC_BN', 'TEST_SHARE',
-                'SPLIT_SEED')
+                'SPLIT_SEED', 'INIT_WEIGHTS', 'FIXBASE_EPOCH', 'OPEN_LAYERS')
 SCHEDULE_SETTINGS = ('MAX_EPOCH', 'EVAL_FREQ', 'PRINT_FREQ', 'LATEST_EVERY')
 LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'DEVICE', 'GPUS', 'AMP',
                   'CHANNELS_LAST', 'COMPILE', 'DATA_CACHE', 'DATA_CACHE_GB',
@@ -46,7 +46,8 @@ COMMAND_INPUTS = ('RESUME', 'WEIGHTS', 'QUERY', 'GALLERY')
 RESUMED_LOCAL_SETTINGS = tuple(key for key in LOCAL_SETTINGS if key not in
                                COMMAND_INPUTS + ('DATA_ROOT', 'EXPERIMENTS_DIR'))
 # Settings that name a file or folder: their text is kept as given.
-PATH_SETTINGS = ('DATA_ROOT', 'EXPERIMENTS_DIR', 'WEIGHTS', 'RESUME', 'QUERY', 'GALLERY')
+PATH_SETTINGS = ('DATA_ROOT', 'EXPERIMENTS_DIR', 'WEIGHTS', 'RESUME', 'QUERY', 'GALLERY',
+                 'INIT_WEIGHTS')
 # Settings that take one dataset name or a list of them. A value with '/', starting with '~'
 # or '.', or ending in '.csv' is a folder or CSV of the user's own (reidkit.data.own_data): kept as
 # text on the command line and stored as an absolute path.

@@ -179,13 +179,15 @@ def shard_loaders(datamanager, seed: int) -> None:
 
 
 def distributed_model(model: nn.Module, device: torch.device, channels_last: bool,
-                      sync_bn: bool) -> nn.Module:
+                      sync_bn: bool, frozen_layers: bool = False) -> nn.Module:
     """The model in DistributedDataParallel (SyncBatchNorm first with `sync_bn`, which needs
     CUDA: reidkit.data.checks refuses it elsewhere before any work), in the memory format the
-    fast path will use (`channels_last`), so DDP's gradient buckets match the weights' layout."""
+    fast path will use (`channels_last`), so DDP's gradient buckets match the weights' layout.
+    `frozen_layers` (FIXBASE_EPOCH): layers without gradients, which DDP must expect."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the same parameters
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == 'cuda' else None)
+        model, device_ids=[device.index] if device.type == 'cuda' else None,
+        find_unused_parameters=frozen_layers)

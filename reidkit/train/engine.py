@@ -289,6 +289,13 @@ class ReidkitEngineMixin:
         finally:
             self.test_loader = loaders
 
+    def two_stepped_transfer_learning(self, epoch, fixbase_epoch, open_layers, model=None):
+        """Torchreid's FIXBASE_EPOCH/OPEN_LAYERS, on the model itself: Torchreid looks the
+        layers up on the model it is given and unwraps only DataParallel, not DDP nor the fast
+        path's FastModel. Frozen layers have no gradient, so every optimiser skips them."""
+        super().two_stepped_transfer_learning(
+            epoch, fixbase_epoch, open_layers, model=unwrap(self.model) if model is None else model)
+
 
 class NoWriter:
     """A TensorBoard writer that writes nothing (DDP ranks other than 0)."""

@@ -94,7 +94,8 @@ def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
     cuda = device.type == 'cuda'
     compile_step = switched_on(s.COMPILE, cuda)
     if distributed.current().distributed:
-        model = distributed_model(model, device, switched_on(s.CHANNELS_LAST, cuda), s.SYNC_BN)
+        model = distributed_model(model, device, switched_on(s.CHANNELS_LAST, cuda), s.SYNC_BN,
+                                  frozen_layers=s.FIXBASE_EPOCH > 0)
     model, words = fast_path(model, device, s.AMP, s.CHANNELS_LAST, compile_step)
     step = TrainStep(model, fast_optimizer(optimizer), Loss(s.LOSS, s.LABEL_SMOOTH),
                      compile=compile_step)
