@@ -32,16 +32,16 @@ import torchreid
 from torchreid.reid.utils import set_random_seed
 
 from reidkit.data import checks
+from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.run import distributed
-from reidkit.search import command as searching
-from reidkit.search.export import export as export_onnx
 from reidkit.run.atomic import disk_full, reason
 from reidkit.run.checkpoints import continue_schedule, load_weights, resume_training
-from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.run.device import busy_cpu_note, choose_device, place_model
+from reidkit.run.errors import UserError
+from reidkit.search import command as searching
+from reidkit.search.export import export as export_onnx
 from reidkit.train.engine import EngineOptions, SoftmaxEngine, TripletEngine
 from reidkit.train.fine_tune import check_fine_tune, load_init_weights, read_init_weights
-from reidkit.run.errors import UserError
 from reidkit.data.own_dataset import check_run_split, register_all, target_summaries, \
     unknown_camera_targets, write_run_split
 from reidkit.evaluate.report import RunFacts, plot_cmc, plot_training, write_metrics

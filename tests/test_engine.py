@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 import main
 import reidkit.train.engine as engine_module
 from reidkit.evaluate import metrics as evaluation
-from reidkit.train.engine import DivergenceWatch, ReidkitEngineMixin, SoftmaxEngine
 from reidkit.run.errors import UserError
+from reidkit.train.engine import DivergenceWatch, ReidkitEngineMixin, SoftmaxEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ import pytest
 
 import main
 import reidkit.train.engine as engine_module
-from reidkit.train.engine import SoftmaxEngine
 from reidkit.run.errors import UserError
+from reidkit.train.engine import SoftmaxEngine
 
 SWITCHES = 'metric=euclidean, flip test, re-ranking (k1=20, k2=6, lambda=0.3)'
 

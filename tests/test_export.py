@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import main
-from reidkit.search import export as exporting
 from reidkit.run.checkpoints import save_checkpoint
 from reidkit.run.errors import UserError
+from reidkit.search import export as exporting
 from reidkit.search.onnx_features import OnnxExtractor
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ import torch
 
 import main
 from conftest import fill
-from reidkit.run import atomic
 from reidkit.evaluate import report
 from reidkit.evaluate import visrank
+from reidkit.run import atomic
 from reidkit.run.errors import UserError
 from reidkit.run.folders import write_settings
 from reidkit.run.log import log_to

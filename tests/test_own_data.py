@@ -10,11 +10,11 @@ from PIL import Image
 
 import main
 from conftest import TINY
-from reidkit.evaluate import metrics as evaluation
 from reidkit.data import own_data
+from reidkit.data.own_data import load
+from reidkit.evaluate import metrics as evaluation
 from reidkit.run import settings
 from reidkit.run.errors import UserError
-from reidkit.data.own_data import load
 from reidkit.run.settings import parse_override_args
 
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from reidkit.evaluate import report
-from reidkit.search.writers import QueryResult, write_results
 from reidkit.evaluate import visrank
 from reidkit.run.errors import UserError
+from reidkit.search.writers import QueryResult, write_results
 
 # Each breaks something: '#' and '?' end a URL's path, '%23' must not be decoded twice, quotes
 # end an attribute, '<!--<script>' swallows the rest of a page from inside a <script> block.

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torchreid.reid.metrics import compute_distance_matrix
 
-from reidkit.run.errors import UserError
 from reidkit.evaluate.metrics import Labels, NonFiniteError, evaluate_distances
 from reidkit.evaluate.rerank import Reranking, re_ranking, re_ranking_features
+from reidkit.run.errors import UserError
 
 with warnings.catch_warnings():
     warnings.simplefilter('ignore')             # "Cython evaluation ... unavailable"

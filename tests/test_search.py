@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 import main
+from reidkit.run.errors import UserError
 from reidkit.search import cache as gallery_cache
 from reidkit.search import command as searching
 from reidkit.search import extractor as extracting
 from reidkit.search.extractor import FeatureExtractor
-from reidkit.run.errors import UserError
 
 
 @pytest.fixture(scope='module')

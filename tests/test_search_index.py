@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from reidkit.data import checks
+from reidkit.evaluate.metrics import NonFiniteError
 from reidkit.search import cache as gallery_cache
 from reidkit.search import command as searching
 from reidkit.search import index as search_index
-from reidkit.evaluate.metrics import NonFiniteError
 
 
 @pytest.fixture(autouse=True)

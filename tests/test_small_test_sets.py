@@ -11,10 +11,10 @@ import torch
 
 import main
 from reidkit.data import checks, market
-from reidkit.run.checkpoints import load_checkpoint, unwrap
 from reidkit.data.market import market_data_dir
-from reidkit.train.engine import SoftmaxEngine
+from reidkit.run.checkpoints import load_checkpoint, unwrap
 from reidkit.run.errors import UserError
+from reidkit.train.engine import SoftmaxEngine
 
 
 def _pid_cam(path: Path) -> tuple[int, int]:

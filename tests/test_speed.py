@@ -11,6 +11,7 @@ from reidkit.run.checkpoints import load_checkpoint
 from reidkit.run.errors import UserError
 from reidkit.run.folders import newest_checkpoint
 from reidkit.train.engine import ReidkitEngineMixin
+from reidkit.run.folders import resolve_checkpoint, resume_checkpoint
 from reidkit.train.speed import FastModel
 from reidkit.train.step import TrainStep
 
@@ -151,15 +152,14 @@ def test_the_device_data_path_trains_and_evaluates_end_to_end(tiny_settings):
 def test_a_checkpoint_that_recorded_train_step_still_resumes_and_evaluates(tiny_settings,
                                                                            tmp_path):
     """TRAIN_STEP is gone (our step is the only one); runs that recorded it load as before."""
-    from reidkit.run.folders import resolve_checkpoint
-    recorded = dict(tiny_settings.record(), TRAIN_STEP='off', COMPILE='on', STEPSIZE=7)
+    recorded = dict(tiny_settings.record(), TRAIN_STEP='off', COMPILE='on', STEPSIZE=7,
+                    MAX_EPOCH=5)
     path = tmp_path / 'old.pth.tar'
     torch.save({'state_dict': {}, 'epoch': 2, 'settings': recorded}, path)
     assert 'TRAIN_STEP' not in tiny_settings
-    for setting in ('RESUME', 'WEIGHTS'):
-        _, saved, s = resolve_checkpoint(tiny_settings.replace(**{setting: str(path)}),
-                                         setting=setting)
-        assert saved['settings']['TRAIN_STEP'] == 'off' and 'TRAIN_STEP' not in s
+    _, saved, s = resolve_checkpoint(tiny_settings.replace(WEIGHTS=str(path)))
+    assert saved['settings']['TRAIN_STEP'] == 'off' and 'TRAIN_STEP' not in s
     assert s.COMPILE == tiny_settings.COMPILE                      # evaluating: not taken
-    _, _, resumed = resolve_checkpoint(tiny_settings.replace(RESUME=str(path)), setting='RESUME')
+    resumed = resume_checkpoint(tiny_settings.replace(RESUME=str(path), MAX_EPOCH=5)).settings
+    assert 'TRAIN_STEP' not in resumed
     assert resumed.COMPILE == 'on' and resumed.STEPSIZE == 7       # the rest of the run's

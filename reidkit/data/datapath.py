@@ -30,9 +30,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from reidkit.data.images import read_image
+from reidkit.data.images import read_image, unreadable_image, upright_size
 from reidkit.run.errors import UserError
-from reidkit.data.images import upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # Torchreid's defaults when norm_mean/norm_std are None
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,8 +52,7 @@ def _stored_size(path: str) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = upright_size(image)
     except Exception as error:          # PIL raises many types for broken files
-        raise UserError(f'"{path}" cannot be read as an image ({error}). Delete or replace it '
-                        f'and run again.') from None
+        raise unreadable_image(path, error) from None
     return height, width
 
 

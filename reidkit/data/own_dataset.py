@@ -17,8 +17,8 @@ from pathlib import Path
 from torchreid.reid.data import register_image_dataset
 from torchreid.reid.data.datasets.dataset import ImageDataset
 
-from reidkit.run.errors import UserError
 from reidkit.data.own_data import OwnData, load, missing_split, write_split
+from reidkit.run.errors import UserError
 from reidkit.run.settings import dataset_list, display_name, is_own_data
 
 _noted_unknown_cameras: set[str] = set()

@@ -30,8 +30,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from reidkit.run.errors import UserError
 from reidkit.evaluate.metrics import check_finite, paired_squared_euclidean, squared_euclidean
+from reidkit.run.errors import UserError
 
 # Images per block of the neighbour search: a block pair holds a few (chunk x chunk) float32
 # arrays, ~0.3 GB at 4096.

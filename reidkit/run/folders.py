@@ -11,7 +11,8 @@ from reidkit.run.atomic import write_atomically
 from reidkit.run.checkpoints import (CHECKPOINT_PREFIX, check_checkpoint_fits, checkpoint_epoch,
                                      load_checkpoint)
 from reidkit.run.errors import UserError
-from reidkit.run.settings import Settings, display_name, settings_to_evaluate, settings_to_resume
+from reidkit.run.settings import (Settings, dataset_list, display_name, settings_to_evaluate,
+                                  settings_to_resume)
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
@@ -30,8 +31,7 @@ def new_run_dir(parent: Path, name: str) -> Path:
 def run_name(s: Settings) -> str:
     """<model>-<loss>-<datasets>: the end of a training run's folder name (own data: its
     folder's or CSV's base name, never the path)."""
-    sources = '+'.join(map(display_name, [s.SOURCES] if isinstance(s.SOURCES, str)
-                                         else s.SOURCES))
+    sources = '+'.join(map(display_name, dataset_list(s.SOURCES)))
     return f'{s.MODEL_NAME}-{s.LOSS}-{sources}'
 
 

@@ -18,16 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reidkit.run import atomic
-from reidkit.search import onnx_features as meta
-from reidkit.data import own_data
-from reidkit.run.errors import UserError
-from reidkit.run.settings import is_own_data
-from reidkit.run.settings import Settings
-from reidkit.data import checks
+from reidkit.data import checks, own_data
 from reidkit.data.checks import dataset_dir, torchreid_datasets
 from reidkit.data.images import read_image
+from reidkit.run import atomic
+from reidkit.run.errors import UserError
 from reidkit.run.folders import resolve_checkpoint
+from reidkit.run.settings import Settings, dataset_list, is_own_data
+from reidkit.search import onnx_features as meta
 from reidkit.search.extractor import checkpoint_model, quiet_test_transform
 
 # 18: the exporter's own opset (it converts to others, op by op), and one that onnxruntime
@@ -148,7 +146,7 @@ def check_images(s: Settings) -> tuple[list, str]:
     lists them for evaluation, evenly spread; random images (said so, loudly) when it is not
     here. Returns (PIL images, a description for the printout)."""
     from PIL import Image
-    name = s.TARGETS if isinstance(s.TARGETS, str) else s.TARGETS[0]
+    name = dataset_list(s.TARGETS)[0]
     paths, why = _own_test_image_paths(name, s) if is_own_data(name) else \
         _test_image_paths(name, Path(s.DATA_ROOT).expanduser())
     images = []

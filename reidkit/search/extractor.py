@@ -21,9 +21,9 @@ import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
-from reidkit.evaluate.metrics import flip_averaged
 from reidkit.data import checks
 from reidkit.data.images import read_image
+from reidkit.evaluate.metrics import flip_averaged
 from reidkit.run.checkpoints import checkpoint_classes, load_weights
 from reidkit.run.device import choose_device, place_model
 from reidkit.run.errors import UserError

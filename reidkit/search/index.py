@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from reidkit.run.errors import UserError
 from reidkit.evaluate.metrics import check_finite
+from reidkit.run.errors import UserError
 
 ADD_CHUNK = 8_192           # rows added at a time: FAISS encodes them with 64 KB of tables each
 SCATTERED = 256             # scattered rows read between releases of their pages

@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from reidkit.run.errors import UserError
 from reidkit.data.images import upright
+from reidkit.run.errors import UserError
 
 # The metadata `python main.py export` writes into the file (ONNX metadata_props, strings);
 # the first six are what this module needs to use the model.

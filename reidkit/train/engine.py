@@ -29,18 +29,18 @@ from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from tqdm import tqdm
 
-from reidkit.run import distributed
+from reidkit.data.datapath import loader_like
+from reidkit.data.images import read_image
 from reidkit.evaluate import metrics as evaluation
 from reidkit.evaluate.report import BestEffortWriter, print_scores
-from reidkit.evaluate.visrank import write_rankings
-from reidkit.run.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
-from reidkit.data.images import read_image
 from reidkit.evaluate.rerank import Reranking, re_ranking_features
-from reidkit.data.datapath import loader_like
+from reidkit.evaluate.visrank import write_rankings
+from reidkit.run import distributed
+from reidkit.run.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
 from reidkit.run.errors import UserError
+from reidkit.run.folders import resume_point
 from reidkit.run.settings import display_name
 from reidkit.train.step import RunningMeans
-from reidkit.run.folders import resume_point
 
 
 @dataclass(frozen=True)
