@@ -21,7 +21,7 @@ from reidkit.run.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args, timeout=60):
+def _cli(*args, timeout=600):
     """Runs main.py as a user would; a hang fails the test instead of hanging CI."""
     done = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
@@ -86,7 +86,7 @@ def test_a_fifo_named_like_an_image_is_reported_not_waited_on(tiny_data_root, tm
     fifo = data_dir / 'bounding_box_train' / '0001_c1s1_999999_01.jpg'
     os.mkfifo(fifo)                 # open() on it would block until a writer comes: forever
     code, err = _cli('train', f'--DATA_ROOT={root}', '--PRETRAINED=False',
-                              f'--EXPERIMENTS_DIR={tmp_path}/exp', timeout=60)
+                              f'--EXPERIMENTS_DIR={tmp_path}/exp', timeout=600)
     assert code == 2
     assert f'{fifo}" is not a regular file (a FIFO, socket or device)' in err
     assert 'Traceback' not in err

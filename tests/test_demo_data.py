@@ -126,7 +126,7 @@ def test_two_runs_generating_one_folder_at_once_take_turns(tmp_path):
     while not all(flag.exists() for flag in ready) and time.time() < deadline:
         time.sleep(0.01)
     go.touch()                              # both start generating within milliseconds
-    outputs = [child.communicate(timeout=60) for child in children]
+    outputs = [child.communicate(timeout=600) for child in children]
     assert [child.returncode for child in children] == [0, 0], outputs
     # one generated, the other waited for it (generation takes far longer than the start gap)
     assert sum('Waiting for another run' in out for out, _ in outputs) == 1, outputs

@@ -30,7 +30,7 @@ def test_importing_our_modules_changes_nothing_in_torchreid():
             'assert (m.evaluate_rank, e.visualize_ranked_results, d.read_image) == before\n'
             'print("unchanged")')
     done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=600)
     assert done.returncode == 0 and 'unchanged' in done.stdout, done.stderr[-2000:]
 
 

@@ -82,7 +82,7 @@ def test_search_page_captions_stay_inside_their_tiles(tmp_path):
     probe.write_text(page.read_text().replace('</body>', OVERFLOW_PROBE + '</body>'))
     dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f'--user-data-dir={tmp_path / "profile"}',
                           '--dump-dom', probe.as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout
+                         timeout=600).stdout
     body = re.search(r'<body([^>]*)>', dom).group(1)
     assert re.search(r'data-tiles="5"', body), body            # the query and 4 matches
     assert re.search(r'data-overflow="0"', body), body

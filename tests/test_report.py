@@ -119,7 +119,7 @@ def test_gallery_page_renders_in_a_browser(visrank_run, tmp_path):
                                 re.S).group(1))
     common = [CHROMIUM, *CHROMIUM_FLAGS, f'--user-data-dir={tmp_path / "profile"}']
     dom = subprocess.run([*common, '--dump-dom', page.as_uri()], capture_output=True,
-                         text=True, timeout=120).stdout
+                         text=True, timeout=600).stdout
     body = re.search(r'<body([^>]*)>', dom).group(1)
     shown = int(re.search(r'data-rows="(\d+)"', body).group(1))
     loaded = int(re.search(r'data-loaded="(\d+)"', body).group(1))
@@ -128,7 +128,7 @@ def test_gallery_page_renders_in_a_browser(visrank_run, tmp_path):
     assert re.search(r'mAP <b>\d+\.\d%</b> · mINP <b>\d+\.\d%</b> · Rank-1 <b>\d+\.\d%</b>', dom)
     screenshot = tmp_path / 'page.png'
     subprocess.run([*common, f'--screenshot={screenshot}', page.as_uri()], capture_output=True,
-                   timeout=120)
+                   timeout=600)
     with Image.open(screenshot) as image:
         assert image.size == (1300, 1400)
         assert len(np.unique(np.asarray(image.convert('L')))) > 20          # not blank
