@@ -35,7 +35,8 @@ from reidkit.data import checks
 from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.run import distributed
 from reidkit.run.atomic import disk_full, reason
-from reidkit.run.checkpoints import continue_schedule, load_weights, resume_training
+from reidkit.run.checkpoints import checkpoint_classes, continue_schedule, load_weights, \
+    resume_training
 from reidkit.run.device import busy_cpu_note, choose_device, place_model
 from reidkit.run.errors import UserError
 from reidkit.search import command as searching
@@ -58,12 +59,14 @@ def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings
     return resolve(config, overrides, demo=demo)
 
 
-def get_items(s: Settings | None = None):
-    """The tutorial's objects: (datamanager, model, optimizer, scheduler)."""
+def get_items(s: Settings | None = None, checkpoint: dict | None = None):
+    """The tutorial's objects: (datamanager, model, optimizer, scheduler).
+    With a `checkpoint` to evaluate (test, visrank): the data of TARGETS alone (SOURCES need
+    not be there, nor a target's training split) and the model sized to its classifier."""
     s = s or load_settings()
     device = choose_device(s.DEVICE)
     with distributed.main_first():      # one process downloads what the others then read
-        datamanager, model = _data_and_model(s, device)
+        datamanager, model = _data_and_model(s, device, checkpoint)
     model = place_model(model, device)
     optimizer = torchreid.optim.build_optimizer(model, optim=s.OPTIM, lr=learning_rate(s))
     scheduler = torchreid.optim.build_lr_scheduler(
@@ -72,8 +75,12 @@ def get_items(s: Settings | None = None):
     return datamanager, model, optimizer, scheduler
 
 
-def _data_and_model(s: Settings, device):
-    register_all(s)         # folders and CSV files of SOURCES/TARGETS, under their absolute paths
+def _data_and_model(s: Settings, device, checkpoint: dict | None = None):
+    evaluating = checkpoint is not None
+    if evaluating:          # Torchreid always builds the sources' training set: make it TARGETS'
+        s = s.replace(SOURCES=s.TARGETS)
+    # folders and CSV files of SOURCES/TARGETS, under their absolute paths
+    register_all(s, evaluating)
     datamanager = torchreid.data.ImageDataManager(
         root=s.DATA_ROOT,
         sources=s.SOURCES,
@@ -86,11 +93,13 @@ def _data_and_model(s: Settings, device):
         workers=s.WORKERS,
         use_gpu=device.type == 'cuda',
         # the triplet loss needs batches holding several images of each identity
-        train_sampler='RandomIdentitySampler' if s.LOSS == 'triplet' else 'RandomSampler',
+        train_sampler='RandomIdentitySampler' if s.LOSS == 'triplet' and not evaluating
+        else 'RandomSampler',
     )
+    classes = evaluating and checkpoint_classes(checkpoint, s.MODEL_NAME)
     model = torchreid.models.build_model(
         name=s.MODEL_NAME,
-        num_classes=datamanager.num_train_pids,
+        num_classes=classes or datamanager.num_train_pids,
         loss=s.LOSS,
         pretrained=s.PRETRAINED,
     )
@@ -300,9 +309,11 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     s = s.replace(PRETRAINED=False)                   # the checkpoint replaces ImageNet weights
     distributed.on_main(lambda: checks.check_before_run(s, training=False))
     set_random_seed(s.SEED)
-    datamanager, model, optimizer, scheduler = get_items(s)
-    # own data: never test on the run's training images (its split.json)
-    split_notes = check_run_split(Path(checkpoint).resolve().parent.parent, s)
+    datamanager, model, optimizer, scheduler = get_items(s, saved)
+    # own data: never test on the run's training images (its split.json); SOURCES need not
+    # be there, and only the targets are tested on
+    split_notes = check_run_split(Path(checkpoint).resolve().parent.parent,
+                                  s.replace(SOURCES=s.TARGETS))
     load_weights(model, saved, s.MODEL_NAME, checkpoint)
     out_dir = distributed.on_main(
         lambda: output_dir_for(checkpoint, Path(s.EXPERIMENTS_DIR), mode))

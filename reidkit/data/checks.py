@@ -183,17 +183,19 @@ def loader_labels(s: Settings, name: str) -> SplitLabels:
                        'as its loader reads it')
 
 
-def check_dataset(s: Settings) -> dict[str, SplitLabels | None]:
+def check_dataset(s: Settings, training: bool = True) -> dict[str, SplitLabels | None]:
     """Every dataset exists (Torchreid would otherwise try to download it, from a dead URL for
     Market-1501) and, for Market-1501's layout, every split has parseable, readable images.
     Own data is parsed and split here (bad data fails before any work), and a source must
-    have training images, a target queries. Returns the labels of each dataset of
-    SOURCES/TARGETS read so far: own data and market1501; None for Torchreid's others."""
+    have training images, a target queries. Without `training` (test, visrank: the data is
+    TARGETS alone) SOURCES is not looked at. Returns the labels of each dataset checked:
+    own data and market1501; None for Torchreid's others."""
     found = {}
     root = Path(s.DATA_ROOT).expanduser()
-    for name in dict.fromkeys(dataset_list(s.SOURCES) + dataset_list(s.TARGETS)):
+    sources = dataset_list(s.SOURCES) if training else []
+    for name in dict.fromkeys(sources + dataset_list(s.TARGETS)):
         if is_own_data(name):
-            data = check_own_data(name, s, as_source=name in dataset_list(s.SOURCES))
+            data = check_own_data(name, s, as_source=name in sources)
             if name in dataset_list(s.TARGETS) and not data.query:
                 raise missing_split(data, 'query', 'TARGETS')
             found[name] = own_labels(data)
@@ -471,7 +473,7 @@ def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> No
     started = time.time()
     check_names(s)
     check_numbers(s, training)
-    found = check_dataset(s)
+    found = check_dataset(s, training)
     labels = lambda name: found[name] or loader_labels(s, name)     # noqa: E731
     if training:
         check_training_split(s, [labels(name) for name in dataset_list(s.SOURCES)])

@@ -28,11 +28,14 @@ class OwnImageDataset(ImageDataset):
     """A Torchreid ImageDataset over an `OwnData` split; `mode` picks train, query or gallery.
 
     Raises UserError when the training split is asked for and the data has none (a folder
-    with only query/ and gallery/ is a target, not a source)."""
+    with only query/ and gallery/ is a target, not a source), unless `evaluating`: test and
+    visrank build their datamanager from TARGETS alone, and Torchreid's ImageDataManager
+    always builds a training loader (never read then), so it gets one stand-in image."""
 
-    def __init__(self, data: OwnData, mode: str = 'train', verbose: bool = True, **kwargs):
+    def __init__(self, data: OwnData, mode: str = 'train', verbose: bool = True,
+                 evaluating: bool = False, **kwargs):
         lists = {split: list(getattr(data, split)) for split in ('train', 'query', 'gallery')}
-        if mode in lists and not lists[mode]:
+        if mode in lists and not lists[mode] and not (evaluating and mode == 'train'):
             raise missing_split(data, mode)
         kwargs.pop('root', None)
         self.own = data
@@ -43,7 +46,7 @@ class OwnImageDataset(ImageDataset):
                          verbose=False, **{k: v for k, v in kwargs.items()
                                            if k in ('transform', 'k_tfm', 'combineall')})
         for split, items in lists.items():
-            if not items:
+            if not items and split != mode:
                 setattr(self, split, [])
         self.num_train_pids = self.get_num_pids(self.train)
         self.num_train_cams = self.get_num_cams(self.train)
@@ -57,11 +60,13 @@ def registry() -> dict:
     return vars(datasets)['__image_datasets']
 
 
-def register(value: str, test_share: float, split_seed: int) -> OwnData:
+def register(value: str, test_share: float, split_seed: int, evaluating: bool = False
+             ) -> OwnData:
     """Parses and splits the own dataset `value` names and registers it with Torchreid under
-    its absolute path; returns the split. UserError for bad data (see own_data.load)."""
+    its absolute path; returns the split. UserError for bad data (see own_data.load).
+    `evaluating`: a missing training split is no error (see OwnImageDataset)."""
     data = load(value, test_share, split_seed)
-    factory = functools.partial(OwnImageDataset, data)
+    factory = functools.partial(OwnImageDataset, data, evaluating=evaluating)
     names = registry()
     if data.path not in names:
         register_image_dataset(data.path, factory)
@@ -82,9 +87,10 @@ def own_data_values(s) -> list[str]:
                               if is_own_data(v)))
 
 
-def register_all(s) -> list[OwnData]:
-    """Registers every own-data value of s.SOURCES and s.TARGETS; their splits, in order."""
-    return [register(v, s.TEST_SHARE, s.SPLIT_SEED) for v in own_data_values(s)]
+def register_all(s, evaluating: bool = False) -> list[OwnData]:
+    """Registers every own-data value of s.SOURCES and s.TARGETS; their splits, in order.
+    `evaluating`: see register."""
+    return [register(v, s.TEST_SHARE, s.SPLIT_SEED, evaluating) for v in own_data_values(s)]
 
 
 def registered(value: str) -> OwnData | None:
