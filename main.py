@@ -96,7 +96,7 @@ def _data_and_model(s: Settings, device, checkpoint: dict | None = None):
         train_sampler='RandomIdentitySampler' if s.LOSS == 'triplet' and not evaluating
         else 'RandomSampler',
     )
-    classes = evaluating and checkpoint_classes(checkpoint, s.MODEL_NAME)
+    classes = checkpoint_classes(checkpoint, s.MODEL_NAME) if evaluating else None
     model = torchreid.models.build_model(
         name=s.MODEL_NAME,
         num_classes=classes or datamanager.num_train_pids,

@@ -64,8 +64,7 @@ def test_a_zoo_checkpoint_gives_the_same_numbers_on_own_folders_without_sources(
     assert market['num_query'] == own[0]['num_query'] > 0
     assert market['num_gallery'] == own[0]['num_gallery'] > 0
     for result in own:
-        assert result['mAP'] == market['mAP'] or \
-            abs(result['mAP'] - market['mAP']) < 1e-6, (result['mAP'], market['mAP'])
+        assert abs(result['mAP'] - market['mAP']) < 1e-6, (result['mAP'], market['mAP'])
         assert len(result['cmc']) == len(market['cmc'])
         assert max(abs(a - b) for a, b in zip(result['cmc'], market['cmc'])) < 1e-6
     assert 0 < market['mAP'] < 1        # a real ranking, not a degenerate one
@@ -73,7 +72,7 @@ def test_a_zoo_checkpoint_gives_the_same_numbers_on_own_folders_without_sources(
 
 def test_the_command_line_tests_a_zoo_file_on_a_query_gallery_folder_alone(tmp_path,
                                                                           tiny_data_root):
-    zoo = _zoo_file(tmp_path / 'zoo.pth')
+    _zoo_file(tmp_path / 'zoo.pth')
     _as_identity_folders(market_data_dir(tiny_data_root), tmp_path / 'my-cameras')
     flags = [f'--{key}={value}' for key, value in TINY.items()]
     run = subprocess.run(
