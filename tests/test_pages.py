@@ -2,6 +2,9 @@
 nor escape the output folder, and a strip too wide to save is an error, not a missing file."""
 import html.parser
 import json
+import re
+import shutil
+import subprocess
 import urllib.parse
 from pathlib import Path
 
@@ -10,7 +13,9 @@ import pytest
 from PIL import Image
 
 from reidkit.evaluate import report
+from reidkit.data.own_data import load
 from reidkit.evaluate import visrank
+from reidkit.evaluate.visrank import draw_strip
 from reidkit.run.errors import UserError
 from reidkit.search.writers import QueryResult, write_results
 
@@ -148,3 +153,54 @@ def test_both_strip_writers_stop_when_a_strip_is_not_written(tmp_path, full_disk
     with pytest.raises(UserError, match='could not write the rank strip .*No space left'):
         visrank.write_rankings(np.zeros((1, 2)), dataset, save_dir=tmp_path / 'visrank', topk=2,
                                workers=1)
+
+
+def rendered(page: Path, profile: Path) -> str:
+    """The page's DOM after its script ran, in headless Chromium."""
+    chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+    if chromium is None:
+        pytest.skip('no Chromium to render the page')
+    return subprocess.run([chromium, '--headless', '--no-sandbox', '--disable-gpu',
+                           f'--user-data-dir={profile}', '--virtual-time-budget=4000',
+                           '--dump-dom', page.as_uri()], capture_output=True, text=True,
+                          timeout=600).stdout
+
+
+def test_own_data_strips_and_page_show_names_and_unknown_cameras(tmp_path, monkeypatch):
+    people = ['alice', 'bob', 'carol', 'dave', 'erin', 'frank']
+    for n, person in enumerate(people):             # no camera anywhere: <person>/<image>
+        images(tmp_path / 'people' / person, [f'{i}.jpg' for i in range(3)])
+    data = load(str(tmp_path / 'people'))
+    assert not data.cameras_known
+    captions = []
+
+    def recording(query, matches):
+        captions.append([query[1][1]] + [lines[1] for _, lines, _ in matches])
+        return draw_strip(query, matches)
+
+    monkeypatch.setattr(visrank, 'draw_strip', recording)
+    distmat = np.random.default_rng(1).random((len(data.query), len(data.gallery)))
+    page = visrank.write_rankings(distmat, (data.query, data.gallery), tmp_path / 'own', 3, 1,
+                                  labeller=data.label)
+    names = {data.identity_names[pid] for _, pid, _ in data.query + data.gallery}
+    assert names <= set(people)
+    # one worker: strips drawn in query order; each caption is the person's folder name and ?
+    assert [strip[0] for strip in captions] == \
+        [f'id {data.identity_names[pid]} ?' for _, pid, _ in data.query]
+    assert all(re.fullmatch(r'id (\w+) \?', c)[1] in names for strip in captions for c in strip)
+    rows = json.loads(parse(page).data)
+    assert [tuple(row['shown']) for row in rows] == \
+        [(data.identity_names[pid], '?') for _, pid, _ in data.query]
+    dom = rendered(page, tmp_path / 'profile')
+    assert {f'id {name} ?' for name in names} & set(re.findall(r'id \w+ \?', dom))
+    assert 'camera ?' in dom and not re.search(r'\bc[12]\b', dom)
+    # Torchreid's datasets (no labeller): the numbers as ever, c<camid + 1>
+    captions.clear()
+    page = visrank.write_rankings(distmat, (data.query, data.gallery), tmp_path / 'numbers', 3,
+                                  1)
+    assert [strip[0] for strip in captions] == [f'id {pid} c1' for _, pid, _ in data.query]
+    assert all(re.fullmatch(r'id \d+ c2', c) for strip in captions for c in strip[1:])
+    dom = rendered(page, tmp_path / 'profile')
+    pid, camid = data.query[0][1:]
+    assert f'id {pid} c{camid + 1}' in dom and f'person {pid}, camera {camid + 1}' in dom
+    assert not any(f'id {name}' in dom for name in names)

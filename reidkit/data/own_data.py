@@ -102,6 +102,13 @@ class OwnData:
     camera_names: list = field(default_factory=list)     # camid -> name ([] when unknown)
     junk_dropped: int = 0
 
+    def label(self, pid: int, camid: int) -> tuple[str, str]:
+        """(identity, camera) as rank strips and pages show a query or gallery item: the
+        identity's folder or CSV name (Market-style names: the pid), the camera's name, '?'
+        when the data has no camera information (its camids only serve the same-camera rule)."""
+        name = str(pid) if self.layout == 'market-names' else self.identity_names.get(pid, str(pid))
+        return name, self.camera_names[camid] if self.cameras_known else '?'
+
     def digest(self) -> str:
         """sha256 of the split (paths relative to the dataset, ids, cameras): the same
         images split the same way give the same digest wherever the folder lies."""

@@ -100,6 +100,13 @@ def registered(value: str) -> OwnData | None:
         factory.func is OwnImageDataset else None
 
 
+def display_labels(value: str):
+    """The labeller of rank strips and pages (`OwnData.label`: (pid, camid) -> (identity,
+    camera) texts) for a registered own dataset; None for Torchreid's datasets."""
+    data = registered(value)
+    return None if data is None else data.label
+
+
 def write_run_split(run_dir: Path, s) -> Path | None:
     """split.json in the run folder for the own datasets of s (registered ones), or None."""
     datasets = [registered(v) for v in own_data_values(s)]

@@ -330,7 +330,7 @@ h1{font-size:20px;margin:0 0 6px}
 <div id="controls">
 <label><input type="radio" name="view" value="failures" checked> failures first</label>
 <label><input type="radio" name="view" value="all"> all queries in order</label>
-<label>person id <input id="pid" type="number" min="0" style="width:80px"></label>
+<label>person id <input id="pid" type="text" style="width:80px"></label>
 <button id="prev">&lt; prev</button><span id="page"></span><button id="next">next &gt;</button>
 </div>
 <div id="rows"></div>
@@ -341,13 +341,15 @@ const PER_PAGE = 50;
 let view = 'failures', pid = null, page = 0, loaded = 0;
 function ordered() {
   let rows = ROWS.map((r, i) => Object.assign({index: i}, r));
-  if (pid !== null) rows = rows.filter(r => r.pid === pid);
+  if (pid !== null) rows = rows.filter(r => r.shown[0] === pid);
   if (view === 'failures') {
     const bad = rows.filter(r => r.first !== 0).sort((a, b) => (a.ap ?? 2) - (b.ap ?? 2));
     rows = bad.concat(rows.filter(r => r.first === 0));
   }
   return rows;
 }
+// Identity and camera names are the user's folder names: text, never markup.
+const esc = t => String(t).replace(/[&<>"']/g, c => `&#${c.charCodeAt(0)};`);
 function tile(cls, src, lines, title) {
   const d = document.createElement('div');
   d.className = 'tile ' + cls;
@@ -355,7 +357,7 @@ function tile(cls, src, lines, title) {
   img.loading = 'lazy'; img.src = src; img.alt = lines[0]; img.title = title || '';
   img.addEventListener('load', () => { loaded++; document.body.dataset.loaded = loaded; });
   d.appendChild(img);
-  d.insertAdjacentHTML('beforeend', lines.join('<br>'));
+  d.insertAdjacentHTML('beforeend', lines.map(esc).join('<br>'));
   return d;
 }
 function render() {
@@ -368,7 +370,8 @@ function render() {
     row.className = 'row';
     const head = document.createElement('div');
     head.className = 'head';
-    head.innerHTML = `<b>query ${r.index + 1}</b><br>person ${r.pid}, camera ${r.cam + 1}<br>` +
+    head.innerHTML = `<b>query ${r.index + 1}</b><br>person ${esc(r.shown[0])}, ` +
+      `camera ${esc(r.shown[1].replace(/^c([0-9]+)$/, '$1'))}<br>` +
       (r.ap === null ? 'no true match in gallery' :
        `AP ${(r.ap * 100).toFixed(1)}%<br>first match: rank ${r.first + 1}`) + '<br>';
     const strip = document.createElement('a');
@@ -376,9 +379,9 @@ function render() {
     strip.textContent = 'strip';
     head.appendChild(strip);
     row.appendChild(head);
-    row.appendChild(tile('query', r.path, ['query', `id ${r.pid} c${r.cam + 1}`], r.name));
+    row.appendChild(tile('query', r.path, ['query', `id ${r.shown[0]} ${r.shown[1]}`], r.name));
     r.matches.forEach((m, k) => row.appendChild(tile(m[2] === r.pid ? 'ok' : 'bad', m[0],
-      [`#${k + 1} d=${m[1].toPrecision(3)}`, `id ${m[2]} c${m[3] + 1}`])));
+      [`#${k + 1} d=${m[1].toPrecision(3)}`, `id ${m[4]} ${m[5]}`])));
     box.appendChild(row);
   }
   document.getElementById('page').textContent =
@@ -389,7 +392,7 @@ function render() {
 document.querySelectorAll('input[name=view]').forEach(e => e.addEventListener('change', () => {
   view = e.value; page = 0; render(); }));
 document.getElementById('pid').addEventListener('input', e => {
-  pid = e.target.value === '' ? null : Number(e.target.value); page = 0; render(); });
+  pid = e.target.value.trim() === '' ? null : e.target.value.trim(); page = 0; render(); });
 document.getElementById('prev').onclick = () => { page = Math.max(0, page - 1); render(); };
 document.getElementById('next').onclick = () => { page++; render(); };
 render();

@@ -103,14 +103,24 @@ def save_strip(path: Path, strip: np.ndarray) -> None:
     write_atomically(path, data.tobytes(), 'the rank strip', sync=False)
 
 
+def numbered_label(pid: int, camid: int) -> tuple[str, str]:
+    """(identity, camera) as shown for Torchreid's datasets: the pid and c<camid + 1>."""
+    return str(pid), f'c{camid + 1}'
+
+
 def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
-                   workers: int | None = None) -> Path:
+                   workers: int | None = None, labeller=None) -> Path:
     """Writes save_dir/<query>.jpg strips (one distinct name per query, from
     `report.unique_names`), save_dir/index.html and save_dir/cmc.png; returns the page's path.
 
     distmat: (queries x gallery) distances; dataset: (query, gallery), Torchreid's
     (path, pid, camid, ...) items in the distances' order. Strips use Market's 64x128 crops.
+    labeller: (pid, camid) -> (identity, camera) texts for captions and the page (own data:
+    names, '?' for unknown cameras; reidkit.data.own_dataset.display_labels); default
+    `numbered_label`.
     """
+    label = labeller or numbered_label
+    caption = lambda item: 'id {} {}'.format(*label(item[1], item[2]))      # noqa: E731
     query, gallery = dataset
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -125,11 +135,9 @@ def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
 
     def one(q: int) -> None:
         path, pid, camid = query[q][:3]
-        matches = [(gallery[g][0], [f'#{r + 1} d={distances[q, r]:.3g}',
-                                    f'id {gallery[g][1]} c{gallery[g][2] + 1}'], gallery[g][1] == pid)
-                   for r, g in enumerate(indices[q]) if g >= 0]
-        save_strip(save_dir / strips[q],
-                   draw_strip((path, ['query', f'id {pid} c{camid + 1}']), matches))
+        matches = [(gallery[g][0], [f'#{r + 1} d={distances[q, r]:.3g}', caption(gallery[g])],
+                    gallery[g][1] == pid) for r, g in enumerate(indices[q]) if g >= 0]
+        save_strip(save_dir / strips[q], draw_strip((path, ['query', caption(query[q])]), matches))
 
     # cv2 releases the GIL while decoding, resizing and encoding, so threads scale.
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
@@ -138,11 +146,12 @@ def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
     report.plot_cmc(scores.cmc, save_dir / 'cmc.png')
     rows = [{
         'strip': strips[q], 'path': query[q][0], 'pid': int(query[q][1]),
-        'cam': int(query[q][2]),
+        'cam': int(query[q][2]), 'shown': label(query[q][1], query[q][2]),
         'ap': None if np.isnan(ranks.ap[q]) else round(float(ranks.ap[q]), 4),
         'first': int(ranks.first[q]),
         'matches': [[gallery[g][0], round(float(distances[q, r]), 4), int(gallery[g][1]),
-                     int(gallery[g][2])] for r, g in enumerate(indices[q]) if g >= 0],
+                     int(gallery[g][2]), *label(gallery[g][1], gallery[g][2])]
+                    for r, g in enumerate(indices[q]) if g >= 0],
     } for q in range(len(query))]
     page = report.write_gallery_page(save_dir / 'index.html', rows, report.summarise(*scores),
                                      num_gallery=len(gallery))

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from reidkit.data.datapath import loader_like
 from reidkit.data.images import read_image
+from reidkit.data.own_dataset import display_labels
 from reidkit.evaluate import metrics as evaluation
 from reidkit.evaluate.report import BestEffortWriter, print_scores
 from reidkit.evaluate.rerank import Reranking, re_ranking_features
@@ -239,7 +240,8 @@ class ReidkitEngineMixin:
                 distmat = evaluation.distances(qf, gf, dist_metric)
             write_rankings(distmat.cpu().numpy(),
                            self.datamanager.fetch_test_loaders(dataset_name),
-                           Path(save_dir) / f'visrank_{display_name(dataset_name)}', visrank_topk)
+                           Path(save_dir) / f'visrank_{display_name(dataset_name)}', visrank_topk,
+                           labeller=display_labels(dataset_name))
         return scores.cmc[0], scores.mAP
 
     def _query_and_gallery(self, query_loader, gallery_loader):
