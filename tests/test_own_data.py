@@ -58,6 +58,10 @@ def test_a_path_is_told_from_a_torchreid_name_and_stored_absolute(tmp_path, monk
     assert s.SOURCES == str(tmp_path / '2024') and s.TARGETS == str(tmp_path / '.5')
     assert main.load_settings({'TARGETS': ['market1501', 'x/y']}).TARGETS == \
         ['market1501', str(tmp_path / 'x' / 'y')]
+    # a list mixing a name and a path, on the command line as a user writes it
+    mixed = parse_override_args(["--SOURCES=['market1501', './x/y']"])
+    assert mixed == {'SOURCES': ['market1501', './x/y']}
+    assert main.load_settings(mixed).SOURCES == ['market1501', str(tmp_path / 'x' / 'y')]
     assert main.load_settings({'SOURCES': '~/crops'}).SOURCES == str(Path.home() / 'crops')
     assert settings.display_name(str(tmp_path / 'my crops')) == 'my_crops'
     assert settings.display_name(str(tmp_path / 'people.csv')) == 'people'

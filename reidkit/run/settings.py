@@ -228,8 +228,9 @@ def parse_override_args(args: Iterable[str]) -> dict[str, Any]:
                 f'command line: {arg!r} is not an override. Write --KEY=VALUE, '
                 f'e.g. --MAX_EPOCH=10 (no spaces around "=").'
             )
-        overrides[key] = parse_value(text, path=key in PATH_SETTINGS or (
-            key in DATASET_LISTS and is_own_data(text)))     # --SOURCES=./2024 stays text
+        # --SOURCES=./2024 stays text; a list, even of paths, is read as a list
+        own_path = key in DATASET_LISTS and is_own_data(text) and not text.lstrip().startswith('[')
+        overrides[key] = parse_value(text, path=key in PATH_SETTINGS or own_path)
     return overrides
 
 
