@@ -43,8 +43,10 @@ from reidkit.search import command as searching
 from reidkit.search.export import export as export_onnx
 from reidkit.train.engine import EngineOptions, SoftmaxEngine, TripletEngine
 from reidkit.train.fine_tune import check_fine_tune, load_init_weights, read_init_weights
-from reidkit.data.own_dataset import check_run_split, register_all, target_summaries, \
-    unknown_camera_targets, write_run_split
+from reidkit.data.own_dataset import register_all, target_summaries, unknown_camera_targets, \
+    write_run_split
+from reidkit.data.training_files import TrainingFiles, check_not_trained_on, check_targets, \
+    record_sources
 from reidkit.evaluate.report import RunFacts, plot_cmc, plot_training, write_metrics
 from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import Resumed, newest_checkpoint, output_dir_for, resolve_checkpoint, \
@@ -112,11 +114,12 @@ def learning_rate(s: Settings) -> float:
     return s.LR * (distributed.current().world_size if s.LR_SCALING == 'linear' else 1)
 
 
-def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training: bool = True):
+def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training: bool = True,
+                 record: TrainingFiles | None = None):
     """ImageSoftmaxEngine (ImageTripletEngine when LOSS='triplet'), as Torchreid's scripts do,
     training with our step, through the fast path where it is on (AMP, CHANNELS_LAST, COMPILE,
     DATA_CACHE: all on with CUDA by default). Prints the training path (when `training`) and
-    how it evaluates."""
+    how it evaluates. `record`: the training files, stored in every checkpoint."""
     use_gpu = next(model.parameters()).is_cuda
     process = distributed.current()
     if process.distributed:
@@ -142,6 +145,7 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
         label_smooth=s.LABEL_SMOOTH, train_step=fast.step, loaders=fast.loaders,
         options=EngineOptions(model_name=s.MODEL_NAME, settings=s.record(),
                               latest_every=s.LATEST_EVERY, flip_test=s.FLIP_TEST,
+                              training_files=record.compact() if record else None,
                               rerank=Reranking(s.RERANK_K1, s.RERANK_K2, s.RERANK_LAMBDA)),
     )
 
@@ -170,6 +174,7 @@ def train(s: Settings | None = None) -> Path:
     s, resumed, init = _starting_point(s)
     distributed.on_main(lambda: checks.check_before_run(s, training=True,
                                                         pretrained=resumed is None))
+    record = training_record(s, (resumed or init).saved if resumed or init else None)
     set_random_seed(distributed.rank_seed(s.SEED))
     run_dir, notes = distributed.on_main(lambda: training_run_dir(s, resumed))
     notes += init.notes if init else []
@@ -178,12 +183,12 @@ def train(s: Settings | None = None) -> Path:
         print(f'Run folder: {run_dir}')
         for note in notes:
             print(f'Note: {note}.')
-        datamanager, model, optimizer, scheduler = _training_items(s, run_dir, resumed)
+        datamanager, model, optimizer, scheduler = _training_items(s, run_dir, resumed, record)
         if init:        # in place, before the optimiser steps and anything wraps the model
             distributed.same_everywhere(lambda: load_init_weights(
                 model, init.saved, s.MODEL_NAME, s.INIT_WEIGHTS))
         start_epoch = _resume_state(resumed, model, optimizer, scheduler, s.MAX_EPOCH)
-        engine = build_engine(s, datamanager, model, optimizer, scheduler)
+        engine = build_engine(s, datamanager, model, optimizer, scheduler, record=record)
         with _failure_explained(engine, run_dir, s, tee):
             engine.run(
                 save_dir=str(run_dir),
@@ -212,9 +217,27 @@ def _starting_point(s: Settings):
     return (init.settings if init else s), None, init
 
 
-def _training_items(s: Settings, run_dir: Path, resumed: Resumed | None):
-    """get_items() for training, with the run's settings.json and (own data) split.json
-    written to `run_dir` (the splits were checked before: checks.check_before_run)."""
+def training_record(s: Settings, starting_checkpoint: dict | None) -> TrainingFiles | None:
+    """Rank 0: the record of every training file of SOURCES (with the starting checkpoint's,
+    for RESUME or INIT_WEIGHTS), after checking that no file of TARGETS is one of them (every
+    evaluation during training would score it). Other ranks: None (rank 0 saves checkpoints)."""
+    def record_and_check():
+        started = time.time()
+        record = record_sources(s)
+        check_targets(record, s, 'SOURCES (this run\'s training data)')
+        print(f'Recorded {len(record)} training files (none is a test file of TARGETS) in '
+              f'{time.time() - started:.1f}s.')
+        return record.merged(TrainingFiles.from_checkpoint(starting_checkpoint or {}))
+    found = []
+    distributed.on_main(lambda: found.append(record_and_check()))
+    return found[0] if found else None
+
+
+def _training_items(s: Settings, run_dir: Path, resumed: Resumed | None,
+                    record: TrainingFiles | None):
+    """get_items() for training, with the run's settings.json, (own data) split.json and
+    record of training files written to `run_dir` (the splits were checked before:
+    checks.check_before_run)."""
     if distributed.current().is_main:
         write_settings(run_dir, s)
     # The checkpoint replaces ImageNet weights when resuming: no download is needed.
@@ -222,6 +245,7 @@ def _training_items(s: Settings, run_dir: Path, resumed: Resumed | None):
         s.replace(PRETRAINED=False) if resumed else s)
     if distributed.current().is_main:
         write_run_split(run_dir, s)     # own data: which image went where (split.json)
+        record.write(run_dir)           # every training file (training_files.csv.gz)
     return datamanager, model, optimizer, scheduler
 
 
@@ -309,11 +333,9 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     s = s.replace(PRETRAINED=False)                   # the checkpoint replaces ImageNet weights
     distributed.on_main(lambda: checks.check_before_run(s, training=False))
     set_random_seed(s.SEED)
+    # never score a training image of the checkpoint (its record, and its run folder's)
+    split_notes = distributed.on_main(lambda: check_not_trained_on(s, saved, checkpoint))
     datamanager, model, optimizer, scheduler = get_items(s, saved)
-    # own data: never test on the run's training images (its split.json); SOURCES need not
-    # be there, and only the targets are tested on
-    split_notes = check_run_split(Path(checkpoint).resolve().parent.parent,
-                                  s.replace(SOURCES=s.TARGETS))
     load_weights(model, saved, s.MODEL_NAME, checkpoint)
     out_dir = distributed.on_main(
         lambda: output_dir_for(checkpoint, Path(s.EXPERIMENTS_DIR), mode))

@@ -7,4 +7,6 @@
 - own_data: folders and CSV files of your own: layouts, splits (no torch)
 - own_dataset: those registered with Torchreid (register_image_dataset), split.json
 - datapath: images decoded once and augmented per batch on the device
+- training_files: the files a model was trained on (run folder, checkpoint) and the check
+  that no test scores one
 """

@@ -11,7 +11,6 @@ for spawned loader workers).
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 from torchreid.reid.data import register_image_dataset
@@ -118,43 +117,6 @@ def unknown_camera_targets(s) -> list[str]:
     """Display names of the registered own targets without camera information."""
     return [display_name(t) for t in dataset_list(s.TARGETS)
             if (data := registered(t)) is not None and not data.cameras_known]
-
-
-def check_run_split(run_dir: Path, s) -> list[str]:
-    """Test and visrank on a run's checkpoint: each own dataset of s, when it is the run's
-    (same path, or the run's path is gone: a moved folder), must not test on the run's
-    training images. Compares with the run's split.json (nothing to compare without it).
-    Returns notes for the log; raises UserError when a test image was a training image."""
-    stored_file = Path(run_dir) / 'split.json'
-    if not stored_file.is_file():
-        return []
-    stored = json.loads(stored_file.read_text())
-    notes = []
-    for value in own_data_values(s):
-        data = registered(value) or load(value, s.TEST_SHARE, s.SPLIT_SEED)
-        runs = [b for b in stored if b['path'] == data.path] or \
-            [b for b in stored if not Path(b['path']).exists()]
-        if not runs or any(b['digest'] == data.digest() for b in runs):
-            notes += [f'"{data.path}" gives the same split as the run\'s "{b["path"]}" '
-                      f'(moved)' for b in runs[:1] if b['path'] != data.path]
-            continue
-        current = data.to_json()
-        testing = {row[0] for row in current['query'] + current['gallery']}
-        for block in runs:
-            leaked = sorted(testing & {row[0] for row in block['train']})
-            if leaked:
-                raise UserError(
-                    f'TARGETS: {len(leaked)} test images of "{data.path}" were training images '
-                    f'of the run this checkpoint belongs to (see {stored_file}; e.g. '
-                    f'"{leaked[0]}"): the folder, TEST_SHARE or SPLIT_SEED changed since '
-                    f'training (run: TEST_SHARE={block["test_share"]}, SPLIT_SEED='
-                    f'{block["split_seed"]}, data "{block["path"]}"), so Rank-1 and mAP would be '
-                    f'measured on people the model was trained on. Restore the folder as it was '
-                    f'(split.json lists every image), drop --TEST_SHARE/--SPLIT_SEED, or test '
-                    f'on other data.')
-        notes.append(f'the split of "{data.path}" differs from the run\'s (images added or '
-                     f'removed since training); none of its test images was a training image')
-    return notes
 
 
 def target_summaries(targets) -> list[dict]:

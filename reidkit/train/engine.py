@@ -32,6 +32,7 @@ from tqdm import tqdm
 from reidkit.data.datapath import loader_like
 from reidkit.data.images import read_image
 from reidkit.data.own_dataset import display_labels
+from reidkit.data.training_files import CHECKPOINT_KEY
 from reidkit.evaluate import metrics as evaluation
 from reidkit.evaluate.report import BestEffortWriter, print_scores
 from reidkit.evaluate.rerank import Reranking, re_ranking_features
@@ -52,6 +53,7 @@ class EngineOptions:
     latest_every: int = 1              # epochs between rolling checkpoints (0: never)
     flip_test: bool = False            # test features of the image and its mirror, averaged
     rerank: Reranking = field(default_factory=Reranking)   # its parameters, where it is on
+    training_files: dict | None = None  # the run's training files (reidkit.data.training_files)
 
 
 class ReidkitEngineMixin:
@@ -66,6 +68,7 @@ class ReidkitEngineMixin:
         self.model_name = options.model_name     # stored in checkpoints, named in mismatch errors
         self.latest_every = options.latest_every  # epochs between rolling checkpoints (0: never)
         self.settings = options.settings         # the run's settings, stored in every checkpoint
+        self.training_files = options.training_files    # stored in every checkpoint
         self.results: list = []            # every evaluation: {'epoch', 'cmc', 'mAP', 'mINP'}
         self.save_dir = None
         self.final_checkpoint = None       # written when training ends, before its evaluation
@@ -195,6 +198,8 @@ class ReidkitEngineMixin:
                     f'{epoch}, so no checkpoint was written. Start a new run with a lower LR.')
         state = model_state(self, name, epoch, rank1, self.model_name)
         state['settings'] = self.settings
+        if self.training_files is not None:
+            state[CHECKPOINT_KEY] = self.training_files
         return save_checkpoint(state, path)
 
     @torch.no_grad()

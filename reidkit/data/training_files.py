@@ -1,0 +1,279 @@
+"""Which image files a model was trained on, and the check that no test ever scores one.
+
+Two files are the same file when their resolved paths are equal, when they are one inode
+(a hard link), or when their bytes are (equal sizes, then equal 64-bit BLAKE2b hashes of the
+bytes: a copy under another name or in another folder, a person's folder renamed and split
+again). A run records every training file of SOURCES twice:
+- in full in the run folder (`training_files.csv.gz`: resolved path, size, hash, device and
+  inode of each), to name both files of a leak;
+- compactly inside every checkpoint (`training_files`: a size and a hash per file, 16 bytes),
+  so that a checkpoint copied out of its run folder still knows what it was trained on. A run
+  that starts from another checkpoint (INIT_WEIGHTS, RESUME) adds that checkpoint's record.
+
+The check runs before training (TARGETS' query and gallery files against SOURCES' training
+files: every evaluation during training would score them) and before test and visrank (the
+targets against the checkpoint's record). A leak is refused, never dropped: the error names
+the first files on both sides. A model-zoo file carries no record: nothing to check against.
+Hashing reads each training file once (the test files only when their size matches a
+training file's); see README "Never a wrong number" for its cost on a million files.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from reidkit.data import checks
+from reidkit.data.own_data import load
+from reidkit.run.atomic import atomic_file
+from reidkit.run.errors import UserError
+from reidkit.run.settings import dataset_list, display_name, is_own_data
+
+RECORD_FILE = 'training_files.csv.gz'       # in the run folder
+CHECKPOINT_KEY = 'training_files'           # in every checkpoint
+COLUMNS = ('path', 'size', 'hash', 'device', 'inode')
+PROGRESS_FROM = 5000        # files: fewer are hashed without a progress bar
+SHOWN = 3                   # leaks named in the error
+
+
+def content_hash(path: str | os.PathLike) -> int:
+    """The first 8 bytes of the BLAKE2b hash of the file's bytes, as a signed int64."""
+    with open(path, 'rb') as handle:
+        digest = hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=8)).digest()
+    return int.from_bytes(digest, 'big', signed=True)
+
+
+def _hash_all(paths: Sequence[str], what: str) -> list[int]:
+    """content_hash of every path, in order; several files at once (hashlib releases the GIL
+    on large buffers, and reading waits on the disk), with a progress bar for many files."""
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        hashes = pool.map(content_hash, paths, chunksize=64)
+        if len(paths) >= PROGRESS_FROM:
+            hashes = tqdm(hashes, total=len(paths), desc=what, unit='file', leave=False)
+        return list(hashes)
+
+
+@dataclass
+class Leak:
+    """A test file (`test`) that is a training file: `how` ('the same file as', 'the same
+    file (same inode) as': a hard link or a moved file, 'byte-identical to'); `training`: that training file's path, or None when only
+    the checkpoint's compact record (size and hash) is at hand."""
+    test: str
+    how: str
+    training: str | None
+
+
+@dataclass
+class TrainingFiles:
+    """The files a model was trained on: `sizes` and `hashes` (int64 arrays of shape (N,),
+    bytes and `content_hash`), and, when known (this run, or its run folder's record),
+    `paths` (resolved) and `inodes` (int64 array (N, 2): device, inode)."""
+    sizes: np.ndarray
+    hashes: np.ndarray
+    paths: list[str] | None = None
+    inodes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @classmethod
+    def of_files(cls, files: Iterable[str | os.PathLike], what: str = 'Hashing training files'
+                 ) -> TrainingFiles:
+        """The record of `files` (each once, after resolving links), read now. OSError from a
+        file that cannot be read (the pre-run image check has read them all before)."""
+        paths = list(dict.fromkeys(os.path.realpath(p) for p in files))
+        stats = [os.stat(p) for p in paths]
+        return cls(np.array([st.st_size for st in stats], dtype=np.int64),
+                   np.array(_hash_all(paths, what), dtype=np.int64), paths,
+                   np.array([(st.st_dev, st.st_ino) for st in stats],
+                            dtype=np.int64).reshape(-1, 2))
+
+    def merged(self, other: TrainingFiles | None) -> TrainingFiles:
+        """This record and `other`'s files (a starting checkpoint's): only sizes and hashes
+        are kept for other's, so paths name this record's files alone."""
+        if other is None or len(other) == 0:
+            return self
+        known = set(zip(self.sizes.tolist(), self.hashes.tolist()))
+        extra = [i for i, pair in enumerate(zip(other.sizes.tolist(), other.hashes.tolist()))
+                 if pair not in known]
+        return TrainingFiles(np.concatenate([self.sizes, other.sizes[extra]]),
+                             np.concatenate([self.hashes, other.hashes[extra]]),
+                             self.paths, self.inodes)
+
+    # --- in a checkpoint: 16 bytes a file --------------------------------------------------
+
+    def compact(self) -> dict:
+        """What a checkpoint holds: {'sizes', 'hashes'}: int64 tensors of shape (N,)."""
+        return {'sizes': torch.from_numpy(self.sizes), 'hashes': torch.from_numpy(self.hashes)}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> TrainingFiles | None:
+        """The record a checkpoint carries, or None (a model-zoo file, an older checkpoint)."""
+        record = saved.get(CHECKPOINT_KEY) if isinstance(saved, dict) else None
+        if not isinstance(record, dict) or not all(
+                isinstance(record.get(key), torch.Tensor) for key in ('sizes', 'hashes')):
+            return None
+        return cls(record['sizes'].numpy().astype(np.int64),
+                   record['hashes'].numpy().astype(np.int64))
+
+    # --- in the run folder: every file in full ---------------------------------------------
+
+    def write(self, run_dir: Path) -> Path:
+        """training_files.csv.gz in `run_dir` (written whole or not at all): this record's
+        own files (those with paths)."""
+        path = Path(run_dir) / RECORD_FILE
+        with atomic_file(path, 'wb', 'the record of training files') as handle:
+            with gzip.GzipFile(fileobj=handle, mode='wb', mtime=0) as packed, \
+                    io.TextIOWrapper(packed, encoding='utf-8', errors='surrogateescape',
+                                     newline='') as text:
+                rows = csv.writer(text)
+                rows.writerow(COLUMNS)
+                rows.writerows(zip(self.paths, self.sizes.tolist(), self.hashes.tolist(),
+                                   self.inodes[:, 0].tolist(), self.inodes[:, 1].tolist()))
+        return path
+
+    @classmethod
+    def read(cls, run_dir: Path) -> TrainingFiles | None:
+        """The run folder's record, or None when it has none or it cannot be read."""
+        path = Path(run_dir) / RECORD_FILE
+        try:
+            with gzip.open(path, 'rt', encoding='utf-8', errors='surrogateescape',
+                           newline='') as text:
+                rows = list(csv.reader(text))
+            if not rows or tuple(rows[0]) != COLUMNS:
+                return None
+            rows = rows[1:]
+            numbers = np.array([row[1:] for row in rows], dtype=np.int64).reshape(-1, 4)
+        except (OSError, EOFError, ValueError, csv.Error):
+            return None
+        return cls(numbers[:, 0], numbers[:, 1], [row[0] for row in rows], numbers[:, 2:])
+
+    # --- the check -------------------------------------------------------------------------
+
+    def leaks(self, files: Iterable[str | os.PathLike]) -> list[Leak]:
+        """Every file of `files` that is one of this record's (see the module docstring), in
+        order: by path, by inode (with the same size), else by size and then bytes (hashed
+        only when a training file has its size). Vectorised: a million recorded files take
+        two sorted int64 arrays, no Python set of them."""
+        files = list(dict.fromkeys(os.path.realpath(f) for f in files))
+        stats = [os.stat(f) for f in files]
+        sizes = np.array([st.st_size for st in stats], dtype=np.int64)
+        how: list[tuple[str, int] | None] = [None] * len(files)    # (how, training index)
+        if self.paths:
+            index = {p: i for i, p in enumerate(self.paths)}
+            for n, file in enumerate(files):
+                if file in index:
+                    how[n] = ('the same file as', index[file])
+        if self.inodes is not None and len(self.inodes):
+            inodes = np.array([(st.st_dev, st.st_ino) for st in stats], dtype=np.int64)
+            for n, i in _lookup(_inode_keys(self.inodes), _inode_keys(inodes.reshape(-1, 2))):
+                if how[n] is None and (self.inodes[i] == inodes[n]).all() \
+                        and self.sizes[i] == sizes[n]:
+                    how[n] = ('the same file (same inode) as', i)
+        candidates = [n for n in np.flatnonzero(np.isin(sizes, self.sizes)).tolist()
+                      if how[n] is None]
+        hashes = np.array(_hash_all([files[n] for n in candidates], 'Comparing test files'),
+                          dtype=np.int64)
+        for k, i in _lookup(self.hashes, hashes):
+            if self.sizes[i] == sizes[candidates[k]]:
+                how[candidates[k]] = ('byte-identical to', i)
+        named = lambda i: self.paths[i] if self.paths and i < len(self.paths) else None  # noqa
+        return [Leak(file, found[0], named(found[1]))
+                for file, found in zip(files, how) if found is not None]
+
+
+def _inode_keys(inodes: np.ndarray) -> np.ndarray:
+    """One int64 per (device, inode) row, equal for equal rows (rows are compared after)."""
+    return (inodes[:, 0] << 40) ^ inodes[:, 1]
+
+
+def _lookup(recorded: np.ndarray, wanted: np.ndarray) -> list[tuple[int, int]]:
+    """(n, i) for each wanted[n] found in `recorded` (int64 arrays), i an index where
+    recorded[i] == wanted[n]."""
+    if not len(recorded) or not len(wanted):
+        return []
+    order = np.argsort(recorded, kind='stable')
+    at = np.minimum(np.searchsorted(recorded[order], wanted), len(recorded) - 1)
+    hit = recorded[order[at]] == wanted
+    return list(zip(np.flatnonzero(hit).tolist(), order[at[hit]].tolist()))
+
+
+# --- the files of SOURCES and TARGETS ------------------------------------------------------
+
+def dataset_files(s, name: str, splits: Sequence[str]) -> list[str]:
+    """The image files of dataset `name` (a Torchreid name or an own-data path of SOURCES/
+    TARGETS, settings `s`) in `splits` ('train', 'query', 'gallery'), as its loader reads
+    them (file lists only: nothing is decoded)."""
+    if is_own_data(name):       # read now: a registration of this process may be older
+        data = load(name, s.TEST_SHARE, s.SPLIT_SEED)
+    else:
+        data = checks.torchreid_datasets()[name](root=str(Path(s.DATA_ROOT).expanduser()),
+                                                 verbose=False)
+    return [item[0] for split in splits for item in getattr(data, split)]
+
+
+def test_files(s) -> dict[str, list[str]]:
+    """{target's display name: its query and gallery files} for every dataset of TARGETS."""
+    return {display_name(name): dataset_files(s, name, ('query', 'gallery'))
+            for name in dict.fromkeys(dataset_list(s.TARGETS))}
+
+
+def record_sources(s) -> TrainingFiles:
+    """The record of every training file of SOURCES (each file read once)."""
+    return TrainingFiles.of_files(f for name in dict.fromkeys(dataset_list(s.SOURCES))
+                                  for f in dataset_files(s, name, ('train',)))
+
+
+def check_targets(record: TrainingFiles, s, whose: str) -> None:
+    """UserError when a query or gallery file of a TARGETS dataset is in `record` (`whose`
+    training files, for the message: 'SOURCES'' or 'the checkpoint'')."""
+    for target, files in test_files(s).items():
+        found = record.leaks(files)
+        if found:
+            raise leak_error(found, target, whose)
+
+
+def leak_error(found: list[Leak], target: str, whose: str) -> UserError:
+    """The one paragraph naming the first leaks, both sides where known."""
+    shown = '; '.join(f'"{leak.test}" is ' + (
+        'a training file itself' if leak.training == leak.test else
+        f'{leak.how} "{leak.training}"' if leak.training else
+        f'{leak.how} one of its training files (same size and bytes)') for leak in found[:SHOWN])
+    more = f' (and {len(found) - SHOWN} more)' if len(found) > SHOWN else ''
+    return UserError(
+        f'TARGETS: {len(found)} query/gallery image(s) of {target} are training images of '
+        f'{whose}: {shown}{more}. Rank-1 and mAP would be measured on images the model was '
+        f'trained on. Remove those files from the test data (byte-identical copies too), or '
+        f'test on other data; nothing was run.')
+
+
+def checkpoint_record(saved: dict, checkpoint: Path) -> TrainingFiles | None:
+    """What the checkpoint was trained on: its own record, with the full record of the run
+    folder it lies in (<run>/model/<file>) for the files' names; None when it carries none."""
+    carried = TrainingFiles.from_checkpoint(saved)
+    if carried is None:
+        return None
+    in_run = TrainingFiles.read(Path(checkpoint).resolve().parent.parent)
+    return in_run.merged(carried) if in_run is not None else carried
+
+
+def check_not_trained_on(s, saved: dict, checkpoint: Path) -> list[str]:
+    """Test and visrank: no query or gallery file of TARGETS is a training file of the
+    checkpoint (`saved`, read from `checkpoint`); UserError (leak_error) if one is. Returns
+    the notes for the log: 'nothing to check against' for a checkpoint without a record."""
+    record = checkpoint_record(saved, checkpoint)
+    if record is None:
+        return [f'"{checkpoint}" carries no record of its training images (a model-zoo file, or '
+                f'one written by an older version): nothing to check the test images against']
+    check_targets(record, s, f'the checkpoint "{checkpoint}"')
+    return []

@@ -1,0 +1,185 @@
+"""A test never scores a training image: the record of training files (run folder and
+checkpoint) and the check against it, for every way of presenting the same file twice."""
+import csv
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+from conftest import TINY
+from reidkit.data import training_files
+from reidkit.data.training_files import RECORD_FILE, TrainingFiles
+from reidkit.run.errors import UserError
+
+
+def _noise_image(path: Path, seed: int) -> Path:
+    """A small JPEG whose bytes no other seed gives."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _people(root: Path, names, cameras=('door', 'lift'), per_camera=2, seed=0) -> Path:
+    """<person>/<camera>/<i>.jpg, every image distinct."""
+    for n, person in enumerate(names):
+        for c, camera in enumerate(cameras):
+            for i in range(per_camera):
+                _noise_image(root / person / camera / f'{i}.jpg',
+                             seed * 100_000 + n * 100 + c * 10 + i)
+    return root
+
+
+# --- the record and the comparison --------------------------------------------------------
+
+def test_every_way_of_presenting_a_training_file_again_is_found(tmp_path):
+    train = [_noise_image(tmp_path / 'train' / f'{i}.jpg', i) for i in range(4)]
+    record = TrainingFiles.of_files(train)
+    other = tmp_path / 'test'
+    other.mkdir()
+    (other / 'link.jpg').symlink_to(train[0])
+    os.link(train[1], other / 'hard.jpg')
+    shutil.copy(train[2], other / 'copy.jpg')
+    fresh = _noise_image(other / 'fresh.jpg', 99)
+    same_size = other / 'same-size.jpg'          # same size, other bytes: no leak
+    data = bytearray(train[3].read_bytes())
+    data[-3] ^= 0xFF
+    same_size.write_bytes(bytes(data))
+    found = record.leaks([train[3], other / 'link.jpg', other / 'hard.jpg', other / 'copy.jpg',
+                          fresh, same_size])
+    assert [(Path(f.test).name, f.how, Path(f.training).name) for f in found] == [
+        ('3.jpg', 'the same file as', '3.jpg'),
+        ('0.jpg', 'the same file as', '0.jpg'),           # the link, resolved
+        ('hard.jpg', 'the same file (same inode) as', '1.jpg'),
+        ('copy.jpg', 'byte-identical to', '2.jpg'),
+    ]
+    # a training file that is not among the test files is no leak
+    assert record.leaks([fresh]) == []
+
+
+def test_the_record_travels_in_the_checkpoint_and_the_run_folder(tmp_path):
+    train = [_noise_image(tmp_path / 'data' / f'{i}.jpg', i) for i in range(5)]
+    record = TrainingFiles.of_files(train + [train[0]])     # each file once
+    assert len(record) == 5
+    compact = record.compact()
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in compact.items()} == {
+        'sizes': (torch.int64, (5,)), 'hashes': (torch.int64, (5,))}   # 16 bytes a file
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({'state_dict': {}, 'training_files': compact}, path)
+    saved = torch.load(path, weights_only=True)
+    carried = TrainingFiles.from_checkpoint(saved)
+    assert carried.paths is None
+    copy = shutil.copy(train[4], tmp_path / 'elsewhere.jpg')
+    (leak,) = carried.leaks([copy])
+    assert (leak.how, leak.training) == ('byte-identical to', None)
+    # the full record, read back from the run folder, names both files
+    record.write(tmp_path)
+    read = TrainingFiles.read(tmp_path)
+    assert read.paths == record.paths and (read.inodes == record.inodes).all()
+    assert (read.sizes == record.sizes).all() and (read.hashes == record.hashes).all()
+    assert read.leaks([copy])[0].training == str(train[4].resolve())
+    with gzip.open(tmp_path / RECORD_FILE, 'rt') as text:
+        assert next(csv.reader(text)) == ['path', 'size', 'hash', 'device', 'inode']
+    assert TrainingFiles.from_checkpoint({'state_dict': {}}) is None
+    assert TrainingFiles.read(tmp_path / 'nowhere') is None
+
+
+def test_a_starting_checkpoints_files_are_kept(tmp_path):
+    first = TrainingFiles.of_files([_noise_image(tmp_path / 'a.jpg', 1)])
+    second = TrainingFiles.of_files([_noise_image(tmp_path / 'b.jpg', 2)])
+    both = second.merged(TrainingFiles.from_checkpoint({'training_files': first.compact()}))
+    assert len(both) == 2 and both.paths == second.paths
+    assert [f.how for f in both.leaks([shutil.copy(tmp_path / 'a.jpg', tmp_path / 'c.jpg')])] \
+        == ['byte-identical to']
+    assert len(both.merged(both)) == 2
+
+
+# --- before training: TARGETS against SOURCES ---------------------------------------------
+
+def _settings(tmp_path, **more):
+    return main.load_settings(dict(TINY, DEVICE='cpu', EXPERIMENTS_DIR=str(tmp_path / 'exp'),
+                                   **more))
+
+
+def test_a_csv_target_listing_training_files_is_refused_before_training(tmp_path):
+    crops = _people(tmp_path / 'crops', [f'p{i}' for i in range(10)])
+    s = _settings(tmp_path, SOURCES=str(crops), TARGETS=str(crops))
+    record = training_files.record_sources(s)
+    # the run's own training files, listed as a target
+    rows = ['path,pid,camid,split']
+    for n, path in enumerate(record.paths[:8]):
+        rows.append(f'{path},{n // 4 + 1},{n % 2},{"query" if n % 4 == 0 else "gallery"}')
+    (tmp_path / 'target.csv').write_text('\n'.join(rows) + '\n')
+    s = s.replace(TARGETS=[str(crops), str(tmp_path / 'target.csv')])
+    with pytest.raises(UserError, match=r'TARGETS: 8 query/gallery image\(s\) of target are '
+                                        r'training images of SOURCES.*a training file itself'):
+        main.train(s)
+    assert not (tmp_path / 'exp').exists() or not any((tmp_path / 'exp').iterdir())
+
+
+def test_a_byte_identical_copy_in_a_torchreid_dataset_is_refused(tmp_path, tiny_data_root):
+    # Market-1501's layout: a gallery image that is a copy of a training image
+    market = tmp_path / 'data'
+    shutil.copytree(tiny_data_root, market)
+    splits = market / 'market1501' / 'Market-1501-v15.09.15'
+    train_image = sorted((splits / 'bounding_box_train').glob('*.jpg'))[0]
+    shutil.copy(train_image, splits / 'bounding_box_test' / '0000_c1s1_000001_01.jpg')
+    s = _settings(tmp_path, DATA_ROOT=str(market))
+    with pytest.raises(UserError, match=f'byte-identical to "{train_image}"'):
+        main.train(s)
+
+
+# --- test and visrank: TARGETS against the checkpoint ------------------------------------
+
+@pytest.mark.slow
+def test_a_checkpoint_is_never_tested_on_what_it_was_trained_on(tmp_path, capsys):
+    crops = _people(tmp_path / 'crops', [f'p{i:02d}' for i in range(12)])
+    run_dir = main.train(_settings(tmp_path, SOURCES=str(crops), TARGETS=str(crops)))
+    record = TrainingFiles.read(run_dir)
+    split = json.loads((run_dir / 'split.json').read_text())
+    assert len(record) == len(split[0]['train']) > 0
+    checkpoint = main.newest_checkpoint(run_dir)
+    assert len(torch.load(checkpoint, weights_only=False)['training_files']['sizes']) \
+        == len(record)
+    # the checkpoint copied out of its run folder, tested with another SPLIT_SEED: its own
+    # record names the leak (size and bytes)
+    copied = Path(shutil.copy(checkpoint, tmp_path / 'copied.pth.tar'))
+    with pytest.raises(UserError, match=r'training images of the checkpoint .*copied.pth.tar.*'
+                                        r'byte-identical to one of its training files'):
+        main.test(_settings(tmp_path, WEIGHTS=str(copied), SPLIT_SEED=5, TEST_SHARE=0.9))
+    # the same split: no leak, no note
+    capsys.readouterr()
+    main.test(_settings(tmp_path, WEIGHTS=str(copied)))
+    assert 'nothing to check' not in capsys.readouterr().out
+    # a trained person's folder renamed: split again under its new name, into the test side
+    trained = sorted({row[2] for row in split[0]['train']})
+    renamed = None
+    for name in trained:
+        (crops / name).rename(crops / f'z{name}')
+        tested = {row[2] for block in ('query', 'gallery')
+                  for row in training_files.load(str(crops)).to_json()[block]}
+        if f'z{name}' in tested:
+            renamed = name
+            break
+        (crops / f'z{name}').rename(crops / name)
+    assert renamed, 'no renaming moved a trained person into the test split'
+    with pytest.raises(UserError, match=r'training images of the checkpoint .*model.pth.tar.*'
+                                        r'the same file \(same inode\) as "[^"]*/' + renamed + '/'):
+        main.test(_settings(tmp_path, WEIGHTS=str(checkpoint)))
+    (crops / f'z{renamed}').rename(crops / renamed)
+    # a moved folder is the same data under another path: no leak
+    moved = crops.rename(tmp_path / 'moved')
+    main.test(_settings(tmp_path, WEIGHTS=str(checkpoint), TARGETS=str(moved)))
+    # a model-zoo file (a bare state_dict) carries no record: said once
+    zoo = tmp_path / 'zoo.pth'
+    torch.save(torch.load(checkpoint, weights_only=False)['state_dict'], zoo)
+    capsys.readouterr()
+    main.test(_settings(tmp_path, WEIGHTS=str(zoo), SOURCES=str(moved), TARGETS=str(moved)))
+    assert capsys.readouterr().out.count('nothing to check the test images against') == 1
