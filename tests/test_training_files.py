@@ -183,3 +183,14 @@ def test_a_checkpoint_is_never_tested_on_what_it_was_trained_on(tmp_path, capsys
     capsys.readouterr()
     main.test(_settings(tmp_path, WEIGHTS=str(zoo), SOURCES=str(moved), TARGETS=str(moved)))
     assert capsys.readouterr().out.count('nothing to check the test images against') == 1
+
+
+def test_a_fifo_is_never_read(tmp_path):
+    good = _noise_image(tmp_path / 'a.jpg', 1)
+    os.mkfifo(tmp_path / 'b.jpg')
+    with pytest.raises(UserError, match=r'"[^"]*b\.jpg" is not a regular file'):
+        TrainingFiles.of_files([good, tmp_path / 'b.jpg'])
+    empty = tmp_path / 'empty.jpg'
+    empty.write_bytes(b'')
+    record = TrainingFiles.of_files([empty])          # size 0, as a FIFO's
+    assert record.leaks([tmp_path / 'b.jpg']) == []

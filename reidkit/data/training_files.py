@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import io
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,10 @@ class TrainingFiles:
         file that cannot be read (the pre-run image check has read them all before)."""
         paths = list(dict.fromkeys(os.path.realpath(p) for p in files))
         stats = [os.stat(p) for p in paths]
+        for path, st in zip(paths, stats):     # reading a FIFO would wait for ever
+            if not stat.S_ISREG(st.st_mode):
+                raise UserError(f'SOURCES: "{path}" is not a regular file (a FIFO, a device, a '
+                                f'folder named like an image). Remove it, then run again.')
         return cls(np.array([st.st_size for st in stats], dtype=np.int64),
                    np.array(_hash_all(paths, what), dtype=np.int64), paths,
                    np.array([(st.st_dev, st.st_ino) for st in stats],
@@ -181,7 +186,7 @@ class TrainingFiles:
                         and self.sizes[i] == sizes[n]:
                     how[n] = ('the same file (same inode) as', i)
         candidates = [n for n in np.flatnonzero(np.isin(sizes, self.sizes)).tolist()
-                      if how[n] is None]
+                      if how[n] is None and stat.S_ISREG(stats[n].st_mode)]
         hashes = np.array(_hash_all([files[n] for n in candidates], 'Comparing test files'),
                           dtype=np.int64)
         for k, i in _lookup(self.hashes, hashes):
