@@ -443,12 +443,15 @@ def test_market_layout_parses_as_torchreids_loader_and_identity_folders_alike(ti
                             for wanted in {item[1] for item in items}}
     assert people(ours.train) == people(theirs.train)
     assert sorted({item[1] for item in ours.train}) == list(range(theirs.num_train_pids))
-    # the same images as <pid>/<camera>/<image> under train/, query/, gallery/
+    # the same images as <pid>/<camera>/<image> under train/, query/, gallery/, but junk: in
+    # a folder -1 is a person (0000 too, but it has no query, so it is a distractor anyway)
     copy = tmp_path / 'as-folders'
     for split, market in (('train', 'bounding_box_train'), ('query', 'query'),
                           ('gallery', 'bounding_box_test')):
         for image in (market_data_dir(tiny_data_root) / market).glob('*.jpg'):
             pid, camera = image.name.split('_')[:2]
+            if pid == '-1':
+                continue
             target = copy / split / pid / camera[:2] / image.name.replace('_', '-')
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(image, target)

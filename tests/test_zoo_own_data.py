@@ -31,10 +31,14 @@ def _zoo_file(path: Path) -> Path:
 
 
 def _as_identity_folders(market_dir: Path, root: Path) -> Path:
-    """The test images of a Market-1501 folder as query|gallery/<pid>/<camera>/<image>."""
+    """The test images of a Market-1501 folder as query|gallery/<pid>/<camera>/<image>, but
+    junk (pid -1, which Market-1501 drops; a folder named -1 is a person). Its distractors
+    (0000) become a person without queries: a distractor still."""
     for split, market in (('query', 'query'), ('gallery', 'bounding_box_test')):
         for image in (market_dir / market).glob('*.jpg'):
             pid, camera = image.name.split('_')[:2]
+            if pid == '-1':
+                continue
             target = root / split / pid / camera[:2] / image.name.replace('_', '-')
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(image, target)

@@ -6,13 +6,25 @@ always means Torchreid's dataset. Own-data values are stored absolute (`absolute
 
 Layouts of a folder (each region: the whole folder, or each split folder, is read alone):
 - Market-style file names anywhere under it, `<pid>_c<camera>...` (any number of digits),
-  parsed from the file name only (folders above it are never read for ids): `-1` is junk
-  (dropped), `0`/`0000` a distractor (gallery only);
+  parsed from the file name only (folders above it are never read for ids), with Market-1501's
+  meanings: `-1` is junk (dropped), `0`/`0000` a distractor (gallery only), `0001` and `1` one
+  person;
 - a folder per identity, `<identity>/<image>`: the camera from `c<digits>` in the file name,
   or unknown; or `<identity>/<camera>/<image>`: the sub-folder is the camera, whatever its name.
 A CSV file has a header `path,pid,camid[,split]`: paths relative to the CSV, an empty camid
 means unknown (for all rows or none), the split column (train/query/gallery) filled for all
 rows or none.
+Identity folder names and CSV pids are names: `0`, `-1` and `01` are people like any other,
+and `01` and `1` two people (a name that is the only one with its number, like `0001` alone,
+counts as that number: it is the same person as a Market-style `1`, in split folders read in
+different layouts). A folder name need not be valid UTF-8 (shown with \\x escapes).
+
+Numbers: identities are numbered by their own numbers when every one is a number, each
+number names one identity and fits int64 (`7/` is pid 7, a distractor 0); otherwise, and so
+for Market-style names with too many digits, by rank from 1 in natural order (distractors 0),
+and strips show the name or Market number. Ties in natural order (`cam01`, `cam1`) are broken
+by the name's bytes, for identities, cameras and images alike: the same data gets the same
+numbers and split in every process.
 
 Splits: `train/`, `query/`, `gallery/` folders (or Market's `bounding_box_train/`, `query/`,
 `bounding_box_test/`) are used when present. Otherwise identities are split by a hash of
@@ -30,6 +42,7 @@ reidkit.run.settings' (`is_own_data`), used before any file is read.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,6 +66,7 @@ SPLIT_FOLDERS = {split: tuple(dict.fromkeys((split, market.SPLIT_FOLDERS[split])
                  for split in SPLITS}
 JUNK, DISTRACTOR = '-1', '0'        # identity keys with Market-1501's meanings
 UNKNOWN_QUERY_CAMERA, UNKNOWN_GALLERY_CAMERA = 0, 1
+INT64_MAX = 2 ** 63 - 1       # the largest pid Torchreid's int64 label tensors hold
 CSV_COLUMNS = ('path', 'pid', 'camid')
 WHAT_TO_DO = ('Lay the images out as <pid>_c<camera>_<anything>.jpg, as <identity>/<image>, as '
               '<identity>/<camera>/<image>, or list them in a CSV file with the header '
@@ -60,26 +74,45 @@ WHAT_TO_DO = ('Lay the images out as <pid>_c<camera>_<anything>.jpg, as <identit
 
 
 def natural_key(text: str):
-    """Sort key that orders 'c2' before 'c10'."""
-    return [(0, int(part), '') if part.isdigit() else (1, 0, part)
+    """Sort key that orders 'c2' before 'c10' (ties: 'c01' and 'c1'; see `name_order`)."""
+    return [(0, int(part), '') if part.isdecimal() else (1, 0, part)
             for part in re.split(r'(\d+)', text) if part]
 
 
+def raw(name: str) -> bytes:
+    """A name's bytes as on disk: a folder name that is not UTF-8 comes from os.fsdecode with
+    surrogates, which str.encode refuses; valid names give their UTF-8 bytes."""
+    return name.encode('utf-8', 'surrogateescape')
+
+
+def name_order(name: str):
+    """Sort key: natural order, ties broken by the name's bytes (never by set order, which
+    changes with the process's hash seed)."""
+    return natural_key(name), raw(name)
+
+
+def printable(name: str) -> str:
+    """A name as messages, captions and pages show it: bytes that are not UTF-8 as \\x.."""
+    return raw(name).decode('utf-8', 'backslashreplace')
+
+
 def _key(name: str) -> str:
-    """An identity's key: numbers without leading zeros ('0001' and '1' are one person)."""
+    """A Market-style number (pid or camera) as a key: '0001' and '1' are one."""
     return str(int(name)) if re.fullmatch(r'-?\d+', name) else name
 
 
 @dataclass(frozen=True)
 class Record:
     """One image as read: absolute path, identity key and name, camera name (None: unknown),
-    split (None: to be made), where it was read from (for messages)."""
+    split (None: to be made), where it was read from (for messages), and whether the key
+    has Market-1501's meanings (a Market-style file name: -1 junk, 0 distractor)."""
     path: str
     key: str
     name: str
     camera: str | None
     split: str | None
     origin: str
+    market: bool = False
 
 
 @dataclass
@@ -87,7 +120,7 @@ class OwnData:
     """A parsed and split dataset of one's own. train/query/gallery: lists of
     (absolute image path, pid, camid); train pids are relabelled 0..N-1 (Torchreid's
     relabel=True), query and gallery keep their ids; camids are 0..C-1 in natural order of
-    the camera names (unknown cameras: 0 for queries, 1 for the gallery)."""
+    the camera names, ties by their bytes (unknown cameras: 0 for queries, 1 for the gallery)."""
     path: str
     layout: str
     cameras_known: bool
@@ -106,8 +139,10 @@ class OwnData:
         """(identity, camera) as rank strips and pages show a query or gallery item: the
         identity's folder or CSV name (Market-style names: the pid), the camera's name, '?'
         when the data has no camera information (its camids only serve the same-camera rule)."""
-        name = str(pid) if self.layout == 'market-names' else self.identity_names.get(pid, str(pid))
-        return name, self.camera_names[camid] if self.cameras_known else '?'
+        name = self.identity_names.get(pid, str(pid))
+        if self.layout.startswith('market-names'):     # Market's number ('0001': 1), even
+            name = _key(name)                            # where pids are ranks (huge numbers)
+        return printable(name), printable(self.camera_names[camid]) if self.cameras_known else '?'
 
     def digest(self) -> str:
         """sha256 of the split (paths relative to the dataset, ids, cameras): the same
@@ -116,7 +151,7 @@ class OwnData:
         base = base.parent if base.is_file() or base.suffix.lower() == '.csv' else base
         lines = sorted(f'{split}\t{os.path.relpath(p, base)}\t{pid}\t{camid}'
                        for split in SPLITS for p, pid, camid in getattr(self, split))
-        return hashlib.sha256('\n'.join(lines).encode()).hexdigest()
+        return hashlib.sha256(raw('\n'.join(lines))).hexdigest()
 
     def summary(self) -> dict:
         """What metrics.json and split.json say about the dataset (no image lists)."""
@@ -173,7 +208,7 @@ def list_images(folder: Path) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
         found += [Path(top) / f for f in files
                   if not f.startswith('.') and f.lower().endswith(IMAGE_SUFFIXES)]
-    return sorted(found, key=lambda p: natural_key(str(p)))
+    return sorted(found, key=lambda p: name_order(str(p)))
 
 
 def split_folders(folder: Path) -> tuple[Path, dict[str, Path]]:
@@ -226,7 +261,7 @@ def read_region(region: Path, images: list[Path], split: str | None) -> tuple[li
     names = [MARKET_NAME.match(p.name) for p in images]
     if all(names):
         return [Record(str(p), _key(m.group(1)), m.group(1), 'c' + str(int(m.group(2))), split,
-                       str(p)) for p, m in zip(images, names)], 'market-names'
+                       str(p), market=True) for p, m in zip(images, names)], 'market-names'
     parts = [p.relative_to(region).parts for p in images]
     depths = {len(part) for part in parts}
     if depths == {2}:
@@ -238,12 +273,12 @@ def read_region(region: Path, images: list[Path], split: str | None) -> tuple[li
                 f'their file name and some, like "{bad}", do not. Name every image with its '
                 f'camera, none of them (cameras unknown), or put each identity\'s images in '
                 f'one sub-folder per camera: <identity>/<camera>/<image>.')
-        return [Record(str(p), _key(part[0]), part[0],
+        return [Record(str(p), part[0], part[0],
                        'c' + str(int(c.group(1))) if c else None, split, str(p))
                 for p, part, c in zip(images, parts, cameras)], \
             'identity-folders' + ('' if any(cameras) else ' (cameras unknown)')
     if depths == {3}:
-        return [Record(str(p), _key(part[0]), part[0], part[1], split, str(p))
+        return [Record(str(p), part[0], part[0], part[1], split, str(p))
                 for p, part in zip(images, parts)], 'identity/camera folders'
     # the image to name: one lying loose, or one at the less common depth
     odd_depth = min(depths, key=lambda d: (d != 1, sum(len(part) == d for part in parts)))
@@ -295,7 +330,7 @@ def read_csv(path: Path) -> list[Record]:
         if split is not None and split not in SPLITS:
             raise problem(f'split {split!r} is none of {", ".join(SPLITS)}')
         camera = _key(cell['camid']) if cell['camid'] else None
-        records.append(Record(str(image), _key(cell['pid']), cell['pid'], camera, split,
+        records.append(Record(str(image), cell['pid'], cell['pid'], camera, split,
                               f'"{path}", row {line}'))
     if not records:
         raise UserError(f'SOURCES/TARGETS: the CSV file "{path}" lists no images: add one row '
@@ -315,8 +350,32 @@ def read_csv(path: Path) -> list[Record]:
 
 def identity_hash(key: str, seed: int) -> float:
     """A number in [0, 1) fixed by an identity's key and SPLIT_SEED alone."""
-    digest = hashlib.sha256(f'{seed}/{key}'.encode()).digest()
+    digest = hashlib.sha256(raw(f'{seed}/{key}')).digest()
     return int.from_bytes(digest[:8], 'big') / 2 ** 64
+
+
+def identity_keys(records: list[Record]) -> list[Record]:
+    """`records` with each identity folder or CSV name that is the only one with its number
+    keyed by that number ('0001' alone is 1, as a Market-style 0001 is; '01' beside '1' stays
+    itself): the key numbers and splits it, the name stays as written."""
+    numbered: dict[int, set] = {}
+    for r in records:
+        if not r.market and re.fullmatch(r'[0-9]+', r.key):
+            numbered.setdefault(int(r.key), set()).add(r.key)
+    alone = {next(iter(names)): str(number) for number, names in numbered.items()
+             if len(names) == 1}
+    return [dataclasses.replace(r, key=alone[r.key]) if not r.market and r.key in alone else r
+            for r in records]
+
+
+def numbering(keys: list[str], distractors: bool) -> dict[str, int]:
+    """The pid of each identity key: its number when every key is a number without leading
+    zeros that fits int64 (Torchreid's pid tensors) and none is 0 beside distractors (pid 0);
+    else its rank from 1 in `name_order`."""
+    numbers = all(re.fullmatch(r'0|[1-9][0-9]*', k) and int(k) <= INT64_MAX for k in keys) \
+        and not (distractors and DISTRACTOR in keys)
+    return {k: int(k) if numbers else rank
+            for rank, k in enumerate(sorted(keys, key=name_order), start=1)}
 
 
 def build(path: str, records: list[Record], layout: str, test_share: float,
@@ -328,31 +387,33 @@ def build(path: str, records: list[Record], layout: str, test_share: float,
         raise UserError(f'SOURCES/TARGETS: "{path}": {odd.origin} has no camera while other '
                         f'images have one. Give every image a camera or none.')
     cameras_known = all(known)
-    camera_names = sorted({r.camera for r in records}, key=natural_key) if cameras_known else []
+    camera_names = sorted({r.camera for r in records}, key=name_order) if cameras_known else []
     camid = {name: index for index, name in enumerate(camera_names)}
+    kept = identity_keys([r for r in records if not (r.market and r.key == JUNK)])
+    is_distractor = lambda r: r.market and r.key == DISTRACTOR     # noqa: E731
+    people = [r for r in kept if not is_distractor(r)]
+    distractors = [r for r in kept if is_distractor(r)]
     names = {}
-    for r in records:
+    for r in people:
         names.setdefault(r.key, r.name)
-    people = [k for k in names if k not in (JUNK, DISTRACTOR)]
-    numeric = all(re.fullmatch(r'\d+', k) for k in people)
-    pid = {k: int(k) if numeric else rank for rank, k in
-           enumerate(sorted(people, key=natural_key), start=1)}
-    pid[DISTRACTOR] = 0
+    pid = numbering(list(names), bool(distractors))
     data = OwnData(path, layout, cameras_known, split_made=records[0].split is None,
                    test_share=test_share, split_seed=split_seed,
-                   junk_dropped=sum(r.key == JUNK for r in records))
-    kept = [r for r in records if r.key != JUNK]
-    item = lambda r, cam=None: (r.path, pid[r.key], camid[r.camera] if cameras_known  # noqa
+                   junk_dropped=len(records) - len(kept))
+    pid_of = lambda r: 0 if is_distractor(r) else pid[r.key]        # noqa: E731
+    item = lambda r, cam=None: (r.path, pid_of(r), camid[r.camera] if cameras_known  # noqa
                                 else cam)
     if data.split_made:
-        train, query, gallery = make_split(kept, test_share, split_seed, cameras_known, path)
+        train, query, gallery = make_split(people, distractors, test_share, split_seed,
+                                           cameras_known, path)
     else:
-        train = [r for r in kept if r.split == 'train' and r.key != DISTRACTOR]
-        query = [r for r in kept if r.split == 'query' and r.key != DISTRACTOR]
+        train = [r for r in people if r.split == 'train']
+        query = [r for r in people if r.split == 'query']
         gallery = [r for r in kept if r.split == 'gallery']
     data.query = [item(r, UNKNOWN_QUERY_CAMERA) for r in query]
     data.gallery = [item(r, UNKNOWN_GALLERY_CAMERA) for r in gallery]
-    data.identity_names = {pid[r.key]: names[r.key] for r in query + gallery}
+    data.identity_names = {pid_of(r): distractors[0].name if is_distractor(r)
+                           else names[r.key] for r in query + gallery}
     train_keys = sorted({r.key for r in train}, key=lambda k: pid[k])
     label = {k: index for index, k in enumerate(train_keys)}
     data.train = [(r.path, label[r.key], camid[r.camera] if cameras_known else 0) for r in train]
@@ -365,15 +426,16 @@ def build(path: str, records: list[Record], layout: str, test_share: float,
     return data
 
 
-def make_split(records: list[Record], test_share: float, seed: int, cameras_known: bool,
-               path: str) -> tuple[list[Record], list[Record], list[Record]]:
-    """(train, query, gallery) Records: identities to train or test by `identity_hash`, at
-    least one on each side; one query per camera of each test identity (seeded by SPLIT_SEED
-    and the identity), each with a match from another camera left in the gallery."""
+def make_split(records: list[Record], distractors: list[Record], test_share: float, seed: int,
+               cameras_known: bool, path: str
+               ) -> tuple[list[Record], list[Record], list[Record]]:
+    """(train, query, gallery) Records of the people's `records` (the `distractors` go to the
+    gallery): identities to train or test by `identity_hash`, at least one on each side; one
+    query per camera of each test identity (seeded by SPLIT_SEED and the identity), each with
+    a match from another camera left in the gallery."""
     by_key: dict[str, list[Record]] = {}
     for r in records:
         by_key.setdefault(r.key, []).append(r)
-    distractors = by_key.pop(DISTRACTOR, [])
     usable = {k for k, images in by_key.items()
               if len(images) > 1 and (not cameras_known or len({r.camera for r in images}) > 1)}
     if len(by_key) < 2 or not usable:
@@ -391,7 +453,7 @@ def make_split(records: list[Record], test_share: float, seed: int, cameras_know
     if test == set(by_key):           # at least one training identity
         test.discard(max(set(by_key) - {min(test & usable, key=score.get)}, key=score.get))
     train, query, gallery = [], [], list(distractors)
-    for key in sorted(by_key, key=natural_key):
+    for key in sorted(by_key, key=name_order):
         images = by_key[key]
         if key not in test:
             train += images
@@ -408,12 +470,12 @@ def choose_queries(images: list[Record], seed: int, cameras_known: bool) -> list
     """One image per camera (one in all when cameras are unknown), chosen by a generator
     seeded with SPLIT_SEED and the identity; a query whose camera would leave no image of
     another camera in the gallery is given back to the gallery."""
-    rng = random.Random(f'{seed}/{images[0].key}')
+    rng = random.Random(raw(f'{seed}/{images[0].key}'))     # bytes: the str's seed, any name
     by_camera: dict = {}
     for r in images:
         by_camera.setdefault(r.camera if cameras_known else None, []).append(r)
     chosen = [rng.choice(by_camera[c])
-              for c in sorted(by_camera, key=lambda c: natural_key(c or ''))]
+              for c in sorted(by_camera, key=lambda c: name_order(c or ''))]
     while cameras_known:
         left = {c: len(by_camera[c]) - sum(q.camera == c for q in chosen) for c in by_camera}
         bad = [q for q in chosen if not any(n for c, n in left.items() if c != q.camera)]
@@ -453,7 +515,7 @@ def check_own_data(value: str, s, as_source: bool) -> OwnData:
     if as_source and not data.train:
         raise missing_split(data, 'train', setting)
     counts = data.summary()
-    print(f'Own data "{data.path}": {data.layout}, '
+    print(f'Own data "{printable(data.path)}": {data.layout}, '
           + ', '.join(f'{split} {counts[f"{split}_ids"]} ids / {counts[f"{split}_images"]} '
                       f'images' for split in SPLITS)
           + (f', split made with TEST_SHARE={data.test_share:g}, SPLIT_SEED={data.split_seed}'

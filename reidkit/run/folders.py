@@ -11,8 +11,8 @@ from reidkit.run.atomic import write_atomically
 from reidkit.run.checkpoints import (CHECKPOINT_PREFIX, check_checkpoint_fits, checkpoint_epoch,
                                      load_checkpoint)
 from reidkit.run.errors import UserError
-from reidkit.run.settings import (Settings, dataset_list, display_name, settings_to_evaluate,
-                                  settings_to_resume)
+from reidkit.run.settings import (Settings, bounded, dataset_list, display_name,
+                                  settings_to_evaluate, settings_to_resume)
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
@@ -28,11 +28,17 @@ def new_run_dir(parent: Path, name: str) -> Path:
     raise UserError(f'EXPERIMENTS_DIR: could not create a new run folder in "{parent}".')
 
 
+# The most bytes of run_name: with new_run_dir's time stamp (16) and '-999' (4) a run folder's
+# name stays within the 255 bytes a file name may have.
+RUN_NAME_BYTES = 200
+
+
 def run_name(s: Settings) -> str:
     """<model>-<loss>-<datasets>: the end of a training run's folder name (own data: its
-    folder's or CSV's base name, never the path)."""
+    folder's or CSV's base name, never the path), at most RUN_NAME_BYTES long (a long one
+    is cut and tagged with its hash: settings.bounded)."""
     sources = '+'.join(map(display_name, dataset_list(s.SOURCES)))
-    return f'{s.MODEL_NAME}-{s.LOSS}-{sources}'
+    return bounded(f'{s.MODEL_NAME}-{s.LOSS}-{sources}', RUN_NAME_BYTES)
 
 
 def run_to_continue(checkpoint: Path, experiments_dir: Path, epoch: int) -> Path | None:

@@ -14,6 +14,8 @@ Every setting belongs to one class, which says what a checkpoint does to it:
 from __future__ import annotations
 
 import ast
+import hashlib
+import os
 import re
 import difflib
 import math
@@ -72,14 +74,32 @@ def absolute(value):
     return str(Path(value).expanduser().resolve()) if is_own_data(value) else value
 
 
+# The most bytes of a display name: 'visrank_<name>' and run folder names stay well within
+# the 255 bytes a file name may have.
+DISPLAY_NAME_BYTES = 120
+
+
 def display_name(value: str) -> str:
     """A short, safe name for run folders and titles: the folder's (or CSV's) base name with
-    every character other than letters, digits, '.', '_' and '-' replaced by '_'."""
+    every character other than letters, digits, '.', '_' and '-' replaced by '_', at most
+    DISPLAY_NAME_BYTES long (`bounded`)."""
     if not is_own_data(value):
         return value
     path = Path(value)
     base = path.stem if path.suffix.lower() == '.csv' else path.name
-    return re.sub(r'[^A-Za-z0-9._-]', '_', base).lstrip('.') or 'data'
+    return bounded(re.sub(r'[^A-Za-z0-9._-]', '_', base).lstrip('.') or 'data',
+                   DISPLAY_NAME_BYTES)
+
+
+def bounded(name: str, limit: int) -> str:
+    """`name` when its UTF-8 form has at most `limit` bytes (limit > 9); else its start and
+    '-' and 8 hex digits of its hash, `limit` bytes in all: readable, and two long names that
+    differ only at the end stay apart."""
+    data = name.encode('utf-8', 'surrogateescape')
+    if len(data) <= limit:
+        return name
+    tag = hashlib.sha256(data).hexdigest()[:8]
+    return data[:limit - 9].decode('utf-8', 'ignore') + '-' + tag
 
 
 
@@ -156,7 +176,7 @@ def resolve(config: ModuleType, overrides: Mapping[str, Any] | None = None,
         if isinstance(values[key], str) and values[key].startswith('~'):
             values[key] = str(Path(values[key]).expanduser())
     for key in DATASET_LISTS:        # own data: one absolute path, whatever the current folder
-        values[key] = _absolute_datasets(values[key])
+        values[key] = _absolute_datasets(key, values[key])
     return Settings(values, given=overrides or {})
 
 
@@ -170,11 +190,38 @@ def parse_value(text: str, path: bool = False) -> Any:
     return text if path and not isinstance(value, str) else value
 
 
-def _absolute_datasets(value: Any) -> Any:
-    """SOURCES/TARGETS with own-data paths made absolute (names and other types unchanged)."""
+def _absolute_datasets(key: str, value: Any) -> Any:
+    """SOURCES/TARGETS (`key`) with own-data paths made absolute (names and other types
+    unchanged). UserError for a dataset given twice (the same folder however written: a
+    trailing '/', a link, '..'), which Torchreid would train on or test twice."""
     if isinstance(value, str):
         return absolute(value)
-    return [absolute(v) for v in value] if isinstance(value, list) else value
+    if not isinstance(value, list):
+        return value
+    seen = {}
+    for given in value:
+        place = _dataset_place(given)
+        if place in seen:
+            raise UserError(
+                f'{key}: {seen[place]!r} and {given!r} are the same dataset given twice, so '
+                + ('every image would be trained on twice, under two labels' if key == 'SOURCES'
+                   else 'it would be tested twice, in two reports')
+                + f'. Give each dataset once in {key} (config.py or --{key}=...).')
+        seen[place] = given
+    return [absolute(v) for v in value]
+
+
+def _dataset_place(value) -> Any:
+    """What a SOURCES/TARGETS value points at: a Torchreid name itself; own data, its folder
+    or file (device and inode where it exists, else its absolute path)."""
+    if not is_own_data(value):
+        return value
+    path = absolute(value)
+    try:
+        found = os.stat(path)
+    except OSError:
+        return path
+    return found.st_dev, found.st_ino
 
 
 def _typed(key: str, value: Any, default: Any, source: str) -> Any:
@@ -182,9 +229,9 @@ def _typed(key: str, value: Any, default: Any, source: str) -> Any:
     expected = type(default)
     if key in DATASET_LISTS and isinstance(value, (list, tuple)) and value and \
             all(isinstance(name, str) for name in value):
-        return _absolute_datasets(list(value))      # several datasets: Torchreid takes a list
+        return _absolute_datasets(key, list(value))     # several datasets: Torchreid takes a list
     if key in DATASET_LISTS and isinstance(value, str):
-        return _absolute_datasets(value)
+        return _absolute_datasets(key, value)
     if expected is float and type(value) is int:
         return float(value)
     if expected is list and isinstance(value, tuple):
