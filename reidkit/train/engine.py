@@ -214,7 +214,7 @@ class ReidkitEngineMixin:
             raise UserError('The CUHK03 metric is evaluated by one process: run python '
                             'main.py test --GPUS=1 (or without torchrun) on the checkpoint '
                             'this run wrote.')
-        qf, gf, labels = self._query_and_gallery(query_loader, gallery_loader)
+        qf, gf, labels = self._query_and_gallery(query_loader, gallery_loader, dataset_name)
         if normalize_feature or (rerank and dist_metric == 'cosine'):
             # Re-ranking scales each image's distances by their largest, so on unit features
             # squared euclidean distances (2 - 2 cos) rank as cosine distances do.
@@ -244,15 +244,22 @@ class ReidkitEngineMixin:
                            labeller=display_labels(dataset_name))
         return scores.cmc[0], scores.mAP
 
-    def _query_and_gallery(self, query_loader, gallery_loader):
-        """(query features, gallery features, their `Labels`), as Torchreid prints them."""
+    def _query_and_gallery(self, query_loader, gallery_loader, dataset_name=''):
+        """(query features, gallery features, their `Labels`), as Torchreid prints them. The
+        labels carry file ids (a query is never matched with its own file) from the target's
+        items, which the loaders give in order."""
         print('Extracting features from query set ...')
         qf, q_pids, q_camids = self._features(query_loader)
         print(f'Done, obtained {qf.size(0)}-by-{qf.size(1)} matrix')
         print('Extracting features from gallery set ...')
         gf, g_pids, g_camids = self._features(gallery_loader)
         print(f'Done, obtained {gf.size(0)}-by-{gf.size(1)} matrix')
-        return qf, gf, evaluation.Labels.of(q_pids, g_pids, q_camids, g_camids)
+        labels = evaluation.Labels.of(q_pids, g_pids, q_camids, g_camids)
+        items = self.datamanager.test_dataset.get(dataset_name, {})
+        query, gallery = items.get('query', ()), items.get('gallery', ())
+        if (len(query), len(gallery)) == (len(qf), len(gf)):   # the items these features are of
+            labels = labels.with_files([item[0] for item in query], [item[0] for item in gallery])
+        return qf, gf, labels
 
     def _features(self, loader):
         """(features on the model's device, pids, camids) of every image the loader gives."""
