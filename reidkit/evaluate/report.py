@@ -273,9 +273,11 @@ def plot_training(run_dir: Path, iterations_per_epoch: int) -> Path | None:
 
 
 def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery: int) -> Path:
-    """index.html: metrics, plots, then every query's top-k, failures first. Static: it works
-    from the file system with no server and no network; images are the dataset's own files,
-    referenced by relative path and loaded lazily, 50 queries a page."""
+    """index.html: metrics, plots, then every query's top-k, Rank-1's failures first (a
+    query with no true match from another camera, `first` < 0, is not scored: counted apart
+    and shown last). Static: it works from the file system with no server and no network;
+    images are the dataset's own files, referenced by relative path and loaded lazily, 50
+    queries a page."""
     path = Path(path)
     here = path.parent
     for row in rows:            # file names become links; the query's name is shown as is
@@ -287,18 +289,23 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
     plots = [link(p, here) for p in [here / 'cmc.png'] +
              [parent / 'training_curves.png' for parent in list(here.parents)[:3]]
              if Path(p).is_file()]
-    failures = sum(1 for row in rows if row['first'] != 0)
+    # Failures are Rank-1's: scored queries (first >= 0) whose first true match is not first.
+    failures = sum(1 for row in rows if row['first'] > 0)
+    not_scored = sum(1 for row in rows if row['first'] < 0)
     metrics = ' · '.join([f'mAP <b>{summary["mAP"]:.1%}</b>'] +
                          ([f'mINP <b>{summary["mINP"]:.1%}</b>'] if 'mINP' in summary else []) +
                          [f'Rank-{r} <b>{summary[f"rank{r}"]:.1%}</b>'
                           for r in CMC_RANKS if f'rank{r}' in summary] +
-                         [f'{len(rows)} queries', f'{num_gallery} gallery images',
-                          f'{failures} rank-1 failures'])
+                         [f'{len(rows)} queries' + (f' ({not_scored} {NOT_SCORED})'
+                                                    if not_scored else ''),
+                          f'{num_gallery} gallery images',
+                          f'{failures} rank-1 failure' + ('' if failures == 1 else 's')])
     # Inside <script> the HTML parser reacts to '</script>' and '<!--' whatever the type: no
     # raw '<' (nor '>', '&') may appear; JSON.parse reads \u003c etc. back as the characters.
     data = (json.dumps(rows, separators=(',', ':')).replace('<', '\\u003c')
             .replace('>', '\\u003e').replace('&', '\\u0026'))
     values = {'title': html.escape(f'Rankings: {here.name}'), 'metrics': metrics,
+              'not_scored': NOT_SCORED,
               'plots': ''.join(f'<img class="plot" src="{html.escape(p)}">' for p in plots),
               'data': data}
     # One pass, so a '{{...}}' inside a value is never replaced in turn.
@@ -306,6 +313,7 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
     return write_atomically(path, page, 'the gallery page', text_errors='surrogateescape')
 
 
+NOT_SCORED = 'not scored: no true match from another camera'
 GALLERY_TEMPLATE = '''<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{title}}</title>
 <style>
@@ -328,7 +336,7 @@ h1{font-size:20px;margin:0 0 6px}
 <div id="metrics">{{metrics}}</div>
 <div id="plots">{{plots}}</div>
 <div id="controls">
-<label><input type="radio" name="view" value="failures" checked> failures first</label>
+<label><input type="radio" name="view" value="failures" checked> rank-1 failures first</label>
 <label><input type="radio" name="view" value="all"> all queries in order</label>
 <label>person id <input id="pid" type="text" style="width:80px"></label>
 <button id="prev">&lt; prev</button><span id="page"></span><button id="next">next &gt;</button>
@@ -342,9 +350,9 @@ let view = 'failures', pid = null, page = 0, loaded = 0;
 function ordered() {
   let rows = ROWS.map((r, i) => Object.assign({index: i}, r));
   if (pid !== null) rows = rows.filter(r => r.shown[0] === pid);
-  if (view === 'failures') {
-    const bad = rows.filter(r => r.first !== 0).sort((a, b) => (a.ap ?? 2) - (b.ap ?? 2));
-    rows = bad.concat(rows.filter(r => r.first === 0));
+  if (view === 'failures') {     // Rank-1's failures, worst AP first; unscored queries last
+    const bad = rows.filter(r => r.first > 0).sort((a, b) => a.ap - b.ap);
+    rows = bad.concat(rows.filter(r => r.first === 0), rows.filter(r => r.first < 0));
   }
   return rows;
 }
@@ -372,7 +380,7 @@ function render() {
     head.className = 'head';
     head.innerHTML = `<b>query ${r.index + 1}</b><br>person ${esc(r.shown[0])}, ` +
       `camera ${esc(r.shown[1].replace(/^c([0-9]+)$/, '$1'))}<br>` +
-      (r.ap === null ? 'no true match in gallery' :
+      (r.ap === null ? '{{not_scored}}' :
        `AP ${(r.ap * 100).toFixed(1)}%<br>first match: rank ${r.first + 1}`) + '<br>';
     const strip = document.createElement('a');
     strip.href = r.strip;           // links arrive %-encoded: used as they are
