@@ -147,6 +147,12 @@ class Labels:
     def num_gallery(self) -> int:
         return len(self.g_pids)
 
+    def counts(self) -> dict[str, int]:
+        """How many query and gallery images, and how many identities among each."""
+        return {'num_query': self.num_queries, 'num_gallery': self.num_gallery,
+                'num_query_ids': len(torch.unique(self.q_pids)),
+                'num_gallery_ids': len(torch.unique(self.g_pids))}
+
     def to(self, device: torch.device) -> Labels:
         return Labels(*(None if ids is None else ids.to(device) for ids in
                         (self.q_pids, self.g_pids, self.q_camids, self.g_camids, self.q_files,

@@ -33,7 +33,7 @@ from reidkit.data.datapath import loader_like
 from reidkit.data.images import read_image
 from reidkit.data.own_dataset import display_labels
 from reidkit.evaluate import metrics as evaluation
-from reidkit.evaluate.report import BestEffortWriter, print_scores
+from reidkit.evaluate.report import BestEffortWriter, print_scores, target_names
 from reidkit.evaluate.rerank import Reranking, re_ranking_features
 from reidkit.evaluate.visrank import write_rankings
 from reidkit.run import distributed
@@ -66,7 +66,10 @@ class ReidkitEngineMixin:
         self.model_name = options.model_name     # stored in checkpoints, named in mismatch errors
         self.latest_every = options.latest_every  # epochs between rolling checkpoints (0: never)
         self.settings = options.settings         # the run's settings, stored in every checkpoint
-        self.results: list = []            # every evaluation: {'epoch', 'cmc', 'mAP', 'mINP'}
+        # every target's evaluation: {'epoch', 'target', 'dataset', 'cmc', 'mAP', 'mINP',
+        # counts (metrics.Labels.counts)}; the last test()'s, one per target: last_evaluation
+        self.results: list = []
+        self.last_evaluation: list = []
         self.save_dir = None
         self.final_checkpoint = None       # written when training ends, before its evaluation
         self._rerank = False               # run()'s rerank, for the evaluations in training
@@ -233,14 +236,17 @@ class ReidkitEngineMixin:
         else:
             scores = evaluation.evaluate_distances(distmat, labels,
                                                    single_gallery_shot=use_metric_cuhk03)
-        self.results.append({'epoch': self.epoch + 1, **scores._asdict()})
+        name = target_names(self.datamanager.targets).get(dataset_name,
+                                                          display_name(dataset_name))
+        self.results.append({'epoch': self.epoch + 1, 'target': name, 'dataset': dataset_name,
+                             **scores._asdict(), **labels.counts()})
         print_scores(scores, ranks, labels.num_gallery)
         if visrank and distributed.current().is_main:
             if distmat is None:
                 distmat = evaluation.distances(qf, gf, dist_metric)
             write_rankings(distmat.cpu().numpy(),
                            self.datamanager.fetch_test_loaders(dataset_name),
-                           Path(save_dir) / f'visrank_{display_name(dataset_name)}', visrank_topk,
+                           Path(save_dir) / f'visrank_{name}', visrank_topk,
                            labeller=display_labels(dataset_name))
         return scores.cmc[0], scores.mAP
 
@@ -286,17 +292,23 @@ class ReidkitEngineMixin:
 
     def test(self, *args, **kwargs):
         """Torchreid's test() (it calls our `_evaluate` for each target), with progress bars
-        on feature extraction and run()'s `rerank` during training too."""
+        on feature extraction and run()'s `rerank` during training too; its results, one per
+        target, are kept in `last_evaluation`. Returns the first target's Rank-1."""
         if len(args) < 8:                    # rerank is test()'s eighth parameter
             kwargs.setdefault('rerank', self._rerank)
         loaders = self.test_loader
         self.test_loader = {name: {split: WithProgress(loader, f'{name} {split} features')
                                    for split, loader in splits.items()}
                             for name, splits in loaders.items()}
+        first = len(self.results)
         try:
-            return super().test(*args, **kwargs)
+            super().test(*args, **kwargs)
         finally:
             self.test_loader = loaders
+        self.last_evaluation = self.results[first:]
+        # The first target's Rank-1 (Torchreid returns the last's), as metrics.json's top
+        # level gives it: the checkpoint saved after this records it.
+        return float(self.last_evaluation[0]['cmc'][0])
 
     def two_stepped_transfer_learning(self, epoch, fixbase_epoch, open_layers, model=None):
         """Torchreid's FIXBASE_EPOCH/OPEN_LAYERS, on the model itself: Torchreid looks the
