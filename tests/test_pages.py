@@ -86,6 +86,17 @@ def test_unique_names_are_distinct_single_components():
         ['a.png.jpg', 'a.png-2.jpg', 'b.jpg']
 
 
+def test_target_names_are_distinct_and_readable():
+    assert report.target_names(['market1501']) == {'market1501': 'market1501'}
+    assert report.target_names(['/data/my crops']) == {'/data/my crops': 'my_crops'}
+    assert report.target_names(['market1501', '/x/site-a/crops', '/x/site-b/crops',
+                                '/y/site-a/Crops', '/z/lists/people.csv', '/x/market1501']) == {
+        'market1501': 'market1501',                  # Torchreid's names stay as they are
+        '/x/site-a/crops': 'site-a_crops', '/x/site-b/crops': 'site-b_crops',
+        '/y/site-a/Crops': 'site-a_Crops-2',         # one name but for letter case: numbered
+        '/z/lists/people.csv': 'people', '/x/market1501': 'x_market1501'}
+
+
 def test_search_page_links_every_hostile_name_to_its_file(tmp_path):
     (query,) = images(tmp_path / 'query #1?', ['q #?%.jpg'])
     gallery = images(tmp_path / 'gallery 100%', HOSTILE)

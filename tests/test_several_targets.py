@@ -14,6 +14,8 @@ import main
 from conftest import TINY
 from reidkit.data.market import market_data_dir
 
+pytestmark = pytest.mark.slow   # each test runs main.py's test or visrank, one runs four
+
 SCORES = ('rank1', 'rank5', 'rank10', 'mAP', 'mINP', 'cmc')
 COUNTS = ('num_query', 'num_gallery', 'num_query_ids', 'num_gallery_ids')
 
