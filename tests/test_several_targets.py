@@ -13,8 +13,8 @@ import torchreid
 import main
 from conftest import TINY
 from reidkit.data.market import market_data_dir
-
-pytestmark = pytest.mark.slow   # each test runs main.py's test or visrank, one runs four
+from reidkit.evaluate import report
+from reidkit.evaluate.report import BestEffortWriter
 
 SCORES = ('rank1', 'rank5', 'rank10', 'mAP', 'mINP', 'cmc')
 COUNTS = ('num_query', 'num_gallery', 'num_query_ids', 'num_gallery_ids')
@@ -65,6 +65,7 @@ def _metrics(out_dir: Path) -> dict:
     return json.loads((out_dir / 'metrics.json').read_text())
 
 
+@pytest.mark.slow   # five tests of a checkpoint
 def test_metrics_json_holds_every_targets_scores_and_the_first_at_the_top(
         tiny_data_root, tmp_path, checkpoint, two_sites):
     targets = ['market1501', *two_sites]
@@ -91,6 +92,7 @@ def test_metrics_json_holds_every_targets_scores_and_the_first_at_the_top(
         ['cmc.png', 'cmc_site-a_crops.png', 'cmc_site-b_crops.png']
 
 
+@pytest.mark.slow   # runs main.py's visrank
 def test_visrank_gives_each_target_its_own_gallery_folder(tiny_data_root, tmp_path, checkpoint,
                                                           two_sites, capsys):
     argv = [f'--{key}={value!r}' for key, value in TINY.items()] + [
@@ -111,3 +113,18 @@ def test_visrank_gives_each_target_its_own_gallery_folder(tiny_data_root, tmp_pa
         assert sorted(str((page.parent / row['path']).resolve()) for row in rows) == queries
     assert [t['target'] for t in _metrics(out_dir)['targets']] == ['site-a_crops',
                                                                   'site-b_crops']
+
+
+def test_training_curves_name_each_target_also_a_folders_path(tmp_path, monkeypatch):
+    """Torchreid tags evaluations Test/<TARGETS value>/<metric>; a path holds '/' too."""
+    writer = BestEffortWriter(tmp_path)
+    writer.add_scalar('Train/loss', 1.0, 0)
+    for target in ('market1501', '/x/site-a/crops', '/x/site-b/crops'):
+        writer.add_scalar(f'Test/{target}/rank1', 0.5, 0)
+    writer.close()
+    drawn = []
+    monkeypatch.setattr(report, '_save_figure', lambda fig, path, what: drawn.append(fig))
+    report.plot_training(tmp_path, iterations_per_epoch=1)
+    legend = drawn[0].axes[3].get_legend()
+    assert sorted(text.get_text() for text in legend.get_texts()) == \
+        ['market1501 rank1', 'site-a_crops rank1', 'site-b_crops rank1']

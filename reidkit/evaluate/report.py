@@ -301,11 +301,14 @@ def plot_training(run_dir: Path, iterations_per_epoch: int) -> Path | None:
         ax.set(title=title, xlabel='epoch')
         ax.grid(alpha=0.3)
     ax = axes[3]
-    for tag, values in scalars.items():
-        if tag.startswith('Test/'):
-            name = tag.split('/')[-1]
-            ax.plot([s + 1 for s, _ in values], [v * 100 for _, v in values], marker='o',
-                    label=f'{tag.split("/")[1]} {name}')
+    # Torchreid tags them Test/<TARGETS value>/<metric>, and a folder's path holds '/' too.
+    evaluations = {tuple(tag[len('Test/'):].rsplit('/', 1)): values
+                   for tag, values in scalars.items()
+                   if tag.startswith('Test/') and tag.count('/') >= 2}
+    names = target_names(target for target, _ in evaluations)
+    for (target, metric), values in evaluations.items():
+        ax.plot([s + 1 for s, _ in values], [v * 100 for _, v in values], marker='o',
+                label=f'{names[target]} {metric}')
     ax.set(title='evaluation (%)', xlabel='epoch')
     ax.grid(alpha=0.3)
     for each in axes:                           # epochs are whole numbers
