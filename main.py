@@ -47,7 +47,7 @@ from reidkit.data.own_dataset import register_all, target_summaries, unknown_cam
     write_run_split
 from reidkit.data.training_files import TrainingFiles, check_not_trained_on, check_targets, \
     record_sources
-from reidkit.evaluate.report import RunFacts, plot_cmc, plot_training, write_metrics
+from reidkit.evaluate.report import RunFacts, plot_cmcs, plot_training, write_metrics
 from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import Resumed, newest_checkpoint, output_dir_for, resolve_checkpoint, \
     resume_checkpoint, resume_point, training_run_dir, write_settings
@@ -299,9 +299,9 @@ def _interrupt_message(engine, run_dir: Path, s: Settings) -> str:
 def _write_training_results(run_dir: Path, engine, s: Settings, seconds: float) -> None:
     """The run's training plots and metrics.json (its last evaluation)."""
     plot_training(run_dir, len(engine.train_loader))
-    write_metrics(run_dir / 'metrics.json', engine.results[-1], RunFacts(
+    write_metrics(run_dir / 'metrics.json', engine.last_evaluation, RunFacts(
         'train', s, checkpoint=newest_checkpoint(run_dir), seconds=seconds,
-        own_data=target_summaries(s.TARGETS)), engine.datamanager)
+        own_data=target_summaries(s.TARGETS)))
 
 
 def _evaluate_hint(engine, s: Settings) -> str:
@@ -346,12 +346,12 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
             print(f'Note: {note}.')
         engine = build_engine(s, datamanager, model, optimizer, scheduler, training=False)
         engine.run(save_dir=str(out_dir), test_only=True, rerank=s.RERANK, **run_flags)
-    result = dict(engine.results[-1], epoch=saved.get('epoch'))
+    results = [dict(result, epoch=saved.get('epoch')) for result in engine.last_evaluation]
     if main_rank:
-        plot_cmc(result['cmc'], out_dir / 'cmc.png')
-        write_metrics(out_dir / 'metrics.json', result,
+        plot_cmcs(results, out_dir)
+        write_metrics(out_dir / 'metrics.json', results,
                       RunFacts(mode, s, checkpoint=checkpoint, seconds=time.time() - started,
-                               own_data=target_summaries(s.TARGETS)), datamanager)
+                               own_data=target_summaries(s.TARGETS)))
     return out_dir
 
 

@@ -166,3 +166,51 @@ def test_nan_or_overflowing_features_are_refused():
     # finite features whose squared distances overflow float32 are caught on the distances
     with pytest.raises(NonFiniteError, match='query-gallery distances'):
         evaluate_features(qf * 1e30, gf, ids)
+
+
+# --- a file listed as query and as gallery is never its own match (issue 27) ----------------
+
+def _files(tmp_path, names):
+    for name in names:
+        (tmp_path / name).write_bytes(name.encode())
+    return [str(tmp_path / name) for name in names]
+
+
+def test_a_query_is_never_matched_with_its_own_file(tmp_path):
+    # Unknown cameras (queries 0, gallery 1): the query's own file, listed in the gallery too,
+    # would be its match at distance 0. Gallery: q (itself, 0.0), x pid 2 (0.1), m pid 1 (0.2).
+    q, x, m = _files(tmp_path, ['q.jpg', 'x.jpg', 'm.jpg'])
+    query, gallery = [(q, 1, 0)], [(q, 1, 1), (x, 2, 1), (m, 1, 1)]
+    labels = Labels.of_items(query, gallery)
+    cmc, mAP, mINP = evaluate_distances(np.array([[0.0, 0.1, 0.2]]), labels, max_rank=2)
+    # as without the duplicate: x (wrong), then m (the match at rank 2)
+    assert cmc.tolist() == [0.0, 1.0] and mAP == 0.5 and mINP == 0.5
+    without = evaluate_distances(np.array([[0.1, 0.2]]),
+                                 Labels.of_items(query, gallery[1:]), max_rank=2)
+    assert [x.tolist() if hasattr(x, 'tolist') else x for x in without] == \
+        [cmc.tolist(), mAP, mINP]
+    # the query's own file is left out of the ranking as a same-camera image is
+    assert labels.ignored().tolist() == [[True, False, False]]
+    from reidkit.evaluate.visrank import top_matches
+    assert top_matches(np.array([[0.0, 0.1, 0.2]]), labels, 3)[0].tolist() == [[1, 2, -1]]
+
+
+def test_a_link_to_the_query_is_the_same_file(tmp_path):
+    q, other = _files(tmp_path, ['q.jpg', 'other.jpg'])
+    (tmp_path / 'sym.jpg').symlink_to(q)
+    os_link = tmp_path / 'hard.jpg'
+    os_link.hardlink_to(q)
+    gallery = [(str(tmp_path / 'sym.jpg'), 1, 1), (str(os_link), 1, 1),
+               (str(tmp_path / '.' / 'q.jpg'), 1, 1), (other, 1, 1)]
+    labels = Labels.of_items([(q, 1, 0), (other, 2, 0)], gallery)
+    assert labels.ignored().tolist() == [[True, True, True, False], [False, False, False, True]]
+
+
+def test_file_ids_change_nothing_where_no_file_repeats(tmp_path):
+    rng = np.random.default_rng(1)
+    distmat, q_pids, g_pids, q_cams, g_cams, _ = _random_case(rng)
+    names = _files(tmp_path, [f'{k}.jpg' for k in range(len(q_pids) + len(g_pids))])
+    query = list(zip(names[:len(q_pids)], q_pids, q_cams))
+    gallery = list(zip(names[len(q_pids):], g_pids, g_cams))
+    labels = Labels.of_items(query, gallery)
+    assert labels.q_files is None and labels.g_files is None    # the same code path as ever

@@ -6,7 +6,6 @@ filled to the last byte."""
 import errno
 import json
 import os
-import types
 from pathlib import Path
 
 import numpy as np
@@ -50,23 +49,22 @@ def test_settings_json_on_a_real_full_tmpfs(tiny_tmpfs):
 
 
 def _metrics_inputs():
-    datamanager = types.SimpleNamespace(test_dataset={'market1501': {'query': [1, 2],
-                                                                     'gallery': [1, 2, 3]}})
-    result = {'cmc': np.array([0.5, 1.0, 1.0]), 'mAP': 0.6, 'mINP': 0.4}
-    return result, {'DEVICE': 'cpu'}, datamanager
+    result = {'target': 'market1501', 'dataset': 'market1501', 'cmc': np.array([0.5, 1.0, 1.0]),
+              'mAP': 0.6, 'mINP': 0.4, 'num_query': 2, 'num_gallery': 3, 'num_query_ids': 2,
+              'num_gallery_ids': 2}
+    return [result], {'DEVICE': 'cpu'}
 
 
 def test_metrics_json_is_written_whole_or_not_at_all(tmp_path, full_disk, monkeypatch):
     path = tmp_path / 'metrics.json'
     path.write_text('{"mode": "train", "rank1": 0.25}\n')   # an earlier mode's, say
-    result, settings, datamanager = _metrics_inputs()
+    results, settings = _metrics_inputs()
     with pytest.raises(UserError, match=f'could not write the metrics "{path}" \\({FULL}\\)'):
-        report.write_metrics(path, result, report.RunFacts('test', settings, None, 1.0),
-                             datamanager)
+        report.write_metrics(path, results, report.RunFacts('test', settings, None, 1.0))
     assert json.loads(path.read_text())['rank1'] == 0.25   # never half a file
     assert leftovers(tmp_path) == []
     monkeypatch.undo()
-    report.write_metrics(path, result, report.RunFacts('test', settings, None, 1.0), datamanager)
+    report.write_metrics(path, results, report.RunFacts('test', settings, None, 1.0))
     assert json.loads(path.read_text())['mode'] == 'test'
 
 

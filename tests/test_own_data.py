@@ -400,10 +400,18 @@ def test_train_and_test_on_own_folders_cross_dataset(tmp_path, capsys):
         TINY, DEVICE='cpu', EXPERIMENTS_DIR=str(tmp_path / 'experiments'))))
     assert (visrank / 'visrank_site_one').is_dir() and (visrank / 'visrank_site-two').is_dir()
     metrics = json.loads((visrank / 'metrics.json').read_text())
-    # visrank, from the checkpoint's settings alone, evaluated the run's split
-    assert metrics['num_query'] == len(split[0]['query']) + len(split[1]['query'])
-    assert metrics['num_gallery'] == len(split[0]['gallery']) + len(split[1]['gallery'])
-    assert 0 <= metrics['mAP'] <= 1
+    # visrank, from the checkpoint's settings alone, evaluated the run's split: each target's
+    # counts and scores in its own block, the first's at the top level too
+    assert [t['target'] for t in metrics['targets']] == ['site_one', 'site-two']
+    for block, split_made in zip(metrics['targets'], split):
+        assert (block['num_query'], block['num_gallery']) == \
+            (len(split_made['query']), len(split_made['gallery']))
+        assert 0 <= block['mAP'] <= 1
+    assert {k: v for k, v in metrics.items() if k in metrics['targets'][0]} == \
+        metrics['targets'][0]
+    # training's last evaluation, in the same shape: the same numbers on the same split
+    trained = json.loads((run_dir / 'metrics.json').read_text())
+    assert trained['targets'] == metrics['targets'] and trained['rank1'] == metrics['rank1']
     assert [block['path'] for block in metrics['own_data']] == [str(source), str(target)]
     assert metrics['own_data'][0]['digest'] == split[0]['digest']
     assert metrics['own_data'][1]['query_images'] == 12 and metrics['own_data'][1]['train_ids'] == 0

@@ -86,6 +86,17 @@ def test_unique_names_are_distinct_single_components():
         ['a.png.jpg', 'a.png-2.jpg', 'b.jpg']
 
 
+def test_target_names_are_distinct_and_readable():
+    assert report.target_names(['market1501']) == {'market1501': 'market1501'}
+    assert report.target_names(['/data/my crops']) == {'/data/my crops': 'my_crops'}
+    assert report.target_names(['market1501', '/x/site-a/crops', '/x/site-b/crops',
+                                '/y/site-a/Crops', '/z/lists/people.csv', '/x/market1501']) == {
+        'market1501': 'market1501',                  # Torchreid's names stay as they are
+        '/x/site-a/crops': 'site-a_crops', '/x/site-b/crops': 'site-b_crops',
+        '/y/site-a/Crops': 'site-a_Crops-2',         # one name but for letter case: numbered
+        '/z/lists/people.csv': 'people', '/x/market1501': 'x_market1501'}
+
+
 def test_search_page_links_every_hostile_name_to_its_file(tmp_path):
     (query,) = images(tmp_path / 'query #1?', ['q #?%.jpg'])
     gallery = images(tmp_path / 'gallery 100%', HOSTILE)
@@ -204,3 +215,22 @@ def test_own_data_strips_and_page_show_names_and_unknown_cameras(tmp_path, monke
     pid, camid = data.query[0][1:]
     assert f'id {pid} c{camid + 1}' in dom and f'person {pid}, camera {camid + 1}' in dom
     assert not any(f'id {name}' in dom for name in names)
+
+
+def test_the_page_counts_only_scored_queries_as_rank1_failures(tmp_path):
+    """Issue 27: a query with no true match from another camera is not scored; the page's
+    failures are those of its Rank-1, and it says how many queries were not scored."""
+    queries = images(tmp_path / 'query', ['right.jpg', 'wrong.jpg', 'alone.jpg', 'same.jpg'])
+    gallery = images(tmp_path / 'gallery', ['p1.jpg', 'p2.jpg', 'p4.jpg'])
+    # right (pid 1) finds p1 first; wrong (pid 2) finds p1 first; alone (pid 3) has no match;
+    # same (pid 4) has one only in its own camera.
+    query_items = [(str(queries[0]), 1, 0), (str(queries[1]), 2, 0), (str(queries[2]), 3, 0),
+                   (str(queries[3]), 4, 1)]
+    gallery_items = [(str(gallery[0]), 1, 1), (str(gallery[1]), 2, 1), (str(gallery[2]), 4, 1)]
+    distmat = np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3]])
+    page = visrank.write_rankings(distmat, (query_items, gallery_items), tmp_path / 'out', 3, 1)
+    shown = re.search(r'<div id="metrics">(.*?)</div>', page.read_text()).group(1)
+    shown = re.sub(r'</?b>', '', shown).split(' · ')
+    assert 'Rank-1 50.0%' in shown                    # right and wrong are scored
+    assert shown[-3:] == ['4 queries (2 not scored: no true match from another camera)',
+                          '3 gallery images', '1 rank-1 failure']

@@ -2,9 +2,11 @@
 are printed), a test set with nothing to match is refused before any work, and a final
 evaluation that fails never loses the last epoch."""
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import torch
@@ -193,3 +195,43 @@ def test_a_failed_final_evaluation_keeps_the_last_epoch(tiny_settings, monkeypat
     assert main.main(argv) == 0
     (test_dir,) = run_dir.glob('*-test')
     assert json.loads((test_dir / 'metrics.json').read_text())['epoch'] == 2
+
+
+def _csv_without_cameras(path: Path, rows) -> str:
+    """A CSV own dataset (path,pid,camid,split; cameras empty: unknown) of `rows`,
+    (image, person, split) each."""
+    path.write_text('path,pid,camid,split\n' + ''.join(
+        f'{image},{person},,{split}\n' for image, person, split in rows))
+    return str(path)
+
+
+def _page_rows(page: Path) -> list:
+    return json.loads(re.search(r'application/json">(.*?)</script>', page.read_text(),
+                                re.S).group(1))
+
+
+def test_a_file_listed_as_query_and_as_gallery_is_not_its_own_match(
+        tiny_data_root, tiny_settings, untrained_checkpoint, tmp_path):
+    """Issue 27: without cameras (queries camid 0, gallery 1) a duplicate CSV row put the
+    query's own file in the gallery, matched at distance 0."""
+    market = market_data_dir(tiny_data_root)
+    people = sorted(first_people(tiny_data_root, 3))
+    query = next(p for p in sorted((market / 'query').glob('*.jpg'))
+                 if _pid_cam(p)[0] == people[0])
+    gallery = [(p, _pid_cam(p)[0], 'gallery')
+               for p in sorted((market / 'bounding_box_test').glob('*.jpg'))
+               if _pid_cam(p)[0] in people]
+    rows = [(query, people[0], 'query')] + gallery
+    s = tiny_settings.replace(MODEL_NAME='resnet18')
+    scores = {}
+    for name, listed in (('plain', rows), ('duplicate', rows + [(query, people[0], 'gallery')])):
+        data = _csv_without_cameras(tmp_path / f'{name}.csv', listed)
+        vis_dir = main.vis_rank(s.replace(TARGETS=data), weights=untrained_checkpoint)
+        scores[name] = json.loads((vis_dir / 'metrics.json').read_text())
+        (row,) = _page_rows(vis_dir / f'visrank_{name}' / 'index.html')
+        shown = [(vis_dir / f'visrank_{name}' / unquote(m[0])).resolve() for m in row['matches']]
+        assert query.resolve() not in shown                  # nor on the page and strip
+    plain, duplicate = scores['plain'], scores['duplicate']
+    assert duplicate['num_gallery'] == plain['num_gallery'] + 1
+    assert (duplicate['rank1'], duplicate['mAP'], duplicate['cmc'][:len(plain['cmc'])]) == \
+        (plain['rank1'], plain['mAP'], plain['cmc'])

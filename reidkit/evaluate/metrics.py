@@ -10,6 +10,11 @@ query's few true matches are sorted and every other gallery item is only buckete
 (`torch.searchsorted`): that is all CMC and AP need. Queries are processed in chunks, so memory
 stays bounded for any gallery size.
 
+A query is never matched with its own image file: where a file is listed both as query and as
+gallery (a duplicate CSV row, a link; with unknown cameras nothing else would keep it out),
+`Labels` carry file ids and that gallery item is left out of the query's ranking, as an image
+of the query's person from its own camera is. Where no file repeats, nothing changes.
+
 mINP (Ye et al., "Deep Learning for Person Re-identification", TPAMI 2021) is the mean over kept
 queries of (number of true matches) / (1-based rank of the last, hardest true match): how much of
 the list a person must check to find every match. CUHK03's single-gallery-shot protocol has
@@ -24,7 +29,8 @@ so they would otherwise give made-up numbers (all-NaN scored 100% here, ~5% in T
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -73,14 +79,43 @@ def check_finite(values, what: str) -> None:
         raise _non_finite_error(bad, values.numel(), what)
 
 
+def _file_key(path: str):
+    """What makes two paths one file: (device, inode), which links and symlinks share; the
+    resolved path where the file cannot be read (or the file system gives no inode)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        found = None
+    if found is None or found.st_ino == 0:
+        return os.path.realpath(path)
+    return found.st_dev, found.st_ino
+
+
+def file_ids(query_paths, gallery_paths) -> tuple[np.ndarray, np.ndarray] | None:
+    """(query ids, gallery ids), int64, one per path, equal where two paths are one file
+    (same resolved path, or same (st_dev, st_ino): a link or a duplicate listing); None when
+    no query's file is also in the gallery (nothing to leave out)."""
+    ids: dict = {}
+    q_ids = np.array([ids.setdefault(_file_key(p), len(ids)) for p in query_paths], np.int64)
+    num_query_files = len(ids)
+    g_ids = np.array([ids.setdefault(_file_key(p), len(ids)) for p in gallery_paths], np.int64)
+    if not (g_ids < num_query_files).any():
+        return None
+    return q_ids, g_ids
+
+
 @dataclass(frozen=True)
 class Labels:
     """Person and camera ids of the queries and of the gallery, as tensors: built once per
-    evaluation and passed whole instead of four parallel arrays."""
+    evaluation and passed whole instead of four parallel arrays. `q_files`/`g_files`, where
+    some query's image file is also in the gallery: int64 file ids, equal for one file (see
+    `file_ids`), so that a query is never matched with its own file; None otherwise."""
     q_pids: torch.Tensor
     g_pids: torch.Tensor
     q_camids: torch.Tensor
     g_camids: torch.Tensor
+    q_files: torch.Tensor | None = None
+    g_files: torch.Tensor | None = None
 
     @classmethod
     def of(cls, q_pids, g_pids, q_camids, g_camids) -> Labels:
@@ -90,9 +125,19 @@ class Labels:
 
     @classmethod
     def of_items(cls, query, gallery) -> Labels:
-        """From Torchreid's dataset items, (path, pid, camid, ...) each."""
-        return cls.of(*(np.array([item[k] for item in items])
-                        for k, items in ((1, query), (1, gallery), (2, query), (2, gallery))))
+        """From Torchreid's dataset items, (path, pid, camid, ...) each, with file ids."""
+        labels = cls.of(*(np.array([item[k] for item in items])
+                          for k, items in ((1, query), (1, gallery), (2, query), (2, gallery))))
+        return labels.with_files([item[0] for item in query], [item[0] for item in gallery])
+
+    def with_files(self, query_paths, gallery_paths) -> Labels:
+        """These labels, with the file ids of the images' paths (one per query and gallery
+        image, in order) where a query's file is also in the gallery (`file_ids`)."""
+        ids = file_ids(query_paths, gallery_paths)
+        if ids is None:
+            return self
+        return replace(self, q_files=torch.from_numpy(ids[0]).to(self.q_pids.device),
+                       g_files=torch.from_numpy(ids[1]).to(self.g_pids.device))
 
     @property
     def num_queries(self) -> int:
@@ -102,23 +147,34 @@ class Labels:
     def num_gallery(self) -> int:
         return len(self.g_pids)
 
+    def counts(self) -> dict[str, int]:
+        """How many query and gallery images, and how many identities among each."""
+        return {'num_query': self.num_queries, 'num_gallery': self.num_gallery,
+                'num_query_ids': len(torch.unique(self.q_pids)),
+                'num_gallery_ids': len(torch.unique(self.g_pids))}
+
     def to(self, device: torch.device) -> Labels:
-        return Labels(*(ids.to(device) for ids in (self.q_pids, self.g_pids, self.q_camids,
-                                                   self.g_camids)))
+        return Labels(*(None if ids is None else ids.to(device) for ids in
+                        (self.q_pids, self.g_pids, self.q_camids, self.g_camids, self.q_files,
+                         self.g_files)))
 
     def queries(self, start: int, end: int) -> Labels:
         """The labels of queries start..end-1 (one chunk) against the whole gallery."""
         return Labels(self.q_pids[start:end], self.g_pids, self.q_camids[start:end],
-                      self.g_camids)
+                      self.g_camids, None if self.q_files is None else self.q_files[start:end],
+                      self.g_files)
 
     def same_person(self) -> torch.Tensor:
         return self.q_pids[:, None] == self.g_pids[None, :]
 
     def ignored(self) -> torch.Tensor:
         """(queries x gallery) True where a gallery item shows the query's person in the
-        query's camera: such items are ignored by the evaluation, by visrank and by nothing
-        else."""
-        return self.same_person() & (self.q_camids[:, None] == self.g_camids[None, :])
+        query's camera, or is the query's own file: such items are ignored by the evaluation,
+        by visrank and by nothing else."""
+        ignored = self.same_person() & (self.q_camids[:, None] == self.g_camids[None, :])
+        if self.q_files is not None:
+            ignored |= self.q_files[:, None] == self.g_files[None, :]
+        return ignored
 
 
 class Scores(NamedTuple):
@@ -154,8 +210,9 @@ class QueryRanks(NamedTuple):
 def _rank_chunk(dist: torch.Tensor, labels: Labels):
     """For a chunk of queries: (first-match rank or -1, AP or nan, INP or nan) per query."""
     match = labels.same_person()
-    positive = match & ~labels.ignored()     # true matches seen by another camera
-    negative = ~match                        # everything else that is kept; junk is dropped
+    ignored = labels.ignored()
+    positive = match & ~ignored              # true matches seen by another camera
+    negative = ~(match | ignored)            # everything else that is kept (not the query's file)
     num_pos = positive.sum(1)
     most = int(num_pos.max()) if len(num_pos) else 0
     device = dist.device                     # the CPU, or a GPU where the features are

@@ -10,12 +10,13 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from reidkit.run.atomic import atomic_file, reason, write_atomically
+from reidkit.run.settings import display_name, is_own_data
 
 CMC_RANKS = (1, 5, 10, 20)
 MAX_NAME_BYTES = 200            # file systems allow 255; room for -2 and a suffix
@@ -46,6 +47,22 @@ def unique_names(relative_paths: Iterable[str | Path], suffix: str = '',
         taken.add(name.casefold())
         names.append(name)
     return names
+
+
+def target_names(targets: Iterable[str]) -> dict[str, str]:
+    """{TARGETS value: its name in outputs (metrics.json, cmc_<name>.png, visrank_<name>/)}:
+    `display_name` (a Torchreid name as it is, a folder's or CSV's base name), one distinct
+    name per target. Own-data values whose base names clash (site-a/crops, site-b/crops) get
+    their parent folder's name before it (site-a_crops, site-b_crops); a clash left after
+    that gets -2, -3 ... (`unique_names`)."""
+    targets = list(dict.fromkeys(targets))
+    names = [display_name(target) for target in targets]
+    clashing = {name.casefold() for name in names
+                if sum(other.casefold() == name.casefold() for other in names) > 1}
+    names = [f'{display_name(str(Path(target).parent))}_{name}'
+             if is_own_data(target) and name.casefold() in clashing else name
+             for target, name in zip(targets, names)]
+    return dict(zip(targets, unique_names(names)))
 
 
 def link(file: str | Path, page_dir: str | Path) -> str:
@@ -95,17 +112,37 @@ class RunFacts:
     own_data: list | None = None       # own_dataset.target_summaries: how own data was split
 
 
-def write_metrics(path: Path, result: Mapping, run: RunFacts, datamanager) -> dict:
-    """Writes metrics.json for one mode of a run and returns what it wrote. `result`: the
-    engine's {'cmc', 'mAP', 'mINP', 'epoch'}; `datamanager`: counts the test images."""
-    test_sets = datamanager.test_dataset
+# A target's counts in metrics.json (`metrics.Labels.counts`).
+COUNT_KEYS = ('num_query', 'num_gallery', 'num_query_ids', 'num_gallery_ids')
+
+
+def target_metrics(result: Mapping) -> dict:
+    """One target's block of metrics.json from the engine's result for it: its names,
+    `summarise`'s scores, the full CMC and the counts of its test images and identities."""
+    return {'target': result['target'], 'dataset': result['dataset'],
+            **summarise(result['cmc'], result['mAP'], result.get('mINP')),
+            'cmc': [float(v) for v in result['cmc']],
+            **{key: int(result[key]) for key in COUNT_KEYS}}
+
+
+def write_metrics(path: Path, results: Sequence[Mapping], run: RunFacts) -> dict:
+    """Writes metrics.json for one mode of a run and returns what it wrote.
+
+    `results`: the engine's results of one evaluation, one per target in TARGETS order
+    ({'target', 'dataset', 'cmc', 'mAP', 'mINP', 'epoch', and the counts of COUNT_KEYS}).
+    The file holds, in this order: 'mode'; the FIRST target's block (as a script written for
+    one target reads it): 'target' (its name in outputs, `target_names`), 'dataset' (its
+    TARGETS value), 'rank1', 'rank5', 'rank10', 'rank20' (those the CMC reaches), 'mAP',
+    'mINP' (not under CUHK03's protocol), 'cmc' (fractions, rank 1 onwards), 'num_query',
+    'num_gallery', 'num_query_ids', 'num_gallery_ids'; then 'targets' (every target's block,
+    the same keys, the first included), 'epoch', 'checkpoint', 'seconds', 'device',
+    'settings' and, for own data, 'own_data'. UserError when it cannot be written."""
+    targets = [target_metrics(result) for result in results]
     metrics = {
         'mode': run.mode,
-        **summarise(result['cmc'], result['mAP'], result.get('mINP')),
-        'cmc': [float(v) for v in result['cmc']],
-        'num_query': sum(len(sets['query']) for sets in test_sets.values()),
-        'num_gallery': sum(len(sets['gallery']) for sets in test_sets.values()),
-        'epoch': result.get('epoch'),
+        **targets[0],
+        'targets': targets,
+        'epoch': results[0].get('epoch'),
         'checkpoint': str(run.checkpoint) if run.checkpoint else None,
         'seconds': round(run.seconds, 1),
         'device': torch.cuda.get_device_name() if torch.cuda.is_available()
@@ -135,7 +172,16 @@ def _save_figure(fig, path: Path, what: str) -> None:
         _pyplot().close(fig)
 
 
-def plot_cmc(cmc, path: Path) -> Path:
+def plot_cmcs(results: Sequence[Mapping], out_dir: Path) -> list[Path]:
+    """The CMC curve of each target of one evaluation (`write_metrics`' results): cmc.png for
+    the first target, cmc_<target>.png for each other one."""
+    return [plot_cmc(result['cmc'], Path(out_dir) / ('cmc.png' if k == 0 else
+                                                     f'cmc_{result["target"]}.png'),
+                     title=f'CMC curve: {result["target"]}')
+            for k, result in enumerate(results)]
+
+
+def plot_cmc(cmc, path: Path, title: str = 'CMC curve') -> Path:
     """The CMC curve, rank 1 to len(cmc), as a PNG."""
     plt = _pyplot()
     ranks = np.arange(1, len(cmc) + 1)
@@ -148,7 +194,7 @@ def plot_cmc(cmc, path: Path) -> Path:
     ax.text(0.97, 0.04, '\n'.join(f'Rank-{r}: {cmc[r - 1]:.1%}' for r in shown),
             transform=ax.transAxes, ha='right', va='bottom', multialignment='left', fontsize=8,
             bbox=dict(boxstyle='round', facecolor='white', edgecolor='#bbb'))
-    ax.set(xlabel='rank', ylabel='matching rate (%)', title='CMC curve', ylim=(0, 101))
+    ax.set(xlabel='rank', ylabel='matching rate (%)', title=title, ylim=(0, 101))
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))      # ranks are whole numbers
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -255,11 +301,14 @@ def plot_training(run_dir: Path, iterations_per_epoch: int) -> Path | None:
         ax.set(title=title, xlabel='epoch')
         ax.grid(alpha=0.3)
     ax = axes[3]
-    for tag, values in scalars.items():
-        if tag.startswith('Test/'):
-            name = tag.split('/')[-1]
-            ax.plot([s + 1 for s, _ in values], [v * 100 for _, v in values], marker='o',
-                    label=f'{tag.split("/")[1]} {name}')
+    # Torchreid tags them Test/<TARGETS value>/<metric>, and a folder's path holds '/' too.
+    evaluations = {tuple(tag[len('Test/'):].rsplit('/', 1)): values
+                   for tag, values in scalars.items()
+                   if tag.startswith('Test/') and tag.count('/') >= 2}
+    names = target_names(target for target, _ in evaluations)
+    for (target, metric), values in evaluations.items():
+        ax.plot([s + 1 for s, _ in values], [v * 100 for _, v in values], marker='o',
+                label=f'{names[target]} {metric}')
     ax.set(title='evaluation (%)', xlabel='epoch')
     ax.grid(alpha=0.3)
     for each in axes:                           # epochs are whole numbers
@@ -273,9 +322,11 @@ def plot_training(run_dir: Path, iterations_per_epoch: int) -> Path | None:
 
 
 def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery: int) -> Path:
-    """index.html: metrics, plots, then every query's top-k, failures first. Static: it works
-    from the file system with no server and no network; images are the dataset's own files,
-    referenced by relative path and loaded lazily, 50 queries a page."""
+    """index.html: metrics, plots, then every query's top-k, Rank-1's failures first (a
+    query with no true match from another camera, `first` < 0, is not scored: counted apart
+    and shown last). Static: it works from the file system with no server and no network;
+    images are the dataset's own files, referenced by relative path and loaded lazily, 50
+    queries a page."""
     path = Path(path)
     here = path.parent
     for row in rows:            # file names become links; the query's name is shown as is
@@ -287,18 +338,23 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
     plots = [link(p, here) for p in [here / 'cmc.png'] +
              [parent / 'training_curves.png' for parent in list(here.parents)[:3]]
              if Path(p).is_file()]
-    failures = sum(1 for row in rows if row['first'] != 0)
+    # Failures are Rank-1's: scored queries (first >= 0) whose first true match is not first.
+    failures = sum(1 for row in rows if row['first'] > 0)
+    not_scored = sum(1 for row in rows if row['first'] < 0)
     metrics = ' · '.join([f'mAP <b>{summary["mAP"]:.1%}</b>'] +
                          ([f'mINP <b>{summary["mINP"]:.1%}</b>'] if 'mINP' in summary else []) +
                          [f'Rank-{r} <b>{summary[f"rank{r}"]:.1%}</b>'
                           for r in CMC_RANKS if f'rank{r}' in summary] +
-                         [f'{len(rows)} queries', f'{num_gallery} gallery images',
-                          f'{failures} rank-1 failures'])
+                         [f'{len(rows)} queries' + (f' ({not_scored} {NOT_SCORED})'
+                                                    if not_scored else ''),
+                          f'{num_gallery} gallery images',
+                          f'{failures} rank-1 failure' + ('' if failures == 1 else 's')])
     # Inside <script> the HTML parser reacts to '</script>' and '<!--' whatever the type: no
     # raw '<' (nor '>', '&') may appear; JSON.parse reads \u003c etc. back as the characters.
     data = (json.dumps(rows, separators=(',', ':')).replace('<', '\\u003c')
             .replace('>', '\\u003e').replace('&', '\\u0026'))
     values = {'title': html.escape(f'Rankings: {here.name}'), 'metrics': metrics,
+              'not_scored': NOT_SCORED,
               'plots': ''.join(f'<img class="plot" src="{html.escape(p)}">' for p in plots),
               'data': data}
     # One pass, so a '{{...}}' inside a value is never replaced in turn.
@@ -306,6 +362,7 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
     return write_atomically(path, page, 'the gallery page', text_errors='surrogateescape')
 
 
+NOT_SCORED = 'not scored: no true match from another camera'
 GALLERY_TEMPLATE = '''<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{title}}</title>
 <style>
@@ -328,7 +385,7 @@ h1{font-size:20px;margin:0 0 6px}
 <div id="metrics">{{metrics}}</div>
 <div id="plots">{{plots}}</div>
 <div id="controls">
-<label><input type="radio" name="view" value="failures" checked> failures first</label>
+<label><input type="radio" name="view" value="failures" checked> rank-1 failures first</label>
 <label><input type="radio" name="view" value="all"> all queries in order</label>
 <label>person id <input id="pid" type="text" style="width:80px"></label>
 <button id="prev">&lt; prev</button><span id="page"></span><button id="next">next &gt;</button>
@@ -342,9 +399,9 @@ let view = 'failures', pid = null, page = 0, loaded = 0;
 function ordered() {
   let rows = ROWS.map((r, i) => Object.assign({index: i}, r));
   if (pid !== null) rows = rows.filter(r => r.shown[0] === pid);
-  if (view === 'failures') {
-    const bad = rows.filter(r => r.first !== 0).sort((a, b) => (a.ap ?? 2) - (b.ap ?? 2));
-    rows = bad.concat(rows.filter(r => r.first === 0));
+  if (view === 'failures') {     // Rank-1's failures, worst AP first; unscored queries last
+    const bad = rows.filter(r => r.first > 0).sort((a, b) => a.ap - b.ap);
+    rows = bad.concat(rows.filter(r => r.first === 0), rows.filter(r => r.first < 0));
   }
   return rows;
 }
@@ -372,7 +429,7 @@ function render() {
     head.className = 'head';
     head.innerHTML = `<b>query ${r.index + 1}</b><br>person ${esc(r.shown[0])}, ` +
       `camera ${esc(r.shown[1].replace(/^c([0-9]+)$/, '$1'))}<br>` +
-      (r.ap === null ? 'no true match in gallery' :
+      (r.ap === null ? '{{not_scored}}' :
        `AP ${(r.ap * 100).toFixed(1)}%<br>first match: rank ${r.first + 1}`) + '<br>';
     const strip = document.createElement('a');
     strip.href = r.strip;           // links arrive %-encoded: used as they are

@@ -34,7 +34,7 @@ from reidkit.data.images import read_image
 from reidkit.data.own_dataset import display_labels
 from reidkit.data.training_files import CHECKPOINT_KEY
 from reidkit.evaluate import metrics as evaluation
-from reidkit.evaluate.report import BestEffortWriter, print_scores
+from reidkit.evaluate.report import BestEffortWriter, print_scores, target_names
 from reidkit.evaluate.rerank import Reranking, re_ranking_features
 from reidkit.evaluate.visrank import write_rankings
 from reidkit.run import distributed
@@ -69,7 +69,10 @@ class ReidkitEngineMixin:
         self.latest_every = options.latest_every  # epochs between rolling checkpoints (0: never)
         self.settings = options.settings         # the run's settings, stored in every checkpoint
         self.training_files = options.training_files    # stored in every checkpoint
-        self.results: list = []            # every evaluation: {'epoch', 'cmc', 'mAP', 'mINP'}
+        # every target's evaluation: {'epoch', 'target', 'dataset', 'cmc', 'mAP', 'mINP',
+        # counts (metrics.Labels.counts)}; the last test()'s, one per target: last_evaluation
+        self.results: list = []
+        self.last_evaluation: list = []
         self.save_dir = None
         self.final_checkpoint = None       # written when training ends, before its evaluation
         self._rerank = False               # run()'s rerank, for the evaluations in training
@@ -219,7 +222,7 @@ class ReidkitEngineMixin:
             raise UserError('The CUHK03 metric is evaluated by one process: run python '
                             'main.py test --GPUS=1 (or without torchrun) on the checkpoint '
                             'this run wrote.')
-        qf, gf, labels = self._query_and_gallery(query_loader, gallery_loader)
+        qf, gf, labels = self._query_and_gallery(query_loader, gallery_loader, dataset_name)
         if normalize_feature or (rerank and dist_metric == 'cosine'):
             # Re-ranking scales each image's distances by their largest, so on unit features
             # squared euclidean distances (2 - 2 cos) rank as cosine distances do.
@@ -238,26 +241,36 @@ class ReidkitEngineMixin:
         else:
             scores = evaluation.evaluate_distances(distmat, labels,
                                                    single_gallery_shot=use_metric_cuhk03)
-        self.results.append({'epoch': self.epoch + 1, **scores._asdict()})
+        name = target_names(self.datamanager.targets).get(dataset_name,
+                                                          display_name(dataset_name))
+        self.results.append({'epoch': self.epoch + 1, 'target': name, 'dataset': dataset_name,
+                             **scores._asdict(), **labels.counts()})
         print_scores(scores, ranks, labels.num_gallery)
         if visrank and distributed.current().is_main:
             if distmat is None:
                 distmat = evaluation.distances(qf, gf, dist_metric)
             write_rankings(distmat.cpu().numpy(),
                            self.datamanager.fetch_test_loaders(dataset_name),
-                           Path(save_dir) / f'visrank_{display_name(dataset_name)}', visrank_topk,
+                           Path(save_dir) / f'visrank_{name}', visrank_topk,
                            labeller=display_labels(dataset_name))
         return scores.cmc[0], scores.mAP
 
-    def _query_and_gallery(self, query_loader, gallery_loader):
-        """(query features, gallery features, their `Labels`), as Torchreid prints them."""
+    def _query_and_gallery(self, query_loader, gallery_loader, dataset_name=''):
+        """(query features, gallery features, their `Labels`), as Torchreid prints them. The
+        labels carry file ids (a query is never matched with its own file) from the target's
+        items, which the loaders give in order."""
         print('Extracting features from query set ...')
         qf, q_pids, q_camids = self._features(query_loader)
         print(f'Done, obtained {qf.size(0)}-by-{qf.size(1)} matrix')
         print('Extracting features from gallery set ...')
         gf, g_pids, g_camids = self._features(gallery_loader)
         print(f'Done, obtained {gf.size(0)}-by-{gf.size(1)} matrix')
-        return qf, gf, evaluation.Labels.of(q_pids, g_pids, q_camids, g_camids)
+        labels = evaluation.Labels.of(q_pids, g_pids, q_camids, g_camids)
+        items = self.datamanager.test_dataset.get(dataset_name, {})
+        query, gallery = items.get('query', ()), items.get('gallery', ())
+        if (len(query), len(gallery)) == (len(qf), len(gf)):   # the items these features are of
+            labels = labels.with_files([item[0] for item in query], [item[0] for item in gallery])
+        return qf, gf, labels
 
     def _features(self, loader):
         """(features on the model's device, pids, camids) of every image the loader gives."""
@@ -284,17 +297,23 @@ class ReidkitEngineMixin:
 
     def test(self, *args, **kwargs):
         """Torchreid's test() (it calls our `_evaluate` for each target), with progress bars
-        on feature extraction and run()'s `rerank` during training too."""
+        on feature extraction and run()'s `rerank` during training too; its results, one per
+        target, are kept in `last_evaluation`. Returns the first target's Rank-1."""
         if len(args) < 8:                    # rerank is test()'s eighth parameter
             kwargs.setdefault('rerank', self._rerank)
         loaders = self.test_loader
         self.test_loader = {name: {split: WithProgress(loader, f'{name} {split} features')
                                    for split, loader in splits.items()}
                             for name, splits in loaders.items()}
+        first = len(self.results)
         try:
-            return super().test(*args, **kwargs)
+            super().test(*args, **kwargs)
         finally:
             self.test_loader = loaders
+        self.last_evaluation = self.results[first:]
+        # The first target's Rank-1 (Torchreid returns the last's), as metrics.json's top
+        # level gives it: the checkpoint saved after this records it.
+        return float(self.last_evaluation[0]['cmc'][0])
 
     def two_stepped_transfer_learning(self, epoch, fixbase_epoch, open_layers, model=None):
         """Torchreid's FIXBASE_EPOCH/OPEN_LAYERS, on the model itself: Torchreid looks the
