@@ -67,9 +67,25 @@ def dataset_list(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def absolute(value):
-    """An own-data value as an absolute path ('~' expanded); other values unchanged."""
-    return str(Path(value).expanduser().resolve()) if is_own_data(value) else value
+def absolute(value, setting: str = 'SOURCES/TARGETS'):
+    """An own-data value as an absolute path ('~' expanded); other values unchanged.
+    UserError (naming `setting`) for a '~user' that does not exist."""
+    return str(Path(home_expanded(value, setting)).resolve()) if is_own_data(value) else value
+
+
+def home_expanded(value: str, setting: str) -> str:
+    """A path with a leading '~' or '~user' replaced by that home folder; UserError naming
+    `setting` when it cannot be (no such user, or no HOME)."""
+    try:
+        return str(Path(value).expanduser())
+    except RuntimeError:        # pathlib's "Could not determine home directory."
+        user = value[1:].split('/', 1)[0].split('\\', 1)[0]
+        raise UserError(
+            f'{setting}: "{value}" starts with ~{user}, but '
+            + (f'there is no user "{user}" on this machine' if user else
+               'the home folder is not known here (HOME is not set)')
+            + f', so the path cannot be found. Write the path out in full, e.g. '
+            f'--{setting.split("/")[0]}=/home/<name>/...') from None
 
 
 def display_name(value: str) -> str:
@@ -154,9 +170,9 @@ def resolve(config: ModuleType, overrides: Mapping[str, Any] | None = None,
     values = apply_overrides(values, overrides or {})
     for key in PATH_SETTINGS:        # '~/x' means the home folder everywhere it is used
         if isinstance(values[key], str) and values[key].startswith('~'):
-            values[key] = str(Path(values[key]).expanduser())
+            values[key] = home_expanded(values[key], key)
     for key in DATASET_LISTS:        # own data: one absolute path, whatever the current folder
-        values[key] = _absolute_datasets(values[key])
+        values[key] = _absolute_datasets(values[key], key)
     return Settings(values, given=overrides or {})
 
 
@@ -170,11 +186,12 @@ def parse_value(text: str, path: bool = False) -> Any:
     return text if path and not isinstance(value, str) else value
 
 
-def _absolute_datasets(value: Any) -> Any:
-    """SOURCES/TARGETS with own-data paths made absolute (names and other types unchanged)."""
+def _absolute_datasets(value: Any, setting: str) -> Any:
+    """SOURCES/TARGETS (`setting`) with own-data paths made absolute (names and other types
+    unchanged)."""
     if isinstance(value, str):
-        return absolute(value)
-    return [absolute(v) for v in value] if isinstance(value, list) else value
+        return absolute(value, setting)
+    return [absolute(v, setting) for v in value] if isinstance(value, list) else value
 
 
 def _typed(key: str, value: Any, default: Any, source: str) -> Any:
@@ -182,9 +199,9 @@ def _typed(key: str, value: Any, default: Any, source: str) -> Any:
     expected = type(default)
     if key in DATASET_LISTS and isinstance(value, (list, tuple)) and value and \
             all(isinstance(name, str) for name in value):
-        return _absolute_datasets(list(value))      # several datasets: Torchreid takes a list
+        return _absolute_datasets(list(value), key)   # several datasets: Torchreid takes a list
     if key in DATASET_LISTS and isinstance(value, str):
-        return _absolute_datasets(value)
+        return _absolute_datasets(value, key)
     if expected is float and type(value) is int:
         return float(value)
     if expected is list and isinstance(value, tuple):
