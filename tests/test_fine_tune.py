@@ -114,6 +114,8 @@ def test_init_weights_and_resume_together_are_an_error(tmp_path, capsys):
     (["--OPEN_LAYERS=['classifer']"], "resnet50 has no layer named 'classifer' (did you mean "
                                        "'classifier'?)"),
     (['--OPEN_LAYERS=[]'], 'no layer is named, so nothing would train'),
+    (["--OPEN_LAYERS=['global_avgpool']"], "'global_avgpool' has no weights, so nothing would "
+                                           "train"),
     (['--MODEL_NAME=hacnn'], "hacnn has no layer named 'classifier' (did you mean "
                              "'classifier_local'?)"),
 ])
