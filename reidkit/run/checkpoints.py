@@ -63,7 +63,7 @@ def save_checkpoint(state: dict, path: Path) -> Path:
 
 def load_checkpoint(path: Path, setting: str = 'WEIGHTS') -> dict:
     """A checkpoint's contents on the CPU, loaded safely; UserError (naming `setting`) if it
-    is not one."""
+    is not one or its weights are not all finite (`check_finite_weights`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
@@ -97,7 +97,22 @@ def load_checkpoint(path: Path, setting: str = 'WEIGHTS') -> dict:
             f'{setting}: "{path}" loads, but holds no model weights (no "state_dict"). '
             f'Pass a checkpoint written by training.'
         )
+    check_finite_weights(checkpoint['state_dict'], path, setting)
     return checkpoint
+
+
+def check_finite_weights(state_dict: dict, path: Path, setting: str) -> None:
+    """Every floating-point tensor of `state_dict` (read from `path`, given as `setting`) is
+    finite: a model with NaN or infinite weights scores nothing and trains nothing (its loss is
+    NaN from the first step). UserError naming the first bad tensor."""
+    bad = next((key for key, value in state_dict.items() if isinstance(value, torch.Tensor)
+                and value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if bad is not None:
+        raise UserError(
+            f'{setting}: "{path}" holds NaN or infinite values (first: {bad!r}): it was saved '
+            f'from a model whose training diverged, or the file is damaged, and no result '
+            f'computed with it would mean anything. Pick an earlier checkpoint of the run or '
+            f'another file.')
 
 
 def _an_onnx_model(path: Path, setting: str) -> UserError:
