@@ -444,7 +444,8 @@ SEARCH_INDEX_KINDS = ('ivfpq',)      # the indexes search can keep (reidkit.sear
 def check_search_switches(s: Settings) -> None:
     """Evaluation switches that search cannot apply are refused, never silently ignored:
     search ranks by plain feature distances (FLIP_TEST applies; re-ranking does not). Then
-    the search settings make sense (before any model is loaded)."""
+    the search settings make sense and QUERY and GALLERY are given (before any model is
+    loaded, and before a training that `train search` runs first)."""
     if s.RERANK:
         raise UserError(
             'RERANK=True: search does not re-rank; its distances and order are plain feature '
@@ -463,6 +464,9 @@ def check_search_switches(s: Settings) -> None:
         raise UserError(f'SEARCH_EXACT_UP_TO={s.SEARCH_EXACT_UP_TO!r} must be 0 (always use the '
                         f'index) or a number of gallery images up to which search is exact. Fix '
                         f'it in config.py or with --SEARCH_EXACT_UP_TO=...')
+    if not s.QUERY or not s.GALLERY:
+        raise UserError('search needs --QUERY=path/to/person.jpg (or a folder of queries) '
+                        'and --GALLERY=path/to/folder (searched recursively for images).')
 
 
 def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> None:
