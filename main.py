@@ -178,11 +178,13 @@ def train(s: Settings | None = None) -> Path:
         print(f'Run folder: {run_dir}')
         for note in notes:
             print(f'Note: {note}.')
-        datamanager, model, optimizer, scheduler = _training_items(s, run_dir, resumed)
+        datamanager, model, optimizer, scheduler = _training_items(s, resumed)
         if init:        # in place, before the optimiser steps and anything wraps the model
             distributed.same_everywhere(lambda: load_init_weights(
                 model, init.saved, s.MODEL_NAME, s.INIT_WEIGHTS))
         start_epoch = _resume_state(resumed, model, optimizer, scheduler, s.MAX_EPOCH)
+        if distributed.current().is_main:   # only now: a failed check rewrites no record
+            _write_run_records(run_dir, s)
         engine = build_engine(s, datamanager, model, optimizer, scheduler)
         with _failure_explained(engine, run_dir, s, tee):
             engine.run(
@@ -212,17 +214,18 @@ def _starting_point(s: Settings):
     return (init.settings if init else s), None, init
 
 
-def _training_items(s: Settings, run_dir: Path, resumed: Resumed | None):
-    """get_items() for training, with the run's settings.json and (own data) split.json
-    written to `run_dir` (the splits were checked before: checks.check_before_run)."""
-    if distributed.current().is_main:
-        write_settings(run_dir, s)
+def _training_items(s: Settings, resumed: Resumed | None):
+    """get_items() for training (the splits were checked before: checks.check_before_run)."""
     # The checkpoint replaces ImageNet weights when resuming: no download is needed.
-    datamanager, model, optimizer, scheduler = get_items(
-        s.replace(PRETRAINED=False) if resumed else s)
-    if distributed.current().is_main:
-        write_run_split(run_dir, s)     # own data: which image went where (split.json)
-    return datamanager, model, optimizer, scheduler
+    return get_items(s.replace(PRETRAINED=False) if resumed else s)
+
+
+def _write_run_records(run_dir: Path, s: Settings) -> None:
+    """The run's settings.json and (own data) split.json, written once the model holds the
+    weights it starts from: a resume that does not fit the data leaves the run's own as they
+    were (the record of what it trained on)."""
+    write_settings(run_dir, s)
+    write_run_split(run_dir, s)     # own data: which image went where (split.json)
 
 
 def _resume_state(resumed: Resumed | None, model, optimizer, scheduler, max_epoch: int) -> int:
