@@ -45,8 +45,8 @@ from reidkit.train.engine import EngineOptions, SoftmaxEngine, TripletEngine
 from reidkit.train.fine_tune import check_fine_tune, load_init_weights, read_init_weights
 from reidkit.data.own_dataset import register_all, target_summaries, unknown_camera_targets, \
     write_run_split
-from reidkit.data.training_files import TrainingFiles, check_not_trained_on, check_targets, \
-    record_sources
+from reidkit.data.training_files import TrainingFiles, check_not_trained_on, \
+    check_resumed_files, check_targets, record_sources
 from reidkit.evaluate.report import RunFacts, plot_cmcs, plot_training, write_metrics
 from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import Resumed, newest_checkpoint, output_dir_for, resolve_checkpoint, \
@@ -174,7 +174,7 @@ def train(s: Settings | None = None) -> Path:
     s, resumed, init = _starting_point(s)
     distributed.on_main(lambda: checks.check_before_run(s, training=True,
                                                         pretrained=resumed is None))
-    record = training_record(s, (resumed or init).saved if resumed or init else None)
+    record = training_record(s, resumed, init)
     set_random_seed(distributed.rank_seed(s.SEED))
     run_dir, notes = distributed.on_main(lambda: training_run_dir(s, resumed))
     notes += init.notes if init else []
@@ -183,11 +183,13 @@ def train(s: Settings | None = None) -> Path:
         print(f'Run folder: {run_dir}')
         for note in notes:
             print(f'Note: {note}.')
-        datamanager, model, optimizer, scheduler = _training_items(s, run_dir, resumed, record)
+        datamanager, model, optimizer, scheduler = _training_items(s, resumed)
         if init:        # in place, before the optimiser steps and anything wraps the model
             distributed.same_everywhere(lambda: load_init_weights(
                 model, init.saved, s.MODEL_NAME, s.INIT_WEIGHTS))
         start_epoch = _resume_state(resumed, model, optimizer, scheduler, s.MAX_EPOCH)
+        if distributed.current().is_main:   # only now: a failed check rewrites no record
+            _write_run_records(run_dir, s, record)
         engine = build_engine(s, datamanager, model, optimizer, scheduler, record=record)
         with _failure_explained(engine, run_dir, s, tee):
             engine.run(
@@ -217,36 +219,39 @@ def _starting_point(s: Settings):
     return (init.settings if init else s), None, init
 
 
-def training_record(s: Settings, starting_checkpoint: dict | None) -> TrainingFiles | None:
-    """Rank 0: the record of every training file of SOURCES (with the starting checkpoint's,
-    for RESUME or INIT_WEIGHTS), after checking that no file of TARGETS is one of them (every
-    evaluation during training would score it). Other ranks: None (rank 0 saves checkpoints)."""
+def training_record(s: Settings, resumed: Resumed | None, init) -> TrainingFiles | None:
+    """Rank 0: the record of every training file of SOURCES, with the starting checkpoint's
+    (RESUME's or INIT_WEIGHTS'), after checking that no file of TARGETS is one of them (every
+    evaluation during training would score it) and that a resumed run trains on no file its
+    checkpoint was not trained on. Other ranks: None (rank 0 saves checkpoints)."""
     def record_and_check():
         started = time.time()
         record = record_sources(s)
         check_targets(record, s, 'SOURCES (this run\'s training data)')
+        if resumed:
+            check_resumed_files(record, resumed.saved, resumed.path)
         print(f'Recorded {len(record)} training files (none is a test file of TARGETS) in '
               f'{time.time() - started:.1f}s.')
-        return record.merged(TrainingFiles.from_checkpoint(starting_checkpoint or {}))
+        start = resumed or init
+        return record.merged(TrainingFiles.from_checkpoint(start.saved) if start else None)
     found = []
     distributed.on_main(lambda: found.append(record_and_check()))
     return found[0] if found else None
 
 
-def _training_items(s: Settings, run_dir: Path, resumed: Resumed | None,
-                    record: TrainingFiles | None):
-    """get_items() for training, with the run's settings.json, (own data) split.json and
-    record of training files written to `run_dir` (the splits were checked before:
-    checks.check_before_run)."""
-    if distributed.current().is_main:
-        write_settings(run_dir, s)
+def _training_items(s: Settings, resumed: Resumed | None):
+    """get_items() for training (the splits were checked before: checks.check_before_run)."""
     # The checkpoint replaces ImageNet weights when resuming: no download is needed.
-    datamanager, model, optimizer, scheduler = get_items(
-        s.replace(PRETRAINED=False) if resumed else s)
-    if distributed.current().is_main:
-        write_run_split(run_dir, s)     # own data: which image went where (split.json)
-        record.write(run_dir)           # every training file (training_files.csv.gz)
-    return datamanager, model, optimizer, scheduler
+    return get_items(s.replace(PRETRAINED=False) if resumed else s)
+
+
+def _write_run_records(run_dir: Path, s: Settings, record: TrainingFiles) -> None:
+    """The run's settings.json, (own data) split.json and record of training files, written
+    once the model holds the weights it starts from: a resume that does not fit the data
+    leaves the run's own as they were (the record of what it trained on)."""
+    write_settings(run_dir, s)
+    write_run_split(run_dir, s)     # own data: which image went where (split.json)
+    record.write(run_dir)           # every training file (training_files.csv.gz)
 
 
 def _resume_state(resumed: Resumed | None, model, optimizer, scheduler, max_epoch: int) -> int:

@@ -94,6 +94,42 @@ def test_a_fifo_named_like_an_image_is_reported_not_waited_on(tiny_data_root, tm
     assert images.image_problem(data_dir / 'query' / 'folder.jpg') == 'a folder, not an image file'
 
 
+@pytest.mark.slow
+def test_a_fifo_in_an_own_data_folder_is_reported_not_waited_on(tmp_path):
+    from conftest import TINY
+    from reidkit.data.demo import make_identity_folders
+    crops = make_identity_folders(tmp_path / 'crops', num_ids=6, seed=1)
+    fifo = sorted(crops.glob('*/*/*.jpg'))[0].with_name('99.jpg')
+    os.mkfifo(fifo)                 # open() on it would block until a writer comes: forever
+    flags = [f'--{key}={value!r}' for key, value in TINY.items()]
+    code, err = _cli('train', *flags, f'--SOURCES={crops}', f'--TARGETS={crops}',
+                     f'--EXPERIMENTS_DIR={tmp_path}/exp', timeout=120)   # against a hang only
+    assert code == 2, err[-2000:]
+    assert err.startswith(f'error: SOURCES: "{fifo}" is not a regular file (a FIFO, socket or '
+                          f'device). Delete it'), err[-2000:]
+
+
+def test_own_data_images_are_checked_in_every_format_it_reads(tmp_path, tiny_settings, capsys):
+    from reidkit.data.demo import make_identity_folders
+    crops = make_identity_folders(tmp_path / 'crops', num_ids=6, seed=1)
+    jpgs = sorted(crops.glob('*/*/*.jpg'))
+    for image, suffix in zip(jpgs, ('.webp', '.tif', '.tiff', '.png', '.bmp')):
+        Image.open(image).save(image.with_suffix(suffix))
+        image.unlink()
+    rows = ['path,pid,camid'] + [f'{p.relative_to(crops)},{p.parts[-3]},{p.parts[-2]}'
+                                 for p in sorted(crops.glob('*/*/*.*'))]
+    (crops / 'people.csv').write_text('\n'.join(rows) + '\n')
+    for data in (crops, crops / 'people.csv'):
+        s = tiny_settings.replace(SOURCES=str(data), TARGETS=str(data))
+        checks.check_before_run(s, training=True)
+        assert f'Checked {len(rows) - 1} images' in capsys.readouterr().out
+    victim = jpgs[-1]
+    victim.write_bytes(victim.read_bytes()[:200])
+    for data in (crops, crops / 'people.csv'):
+        with pytest.raises(UserError, match=f'^TARGETS: "{victim}" is a truncated JPEG'):
+            checks.check_before_run(tiny_settings.replace(TARGETS=str(data)), training=False)
+
+
 def _write_16_bit_pngs(folder):
     """{name: (path, the 8-bit RGB pixels it should read as)} for 16-bit PNGs of each kind."""
     grey = (np.arange(24, dtype=np.uint16).reshape(4, 6) * 2801 + 13)      # 13 .. 64436

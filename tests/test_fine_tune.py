@@ -114,6 +114,8 @@ def test_init_weights_and_resume_together_are_an_error(tmp_path, capsys):
     (["--OPEN_LAYERS=['classifer']"], "resnet50 has no layer named 'classifer' (did you mean "
                                        "'classifier'?)"),
     (['--OPEN_LAYERS=[]'], 'no layer is named, so nothing would train'),
+    (["--OPEN_LAYERS=['global_avgpool']"], "'global_avgpool' has no weights, so nothing would "
+                                           "train"),
     (['--MODEL_NAME=hacnn'], "hacnn has no layer named 'classifier' (did you mean "
                              "'classifier_local'?)"),
 ])
@@ -127,6 +129,25 @@ def test_open_layers_that_name_no_layer_are_one_paragraph(tmp_path, capsys, flag
 
 def test_a_negative_fixbase_epoch_is_an_error(tmp_path, capsys):
     assert 'FIXBASE_EPOCH=-1 must be 0' in errors_of(tmp_path, capsys, '--FIXBASE_EPOCH=-1')
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf')], ids=['nan', 'inf'])
+@pytest.mark.parametrize('mode, setting', [('train', 'INIT_WEIGHTS'), ('train', 'RESUME'),
+                                           ('test', 'WEIGHTS')])
+def test_a_checkpoint_with_nan_or_infinite_weights_is_refused_before_any_work(
+        tmp_path, capsys, mode, setting, value):
+    model = built()
+    with torch.no_grad():
+        model.layer2[0].conv1.weight[0, 0, 0, 0] = value     # as a run that diverged saves it
+    path = zoo_file(tmp_path / 'diverged.pth', model, epoch=3)
+    experiments = tmp_path / 'experiments'
+    assert main.main([mode, f'--{setting}={path}', f'--MODEL_NAME={MODEL}',
+                      f'--EXPERIMENTS_DIR={experiments}', '--DATA_ROOT=/nonexistent']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {setting}: "{path}" holds NaN or infinite values (first: '
+                          f"'module.layer2.0.conv1.weight')"), err
+    assert 'LR' not in err and len(err.strip().splitlines()) == 1
+    assert not experiments.exists()         # before the data checks and the run folder
 
 
 # --- freezing, on every training path -------------------------------------------------------

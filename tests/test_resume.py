@@ -135,3 +135,34 @@ def test_the_printed_hint_resumes_a_demo_run_as_it_was(tmp_path):
     assert json.loads((run_dir / 'settings.json').read_text()) == recorded
     saved = load_checkpoint(run_dir / 'model' / 'model.pth.tar-2')['settings']
     assert saved['HEIGHT'] == 32 and saved['WORKERS'] == 0 and saved['BATCH_SIZE_TEST'] == 200
+
+
+def test_resuming_on_own_data_that_changed_rewrites_nothing_of_the_run(tmp_path):
+    """The run's settings.json and split.json record what it trained on: a resume that fails
+    (here: an identity removed since, so the classifier no longer fits) leaves them as they
+    were, and every checkpoint."""
+    import hashlib
+    import json
+    import shutil
+    from conftest import TINY
+    from reidkit.data.demo import make_identity_folders
+    from reidkit.run.errors import UserError
+    crops = make_identity_folders(tmp_path / 'crops', num_ids=12, seed=1)
+    s = main.load_settings(dict(TINY, SOURCES=str(crops), TARGETS=str(crops), EVAL_FREQ=-1,
+                                EXPERIMENTS_DIR=str(tmp_path / 'experiments')))
+    run_dir = main.train(s)
+    fingerprint = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()   # noqa: E731
+                           for p in sorted(run_dir.rglob('*')) if p.is_file()
+                           and p.name != 'log.txt'}
+    before = fingerprint()
+    assert {'settings.json', 'split.json', 'model.pth.tar-1'} <= set(before)
+    (split,) = json.loads((run_dir / 'split.json').read_text())
+    trained_on = sorted({row[2] for row in split['train']})
+    shutil.rmtree(crops / trained_on[0])                    # one identity fewer to train on
+    with pytest.raises(UserError, match=r'RESUME: ".*model.pth.tar-1" does not fit the '
+                                        r'training data: its classifier has \d+ identities and '
+                                        r'SOURCES now has \d+, so the data changed'):
+        main.train(main.load_settings({'RESUME': str(run_dir / 'model' / 'model.pth.tar-1'),
+                                       'MAX_EPOCH': 2, 'EXPERIMENTS_DIR': s.EXPERIMENTS_DIR}))
+    assert fingerprint() == before
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]   # continued there

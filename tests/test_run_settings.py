@@ -213,3 +213,24 @@ def test_resume_resolution_returns_its_notes_and_finds_the_run_folder(tmp_path, 
     assert folder.parent == experiments and folder != model_dir.parent
     assert notes[:-1] == earlier.notes and 'continues in a new one' in notes[-1]
     assert capsys.readouterr().out == ''            # notes go to the log, with the run folder
+
+
+def test_an_older_checkpoint_than_latest_continues_in_a_new_run_folder(tmp_path):
+    """latest.pth.tar (written every LATEST_EVERY epochs) may be further on than every
+    numbered checkpoint: resuming from one of those would overwrite it in the same folder."""
+    from reidkit.run.folders import resume_checkpoint, training_run_dir
+    experiments = tmp_path / 'experiments'
+    run = main.load_settings({'MAX_EPOCH': 5, 'EXPERIMENTS_DIR': str(experiments)})
+    model_dir = experiments / '20250101-000000-run' / 'model'
+    for name, epoch in (('model.pth.tar-1', 1), (LATEST_NAME, 3)):
+        save_checkpoint({'state_dict': {'w': torch.ones(1)}, 'epoch': epoch,
+                         'settings': run.record()}, model_dir / name)
+    earlier = resume_checkpoint(run.replace(RESUME=str(model_dir / 'model.pth.tar-1')))
+    folder, notes = training_run_dir(earlier.settings, earlier)
+    assert folder.parent == experiments and folder != model_dir.parent
+    assert 'continues in a new one' in notes[-1]
+    latest = resume_checkpoint(run.replace(RESUME=str(model_dir / LATEST_NAME)))
+    assert training_run_dir(latest.settings, latest)[0] == model_dir.parent
+    # a latest.pth.tar that cannot be read may be further on: never overwritten either
+    (model_dir / LATEST_NAME).write_bytes(b'torn')
+    assert training_run_dir(earlier.settings, earlier)[0] != model_dir.parent

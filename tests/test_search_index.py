@@ -226,7 +226,7 @@ def test_non_finite_features_never_give_a_ranking(tmp_path):
 def test_search_settings_are_checked():
     import main
     from reidkit.run.errors import UserError
-    s = main.load_settings()
+    s = main.load_settings({'QUERY': 'person.jpg', 'GALLERY': 'folder'})
     checks.check_search_switches(s)
     with pytest.raises(UserError, match=r"SEARCH_INDEX='hnsw': valid choices are 'ivfpq'"):
         checks.check_search_switches(s.replace(SEARCH_INDEX='hnsw'))
@@ -238,3 +238,15 @@ def test_search_settings_are_checked():
     # search checks them before anything else (no query or gallery needed to find out)
     with pytest.raises(UserError, match='SEARCH_NPROBE=0 must be greater than 0'):
         main.search(s.replace(SEARCH_NPROBE=0, QUERY='', GALLERY=''))
+
+
+@pytest.mark.parametrize('inputs', [[], ['--QUERY=person.jpg'], ['--GALLERY=folder']])
+def test_train_then_search_without_query_and_gallery_stops_before_training(tmp_path, capsys,
+                                                                           inputs):
+    import main
+    experiments = tmp_path / 'experiments'
+    assert main.main(['train', 'search', f'--EXPERIMENTS_DIR={experiments}',
+                      '--DATA_ROOT=/nonexistent', *inputs]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: search needs --QUERY=') and len(err.strip().splitlines()) == 1
+    assert not experiments.exists()         # no run folder: nothing was trained

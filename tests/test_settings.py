@@ -152,3 +152,15 @@ def test_command_line_modes_and_help(capsys):
     assert "unknown mode 'trian'" in capsys.readouterr().err
     assert main.main(['--MAX_EPOCHS=2']) == 2
     assert 'Did you mean MAX_EPOCH' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flag', ['--SOURCES=~nosuchuser/crops', '--EXPERIMENTS_DIR=~nosuchuser/x',
+                                  '--WEIGHTS=~nosuchuser/a.pth',
+                                  "--TARGETS=['market1501', '~nosuchuser/crops']"])
+def test_a_home_folder_of_an_unknown_user_names_the_setting(flag, capsys):
+    key = flag[2:].partition('=')[0]
+    with pytest.raises(UserError, match=f'^{key}: "~nosuchuser/.*" starts with ~nosuchuser, '
+                                        f'but there is no user "nosuchuser"'):
+        main.load_settings(parse_override_args([flag]))
+    assert main.main(['test', flag]) == 2
+    assert capsys.readouterr().err.startswith(f'error: {key}: ')

@@ -194,3 +194,19 @@ def test_a_fifo_is_never_read(tmp_path):
     empty.write_bytes(b'')
     record = TrainingFiles.of_files([empty])          # size 0, as a FIFO's
     assert record.leaks([tmp_path / 'b.jpg']) == []
+
+
+@pytest.mark.slow
+def test_a_resume_on_training_data_with_new_images_is_refused_and_rewrites_nothing(tmp_path):
+    crops = _people(tmp_path / 'crops', [f'p{i:02d}' for i in range(8)])
+    s = _settings(tmp_path, SOURCES=str(crops), TARGETS=str(crops))
+    run_dir = main.train(s)
+    records = {name: (run_dir / name).read_bytes()
+               for name in ('settings.json', 'split.json', RECORD_FILE)}
+    trained = json.loads((run_dir / 'split.json').read_text())[0]['train'][0][0]
+    _noise_image(crops / Path(trained).parent / 'new.jpg', 12345)   # same people, one image more
+    with pytest.raises(UserError, match=r'RESUME: 1 training image\(s\) of SOURCES are not among '
+                                        r'those .* was trained on \(e.g. "[^"]*new\.jpg"\)'):
+        main.train(_settings(tmp_path, RESUME=str(main.newest_checkpoint(run_dir)),
+                             MAX_EPOCH=2))
+    assert {name: (run_dir / name).read_bytes() for name in records} == records

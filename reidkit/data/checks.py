@@ -13,7 +13,7 @@ import torch
 
 from reidkit.data import market
 from reidkit.data.images import MAX_STRIP_MATCHES, image_problem
-from reidkit.data.own_data import OwnData, check_own_data, missing_split
+from reidkit.data.own_data import SPLITS as OWN_SPLITS, OwnData, check_own_data, missing_split
 from reidkit.run.errors import UserError
 from reidkit.run.settings import SWITCH_CHOICES, Settings, dataset_list, is_own_data
 
@@ -148,7 +148,7 @@ class SplitLabels:
     """One dataset of SOURCES/TARGETS as its loader will read it: (person id, camera id) of
     every image per split, junk (pid -1) left out. `name`: as SOURCES/TARGETS give it;
     `where`: where the labels were read, for messages; `checked`: images whose files were
-    checked, per split folder (Market-1501's layout only)."""
+    checked, per split (folder)."""
     name: str
     train: list
     query: list
@@ -170,22 +170,30 @@ def own_labels(data: OwnData) -> SplitLabels:
     """The labels of an own dataset's split (reidkit.data.own_data), as its loader reads them."""
     pairs = lambda items: [(pid, camid) for _, pid, camid in items]     # noqa: E731
     return SplitLabels(data.path, pairs(data.train), pairs(data.query), pairs(data.gallery),
-                       f'"{data.path}"')
+                       f'"{data.path}"',
+                       {split: len(getattr(data, split)) for split in OWN_SPLITS})
 
 
 def loader_labels(s: Settings, name: str) -> SplitLabels:
     """The labels of a Torchreid dataset, read by Torchreid's own loader for it (the file
-    lists only: no image is decoded), as ImageDataManager will read them."""
+    lists only: no image is decoded), as ImageDataManager will read them, its image files
+    checked (`check_image_files`)."""
     dataset = torchreid_datasets()[name](root=str(Path(s.DATA_ROOT).expanduser()),
                                          verbose=False)
+    splits = {split: getattr(dataset, split) for split in ('train', 'query', 'gallery')}
+    check_image_files((item[0] for items in splits.values() for item in items), 'DATA_ROOT',
+                      '(re-extract the dataset)')
     pairs = lambda items: [(item[1], item[2]) for item in items]       # noqa: E731
-    return SplitLabels(name, pairs(dataset.train), pairs(dataset.query), pairs(dataset.gallery),
-                       'as its loader reads it')
+    return SplitLabels(name, *(pairs(items) for items in splits.values()),
+                       'as its loader reads it',
+                       {split: len(items) for split, items in splits.items()})
 
 
 def check_dataset(s: Settings, training: bool = True) -> dict[str, SplitLabels | None]:
     """Every dataset exists (Torchreid would otherwise try to download it, from a dead URL for
-    Market-1501) and, for Market-1501's layout, every split has parseable, readable images.
+    Market-1501) and, for Market-1501's layout, every split has parseable names. Every image
+    of own data (folders and CSV rows) and of Market-1501 is checked (`check_image_files`);
+    Torchreid's other datasets are, by `loader_labels`.
     Own data is parsed and split here (bad data fails before any work), and a source must
     have training images, a target queries. Without `training` (test, visrank: the data is
     TARGETS alone) SOURCES is not looked at. Returns the labels of each dataset checked:
@@ -199,6 +207,8 @@ def check_dataset(s: Settings, training: bool = True) -> dict[str, SplitLabels |
             if name in dataset_list(s.TARGETS) and not data.query:
                 raise missing_split(data, 'query', 'TARGETS')
             found[name] = own_labels(data)
+            check_image_files((item[0] for split in OWN_SPLITS for item in getattr(data, split)),
+                              'SOURCES' if name in sources else 'TARGETS')
             continue
         folder = dataset_dir(root, name)
         if not folder.is_dir() or not any(folder.iterdir()):
@@ -223,7 +233,8 @@ def market_labels(folder: Path) -> SplitLabels:
     labels = {split: market.name_labels(p.name for p in named[split_folder])
               for split, split_folder in market.SPLIT_FOLDERS.items()}
     return SplitLabels('market1501', labels['train'], labels['query'], labels['gallery'],
-                       f'"{data_dir}"', {split: len(paths) for split, paths in named.items()})
+                       f'"{data_dir}"', {split: len(named[split_folder])
+                                         for split, split_folder in market.SPLIT_FOLDERS.items()})
 
 
 def check_market_layout(folder: Path) -> dict[str, list[Path]]:
@@ -253,15 +264,21 @@ def check_market_layout(folder: Path) -> dict[str, list[Path]]:
                 + '. Check that the dataset was unzipped completely into this folder.'
             )
         check_market_names(data_dir, named)
-        for path in named:
-            problem = image_problem(path)
-            if problem:
-                raise UserError(
-                    f'DATA_ROOT: "{path}" is {problem}. Delete it or replace it with a good copy '
-                    f'(re-extract the dataset), then run again.'
-                )
+        check_image_files(named, 'DATA_ROOT', '(re-extract the dataset)')
         checked[split] = named
     return checked
+
+
+def check_image_files(paths, setting: str, where: str = '') -> None:
+    """Each file of `paths` is a whole image that can be read without blocking
+    (`images.image_problem`: a FIFO named like an image would hang the loader); UserError
+    naming `setting` and the first bad file. `where`: where a good copy comes from."""
+    for path in paths:
+        problem = image_problem(Path(path))
+        if problem:
+            raise UserError(
+                f'{setting}: "{path}" is {problem}. Delete it or replace it with a good copy'
+                + (f' {where}' if where else '') + ', then run again.')
 
 
 def check_market_names(data_dir: Path, named: list[Path]) -> None:
@@ -444,7 +461,8 @@ SEARCH_INDEX_KINDS = ('ivfpq',)      # the indexes search can keep (reidkit.sear
 def check_search_switches(s: Settings) -> None:
     """Evaluation switches that search cannot apply are refused, never silently ignored:
     search ranks by plain feature distances (FLIP_TEST applies; re-ranking does not). Then
-    the search settings make sense (before any model is loaded)."""
+    the search settings make sense and QUERY and GALLERY are given (before any model is
+    loaded, and before a training that `train search` runs first)."""
     if s.RERANK:
         raise UserError(
             'RERANK=True: search does not re-rank; its distances and order are plain feature '
@@ -463,6 +481,9 @@ def check_search_switches(s: Settings) -> None:
         raise UserError(f'SEARCH_EXACT_UP_TO={s.SEARCH_EXACT_UP_TO!r} must be 0 (always use the '
                         f'index) or a number of gallery images up to which search is exact. Fix '
                         f'it in config.py or with --SEARCH_EXACT_UP_TO=...')
+    if not s.QUERY or not s.GALLERY:
+        raise UserError('search needs --QUERY=path/to/person.jpg (or a folder of queries) '
+                        'and --GALLERY=path/to/folder (searched recursively for images).')
 
 
 def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> None:
@@ -474,16 +495,18 @@ def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> No
     check_names(s)
     check_numbers(s, training)
     found = check_dataset(s, training)
-    labels = lambda name: found[name] or loader_labels(s, name)     # noqa: E731
+    labels = {name: found[name] or loader_labels(s, name) for name in found}
     if training:
-        check_training_split(s, [labels(name) for name in dataset_list(s.SOURCES)])
+        check_training_split(s, [labels[name] for name in dataset_list(s.SOURCES)])
     for name in dict.fromkeys(dataset_list(s.TARGETS)):
-        check_test_split(labels(name))
+        check_test_split(labels[name])
     check_output_folder(Path(s.EXPERIMENTS_DIR))
     if training and pretrained:
         check_pretrained(s)
-    checked = {split: count for data in found.values() if data
-               for split, count in data.checked.items()}
+    checked = {}
+    for data in labels.values():
+        for split, count in data.checked.items():
+            checked[split] = checked.get(split, 0) + count
     if checked:
         print(f'Checked {sum(checked.values())} images in {time.time() - started:.1f}s '
               f'({", ".join(f"{k}: {v}" for k, v in checked.items())}).')

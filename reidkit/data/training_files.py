@@ -262,6 +262,24 @@ def leak_error(found: list[Leak], target: str, whose: str) -> UserError:
         f'test on other data; nothing was run.')
 
 
+def check_resumed_files(record: TrainingFiles, saved: dict, checkpoint: Path) -> None:
+    """RESUME: every training file of SOURCES now (`record`) is one the checkpoint (`saved`)
+    was trained on; UserError naming the first new one otherwise (the data changed: resuming
+    would train on other images than the run records). Nothing to compare without a record."""
+    carried = TrainingFiles.from_checkpoint(saved)
+    if carried is None:
+        return
+    known = {n for n, _ in _lookup(carried.hashes, record.hashes)}
+    new = [n for n in range(len(record)) if n not in known]
+    if new:
+        raise UserError(
+            f'RESUME: {len(new)} training image(s) of SOURCES are not among those "{checkpoint}" '
+            f'was trained on (e.g. "{record.paths[new[0]]}"): the training data changed since '
+            f'that run started, and a resumed run continues on the data it records. Restore '
+            f'the data as it was, or start a new run from this checkpoint with '
+            f'--INIT_WEIGHTS={checkpoint} instead of --RESUME.')
+
+
 def checkpoint_record(saved: dict, checkpoint: Path) -> TrainingFiles | None:
     """What the checkpoint was trained on: its own record, with the full record of the run
     folder it lies in (<run>/model/<file>) for the files' names; None when it carries none."""

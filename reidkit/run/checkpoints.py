@@ -63,7 +63,7 @@ def save_checkpoint(state: dict, path: Path) -> Path:
 
 def load_checkpoint(path: Path, setting: str = 'WEIGHTS') -> dict:
     """A checkpoint's contents on the CPU, loaded safely; UserError (naming `setting`) if it
-    is not one."""
+    is not one or its weights are not all finite (`check_finite_weights`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
@@ -97,7 +97,22 @@ def load_checkpoint(path: Path, setting: str = 'WEIGHTS') -> dict:
             f'{setting}: "{path}" loads, but holds no model weights (no "state_dict"). '
             f'Pass a checkpoint written by training.'
         )
+    check_finite_weights(checkpoint['state_dict'], path, setting)
     return checkpoint
+
+
+def check_finite_weights(state_dict: dict, path: Path, setting: str) -> None:
+    """Every floating-point tensor of `state_dict` (read from `path`, given as `setting`) is
+    finite: a model with NaN or infinite weights scores nothing and trains nothing (its loss is
+    NaN from the first step). UserError naming the first bad tensor."""
+    bad = next((key for key, value in state_dict.items() if isinstance(value, torch.Tensor)
+                and value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if bad is not None:
+        raise UserError(
+            f'{setting}: "{path}" holds NaN or infinite values (first: {bad!r}): it was saved '
+            f'from a model whose training diverged, or the file is damaged, and no result '
+            f'computed with it would mean anything. Pick an earlier checkpoint of the run or '
+            f'another file.')
 
 
 def _an_onnx_model(path: Path, setting: str) -> UserError:
@@ -210,7 +225,9 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
 
 def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, scheduler) -> int:
     """Restores model, optimiser and scheduler from a checkpoint (read from `path`); returns
-    its epoch."""
+    its epoch. UserError, before anything is restored, for a checkpoint without training
+    state, of another optimiser, or whose classifier counts other identities than `model`'s
+    (the training data changed); after, for any other mismatch."""
     for key in ('epoch', 'optimizer', 'scheduler'):
         if checkpoint.get(key) is None:
             raise UserError(f'RESUME: "{path}" has no {key} state, so training cannot continue '
@@ -224,15 +241,28 @@ def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, s
             f'RESUME: "{path}" holds the state of another optimiser than {type(optimizer).__name__} '
             f'(its settings: {", ".join(sorted(saved_group))}). Resume with the OPTIM the '
             f'run was started with.')
+    model_name = str(checkpoint.get('model_name', ''))
+    classes = [checkpoint_classes(state, model_name) for state in
+               (checkpoint, {'state_dict': unwrap(model).state_dict()})]
+    if None not in classes and classes[0] != classes[1]:
+        raise UserError(
+            f'RESUME: "{path}" does not fit the training data: its classifier has {classes[0]} '
+            f'identities and SOURCES now has {classes[1]}, so the data changed since the run '
+            f'trained on it (identities added or removed). Restore the data as it was (an own '
+            f'folder\'s split.json in the run folder lists every image), or start a new run '
+            f'from this checkpoint: --INIT_WEIGHTS={path} instead of --RESUME.')
     try:
         unwrap(model).load_state_dict(without_module_prefix(checkpoint['state_dict']))
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
     except (RuntimeError, ValueError, KeyError) as error:
+        # PyTorch's first line is a header ("Error(s) in loading ..."): name the first mismatch
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[min(1, len(lines) - 1)].rstrip('.') if lines else type(error).__name__
         raise UserError(
             f'RESUME: "{path}" does not fit this configuration (saved from '
-            f'{checkpoint.get("model_name", "another setup")}): {str(error).splitlines()[0]}. '
-            f'Resume with the settings the run was started with.'
+            f'{checkpoint.get("model_name", "another setup")}): {detail}. Resume with the '
+            f'settings the run was started with.'
         ) from None
     return int(checkpoint['epoch'])
 

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 from reidkit.run.atomic import write_atomically
-from reidkit.run.checkpoints import (CHECKPOINT_PREFIX, check_checkpoint_fits, checkpoint_epoch,
-                                     load_checkpoint)
+from reidkit.run.checkpoints import (CHECKPOINT_PREFIX, LATEST_NAME, check_checkpoint_fits,
+                                     checkpoint_epoch, load_checkpoint)
 from reidkit.run.errors import UserError
 from reidkit.run.settings import (Settings, bounded, dataset_list, display_name,
                                   settings_to_evaluate, settings_to_resume)
@@ -52,10 +53,20 @@ def run_to_continue(checkpoint: Path, experiments_dir: Path, epoch: int) -> Path
 
 
 def later_checkpoints(run_dir: Path, epoch: int) -> list[Path]:
-    """Numbered checkpoints of a run after `epoch`: resuming from `epoch` there would
-    overwrite them, so such a resume continues as a new run."""
+    """Checkpoints of a run after `epoch`: numbered ones by their name, the rolling
+    latest.pth.tar by the epoch it holds (one that cannot be read counts as later). Resuming
+    from `epoch` there would overwrite them, so such a resume continues as a new run."""
     return sorted(p for p in Path(run_dir).glob(f'*/{CHECKPOINT_PREFIX}*')
-                  if checkpoint_epoch(p) > epoch)
+                  if checkpoint_epoch(p) > epoch) + sorted(
+        p for p in Path(run_dir).glob(f'*/{LATEST_NAME}') if _saved_epoch(p) > epoch)
+
+
+def _saved_epoch(path: Path) -> float:
+    """The epoch a checkpoint holds; infinity when it cannot be read (it may be further on)."""
+    try:
+        return int(load_checkpoint(path, 'RESUME').get('epoch') or 0)
+    except (UserError, TypeError, ValueError):
+        return math.inf
 
 
 def write_settings(run_dir: Path, s: Settings) -> Path:

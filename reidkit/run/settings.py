@@ -69,9 +69,25 @@ def dataset_list(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def absolute(value):
-    """An own-data value as an absolute path ('~' expanded); other values unchanged."""
-    return str(Path(value).expanduser().resolve()) if is_own_data(value) else value
+def absolute(value, setting: str = 'SOURCES/TARGETS'):
+    """An own-data value as an absolute path ('~' expanded); other values unchanged.
+    UserError (naming `setting`) for a '~user' that does not exist."""
+    return str(Path(home_expanded(value, setting)).resolve()) if is_own_data(value) else value
+
+
+def home_expanded(value: str, setting: str) -> str:
+    """A path with a leading '~' or '~user' replaced by that home folder; UserError naming
+    `setting` when it cannot be (no such user, or no HOME)."""
+    try:
+        return str(Path(value).expanduser())
+    except RuntimeError:        # pathlib's "Could not determine home directory."
+        user = value[1:].split('/', 1)[0].split('\\', 1)[0]
+        raise UserError(
+            f'{setting}: "{value}" starts with ~{user}, but '
+            + (f'there is no user "{user}" on this machine' if user else
+               'the home folder is not known here (HOME is not set)')
+            + f', so the path cannot be found. Write the path out in full, e.g. '
+            f'--{setting.split("/")[0]}=/home/<name>/...') from None
 
 
 # The most bytes of a display name: 'visrank_<name>' and run folder names stay well within
@@ -174,7 +190,7 @@ def resolve(config: ModuleType, overrides: Mapping[str, Any] | None = None,
     values = apply_overrides(values, overrides or {})
     for key in PATH_SETTINGS:        # '~/x' means the home folder everywhere it is used
         if isinstance(values[key], str) and values[key].startswith('~'):
-            values[key] = str(Path(values[key]).expanduser())
+            values[key] = home_expanded(values[key], key)
     for key in DATASET_LISTS:        # own data: one absolute path, whatever the current folder
         values[key] = _absolute_datasets(key, values[key])
     return Settings(values, given=overrides or {})
@@ -195,12 +211,12 @@ def _absolute_datasets(key: str, value: Any) -> Any:
     unchanged). UserError for a dataset given twice (the same folder however written: a
     trailing '/', a link, '..'), which Torchreid would train on or test twice."""
     if isinstance(value, str):
-        return absolute(value)
+        return absolute(value, key)
     if not isinstance(value, list):
         return value
     seen = {}
     for given in value:
-        place = _dataset_place(given)
+        place = _dataset_place(given, key)
         if place in seen:
             raise UserError(
                 f'{key}: {seen[place]!r} and {given!r} are the same dataset given twice, so '
@@ -208,15 +224,15 @@ def _absolute_datasets(key: str, value: Any) -> Any:
                    else 'it would be tested twice, in two reports')
                 + f'. Give each dataset once in {key} (config.py or --{key}=...).')
         seen[place] = given
-    return [absolute(v) for v in value]
+    return [absolute(v, key) for v in value]
 
 
-def _dataset_place(value) -> Any:
+def _dataset_place(value, key: str) -> Any:
     """What a SOURCES/TARGETS value points at: a Torchreid name itself; own data, its folder
     or file (device and inode where it exists, else its absolute path)."""
     if not is_own_data(value):
         return value
-    path = absolute(value)
+    path = absolute(value, key)
     try:
         found = os.stat(path)
     except OSError:

@@ -37,15 +37,13 @@ SEARCH_LOG = 'log.txt'             # what the search printed
 
 
 def run_search(s: Settings, weights: Path | None = None) -> Path:
-    """`python main.py search` (after main's checks of the settings): ranks GALLERY for each
+    """`python main.py search` (after main's checks of the settings, checks.
+    check_search_switches: QUERY and GALLERY are given): ranks GALLERY for each
     image in QUERY with a checkpoint (`weights`, WEIGHTS or the newest run's) or an exported
     .onnx file; returns the new output folder, whose log.txt holds what was printed (the
     model, the gallery, the ranking). UserError for missing or unreadable queries or gallery,
     a checkpoint that does not fit the settings, a diverged model or a full disk."""
     with log_once_there_is_a_folder() as start_log:
-        if not s.QUERY or not s.GALLERY:
-            raise UserError('search needs --QUERY=path/to/person.jpg (or a folder of queries) '
-                            'and --GALLERY=path/to/folder (searched recursively for images).')
         queries = query_images(Path(s.QUERY))
         if not Path(s.GALLERY).is_dir():
             raise UserError(f'GALLERY: "{s.GALLERY}" is not a folder. Point --GALLERY at the '

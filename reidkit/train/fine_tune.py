@@ -32,8 +32,8 @@ from reidkit.run.settings import Settings
 def check_fine_tune(s: Settings) -> None:
     """The fine-tuning settings of a training command, before any work: INIT_WEIGHTS and RESUME
     are not given together on the command line; FIXBASE_EPOCH >= 0; with FIXBASE_EPOCH > 0,
-    OPEN_LAYERS names one or more layers of MODEL_NAME. A resumed run keeps the values it
-    recorded (checked when it started). Raises UserError."""
+    OPEN_LAYERS names one or more layers of MODEL_NAME, one of them with weights. A resumed run
+    keeps the values it recorded (checked when it started). Raises UserError."""
     if s.RESUME and s.INIT_WEIGHTS and 'INIT_WEIGHTS' in s.given:
         raise UserError(
             f'INIT_WEIGHTS={s.INIT_WEIGHTS!r} and RESUME={s.RESUME!r} were given together. '
@@ -51,14 +51,17 @@ def check_fine_tune(s: Settings) -> None:
 
 def _check_open_layers(s: Settings) -> None:
     """OPEN_LAYERS: a non-empty list of names of MODEL_NAME's layers (its attributes that are
-    modules, as Torchreid's `open_specified_layers` looks them up)."""
+    modules, as Torchreid's `open_specified_layers` looks them up), not all without weights."""
     model = meta_model(s.MODEL_NAME)
     if model is None:
         return                  # an unknown MODEL_NAME: the name checks say so
     layers = [name for name, _ in model.named_children()]
     names = s.OPEN_LAYERS
     wrong = [name for name in names if not isinstance(name, str) or name not in layers]
-    if names and not wrong:
+    # a pooling or activation layer has nothing to train: the first epochs would fail
+    weightless = [name for name in names if name in layers
+                  and next(getattr(model, name).parameters(), None) is None]
+    if names and not wrong and len(weightless) < len(names):
         return
     near = [match for name in wrong if isinstance(name, str)
             for match in difflib.get_close_matches(name, layers, n=1)]
@@ -68,7 +71,9 @@ def _check_open_layers(s: Settings) -> None:
         f'OPEN_LAYERS={names!r}: '
         + (f'{s.MODEL_NAME} has no layer named {", ".join(map(repr, wrong))}'
            + (f' (did you mean {" or ".join(map(repr, near))}?)' if near else '')
-           if wrong else 'no layer is named, so nothing would train')
+           if wrong else f'{", ".join(map(repr, weightless))} '
+           f'{"has" if len(weightless) == 1 else "have"} no weights, so nothing would train'
+           if names else 'no layer is named, so nothing would train')
         + f'. With FIXBASE_EPOCH={s.FIXBASE_EPOCH}, the first epochs train only these layers '
         f'of the model and keep the others frozen. {s.MODEL_NAME}\'s layers are: '
         f'{", ".join(layers)}. E.g. --OPEN_LAYERS="{heads or layers[-1:]}" (its classifier), or '
