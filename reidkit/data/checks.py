@@ -174,13 +174,19 @@ def own_labels(data: OwnData) -> SplitLabels:
                        {split: len(getattr(data, split)) for split in OWN_SPLITS})
 
 
+def torchreid_items(s: Settings, name: str) -> dict[str, list]:
+    """{'train', 'query', 'gallery': the items (path, pid, camid, ...) of Torchreid's dataset
+    `name` under DATA_ROOT}, read by its own loader (file lists only: nothing is decoded)."""
+    dataset = torchreid_datasets()[name](root=str(Path(s.DATA_ROOT).expanduser()),
+                                         verbose=False)
+    return {split: getattr(dataset, split) for split in ('train', 'query', 'gallery')}
+
+
 def loader_labels(s: Settings, name: str) -> SplitLabels:
     """The labels of a Torchreid dataset, read by Torchreid's own loader for it (the file
     lists only: no image is decoded), as ImageDataManager will read them, its image files
     checked (`check_image_files`)."""
-    dataset = torchreid_datasets()[name](root=str(Path(s.DATA_ROOT).expanduser()),
-                                         verbose=False)
-    splits = {split: getattr(dataset, split) for split in ('train', 'query', 'gallery')}
+    splits = torchreid_items(s, name)
     check_image_files((item[0] for items in splits.values() for item in items), 'DATA_ROOT',
                       '(re-extract the dataset)')
     pairs = lambda items: [(item[1], item[2]) for item in items]       # noqa: E731

@@ -221,10 +221,10 @@ def dataset_files(s, name: str, splits: Sequence[str]) -> list[str]:
     them (file lists only: nothing is decoded)."""
     if is_own_data(name):       # read now: a registration of this process may be older
         data = load(name, s.TEST_SHARE, s.SPLIT_SEED)
+        items = {split: getattr(data, split) for split in splits}
     else:
-        data = checks.torchreid_datasets()[name](root=str(Path(s.DATA_ROOT).expanduser()),
-                                                 verbose=False)
-    return [item[0] for split in splits for item in getattr(data, split)]
+        items = checks.torchreid_items(s, name)
+    return [item[0] for split in splits for item in items[split]]
 
 
 def test_files(s) -> dict[str, list[str]]:
