@@ -221,19 +221,21 @@ def _starting_point(s: Settings):
 
 def training_record(s: Settings, resumed: Resumed | None, init) -> TrainingFiles | None:
     """Rank 0: the record of every training file of SOURCES, with the starting checkpoint's
-    (RESUME's or INIT_WEIGHTS'), after checking that no file of TARGETS is one of them (every
-    evaluation during training would score it) and that a resumed run trains on no file its
-    checkpoint was not trained on. Other ranks: None (rank 0 saves checkpoints)."""
+    (RESUME's or INIT_WEIGHTS'), after checking that a resumed run trains on no file its
+    checkpoint was not trained on and that no file of TARGETS is in the record (every
+    evaluation during training would score it). Other ranks: None (rank 0 saves checkpoints)."""
     def record_and_check():
         started = time.time()
+        start = resumed or init
         record = record_sources(s)
-        check_targets(record, s, 'SOURCES (this run\'s training data)')
         if resumed:
             check_resumed_files(record, resumed.saved, resumed.path)
+        record = record.merged(TrainingFiles.from_checkpoint(start.saved) if start else None)
+        check_targets(record, s, 'SOURCES or the checkpoint this run starts from' if start
+                      else 'SOURCES (this run\'s training data)')
         print(f'Recorded {len(record)} training files (none is a test file of TARGETS) in '
               f'{time.time() - started:.1f}s.')
-        start = resumed or init
-        return record.merged(TrainingFiles.from_checkpoint(start.saved) if start else None)
+        return record
     found = []
     distributed.on_main(lambda: found.append(record_and_check()))
     return found[0] if found else None

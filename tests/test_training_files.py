@@ -56,7 +56,7 @@ def test_every_way_of_presenting_a_training_file_again_is_found(tmp_path):
                           fresh, same_size])
     assert [(Path(f.test).name, f.how, Path(f.training).name) for f in found] == [
         ('3.jpg', 'the same file as', '3.jpg'),
-        ('0.jpg', 'the same file as', '0.jpg'),           # the link, resolved
+        ('link.jpg', 'the same file as', '0.jpg'),        # a symbolic link
         ('hard.jpg', 'the same file (same inode) as', '1.jpg'),
         ('copy.jpg', 'byte-identical to', '2.jpg'),
     ]
@@ -210,3 +210,42 @@ def test_a_resume_on_training_data_with_new_images_is_refused_and_rewrites_nothi
         main.train(_settings(tmp_path, RESUME=str(main.newest_checkpoint(run_dir)),
                              MAX_EPOCH=2))
     assert {name: (run_dir / name).read_bytes() for name in records} == records
+
+
+def test_one_image_under_two_names_in_a_trained_and_a_tested_persons_folder(tmp_path):
+    """A symbolic or hard link in a test person's folder to a training person's image: refused
+    before training (the split puts the two people on two sides)."""
+    for link in (os.symlink, os.link):
+        crops = _people(tmp_path / link.__name__, [f'p{i:02d}' for i in range(10)])
+        data = training_files.load(str(crops))
+        trained, tested = data.train[0][0], data.gallery[0][0]
+        link(trained, Path(tested).with_name('linked.jpg'))
+        s = _settings(tmp_path, SOURCES=str(crops), TARGETS=str(crops))
+        with pytest.raises(UserError, match=r'training images of SOURCES.*linked\.jpg" is '):
+            main.train(s)
+        assert not (tmp_path / 'exp').exists() or not any((tmp_path / 'exp').iterdir())
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_run_never_evaluates_on_its_starting_checkpoints_training_files(tmp_path):
+    first = _people(tmp_path / 'first', [f'p{i:02d}' for i in range(8)])
+    second = _people(tmp_path / 'second', [f'q{i:02d}' for i in range(14)], seed=1)
+    run_dir = main.train(_settings(tmp_path, SOURCES=str(first), TARGETS=str(first)))
+    start = str(main.newest_checkpoint(run_dir))
+    # the first run's training images, listed as a target of the fine-tuning run
+    trained = [row[0] for row in json.loads((run_dir / 'split.json').read_text())[0]['train']]
+    (tmp_path / 'old.csv').write_text('path,pid,camid,split\n' + ''.join(
+        f'{first / path},{n // 2 + 1},{n % 2},{"query" if n % 2 == 0 else "gallery"}\n'
+        for n, path in enumerate(trained[:8])))
+    with pytest.raises(UserError, match=r'training images of SOURCES or the checkpoint this run '
+                                        r'starts from.*one of its training files'):
+        main.train(_settings(tmp_path, SOURCES=str(second), INIT_WEIGHTS=start,
+                             TARGETS=[str(second), str(tmp_path / 'old.csv')]))
+    # the fine-tuned checkpoint carries both runs' files: the first run's test split is fine,
+    # its training split is not
+    tuned = main.train(_settings(tmp_path, SOURCES=str(second), TARGETS=str(second),
+                                 INIT_WEIGHTS=start))
+    checkpoint = main.newest_checkpoint(tuned)
+    main.test(_settings(tmp_path, WEIGHTS=str(checkpoint), TARGETS=str(first)))
+    with pytest.raises(UserError, match='training images of the checkpoint'):
+        main.test(_settings(tmp_path, WEIGHTS=str(checkpoint), TARGETS=str(tmp_path / 'old.csv')))

@@ -167,10 +167,12 @@ class TrainingFiles:
 
     def leaks(self, files: Iterable[str | os.PathLike]) -> list[Leak]:
         """Every file of `files` that is one of this record's (see the module docstring), in
-        order: by path, by inode (with the same size), else by size and then bytes (hashed
-        only when a training file has its size). Vectorised: a million recorded files take
-        two sorted int64 arrays, no Python set of them."""
-        files = list(dict.fromkeys(os.path.realpath(f) for f in files))
+        order and named as given: by resolved path (a symbolic link), by inode with the same
+        size (a hard link, a moved file), else by size and then bytes (hashed only when a
+        training file has its size). Vectorised: a million recorded files take two sorted
+        int64 arrays, no Python set of them."""
+        listed = list(dict.fromkeys(str(f) for f in files))      # as the dataset names them
+        files = [os.path.realpath(f) for f in listed]
         stats = [os.stat(f) for f in files]
         sizes = np.array([st.st_size for st in stats], dtype=np.int64)
         how: list[tuple[str, int] | None] = [None] * len(files)    # (how, training index)
@@ -194,7 +196,7 @@ class TrainingFiles:
                 how[candidates[k]] = ('byte-identical to', i)
         named = lambda i: self.paths[i] if self.paths and i < len(self.paths) else None  # noqa
         return [Leak(file, found[0], named(found[1]))
-                for file, found in zip(files, how) if found is not None]
+                for file, found in zip(listed, how) if found is not None]
 
 
 def _inode_keys(inodes: np.ndarray) -> np.ndarray:
