@@ -802,3 +802,55 @@ def test_a_disk_that_fills_up_while_features_are_written_is_a_message(tmp_path):
         assert _search_folders(tmp_path / 'experiments') == set()
     finally:
         subprocess.run(['umount', str(cache)], check=True)
+
+
+# --- issue 27: a query that is itself in the gallery is not its own result -----------------
+
+def _results(folder: Path) -> list[tuple[str, float]]:
+    return [(row['path'], float(row['distance']))
+            for row in csv.DictReader(open(folder / 'results.csv'))]
+
+
+@pytest.mark.parametrize('exact', [True, False], ids=['exact', 'index'])
+def test_a_query_in_the_gallery_is_left_out_of_its_own_results(stand_in, tmp_path, capsys,
+                                                               exact):
+    paths = _noise_gallery(tmp_path / 'gallery', 20 if exact else 300)
+    s = stand_in.replace(SEARCH_EXACT_UP_TO=10 ** 6 if exact else 0)
+    queries = Path(s.QUERY)
+    queries.mkdir()
+    (queries / 'link.bmp').symlink_to(paths[3])          # a link to a gallery file
+    shutil.copy(paths[5], queries / 'copy.bmp')           # a copy: another file, still a match
+    _noise(999).save(queries / 'own.bmp')
+    (tmp_path / 'gallery' / 'link-to-own.bmp').symlink_to(queries / 'own.bmp')
+    out = main.search(s)
+    printed = capsys.readouterr().out
+    assert '2 queries were found in the gallery themselves and left out of their own ' \
+           'results' in printed
+    for query, own, listed in (('link.bmp', paths[3], 'g0003.bmp'),
+                               ('own.bmp', queries / 'own.bmp', 'link-to-own.bmp')):
+        found = _results(out / query)
+        assert len(found) == 10 and all(Path(p).resolve() != own.resolve() for p, _ in found)
+        assert found[0][1] > 1e-5                        # nothing at distance 0: itself is out
+        page = (out / query / 'index.html').read_text()
+        tiles = page.split('<figure>')[1:]              # the results (not the query's figure)
+        assert 'own file is in the gallery (as 1 image' in page
+        assert len(tiles) == 3 and not any(listed in tile for tile in tiles)
+    nearest, distance = _results(out / 'copy.bmp')[0]
+    assert nearest == str(paths[5].resolve()) and distance < 1e-5
+    assert 'own file' not in (out / 'copy.bmp' / 'index.html').read_text()
+
+    # QUERY a file inside GALLERY; every other image listed; the feature cache is untouched
+    single = s.replace(QUERY=str(paths[7]), SEARCH_CSV_ROWS=1000)
+    out = main.search(single) / paths[7].name
+    printed = capsys.readouterr().out
+    assert 'features from the cache' in printed
+    assert '1 query was found in the gallery itself and left out of its own results' in printed
+    found = _results(out)
+    gallery = len(paths) + 1
+    assert str(paths[7]) not in [p for p, _ in found] and found[0][1] > 1e-5
+    page = (out / 'index.html').read_text()
+    assert f'{gallery - 1:,} gallery images ranked; ' in page
+    if exact:                       # (the index lists what its probed lists hold)
+        assert len(found) == gallery - 1 and 'ranked; all of them' in page
+    manifest, _, _ = _cache_files(s)
+    assert str(paths[7]) in manifest.read_text() and str(paths[3]) in manifest.read_text()

@@ -44,7 +44,8 @@ def _on_disk(folder: Path, features: np.ndarray, name: str = 'features.npy') -> 
 def _gallery(features: np.ndarray, ids=None) -> gallery_cache.Gallery:
     ids = np.arange(len(features)) if ids is None else np.asarray(ids)
     return gallery_cache.Gallery([f'/g/{i}.jpg' for i in ids], [], features, cached=True,
-                                 ids=ids, files=gallery_cache.CacheFiles(Path('/g'), 'key'))
+                                 ids=ids, files=gallery_cache.CacheFiles(Path('/g'), 'key'),
+                                 inodes=np.zeros(len(ids), np.uint64))
 
 
 def _exact_top(queries, features, rows):

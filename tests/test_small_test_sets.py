@@ -235,3 +235,42 @@ def test_a_file_listed_as_query_and_as_gallery_is_not_its_own_match(
     assert duplicate['num_gallery'] == plain['num_gallery'] + 1
     assert (duplicate['rank1'], duplicate['mAP'], duplicate['cmc'][:len(plain['cmc'])]) == \
         (plain['rank1'], plain['mAP'], plain['cmc'])
+
+
+def _own_file_rows(tiny_data_root, people: int, with_other_image: int) -> list:
+    """CSV rows for `people` people: each one's query file also listed as gallery; the first
+    `with_other_image` of them also have another gallery image; two more people's gallery
+    images as distractors."""
+    market = market_data_dir(tiny_data_root)
+    pids = sorted(first_people(tiny_data_root, people + 2))
+    gallery = {pid: [p for p in sorted((market / 'bounding_box_test').glob('*.jpg'))
+                     if _pid_cam(p)[0] == pid] for pid in pids}
+    rows = []
+    for k, pid in enumerate(pids[:people]):
+        query = next(p for p in sorted((market / 'query').glob('*.jpg')) if _pid_cam(p)[0] == pid)
+        rows += [(query, pid, 'query'), (query, pid, 'gallery')]
+        rows += [(gallery[pid][0], pid, 'gallery')] if k < with_other_image else []
+    return rows + [(p, pid, 'gallery') for pid in pids[people:] for p in gallery[pid]]
+
+
+def test_queries_matched_only_by_their_own_file_are_refused_before_any_work(
+        tiny_data_root, tiny_settings, untrained_checkpoint, tmp_path):
+    """Issue 27: the check counts matches as the evaluation does, never a query's own file
+    (listed as gallery too) as its match: with no other match, a clear error before any
+    work rather than Torchreid's "all query identities do not appear in gallery"."""
+    data = _csv_without_cameras(tmp_path / 'self.csv', _own_file_rows(tiny_data_root, 2, 0))
+    s = tiny_settings.replace(MODEL_NAME='resnet18', TARGETS=data)
+    with pytest.raises(UserError, match=r"has nothing to match: none of its 2 query images .*"
+                                        r"2 of them .*own file"):
+        checks.check_before_run(s, training=False)
+    with pytest.raises(UserError, match='has nothing to match'):
+        main.test(s, weights=untrained_checkpoint)
+    assert not Path(s.EXPERIMENTS_DIR).exists()
+
+
+def test_queries_matched_only_by_their_own_file_are_not_counted(tiny_data_root, tiny_settings,
+                                                                tmp_path, capsys):
+    data = _csv_without_cameras(tmp_path / 'half.csv', _own_file_rows(tiny_data_root, 2, 1))
+    checks.check_before_run(tiny_settings.replace(TARGETS=data), training=False)
+    assert re.search(r'Note: 1 of the 2 queries of ".*half.csv" have no match from another '
+                     r'camera in the gallery \(1 of them only its own file', capsys.readouterr().out)

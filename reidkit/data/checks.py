@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import torch
 
 from reidkit.data import market
+from reidkit.data.files import file_ids
 from reidkit.data.images import MAX_STRIP_MATCHES, image_problem
 from reidkit.data.own_data import SPLITS as OWN_SPLITS, OwnData, check_own_data, missing_split
 from reidkit.run.errors import UserError
@@ -148,13 +149,16 @@ class SplitLabels:
     """One dataset of SOURCES/TARGETS as its loader will read it: (person id, camera id) of
     every image per split, junk (pid -1) left out. `name`: as SOURCES/TARGETS give it;
     `where`: where the labels were read, for messages; `checked`: images whose files were
-    checked, per split (folder)."""
+    checked, per split (folder); `query_paths`, `gallery_paths`: the files of `query`
+    and `gallery`, in order (a query is no match of its own file)."""
     name: str
     train: list
     query: list
     gallery: list
     where: str
     checked: dict = field(default_factory=dict)
+    query_paths: list = field(default_factory=list)
+    gallery_paths: list = field(default_factory=list)
 
     @property
     def train_ids(self) -> int:
@@ -171,7 +175,13 @@ def own_labels(data: OwnData) -> SplitLabels:
     pairs = lambda items: [(pid, camid) for _, pid, camid in items]     # noqa: E731
     return SplitLabels(data.path, pairs(data.train), pairs(data.query), pairs(data.gallery),
                        f'"{data.path}"',
-                       {split: len(getattr(data, split)) for split in OWN_SPLITS})
+                       {split: len(getattr(data, split)) for split in OWN_SPLITS},
+                       _paths(data.query), _paths(data.gallery))
+
+
+def _paths(items) -> list[str]:
+    """The files of dataset items, (path, pid, camid, ...) each."""
+    return [item[0] for item in items]
 
 
 def torchreid_items(s: Settings, name: str) -> dict[str, list]:
@@ -192,7 +202,8 @@ def loader_labels(s: Settings, name: str) -> SplitLabels:
     pairs = lambda items: [(item[1], item[2]) for item in items]       # noqa: E731
     return SplitLabels(name, *(pairs(items) for items in splits.values()),
                        'as its loader reads it',
-                       {split: len(items) for split, items in splits.items()})
+                       {split: len(items) for split, items in splits.items()},
+                       _paths(splits['query']), _paths(splits['gallery']))
 
 
 def check_dataset(s: Settings, training: bool = True) -> dict[str, SplitLabels | None]:
@@ -236,11 +247,14 @@ def market_labels(folder: Path) -> SplitLabels:
     file names as Torchreid's loader reads them, after `check_market_layout`."""
     data_dir = market.splits_dir(folder)
     named = check_market_layout(folder)
-    labels = {split: market.name_labels(p.name for p in named[split_folder])
-              for split, split_folder in market.SPLIT_FOLDERS.items()}
+    # the images the loader keeps (junk left out), in order: their labels and their files
+    kept = {split: [p for p in named[split_folder] if market.name_labels([p.name])]
+            for split, split_folder in market.SPLIT_FOLDERS.items()}
+    labels = {split: market.name_labels(p.name for p in paths) for split, paths in kept.items()}
     return SplitLabels('market1501', labels['train'], labels['query'], labels['gallery'],
                        f'"{data_dir}"', {split: len(named[split_folder])
-                                         for split, split_folder in market.SPLIT_FOLDERS.items()})
+                                         for split, split_folder in market.SPLIT_FOLDERS.items()},
+                       list(map(str, kept['query'])), list(map(str, kept['gallery'])))
 
 
 def check_market_layout(folder: Path) -> dict[str, list[Path]]:
@@ -428,14 +442,20 @@ def check_training_split(s: Settings, sources: list[SplitLabels]) -> None:
                           + _sources_named(sources, lambda source: len(source.train)))
 
 
-def count_matchable_queries(query, gallery) -> int:
+def count_matchable_queries(query, gallery, files=None) -> int:
     """How many queries the evaluation can score: those whose person the gallery shows from
-    another camera (Market-1501's protocol ignores the same person in the same camera).
-    `query`, `gallery`: iterables of (person id, camera id)."""
-    cameras = {}
-    for pid, camid in gallery:
-        cameras.setdefault(pid, set()).add(camid)
-    return sum(1 for pid, camid in query if cameras.get(pid, set()) - {camid})
+    another camera (Market-1501's protocol ignores the same person in the same camera) in an
+    image that is not the query's own file (as the evaluator's `Labels.ignored`).
+    `query`, `gallery`: sequences of (person id, camera id); `files`: their file ids
+    (`reidkit.data.files.file_ids`), or None where no query's file is in the gallery."""
+    # without file ids no gallery image is a query's file (ids are never negative)
+    q_files, g_files = files if files is not None else ([-1] * len(query), [0] * len(gallery))
+    seen = {}       # person -> camera -> the files showing the person from it
+    for (pid, camid), file in zip(gallery, g_files):
+        seen.setdefault(pid, {}).setdefault(camid, set()).add(file)
+    return sum(1 for (pid, camid), file in zip(query, q_files)
+               if any(camera != camid and shown - {file}
+                      for camera, shown in seen.get(pid, {}).items()))
 
 
 def check_test_split(target: SplitLabels) -> None:
@@ -448,16 +468,23 @@ def check_test_split(target: SplitLabels) -> None:
         raise UserError(f'TARGETS: the test set {target.name!r} has no query images '
                         f'({target.where}, junk images of pid -1 left out), so there is nothing '
                         f'to evaluate. {fix}')
-    kept = count_matchable_queries(target.query, target.gallery)
+    files = file_ids(target.query_paths, target.gallery_paths)
+    kept = count_matchable_queries(target.query, target.gallery, files)
+    # queries whose only match from another camera is their own file, listed as gallery too
+    own_only = 0 if files is None else \
+        count_matchable_queries(target.query, target.gallery) - kept
+    own = (f' ({own_only} of them only {"its" if own_only == 1 else "their"} own file, '
+           f'listed as gallery too, which is never a query\'s match)' if own_only else '')
     if not kept:
         raise UserError(
             f'TARGETS: the test set {target.name!r} has nothing to match: none of its '
             f'{len(target.query)} query images has its person in the gallery seen by another '
-            f'camera ({target.where}), and the evaluation scores only such matches, so there '
-            f'would be no Rank-1 or mAP. {fix}')
+            f'camera{own} ({target.where}), and the evaluation scores only such matches, so '
+            f'there would be no Rank-1 or mAP. {fix}'
+            + (' List each image once, as query or as gallery.' if own_only else ''))
     if kept < len(target.query):
         print(f'Note: {len(target.query) - kept} of the {len(target.query)} queries of '
-              f'{target.shown} have no match from another camera in the gallery; the '
+              f'{target.shown} have no match from another camera in the gallery{own}; the '
               f'evaluation leaves them out.')
 
 

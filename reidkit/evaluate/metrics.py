@@ -29,13 +29,13 @@ so they would otherwise give made-up numbers (all-NaN scored 100% here, ~5% in T
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
+from reidkit.data.files import file_ids
 from reidkit.run.errors import UserError
 
 # Queries per chunk: a chunk holds a few (chunk x gallery) arrays, ~0.6 GB at 128 x 100k.
@@ -79,37 +79,13 @@ def check_finite(values, what: str) -> None:
         raise _non_finite_error(bad, values.numel(), what)
 
 
-def _file_key(path: str):
-    """What makes two paths one file: (device, inode), which links and symlinks share; the
-    resolved path where the file cannot be read (or the file system gives no inode)."""
-    try:
-        found = os.stat(path)
-    except OSError:
-        found = None
-    if found is None or found.st_ino == 0:
-        return os.path.realpath(path)
-    return found.st_dev, found.st_ino
-
-
-def file_ids(query_paths, gallery_paths) -> tuple[np.ndarray, np.ndarray] | None:
-    """(query ids, gallery ids), int64, one per path, equal where two paths are one file
-    (same resolved path, or same (st_dev, st_ino): a link or a duplicate listing); None when
-    no query's file is also in the gallery (nothing to leave out)."""
-    ids: dict = {}
-    q_ids = np.array([ids.setdefault(_file_key(p), len(ids)) for p in query_paths], np.int64)
-    num_query_files = len(ids)
-    g_ids = np.array([ids.setdefault(_file_key(p), len(ids)) for p in gallery_paths], np.int64)
-    if not (g_ids < num_query_files).any():
-        return None
-    return q_ids, g_ids
-
-
 @dataclass(frozen=True)
 class Labels:
     """Person and camera ids of the queries and of the gallery, as tensors: built once per
     evaluation and passed whole instead of four parallel arrays. `q_files`/`g_files`, where
     some query's image file is also in the gallery: int64 file ids, equal for one file (see
-    `file_ids`), so that a query is never matched with its own file; None otherwise."""
+    `reidkit.data.files.file_ids`), so that a query is never matched with its own file; None
+    otherwise."""
     q_pids: torch.Tensor
     g_pids: torch.Tensor
     q_camids: torch.Tensor

@@ -79,6 +79,7 @@ class Gallery:
     cached: bool                        # nothing had to be extracted
     ids: np.ndarray                     # each row's stable id (ascending): the index's ids
     files: CacheFiles
+    inodes: np.ndarray                  # each row's file's inode (its identity, see _stamps)
     generation: str = ''                # of its manifest and features (see Manifest)
     lineage: tuple[str, ...] = ()       # earlier generations whose ids mean the same images
 
@@ -272,6 +273,7 @@ def _gallery(manifest: Manifest, features: np.ndarray, files: CacheFiles,
     return Gallery([row.path for row in manifest.rows],
                    [(file.path, file.why) for file in manifest.skipped], features, cached,
                    np.array([row.id for row in manifest.rows], dtype=np.int64), files,
+                   np.array([row.stamp[2] for row in manifest.rows], dtype=np.uint64),
                    manifest.generation, tuple(manifest.lineage))
 
 

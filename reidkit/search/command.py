@@ -6,10 +6,13 @@ The gallery's features come from its cache (reidkit.search.cache), extracted onl
 files added or changed since. Up to SEARCH_EXACT_UP_TO images, ranking is exact and reads the
 features in chunks, so 100,000 images never need all features, images or distances in memory
 at once; above it, an index kept beside the features (reidkit.search.index) proposes
-candidates that are re-ranked exactly.
+candidates that are re-ranked exactly. A query that is itself in the gallery (the file, or a
+link to it: reidkit.data.files) is left out of its own results, not found at distance 0; the
+cache keeps it for every other query.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 from reidkit.data import checks
+from reidkit.data.files import file_ids
 from reidkit.evaluate.metrics import check_finite, squared_euclidean
 from reidkit.evaluate.report import unique_names
 from reidkit.run.errors import UserError
@@ -41,7 +45,8 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
     check_search_switches: QUERY and GALLERY are given): ranks GALLERY for each
     image in QUERY with a checkpoint (`weights`, WEIGHTS or the newest run's) or an exported
     .onnx file; returns the new output folder, whose log.txt holds what was printed (the
-    model, the gallery, the ranking). UserError for missing or unreadable queries or gallery,
+    model, the gallery, the ranking). A query that is itself in the gallery is left out of its
+    own results (said once at the end). UserError for missing or unreadable queries or gallery,
     a checkpoint that does not fit the settings, a diverged model or a full disk."""
     with log_once_there_is_a_folder() as start_log:
         queries = query_images(Path(s.QUERY))
@@ -60,7 +65,8 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
               f'{"features from the cache" if gallery.cached else "features extracted and cached"})'
               + (f'; {len(gallery.skipped)} unreadable files skipped' if gallery.skipped else ''))
         index = gallery_index(gallery, s)
-        out_dir, unreadable = _rank_and_write(s, extractor, queries, gallery, index, start_log)
+        out_dir, unreadable, in_gallery = _rank_and_write(s, extractor, queries, gallery, index,
+                                                          start_log)
         if out_dir is None:
             first = ' The first three:' if len(unreadable) > 3 else ''
             raise UserError(f'QUERY: none of the {len(queries)} query images could be read.'
@@ -70,25 +76,32 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
         (out_dir / INCOMPLETE).unlink()
         print(f'{len(queries) - len(unreadable)} queries ranked against '
               f'{len(gallery.paths):,} gallery images')
+        if in_gallery:
+            print(f'{in_gallery} quer{"y was" if in_gallery == 1 else "ies were"} found in the '
+                  f'gallery {"itself" if in_gallery == 1 else "themselves"} and left out of '
+                  f'{"its" if in_gallery == 1 else "their"} own results')
         return out_dir
 
 
 def _rank_and_write(s: Settings, extractor: FeatureExtractor, queries: list[Path],
                     gallery: Gallery, index: GalleryIndex | None,
-                    start_log) -> tuple[Path | None, list[tuple[Path, str]]]:
+                    start_log) -> tuple[Path | None, list[tuple[Path, str]], int]:
     """Ranks the queries batch by batch and writes each one's results into the search's
     folder, made (its log started there) once there is something to put in it. Returns the
-    folder (None when no query could be read) and the unreadable queries with why."""
+    folder (None when no query could be read), the unreadable queries with why and how many
+    queries were in the gallery themselves (left out of their own results)."""
     rows = min(len(gallery.paths), max(s.SEARCH_CSV_ROWS, s.SEARCH_TOPK))
     names = dict(zip(queries, unique_names(
         [queries[0].name] if len(queries) == 1 else [q.relative_to(s.QUERY) for q in queries],
         reserved=(INCOMPLETE, SKIPPED_QUERIES, SEARCH_LOG))))
-    out_dir, unreadable = None, []
+    out_dir, unreadable, in_gallery = None, [], 0
     for paths, features, bad in query_batches(extractor, queries, s.BATCH_SIZE_TEST):
         unreadable += bad
         if not paths:
             continue
-        ranked = rank(features, gallery, index, rows, s.SEARCH_NPROBE)
+        own = own_files(paths, gallery)
+        ranked = rank(features, gallery, index, rows, s.SEARCH_NPROBE, own)
+        in_gallery += sum(1 for rows_out in own if len(rows_out))
         if out_dir is None:
             out_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), 'search')
             start_log(out_dir / SEARCH_LOG)
@@ -96,14 +109,33 @@ def _rank_and_write(s: Settings, extractor: FeatureExtractor, queries: list[Path
                 'This search stopped (or is still running) before every query was done: the '
                 'folders here are the queries that finished. Run the search again for all '
                 'of them.\n')
-        for path, (order, distances) in zip(paths, ranked):
+        for path, (order, distances), rows_out in zip(paths, ranked, own):
             # Written under a hidden name, renamed when whole: a result folder is complete.
             partial = out_dir / f'.{names[path]}.partial'
             write_results(partial, QueryResult(path, gallery.paths, order, distances,
-                                               gallery.skipped),
+                                               gallery.skipped, len(rows_out)),
                           s.SEARCH_TOPK, csv_rows=s.SEARCH_CSV_ROWS)
             partial.rename(out_dir / names[path])
-    return out_dir, unreadable
+    return out_dir, unreadable, in_gallery
+
+
+def own_files(queries: list[Path], gallery: Gallery) -> list[np.ndarray]:
+    """For each query, the gallery rows that are its own file (the file itself or a link to
+    it, as reidkit.data.files tells), ascending; empty for a query not in the gallery. Only
+    rows with a query's inode (known from the cache's file identities) are looked up again:
+    the files of a large gallery are not all stat'ed a second time."""
+    inodes = []
+    for query in queries:
+        try:
+            inodes.append(os.stat(query).st_ino)
+        except OSError:             # gone since it was read: no file to leave out
+            continue
+    rows = np.flatnonzero(np.isin(gallery.inodes, np.array(inodes, dtype=np.uint64)))
+    ids = file_ids(queries, [gallery.paths[row] for row in rows]) if len(rows) else None
+    if ids is None:
+        return [rows[:0]] * len(queries)
+    query_ids, row_ids = ids
+    return [rows[row_ids == query_id] for query_id in query_ids]
 
 
 def query_images(query: Path) -> list[Path]:
@@ -157,15 +189,24 @@ def rank_gallery(query_features: np.ndarray, gallery: np.ndarray) -> list[tuple]
 
 
 def rank(queries: np.ndarray, gallery: Gallery, index: GalleryIndex | None, rows: int,
-         nprobe: int) -> list[tuple[np.ndarray, np.ndarray]]:
+         nprobe: int, own: list[np.ndarray] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each query's nearest `rows` gallery rows and their distances, nearest first: without an
     index the exact streaming search, each pass over the gallery serving as many queries as
-    EXACT_DISTANCES allows; with one, its candidates re-ranked exactly."""
+    EXACT_DISTANCES allows; with one, its candidates re-ranked exactly. `own`: per query, the
+    gallery rows left out of its ranking (its own file, see `own_files`)."""
+    extra = max(map(len, own), default=0) if own else 0
+    wanted = min(rows + extra, len(gallery.features))   # as many more as may be left out
     if index is not None:
-        return search_index.rank_candidates(index, queries, gallery.features, gallery.ids, rows,
-                                            nprobe)
-    per_pass = max(1, EXACT_DISTANCES // len(gallery.features))
-    return [(order[:rows].copy(), distances[:rows].copy())   # copies: the full rows go
-            for start in range(0, len(queries), per_pass)
-            for order, distances in rank_gallery(queries[start:start + per_pass],
-                                                 gallery.features)]
+        ranked = search_index.rank_candidates(index, queries, gallery.features, gallery.ids,
+                                              wanted, nprobe)
+    else:
+        per_pass = max(1, EXACT_DISTANCES // len(gallery.features))
+        ranked = [(order[:wanted].copy(), distances[:wanted].copy())   # the full rows go
+                  for start in range(0, len(queries), per_pass)
+                  for order, distances in rank_gallery(queries[start:start + per_pass],
+                                                       gallery.features)]
+    if not extra:
+        return ranked
+    kept = [~np.isin(order, rows_out) for (order, _), rows_out in zip(ranked, own)]
+    return [(order[keep][:rows], distances[keep][:rows])
+            for (order, distances), keep in zip(ranked, kept)]

@@ -21,12 +21,14 @@ PAGE_STYLE = ('body{font:14px system-ui,sans-serif;margin:16px}figure{display:in
 class QueryResult:
     """One query's ranking: `order` holds rows of `gallery` (paths), nearest first, with
     their squared euclidean `distances`; `skipped` lists the gallery's unreadable files as
-    (path, why)."""
+    (path, why); `left_out`: how many gallery images are the query's own file (the file or
+    links to it), which `order` leaves out."""
     query: Path
     gallery: list[str]
     order: np.ndarray
     distances: np.ndarray
     skipped: list[tuple[str, str]]
+    left_out: int = 0
 
     def top(self, count: int) -> list[tuple[str, float]]:
         """(path, distance) of the nearest `count`."""
@@ -71,7 +73,11 @@ def _write_page(out_dir: Path, result: QueryResult, top: list[tuple[str, float]]
         for r, (p, d) in enumerate(top, 1))
     skipped = result.skipped
     notes = (f'<p>{len(skipped)} unreadable files skipped: see skipped.txt</p>' if skipped else '')
-    ranked = len(result.gallery)
+    if result.left_out:
+        notes += (f'<p>The query\'s own file is in the gallery (as {result.left_out} image'
+                  f'{"s" if result.left_out > 1 else ""}: the file or a link to it) and is left '
+                  f'out of its results.</p>')
+    ranked = len(result.gallery) - result.left_out
     (out_dir / 'index.html').write_text(
         '<!doctype html><html><head><meta charset="utf-8"><title>Search results</title><style>'
         f'{PAGE_STYLE}</style></head><body>'
