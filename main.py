@@ -45,8 +45,7 @@ from reidkit.train.engine import EngineOptions, SoftmaxEngine, TripletEngine
 from reidkit.train.fine_tune import check_fine_tune, load_init_weights, read_init_weights
 from reidkit.data.own_dataset import register_all, target_summaries, unknown_camera_targets, \
     write_run_split
-from reidkit.data.training_files import TrainingFiles, check_not_trained_on, \
-    check_resumed_files, check_targets, record_sources
+from reidkit.data.training_files import TrainingFiles, check_not_trained_on, record_run
 from reidkit.evaluate.report import RunFacts, plot_cmcs, plot_training, write_metrics
 from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import Resumed, newest_checkpoint, output_dir_for, resolve_checkpoint, \
@@ -220,24 +219,12 @@ def _starting_point(s: Settings):
 
 
 def training_record(s: Settings, resumed: Resumed | None, init) -> TrainingFiles | None:
-    """Rank 0: the record of every training file of SOURCES, with the starting checkpoint's
-    (RESUME's or INIT_WEIGHTS'), after checking that a resumed run trains on no file its
-    checkpoint was not trained on and that no file of TARGETS is in the record (every
-    evaluation during training would score it). Other ranks: None (rank 0 saves checkpoints)."""
-    def record_and_check():
-        started = time.time()
-        start = resumed or init
-        record = record_sources(s)
-        if resumed:
-            check_resumed_files(record, resumed.saved, resumed.path)
-        record = record.merged(TrainingFiles.from_checkpoint(start.saved) if start else None)
-        check_targets(record, s, 'SOURCES or the checkpoint this run starts from' if start
-                      else 'SOURCES (this run\'s training data)')
-        print(f'Recorded {len(record)} training files (none is a test file of TARGETS) in '
-              f'{time.time() - started:.1f}s.')
-        return record
+    """Rank 0: the record of the run's training files, checked (training_files.record_run).
+    Other ranks: None (rank 0 saves the checkpoints that carry it)."""
+    start = resumed or init
     found = []
-    distributed.on_main(lambda: found.append(record_and_check()))
+    distributed.on_main(lambda: found.append(record_run(
+        s, start.saved if start else None, resumed.path if resumed else None)))
     return found[0] if found else None
 
 

@@ -25,6 +25,7 @@ import hashlib
 import io
 import os
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +240,26 @@ def record_sources(s) -> TrainingFiles:
     """The record of every training file of SOURCES (each file read once)."""
     return TrainingFiles.of_files(f for name in dict.fromkeys(dataset_list(s.SOURCES))
                                   for f in dataset_files(s, name, ('train',)))
+
+
+def record_run(s, starting_checkpoint: dict | None = None, resumed_from: Path | None = None
+               ) -> TrainingFiles:
+    """The record a training run keeps: every training file of SOURCES, with the files the
+    checkpoint it starts from (RESUME's or INIT_WEIGHTS', `starting_checkpoint`) was trained
+    on. Checked first: a resumed run (`resumed_from`) trains on no file its checkpoint was not
+    trained on (`check_resumed_files`), and no query or gallery file of TARGETS is in the
+    record (every evaluation during training would score it). Prints what it recorded."""
+    started = time.time()
+    record = record_sources(s)
+    if resumed_from is not None:
+        check_resumed_files(record, starting_checkpoint, resumed_from)
+    if starting_checkpoint is not None:
+        record = record.merged(TrainingFiles.from_checkpoint(starting_checkpoint))
+    check_targets(record, s, 'SOURCES or the checkpoint this run starts from'
+                  if starting_checkpoint is not None else 'SOURCES (this run\'s training data)')
+    print(f'Recorded {len(record)} training files (none is a test file of TARGETS) in '
+          f'{time.time() - started:.1f}s.')
+    return record
 
 
 def check_targets(record: TrainingFiles, s, whose: str) -> None:
