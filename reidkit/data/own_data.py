@@ -17,7 +17,8 @@ rows or none.
 Identity folder names and CSV pids are names: `0`, `-1` and `01` are people like any other,
 and `01` and `1` two people (a name that is the only one with its number, like `0001` alone,
 counts as that number: it is the same person as a Market-style `1`, in split folders read in
-different layouts). A folder name need not be valid UTF-8 (shown with \\x escapes).
+different layouts). Camera folder names and CSV camids are names too: `01` and `1` are two
+cameras. A folder name need not be valid UTF-8 (shown with \\x escapes).
 
 Numbers: identities are numbered by their own numbers when every one is a number, each
 number names one identity and fits int64 (`7/` is pid 7, a distractor 0); otherwise, and so
@@ -329,7 +330,7 @@ def read_csv(path: Path) -> list[Record]:
         split = cell.get('split') or None
         if split is not None and split not in SPLITS:
             raise problem(f'split {split!r} is none of {", ".join(SPLITS)}')
-        camera = _key(cell['camid']) if cell['camid'] else None
+        camera = cell['camid'] or None       # a name, as a camera folder's: '01' is not '1'
         records.append(Record(str(image), cell['pid'], cell['pid'], camera, split,
                               f'"{path}", row {line}'))
     if not records:

@@ -16,7 +16,7 @@ from pathlib import Path
 from torchreid.reid.data import register_image_dataset
 from torchreid.reid.data.datasets.dataset import ImageDataset
 
-from reidkit.data.own_data import OwnData, load, missing_split, write_split
+from reidkit.data.own_data import OwnData, load, missing_split, printable, write_split
 from reidkit.run.errors import UserError
 from reidkit.run.settings import dataset_list, display_name, is_own_data
 
@@ -74,7 +74,7 @@ def register(value: str, test_share: float, split_seed: int, evaluating: bool = 
         names[data.path] = factory          # ours, from an earlier get_items in this process
     if not data.cameras_known and data.path not in _noted_unknown_cameras:
         _noted_unknown_cameras.add(data.path)
-        print(f'Note: "{data.path}" has no camera information: each query\'s other images '
+        print(f'Note: "{printable(data.path)}" has no camera information: each query\'s other images '
               f'are its matches (nothing is discarded by the same-camera rule), so same-camera '
               f'matches count in its CMC and mAP.')
     return data
