@@ -211,7 +211,7 @@ def test_the_unknown_camera_note_prints_a_folder_name_that_is_not_utf8(tmp_path,
             _image(os.fsdecode(os.path.join(root, person, b'%d.jpg' % i)), n)
     out = io.TextIOWrapper(io.BytesIO(), encoding='utf-8')     # strict, as a UTF-8 terminal
     monkeypatch.setattr(sys, 'stdout', out)
-    own_dataset.register(os.fsdecode(root), 0.5, 0)
+    own_dataset.register(load(os.fsdecode(root)))
     out.flush()
     assert 'caf\\xe9" has no camera information' in out.buffer.getvalue().decode()
 
