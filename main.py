@@ -45,7 +45,8 @@ from reidkit.train.engine import EngineOptions, SoftmaxEngine, TripletEngine
 from reidkit.train.fine_tune import check_fine_tune, load_init_weights, read_init_weights
 from reidkit.data.own_dataset import register_all, target_summaries, unknown_camera_targets, \
     write_run_split
-from reidkit.data.training_files import TrainingFiles, check_not_trained_on, record_run
+from reidkit.data.training_files import TrainingFiles, check_not_trained_on, record_run, \
+    recorded_splits
 from reidkit.evaluate.report import RunFacts, plot_cmcs, plot_training, write_metrics
 from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import Resumed, newest_checkpoint, output_dir_for, resolve_checkpoint, \
@@ -60,14 +61,16 @@ def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings
     return resolve(config, overrides, demo=demo)
 
 
-def get_items(s: Settings | None = None, checkpoint: dict | None = None):
+def get_items(s: Settings | None = None, checkpoint: dict | None = None,
+              recorded: dict | None = None):
     """The tutorial's objects: (datamanager, model, optimizer, scheduler).
     With a `checkpoint` to evaluate (test, visrank): the data of TARGETS alone (SOURCES need
-    not be there, nor a target's training split) and the model sized to its classifier."""
+    not be there, nor a target's training split) and the model sized to its classifier;
+    `recorded`: own targets split as an older run recorded them (recorded_splits)."""
     s = s or load_settings()
     device = choose_device(s.DEVICE)
     with distributed.main_first():      # one process downloads what the others then read
-        datamanager, model = _data_and_model(s, device, checkpoint)
+        datamanager, model = _data_and_model(s, device, checkpoint, recorded)
     model = place_model(model, device)
     optimizer = torchreid.optim.build_optimizer(model, optim=s.OPTIM, lr=learning_rate(s))
     scheduler = torchreid.optim.build_lr_scheduler(
@@ -76,12 +79,13 @@ def get_items(s: Settings | None = None, checkpoint: dict | None = None):
     return datamanager, model, optimizer, scheduler
 
 
-def _data_and_model(s: Settings, device, checkpoint: dict | None = None):
+def _data_and_model(s: Settings, device, checkpoint: dict | None = None,
+                    recorded: dict | None = None):
     evaluating = checkpoint is not None
     if evaluating:          # Torchreid always builds the sources' training set: make it TARGETS'
         s = s.replace(SOURCES=s.TARGETS)
     # folders and CSV files of SOURCES/TARGETS, under their absolute paths
-    register_all(s, evaluating)
+    register_all(s, evaluating, recorded)
     datamanager = torchreid.data.ImageDataManager(
         root=s.DATA_ROOT,
         sources=s.SOURCES,
@@ -221,10 +225,10 @@ def _starting_point(s: Settings):
 def training_record(s: Settings, resumed: Resumed | None, init) -> TrainingFiles | None:
     """Rank 0: the record of the run's training files, checked (training_files.record_run).
     Other ranks: None (rank 0 saves the checkpoints that carry it)."""
-    start = resumed or init
+    start = (resumed.saved, resumed.path) if resumed else \
+        (init.saved, Path(init.settings.INIT_WEIGHTS)) if init else None
     found = []
-    distributed.on_main(lambda: found.append(record_run(
-        s, start.saved if start else None, resumed.path if resumed else None)))
+    distributed.on_main(lambda: found.append(record_run(s, start, resumed is not None)))
     return found[0] if found else None
 
 
@@ -325,11 +329,14 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
     started = time.time()
     checkpoint, saved, s = resolve_checkpoint(s, weights)   # a bad file fails before heavy work
     s = s.replace(PRETRAINED=False)                   # the checkpoint replaces ImageNet weights
-    distributed.on_main(lambda: checks.check_before_run(s, training=False))
+    # a run made before training files were recorded: own targets as its split.json has them
+    recorded = distributed.on_main(lambda: recorded_splits(s, saved, checkpoint))
+    distributed.on_main(lambda: checks.check_before_run(s, training=False, recorded=recorded))
     set_random_seed(s.SEED)
     # never score a training image of the checkpoint (its record, and its run folder's)
-    split_notes = distributed.on_main(lambda: check_not_trained_on(s, saved, checkpoint))
-    datamanager, model, optimizer, scheduler = get_items(s, saved)
+    split_notes = distributed.on_main(lambda: check_not_trained_on(s, saved, checkpoint,
+                                                                   recorded))
+    datamanager, model, optimizer, scheduler = get_items(s, saved, recorded)
     load_weights(model, saved, s.MODEL_NAME, checkpoint)
     out_dir = distributed.on_main(
         lambda: output_dir_for(checkpoint, Path(s.EXPERIMENTS_DIR), mode))

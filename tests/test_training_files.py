@@ -1,6 +1,7 @@
 """A test never scores a training image: the record of training files (run folder and
 checkpoint) and the check against it, for every way of presenting the same file twice."""
 import csv
+import dataclasses
 import gzip
 import json
 import os
@@ -14,7 +15,8 @@ from PIL import Image
 
 import main
 from conftest import TINY
-from reidkit.data import training_files
+from reidkit.data import checks, own_data, training_files
+from reidkit.data.own_dataset import register_all, registered
 from reidkit.data.training_files import RECORD_FILE, TrainingFiles
 from reidkit.run.errors import UserError
 
@@ -164,7 +166,7 @@ def test_a_checkpoint_is_never_tested_on_what_it_was_trained_on(tmp_path, capsys
     for name in trained:
         (crops / name).rename(crops / f'z{name}')
         tested = {row[2] for block in ('query', 'gallery')
-                  for row in training_files.load(str(crops)).to_json()[block]}
+                  for row in own_data.load(str(crops)).to_json()[block]}
         if f'z{name}' in tested:
             renamed = name
             break
@@ -217,7 +219,7 @@ def test_one_image_under_two_names_in_a_trained_and_a_tested_persons_folder(tmp_
     before training (the split puts the two people on two sides)."""
     for link in (os.symlink, os.link):
         crops = _people(tmp_path / link.__name__, [f'p{i:02d}' for i in range(10)])
-        data = training_files.load(str(crops))
+        data = own_data.load(str(crops))
         trained, tested = data.train[0][0], data.gallery[0][0]
         link(trained, Path(tested).with_name('linked.jpg'))
         s = _settings(tmp_path, SOURCES=str(crops), TARGETS=str(crops))
@@ -249,3 +251,106 @@ def test_a_fine_tuning_run_never_evaluates_on_its_starting_checkpoints_training_
     main.test(_settings(tmp_path, WEIGHTS=str(checkpoint), TARGETS=str(first)))
     with pytest.raises(UserError, match='training images of the checkpoint'):
         main.test(_settings(tmp_path, WEIGHTS=str(checkpoint), TARGETS=str(tmp_path / 'old.csv')))
+
+
+# --- a run made before training files were recorded: its split.json ----------------------
+
+def _old_run(tmp_path, crops: Path, **more):
+    """A run folder as an older version left it: split.json written when a person folder `0`
+    was a distractor (Market's meaning, before folder names were names), and a checkpoint
+    without a record of its training files. (settings, checkpoint path, its contents, the
+    old split)."""
+    s = _settings(tmp_path, SOURCES=str(crops), TARGETS=str(crops), **more)
+    records, layout = own_data.read_folder(crops)
+    old = own_data.build(str(crops), [dataclasses.replace(r, market=r.key == '0')
+                                      for r in records], layout, s.TEST_SHARE, s.SPLIT_SEED)
+    run_dir = tmp_path / 'exp' / 'old-run'
+    (run_dir / 'model').mkdir(parents=True)
+    own_data.write_split(run_dir, [old])
+    return s, run_dir / 'model' / 'model.pth.tar', {'settings': dict(s.record())}, old
+
+
+def test_an_older_run_is_tested_on_its_recorded_split(tmp_path, capsys):
+    crops = _people(tmp_path / 'crops', ['0'] + [f'p{i:02d}' for i in range(9)])
+    s, checkpoint, saved, old = _old_run(tmp_path, crops)
+    assert any(pid == 0 for _, pid, _ in old.gallery)      # folder 0: a distractor then
+    today = own_data.load(str(crops), s.TEST_SHARE, s.SPLIT_SEED)
+    assert (today.query, today.gallery) != (old.query, old.gallery)     # a person now
+    recorded = training_files.recorded_splits(s, saved, checkpoint)
+    assert list(recorded) == [str(crops)]
+    # the pre-run checks, the leak check and the datasets Torchreid reads: the recorded split
+    checks.check_before_run(s, training=False, recorded=recorded)
+    assert 'as recorded in' in capsys.readouterr().out
+    assert training_files.dataset_files(s, str(crops), ('query', 'gallery'), recorded) == \
+        [p for p, _, _ in old.query + old.gallery]
+    notes = training_files.check_not_trained_on(s, saved, checkpoint, recorded)
+    assert len(notes) == 2 and 'split.json' in notes[0] and 'nothing to check' not in notes[1]
+    (data,) = register_all(s, evaluating=True, recorded=recorded)
+    assert registered(str(crops)) is data
+    assert (data.query, data.gallery, data.identity_names) == \
+        (old.query, old.gallery, old.identity_names)
+    assert data.summary()['digest'] == old.digest()
+    # a recorded test image that is gone: refused, naming it and split.json
+    gone = Path(old.gallery[-1][0])
+    gone.rename(tmp_path / 'elsewhere.jpg')
+    with pytest.raises(UserError, match=rf'"{gone}".*"{checkpoint.parent.parent}/split.json"'):
+        training_files.recorded_splits(s, saved, checkpoint)
+
+
+def test_an_older_run_split_anew_is_checked_against_its_recorded_training_images(tmp_path):
+    crops = _people(tmp_path / 'crops', ['0'] + [f'p{i:02d}' for i in range(9)])
+    s, checkpoint, saved, old = _old_run(tmp_path, crops)
+    # another SPLIT_SEED: split anew, which moves trained people to the test side
+    moved = s.replace(SPLIT_SEED=5, TEST_SHARE=0.9)
+    assert training_files.recorded_splits(moved, saved, checkpoint) == {}
+    trained = {p for p, _, _ in old.train}
+    assert trained & set(training_files.dataset_files(moved, str(crops), ('query', 'gallery')))
+    with pytest.raises(UserError, match=r'training images of the checkpoint .*model.pth.tar": '
+                                        r'"[^"]*/crops/[^"]*" is a training file itself'):
+        training_files.check_not_trained_on(moved, saved, checkpoint)
+    # a checkpoint without a record and without a run folder: nothing to check against
+    zoo = tmp_path / 'zoo' / 'model' / 'zoo.pth'
+    (note,) = training_files.check_not_trained_on(moved, saved, zoo)
+    assert 'nothing to check the test images against' in note
+
+
+@pytest.mark.slow
+def test_test_evaluates_an_older_runs_recorded_split(tmp_path):
+    # a run trained now, then made to look older: no record, split.json as older rules made it
+    crops = _people(tmp_path / 'crops', ['0'] + [f'p{i:02d}' for i in range(9)])
+    run_dir = main.train(_settings(tmp_path, SOURCES=str(crops), TARGETS=str(crops)))
+    checkpoint = main.newest_checkpoint(run_dir)
+    saved = torch.load(checkpoint, weights_only=False)
+    del saved['training_files']
+    torch.save(saved, checkpoint)
+    (run_dir / RECORD_FILE).unlink()
+    records, layout = own_data.read_folder(crops)
+    old = own_data.build(str(crops), [dataclasses.replace(r, market=r.key == '0')
+                                      for r in records], layout, 0.5, 0)
+    own_data.write_split(run_dir, [old])
+    out = main.test(_settings(tmp_path, WEIGHTS=str(checkpoint)))
+    metrics = json.loads((out / 'metrics.json').read_text())
+    assert (metrics['num_query'], metrics['num_gallery']) == (len(old.query), len(old.gallery))
+    assert metrics['own_data'][0]['digest'] == old.digest() != own_data.load(str(crops)).digest()
+    log = (out / 'log.txt').read_text()
+    assert log.count('is tested on the split its run recorded in') == 1
+    assert f'checked against the {len(old.train)} training images' in log
+    with pytest.raises(UserError, match='is a training file itself'):
+        main.test(_settings(tmp_path, WEIGHTS=str(checkpoint), SPLIT_SEED=5, TEST_SHARE=0.9))
+
+
+def test_a_recorded_split_reads_back_as_written(tmp_path):
+    crops = _people(tmp_path / 'crops', [f'p{i}' for i in range(6)])
+    rows = ['path,pid,camid'] + [f'../crops/{p.relative_to(crops)},{p.parts[-3]},{p.parts[-2]}'
+                                 for p in sorted(crops.rglob('*.jpg'))]
+    (tmp_path / 'lists').mkdir()
+    (tmp_path / 'lists' / 'people.csv').write_text('\n'.join(rows) + '\n')
+    for value in (crops, tmp_path / 'lists' / 'people.csv'):
+        data = own_data.load(str(value))
+        own_data.write_split(tmp_path, [data])
+        (back,) = own_data.read_split(tmp_path).values()
+        assert back.recorded_in == str(tmp_path / 'split.json')
+        assert dataclasses.replace(back, recorded_in=None) == data
+    (tmp_path / 'split.json').write_text('[{"path": ')
+    with pytest.raises(UserError, match=r'split.json" cannot be read'):
+        own_data.read_split(tmp_path)

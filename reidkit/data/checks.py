@@ -206,21 +206,23 @@ def loader_labels(s: Settings, name: str) -> SplitLabels:
                        _paths(splits['query']), _paths(splits['gallery']))
 
 
-def check_dataset(s: Settings, training: bool = True) -> dict[str, SplitLabels | None]:
+def check_dataset(s: Settings, training: bool = True,
+                  recorded: dict[str, OwnData] | None = None) -> dict[str, SplitLabels | None]:
     """Every dataset exists (Torchreid would otherwise try to download it, from a dead URL for
     Market-1501) and, for Market-1501's layout, every split has parseable names. Every image
     of own data (folders and CSV rows) and of Market-1501 is checked (`check_image_files`);
     Torchreid's other datasets are, by `loader_labels`.
     Own data is parsed and split here (bad data fails before any work), and a source must
     have training images, a target queries. Without `training` (test, visrank: the data is
-    TARGETS alone) SOURCES is not looked at. Returns the labels of each dataset checked:
-    own data and market1501; None for Torchreid's others."""
+    TARGETS alone) SOURCES is not looked at. `recorded`: own data whose split an older run
+    recorded (own_data.own_split). Returns the labels of each dataset checked: own data and
+    market1501; None for Torchreid's others."""
     found = {}
     root = Path(s.DATA_ROOT).expanduser()
     sources = dataset_list(s.SOURCES) if training else []
     for name in dict.fromkeys(sources + dataset_list(s.TARGETS)):
         if is_own_data(name):
-            data = check_own_data(name, s, as_source=name in sources)
+            data = check_own_data(name, s, as_source=name in sources, recorded=recorded)
             if name in dataset_list(s.TARGETS) and not data.query:
                 raise missing_split(data, 'query', 'TARGETS')
             found[name] = own_labels(data)
@@ -519,15 +521,17 @@ def check_search_switches(s: Settings) -> None:
                         'and --GALLERY=path/to/folder (searched recursively for images).')
 
 
-def check_before_run(s: Settings, training: bool, pretrained: bool = True) -> None:
+def check_before_run(s: Settings, training: bool, pretrained: bool = True,
+                     recorded: dict[str, OwnData] | None = None) -> None:
     """All checks, cheapest first; prints what was checked and how long it took.
     The batch, identity and match checks use the splits the loader will read: every source's
     training split (when `training`) and every target's query and gallery.
-    `pretrained`: whether training will load ImageNet weights (not when resuming)."""
+    `pretrained`: whether training will load ImageNet weights (not when resuming);
+    `recorded`: own data whose split an older run recorded (own_data.own_split)."""
     started = time.time()
     check_names(s)
     check_numbers(s, training)
-    found = check_dataset(s, training)
+    found = check_dataset(s, training, recorded)
     labels = {name: found[name] or loader_labels(s, name) for name in found}
     if training:
         check_training_split(s, [labels[name] for name in dataset_list(s.SOURCES)])

@@ -17,7 +17,8 @@ rows or none.
 Identity folder names and CSV pids are names: `0`, `-1` and `01` are people like any other,
 and `01` and `1` two people (a name that is the only one with its number, like `0001` alone,
 counts as that number: it is the same person as a Market-style `1`, in split folders read in
-different layouts). A folder name need not be valid UTF-8 (shown with \\x escapes).
+different layouts). Camera folder names and CSV camids are names too: `01` and `1` are two
+cameras. A folder name need not be valid UTF-8 (shown with \\x escapes).
 
 Numbers: identities are numbered by their own numbers when every one is a number, each
 number names one identity and fits int64 (`7/` is pid 7, a distractor 0); otherwise, and so
@@ -68,6 +69,8 @@ JUNK, DISTRACTOR = '-1', '0'        # identity keys with Market-1501's meanings
 UNKNOWN_QUERY_CAMERA, UNKNOWN_GALLERY_CAMERA = 0, 1
 INT64_MAX = 2 ** 63 - 1       # the largest pid Torchreid's int64 label tensors hold
 CSV_COLUMNS = ('path', 'pid', 'camid')
+SPLIT_FILE = 'split.json'             # in the run folder: every own dataset's split
+SPLIT_MADE, SPLIT_GIVEN = 'made (TEST_SHARE, SPLIT_SEED)', 'folders/CSV'   # its `split` values
 WHAT_TO_DO = ('Lay the images out as <pid>_c<camera>_<anything>.jpg, as <identity>/<image>, as '
               '<identity>/<camera>/<image>, or list them in a CSV file with the header '
               'path,pid,camid[,split] (README: "Your own data").')
@@ -134,6 +137,7 @@ class OwnData:
     train_names: list = field(default_factory=list)      # train label -> name
     camera_names: list = field(default_factory=list)     # camid -> name ([] when unknown)
     junk_dropped: int = 0
+    recorded_in: str | None = None      # the split.json it was read from (None: read now)
 
     def label(self, pid: int, camid: int) -> tuple[str, str]:
         """(identity, camera) as rank strips and pages show a query or gallery item: the
@@ -158,11 +162,12 @@ class OwnData:
         count = lambda items: len({pid for _, pid, _ in items})     # noqa: E731
         return dict(
             path=self.path, layout=self.layout, cameras_known=self.cameras_known,
-            split='made (TEST_SHARE, SPLIT_SEED)' if self.split_made else 'folders/CSV',
+            split=SPLIT_MADE if self.split_made else SPLIT_GIVEN,
             test_share=self.test_share, split_seed=self.split_seed, digest=self.digest(),
             **{f'{split}_ids': count(getattr(self, split)) for split in SPLITS},
             **{f'{split}_images': len(getattr(self, split)) for split in SPLITS},
-            junk_dropped=self.junk_dropped)
+            junk_dropped=self.junk_dropped,
+            **({'recorded_in': printable(self.recorded_in)} if self.recorded_in else {}))
 
     def to_json(self) -> dict:
         """summary() plus every image's split, id and camera (paths relative to the data)."""
@@ -175,6 +180,31 @@ class OwnData:
                     train=rows(self.train, lambda pid: self.train_names[pid]),
                     query=rows(self.query, self.identity_names.get),
                     gallery=rows(self.gallery, self.identity_names.get))
+
+    @classmethod
+    def from_json(cls, block: dict, recorded_in: str | None = None) -> OwnData:
+        """The split `to_json` wrote (one dataset's block of a run's split.json), its paths
+        made absolute again from the dataset folder (a CSV's: the CSV's folder); `recorded_in`:
+        the file it was read from. KeyError, TypeError or ValueError for a block that is not
+        to_json's, or whose rows do not give its digest (changed since)."""
+        base = Path(block['path'])
+        base = base.parent if base.suffix.lower() == '.csv' else base
+        items = lambda split: [(os.path.normpath(os.path.join(base, path)), int(pid),  # noqa
+                                int(camid)) for path, pid, _, camid in block[split]]
+        names = lambda split: {int(pid): name for _, pid, name, _ in block[split]}  # noqa
+        if block['split'] not in (SPLIT_MADE, SPLIT_GIVEN):
+            raise ValueError(f'split {block["split"]!r}')
+        train_names = names('train')
+        data = cls(str(block['path']), str(block['layout']), bool(block['cameras_known']),
+                   block['split'] == SPLIT_MADE, float(block['test_share']),
+                   int(block['split_seed']), items('train'), items('query'), items('gallery'),
+                   identity_names=names('query') | names('gallery'),
+                   train_names=[train_names[label] for label in range(len(train_names))],
+                   camera_names=list(block['camera_names']),
+                   junk_dropped=int(block['junk_dropped']), recorded_in=recorded_in)
+        if data.digest() != block['digest']:
+            raise ValueError(f'the rows of "{printable(data.path)}" do not give its digest')
+        return data
 
 
 def load(value: str, test_share: float = 0.5, split_seed: int = 0) -> OwnData:
@@ -329,7 +359,7 @@ def read_csv(path: Path) -> list[Record]:
         split = cell.get('split') or None
         if split is not None and split not in SPLITS:
             raise problem(f'split {split!r} is none of {", ".join(SPLITS)}')
-        camera = _key(cell['camid']) if cell['camid'] else None
+        camera = cell['camid'] or None       # a name, as a camera folder's: '01' is not '1'
         records.append(Record(str(image), cell['pid'], cell['pid'], camera, split,
                               f'"{path}", row {line}'))
     if not records:
@@ -487,9 +517,35 @@ def choose_queries(images: list[Record], seed: int, cameras_known: bool) -> list
 
 def write_split(run_dir: Path, datasets: list[OwnData]) -> Path:
     """split.json in the run folder: each own dataset's summary and every image's split."""
-    path = Path(run_dir) / 'split.json'
+    path = Path(run_dir) / SPLIT_FILE
     path.write_text(json.dumps([d.to_json() for d in datasets], indent=1) + '\n')
     return path
+
+
+def read_split(run_dir: Path) -> dict[str, OwnData]:
+    """The splits a run folder's split.json recorded (`write_split`), by dataset path; {}
+    when it has none. UserError naming the file when it cannot be read or was changed."""
+    path = Path(run_dir) / SPLIT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        splits = [OwnData.from_json(block, str(path))
+                  for block in json.loads(path.read_text(encoding='utf-8'))]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise UserError(f'"{printable(str(path))}" cannot be read ({type(error).__name__}: '
+                        f'{error}). It records which image went where in that run, and the '
+                        f'run\'s checkpoint has no other record of it: restore the file from a '
+                        f'copy of the run folder, then run again.') from None
+    return {data.path: data for data in splits}
+
+
+def own_split(value: str, s, recorded: dict[str, OwnData] | None = None) -> OwnData:
+    """The split of own-data `value` a run reads (settings `s`): the one `recorded` for it (a
+    run made before training files were recorded: training_files.recorded_splits), else the
+    data read now (`load` with TEST_SHARE and SPLIT_SEED)."""
+    if recorded and value in recorded:
+        return recorded[value]
+    return load(value, s.TEST_SHARE, s.SPLIT_SEED)
 
 
 def missing_split(data: OwnData, split: str, setting: str = 'SOURCES/TARGETS') -> UserError:
@@ -504,12 +560,14 @@ def missing_split(data: OwnData, split: str, setting: str = 'SOURCES/TARGETS') -
                      f'split made (TEST_SHARE).')
 
 
-def check_own_data(value: str, s, as_source: bool) -> OwnData:
+def check_own_data(value: str, s, as_source: bool,
+                   recorded: dict[str, OwnData] | None = None) -> OwnData:
     """Pre-run check of one own-data value of SOURCES/TARGETS (settings `s`): it parses and
-    splits (see `load`), and a source has training images; prints what was found."""
+    splits (see `load`; or its split is `recorded`: see `own_split`), and a source has
+    training images; prints what was found."""
     setting = 'SOURCES' if as_source else 'TARGETS'
     try:
-        data = load(value, s.TEST_SHARE, s.SPLIT_SEED)
+        data = own_split(value, s, recorded)
     except UserError as error:          # name the setting that holds the path
         raise UserError(str(error).replace('SOURCES/TARGETS:', f'{setting}:', 1)) from None
     if as_source and not data.train:
@@ -522,5 +580,6 @@ def check_own_data(value: str, s, as_source: bool) -> OwnData:
              if data.split_made else '')
           + ('' if data.cameras_known else ', cameras unknown')
           + (f', {data.junk_dropped} junk images (pid -1) dropped' if data.junk_dropped else '')
+          + (f', as recorded in "{printable(data.recorded_in)}"' if data.recorded_in else '')
           + '.')
     return data

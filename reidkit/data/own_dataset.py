@@ -16,7 +16,7 @@ from pathlib import Path
 from torchreid.reid.data import register_image_dataset
 from torchreid.reid.data.datasets.dataset import ImageDataset
 
-from reidkit.data.own_data import OwnData, load, missing_split, write_split
+from reidkit.data.own_data import OwnData, missing_split, own_split, printable, write_split
 from reidkit.run.errors import UserError
 from reidkit.run.settings import dataset_list, display_name, is_own_data
 
@@ -59,12 +59,10 @@ def registry() -> dict:
     return vars(datasets)['__image_datasets']
 
 
-def register(value: str, test_share: float, split_seed: int, evaluating: bool = False
-             ) -> OwnData:
-    """Parses and splits the own dataset `value` names and registers it with Torchreid under
-    its absolute path; returns the split. UserError for bad data (see own_data.load).
-    `evaluating`: a missing training split is no error (see OwnImageDataset)."""
-    data = load(value, test_share, split_seed)
+def register(data: OwnData, evaluating: bool = False) -> OwnData:
+    """Registers the split of an own dataset with Torchreid under its absolute path (its
+    `path`); returns it. `evaluating`: a missing training split is no error (see
+    OwnImageDataset)."""
     factory = functools.partial(OwnImageDataset, data, evaluating=evaluating)
     names = registry()
     if data.path not in names:
@@ -74,7 +72,7 @@ def register(value: str, test_share: float, split_seed: int, evaluating: bool = 
         names[data.path] = factory          # ours, from an earlier get_items in this process
     if not data.cameras_known and data.path not in _noted_unknown_cameras:
         _noted_unknown_cameras.add(data.path)
-        print(f'Note: "{data.path}" has no camera information: each query\'s other images '
+        print(f'Note: "{printable(data.path)}" has no camera information: each query\'s other images '
               f'are its matches (nothing is discarded by the same-camera rule), so same-camera '
               f'matches count in its CMC and mAP.')
     return data
@@ -86,10 +84,12 @@ def own_data_values(s) -> list[str]:
                               if is_own_data(v)))
 
 
-def register_all(s, evaluating: bool = False) -> list[OwnData]:
-    """Registers every own-data value of s.SOURCES and s.TARGETS; their splits, in order.
-    `evaluating`: see register."""
-    return [register(v, s.TEST_SHARE, s.SPLIT_SEED, evaluating) for v in own_data_values(s)]
+def register_all(s, evaluating: bool = False, recorded: dict[str, OwnData] | None = None
+                 ) -> list[OwnData]:
+    """Registers every own-data value of s.SOURCES and s.TARGETS, parsed and split now (see
+    own_data.load: UserError for bad data) or as `recorded` (own_data.own_split); their
+    splits, in order. `evaluating`: see register."""
+    return [register(own_split(v, s, recorded), evaluating) for v in own_data_values(s)]
 
 
 def registered(value: str) -> OwnData | None:

@@ -13,7 +13,9 @@ again). A run records every training file of SOURCES twice:
 The check runs before training (TARGETS' query and gallery files against SOURCES' training
 files: every evaluation during training would score them) and before test and visrank (the
 targets against the checkpoint's record). A leak is refused, never dropped: the error names
-the first files on both sides. A model-zoo file carries no record: nothing to check against.
+the first files on both sides. A run made before records were kept has its split.json: its own
+targets are tested on the split recorded there (recorded_splits) and checked against the
+training files listed there. A model-zoo file carries neither: nothing to check against.
 Hashing reads each training file once (the test files only when their size matches a
 training file's); see README "Never a wrong number" for its cost on a million files.
 """
@@ -36,9 +38,10 @@ import torch
 from tqdm import tqdm
 
 from reidkit.data import checks
-from reidkit.data.own_data import load
+from reidkit.data.own_data import SPLIT_FILE, OwnData, own_split, printable, read_split
 from reidkit.run.atomic import atomic_file
 from reidkit.run.errors import UserError
+from reidkit.run.folders import recorded_settings
 from reidkit.run.settings import dataset_list, display_name, is_own_data
 
 RECORD_FILE = 'training_files.csv.gz'       # in the run folder
@@ -218,21 +221,22 @@ def _lookup(recorded: np.ndarray, wanted: np.ndarray) -> list[tuple[int, int]]:
 
 # --- the files of SOURCES and TARGETS ------------------------------------------------------
 
-def dataset_files(s, name: str, splits: Sequence[str]) -> list[str]:
+def dataset_files(s, name: str, splits: Sequence[str],
+                  recorded: dict[str, OwnData] | None = None) -> list[str]:
     """The image files of dataset `name` (a Torchreid name or an own-data path of SOURCES/
     TARGETS, settings `s`) in `splits` ('train', 'query', 'gallery'), as its loader reads
-    them (file lists only: nothing is decoded)."""
+    them (file lists only: nothing is decoded); `recorded`: see own_data.own_split."""
     if is_own_data(name):       # read now: a registration of this process may be older
-        data = load(name, s.TEST_SHARE, s.SPLIT_SEED)
+        data = own_split(name, s, recorded)
         items = {split: getattr(data, split) for split in splits}
     else:
         items = checks.torchreid_items(s, name)
     return [item[0] for split in splits for item in items[split]]
 
 
-def test_files(s) -> dict[str, list[str]]:
+def test_files(s, recorded: dict[str, OwnData] | None = None) -> dict[str, list[str]]:
     """{target's display name: its query and gallery files} for every dataset of TARGETS."""
-    return {display_name(name): dataset_files(s, name, ('query', 'gallery'))
+    return {display_name(name): dataset_files(s, name, ('query', 'gallery'), recorded)
             for name in dict.fromkeys(dataset_list(s.TARGETS))}
 
 
@@ -242,30 +246,36 @@ def record_sources(s) -> TrainingFiles:
                                   for f in dataset_files(s, name, ('train',)))
 
 
-def record_run(s, starting_checkpoint: dict | None = None, resumed_from: Path | None = None
+def record_run(s, start: tuple[dict, Path] | None = None, resumed: bool = False
                ) -> TrainingFiles:
     """The record a training run keeps: every training file of SOURCES, with the files the
-    checkpoint it starts from (RESUME's or INIT_WEIGHTS', `starting_checkpoint`) was trained
-    on. Checked first: a resumed run (`resumed_from`) trains on no file its checkpoint was not
-    trained on (`check_resumed_files`), and no query or gallery file of TARGETS is in the
-    record (every evaluation during training would score it). Prints what it recorded."""
+    checkpoint it starts from (RESUME's or INIT_WEIGHTS': `start` = (its contents, its path))
+    was trained on (`checkpoint_record`: its record, or an older run's split.json). Checked
+    first: a `resumed` run trains on no file its checkpoint was not trained on
+    (`check_resumed_files`), and no query or gallery file of TARGETS is in the record (every
+    evaluation during training would score it). Prints what it recorded."""
     started = time.time()
     record = record_sources(s)
-    if resumed_from is not None:
-        check_resumed_files(record, starting_checkpoint, resumed_from)
-    if starting_checkpoint is not None:
-        record = record.merged(TrainingFiles.from_checkpoint(starting_checkpoint))
+    if start is not None:
+        inherited, note = checkpoint_record(*start)
+        if note:
+            print(f'Note: {note}.')
+        if resumed:
+            check_resumed_files(record, inherited, start[1])
+        record = record.merged(inherited)
     check_targets(record, s, 'SOURCES or the checkpoint this run starts from'
-                  if starting_checkpoint is not None else 'SOURCES (this run\'s training data)')
+                  if start is not None else 'SOURCES (this run\'s training data)')
     print(f'Recorded {len(record)} training files (none is a test file of TARGETS) in '
           f'{time.time() - started:.1f}s.')
     return record
 
 
-def check_targets(record: TrainingFiles, s, whose: str) -> None:
-    """UserError when a query or gallery file of a TARGETS dataset is in `record` (`whose`
-    training files, for the message: 'SOURCES'' or 'the checkpoint'')."""
-    for target, files in test_files(s).items():
+def check_targets(record: TrainingFiles, s, whose: str,
+                  recorded: dict[str, OwnData] | None = None) -> None:
+    """UserError when a query or gallery file of a TARGETS dataset (`recorded`: see
+    own_data.own_split) is in `record` (`whose` training files, for the message: 'SOURCES''
+    or 'the checkpoint'')."""
+    for target, files in test_files(s, recorded).items():
         found = record.leaks(files)
         if found:
             raise leak_error(found, target, whose)
@@ -285,11 +295,12 @@ def leak_error(found: list[Leak], target: str, whose: str) -> UserError:
         f'test on other data; nothing was run.')
 
 
-def check_resumed_files(record: TrainingFiles, saved: dict, checkpoint: Path) -> None:
-    """RESUME: every training file of SOURCES now (`record`) is one the checkpoint (`saved`)
-    was trained on; UserError naming the first new one otherwise (the data changed: resuming
-    would train on other images than the run records). Nothing to compare without a record."""
-    carried = TrainingFiles.from_checkpoint(saved)
+def check_resumed_files(record: TrainingFiles, carried: TrainingFiles | None,
+                        checkpoint: Path) -> None:
+    """RESUME: every training file of SOURCES now (`record`) is one the checkpoint was trained
+    on (`carried`, its record); UserError naming the first new one otherwise (the data
+    changed: resuming would train on other images than the run records). Nothing to compare
+    without a record."""
     if carried is None:
         return
     known = {n for n, _ in _lookup(carried.hashes, record.hashes)}
@@ -303,23 +314,97 @@ def check_resumed_files(record: TrainingFiles, saved: dict, checkpoint: Path) ->
             f'--INIT_WEIGHTS={checkpoint} instead of --RESUME.')
 
 
-def checkpoint_record(saved: dict, checkpoint: Path) -> TrainingFiles | None:
-    """What the checkpoint was trained on: its own record, with the full record of the run
-    folder it lies in (<run>/model/<file>) for the files' names; None when it carries none."""
+def run_folder(checkpoint: Path) -> Path:
+    """The run folder a checkpoint lies in (<run>/model/<file>)."""
+    return Path(checkpoint).resolve().parent.parent
+
+
+def older_run_splits(saved: dict, checkpoint: Path) -> dict[str, OwnData]:
+    """A run made before training files were recorded (its checkpoint `saved` carries no
+    record): the own-data splits its run folder's split.json recorded, by dataset path; {}
+    for a checkpoint with a record, or with no split.json beside it. UserError when that
+    split.json cannot be read (own_data.read_split)."""
+    if TrainingFiles.from_checkpoint(saved) is not None:
+        return {}
+    return read_split(run_folder(checkpoint))
+
+
+def recorded_splits(s, saved: dict, checkpoint: Path) -> dict[str, OwnData]:
+    """Test and visrank of a run made before training files were recorded: {own-data target
+    of TARGETS: the split its split.json recorded} (older_run_splits), unless TEST_SHARE or
+    SPLIT_SEED is given on the command line (then split anew, and the leak check guards the
+    new split). Data whose folder or CSV names read differently since (`0`, `-1`, `01`) would
+    split differently now: its training images could land among the test images.
+
+    UserError when a recorded query or gallery image is gone, naming it and split.json: the
+    run's test set is the recorded one or none. Leaving an image out would measure another
+    test set under the run's name (a query fewer changes the average; a gallery image fewer
+    is a match or a distractor fewer, which moves rank-1 and mAP)."""
+    if {'TEST_SHARE', 'SPLIT_SEED'} & s.given:
+        return {}
+    older = older_run_splits(saved, checkpoint)
+    chosen = {name: older[name] for name in dict.fromkeys(dataset_list(s.TARGETS))
+              if is_own_data(name) and name in older}
+    for data in chosen.values():
+        gone = next((path for split in ('query', 'gallery') for path, _, _ in getattr(data, split)
+                     if not os.path.isfile(path)), None)
+        if gone is not None:
+            raise UserError(
+                f'TARGETS: "{printable(gone)}", a test image of "{printable(data.path)}" as the '
+                f'run of "{checkpoint}" recorded it in "{printable(data.recorded_in)}", is no '
+                f'longer there (that run was made before training files were recorded, so it '
+                f'is tested on the split it recorded, and a test without that image would not '
+                f'be its test). Put the image back, or split the data anew with '
+                f'--SPLIT_SEED=<n> (a test image that the run trained on is then refused).')
+    return chosen
+
+
+def older_run_record(saved: dict, checkpoint: Path) -> tuple[TrainingFiles | None, str]:
+    """A run made before training files were recorded: (the record of the training files its
+    split.json lists for its own-data SOURCES that are still there, or None when it lists
+    none; the note for the log saying what the test images are checked against)."""
+    splits = older_run_splits(saved, checkpoint)
+    sources = recorded_settings(saved).get('SOURCES')     # None: not stored, take every split
+    sources = dataset_list(sources) if sources is not None else list(splits)
+    listed = [path for name in sources if name in splits for path, _, _ in splits[name].train]
+    carries = f'"{checkpoint}" carries no record of its training images'
+    if not listed:
+        return None, (f'{carries} (a model-zoo file, or one written by an older version): '
+                      f'nothing to check the test images against')
+    there = [path for path in listed if os.path.isfile(path)]
+    unknown = [display_name(name) for name in sources if name not in splits]
+    return TrainingFiles.of_files(there, 'Hashing the run\'s recorded training files'), (
+        f'{carries} (written by an older version): the test images are checked against the '
+        f'{len(there)} training images its run\'s {SPLIT_FILE} lists'
+        + (f' ({len(listed) - len(there)} more it lists are gone)' if len(there) < len(listed)
+           else '')
+        + (f'; those of {", ".join(unknown)} are not known' if unknown else ''))
+
+
+def checkpoint_record(saved: dict, checkpoint: Path) -> tuple[TrainingFiles | None, str | None]:
+    """What the checkpoint was trained on, and a note for the log (None when it needs none):
+    its own record, with the full record of the run folder it lies in (<run>/model/<file>)
+    for the files' names; else its run's split.json (older_run_record); None when there is
+    neither."""
     carried = TrainingFiles.from_checkpoint(saved)
     if carried is None:
-        return None
-    in_run = TrainingFiles.read(Path(checkpoint).resolve().parent.parent)
-    return in_run.merged(carried) if in_run is not None else carried
+        return older_run_record(saved, checkpoint)
+    in_run = TrainingFiles.read(run_folder(checkpoint))
+    return (in_run.merged(carried) if in_run is not None else carried), None
 
 
-def check_not_trained_on(s, saved: dict, checkpoint: Path) -> list[str]:
-    """Test and visrank: no query or gallery file of TARGETS is a training file of the
-    checkpoint (`saved`, read from `checkpoint`); UserError (leak_error) if one is. Returns
-    the notes for the log: 'nothing to check against' for a checkpoint without a record."""
-    record = checkpoint_record(saved, checkpoint)
-    if record is None:
-        return [f'"{checkpoint}" carries no record of its training images (a model-zoo file, or '
-                f'one written by an older version): nothing to check the test images against']
-    check_targets(record, s, f'the checkpoint "{checkpoint}"')
-    return []
+def check_not_trained_on(s, saved: dict, checkpoint: Path,
+                         recorded: dict[str, OwnData] | None = None) -> list[str]:
+    """Test and visrank: no query or gallery file of TARGETS (`recorded`: own data tested on
+    an older run's recorded split, see recorded_splits) is a training file of the checkpoint
+    (`saved`, read from `checkpoint`); UserError (leak_error) if one is. Returns the notes
+    for the log: the splits taken from split.json, and what the test images were checked
+    against when the checkpoint carries no record ('nothing to check against' without one)."""
+    notes = [f'"{printable(data.path)}" is tested on the split its run recorded in '
+             f'"{printable(data.recorded_in)}" (made before training files were recorded; '
+             f'today\'s reading of its names may split it differently)'
+             for data in (recorded or {}).values()]
+    record, note = checkpoint_record(saved, checkpoint)
+    if record is not None:
+        check_targets(record, s, f'the checkpoint "{checkpoint}"', recorded)
+    return notes + ([note] if note else [])
