@@ -1,5 +1,7 @@
 """search's index for large galleries: exact below SEARCH_EXACT_UP_TO, IVF-PQ with exact
 re-ranking above it, kept up to date with the gallery and never left half-written."""
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +253,153 @@ def test_train_then_search_without_query_and_gallery_stops_before_training(tmp_p
     err = capsys.readouterr().err
     assert err.startswith('error: search needs --QUERY=') and len(err.strip().splitlines()) == 1
     assert not experiments.exists()         # no run folder: nothing was trained
+
+
+# FAISS's GPU API, as far as the index uses it, stood in for on the CPU: the stand-ins refuse
+# what FAISS's GPU code refuses (checked against faiss/gpu/GpuIndexIVFPQ.cu, IndexUtils.cu and
+# FAISS >= 1.13's Index wrappers) and otherwise search as the CPU index they were copied from.
+GPU_SHARED_MEMORY = 48 * 1024       # per block, as FAISS asks the device
+
+
+class StandInGpuResources:
+    made = weakref.WeakSet()        # those not freed yet
+
+    def __init__(self):
+        StandInGpuResources.made.add(self)
+
+
+class StandInClonerOptions:
+    def __init__(self):
+        self.useFloat16 = False
+
+
+class StandInGpuIndex:
+    """A GpuIndexIVFPQ: no attributes but its own (__slots__, as FAISS >= 1.13 refuses unknown
+    ones), k and nprobe up to 2,048, a copy of the CPU index's codes."""
+    __slots__ = ('cpu', 'resources', 'options')
+
+    def __init__(self, cpu, resources, options):
+        self.cpu, self.resources, self.options = cpu, resources, options
+
+    def search(self, queries, k):
+        if k > 2048 or self.cpu.nprobe > 2048:
+            raise RuntimeError(f'GPU index only supports min/max-K selection up to 2048 '
+                               f'(requested {k})')
+        return self.cpu.search(queries, k)
+
+
+class StandInGpuParameterSpace:
+    def set_index_parameter(self, index, name, value):
+        assert isinstance(index, StandInGpuIndex) and name == 'nprobe'
+        index.cpu.nprobe = value
+
+
+@pytest.fixture
+def gpu_faiss(monkeypatch):
+    """The installed faiss with a GPU stood in for; what was copied to the 'GPU' is listed."""
+    import faiss
+    copied = []
+
+    def index_cpu_to_gpu(resources, device, index, options=None):
+        assert isinstance(resources, StandInGpuResources) and device == 0
+        if isinstance(index, faiss.IndexFlat):      # the clustering index: a plain flat one
+            copied.append(faiss.IndexFlatL2(index.d))
+            return copied[-1]
+        table = index.pq.M * 2 ** index.pq.nbits * (2 if options and options.useFloat16 else 4)
+        if index.pq.nbits != 8:
+            raise RuntimeError(f'Bits per code must be 8 (passed {index.pq.nbits})')
+        if table > GPU_SHARED_MEMORY:
+            raise RuntimeError(f'Device 0 has {GPU_SHARED_MEMORY} bytes of shared memory, while '
+                               f'8 bits per code and {index.pq.M} sub-quantizers requires '
+                               f'{table} bytes. Consider useFloat16LookupTables')
+        copied.append(StandInGpuIndex(faiss.clone_index(index), resources, options))
+        return copied[-1]
+
+    for name, value in {'StandardGpuResources': StandInGpuResources,
+                        'GpuClonerOptions': StandInClonerOptions,
+                        'GpuParameterSpace': StandInGpuParameterSpace,
+                        'index_cpu_to_gpu': index_cpu_to_gpu,
+                        'get_num_gpus': lambda: 1}.items():
+        monkeypatch.setattr(faiss, name, value, raising=False)
+    yield copied
+    copied.clear()
+    gc.collect()
+    assert not StandInGpuResources.made         # nothing of the index's keeps them
+
+
+def test_the_gpu_searches_512_d_features_with_float16_tables_and_keeps_its_resources(
+        tmp_path, gpu_faiss, capsys):
+    features, queries = _clustered(600, 512)
+    features = _on_disk(tmp_path, features)
+    ids = np.arange(600)
+    shape = search_index.plan(600, 512)
+    assert (shape.m, shape.nbits) == (64, 8)        # 64-byte codes: float32 tables do not fit
+    index = search_index.build(features, ids, shape)
+    # The coarse k-means ran on the 'GPU' and that index was let go (FAISS does not own it).
+    clustering = gpu_faiss.pop()
+    assert index.index.clustering_index is None and clustering.thisown
+    freed = weakref.ref(clustering)
+    del clustering
+    assert freed() is None and not StandInGpuResources.made
+    index.searcher = index.index                     # as without a GPU
+    on_cpu = search_index.rank_candidates(index, queries, features, ids, 20, nprobe=8)
+    index.searcher = None
+    capsys.readouterr()
+    for _ in range(2):
+        ranked = search_index.rank_candidates(index, queries, features, ids, 20, nprobe=8)
+    (searcher,) = gpu_faiss
+    assert index.searcher is searcher and searcher.options.useFloat16
+    assert index.gpu is searcher.resources and len(StandInGpuResources.made) == 1
+    assert 'Note' not in capsys.readouterr().out
+    for (order, distances), (want_order, want_distances) in zip(ranked, on_cpu):
+        assert np.array_equal(order, want_order) and np.array_equal(distances, want_distances)
+    # The gallery changed: the GPU copy is stale, and its resources go with it.
+    search_index.update(index, features, ids[:-1])
+    assert index.searcher is None and index.gpu is None
+    del searcher
+    gpu_faiss.clear()
+    gc.collect()
+    assert not StandInGpuResources.made
+
+
+def test_more_candidates_than_the_gpu_returns_are_searched_on_the_cpu(tmp_path, gpu_faiss,
+                                                                      capsys):
+    features, queries = _clustered(2_600, 16)
+    features = _on_disk(tmp_path, features)
+    ids = np.arange(2_600)
+    index = search_index.build(features, ids, search_index.plan(2_600, 16))
+    gpu_faiss.clear()
+    index.searcher = index.index                     # as without a GPU
+    want = search_index.rank_candidates(index, queries[:5], features, ids, 2_100, nprobe=64)
+    index.searcher = None
+    capsys.readouterr()
+    ranked = search_index.rank_candidates(index, queries[:5], features, ids, 2_100, nprobe=64)
+    assert isinstance(index.searcher, StandInGpuIndex)       # kept for smaller searches
+    out = capsys.readouterr().out
+    assert out.count('Note') == 1 and '2,048' in out
+    assert 'SEARCH_CSV_ROWS (2,100 candidates per query)' in out
+    for (order, distances), (want_order, want_distances) in zip(ranked, want):
+        assert np.array_equal(order, want_order) and np.array_equal(distances, want_distances)
+    assert len(ranked[0][0]) == 2_100
+    # nprobe above the GPU's limit likewise (a gallery of 10M has 4,096 lists)
+    index.plan = search_index.Plan('ivfpq', 16, 4_096, 4, 8)
+    search_index.rank_candidates(index, queries[:5], features, ids, 10, nprobe=3_000)
+    assert 'SEARCH_NPROBE' in capsys.readouterr().out
+    search_index.rank_candidates(index, queries[:5], features, ids, 10, nprobe=8)
+    assert capsys.readouterr().out == ''
+
+
+def test_an_index_the_gpu_refuses_is_searched_on_the_cpu_said_once(tmp_path, gpu_faiss,
+                                                                  capsys):
+    features, queries = _clustered(200, 16)         # under 256 images: 7-bit codes
+    features = _on_disk(tmp_path, features)
+    ids = np.arange(200)
+    index = search_index.build(features, ids, search_index.plan(200, 16))
+    capsys.readouterr()
+    for _ in range(2):
+        search_index.rank_candidates(index, queries, features, ids, 10, nprobe=4)
+    out = capsys.readouterr().out
+    assert out.count('Note') == 1 and 'Bits per code must be 8' in out
+    assert index.searcher is index.index and index.gpu is None      # nothing held for nothing
+    gc.collect()
+    assert not StandInGpuResources.made

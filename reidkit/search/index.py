@@ -29,6 +29,8 @@ ADD_CHUNK = 8_192           # rows added at a time: FAISS encodes them with 64 K
 SCATTERED = 256             # scattered rows read between releases of their pages
 MIN_CANDIDATES = 300        # re-ranked per query at least, however few rows are wanted
 PQ_BYTES = 64               # code bytes per image (one byte per sub-quantiser)
+GPU_MAX_K = 2_048           # the most candidates (and lists probed) FAISS's GPU search gives
+GPU_TABLE_BYTES = 48 * 1024  # shared memory FAISS's GPU IVF-PQ keeps a query's tables in
 
 
 class Unusable(Exception):
@@ -75,6 +77,7 @@ class GalleryIndex:
     plan: Plan
     searcher: object = None  # the index on a GPU when FAISS has one, else the index itself
     generation: str = ''    # of the feature cache whose ids it holds (see cache.Manifest)
+    gpu: object = None      # FAISS's GPU resources the searcher runs on, held as long as it
 
 
 def check_place(path: Path, what: str) -> None:
@@ -131,9 +134,6 @@ def build(features: np.ndarray, ids: np.ndarray, shape: Plan) -> GalleryIndex:
     # The sample is sized on purpose; FAISS's "too few points" warnings only concern
     # galleries of a few hundred images, where every row is re-ranked exactly anyway.
     index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1
-    gpu = _gpu()
-    if gpu is not None:                 # the coarse k-means on the GPU; the index stays here
-        index.clustering_index = faiss.index_cpu_to_gpu(gpu, 0, faiss.IndexFlatL2(shape.dim))
     rows = np.sort(np.random.default_rng(0).choice(
         len(ids), min(len(ids), shape.training_rows), replace=False))
     sample = read_rows(features, rows)
@@ -142,10 +142,28 @@ def build(features: np.ndarray, ids: np.ndarray, shape: Plan) -> GalleryIndex:
         sample = np.resize(sample, (2 ** shape.nbits, shape.dim))
     print(f'Index: training IVF-PQ ({shape.nlist:,} lists, {shape.m}-byte codes) on '
           f'{len(rows):,} sampled gallery features ...', flush=True)
-    index.train(sample)
+    _train(index, sample)
     del sample
     _add(index, features, np.arange(len(ids)), ids)
     return GalleryIndex(index, np.array(ids, dtype=np.int64), shape)
+
+
+def _train(index, sample: np.ndarray) -> None:
+    """index.train(sample), its coarse k-means on the GPU where FAISS has one. FAISS neither
+    owns nor frees an index set as clustering_index (and assigning it takes it from Python):
+    it is kept here and let go, with its GPU memory, once trained."""
+    gpu = _gpu()
+    if gpu is None:
+        index.train(sample)
+        return
+    faiss = _faiss()
+    clustering = faiss.index_cpu_to_gpu(gpu, 0, faiss.IndexFlatL2(index.d))
+    index.clustering_index = clustering
+    clustering.thisown = True           # ours again: freed with this function's reference
+    try:
+        index.train(sample)
+    finally:
+        index.clustering_index = None
 
 
 def _add(index, features: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> None:
@@ -166,7 +184,7 @@ def update(found: GalleryIndex, features: np.ndarray, ids: np.ndarray) -> tuple[
         found.index.remove_ids(gone)
     if len(new):
         _add(found.index, features, np.searchsorted(ids, new), ids)
-    found.ids, found.searcher = np.array(ids, dtype=np.int64), None
+    found.ids, found.searcher, found.gpu = np.array(ids, dtype=np.int64), None, None
     return len(new), len(gone)
 
 
@@ -268,15 +286,31 @@ def _gpu():
     return faiss.StandardGpuResources()
 
 
-def _searcher(found: GalleryIndex):
+def _searcher(found: GalleryIndex, wanted: int, nprobe: int):
+    """The index to search for `wanted` candidates per query in `nprobe` lists: its copy on
+    the GPU where FAISS has one that takes this index, made once and kept on `found` with its
+    resources; the index itself otherwise, or for more candidates or lists than FAISS's GPU
+    search gives (the same results, on the CPU), each said in a one-line note."""
     if found.searcher is None:
-        found.searcher, gpu = found.index, _gpu()
+        found.searcher = found.index
+        gpu = _gpu()
         if gpu is not None:
+            faiss = _faiss()
+            options = faiss.GpuClonerOptions()
+            # 64-byte codes (512-d and 2048-d features) need float16 tables to fit; the
+            # candidates are re-ranked exactly, so their distances lose nothing.
+            options.useFloat16 = found.plan.m * 2 ** found.plan.nbits * 4 > GPU_TABLE_BYTES
             try:
-                found.searcher = _faiss().index_cpu_to_gpu(gpu, 0, found.index)
-                found.searcher.referenced_resources = gpu      # must outlive the GPU index
+                found.searcher, found.gpu = faiss.index_cpu_to_gpu(gpu, 0, found.index,
+                                                                   options), gpu
             except RuntimeError as error:   # a shape the GPU kernels lack: the CPU index serves
                 print(f'Note: the index is searched on the CPU ({error}).')
+    if found.searcher is not found.index and max(wanted, nprobe) > GPU_MAX_K:
+        print(f'Note: the index is searched on the CPU this time (same results, slower): '
+              + (f'SEARCH_CSV_ROWS ({wanted:,} candidates per query)' if wanted > GPU_MAX_K
+                 else f'SEARCH_NPROBE={nprobe:,}') + f' is more than FAISS\'s GPU search takes '
+              f'({GPU_MAX_K:,}).', flush=True)
+        return found.index
     return found.searcher
 
 
@@ -289,10 +323,10 @@ def rank_candidates(found: GalleryIndex, queries: np.ndarray, features: np.ndarr
     faiss = _faiss()
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     check_finite(queries, 'query features')
-    searcher = _searcher(found)
+    wanted, nprobe = min(max(rows, MIN_CANDIDATES), len(ids)), min(nprobe, found.plan.nlist)
+    searcher = _searcher(found, wanted, nprobe)
     space = faiss.ParameterSpace() if searcher is found.index else faiss.GpuParameterSpace()
-    space.set_index_parameter(searcher, 'nprobe', min(nprobe, found.plan.nlist))
-    wanted = min(max(rows, MIN_CANDIDATES), len(ids))
+    space.set_index_parameter(searcher, 'nprobe', nprobe)
     _, candidates = searcher.search(queries, wanted)        # ids; -1 past the last one found
     ranked = []
     for query, found_ids in zip(queries, candidates):
