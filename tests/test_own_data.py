@@ -22,12 +22,15 @@ from reidkit.run.settings import parse_override_args
 
 
 def _image(path: Path, shade: int = 0) -> Path:
-    """An 8x16 image of one colour per shade, with a faint noise of its own (seeded by the
-    path): no two files are byte-identical, which would make a test image a training image."""
+    """An 8x16 image of one colour per shade, with a row of random pixels of its own (seeded
+    by the path) that JPEG cannot smooth away: no two files are byte-identical, which would
+    make a test image a training image."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    colour = np.array([(shade * 37) % 256, (shade * 91) % 256, (shade * 53) % 256])
-    noise = np.random.default_rng(zlib.crc32(str(path).encode())).integers(-4, 5, (16, 8, 3))
-    Image.fromarray(np.clip(colour + noise, 0, 255).astype(np.uint8)).save(path)
+    pixels = np.empty((16, 8, 3), np.uint8)
+    pixels[:] = [(shade * 37) % 256, (shade * 91) % 256, (shade * 53) % 256]
+    rng = np.random.default_rng(zlib.crc32(str(path).encode()))
+    pixels[rng.integers(0, 15), :] = rng.integers(0, 256, (8, 3))
+    Image.fromarray(pixels).save(path)
     return path
 
 
