@@ -121,6 +121,29 @@ def test_mixed_sizes_are_grouped_and_resized_like_torchreid(tmp_path, train_item
     assert trained(images.gather([0, 1, 2, 3])).shape == (4, 3, 64, 32)
 
 
+def test_mixed_sizes_are_placed_by_an_index_copied_without_waiting(monkeypatch):
+    """Each size's slots in the batch are an index built on the host and copied with
+    non_blocking=True (torch.tensor(..., device=cuda) would wait for the GPU once per size
+    per batch); 'meta' stands for the GPU. The result is each image's own resize."""
+    images = [torch.randint(0, 256, (3, *size), dtype=torch.uint8)
+              for size in [(40, 20), (64, 32), (40, 20), (50, 30)]]
+    transform = DeviceTransform(32, 16, train=False)
+    expected = torch.cat([transform.resize(image[None]) for image in images])
+    assert torch.equal(transform.resize(images), expected)
+    copies, to = [], torch.Tensor.to
+
+    def recording_to(tensor, *args, **kwargs):
+        moved = to(tensor, *args, **kwargs)
+        copies.append((tensor.device.type, tensor.dtype, moved.device.type,
+                       kwargs.get('non_blocking', False)))
+        return moved
+    monkeypatch.setattr(torch.Tensor, 'to', recording_to)
+    on_device = transform.resize([image.to('meta') for image in images])
+    assert on_device.device.type == 'meta' and on_device.shape == expected.shape
+    index_copies = [copy for copy in copies if copy[1] == torch.int64]
+    assert index_copies == [('cpu', torch.int64, 'meta', True)] * 3     # one per size
+
+
 def test_an_unreadable_image_is_a_user_error_naming_it(tmp_path, train_items):
     truncated = tmp_path / 'truncated.jpg'
     truncated.write_bytes(Path(train_items[0][0]).read_bytes()[:400])  # header, half a scan

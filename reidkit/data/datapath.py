@@ -65,6 +65,15 @@ def _decode(path: str) -> np.ndarray:
     return np.array(read_image(path))     # writable, so torch.from_numpy takes it quietly
 
 
+def _index_on(device: torch.device, values: Sequence[int]) -> torch.Tensor:
+    """int64 `values` on `device`, made on the host (pinned for a GPU) and copied without
+    waiting: torch.tensor(values, device='cuda') is a blocking copy, one GPU sync per call."""
+    index = torch.tensor(values, dtype=torch.int64)
+    if device.type == 'cuda':
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)
+
+
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -334,7 +343,7 @@ class DeviceTransform:
             slots_of_size[tuple(image.shape)].append(slot)
         for slots in slots_of_size.values():
             same = torch.stack([images[slot] for slot in slots]).float()
-            out[torch.tensor(slots, device=out.device)] = _bilinear(same, size)
+            out[_index_on(out.device, slots)] = _bilinear(same, size)
         return out
 
     def apply(self, images, params: dict | None = None) -> torch.Tensor:
@@ -377,7 +386,7 @@ class CachedLoader:
     def __iter__(self) -> Iterator[dict]:
         order = list(iter(self.sampler))    # Torchreid's sampler, drawn on the host as before
         store = self.images.device          # where the images are gathered
-        indices = torch.tensor(order, dtype=torch.int64).to(store)
+        indices = _index_on(store, order)
         count = len(order) // self.batch_size if self.drop_last else \
             math.ceil(len(order) / self.batch_size)
         for start in range(0, count * self.batch_size, self.batch_size):
