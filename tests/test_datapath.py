@@ -436,6 +436,35 @@ def test_torchreids_loader_gets_a_worker_per_spare_core(tiny_data_root, monkeypa
     assert datapath.with_machine_workers(manager) == 16          # at most 16
 
 
+def test_processes_on_one_machine_share_its_cores(train_items, monkeypatch):
+    """Under DDP each of LOCAL_WORLD_SIZE processes gets its share of the cores for loader
+    workers and decoding processes, not the whole machine each."""
+    monkeypatch.setattr(datapath, '_cpu_count', lambda: 16)
+    pools = []
+
+    class Context:
+        def Pool(self, workers):
+            pools.append(workers)
+            return FakePool()
+
+    class FakePool:
+        def imap(self, function, values, chunksize=1):
+            return map(function, values)
+
+        def terminate(self):
+            pass
+    monkeypatch.setattr(datapath.multiprocessing, 'get_context', lambda: Context())
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert datapath.machine_workers() == 15
+    DecodedImages(train_items, progress=None)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    assert datapath.machine_workers() == 3                       # 4 cores each, one for itself
+    DecodedImages(train_items, progress=None)
+    assert pools == [16, 4]
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '32')                 # more processes than cores
+    assert datapath.machine_workers() == 1
+
+
 def test_a_loader_over_a_host_copy_moves_batches_to_its_device(train_items):
     """Images kept on the host (pinned when CUDA is there) and batches made on `device`."""
     device = 'cuda' if torch.cuda.is_available() else 'cpu'

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from reidkit.data.images import read_image, unreadable_image, upright_size
+from reidkit.run import distributed
 from reidkit.run.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # Torchreid's defaults when norm_mean/norm_std are None
@@ -81,12 +82,17 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _cores_per_process() -> int:
+    """This process's share of the cores: under DDP the processes on a machine share them."""
+    return max(1, _cpu_count() // distributed.processes_on_this_machine())
+
+
 class DecodedImages:
     """Every image of a Torchreid dataset list (items `(path, pid, camid, dsetid)`) decoded once,
     at its stored size, into uint8 (3, H, W). Images of one size share one contiguous
     (N, 3, H, W) tensor; a list of mixed sizes keeps one such tensor per size.
 
-    `workers` processes decode (None: one per core, at most 16); `sizes` are the images'
+    `workers` processes decode (None: one per core of this process's share, at most 16); `sizes` are the images'
     (height, width) when already read from their headers; `progress` is the progress bar's
     text (None: no bar). UserError naming the file for an image that cannot be read."""
 
@@ -115,7 +121,7 @@ class DecodedImages:
         self._fill(workers, progress)
 
     def _fill(self, workers: int | None, progress: str | None) -> None:
-        workers = workers or min(_cpu_count(), 16)
+        workers = workers or min(_cores_per_process(), 16)
         if workers <= 1 or len(self.paths) < SMALL_LIST:
             pool = None
             decoded = map(_decode, self.paths)
@@ -420,8 +426,9 @@ def loader_like(loader: DataLoader, dataset=None, workers: int | None = None,
 
 def machine_workers() -> int:
     """Loader processes for a machine whose images are decoded by Torchreid's loader: one per
-    core, leaving one for the training process, at most 16."""
-    return max(1, min(16, _cpu_count() - 1))
+    core of this process's share (LOCAL_WORLD_SIZE processes share the machine), leaving one
+    for the training process, at most 16."""
+    return max(1, min(16, _cores_per_process() - 1))
 
 
 def with_machine_workers(datamanager) -> int | None:

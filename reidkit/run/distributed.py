@@ -56,6 +56,15 @@ def current() -> ProcessRank:
     return _current
 
 
+def processes_on_this_machine() -> int:
+    """How many processes of this run share this machine's cores: LOCAL_WORLD_SIZE (set by
+    torchrun and by our launcher), 1 without it."""
+    try:
+        return max(1, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    except ValueError:          # not ours to judge: torchrun sets it
+        return 1
+
+
 def rank_seed(seed: int) -> int:
     """This process's random seed from the run's SEED: under DDP each process draws its own
     augmentations (and data-path shuffles), while rank 0's weights are broadcast to all."""
