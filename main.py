@@ -132,7 +132,7 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
                 f'({s.BATCH_SIZE_TRAIN} per process); learning rate {lr:g}'
               + (' (LR_SCALING=linear)' if s.LR_SCALING == 'linear' else '')
               + ('; SyncBatchNorm' if s.SYNC_BN else ''))
-    fast = fast_training(s, model, optimizer, datamanager)
+    fast = fast_training(s, model, optimizer, datamanager, training)
     if training:
         print(fast.line)
     if not use_gpu and (note := busy_cpu_note()):

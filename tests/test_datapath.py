@@ -358,6 +358,21 @@ def test_the_cap_keeps_torchreids_loader(softmax_manager):
     assert loaders is None and 'GiB' in why
 
 
+def test_evaluating_decodes_no_training_image(softmax_manager, monkeypatch):
+    """test/visrank never train: the training split is neither decoded nor counted."""
+    decoded = []
+    monkeypatch.setattr(datapath, '_decode', lambda path: decoded.append(path) or
+                        np.array(read_image(path)))
+    (train, tests), why = cached(softmax_manager, train=False, workers=1)
+    assert train is None
+    test_paths = {item[0] for splits in softmax_manager.test_dataset.values()
+                  for items in splits.values() for item in items}
+    assert sorted(decoded) == sorted(test_paths)
+    gib = sum(3 * 128 * 64 for _ in test_paths) / 2 ** 30      # the demo's stored size
+    assert why == f'{gib:.2f} GiB decoded'
+    assert [len(list(tests['market1501'][split])) for split in ('query', 'gallery')] == [1, 1]
+
+
 def test_a_cached_epoch_sees_every_image_at_most_once(softmax_manager):
     (train, _), _ = cached(softmax_manager, workers=1)
     torchreid_loader = softmax_manager.train_loader

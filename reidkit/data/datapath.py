@@ -461,10 +461,11 @@ def dataset_of(loader):
 @dataclass(frozen=True)
 class CacheRequest:
     """What `build_cached_loaders` builds: images resized to (height, width) and augmented by
-    `transforms` (Torchreid's names) on `device`, at most `cap_gib` GiB decoded; training draws
-    from `seed` (None: from torch's global generator); `workers` decoding processes (None: one
-    per core); test features `test_batch_size` images at a time where given (BATCH_SIZE_TEST
-    if larger): evaluation has no gradients to keep, so a GPU takes far more than 100 at once."""
+    `transforms` (Torchreid's names) on `device`, at most `cap_gib` GiB decoded; the training
+    split only with `train` (test and visrank never read it); training draws from `seed`
+    (None: from torch's global generator); `workers` decoding processes (None: one per core);
+    test features `test_batch_size` images at a time where given (BATCH_SIZE_TEST if larger):
+    evaluation has no gradients to keep, so a GPU takes far more than 100 at once."""
     transforms: Sequence[str] | str | None
     height: int
     width: int
@@ -473,12 +474,13 @@ class CacheRequest:
     seed: int | None = None
     workers: int | None = None
     test_batch_size: int | None = None
+    train: bool = True
 
 
 def build_cached_loaders(datamanager, request: CacheRequest):
     """(loaders, why): loaders is (train_loader, test_loaders) over images decoded once and
     kept on `request.device`, with test_loaders shaped like Torchreid's {name: {'query',
-    'gallery'}}, or None when Torchreid's loader must stay (transforms not implemented here,
+    'gallery'}} and train_loader None without `request.train`, or None when Torchreid's loader must stay (transforms not implemented here,
     k_tfm > 1, or more than `request.cap_gib` GiB decoded); `why` says which path, in words
     for the log. UserError naming the file for an image that cannot be read."""
     names = _transform_names(request.transforms)
@@ -486,10 +488,10 @@ def build_cached_loaders(datamanager, request: CacheRequest):
         return None, (f'{", ".join(DeviceTransform.unsupported(names))} not implemented on '
                       f'the device')
     train_data = dataset_of(datamanager.train_loader)
-    if getattr(train_data, 'k_tfm', 1) != 1:
+    if request.train and getattr(train_data, 'k_tfm', 1) != 1:
         return None, f'k_tfm={train_data.k_tfm} not implemented on the device'
     # (train?, loader, its dataset list), train first; test loaders keyed by (name, split).
-    lists = {None: (True, datamanager.train_loader, train_data.data)}
+    lists = {None: (True, datamanager.train_loader, train_data.data)} if request.train else {}
     for name, splits in datamanager.test_loader.items():
         for split, loader in splits.items():
             lists[(name, split)] = (False, loader, dataset_of(loader).data)
@@ -514,4 +516,4 @@ def build_cached_loaders(datamanager, request: CacheRequest):
                                    loader.sampler, batch_size, loader.drop_last)
     test_loaders = {name: {split: cached[(name, split)] for split in splits}
                     for name, splits in datamanager.test_loader.items()}
-    return (cached[None], test_loaders), f'{gib:.2f} GiB decoded'
+    return (cached.get(None), test_loaders), f'{gib:.2f} GiB decoded'

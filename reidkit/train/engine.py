@@ -78,13 +78,13 @@ class ReidkitEngineMixin:
         self._rerank = False               # run()'s rerank, for the evaluations in training
         self.divergence = DivergenceWatch()
         self._print_freq = 10
-        if loaders is not None:            # images decoded once, augmented on the device
-            self.train_loader, self.test_loader = loaders
-        else:
-            self.train_loader = reading_with_reidkit(self.train_loader)
-            self.test_loader = {name: {split: reading_with_reidkit(loader)
-                                       for split, loader in splits.items()}
-                                for name, splits in self.test_loader.items()}
+        # images decoded once, augmented on the device (no training loader when evaluating)
+        train_loader, test_loader = loaders if loaders is not None else (None, None)
+        self.train_loader = reading_with_reidkit(self.train_loader) if train_loader is None \
+            else train_loader
+        self.test_loader = test_loader if test_loader is not None else \
+            {name: {split: reading_with_reidkit(loader) for split, loader in splits.items()}
+             for name, splits in self.test_loader.items()}
 
     def run(self, save_dir='log', *args, **kwargs):
         self.save_dir = Path(save_dir)
