@@ -77,9 +77,9 @@ def softmax_manager(tiny_data_root):
     return datamanager(tiny_data_root)
 
 
-def cached(manager, transforms=('random_flip',), **request):
+def cached(manager, transforms=('random_flip',), device='cpu', **request):
     """build_cached_loaders at 32x16 on the CPU, under a 1 GiB cap unless given."""
-    return build_cached_loaders(manager, CacheRequest(list(transforms), 32, 16, 'cpu',
+    return build_cached_loaders(manager, CacheRequest(list(transforms), 32, 16, device,
                                                       **{'cap_gib': 1.0, **request}))
 
 
@@ -142,6 +142,34 @@ def test_mixed_sizes_are_placed_by_an_index_copied_without_waiting(monkeypatch):
     assert on_device.device.type == 'meta' and on_device.shape == expected.shape
     index_copies = [copy for copy in copies if copy[1] == torch.int64]
     assert index_copies == [('cpu', torch.int64, 'meta', True)] * 3     # one per size
+
+
+def test_images_go_to_their_device_a_bounded_chunk_at_a_time(tmp_path, train_items,
+                                                              monkeypatch):
+    """The device's tensors are allocated first and filled from the host a chunk at a time,
+    so no process holds a whole host copy (under DDP every rank would); 'meta' stands for a
+    GPU. The images are those of a whole decode, mixed sizes too."""
+    items = []
+    for index, (height, width) in enumerate([(128, 64), (100, 40), (100, 40), (160, 80),
+                                             (100, 40), (128, 64), (100, 40)]):
+        path = tmp_path / f'{index}.png'
+        read_image(train_items[index][0]).resize((width, height)).save(path)
+        items.append((str(path), index, 0, 0))
+    monkeypatch.setattr(datapath, 'DECODE_CHUNK', 3)
+    copies, copy = [], torch.Tensor.copy_
+
+    def recording_copy(target, source, *args, **kwargs):
+        copies.append((target.device.type, source.device.type, len(source)))
+        return copy(target, source, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, 'copy_', recording_copy)
+    on_device = DecodedImages(items, progress=None, device='meta')
+    assert on_device.device.type == 'meta' and on_device.pids.device.type == 'meta'
+    assert {group.device.type for group in on_device.groups} == {'meta'}
+    image_copies = [images for target, source, images in copies if target == 'meta']
+    assert sum(image_copies) == len(items) and max(image_copies) <= 3
+    on_cpu = DecodedImages(items, progress=None)
+    for index, item in enumerate(items):
+        assert torch.equal(on_cpu.gather([index])[0], as_uint8(read_image(item[0])))
 
 
 def test_an_unreadable_image_is_a_user_error_naming_it(tmp_path, train_items):
@@ -371,6 +399,26 @@ def test_evaluating_decodes_no_training_image(softmax_manager, monkeypatch):
     gib = sum(3 * 128 * 64 for _ in test_paths) / 2 ** 30      # the demo's stored size
     assert why == f'{gib:.2f} GiB decoded'
     assert [len(list(tests['market1501'][split])) for split in ('query', 'gallery')] == [1, 1]
+
+
+def test_a_cache_larger_than_half_the_gpus_free_memory_keeps_torchreids_loader(
+        softmax_manager, monkeypatch):
+    """DATA_CACHE_GB allows it, but the GPU has not the room: Torchreid's loader, saying so,
+    before any image is decoded (torch.cuda.mem_get_info is a stand-in)."""
+    need = sum(3 * 128 * 64 for _ in softmax_manager.train_loader.dataset.data) / 2 ** 30
+    asked, decode = [], datapath._decode
+
+    def mem_get_info(device=None):
+        asked.append(torch.device(device))
+        return int(need * 2 ** 30), 80 * 2 ** 30          # free: about the training set alone
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', mem_get_info)
+    monkeypatch.setattr(datapath, '_decode', lambda path: pytest.fail('decoded an image'))
+    loaders, why = cached(softmax_manager, device='cuda:1', cap_gib=100.0, workers=1)
+    assert loaders is None and asked == [torch.device('cuda:1')]
+    assert f'{need:.1f} GiB free' in why and "50% of the GPU's free memory" in why
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: pytest.fail('asked'))
+    monkeypatch.setattr(datapath, '_decode', decode)
+    assert cached(softmax_manager, train=False)[0] is not None   # the CPU: DATA_CACHE_GB alone
 
 
 def test_a_cached_epoch_sees_every_image_at_most_once(softmax_manager):

@@ -44,6 +44,8 @@ CROP_ENLARGE = 1.125                    # Random2DTranslation's enlargement befo
 BRIGHTNESS = (0.8, 1.2)                 # Torchreid's ColorJitter(brightness=0.2, contrast=0.15)
 CONTRAST = (0.85, 1.15)
 SMALL_LIST = 64                         # fewer images than this are decoded in this process
+DECODE_CHUNK = 1024                     # images decoded on the host before going to the device
+GPU_SHARE = 0.5                         # most of a GPU's free memory the cache may take
 
 
 def _stored_size(path: str) -> tuple[int, int]:
@@ -89,22 +91,26 @@ def _cores_per_process() -> int:
 
 class DecodedImages:
     """Every image of a Torchreid dataset list (items `(path, pid, camid, dsetid)`) decoded once,
-    at its stored size, into uint8 (3, H, W). Images of one size share one contiguous
-    (N, 3, H, W) tensor; a list of mixed sizes keeps one such tensor per size.
+    at its stored size, into uint8 (3, H, W) on `device` (the CPU by default). Images of one
+    size share one contiguous (N, 3, H, W) tensor; a list of mixed sizes keeps one such tensor
+    per size. The tensors are made on the device first and filled DECODE_CHUNK images at a
+    time, so the host never holds more than a chunk (under DDP, every process decodes).
 
-    `workers` processes decode (None: one per core of this process's share, at most 16); `sizes` are the images'
-    (height, width) when already read from their headers; `progress` is the progress bar's
-    text (None: no bar). UserError naming the file for an image that cannot be read."""
+    `workers` processes decode (None: one per core of this process's share, at most 16);
+    `sizes` are the images' (height, width) when already read from their headers; `progress`
+    is the progress bar's text (None: no bar). UserError naming the file for an image that
+    cannot be read."""
 
     def __init__(self, items: Sequence, workers: int | None = None,
                  sizes: Sequence[tuple[int, int]] | None = None,
-                 progress: str | None = 'Decoding images'):
+                 progress: str | None = 'Decoding images', device='cpu'):
         items = list(items)
+        device = torch.device(device)
         self.paths = [str(item[0]) for item in items]
-        self.pids = torch.tensor([int(item[1]) for item in items], dtype=torch.int64)
-        self.camids = torch.tensor([int(item[2]) for item in items], dtype=torch.int64)
-        self.dsetids = torch.tensor([int(item[3]) if len(item) > 3 else 0 for item in items],
-                                    dtype=torch.int64)
+        self.pids, self.camids, self.dsetids = (
+            torch.tensor(values, dtype=torch.int64).to(device) for values in (
+                [int(item[1]) for item in items], [int(item[2]) for item in items],
+                [int(item[3]) if len(item) > 3 else 0 for item in items]))
         sizes = list(sizes) if sizes is not None else _stored_sizes(items)
         group_of_size: dict = {}
         group, slot, counts = [], [], []
@@ -115,7 +121,7 @@ class DecodedImages:
             group.append(g)
             slot.append(counts[g])
             counts[g] += 1
-        self.groups = [torch.empty((count, 3, *size), dtype=torch.uint8)
+        self.groups = [torch.empty((count, 3, *size), dtype=torch.uint8, device=device)
                        for size, count in zip(group_of_size, counts)]
         self._group, self._slot = group, slot   # host lists: used only for mixed sizes
         self._fill(workers, progress)
@@ -133,17 +139,33 @@ class DecodedImages:
         try:
             bar = tqdm(decoded, total=len(self.paths), desc=progress, unit='img',
                        disable=progress is None, leave=False)
+            chunk = []
             for index, array in enumerate(bar):
-                target = self.groups[self._group[index]][self._slot[index]]
-                if array.shape != (*target.shape[1:], 3):
+                height, width = self.groups[self._group[index]].shape[2:]
+                if array.shape != (height, width, 3):
                     raise UserError(f'"{self.paths[index]}" decodes to {array.shape[1]}x'
                                     f'{array.shape[0]} pixels where its header says '
-                                    f'{target.shape[2]}x{target.shape[1]}. Re-save it as a '
-                                    f'plain RGB JPEG or PNG and run again.')
-                target.copy_(torch.from_numpy(array).permute(2, 0, 1))
+                                    f'{width}x{height}. Re-save it as a plain RGB JPEG or '
+                                    f'PNG and run again.')
+                chunk.append((index, array))
+                if len(chunk) == DECODE_CHUNK:
+                    self._store(chunk)
+                    chunk = []
+            self._store(chunk)
         finally:
             if pool is not None:
                 pool.terminate()
+
+    def _store(self, chunk: list) -> None:
+        """Copies (index, (H, W, 3) array) pairs of consecutive indices to their slots: one
+        copy per size, as one size's slots in a run of indices are consecutive too."""
+        of_group = defaultdict(list)
+        for index, array in chunk:
+            of_group[self._group[index]].append((self._slot[index], array))
+        for group, placed in of_group.items():
+            first = placed[0][0]
+            stacked = torch.from_numpy(np.stack([array for _, array in placed]))
+            self.groups[group][first:first + len(placed)].copy_(stacked.permute(0, 3, 1, 2))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -477,12 +499,29 @@ class CacheRequest:
     train: bool = True
 
 
+def _no_room(gib: float, request: CacheRequest) -> str | None:
+    """Why `gib` GiB of decoded images cannot be kept on `request.device` (over DATA_CACHE_GB,
+    or over GPU_SHARE of a GPU's free memory: the rest is the model's, its activations' and
+    the optimiser's), in words for the path line; None when they fit."""
+    if gib > request.cap_gib:
+        return f'the decoded images would take {gib:.2f} GiB, over DATA_CACHE_GB=' \
+               f'{request.cap_gib:g}'
+    device = torch.device(request.device)
+    if device.type != 'cuda':
+        return None
+    free_gib = torch.cuda.mem_get_info(device)[0] / 2 ** 30
+    if gib > GPU_SHARE * free_gib:
+        return f'the decoded images would take {gib:.2f} GiB, over {GPU_SHARE:.0%} of the ' \
+               f'GPU\'s free memory ({free_gib:.1f} GiB free)'
+    return None
+
+
 def build_cached_loaders(datamanager, request: CacheRequest):
     """(loaders, why): loaders is (train_loader, test_loaders) over images decoded once and
     kept on `request.device`, with test_loaders shaped like Torchreid's {name: {'query',
     'gallery'}} and train_loader None without `request.train`, or None when Torchreid's loader must stay (transforms not implemented here,
-    k_tfm > 1, or more than `request.cap_gib` GiB decoded); `why` says which path, in words
-    for the log. UserError naming the file for an image that cannot be read."""
+    k_tfm > 1, more than `request.cap_gib` GiB decoded, or more than GPU_SHARE of a GPU's
+    free memory); `why` says which path, in words for the log. UserError naming the file for an image that cannot be read."""
     names = _transform_names(request.transforms)
     if not DeviceTransform.supports(names):
         return None, (f'{", ".join(DeviceTransform.unsupported(names))} not implemented on '
@@ -497,9 +536,9 @@ def build_cached_loaders(datamanager, request: CacheRequest):
             lists[(name, split)] = (False, loader, dataset_of(loader).data)
     sizes = {key: _stored_sizes(data) for key, (_, _, data) in lists.items()}
     gib = sum(3 * h * w for found in sizes.values() for h, w in found) / 2 ** 30
-    if gib > request.cap_gib:
-        return None, (f'the decoded images would take {gib:.2f} GiB, over DATA_CACHE_GB='
-                      f'{request.cap_gib:g}')
+    too_large = _no_room(gib, request)
+    if too_large:
+        return None, too_large
     normalisation = _normalisation(datamanager)
     size = (request.height, request.width)
     train_transform = DeviceTransform(*size, names, train=True, normalisation=normalisation,
@@ -509,7 +548,7 @@ def build_cached_loaders(datamanager, request: CacheRequest):
     for key, (is_train, loader, data) in lists.items():
         what = 'train' if is_train else ' '.join(key)
         images = DecodedImages(data, workers=request.workers, sizes=sizes[key],
-                               progress=f'Decoding {what} images').to(request.device)
+                               progress=f'Decoding {what} images', device=request.device)
         batch_size = loader.batch_size if is_train else \
             max(loader.batch_size, request.test_batch_size or 0)
         cached[key] = CachedLoader(images, train_transform if is_train else test_transform,
