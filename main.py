@@ -420,11 +420,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def gpus_for_training(s: Settings, modes: list[str]) -> list[int]:
     """The GPUs a training command started without torchrun spreads over (GPUS of them)."""
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    gpus = distributed.gpus_to_use(s.GPUS, available) if available else []
     if distributed.launched() or 'train' not in modes or s.DEVICE == 'cpu':
-        return []
-    return gpus
+        return []       # GPUS is checked only where it is used: test/visrank take one GPU
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return distributed.gpus_to_use(s.GPUS, available) if available else []
 
 
 def _run_modes(modes: list[str], demo: bool, s: Settings, process) -> int:

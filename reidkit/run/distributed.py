@@ -342,13 +342,16 @@ def is_peer_failure(error: BaseException) -> bool:
     raise these as RuntimeError from inside backward or a collective). Matched by text: gloo
     raises a peer's closed connection as a plain RuntimeError (checked with torch 2.14), and
     NCCL's DistBackendError also covers errors of this process's own GPU, which must not be
-    reported as a lost peer."""
+    reported as a lost peer; NCCL's own texts are its watchdog's timeout ('... ran for N
+    milliseconds before timing out') and ncclRemoteError (a remote process exited)."""
     if isinstance(error, (dist.DistNetworkError, dist.DistStoreError)):
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and current().distributed and any(
         sign in text for sign in ('Connection closed by peer', 'Connection reset by peer',
-                                  'Timed out waiting', 'timed out', 'Broken pipe'))
+                                  'Timed out waiting', 'timed out', 'Broken pipe',
+                                  'collective operation timeout', 'before timing out',
+                                  'ncclRemoteError'))
 
 
 def _interrupt(signum, frame):
