@@ -37,7 +37,7 @@ from reidkit.run import distributed
 from reidkit.run.atomic import disk_full, reason
 from reidkit.run.checkpoints import checkpoint_classes, continue_schedule, load_weights, \
     resume_training
-from reidkit.run.device import busy_cpu_note, choose_device, place_model
+from reidkit.run.device import busy_cpu_note, choose_device, place_model, tune_convolutions
 from reidkit.run.errors import UserError
 from reidkit.search import command as searching
 from reidkit.search.export import export as export_onnx
@@ -134,6 +134,7 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
               + ('; SyncBatchNorm' if s.SYNC_BN else ''))
     fast = fast_training(s, model, optimizer, datamanager, training)
     if training:
+        tune_convolutions(next(model.parameters()).device)     # one input shape throughout
         print(fast.line)
     if not use_gpu and (note := busy_cpu_note()):
         print(note)

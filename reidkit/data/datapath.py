@@ -519,9 +519,10 @@ def _no_room(gib: float, request: CacheRequest) -> str | None:
 def build_cached_loaders(datamanager, request: CacheRequest):
     """(loaders, why): loaders is (train_loader, test_loaders) over images decoded once and
     kept on `request.device`, with test_loaders shaped like Torchreid's {name: {'query',
-    'gallery'}} and train_loader None without `request.train`, or None when Torchreid's loader must stay (transforms not implemented here,
-    k_tfm > 1, more than `request.cap_gib` GiB decoded, or more than GPU_SHARE of a GPU's
-    free memory); `why` says which path, in words for the log. UserError naming the file for an image that cannot be read."""
+    'gallery'}} and train_loader None without `request.train`; or None when Torchreid's loader
+    must stay (transforms not implemented here, k_tfm > 1, more than `request.cap_gib` GiB
+    decoded, or more than GPU_SHARE of a GPU's free memory). `why` says which path, in words
+    for the log. UserError naming the file for an image that cannot be read."""
     names = _transform_names(request.transforms)
     if not DeviceTransform.supports(names):
         return None, (f'{", ".join(DeviceTransform.unsupported(names))} not implemented on '
