@@ -37,7 +37,7 @@ from reidkit.run import distributed
 from reidkit.run.atomic import disk_full, reason
 from reidkit.run.checkpoints import checkpoint_classes, continue_schedule, load_weights, \
     resume_training
-from reidkit.run.device import busy_cpu_note, choose_device, place_model
+from reidkit.run.device import busy_cpu_note, choose_device, place_model, tune_convolutions
 from reidkit.run.errors import UserError
 from reidkit.search import command as searching
 from reidkit.search.export import export as export_onnx
@@ -136,8 +136,9 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
                 f'({s.BATCH_SIZE_TRAIN} per process); learning rate {lr:g}'
               + (' (LR_SCALING=linear)' if s.LR_SCALING == 'linear' else '')
               + ('; SyncBatchNorm' if s.SYNC_BN else ''))
-    fast = fast_training(s, model, optimizer, datamanager)
+    fast = fast_training(s, model, optimizer, datamanager, training)
     if training:
+        tune_convolutions(next(model.parameters()).device)     # one input shape throughout
         print(fast.line)
     if not use_gpu and (note := busy_cpu_note()):
         print(note)
@@ -427,11 +428,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def gpus_for_training(s: Settings, modes: list[str]) -> list[int]:
     """The GPUs a training command started without torchrun spreads over (GPUS of them)."""
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    gpus = distributed.gpus_to_use(s.GPUS, available) if available else []
     if distributed.launched() or 'train' not in modes or s.DEVICE == 'cpu':
-        return []
-    return gpus
+        return []       # GPUS is checked only where it is used: test/visrank take one GPU
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return distributed.gpus_to_use(s.GPUS, available) if available else []
 
 
 def _run_modes(modes: list[str], demo: bool, s: Settings, process) -> int:

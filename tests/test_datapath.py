@@ -77,9 +77,9 @@ def softmax_manager(tiny_data_root):
     return datamanager(tiny_data_root)
 
 
-def cached(manager, transforms=('random_flip',), **request):
+def cached(manager, transforms=('random_flip',), device='cpu', **request):
     """build_cached_loaders at 32x16 on the CPU, under a 1 GiB cap unless given."""
-    return build_cached_loaders(manager, CacheRequest(list(transforms), 32, 16, 'cpu',
+    return build_cached_loaders(manager, CacheRequest(list(transforms), 32, 16, device,
                                                       **{'cap_gib': 1.0, **request}))
 
 
@@ -119,6 +119,57 @@ def test_mixed_sizes_are_grouped_and_resized_like_torchreid(tmp_path, train_item
     assert (ours - theirs).abs().max() <= ONE_LEVEL
     trained = DeviceTransform(64, 32, ['random_flip', 'random_crop', 'color_jitter'], seed=0)
     assert trained(images.gather([0, 1, 2, 3])).shape == (4, 3, 64, 32)
+
+
+def test_mixed_sizes_are_placed_by_an_index_copied_without_waiting(monkeypatch):
+    """Each size's slots in the batch are an index built on the host and copied with
+    non_blocking=True (torch.tensor(..., device=cuda) would wait for the GPU once per size
+    per batch); 'meta' stands for the GPU. The result is each image's own resize."""
+    images = [torch.randint(0, 256, (3, *size), dtype=torch.uint8)
+              for size in [(40, 20), (64, 32), (40, 20), (50, 30)]]
+    transform = DeviceTransform(32, 16, train=False)
+    expected = torch.cat([transform.resize(image[None]) for image in images])
+    assert torch.equal(transform.resize(images), expected)
+    copies, to = [], torch.Tensor.to
+
+    def recording_to(tensor, *args, **kwargs):
+        moved = to(tensor, *args, **kwargs)
+        copies.append((tensor.device.type, tensor.dtype, moved.device.type,
+                       kwargs.get('non_blocking', False)))
+        return moved
+    monkeypatch.setattr(torch.Tensor, 'to', recording_to)
+    on_device = transform.resize([image.to('meta') for image in images])
+    assert on_device.device.type == 'meta' and on_device.shape == expected.shape
+    index_copies = [copy for copy in copies if copy[1] == torch.int64]
+    assert index_copies == [('cpu', torch.int64, 'meta', True)] * 3     # one per size
+
+
+def test_images_go_to_their_device_a_bounded_chunk_at_a_time(tmp_path, train_items,
+                                                              monkeypatch):
+    """The device's tensors are allocated first and filled from the host a chunk at a time,
+    so no process holds a whole host copy (under DDP every rank would); 'meta' stands for a
+    GPU. The images are those of a whole decode, mixed sizes too."""
+    items = []
+    for index, (height, width) in enumerate([(128, 64), (100, 40), (100, 40), (160, 80),
+                                             (100, 40), (128, 64), (100, 40)]):
+        path = tmp_path / f'{index}.png'
+        read_image(train_items[index][0]).resize((width, height)).save(path)
+        items.append((str(path), index, 0, 0))
+    monkeypatch.setattr(datapath, 'DECODE_CHUNK', 3)
+    copies, copy = [], torch.Tensor.copy_
+
+    def recording_copy(target, source, *args, **kwargs):
+        copies.append((target.device.type, source.device.type, len(source)))
+        return copy(target, source, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, 'copy_', recording_copy)
+    on_device = DecodedImages(items, progress=None, device='meta')
+    assert on_device.device.type == 'meta' and on_device.pids.device.type == 'meta'
+    assert {group.device.type for group in on_device.groups} == {'meta'}
+    image_copies = [images for target, source, images in copies if target == 'meta']
+    assert sum(image_copies) == len(items) and max(image_copies) <= 3
+    on_cpu = DecodedImages(items, progress=None)
+    for index, item in enumerate(items):
+        assert torch.equal(on_cpu.gather([index])[0], as_uint8(read_image(item[0])))
 
 
 def test_an_unreadable_image_is_a_user_error_naming_it(tmp_path, train_items):
@@ -335,6 +386,41 @@ def test_the_cap_keeps_torchreids_loader(softmax_manager):
     assert loaders is None and 'GiB' in why
 
 
+def test_evaluating_decodes_no_training_image(softmax_manager, monkeypatch):
+    """test/visrank never train: the training split is neither decoded nor counted."""
+    decoded = []
+    monkeypatch.setattr(datapath, '_decode', lambda path: decoded.append(path) or
+                        np.array(read_image(path)))
+    (train, tests), why = cached(softmax_manager, train=False, workers=1)
+    assert train is None
+    test_paths = {item[0] for splits in softmax_manager.test_dataset.values()
+                  for items in splits.values() for item in items}
+    assert sorted(decoded) == sorted(test_paths)
+    gib = sum(3 * 128 * 64 for _ in test_paths) / 2 ** 30      # the demo's stored size
+    assert why == f'{gib:.2f} GiB decoded'
+    assert [len(list(tests['market1501'][split])) for split in ('query', 'gallery')] == [1, 1]
+
+
+def test_a_cache_larger_than_half_the_gpus_free_memory_keeps_torchreids_loader(
+        softmax_manager, monkeypatch):
+    """DATA_CACHE_GB allows it, but the GPU has not the room: Torchreid's loader, saying so,
+    before any image is decoded (torch.cuda.mem_get_info is a stand-in)."""
+    need = sum(3 * 128 * 64 for _ in softmax_manager.train_loader.dataset.data) / 2 ** 30
+    asked, decode = [], datapath._decode
+
+    def mem_get_info(device=None):
+        asked.append(torch.device(device))
+        return int(need * 2 ** 30), 80 * 2 ** 30          # free: about the training set alone
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', mem_get_info)
+    monkeypatch.setattr(datapath, '_decode', lambda path: pytest.fail('decoded an image'))
+    loaders, why = cached(softmax_manager, device='cuda:1', cap_gib=100.0, workers=1)
+    assert loaders is None and asked == [torch.device('cuda:1')]
+    assert f'{need:.1f} GiB free' in why and "50% of the GPU's free memory" in why
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: pytest.fail('asked'))
+    monkeypatch.setattr(datapath, '_decode', decode)
+    assert cached(softmax_manager, train=False)[0] is not None   # the CPU: DATA_CACHE_GB alone
+
+
 def test_a_cached_epoch_sees_every_image_at_most_once(softmax_manager):
     (train, _), _ = cached(softmax_manager, workers=1)
     torchreid_loader = softmax_manager.train_loader
@@ -411,6 +497,35 @@ def test_torchreids_loader_gets_a_worker_per_spare_core(tiny_data_root, monkeypa
     assert datapath.with_machine_workers(manager) is None        # already as many: unchanged
     monkeypatch.setattr(datapath, '_cpu_count', lambda: 64)
     assert datapath.with_machine_workers(manager) == 16          # at most 16
+
+
+def test_processes_on_one_machine_share_its_cores(train_items, monkeypatch):
+    """Under DDP each of LOCAL_WORLD_SIZE processes gets its share of the cores for loader
+    workers and decoding processes, not the whole machine each."""
+    monkeypatch.setattr(datapath, '_cpu_count', lambda: 16)
+    pools = []
+
+    class Context:
+        def Pool(self, workers):
+            pools.append(workers)
+            return FakePool()
+
+    class FakePool:
+        def imap(self, function, values, chunksize=1):
+            return map(function, values)
+
+        def terminate(self):
+            pass
+    monkeypatch.setattr(datapath.multiprocessing, 'get_context', lambda: Context())
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert datapath.machine_workers() == 15
+    DecodedImages(train_items, progress=None)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    assert datapath.machine_workers() == 3                       # 4 cores each, one for itself
+    DecodedImages(train_items, progress=None)
+    assert pools == [16, 4]
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '32')                 # more processes than cores
+    assert datapath.machine_workers() == 1
 
 
 def test_a_loader_over_a_host_copy_moves_batches_to_its_device(train_items):

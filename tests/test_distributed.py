@@ -220,6 +220,35 @@ def test_python_main_py_starts_one_process_per_gpu(monkeypatch, tmp_path):
     assert main.gpus_for_training(main.load_settings(), ['test']) == []    # test: one GPU
 
 
+def test_gpus_is_checked_only_when_training(monkeypatch):
+    """test --GPUS=4 on a 2-GPU box evaluates on one GPU; train --GPUS=4 there is refused."""
+    import main
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    for key in ('RANK', 'WORLD_SIZE'):
+        monkeypatch.delenv(key, raising=False)
+    s = main.load_settings().replace(GPUS=4)
+    assert main.gpus_for_training(s, ['test', 'visrank']) == []
+    assert main.gpus_for_training(s.replace(DEVICE='cpu'), ['train']) == []
+    with pytest.raises(UserError, match='GPUS=4 but this machine shows 2 GPU'):
+        main.gpus_for_training(s, ['train', 'test'])
+
+
+@pytest.mark.parametrize('text', [
+    '[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, '
+    'OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=600000) ran for 600012 '
+    'milliseconds before timing out.',
+    'NCCL error: remote process exited or there was a network error, NCCL version 2.27.3\n'
+    'ncclRemoteError: A call failed possibly due to a network error or a remote process '
+    'exiting prematurely.'])
+def test_nccl_timeouts_and_remote_errors_are_a_lost_peer(text, monkeypatch):
+    monkeypatch.setattr(distributed, '_current', distributed.ProcessRank(1, 2, 1))
+    assert distributed.is_peer_failure(RuntimeError(text))
+    assert not distributed.is_peer_failure(RuntimeError('CUDA error: an illegal memory access'))
+    monkeypatch.setattr(distributed, '_current', distributed.ProcessRank())
+    assert not distributed.is_peer_failure(RuntimeError(text))      # one process: no peer
+
+
 def test_linear_lr_scaling_multiplies_by_the_processes(monkeypatch):
     import main
     s = main.load_settings()

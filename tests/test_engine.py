@@ -255,3 +255,57 @@ def test_re_ranking_in_the_engine_is_torchreids_on_the_same_features(tiny_settin
     (ours,) = engine.results
     ours_cmc, ours_mAP = ours['cmc'], ours['mAP']
     assert (ours_cmc == cmc).all() and ours_mAP == pytest.approx(mAP, abs=1e-6)
+
+
+class OnGpu(torch.Tensor):
+    """Stands for a CUDA tensor on a machine without one: its device says cuda and numpy()
+    refuses it, as PyTorch refuses a CUDA tensor; cpu() (or to('cpu')) gives a plain tensor."""
+
+    @property
+    def device(self):
+        return torch.device('cuda', 0)
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+    def to(self, *args, **kwargs):
+        plain = self.as_subclass(torch.Tensor)
+        return plain if torch.device(args[0] if args else kwargs['device']).type == 'cpu' \
+            else plain.to(*args, **kwargs).as_subclass(OnGpu)
+
+
+class LabelsOnGpu:
+    """A test loader whose batches carry their labels on the GPU, as the device cache's do."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield dict(batch, pid=torch.as_tensor(batch['pid']).as_subclass(OnGpu),
+                       camid=torch.as_tensor(batch['camid']).as_subclass(OnGpu))
+
+
+def test_labels_reach_the_evaluator_on_the_cpu_when_the_loader_gives_them_on_a_gpu(
+        tiny_settings):
+    """The device cache yields pids and camids on the GPU; CUHK03's protocol reads them with
+    numpy(), so the engine moves them to the host once, where the features are collected."""
+    datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
+    engine = main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
+    engine.set_model_mode('eval')
+    loaders = engine.test_loader['market1501']
+    query, gallery = LabelsOnGpu(loaders['query']), LabelsOnGpu(loaders['gallery'])
+    with torch.no_grad():
+        _, pids, camids = engine._features(query)
+        assert type(pids) is torch.Tensor and type(camids) is torch.Tensor
+        engine._evaluate('market1501', query, gallery, use_metric_cuhk03=True)
+        engine._evaluate('market1501', loaders['query'], loaders['gallery'],
+                         use_metric_cuhk03=True)
+    on_gpu, plain = engine.results
+    assert (on_gpu['cmc'] == plain['cmc']).all() and on_gpu['mAP'] == plain['mAP']

@@ -85,3 +85,21 @@ def test_triplet_loss_builds_the_triplet_engine_and_identity_sampler(tiny_settin
     for start in range(0, len(pids), 8):
         batch = pids[start:start + 8]
         assert sorted(batch.count(pid) for pid in set(batch)) == [4, 4], batch
+
+
+def test_cudnn_picks_its_fastest_convolutions_when_training_on_a_gpu(tiny_settings,
+                                                                     monkeypatch):
+    """Every training batch has one shape (HEIGHT x WIDTH, drop_last), so cuDNN's timing of
+    its algorithms (cudnn.benchmark) is paid once: on with CUDA, when training only."""
+    from reidkit.run.device import tune_convolutions
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    assert not tune_convolutions(torch.device('cpu')) and not torch.backends.cudnn.benchmark
+    assert tune_convolutions(torch.device('cuda', 1)) and torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    tuned = []
+    monkeypatch.setattr(main, 'tune_convolutions', tuned.append)
+    datamanager, model, optimizer, scheduler = main.get_items(tiny_settings)
+    main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler, training=False)
+    assert tuned == []
+    main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
+    assert tuned == [torch.device('cpu')]

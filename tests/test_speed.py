@@ -6,7 +6,7 @@ import torch
 from torchreid.reid.engine import ImageSoftmaxEngine
 
 import main
-from reidkit.data import checks
+from reidkit.data import checks, datapath
 from reidkit.run.checkpoints import load_checkpoint
 from reidkit.run.errors import UserError
 from reidkit.run.folders import newest_checkpoint
@@ -147,6 +147,20 @@ def test_the_device_data_path_trains_and_evaluates_end_to_end(tiny_settings):
     rank1 = json.loads((tested / 'metrics.json').read_text())['rank1']
     assert abs(rank1 - trained) <= 0.05           # resize differs by at most one level
     assert 0 < trained <= 1
+
+
+def test_an_evaluating_engine_decodes_only_the_test_images(tiny_settings, monkeypatch):
+    """test/visrank with DATA_CACHE: the engine's cached loaders are the test sets alone."""
+    decoded = []
+    decode = datapath._decode
+    monkeypatch.setattr(datapath, '_decode', lambda path: decoded.append(path) or decode(path))
+    s = tiny_settings.replace(DATA_CACHE='on')
+    datamanager, model, optimizer, scheduler = main.get_items(s)
+    engine = main.build_engine(s, datamanager, model, optimizer, scheduler, training=False)
+    test_images = sum(len(items) for items in datamanager.test_dataset['market1501'].values())
+    assert len(decoded) == test_images
+    assert isinstance(engine.test_loader['market1501']['query'], datapath.CachedLoader)
+    assert not isinstance(engine.train_loader, datapath.CachedLoader)
 
 
 def test_a_checkpoint_that_recorded_train_step_still_resumes_and_evaluates(tiny_settings,

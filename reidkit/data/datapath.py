@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from reidkit.data.images import read_image, unreadable_image, upright_size
+from reidkit.run import distributed
 from reidkit.run.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # Torchreid's defaults when norm_mean/norm_std are None
@@ -43,6 +44,8 @@ CROP_ENLARGE = 1.125                    # Random2DTranslation's enlargement befo
 BRIGHTNESS = (0.8, 1.2)                 # Torchreid's ColorJitter(brightness=0.2, contrast=0.15)
 CONTRAST = (0.85, 1.15)
 SMALL_LIST = 64                         # fewer images than this are decoded in this process
+DECODE_CHUNK = 1024                     # images decoded on the host before going to the device
+GPU_SHARE = 0.5                         # most of a GPU's free memory the cache may take
 
 
 def _stored_size(path: str) -> tuple[int, int]:
@@ -65,6 +68,15 @@ def _decode(path: str) -> np.ndarray:
     return np.array(read_image(path))     # writable, so torch.from_numpy takes it quietly
 
 
+def _index_on(device: torch.device, values: Sequence[int]) -> torch.Tensor:
+    """int64 `values` on `device`, made on the host (pinned for a GPU) and copied without
+    waiting: torch.tensor(values, device='cuda') is a blocking copy, one GPU sync per call."""
+    index = torch.tensor(values, dtype=torch.int64)
+    if device.type == 'cuda':
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)
+
+
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -72,24 +84,33 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _cores_per_process() -> int:
+    """This process's share of the cores: under DDP the processes on a machine share them."""
+    return max(1, _cpu_count() // distributed.processes_on_this_machine())
+
+
 class DecodedImages:
     """Every image of a Torchreid dataset list (items `(path, pid, camid, dsetid)`) decoded once,
-    at its stored size, into uint8 (3, H, W). Images of one size share one contiguous
-    (N, 3, H, W) tensor; a list of mixed sizes keeps one such tensor per size.
+    at its stored size, into uint8 (3, H, W) on `device` (the CPU by default). Images of one
+    size share one contiguous (N, 3, H, W) tensor; a list of mixed sizes keeps one such tensor
+    per size. The tensors are made on the device first and filled DECODE_CHUNK images at a
+    time, so the host never holds more than a chunk (under DDP, every process decodes).
 
-    `workers` processes decode (None: one per core, at most 16); `sizes` are the images'
-    (height, width) when already read from their headers; `progress` is the progress bar's
-    text (None: no bar). UserError naming the file for an image that cannot be read."""
+    `workers` processes decode (None: one per core of this process's share, at most 16);
+    `sizes` are the images' (height, width) when already read from their headers; `progress`
+    is the progress bar's text (None: no bar). UserError naming the file for an image that
+    cannot be read."""
 
     def __init__(self, items: Sequence, workers: int | None = None,
                  sizes: Sequence[tuple[int, int]] | None = None,
-                 progress: str | None = 'Decoding images'):
+                 progress: str | None = 'Decoding images', device='cpu'):
         items = list(items)
+        device = torch.device(device)
         self.paths = [str(item[0]) for item in items]
-        self.pids = torch.tensor([int(item[1]) for item in items], dtype=torch.int64)
-        self.camids = torch.tensor([int(item[2]) for item in items], dtype=torch.int64)
-        self.dsetids = torch.tensor([int(item[3]) if len(item) > 3 else 0 for item in items],
-                                    dtype=torch.int64)
+        self.pids, self.camids, self.dsetids = (
+            torch.tensor(values, dtype=torch.int64).to(device) for values in (
+                [int(item[1]) for item in items], [int(item[2]) for item in items],
+                [int(item[3]) if len(item) > 3 else 0 for item in items]))
         sizes = list(sizes) if sizes is not None else _stored_sizes(items)
         group_of_size: dict = {}
         group, slot, counts = [], [], []
@@ -100,13 +121,13 @@ class DecodedImages:
             group.append(g)
             slot.append(counts[g])
             counts[g] += 1
-        self.groups = [torch.empty((count, 3, *size), dtype=torch.uint8)
+        self.groups = [torch.empty((count, 3, *size), dtype=torch.uint8, device=device)
                        for size, count in zip(group_of_size, counts)]
         self._group, self._slot = group, slot   # host lists: used only for mixed sizes
         self._fill(workers, progress)
 
     def _fill(self, workers: int | None, progress: str | None) -> None:
-        workers = workers or min(_cpu_count(), 16)
+        workers = workers or min(_cores_per_process(), 16)
         if workers <= 1 or len(self.paths) < SMALL_LIST:
             pool = None
             decoded = map(_decode, self.paths)
@@ -118,17 +139,33 @@ class DecodedImages:
         try:
             bar = tqdm(decoded, total=len(self.paths), desc=progress, unit='img',
                        disable=progress is None, leave=False)
+            chunk = []
             for index, array in enumerate(bar):
-                target = self.groups[self._group[index]][self._slot[index]]
-                if array.shape != (*target.shape[1:], 3):
+                height, width = self.groups[self._group[index]].shape[2:]
+                if array.shape != (height, width, 3):
                     raise UserError(f'"{self.paths[index]}" decodes to {array.shape[1]}x'
                                     f'{array.shape[0]} pixels where its header says '
-                                    f'{target.shape[2]}x{target.shape[1]}. Re-save it as a '
-                                    f'plain RGB JPEG or PNG and run again.')
-                target.copy_(torch.from_numpy(array).permute(2, 0, 1))
+                                    f'{width}x{height}. Re-save it as a plain RGB JPEG or '
+                                    f'PNG and run again.')
+                chunk.append((index, array))
+                if len(chunk) == DECODE_CHUNK:
+                    self._store(chunk)
+                    chunk = []
+            self._store(chunk)
         finally:
             if pool is not None:
                 pool.terminate()
+
+    def _store(self, chunk: list) -> None:
+        """Copies (index, (H, W, 3) array) pairs of consecutive indices to their slots: one
+        copy per size, as one size's slots in a run of indices are consecutive too."""
+        of_group = defaultdict(list)
+        for index, array in chunk:
+            of_group[self._group[index]].append((self._slot[index], array))
+        for group, placed in of_group.items():
+            first = placed[0][0]
+            stacked = torch.from_numpy(np.stack([array for _, array in placed]))
+            self.groups[group][first:first + len(placed)].copy_(stacked.permute(0, 3, 1, 2))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -334,7 +371,7 @@ class DeviceTransform:
             slots_of_size[tuple(image.shape)].append(slot)
         for slots in slots_of_size.values():
             same = torch.stack([images[slot] for slot in slots]).float()
-            out[torch.tensor(slots, device=out.device)] = _bilinear(same, size)
+            out[_index_on(out.device, slots)] = _bilinear(same, size)
         return out
 
     def apply(self, images, params: dict | None = None) -> torch.Tensor:
@@ -377,7 +414,7 @@ class CachedLoader:
     def __iter__(self) -> Iterator[dict]:
         order = list(iter(self.sampler))    # Torchreid's sampler, drawn on the host as before
         store = self.images.device          # where the images are gathered
-        indices = torch.tensor(order, dtype=torch.int64).to(store)
+        indices = _index_on(store, order)
         count = len(order) // self.batch_size if self.drop_last else \
             math.ceil(len(order) / self.batch_size)
         for start in range(0, count * self.batch_size, self.batch_size):
@@ -411,8 +448,9 @@ def loader_like(loader: DataLoader, dataset=None, workers: int | None = None,
 
 def machine_workers() -> int:
     """Loader processes for a machine whose images are decoded by Torchreid's loader: one per
-    core, leaving one for the training process, at most 16."""
-    return max(1, min(16, _cpu_count() - 1))
+    core of this process's share (LOCAL_WORLD_SIZE processes share the machine), leaving one
+    for the training process, at most 16."""
+    return max(1, min(16, _cores_per_process() - 1))
 
 
 def with_machine_workers(datamanager) -> int | None:
@@ -445,10 +483,11 @@ def dataset_of(loader):
 @dataclass(frozen=True)
 class CacheRequest:
     """What `build_cached_loaders` builds: images resized to (height, width) and augmented by
-    `transforms` (Torchreid's names) on `device`, at most `cap_gib` GiB decoded; training draws
-    from `seed` (None: from torch's global generator); `workers` decoding processes (None: one
-    per core); test features `test_batch_size` images at a time where given (BATCH_SIZE_TEST
-    if larger): evaluation has no gradients to keep, so a GPU takes far more than 100 at once."""
+    `transforms` (Torchreid's names) on `device`, at most `cap_gib` GiB decoded; the training
+    split only with `train` (test and visrank never read it); training draws from `seed`
+    (None: from torch's global generator); `workers` decoding processes (None: one per core);
+    test features `test_batch_size` images at a time where given (BATCH_SIZE_TEST if larger):
+    evaluation has no gradients to keep, so a GPU takes far more than 100 at once."""
     transforms: Sequence[str] | str | None
     height: int
     width: int
@@ -457,31 +496,50 @@ class CacheRequest:
     seed: int | None = None
     workers: int | None = None
     test_batch_size: int | None = None
+    train: bool = True
+
+
+def _no_room(gib: float, request: CacheRequest) -> str | None:
+    """Why `gib` GiB of decoded images cannot be kept on `request.device` (over DATA_CACHE_GB,
+    or over GPU_SHARE of a GPU's free memory: the rest is the model's, its activations' and
+    the optimiser's), in words for the path line; None when they fit."""
+    if gib > request.cap_gib:
+        return f'the decoded images would take {gib:.2f} GiB, over DATA_CACHE_GB=' \
+               f'{request.cap_gib:g}'
+    device = torch.device(request.device)
+    if device.type != 'cuda':
+        return None
+    free_gib = torch.cuda.mem_get_info(device)[0] / 2 ** 30
+    if gib > GPU_SHARE * free_gib:
+        return f'the decoded images would take {gib:.2f} GiB, over {GPU_SHARE:.0%} of the ' \
+               f'GPU\'s free memory ({free_gib:.1f} GiB free)'
+    return None
 
 
 def build_cached_loaders(datamanager, request: CacheRequest):
     """(loaders, why): loaders is (train_loader, test_loaders) over images decoded once and
     kept on `request.device`, with test_loaders shaped like Torchreid's {name: {'query',
-    'gallery'}}, or None when Torchreid's loader must stay (transforms not implemented here,
-    k_tfm > 1, or more than `request.cap_gib` GiB decoded); `why` says which path, in words
+    'gallery'}} and train_loader None without `request.train`; or None when Torchreid's loader
+    must stay (transforms not implemented here, k_tfm > 1, more than `request.cap_gib` GiB
+    decoded, or more than GPU_SHARE of a GPU's free memory). `why` says which path, in words
     for the log. UserError naming the file for an image that cannot be read."""
     names = _transform_names(request.transforms)
     if not DeviceTransform.supports(names):
         return None, (f'{", ".join(DeviceTransform.unsupported(names))} not implemented on '
                       f'the device')
     train_data = dataset_of(datamanager.train_loader)
-    if getattr(train_data, 'k_tfm', 1) != 1:
+    if request.train and getattr(train_data, 'k_tfm', 1) != 1:
         return None, f'k_tfm={train_data.k_tfm} not implemented on the device'
     # (train?, loader, its dataset list), train first; test loaders keyed by (name, split).
-    lists = {None: (True, datamanager.train_loader, train_data.data)}
+    lists = {None: (True, datamanager.train_loader, train_data.data)} if request.train else {}
     for name, splits in datamanager.test_loader.items():
         for split, loader in splits.items():
             lists[(name, split)] = (False, loader, dataset_of(loader).data)
     sizes = {key: _stored_sizes(data) for key, (_, _, data) in lists.items()}
     gib = sum(3 * h * w for found in sizes.values() for h, w in found) / 2 ** 30
-    if gib > request.cap_gib:
-        return None, (f'the decoded images would take {gib:.2f} GiB, over DATA_CACHE_GB='
-                      f'{request.cap_gib:g}')
+    too_large = _no_room(gib, request)
+    if too_large:
+        return None, too_large
     normalisation = _normalisation(datamanager)
     size = (request.height, request.width)
     train_transform = DeviceTransform(*size, names, train=True, normalisation=normalisation,
@@ -491,11 +549,11 @@ def build_cached_loaders(datamanager, request: CacheRequest):
     for key, (is_train, loader, data) in lists.items():
         what = 'train' if is_train else ' '.join(key)
         images = DecodedImages(data, workers=request.workers, sizes=sizes[key],
-                               progress=f'Decoding {what} images').to(request.device)
+                               progress=f'Decoding {what} images', device=request.device)
         batch_size = loader.batch_size if is_train else \
             max(loader.batch_size, request.test_batch_size or 0)
         cached[key] = CachedLoader(images, train_transform if is_train else test_transform,
                                    loader.sampler, batch_size, loader.drop_last)
     test_loaders = {name: {split: cached[(name, split)] for split in splits}
                     for name, splits in datamanager.test_loader.items()}
-    return (cached[None], test_loaders), f'{gib:.2f} GiB decoded'
+    return (cached.get(None), test_loaders), f'{gib:.2f} GiB decoded'

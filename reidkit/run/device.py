@@ -48,3 +48,14 @@ def place_model(model: nn.Module, device: torch.device) -> nn.Module:
     """The model on `device`: this process's GPU under DDP (several GPUs train as several
     processes, see reidkit.run.distributed), else the first visible one."""
     return model.to(distributed.device_for(distributed.current(), device))
+
+
+def tune_convolutions(device: torch.device) -> bool:
+    """Has cuDNN time its convolution algorithms for each input shape and keep the fastest
+    (torch.backends.cudnn.benchmark) on CUDA: training batches all have one shape (images
+    resized to HEIGHT x WIDTH, drop_last), so the timing is paid once. Returns whether it
+    was turned on (False off CUDA)."""
+    if device.type != 'cuda':
+        return False
+    torch.backends.cudnn.benchmark = True
+    return True

@@ -56,6 +56,15 @@ def current() -> ProcessRank:
     return _current
 
 
+def processes_on_this_machine() -> int:
+    """How many processes of this run share this machine's cores: LOCAL_WORLD_SIZE (set by
+    torchrun and by our launcher), 1 without it."""
+    try:
+        return max(1, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    except ValueError:          # not ours to judge: torchrun sets it
+        return 1
+
+
 def rank_seed(seed: int) -> int:
     """This process's random seed from the run's SEED: under DDP each process draws its own
     augmentations (and data-path shuffles), while rank 0's weights are broadcast to all."""
@@ -333,13 +342,16 @@ def is_peer_failure(error: BaseException) -> bool:
     raise these as RuntimeError from inside backward or a collective). Matched by text: gloo
     raises a peer's closed connection as a plain RuntimeError (checked with torch 2.14), and
     NCCL's DistBackendError also covers errors of this process's own GPU, which must not be
-    reported as a lost peer."""
+    reported as a lost peer; NCCL's own texts are its watchdog's timeout ('... ran for N
+    milliseconds before timing out') and ncclRemoteError (a remote process exited)."""
     if isinstance(error, (dist.DistNetworkError, dist.DistStoreError)):
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and current().distributed and any(
         sign in text for sign in ('Connection closed by peer', 'Connection reset by peer',
-                                  'Timed out waiting', 'timed out', 'Broken pipe'))
+                                  'Timed out waiting', 'timed out', 'Broken pipe',
+                                  'collective operation timeout', 'before timing out',
+                                  'ncclRemoteError'))
 
 
 def _interrupt(signum, frame):

@@ -78,13 +78,13 @@ class ReidkitEngineMixin:
         self._rerank = False               # run()'s rerank, for the evaluations in training
         self.divergence = DivergenceWatch()
         self._print_freq = 10
-        if loaders is not None:            # images decoded once, augmented on the device
-            self.train_loader, self.test_loader = loaders
-        else:
-            self.train_loader = reading_with_reidkit(self.train_loader)
-            self.test_loader = {name: {split: reading_with_reidkit(loader)
-                                       for split, loader in splits.items()}
-                                for name, splits in self.test_loader.items()}
+        # images decoded once, augmented on the device (no training loader when evaluating)
+        train_loader, test_loader = loaders if loaders is not None else (None, None)
+        self.train_loader = reading_with_reidkit(self.train_loader) if train_loader is None \
+            else train_loader
+        self.test_loader = test_loader if test_loader is not None else \
+            {name: {split: reading_with_reidkit(loader) for split, loader in splits.items()}
+             for name, splits in self.test_loader.items()}
 
     def run(self, save_dir='log', *args, **kwargs):
         self.save_dir = Path(save_dir)
@@ -273,7 +273,9 @@ class ReidkitEngineMixin:
         return qf, gf, labels
 
     def _features(self, loader):
-        """(features on the model's device, pids, camids) of every image the loader gives."""
+        """(features on the model's device, pids, camids) of every image the loader gives;
+        the labels on the host, whatever device the loader gives them on (CUHK03's protocol
+        reads them with numpy)."""
         device = next(self.model.parameters()).device
         features, pids, camids = [], [], []
         for data in loader:
@@ -281,8 +283,8 @@ class ReidkitEngineMixin:
             features.append(self.test_features(images.to(device, non_blocking=True)))
             pids.append(torch.as_tensor(batch_pids))
             camids.append(torch.as_tensor(batch_camids))
-        if not distributed.current().distributed:
-            return torch.cat(features), torch.cat(pids), torch.cat(camids)
+        if not distributed.current().distributed:     # the labels moved once, not per batch
+            return torch.cat(features), torch.cat(pids).cpu(), torch.cat(camids).cpu()
         # DDP: each rank extracted its slice; every rank gets all of them, in order.
         labels = torch.stack([torch.cat(pids), torch.cat(camids)], 1).to(device)
         features, labels = distributed.gather(torch.cat(features)), distributed.gather(labels)

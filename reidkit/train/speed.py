@@ -87,9 +87,11 @@ class FastTraining:
     line: str
 
 
-def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
+def fast_training(s, model: nn.Module, optimizer, datamanager,
+                  training: bool = True) -> FastTraining:
     """The training path for settings `s` (AMP, CHANNELS_LAST, COMPILE, DATA_CACHE,
-    DATA_CACHE_GB: on with CUDA by default, forced on or off by a setting; SYNC_BN under DDP)."""
+    DATA_CACHE_GB: on with CUDA by default, forced on or off by a setting; SYNC_BN under DDP).
+    Not `training` (test, visrank): no training images are decoded."""
     device = next(model.parameters()).device
     cuda = device.type == 'cuda'
     compile_step = switched_on(s.COMPILE, cuda)
@@ -106,7 +108,7 @@ def fast_training(s, model: nn.Module, optimizer, datamanager) -> FastTraining:
         loaders, why = build_cached_loaders(datamanager, CacheRequest(
             s.TRANSFORMS, s.HEIGHT, s.WIDTH, device, s.DATA_CACHE_GB,
             seed=distributed.rank_seed(s.SEED),
-            test_batch_size=DEVICE_TEST_BATCH if cuda else None))
+            test_batch_size=DEVICE_TEST_BATCH if cuda else None, train=training))
         if loaders:
             line += ' + images decoded once, augmented on the device' + \
                 (f' (features {max(s.BATCH_SIZE_TEST, DEVICE_TEST_BATCH)} images at a time)'
