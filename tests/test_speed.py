@@ -1,6 +1,9 @@
 """The fast path's switches, on the CPU (CI has no GPU): bf16 autocast and channels_last train
 and evaluate correctly, checkpoints stay plain, a failing compile falls back to eager, and our
 training step (the only one) trains as Torchreid's own step does."""
+import importlib.util
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torchreid.reid.engine import ImageSoftmaxEngine
@@ -12,7 +15,7 @@ from reidkit.run.errors import UserError
 from reidkit.run.folders import newest_checkpoint
 from reidkit.train.engine import ReidkitEngineMixin
 from reidkit.run.folders import resolve_checkpoint, resume_checkpoint
-from reidkit.train.speed import FastModel
+from reidkit.train.speed import FastModel, compile_choice, fast_path
 from reidkit.train.step import TrainStep
 
 
@@ -36,12 +39,14 @@ def test_bf16_and_channels_last_train_evaluate_and_save_plain_checkpoints(tiny_s
     seen = []
     datamanager, model, optimizer, scheduler = main.get_items(s)
     model.conv1.register_forward_hook(lambda module, args, out: seen.append(
-        (out.dtype, out.is_contiguous(memory_format=torch.channels_last))))
+        (module.training, out.dtype, out.is_contiguous(memory_format=torch.channels_last))))
     engine = main.build_engine(s, datamanager, model, optimizer, scheduler)
     assert isinstance(engine.model, FastModel)
     engine.run(save_dir=s.EXPERIMENTS_DIR, max_epoch=2, eval_freq=-1, print_freq=1000)
     assert 'Training path: bf16 autocast + channels_last' in capsys.readouterr().out
-    assert seen and all(seen_one == (torch.bfloat16, True) for seen_one in seen)
+    # bf16 while training, float32 features in evaluation, channels_last in both
+    assert {seen_one for seen_one in seen} == {(True, torch.bfloat16, True),
+                                              (False, torch.float32, True)}
     result = engine.results[-1]
     assert result['epoch'] == 2 and 0 < result['mAP'] <= 1     # evaluated, finite, a score
     saved = load_checkpoint(newest_checkpoint(s.EXPERIMENTS_DIR))
@@ -177,3 +182,92 @@ def test_a_checkpoint_that_recorded_train_step_still_resumes_and_evaluates(tiny_
     resumed = resume_checkpoint(tiny_settings.replace(RESUME=str(path), MAX_EPOCH=5)).settings
     assert 'TRAIN_STEP' not in resumed
     assert resumed.COMPILE == 'on' and resumed.STEPSIZE == 7       # the rest of the run's
+
+
+# --- which GPU gets which path (torch.cuda replaced by stand-ins: CI has no GPU) -----------------
+
+def test_bf16_needs_a_gpu_with_native_bf16(monkeypatch):
+    """A T4 or RTX 20xx emulates bf16 (torch's default answer counts emulation): there bf16
+    convolutions leave cuDNN and Inductor skips bf16 graphs, so AMP stays off."""
+    def t4(including_emulation=True):
+        return including_emulation
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', t4)
+    model = torch.nn.Linear(2, 2)
+    kept, words = fast_path(model, torch.device('cuda'), 'auto', 'off', compiled=False)
+    assert kept is model and words == 'eager float32 (this GPU has no native bf16, so AMP is off)'
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
+    wrapped, words = fast_path(model, torch.device('cuda'), 'auto', 'off', compiled=True)
+    assert wrapped.amp_dtype == torch.bfloat16 and words == 'bf16 autocast'
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A stand-in GPU: set its compute capability and whether Triton is installed."""
+    found = importlib.util.find_spec
+    stand_in = SimpleNamespace(capability=(8, 0), triton=True)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None:
+                        stand_in.capability)
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *args: (
+        (found('torch') if stand_in.triton else None) if name == 'triton' else
+        found(name, *args)))
+    return stand_in
+
+
+def test_auto_compiles_only_where_inductor_can(gpu):
+    cuda = torch.device('cuda', 0)
+    assert compile_choice('auto', cuda) == (True, '')
+    gpu.capability = (6, 1)                                  # a P100/GTX 10xx: Triton refuses it
+    assert compile_choice('auto', cuda) == (
+        False, 'not compiled: Triton needs a GPU of compute capability 7.0 or newer, this one '
+               'is 6.1')
+    assert compile_choice('on', cuda) == (True, '')          # forced: tried, and falls back
+    gpu.capability, gpu.triton = (9, 0), False
+    assert compile_choice('auto', cuda) == (False, 'not compiled: Triton is not installed')
+    assert compile_choice('off', cuda) == (False, '')
+    assert compile_choice('auto', torch.device('cpu')) == (False, '')
+    assert compile_choice('on', torch.device('cpu')) == (True, '')
+
+
+def test_evaluation_features_are_float32_with_amp_forced_on(tiny_settings):
+    """Autocast while training only: evaluation (test, visrank, during training) gives the
+    float32 features the CPU, search and the exported ONNX model give."""
+    s = tiny_settings.replace(AMP='bf16', **BF16_SIZE)
+    datamanager, model, optimizer, scheduler = main.get_items(s)
+    engine = main.build_engine(s, datamanager, model, optimizer, scheduler)
+    assert isinstance(engine.model, FastModel)
+    seen = []
+    model.conv1.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    engine.set_model_mode('eval')
+    with torch.no_grad():
+        features = engine.test_features(images)
+        assert seen == [torch.float32]
+        assert torch.equal(features, model(images))       # the model itself, without AMP
+        engine.set_model_mode('train')
+        engine.model(images)
+    assert seen[-1] == torch.bfloat16                     # training still autocasts
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_channels_last_gives_the_optimiser_state_the_weights_layout(
+        tiny_settings, monkeypatch):
+    """A CPU-trained run (a --demo) resumed on a GPU, where channels_last is on: main.py
+    restores the optimiser before the fast path converts the model; the fused Adam kernel
+    needs each state in its weight's layout (reidkit.train.step.state_like_parameters)."""
+    s = tiny_settings.replace(EVAL_FREQ=-1)         # CHANNELS_LAST='auto': off on the CPU
+    run_dir = main.train(s)
+    seen = []
+    original = TrainStep.__call__
+
+    def record_layouts(step, images, pids):
+        if not seen:
+            seen.extend((param.stride(), {name: value.stride() for name, value in state.items()
+                                          if value.shape == param.shape})
+                        for param, state in step.optimizer.state.items())
+        return original(step, images, pids)
+    monkeypatch.setattr(TrainStep, '__call__', record_layouts)
+    main.train(s.replace(RESUME=str(newest_checkpoint(run_dir)), MAX_EPOCH=2,
+                         CHANNELS_LAST='on'))
+    assert any(len(stride) == 4 and stride[1] == 1 for stride, _ in seen)   # channels_last
+    for stride, states in seen:
+        assert states and all(value == stride for value in states.values())

@@ -369,3 +369,110 @@ def test_fused_adam_trains_as_plain_and_its_checkpoints_stay_plain(optimizer_cla
     fused.load_state_dict(plain.state_dict())
     assert all(group['fused'] for group in fused.param_groups)
     train(fused_model, fused, 1, seed=4)
+
+
+def with_gradients(module: nn.Module, seed: int) -> None:
+    """The same gradients for `module` whatever its memory format (each in its weight's)."""
+    g = torch.Generator().manual_seed(seed)
+    for param in module.parameters():
+        param.grad = torch.empty_like(param).copy_(torch.randn(param.shape, generator=g))
+
+
+def assert_state_in_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            if value.shape == param.shape:
+                assert value.stride() == param.stride(), name
+
+
+@pytest.mark.parametrize('order', ['loaded, converted, fused', 'fused, converted, loaded'])
+def test_fused_adam_steps_rightly_after_the_weights_change_memory_format(order):
+    """A run resumed with another CHANNELS_LAST: its Adam state was saved in the other layout
+    than the weights now have. The fused kernel pairs elements by memory position (CUDA's
+    refuses unequal strides), so the state must take each weight's layout."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    saved = torch.optim.Adam(conv.parameters(), lr=LR)
+    with_gradients(conv, seed=1)
+    saved.step()                                      # a contiguous state, as a CPU run saves
+    checkpoint = copy.deepcopy(saved.state_dict())
+    reference = copy.deepcopy(conv)                   # stays contiguous: the expected numbers
+    expected = fuse_adam(torch.optim.Adam(reference.parameters(), lr=LR))
+    expected.load_state_dict(copy.deepcopy(checkpoint))
+    resumed = torch.optim.Adam(conv.parameters(), lr=LR)
+    if order == 'loaded, converted, fused':           # main.py: _resume_state, build_engine
+        resumed.load_state_dict(checkpoint)
+        conv.to(memory_format=torch.channels_last)
+        fuse_adam(resumed)
+    else:
+        fuse_adam(resumed)
+        conv.to(memory_format=torch.channels_last)
+        resumed.load_state_dict(checkpoint)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_state_in_parameter_layouts(resumed)
+    for seed in (2, 3):
+        with_gradients(conv, seed)
+        with_gradients(reference, seed)
+        resumed.step()
+        expected.step()
+    for a, b in zip(conv.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_fast_optimizer_gives_a_cpu_optimizers_state_its_weights_layout():
+    model = nn.Conv2d(3, 8, 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    with_gradients(model, seed=1)
+    optimizer.step()
+    model.to(memory_format=torch.channels_last)
+    assert fast_optimizer(optimizer) is optimizer
+    assert_state_in_parameter_layouts(optimizer)
+    assert all(group['fused'] is None for group in optimizer.param_groups)   # not fused here
+
+
+# --- compiler failures -------------------------------------------------------------------------
+
+def compiler_errors():
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import GPUTooOldForTriton, TritonMissing
+    old_gpu = SimpleNamespace(name='Tesla P100-PCIE-16GB', major=6, minor=0)
+    return [TritonMissing(None), GPUTooOldForTriton(old_gpu, None),
+            BackendCompilerFailed(compiler_errors, RuntimeError('no C++ compiler found'), None)]
+
+
+class BackwardFails(torch.autograd.Function):
+    """The identity, whose backward raises `error`: AOTAutograd compiles the backward graph
+    lazily, at the first backward, so a compiler failure can first show there."""
+
+    @staticmethod
+    def forward(ctx, total, error):
+        ctx.error = error
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ctx.error
+
+
+@pytest.mark.parametrize('error', compiler_errors(), ids=lambda error: type(error).__name__)
+@pytest.mark.parametrize('where', ['forward', 'backward'])
+def test_a_compiler_failure_in_forward_or_backward_falls_back_to_eager(error, where,
+                                                                       monkeypatch, capsys):
+    def compile_that_fails(forward_and_loss):
+        def run(images, pids):
+            if where == 'forward':
+                raise error
+            total, values = forward_and_loss(images, pids)
+            return BackwardFails.apply(total, error), values
+        return run
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 16, 4)).train()
+    eager_model = copy.deepcopy(model)
+    monkeypatch.setattr(torch, 'compile', compile_that_fails)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), compile=True)
+    eager = TrainStep(eager_model, torch.optim.SGD(eager_model.parameters(), lr=0.1))
+    for images, pids in batches(2):
+        torch.testing.assert_close(step(images, pids), eager(images, pids))
+    assert step.compile_error is error and not step.compiled
+    assert capsys.readouterr().out.count('Note: torch.compile failed for the training step') == 1
+    assert_same_weights(eager_model, model)

@@ -1,12 +1,15 @@
 """The fast path for a GPU: bf16 autocast, channels_last, a compiled step, images decoded once.
 
-`FastModel` runs the model under bf16 autocast and/or channels_last; outputs come back in
-float32, so losses and metrics are computed as before. `fast_training` puts together what the
-engine trains with: the model (in DDP first when several processes train), our training step
-(compiled with its loss under COMPILE) and, under DATA_CACHE, loaders over images decoded once.
+`FastModel` runs the model in channels_last and/or, while training, under bf16 autocast;
+outputs come back in float32, so losses and metrics are computed as before, and evaluation
+features are float32 on every device (as on the CPU, in search and in an exported model).
+`fast_training` puts together what the engine trains with: the model (in DDP first when
+several processes train), our training step (compiled with its loss under COMPILE, where
+Inductor can) and, under DATA_CACHE, loaders over images decoded once.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +29,27 @@ def switched_on(value: str, cuda: bool) -> bool:
     return cuda if value == 'auto' else value != 'off'
 
 
+# Inductor's GPU kernels are Triton's, and Triton runs on compute capability 7.0 (Volta) or newer.
+TRITON_MIN_CAPABILITY = (7, 0)
+
+
+def compile_choice(value: str, device: torch.device) -> tuple[bool, str]:
+    """Whether COMPILE=`value` compiles the training step on `device`, and why not when 'auto'
+    leaves it off on a GPU ('' otherwise): Inductor needs Triton installed and a GPU of compute
+    capability 7.0 or newer. A forced 'on' is tried anyway (a failure falls back to eager)."""
+    cuda = device.type == 'cuda'
+    if value != 'auto' or not cuda:
+        return switched_on(value, cuda), ''
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if capability < TRITON_MIN_CAPABILITY:
+        return False, ('not compiled: Triton needs a GPU of compute capability '
+                       f'{".".join(map(str, TRITON_MIN_CAPABILITY))} or newer, this one is '
+                       f'{".".join(map(str, capability))}')
+    if importlib.util.find_spec('triton') is None:
+        return False, 'not compiled: Triton is not installed'
+    return True, ''
+
+
 def _float(output):
     if isinstance(output, torch.Tensor):
         return output.float()
@@ -35,7 +59,8 @@ def _float(output):
 
 
 class FastModel(nn.Module):
-    """Runs `model` under bf16 autocast (amp_dtype) and/or in channels_last."""
+    """Runs `model` in channels_last and/or, in training mode only, under autocast to
+    `amp_dtype` (bf16): evaluation mode computes in float32."""
 
     def __init__(self, model: nn.Module, amp_dtype: torch.dtype | None, channels_last: bool):
         super().__init__()
@@ -52,7 +77,7 @@ class FastModel(nn.Module):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+                            enabled=self.amp_dtype is not None and self.training):
             return _float(self.model(images))
 
 
@@ -64,8 +89,10 @@ def fast_path(model: nn.Module, device: torch.device, amp: str, channels_last: s
     cuda = device.type == 'cuda'
     amp_dtype, note = None, ''
     if switched_on(amp, cuda):
-        if cuda and not torch.cuda.is_bf16_supported():
-            note = ' (this GPU has no bf16, so AMP is off)'
+        # Emulated bf16 (T4, RTX 20xx: compute capability below 8.0) leaves cuDNN's kernels
+        # and Inductor skips its graphs: slower than float32 there.
+        if cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+            note = ' (this GPU has no native bf16, so AMP is off)'
         else:
             amp_dtype = torch.bfloat16
     use_channels_last = switched_on(channels_last, cuda)
@@ -94,7 +121,7 @@ def fast_training(s, model: nn.Module, optimizer, datamanager,
     Not `training` (test, visrank): no training images are decoded."""
     device = next(model.parameters()).device
     cuda = device.type == 'cuda'
-    compile_step = switched_on(s.COMPILE, cuda)
+    compile_step, not_compiled = compile_choice(s.COMPILE, device)
     if distributed.current().distributed:
         model = distributed_model(model, device, switched_on(s.CHANNELS_LAST, cuda), s.SYNC_BN,
                                   frozen_layers=s.FIXBASE_EPOCH > 0)
@@ -102,7 +129,8 @@ def fast_training(s, model: nn.Module, optimizer, datamanager,
     step = TrainStep(model, fast_optimizer(optimizer), Loss(s.LOSS, s.LABEL_SMOOTH),
                      compile=compile_step)
     line = f'Training path: {words} + our training step' + \
-        (' (compiled with its loss)' if compile_step else '')
+        (' (compiled with its loss)' if compile_step else
+         f' ({not_compiled})' if not_compiled else '')
     loaders = None
     if switched_on(s.DATA_CACHE, cuda):
         loaders, why = build_cached_loaders(datamanager, CacheRequest(

@@ -27,9 +27,12 @@ LABEL_SMOOTH_EPSILON = 0.1
 
 def compile_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean "torch.compile could not compile this", as opposed to errors
-    of the model or the machine that would happen without it too."""
+    of the model or the machine that would happen without it too. Inductor's TritonMissing and
+    GPUTooOldForTriton are not BackendCompilerFailed (Dynamo re-raises them unwrapped)."""
     from torch._dynamo import exc
-    return (exc.BackendCompilerFailed, exc.Unsupported, exc.InvalidBackend)
+    from torch._inductor.exc import GPUTooOldForTriton, TritonMissing
+    return (exc.BackendCompilerFailed, exc.Unsupported, exc.InvalidBackend,
+            GPUTooOldForTriton, TritonMissing)
 
 
 def note_compile_failure(error: Exception, what: str = '') -> None:
@@ -154,8 +157,7 @@ class TrainStep:
         # Before the forward pass, so last step's gradients are freed before the activations
         # are allocated.
         self.optimizer.zero_grad(set_to_none=True)
-        total, values = self._forward_and_loss(images, pids)
-        total.backward()
+        values = self._forward_and_backward(images, pids)
         self.optimizer.step()
         return {name: value.detach() for name, value in values.items()}
 
@@ -178,14 +180,23 @@ class TrainStep:
             total = total + loss.weight_x * values['loss_x']
         return total, values
 
-    def _forward_and_loss(self, images, pids):
+    def _forward_and_backward(self, images, pids) -> dict[str, torch.Tensor]:
         if self._compiled is not None:
+            # backward() inside the try too: AOTAutograd compiles the backward graph lazily, at
+            # the first backward (and again at a recompile), so a compiler failure can show there.
             try:
-                return self._compiled(images, pids)
+                total, values = self._compiled(images, pids)
+                total.backward()
+                return values
             except compile_errors() as error:   # a missing compiler, an old GPU, an unsupported op
                 note_compile_failure(error, 'the training step')
                 self.compile_error, self._compiled = error, None
-        return self.forward_and_loss(images, pids)
+                # A backward that failed part-way may have left gradients. (Its forward pass
+                # has updated BatchNorm's running statistics once more, on this batch only.)
+                self.optimizer.zero_grad(set_to_none=True)
+        total, values = self.forward_and_loss(images, pids)
+        total.backward()
+        return values
 
 
 class RunningMeans:
@@ -217,9 +228,11 @@ class RunningMeans:
 
 
 def fast_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The same optimizer object, with Adam's (and AdamW's) fused kernel turned on when every
-    parameter is on CUDA (one kernel per step instead of several per tensor group, and its step
-    count stays on the GPU). Anything else is returned unchanged."""
+    """The same optimizer object, called once the model is in the memory format it trains in:
+    its state in its parameters' layouts (`state_like_parameters`), and Adam's (and AdamW's)
+    fused kernel turned on when every parameter is on CUDA (one kernel per step instead of
+    several per tensor group, and its step count stays on the GPU). Nothing else changes."""
+    state_like_parameters(optimizer)
     params = [p for group in optimizer.param_groups for p in group['params']]
     if isinstance(optimizer, torch.optim.Adam) and params \
             and all(p.is_cuda and p.is_floating_point() for p in params) \
@@ -246,7 +259,24 @@ def fuse_adam(optimizer: torch.optim.Adam) -> torch.optim.Adam:
     return optimizer
 
 
+def state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Gives each floating state tensor of a parameter's shape (Adam's exp_avg, exp_avg_sq,
+    SGD's momentum_buffer...) that parameter's strides, in place in `optimizer.state`.
+
+    A resumed state keeps the layout it was saved in, while the model may since have moved to
+    or from channels_last (CHANNELS_LAST changed, or a CPU run resumed on a GPU). Element-wise
+    ops do not mind, but the fused Adam kernel pairs elements by memory position: CUDA's raises
+    on unequal strides, the CPU's silently mixes up the elements."""
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() \
+                    and value.shape == param.shape and value.stride() != param.stride():
+                state[name] = torch.empty_like(param, dtype=value.dtype,
+                                               device=value.device).copy_(value)
+
+
 def _fuse_groups(optimizer: torch.optim.Optimizer) -> None:
+    state_like_parameters(optimizer)         # the fused kernel needs them in the same layout
     for group in optimizer.param_groups:
         group['fused'] = True
         for param in group['params']:
