@@ -59,6 +59,7 @@ RERANK = False                               # k-reciprocal re-ranking of test d
 RERANK_K1 = 20                               # re-ranking: neighbours in the reciprocal sets
 RERANK_K2 = 6                                # re-ranking: neighbours in query expansion
 RERANK_LAMBDA = 0.3                          # re-ranking: weight of the original distance
+MATCH_FPIR = 0.01                            # match threshold: share of searches for an absent person that may match
 
 # --- search: rank your own images (python main.py search --QUERY=... --GALLERY=...) ----
 QUERY = ''                                   # a person image, or a folder of them

@@ -247,3 +247,44 @@ def test_with_rerank_no_open_set_and_a_note():
     assert open_set is None and curves.impostor is None
     assert verification['rerank'] is True and verification['auc'] is not None
     assert ver.RERANK_NOTE in '\n'.join(ver.describe(verification, open_set))
+
+
+@pytest.mark.parametrize('value', [0, 1, -0.1, 1.5])
+def test_match_fpir_outside_0_1_is_refused(tiny_settings, value):
+    from reidkit.data.checks import check_numbers
+    from reidkit.run.errors import UserError
+    with pytest.raises(UserError, match='MATCH_FPIR'):
+        check_numbers(tiny_settings.replace(MATCH_FPIR=value), training=False)
+    check_numbers(tiny_settings.replace(MATCH_FPIR=0.05), training=False)
+
+
+@pytest.mark.slow
+def test_test_and_visrank_write_the_blocks_and_the_pictures(tiny_settings, capsys):
+    import json
+
+    import main
+    s = tiny_settings.replace(MATCH_FPIR=0.2)
+    main.train(s)
+    capsys.readouterr()
+    out_dir = main.test(s)
+    printed = capsys.readouterr().out
+    assert 'Verification (query-gallery pairs, squared euclidean distance)' in printed
+    assert 'Match threshold at MATCH_FPIR=0.2' in printed
+    metrics = json.loads((out_dir / 'metrics.json').read_text())
+    block = metrics['targets'][0]
+    assert metrics['verification'] == block['verification']       # the top level repeats it
+    assert set(block['verification']) == {'distance', 'flip_test', 'rerank', 'pairs', 'auc',
+                                          'eer', 'eer_threshold', 'tpr_at_fpr'}
+    assert block['verification']['pairs']['positive'] > 0
+    assert set(block['open_set']) == {'queries', 'mated', 'dir_at_fpir', 'threshold'}
+    assert block['open_set']['queries'] == metrics['num_query']
+    threshold = block['open_set']['threshold']
+    assert threshold['fpir'] == 0.2 and len(threshold['heldout']) == 2
+    assert (threshold['distance'] is None) == (metrics['num_query'] * 0.2 < 10)
+    for picture in ('distances.png', 'roc.png'):
+        assert (out_dir / picture).stat().st_size > 1000
+    vis_dir = main.vis_rank(s.replace(RERANK=True))
+    metrics = json.loads((vis_dir / 'metrics.json').read_text())
+    assert metrics['open_set'] is None and metrics['verification']['rerank'] is True
+    page = (vis_dir / 'visrank_market1501' / 'index.html').read_text()
+    assert 'distances.png' in page and 'roc.png' in page

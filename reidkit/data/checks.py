@@ -111,6 +111,10 @@ def check_numbers(s: Settings, training: bool) -> None:
         raise UserError(f'Re-ranking needs RERANK_K1 >= 1, RERANK_K2 >= 1 and 0 <= '
                         f'RERANK_LAMBDA <= 1; got {s.RERANK_K1}, {s.RERANK_K2}, '
                         f'{s.RERANK_LAMBDA}. The usual values are 20, 6 and 0.3.')
+    if not 0 < s.MATCH_FPIR < 1:
+        raise UserError(f'MATCH_FPIR={s.MATCH_FPIR!r} must be between 0 and 1 (exclusive): the '
+                        f'share of searches for someone absent from the gallery that may return '
+                        f'a match, e.g. 0.01. Fix it in config.py or with --MATCH_FPIR=...')
     if s.GPUS < 0:
         raise UserError(f'GPUS={s.GPUS} must be 0 (every visible GPU) or a number of GPUs.')
     if s.LR_SCALING not in ('none', 'linear'):

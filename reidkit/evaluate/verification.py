@@ -308,10 +308,11 @@ def _curves(edges, positives, negative_hist, impostor, fpr, tpr, verification, o
         marks['EER'] = verification['eer_threshold']
     tpr_1 = verification['tpr_at_fpr'].get('0.01')
     if isinstance(tpr_1, dict):
-        marks['FPR 1%'] = tpr_1['threshold']
+        marks['TPR@FPR 1%'] = tpr_1['threshold']
     finite = impostor[np.isfinite(impostor)] if impostor is not None else None
     if open_set is not None and open_set['threshold']['distance'] is not None:
-        marks[f'FPIR {open_set["threshold"]["fpir"]:g}'] = open_set['threshold']['distance']
+        marks[f'match threshold (FPIR {open_set["threshold"]["fpir"]:.0%})'] = \
+            open_set['threshold']['distance']
     return Curves(
         edges=edges, positive=np.histogram(positives, edges)[0],
         negative=negative_hist,

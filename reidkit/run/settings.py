@@ -37,8 +37,8 @@ SCHEDULE_SETTINGS = ('MAX_EPOCH', 'EVAL_FREQ', 'PRINT_FREQ', 'LATEST_EVERY')
 LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'DEVICE', 'GPUS', 'AMP',
                   'CHANNELS_LAST', 'COMPILE', 'DATA_CACHE', 'DATA_CACHE_GB',
                   'RESUME', 'EXPERIMENTS_DIR', 'WEIGHTS', 'VISRANK_TOPK', 'FLIP_TEST', 'RERANK',
-                  'RERANK_K1', 'RERANK_K2', 'RERANK_LAMBDA', 'QUERY', 'GALLERY', 'SEARCH_TOPK',
-                  'SEARCH_CSV_ROWS', 'SEARCH_EXACT_UP_TO', 'SEARCH_INDEX', 'SEARCH_NPROBE')
+                  'RERANK_K1', 'RERANK_K2', 'RERANK_LAMBDA', 'MATCH_FPIR', 'QUERY', 'GALLERY',
+                  'SEARCH_TOPK', 'SEARCH_CSV_ROWS', 'SEARCH_EXACT_UP_TO', 'SEARCH_INDEX', 'SEARCH_NPROBE')
 # Local settings a resumed run keeps from its checkpoint unless given again (how it ran:
 # workers, test batch, device and speed switches, evaluation switches), so that resuming a
 # --demo run or a tuned one continues it as it was. The others name this command's inputs.
