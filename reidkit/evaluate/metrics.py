@@ -183,12 +183,19 @@ class QueryRanks(NamedTuple):
         return Scores(cmc, float(np.mean(self.ap[kept])), float(np.mean(self.inp[kept])))
 
 
-def _rank_chunk(dist: torch.Tensor, labels: Labels):
-    """For a chunk of queries: (first-match rank or -1, AP or nan, INP or nan) per query."""
+# (a chunk's distances, its positive pairs, its negative pairs: masks as _rank_chunk keeps them)
+Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def _rank_chunk(dist: torch.Tensor, labels: Labels, observe: Observer | None = None):
+    """For a chunk of queries: (first-match rank or -1, AP or nan, INP or nan) per query.
+    `observe(dist, positive, negative)`, if given, sees the chunk's pairs as they are split."""
     match = labels.same_person()
     ignored = labels.ignored()
     positive = match & ~ignored              # true matches seen by another camera
     negative = ~(match | ignored)            # everything else that is kept (not the query's file)
+    if observe is not None:
+        observe(dist, positive, negative)
     num_pos = positive.sum(1)
     most = int(num_pos.max()) if len(num_pos) else 0
     device = dist.device                     # the CPU, or a GPU where the features are
@@ -222,13 +229,10 @@ def _rank_chunk(dist: torch.Tensor, labels: Labels):
 DistanceRows = Callable[[int, int], torch.Tensor]   # (start, end) -> those queries' distances
 
 
-Observer = Callable[[torch.Tensor, Labels], None]   # (a chunk's distances, its labels)
-
-
 def _rank_in_chunks(distance_rows: DistanceRows, labels: Labels,
                     chunk: int = QUERY_CHUNK, observe: Observer | None = None) -> QueryRanks:
     """`_rank_chunk` over query chunks; NonFiniteError if any distance is NaN or inf.
-    `observe`, if given, sees each chunk's distances and labels too (reidkit.evaluate.
+    `observe`, if given, sees each chunk's distances and pairs too (reidkit.evaluate.
     verification's pairs are collected in the same pass)."""
     firsts, aps, inps = [], [], []
     non_finite = 0
@@ -240,10 +244,7 @@ def _rank_in_chunks(distance_rows: DistanceRows, labels: Labels,
             continue                # rank no more, but count the rest for the message
         if labels.q_pids.device != dist.device:     # distances on a GPU: rank them there
             labels = labels.to(dist.device)
-        chunk_labels = labels.queries(start, end)
-        first, ap, inp = _rank_chunk(dist, chunk_labels)
-        if observe is not None:
-            observe(dist, chunk_labels)
+        first, ap, inp = _rank_chunk(dist, labels.queries(start, end), observe)
         firsts.append(first)
         aps.append(ap)
         inps.append(inp)

@@ -96,8 +96,8 @@ class Curves:
 class PairScores:
     """Collects one evaluation's pairs, chunk by chunk (`observe`), then `finish`es.
 
-    `observe(dist, labels)` takes one query chunk's (chunk x gallery) distances and that
-    chunk's labels (`Labels.queries`), on any device, in query order; it is the `observe` hook
+    `observe(dist, positive, negative)` takes one query chunk's (chunk x gallery) distances
+    and its pairs (boolean masks, as `metrics` keeps them), on any device, in query order; it is the `observe` hook
     of `metrics.evaluate_features`, or `collect` runs it over a `DistanceRows` itself."""
     labels: Labels
     _positives: list = field(default_factory=list)
@@ -108,22 +108,23 @@ class PairScores:
     _high: float = -np.inf
     _dtype: torch.dtype = torch.float32
 
-    def observe(self, dist: torch.Tensor, labels: Labels) -> None:
-        positive, negative = _pair_masks(labels)
+    def observe(self, dist: torch.Tensor, positive: torch.Tensor,
+                negative: torch.Tensor) -> None:
         inf = torch.tensor(float('inf'), dtype=dist.dtype, device=dist.device)
         self._positives.append(dist[positive].cpu())
         self._impostor.append(torch.where(negative, dist, inf).amin(1).cpu())
         self._nearest_true.append(torch.where(positive, dist, inf).amin(1).cpu())
         self._negatives += int(negative.sum())
-        if dist.numel():
-            low, high = torch.aminmax(dist)
-            self._low, self._high = min(self._low, float(low)), max(self._high, float(high))
+        if dist.numel():         # the histograms' range (the smallest: an impostor or a mate)
+            self._high = max(self._high, float(dist.max()))
+            low = min(self._impostor[-1].min(), self._nearest_true[-1].min())
+            self._low = min(self._low, float(low))
         self._dtype = dist.dtype
 
     def collect(self, rows: DistanceRows, chunk: int = QUERY_CHUNK) -> PairScores:
         """The first pass on its own, over `rows` (when the CMC/mAP pass did not observe)."""
         for start, end, dist, labels in _chunks(rows, self.labels, chunk):
-            self.observe(dist, labels)
+            self.observe(dist, *_pair_masks(labels))
         return self
 
     def finish(self, rows: DistanceRows, *, distance: str = 'euclidean', flip_test: bool = False,
@@ -181,17 +182,24 @@ def _count_negatives(rows: DistanceRows, labels: Labels, positives: np.ndarray,
     equal = np.zeros(len(positives) + 1, np.int64)
     histogram = np.zeros(len(edges) - 1, np.int64)
     sorted_positives = None
+    if len(positives) == 0:
+        return below[:0], equal[:0], histogram
     for _, _, dist, chunk_labels in _chunks(rows, labels, chunk):
         if sorted_positives is None or sorted_positives.device != dist.device:
             sorted_positives = torch.from_numpy(positives).to(dist.device, dist.dtype)
         _, negative = _pair_masks(chunk_labels)
         values = dist[negative]
         # A negative n counts at every threshold p_j >= n: from j = #{p < n} on (<=), and
-        # strictly below from j = #{p <= n} on (<).
+        # strictly below from j = #{p <= n} on (<): the same index unless n ties a positive
+        # (then searched again: ties are few).
         left = torch.searchsorted(sorted_positives, values, side='left')
-        right = torch.searchsorted(sorted_positives, values, side='right')
-        below += torch.bincount(right, minlength=len(below)).cpu().numpy()
-        equal += torch.bincount(left, minlength=len(below)).cpu().numpy()
+        at_most = torch.bincount(left, minlength=len(below))
+        tied = values == sorted_positives[left.clamp(max=len(positives) - 1)]
+        right = torch.searchsorted(sorted_positives, values[tied], side='right')
+        ties = torch.bincount(right, minlength=len(below)) - \
+            torch.bincount(left[tied], minlength=len(below))
+        below += (at_most + ties).cpu().numpy()
+        equal += at_most.cpu().numpy()
         histogram += torch.histc(values.float(), len(histogram), float(edges[0]),
                                  float(edges[-1])).long().cpu().numpy()
     below = np.cumsum(below)[:-1]                        # #neg < p_j
