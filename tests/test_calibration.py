@@ -282,3 +282,48 @@ def test_a_number_is_used_as_given_and_without_a_calibration_auto_says_how(peopl
     log = (out / searching.SEARCH_LOG).read_text()
     assert 'Note: no match threshold' in log and 'flip_test=True' in log
     assert 'match' not in _rows(out / '0003_q.png')[0] and 'No match' not in log
+
+
+# --- the whole path: test calibrates, search and the exported model.onnx use it --------------
+
+@pytest.mark.slow
+def test_test_calibrates_and_search_and_the_exported_onnx_use_it(tiny_settings, tmp_path,
+                                                                 monkeypatch, capsys):
+    from reidkit.train.engine import SoftmaxEngine
+    s = tiny_settings.replace(MODEL_NAME='resnet18', EVAL_FREQ=-1)
+    run = main.train(s)
+    checkpoint = main.newest_checkpoint(run)
+    original = SoftmaxEngine.test
+
+    def with_open_set(engine, *args, **kwargs):     # the open-set scores (another helper's)
+        rank1 = original(engine, *args, **kwargs)
+        for result in engine.last_evaluation:
+            result['open_set'] = _result(result['target'], 0.0)['open_set']
+            result['open_set']['threshold']['distance'] = 123.5
+        return rank1
+    monkeypatch.setattr(SoftmaxEngine, 'test', with_open_set)
+    out = main.test(s, checkpoint)
+    record = run / 'calibration' / f'{checkpoint.name}.json'
+    (entry,) = json.loads(record.read_text())['entries']
+    assert entry['target'] == 'market1501' and entry['threshold'] == 123.5
+    assert entry['gallery'] == json.loads((out / 'metrics.json').read_text())['num_gallery']
+    assert f'saved in "{record}"' in (out / 'log.txt').read_text()
+
+    onnx_file = main.export(s, checkpoint)
+    assert 'match threshold copied into its metadata' in capsys.readouterr().out
+    import onnx
+    stored = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert json.loads(stored['calibration']) == [entry]
+
+    data = Path(s.DATA_ROOT) / 'market1501' / 'Market-1501-v15.09.15'
+    query = sorted((data / 'query').glob('*.jpg'))[0]
+    for weights in (checkpoint, onnx_file):
+        found = main.search(s.replace(QUERY=str(query), GALLERY=str(data / 'bounding_box_test'),
+                                      WEIGHTS=str(weights)))
+        log = (found / searching.SEARCH_LOG).read_text()
+        source = f'"{record}"' if weights == checkpoint else f'the metadata of "{onnx_file}"'
+        assert f'Match threshold: distance <= 123.5, calibrated on market1501' in log
+        assert log.split('calibrated on market1501', 1)[1].split('\n')[0].endswith(source)
+        rows = _rows(found / query.name)
+        assert [r['match'] for r in rows] == \
+            ['yes' if float(np.float32(r['distance'])) <= 123.5 else 'no' for r in rows]
