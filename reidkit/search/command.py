@@ -8,7 +8,9 @@ features in chunks, so 100,000 images never need all features, images or distanc
 at once; above it, an index kept beside the features (reidkit.search.index) proposes
 candidates that are re-ranked exactly. A query that is itself in the gallery (the file, or a
 link to it: reidkit.data.files) is left out of its own results, not found at distance 0; the
-cache keeps it for every other query.
+cache keeps it for every other query. With a match threshold (MATCH_THRESHOLD: the checkpoint's
+calibration, reidkit.evaluate.calibration, or a distance) each result is marked match / no
+match, and a query whose nearest image is above it has no match in the gallery.
 """
 from __future__ import annotations
 
