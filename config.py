@@ -69,6 +69,7 @@ SEARCH_CSV_ROWS = 300                        # nearest gallery images listed in 
 SEARCH_EXACT_UP_TO = 200_000                 # galleries up to this size are ranked exactly (0: never)
 SEARCH_INDEX = 'ivfpq'                       # index above it: 'ivfpq' (IVF-PQ, re-ranked exactly)
 SEARCH_NPROBE = 32                           # index lists read per query (more: slower, nearer exact)
+MATCH_THRESHOLD = 'auto'                     # a match up to this distance: 'auto' (test's calibration), a number, 'off'
 
 # --- demo -----------------------------------------------------------------
 # `python main.py --demo` generates a small Market-1501-style dataset (100 train and 60 test

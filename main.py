@@ -47,6 +47,7 @@ from reidkit.data.own_dataset import register_all, target_summaries, unknown_cam
     write_run_split
 from reidkit.data.training_files import TrainingFiles, check_not_trained_on, record_run, \
     recorded_splits
+from reidkit.evaluate.calibration import write_record as write_calibration
 from reidkit.evaluate.report import RunFacts, plot_cmcs, plot_training, plot_verifications, \
     write_metrics
 from reidkit.evaluate.rerank import Reranking
@@ -350,6 +351,10 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
             print(f'Note: {note}.')
         engine = build_engine(s, datamanager, model, optimizer, scheduler, training=False)
         engine.run(save_dir=str(out_dir), test_only=True, rerank=s.RERANK, **run_flags)
+        if main_rank:       # the thresholds search uses (MATCH_THRESHOLD='auto')
+            for line in write_calibration(checkpoint, Path(s.EXPERIMENTS_DIR), out_dir, s,
+                                          engine.last_evaluation):
+                print(line)
     results = [dict(result, epoch=saved.get('epoch')) for result in engine.last_evaluation]
     if main_rank:
         plot_cmcs(results, out_dir)

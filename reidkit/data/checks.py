@@ -16,7 +16,8 @@ from reidkit.data.files import file_ids
 from reidkit.data.images import MAX_STRIP_MATCHES, image_problem
 from reidkit.data.own_data import SPLITS as OWN_SPLITS, OwnData, check_own_data, missing_split
 from reidkit.run.errors import UserError
-from reidkit.run.settings import SWITCH_CHOICES, Settings, dataset_list, is_own_data
+from reidkit.run.settings import SEVERAL_TYPES, SWITCH_CHOICES, Settings, dataset_list, \
+    is_own_data
 
 LOSSES = ('softmax', 'triplet')
 TRANSFORMS = ('random_flip', 'random_crop', 'random_patch', 'color_jitter')
@@ -495,6 +496,7 @@ def check_test_split(target: SplitLabels) -> None:
 
 
 SEARCH_INDEX_KINDS = ('ivfpq',)      # the indexes search can keep (reidkit.search.index)
+MATCH_WORDS = ('auto', 'off')        # MATCH_THRESHOLD's words (reidkit.evaluate.calibration)
 
 
 def check_search_switches(s: Settings) -> None:
@@ -520,9 +522,20 @@ def check_search_switches(s: Settings) -> None:
         raise UserError(f'SEARCH_EXACT_UP_TO={s.SEARCH_EXACT_UP_TO!r} must be 0 (always use the '
                         f'index) or a number of gallery images up to which search is exact. Fix '
                         f'it in config.py or with --SEARCH_EXACT_UP_TO=...')
+    check_match_threshold(s)
     if not s.QUERY or not s.GALLERY:
         raise UserError('search needs --QUERY=path/to/person.jpg (or a folder of queries) '
                         'and --GALLERY=path/to/folder (searched recursively for images).')
+
+
+def check_match_threshold(s: Settings) -> None:
+    """MATCH_THRESHOLD is one of MATCH_WORDS or a distance >= 0 (UserError otherwise)."""
+    value = s.MATCH_THRESHOLD
+    if value in MATCH_WORDS or (type(value) in (int, float) and value >= 0):
+        return
+    raise UserError(f'MATCH_THRESHOLD={value!r}: it must be '
+                    f'{SEVERAL_TYPES["MATCH_THRESHOLD"].text}. Fix it in config.py or with '
+                    f'--MATCH_THRESHOLD=...')
 
 
 def check_before_run(s: Settings, training: bool, pretrained: bool = True,
