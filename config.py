@@ -59,6 +59,7 @@ RERANK = False                               # k-reciprocal re-ranking of test d
 RERANK_K1 = 20                               # re-ranking: neighbours in the reciprocal sets
 RERANK_K2 = 6                                # re-ranking: neighbours in query expansion
 RERANK_LAMBDA = 0.3                          # re-ranking: weight of the original distance
+MATCH_FPIR = 0.01                            # match threshold: share of searches for an absent person that may match
 
 # --- search: rank your own images (python main.py search --QUERY=... --GALLERY=...) ----
 QUERY = ''                                   # a person image, or a folder of them
@@ -68,6 +69,7 @@ SEARCH_CSV_ROWS = 300                        # nearest gallery images listed in 
 SEARCH_EXACT_UP_TO = 200_000                 # galleries up to this size are ranked exactly (0: never)
 SEARCH_INDEX = 'ivfpq'                       # index above it: 'ivfpq' (IVF-PQ, re-ranked exactly)
 SEARCH_NPROBE = 32                           # index lists read per query (more: slower, nearer exact)
+MATCH_THRESHOLD = 'auto'                     # a match up to this distance: 'auto' (test's calibration), a number, 'off'
 
 # --- demo -----------------------------------------------------------------
 # `python main.py --demo` generates a small Market-1501-style dataset (100 train and 60 test

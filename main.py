@@ -47,7 +47,9 @@ from reidkit.data.own_dataset import register_all, target_summaries, unknown_cam
     write_run_split
 from reidkit.data.training_files import TrainingFiles, check_not_trained_on, record_run, \
     recorded_splits
-from reidkit.evaluate.report import RunFacts, plot_cmcs, plot_training, write_metrics
+from reidkit.evaluate.calibration import write_record as write_calibration
+from reidkit.evaluate.report import RunFacts, plot_cmcs, plot_training, plot_verifications, \
+    write_metrics
 from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import Resumed, newest_checkpoint, output_dir_for, resolve_checkpoint, \
     resume_checkpoint, resume_point, training_run_dir, write_settings
@@ -149,6 +151,7 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
         label_smooth=s.LABEL_SMOOTH, train_step=fast.step, loaders=fast.loaders,
         options=EngineOptions(model_name=s.MODEL_NAME, settings=s.record(),
                               latest_every=s.LATEST_EVERY, flip_test=s.FLIP_TEST,
+                              match_fpir=s.MATCH_FPIR, seed=s.SEED,
                               training_files=record.compact() if record else None,
                               rerank=Reranking(s.RERANK_K1, s.RERANK_K2, s.RERANK_LAMBDA)),
     )
@@ -348,9 +351,14 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
             print(f'Note: {note}.')
         engine = build_engine(s, datamanager, model, optimizer, scheduler, training=False)
         engine.run(save_dir=str(out_dir), test_only=True, rerank=s.RERANK, **run_flags)
+        if main_rank:       # the thresholds search uses (MATCH_THRESHOLD='auto')
+            for line in write_calibration(checkpoint, Path(s.EXPERIMENTS_DIR), out_dir, s,
+                                          engine.last_evaluation):
+                print(line)
     results = [dict(result, epoch=saved.get('epoch')) for result in engine.last_evaluation]
     if main_rank:
         plot_cmcs(results, out_dir)
+        plot_verifications(results, out_dir)
         write_metrics(out_dir / 'metrics.json', results,
                       RunFacts(mode, s, checkpoint=checkpoint, seconds=time.time() - started,
                                own_data=target_summaries(s.TARGETS)))

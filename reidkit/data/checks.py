@@ -16,7 +16,8 @@ from reidkit.data.files import file_ids
 from reidkit.data.images import MAX_STRIP_MATCHES, image_problem
 from reidkit.data.own_data import SPLITS as OWN_SPLITS, OwnData, check_own_data, missing_split
 from reidkit.run.errors import UserError
-from reidkit.run.settings import SWITCH_CHOICES, Settings, dataset_list, is_own_data
+from reidkit.run.settings import SEVERAL_TYPES, SWITCH_CHOICES, Settings, dataset_list, \
+    is_own_data
 
 LOSSES = ('softmax', 'triplet')
 TRANSFORMS = ('random_flip', 'random_crop', 'random_patch', 'color_jitter')
@@ -111,6 +112,10 @@ def check_numbers(s: Settings, training: bool) -> None:
         raise UserError(f'Re-ranking needs RERANK_K1 >= 1, RERANK_K2 >= 1 and 0 <= '
                         f'RERANK_LAMBDA <= 1; got {s.RERANK_K1}, {s.RERANK_K2}, '
                         f'{s.RERANK_LAMBDA}. The usual values are 20, 6 and 0.3.')
+    if not 0 < s.MATCH_FPIR < 1:
+        raise UserError(f'MATCH_FPIR={s.MATCH_FPIR!r} must be between 0 and 1 (exclusive): the '
+                        f'share of searches for someone absent from the gallery that may return '
+                        f'a match, e.g. 0.01. Fix it in config.py or with --MATCH_FPIR=...')
     if s.GPUS < 0:
         raise UserError(f'GPUS={s.GPUS} must be 0 (every visible GPU) or a number of GPUs.')
     if s.LR_SCALING not in ('none', 'linear'):
@@ -491,6 +496,7 @@ def check_test_split(target: SplitLabels) -> None:
 
 
 SEARCH_INDEX_KINDS = ('ivfpq',)      # the indexes search can keep (reidkit.search.index)
+MATCH_WORDS = ('auto', 'off')        # MATCH_THRESHOLD's words (reidkit.evaluate.calibration)
 
 
 def check_search_switches(s: Settings) -> None:
@@ -516,9 +522,20 @@ def check_search_switches(s: Settings) -> None:
         raise UserError(f'SEARCH_EXACT_UP_TO={s.SEARCH_EXACT_UP_TO!r} must be 0 (always use the '
                         f'index) or a number of gallery images up to which search is exact. Fix '
                         f'it in config.py or with --SEARCH_EXACT_UP_TO=...')
+    check_match_threshold(s)
     if not s.QUERY or not s.GALLERY:
         raise UserError('search needs --QUERY=path/to/person.jpg (or a folder of queries) '
                         'and --GALLERY=path/to/folder (searched recursively for images).')
+
+
+def check_match_threshold(s: Settings) -> None:
+    """MATCH_THRESHOLD is one of MATCH_WORDS or a distance >= 0 (UserError otherwise)."""
+    value = s.MATCH_THRESHOLD
+    if value in MATCH_WORDS or (type(value) in (int, float) and value >= 0):
+        return
+    raise UserError(f'MATCH_THRESHOLD={value!r}: it must be '
+                    f'{SEVERAL_TYPES["MATCH_THRESHOLD"].text}. Fix it in config.py or with '
+                    f'--MATCH_THRESHOLD=...')
 
 
 def check_before_run(s: Settings, training: bool, pretrained: bool = True,

@@ -183,12 +183,19 @@ class QueryRanks(NamedTuple):
         return Scores(cmc, float(np.mean(self.ap[kept])), float(np.mean(self.inp[kept])))
 
 
-def _rank_chunk(dist: torch.Tensor, labels: Labels):
-    """For a chunk of queries: (first-match rank or -1, AP or nan, INP or nan) per query."""
+# (a chunk's distances, its positive pairs, its negative pairs: masks as _rank_chunk keeps them)
+Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def _rank_chunk(dist: torch.Tensor, labels: Labels, observe: Observer | None = None):
+    """For a chunk of queries: (first-match rank or -1, AP or nan, INP or nan) per query.
+    `observe(dist, positive, negative)`, if given, sees the chunk's pairs as they are split."""
     match = labels.same_person()
     ignored = labels.ignored()
     positive = match & ~ignored              # true matches seen by another camera
     negative = ~(match | ignored)            # everything else that is kept (not the query's file)
+    if observe is not None:
+        observe(dist, positive, negative)
     num_pos = positive.sum(1)
     most = int(num_pos.max()) if len(num_pos) else 0
     device = dist.device                     # the CPU, or a GPU where the features are
@@ -223,8 +230,10 @@ DistanceRows = Callable[[int, int], torch.Tensor]   # (start, end) -> those quer
 
 
 def _rank_in_chunks(distance_rows: DistanceRows, labels: Labels,
-                    chunk: int = QUERY_CHUNK) -> QueryRanks:
-    """`_rank_chunk` over query chunks; NonFiniteError if any distance is NaN or inf."""
+                    chunk: int = QUERY_CHUNK, observe: Observer | None = None) -> QueryRanks:
+    """`_rank_chunk` over query chunks; NonFiniteError if any distance is NaN or inf.
+    `observe`, if given, sees each chunk's distances and pairs too (reidkit.evaluate.
+    verification's pairs are collected in the same pass)."""
     firsts, aps, inps = [], [], []
     non_finite = 0
     for start in range(0, labels.num_queries, chunk):
@@ -235,7 +244,7 @@ def _rank_in_chunks(distance_rows: DistanceRows, labels: Labels,
             continue                # rank no more, but count the rest for the message
         if labels.q_pids.device != dist.device:     # distances on a GPU: rank them there
             labels = labels.to(dist.device)
-        first, ap, inp = _rank_chunk(dist, labels.queries(start, end))
+        first, ap, inp = _rank_chunk(dist, labels.queries(start, end), observe)
         firsts.append(first)
         aps.append(ap)
         inps.append(inp)
@@ -252,7 +261,7 @@ def _gallery_max_rank(labels: Labels, max_rank: int) -> int:
     return max_rank
 
 
-def _matrix_rows(distmat) -> DistanceRows:
+def matrix_rows(distmat) -> DistanceRows:
     dist = _as_tensor(distmat)
     return lambda start, end: dist[start:end]
 
@@ -260,7 +269,7 @@ def _matrix_rows(distmat) -> DistanceRows:
 def rank_queries(distmat, labels: Labels) -> QueryRanks:
     """Each query's first-match rank, AP and INP from a (queries x gallery) distance matrix,
     under the same protocol as `evaluate_distances`. NaN or inf distances: NonFiniteError."""
-    return _rank_in_chunks(_matrix_rows(distmat), labels)
+    return _rank_in_chunks(matrix_rows(distmat), labels)
 
 
 def evaluate_distances(distmat, labels: Labels, max_rank: int = 50,
@@ -347,7 +356,7 @@ def paired_squared_euclidean(a: torch.Tensor, b: torch.Tensor, a_sq_norms: torch
     return (a_sq_norms + b_sq_norms).add_((a * b).sum(1), alpha=-2)
 
 
-def _distance_rows(query: torch.Tensor, gallery: torch.Tensor, metric: str) -> DistanceRows:
+def distance_rows(query: torch.Tensor, gallery: torch.Tensor, metric: str) -> DistanceRows:
     """Distances of query rows start..end-1 to the whole gallery, squared euclidean (as
     Torchreid) or cosine (1 - cosine similarity)."""
     if metric == 'cosine':
@@ -364,19 +373,19 @@ def _distance_rows(query: torch.Tensor, gallery: torch.Tensor, metric: str) -> D
 def distances(query: torch.Tensor, gallery: torch.Tensor,
               metric: str = 'euclidean') -> torch.Tensor:
     """Squared euclidean (as Torchreid) or cosine distances, query rows x gallery rows."""
-    return _distance_rows(query, gallery, metric)(0, len(query))
+    return distance_rows(query, gallery, metric)(0, len(query))
 
 
 def evaluate_features(query_features, gallery_features, labels: Labels,
                       metric: str = 'euclidean', max_rank: int = 50,
-                      chunk: int = QUERY_CHUNK) -> Scores:
+                      chunk: int = QUERY_CHUNK, observe: Observer | None = None) -> Scores:
     """CMC, mAP and mINP (as `evaluate_distances`) straight from (images x dimensions)
     features, never holding the whole distance matrix.
 
     Distances are computed for `chunk` queries at a time, where the features are, so memory
     is the features plus a few (chunk x gallery) arrays: MSMT17's 11,659 x 82,161 fits in a
     few GB instead of ~12 GB. NaN or infinite features (or distances that overflow) raise
-    `NonFiniteError`.
+    `NonFiniteError`. `observe`: see `_rank_in_chunks`.
     """
     qf, gf = _as_tensor(query_features).float(), _as_tensor(gallery_features).float()
     # Checked here first: cheaper than the distances, and the count is of what went wrong.
@@ -385,7 +394,8 @@ def evaluate_features(query_features, gallery_features, labels: Labels,
         raise _non_finite_error(non_finite, qf.numel() + gf.numel(),
                                 'query and gallery feature values')
     max_rank = _gallery_max_rank(labels, max_rank)
-    return _rank_in_chunks(_distance_rows(qf, gf, metric), labels, chunk).scores(max_rank)
+    return _rank_in_chunks(distance_rows(qf, gf, metric), labels, chunk,
+                           observe).scores(max_rank)
 
 
 def flip_averaged(extract: Callable[[torch.Tensor], torch.Tensor],

@@ -118,11 +118,17 @@ COUNT_KEYS = ('num_query', 'num_gallery', 'num_query_ids', 'num_gallery_ids')
 
 def target_metrics(result: Mapping) -> dict:
     """One target's block of metrics.json from the engine's result for it: its names,
-    `summarise`'s scores, the full CMC and the counts of its test images and identities."""
-    return {'target': result['target'], 'dataset': result['dataset'],
-            **summarise(result['cmc'], result['mAP'], result.get('mINP')),
-            'cmc': [float(v) for v in result['cmc']],
-            **{key: int(result[key]) for key in COUNT_KEYS}}
+    `summarise`'s scores, the full CMC, the counts of its test images and identities, and
+    (where the evaluation made them) 'verification' and 'open_set'
+    (reidkit.evaluate.verification; open_set None with re-ranking)."""
+    block = {'target': result['target'], 'dataset': result['dataset'],
+             **summarise(result['cmc'], result['mAP'], result.get('mINP')),
+             'cmc': [float(v) for v in result['cmc']],
+             **{key: int(result[key]) for key in COUNT_KEYS}}
+    for key in ('verification', 'open_set'):
+        if key in result:
+            block[key] = result[key]
+    return block
 
 
 def write_metrics(path: Path, results: Sequence[Mapping], run: RunFacts) -> dict:
@@ -134,7 +140,7 @@ def write_metrics(path: Path, results: Sequence[Mapping], run: RunFacts) -> dict
     one target reads it): 'target' (its name in outputs, `target_names`), 'dataset' (its
     TARGETS value), 'rank1', 'rank5', 'rank10', 'rank20' (those the CMC reaches), 'mAP',
     'mINP' (not under CUHK03's protocol), 'cmc' (fractions, rank 1 onwards), 'num_query',
-    'num_gallery', 'num_query_ids', 'num_gallery_ids'; then 'targets' (every target's block,
+    'num_gallery', 'num_query_ids', 'num_gallery_ids', 'verification', 'open_set'; then 'targets' (every target's block,
     the same keys, the first included), 'epoch', 'checkpoint', 'seconds', 'device',
     'settings' and, for own data, 'own_data'. UserError when it cannot be written."""
     targets = [target_metrics(result) for result in results]
@@ -172,13 +178,82 @@ def _save_figure(fig, path: Path, what: str) -> None:
         _pyplot().close(fig)
 
 
+def _target_file(out_dir: Path, stem: str, k: int, result: Mapping) -> Path:
+    """<stem>.png for the first target of an evaluation, <stem>_<target>.png for others."""
+    return Path(out_dir) / (f'{stem}.png' if k == 0 else f'{stem}_{result["target"]}.png')
+
+
 def plot_cmcs(results: Sequence[Mapping], out_dir: Path) -> list[Path]:
     """The CMC curve of each target of one evaluation (`write_metrics`' results): cmc.png for
     the first target, cmc_<target>.png for each other one."""
-    return [plot_cmc(result['cmc'], Path(out_dir) / ('cmc.png' if k == 0 else
-                                                     f'cmc_{result["target"]}.png'),
+    return [plot_cmc(result['cmc'], _target_file(out_dir, 'cmc', k, result),
                      title=f'CMC curve: {result["target"]}')
             for k, result in enumerate(results)]
+
+
+def plot_verifications(results: Sequence[Mapping], out_dir: Path) -> list[Path]:
+    """distances.png and roc.png of each target of one evaluation (named as `plot_cmcs`
+    names cmc.png), from each result's 'curves' (reidkit.evaluate.verification.Curves);
+    targets without them are skipped."""
+    written = []
+    for k, result in enumerate(results):
+        if result.get('curves') is not None:
+            written += [plot_distances(result['curves'],
+                                       _target_file(out_dir, 'distances', k, result),
+                                       title=f'Pair distances: {result["target"]}'),
+                        plot_roc(result['curves'], _target_file(out_dir, 'roc', k, result),
+                                 title=f'ROC: {result["target"]}')]
+    return written
+
+
+MARK_COLOURS = ('black', 'tab:purple', 'tab:blue', 'tab:brown')
+
+
+def plot_distances(curves, path: Path, title: str = 'Pair distances') -> Path:
+    """Histograms (each as a share of its own count: negatives outnumber positives by far)
+    of positive and negative pair distances and of impostor scores, with the reported
+    thresholds as vertical lines, as a PNG. `curves`: reidkit.evaluate.verification.Curves."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=100)
+    centres = (curves.edges[:-1] + curves.edges[1:]) / 2
+    for counts, label, colour, style in (
+            (curves.positive, 'same person (positive pairs)', 'tab:green', '-'),
+            (curves.negative, 'different people (negative pairs)', 'tab:red', '-'),
+            (curves.impostor, "each query's nearest stranger (impostor score)", 'tab:orange',
+             '--')):
+        if counts is not None and counts.sum():
+            ax.plot(centres, counts / counts.sum() * 100, style, color=colour, label=label,
+                    drawstyle='steps-mid')
+    for (label, value), colour in zip(curves.marks.items(), MARK_COLOURS):
+        ax.axvline(value, color=colour, linestyle=':', linewidth=1.2,
+                   label=f'{label}: {value:.4g}')
+    ax.set(xlabel=f'{curves.distance} distance', ylabel='share of its kind (%)', title=title)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='upper right')
+    fig.tight_layout()
+    _save_figure(fig, path, 'the distance histograms')
+    return Path(path)
+
+
+def plot_roc(curves, path: Path, title: str = 'ROC') -> Path:
+    """The ROC curve (true accept rate against false accept rate of pairs, the latter on a
+    log axis) with the equal error rate marked, as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+    shown = curves.fpr > 0                  # a log axis has no 0
+    ax.plot(curves.fpr[shown], curves.tpr[shown] * 100, color='tab:blue')
+    if curves.eer is not None:
+        ax.plot([curves.eer], [(1 - curves.eer) * 100], 'o', mfc='none', color='tab:red',
+                label=f'EER {curves.eer:.1%} (FPR = FNR)')
+        ax.legend(fontsize=8, loc='lower right')
+    ax.set_xscale('log')
+    ax.set(xlabel='false positive rate (negative pairs accepted)',
+           ylabel='true positive rate (%)', title=title, ylim=(0, 101))
+    ax.grid(alpha=0.3, which='both')
+    fig.tight_layout()
+    _save_figure(fig, path, 'the ROC plot')
+    return Path(path)
 
 
 def plot_cmc(cmc, path: Path, title: str = 'CMC curve') -> Path:
@@ -322,7 +397,8 @@ def plot_training(run_dir: Path, iterations_per_epoch: int) -> Path | None:
 
 
 def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery: int) -> Path:
-    """index.html: metrics, plots, then every query's top-k, Rank-1's failures first (a
+    """index.html: metrics, plots (cmc.png, distances.png, roc.png where they are beside it,
+    and the run's training curves), then every query's top-k, Rank-1's failures first (a
     query with no true match from another camera, `first` < 0, is not scored: counted apart
     and shown last). Static: it works from the file system with no server and no network;
     images are the dataset's own files, referenced by relative path and loaded lazily, 50
@@ -335,7 +411,8 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
         row['strip'] = link(here / row['strip'], here)
         for match in row['matches']:
             match[0] = link(match[0], here)
-    plots = [link(p, here) for p in [here / 'cmc.png'] +
+    plots = [link(p, here) for p in [here / name for name in ('cmc.png', 'distances.png',
+                                                              'roc.png')] +
              [parent / 'training_curves.png' for parent in list(here.parents)[:3]]
              if Path(p).is_file()]
     # Failures are Rank-1's: scored queries (first >= 0) whose first true match is not first.

@@ -109,7 +109,7 @@ def numbered_label(pid: int, camid: int) -> tuple[str, str]:
 
 
 def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
-                   workers: int | None = None, labeller=None) -> Path:
+                   workers: int | None = None, labeller=None, curves=None) -> Path:
     """Writes save_dir/<query>.jpg strips (one distinct name per query, from
     `report.unique_names`), save_dir/index.html and save_dir/cmc.png; returns the page's path.
 
@@ -117,7 +117,8 @@ def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
     (path, pid, camid, ...) items in the distances' order. Strips use Market's 64x128 crops.
     labeller: (pid, camid) -> (identity, camera) texts for captions and the page (own data:
     names, '?' for unknown cameras; reidkit.data.own_dataset.display_labels); default
-    `numbered_label`.
+    `numbered_label`. curves: the evaluation's verification.Curves, drawn as distances.png and
+    roc.png beside cmc.png (and shown on the page).
     """
     label = labeller or numbered_label
     caption = lambda item: 'id {} {}'.format(*label(item[1], item[2]))      # noqa: E731
@@ -144,6 +145,9 @@ def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
         list(tqdm(pool.map(one, range(len(query))), total=len(query),
                   desc='Rank images', unit='query'))
     report.plot_cmc(scores.cmc, save_dir / 'cmc.png')
+    if curves is not None:
+        report.plot_distances(curves, save_dir / 'distances.png')
+        report.plot_roc(curves, save_dir / 'roc.png')
     rows = [{
         'strip': strips[q], 'path': query[q][0], 'pid': int(query[q][1]),
         'cam': int(query[q][2]), 'shown': label(query[q][1], query[q][2]),

@@ -174,11 +174,15 @@ def training_run_dir(s: Settings, resumed: Resumed | None) -> tuple[Path, list[s
         f'so the run continues in a new one (nothing is overwritten)']
 
 
+def checkpoint_run(checkpoint: Path, experiments_dir: Path) -> Path | None:
+    """The run folder a checkpoint belongs to (<run>/<model>/<file>, the run directly under
+    EXPERIMENTS_DIR), or None for a file kept elsewhere: nothing is ever written beside it."""
+    run = Path(checkpoint).resolve().parent.parent
+    return run if run.parent == Path(experiments_dir).resolve() else None
+
+
 def output_dir_for(checkpoint: Path, experiments_dir: Path, mode: str) -> Path:
     """A new folder for test/visrank outputs: inside the checkpoint's run when it has one
     under EXPERIMENTS_DIR, else a new run folder named after the mode."""
-    checkpoint, experiments_dir = Path(checkpoint).resolve(), Path(experiments_dir).resolve()
-    run = checkpoint.parent.parent
-    if run.parent == experiments_dir:
-        return new_run_dir(run, mode)
-    return new_run_dir(experiments_dir, mode)
+    run = checkpoint_run(checkpoint, experiments_dir)
+    return new_run_dir(run if run is not None else Path(experiments_dir).resolve(), mode)

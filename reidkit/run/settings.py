@@ -2,7 +2,8 @@
 
 Overrides are `--KEY=VALUE`; VALUE is read as a Python literal (so --LR=1e-3, --PRETRAINED=False,
 --TRANSFORMS="['random_flip']") and falls back to a plain string (--MODEL_NAME=osnet_x1_0).
-Its type must match the default's; an unknown key is an error that suggests near matches.
+Its type must match the default's (or be one of those SEVERAL_TYPES allows for its key); an
+unknown key is an error that suggests near matches.
 Path-valued settings keep the text as given (a folder may be called `2024` or `True`).
 
 Every setting belongs to one class, which says what a checkpoint does to it:
@@ -21,7 +22,7 @@ import difflib
 import math
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from reidkit.run.errors import UserError
 
@@ -37,8 +38,9 @@ SCHEDULE_SETTINGS = ('MAX_EPOCH', 'EVAL_FREQ', 'PRINT_FREQ', 'LATEST_EVERY')
 LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'DEVICE', 'GPUS', 'AMP',
                   'CHANNELS_LAST', 'COMPILE', 'DATA_CACHE', 'DATA_CACHE_GB',
                   'RESUME', 'EXPERIMENTS_DIR', 'WEIGHTS', 'VISRANK_TOPK', 'FLIP_TEST', 'RERANK',
-                  'RERANK_K1', 'RERANK_K2', 'RERANK_LAMBDA', 'QUERY', 'GALLERY', 'SEARCH_TOPK',
-                  'SEARCH_CSV_ROWS', 'SEARCH_EXACT_UP_TO', 'SEARCH_INDEX', 'SEARCH_NPROBE')
+                  'RERANK_K1', 'RERANK_K2', 'RERANK_LAMBDA', 'MATCH_FPIR', 'QUERY', 'GALLERY',
+                  'SEARCH_TOPK', 'SEARCH_CSV_ROWS', 'SEARCH_EXACT_UP_TO', 'SEARCH_INDEX',
+                  'SEARCH_NPROBE', 'MATCH_THRESHOLD')
 # Local settings a resumed run keeps from its checkpoint unless given again (how it ran:
 # workers, test batch, device and speed switches, evaluation switches), so that resuming a
 # --demo run or a tuned one continues it as it was. The others name this command's inputs.
@@ -240,8 +242,25 @@ def _dataset_place(value, key: str) -> Any:
     return found.st_dev, found.st_ino
 
 
+class Forms(NamedTuple):
+    """The types a setting of several types accepts, and how its forms read in a message."""
+    types: tuple[type, ...]
+    text: str
+
+
+# Settings whose value may take several types (any other must have its default's type); what
+# each form means is checked where the setting is used (reidkit.data.checks).
+SEVERAL_TYPES = {
+    'MATCH_THRESHOLD': Forms((str, float), "'auto' (the checkpoint's calibration), 'off' or a "
+                                           "distance (a number >= 0)"),
+}
+
+
 def _typed(key: str, value: Any, default: Any, source: str) -> Any:
-    """`value` converted to the default's type, or a UserError saying what was expected."""
+    """`value` converted to the default's type (or, for a key of SEVERAL_TYPES, to one of its
+    types), or a UserError saying what was expected."""
+    if key in SEVERAL_TYPES:
+        return _one_of(key, value, SEVERAL_TYPES[key], source)
     expected = type(default)
     if key in DATASET_LISTS and isinstance(value, (list, tuple)) and value and \
             all(isinstance(name, str) for name in value):
@@ -262,6 +281,17 @@ def _typed(key: str, value: Any, default: Any, source: str) -> Any:
         f'but got {value!r} ({type(value).__name__}). Write it as a Python literal, '
         f'e.g. --{key}={default!r}.'
     )
+
+
+def _one_of(key: str, value: Any, forms: Forms, source: str) -> Any:
+    """`value` if its type is one of `forms.types` (an int where a float is allowed becomes
+    one; a bool is no number), else a UserError listing the forms."""
+    if float in forms.types and type(value) is int:
+        return float(value)
+    if type(value) in forms.types:
+        return value
+    raise UserError(f'{source}: {key} must be {forms.text}, but got {value!r} '
+                    f'({type(value).__name__}). Fix it in config.py or with --{key}=...')
 
 
 def apply_overrides(defaults: Mapping[str, Any], overrides: Mapping[str, Any],

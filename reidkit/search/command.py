@@ -8,7 +8,9 @@ features in chunks, so 100,000 images never need all features, images or distanc
 at once; above it, an index kept beside the features (reidkit.search.index) proposes
 candidates that are re-ranked exactly. A query that is itself in the gallery (the file, or a
 link to it: reidkit.data.files) is left out of its own results, not found at distance 0; the
-cache keeps it for every other query.
+cache keeps it for every other query. With a match threshold (MATCH_THRESHOLD: the checkpoint's
+calibration, reidkit.evaluate.calibration, or a distance) each result is marked match / no
+match, and a query whose nearest image is above it has no match in the gallery.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 
 from reidkit.data import checks
 from reidkit.data.files import file_ids
+from reidkit.evaluate.calibration import match_threshold
 from reidkit.evaluate.metrics import check_finite, squared_euclidean
 from reidkit.evaluate.report import unique_names
 from reidkit.run.errors import UserError
@@ -58,6 +61,8 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
         checks.check_output_folder(Path(s.EXPERIMENTS_DIR))
         print('Ranking: euclidean distance' +
               (', FLIP_TEST (each image averaged with its mirror)' if s.FLIP_TEST else ''))
+        threshold, line = match_threshold(s, extractor.calibration, extractor.source)
+        print(line)
         gallery = gallery_features(extractor, Path(s.GALLERY),
                                    Path(s.EXPERIMENTS_DIR) / '.search-cache', s.BATCH_SIZE_TEST,
                                    outputs=Path(s.EXPERIMENTS_DIR))
@@ -65,8 +70,8 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
               f'{"features from the cache" if gallery.cached else "features extracted and cached"})'
               + (f'; {len(gallery.skipped)} unreadable files skipped' if gallery.skipped else ''))
         index = gallery_index(gallery, s)
-        out_dir, unreadable, in_gallery = _rank_and_write(s, extractor, queries, gallery, index,
-                                                          start_log)
+        out_dir, unreadable, in_gallery, no_match = _rank_and_write(
+            s, extractor, queries, gallery, index, threshold, start_log)
         if out_dir is None:
             first = ' The first three:' if len(unreadable) > 3 else ''
             raise UserError(f'QUERY: none of the {len(queries)} query images could be read.'
@@ -74,8 +79,12 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
         if unreadable:
             write_skipped(out_dir / SKIPPED_QUERIES, unreadable)
         (out_dir / INCOMPLETE).unlink()
-        print(f'{len(queries) - len(unreadable)} queries ranked against '
-              f'{len(gallery.paths):,} gallery images')
+        ranked = len(queries) - len(unreadable)
+        print(f'{ranked} queries ranked against {len(gallery.paths):,} gallery images')
+        if threshold is not None:
+            print(f'No match in the gallery: {no_match} of {ranked} '
+                  f'quer{"y" if ranked == 1 else "ies"} (nearest image farther than the match '
+                  f'threshold {threshold:.6g}; "No match" heads their pages)')
         if in_gallery:
             print(f'{in_gallery} quer{"y was" if in_gallery == 1 else "ies were"} found in the '
                   f'gallery {"itself" if in_gallery == 1 else "themselves"} and left out of '
@@ -84,17 +93,18 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
 
 
 def _rank_and_write(s: Settings, extractor: FeatureExtractor, queries: list[Path],
-                    gallery: Gallery, index: GalleryIndex | None,
-                    start_log) -> tuple[Path | None, list[tuple[Path, str]], int]:
-    """Ranks the queries batch by batch and writes each one's results into the search's
-    folder, made (its log started there) once there is something to put in it. Returns the
-    folder (None when no query could be read), the unreadable queries with why and how many
-    queries were in the gallery themselves (left out of their own results)."""
+                    gallery: Gallery, index: GalleryIndex | None, threshold: float | None,
+                    start_log) -> tuple[Path | None, list[tuple[Path, str]], int, int]:
+    """Ranks the queries batch by batch and writes each one's results, marked match / no
+    match by `threshold` (a distance, or None), into the search's folder, made (its log
+    started there) once there is something to put in it. Returns the folder (None when no
+    query could be read), the unreadable queries with why, how many queries were in the
+    gallery themselves (left out of their own results) and how many have no match."""
     rows = min(len(gallery.paths), max(s.SEARCH_CSV_ROWS, s.SEARCH_TOPK))
     names = dict(zip(queries, unique_names(
         [queries[0].name] if len(queries) == 1 else [q.relative_to(s.QUERY) for q in queries],
         reserved=(INCOMPLETE, SKIPPED_QUERIES, SEARCH_LOG))))
-    out_dir, unreadable, in_gallery = None, [], 0
+    out_dir, unreadable, in_gallery, no_match = None, [], 0, 0
     for paths, features, bad in query_batches(extractor, queries, s.BATCH_SIZE_TEST):
         unreadable += bad
         if not paths:
@@ -112,11 +122,12 @@ def _rank_and_write(s: Settings, extractor: FeatureExtractor, queries: list[Path
         for path, (order, distances), rows_out in zip(paths, ranked, own):
             # Written under a hidden name, renamed when whole: a result folder is complete.
             partial = out_dir / f'.{names[path]}.partial'
-            write_results(partial, QueryResult(path, gallery.paths, order, distances,
-                                               gallery.skipped, len(rows_out)),
-                          s.SEARCH_TOPK, csv_rows=s.SEARCH_CSV_ROWS)
+            result = QueryResult(path, gallery.paths, order, distances, gallery.skipped,
+                                 len(rows_out), threshold)
+            write_results(partial, result, s.SEARCH_TOPK, csv_rows=s.SEARCH_CSV_ROWS)
             partial.rename(out_dir / names[path])
-    return out_dir, unreadable, in_gallery
+            no_match += result.no_match
+    return out_dir, unreadable, in_gallery, no_match
 
 
 def own_files(queries: list[Path], gallery: Gallery) -> list[np.ndarray]:

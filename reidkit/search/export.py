@@ -21,6 +21,7 @@ import torch
 from reidkit.data import checks, own_data
 from reidkit.data.checks import dataset_dir, torchreid_datasets
 from reidkit.data.images import read_image
+from reidkit.evaluate.calibration import for_checkpoint
 from reidkit.run import atomic
 from reidkit.run.errors import UserError
 from reidkit.run.folders import resolve_checkpoint
@@ -43,6 +44,7 @@ def export(s: Settings, weights: Path | None = None) -> Path:
     _check_installed()
     checkpoint, saved, s = resolve_checkpoint(s, weights)
     checks.check_names(s)
+    thresholds = for_checkpoint(checkpoint, Path(s.EXPERIMENTS_DIR)).entries   # search's 'auto'
     model = checkpoint_model(saved, checkpoint, s.MODEL_NAME, s.LOSS).float().eval()
     transform = quiet_test_transform(s.HEIGHT, s.WIDTH)
     normalize = transform.transforms[-1]      # Torchreid's ImageNet mean and std, as it uses
@@ -55,7 +57,8 @@ def export(s: Settings, weights: Path | None = None) -> Path:
             meta.FEATURE_DIM: feature_dim, meta.MEAN: json.dumps(list(normalize.mean)),
             meta.STD: json.dumps(list(normalize.std)), meta.CHECKPOINT: checkpoint.name,
             meta.EPOCH: '' if epoch is None else epoch,
-            meta.PREPROCESSING: meta.PREPROCESSING_TEXT})
+            meta.PREPROCESSING: meta.PREPROCESSING_TEXT,
+            **({meta.CALIBRATION: json.dumps(list(thresholds))} if thresholds else {})})
         images, source = check_images(s)
         diff, cosine = compare(model, transform, meta.OnnxExtractor(temporary), images)
         line = (f'ONNX check on {len(images)} {source}: onnxruntime vs PyTorch features, '
@@ -76,6 +79,9 @@ def export(s: Settings, weights: Path | None = None) -> Path:
     print(f'ONNX model: {path} ({s.MODEL_NAME}, epoch {"?" if epoch is None else epoch}, '
           f'{s.HEIGHT}x{s.WIDTH} -> {feature_dim} features, dynamic batch, opset {OPSET}, '
           f'{size:.1f} MiB)')
+    if thresholds:
+        print(f'Calibration: the checkpoint\'s {len(thresholds)} match threshold'
+              f'{"s" if len(thresholds) > 1 else ""} copied into its metadata (search uses them)')
     return path
 
 

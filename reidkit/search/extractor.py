@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 from reidkit.data import checks
 from reidkit.data.images import read_image
+from reidkit.evaluate.calibration import Calibration, for_checkpoint, from_onnx_metadata
 from reidkit.evaluate.metrics import flip_averaged
 from reidkit.run.checkpoints import checkpoint_classes, load_weights
 from reidkit.run.device import choose_device, place_model
 from reidkit.run.errors import UserError
 from reidkit.run.folders import resolve_checkpoint
 from reidkit.run.settings import Settings
-from reidkit.search.onnx_features import OnnxExtractor
+from reidkit.search.onnx_features import CALIBRATION, OnnxExtractor
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 
@@ -124,12 +125,15 @@ class FeatureExtractor:
     """A model with its preprocessing: `transform` turns a PIL image into the model's input
     tensor; the model maps a batch of them to (n, dim) features on `device`. `source` is the
     checkpoint or .onnx file, `key` what else decides its features (model, input size,
-    flip-test): with the file's identity, they name the gallery's feature cache."""
+    flip-test): with the file's identity, they name the gallery's feature cache.
+    `calibration`: the match thresholds that came with the model (its checkpoint's record,
+    or the .onnx file's metadata), None when unknown."""
     model: nn.Module
     transform: Callable[[Image.Image], torch.Tensor]
     device: torch.device
     source: Path
     key: str
+    calibration: Calibration | None = None
 
     def flip_tested(self) -> FeatureExtractor:
         """The same extractor averaging each image's features with its mirror image's."""
@@ -164,7 +168,8 @@ def _onnx_extractor(path: Path) -> FeatureExtractor:
     print(f'Model: "{path}" (ONNX, run by onnxruntime; {meta.model_name}, '
           f'{meta.height}x{meta.width} input)')
     return FeatureExtractor(model, model.transform, torch.device('cpu'), path,
-                            f'onnx|{meta.model_name}|{meta.height}x{meta.width}')
+                            f'onnx|{meta.model_name}|{meta.height}x{meta.width}',
+                            from_onnx_metadata(meta.metadata.get(CALIBRATION), path))
 
 
 def _checkpoint_extractor(s: Settings,
@@ -178,4 +183,5 @@ def _checkpoint_extractor(s: Settings,
     # Where place_model put it (under DDP: this process's GPU): its inputs go there.
     device = next(model.parameters(), torch.empty(0)).device
     return FeatureExtractor(model, quiet_test_transform(s.HEIGHT, s.WIDTH), device, checkpoint,
-                            f'{s.MODEL_NAME}|{s.HEIGHT}x{s.WIDTH}'), s
+                            f'{s.MODEL_NAME}|{s.HEIGHT}x{s.WIDTH}',
+                            for_checkpoint(checkpoint, Path(s.EXPERIMENTS_DIR))), s

@@ -23,6 +23,7 @@ from reidkit.run.errors import UserError
 MODEL_NAME, HEIGHT, WIDTH = 'model_name', 'input_height', 'input_width'
 FEATURE_DIM, MEAN, STD = 'feature_dim', 'mean', 'std'
 CHECKPOINT, EPOCH, PREPROCESSING = 'checkpoint', 'epoch', 'preprocessing'
+CALIBRATION = 'calibration'     # its checkpoint's calibration entries, JSON (if it had any)
 REQUIRED = (MODEL_NAME, HEIGHT, WIDTH, FEATURE_DIM, MEAN, STD)
 PREPROCESSING_TEXT = ('RGB image resized to input_height x input_width (bilinear), scaled to '
                       '[0, 1], minus mean, divided by std (per channel), NCHW float32')

@@ -14,7 +14,8 @@ from reidkit.evaluate.report import link
 PAGE_STYLE = ('body{font:14px system-ui,sans-serif;margin:16px}figure{display:inline-block;'
               'margin:4px;text-align:center;font-size:11px;width:90px;vertical-align:top}'
               'h1,figcaption{overflow-wrap:anywhere}img{width:64px;'
-              'height:128px;border:3px solid #888}.q img{border-color:#000}')
+              'height:128px;border:3px solid #888}.q img{border-color:#000}'
+              '.yes img{border-color:#0a0}.no img{border-color:#d00}')
 
 
 @dataclass(frozen=True)
@@ -22,18 +23,33 @@ class QueryResult:
     """One query's ranking: `order` holds rows of `gallery` (paths), nearest first, with
     their squared euclidean `distances`; `skipped` lists the gallery's unreadable files as
     (path, why); `left_out`: how many gallery images are the query's own file (the file or
-    links to it), which `order` leaves out."""
+    links to it), which `order` leaves out; `threshold`: the match threshold (a distance: a
+    result matches when its distance is <= it), None when there is none."""
     query: Path
     gallery: list[str]
     order: np.ndarray
     distances: np.ndarray
     skipped: list[tuple[str, str]]
     left_out: int = 0
+    threshold: float | None = None
 
     def top(self, count: int) -> list[tuple[str, float]]:
-        """(path, distance) of the nearest `count`."""
-        return [(self.gallery[row], float(distance))
+        """(path, distance) of the nearest `count`, each distance a float32 value (as
+        results.csv writes it in full)."""
+        return [(self.gallery[row], float(np.float32(distance)))
                 for row, distance in zip(self.order[:count], self.distances[:count])]
+
+    def matches(self, distance: float) -> bool | None:
+        """Whether a result at `distance` (float32, as `top` gives it) is a match; None
+        without a threshold."""
+        return None if self.threshold is None else \
+            bool(float(np.float32(distance)) <= self.threshold)
+
+    @property
+    def no_match(self) -> bool:
+        """With a threshold: whether even the nearest image is above it (or none is left)."""
+        return self.threshold is not None and not (len(self.distances)
+                                                    and self.matches(self.distances[0]))
 
 
 def write_results(out_dir: Path, result: QueryResult, topk: int,
@@ -43,34 +59,56 @@ def write_results(out_dir: Path, result: QueryResult, topk: int,
     when the strip cannot be written (a full disk)."""
     listed = len(result.order) if csv_rows is None else min(csv_rows, len(result.order))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(out_dir / 'results.csv', result.top(listed))
+    _write_csv(out_dir / 'results.csv', result, result.top(listed))
     top = result.top(topk)
     query = result.query
     visrank.save_strip(out_dir / 'strip.jpg', visrank.draw_strip(
         (str(query), ['query', query.name[:10]]),
-        [(p, [f'#{r} d={d:.3g}', Path(p).name[:10]], None) for r, (p, d) in enumerate(top, 1)]))
+        [(p, [f'#{r} d={d:.3g}', _verdict(result.matches(d)) or Path(p).name[:10]],
+          result.matches(d)) for r, (p, d) in enumerate(top, 1)]))
     _write_page(out_dir, result, top, listed)
     if result.skipped:
         write_skipped(out_dir / 'skipped.txt', result.skipped)
 
 
-def _write_csv(path: Path, ranked: list[tuple[str, float]]) -> None:
+def _verdict(matched: bool | None) -> str:
+    """'match', 'no match', or '' without a threshold."""
+    return '' if matched is None else 'match' if matched else 'no match'
+
+
+def _write_csv(path: Path, result: QueryResult, ranked: list[tuple[str, float]]) -> None:
+    """rank, path, distance and, with a threshold, match (yes/no) of each listed result."""
+    marked = result.threshold is not None
     # surrogateescape: paths that are not UTF-8 are written back as the bytes they are
     with open(path, 'w', newline='', errors='surrogateescape') as handle:
         writer = csv.writer(handle)
-        writer.writerow(['rank', 'path', 'distance'])
+        writer.writerow(['rank', 'path', 'distance'] + (['match'] if marked else []))
         for rank, (path, distance) in enumerate(ranked, 1):
-            writer.writerow([rank, path, f'{distance:.6g}'])
+            # 9 digits: a float32 in full, so the match column can be checked from it
+            writer.writerow([rank, path, f'{distance:.9g}']
+                            + (['yes' if result.matches(distance) else 'no'] if marked else []))
 
 
 def _write_page(out_dir: Path, result: QueryResult, top: list[tuple[str, float]],
                 listed: int) -> None:
     """index.html: the query and its top matches, linked to the files, and what the csv holds."""
     rel = lambda p: html.escape(link(p, out_dir))  # noqa: E731
+    marks = {True: ' class="yes"', False: ' class="no"', None: ''}
     tiles = ''.join(
-        f'<figure><img loading="lazy" src="{rel(p)}" title="{html.escape(str(p))}">'
-        f'<figcaption>#{r} d={d:.4g}<br>{html.escape(Path(p).name)}</figcaption></figure>'
+        f'<figure{marks[result.matches(d)]}><img loading="lazy" src="{rel(p)}" '
+        f'title="{html.escape(str(p))}"><figcaption>#{r} d={d:.4g}'
+        + (f' {_verdict(result.matches(d))}' if result.threshold is not None else '')
+        + f'<br>{html.escape(Path(p).name)}</figcaption></figure>'
         for r, (p, d) in enumerate(top, 1))
+    verdict, threshold = '', result.threshold
+    if result.no_match:         # the page's first line
+        verdict = ('<p><b>No match in the gallery</b>: ' + (
+            f'the nearest image is at distance {result.distances[0]:.4g}, above the match '
+            f'threshold {threshold:.4g}.</p>' if len(result.distances) else
+            'it holds no other image.</p>'))
+    elif threshold is not None:
+        verdict = (f'<p><b>Match</b>: the nearest image is at distance '
+                   f'{result.distances[0]:.4g}, within the match threshold {threshold:.4g}.</p>')
     skipped = result.skipped
     notes = (f'<p>{len(skipped)} unreadable files skipped: see skipped.txt</p>' if skipped else '')
     if result.left_out:
@@ -80,7 +118,7 @@ def _write_page(out_dir: Path, result: QueryResult, top: list[tuple[str, float]]
     ranked = len(result.gallery) - result.left_out
     (out_dir / 'index.html').write_text(
         '<!doctype html><html><head><meta charset="utf-8"><title>Search results</title><style>'
-        f'{PAGE_STYLE}</style></head><body>'
+        f'{PAGE_STYLE}</style></head><body>{verdict}'
         f'<h1>Search: {html.escape(result.query.name)}</h1><p>{ranked:,} gallery images ranked; '
         + ('all of them' if listed == ranked else f'the nearest {listed:,}')
         + f' in <a href="results.csv">results.csv</a>.</p>{notes}'

@@ -36,6 +36,7 @@ from reidkit.data.training_files import CHECKPOINT_KEY
 from reidkit.evaluate import metrics as evaluation
 from reidkit.evaluate.report import BestEffortWriter, print_scores, target_names
 from reidkit.evaluate.rerank import Reranking, re_ranking_features
+from reidkit.evaluate.verification import PairScores, describe
 from reidkit.evaluate.visrank import write_rankings
 from reidkit.run import distributed
 from reidkit.run.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
@@ -54,6 +55,8 @@ class EngineOptions:
     flip_test: bool = False            # test features of the image and its mirror, averaged
     rerank: Reranking = field(default_factory=Reranking)   # its parameters, where it is on
     training_files: dict | None = None  # the run's training files (reidkit.data.training_files)
+    match_fpir: float = 0.01           # the FPIR the open-set match threshold is picked at
+    seed: int = 1                      # the held-out split of the open-set estimate
 
 
 class ReidkitEngineMixin:
@@ -69,8 +72,11 @@ class ReidkitEngineMixin:
         self.latest_every = options.latest_every  # epochs between rolling checkpoints (0: never)
         self.settings = options.settings         # the run's settings, stored in every checkpoint
         self.training_files = options.training_files    # stored in every checkpoint
+        self.match_fpir, self.seed = options.match_fpir, options.seed   # open-set threshold
         # every target's evaluation: {'epoch', 'target', 'dataset', 'cmc', 'mAP', 'mINP',
-        # counts (metrics.Labels.counts)}; the last test()'s, one per target: last_evaluation
+        # counts (metrics.Labels.counts), 'verification', 'open_set' (None with re-ranking),
+        # 'curves' (verification.Curves, for the pictures)}; the last test()'s, one per
+        # target: last_evaluation
         self.results: list = []
         self.last_evaluation: list = []
         self.save_dir = None
@@ -216,8 +222,10 @@ class ReidkitEngineMixin:
         protocol does); re-ranking is ours (`reidkit.evaluate.rerank`, from each image's
         nearest neighbours). Every switch (metric, FLIP_TEST, re-ranking) applies to every
         protocol, CUHK03's too, and the evaluation line names them. Prints the ranks in
-        `ranks` that the gallery has, records the scores in `results` and returns
-        (Rank-1, mAP)."""
+        `ranks` that the gallery has and the verification and open-set block
+        (`reidkit.evaluate.verification`, on the same distances: its pairs collected in the
+        CMC pass, its negatives counted in a second), records the scores in `results` and
+        returns (Rank-1, mAP)."""
         if use_metric_cuhk03 and distributed.current().distributed:
             raise UserError('The CUHK03 metric is evaluated by one process: run python '
                             'main.py test --GPUS=1 (or without torchrun) on the checkpoint '
@@ -236,23 +244,34 @@ class ReidkitEngineMixin:
             distmat = torch.from_numpy(re_ranking_features(qf, gf, self.rerank))
         elif use_metric_cuhk03:
             distmat = evaluation.distances(qf, gf, dist_metric)
+        pairs = PairScores(labels)           # verification's pairs, collected as CMC ranks
         if distmat is None:
-            scores = evaluation.evaluate_features(qf, gf, labels, dist_metric)
+            scores = evaluation.evaluate_features(qf, gf, labels, dist_metric,
+                                                  observe=pairs.observe)
+            rows = evaluation.distance_rows(qf, gf, dist_metric)
         else:
             scores = evaluation.evaluate_distances(distmat, labels,
                                                    single_gallery_shot=use_metric_cuhk03)
+            rows = evaluation.matrix_rows(distmat)
+            pairs.collect(rows)
+        verification, open_set, curves = pairs.finish(
+            rows, distance=dist_metric, flip_test=self.flip_test, rerank=rerank,
+            match_fpir=self.match_fpir, seed=self.seed)
         name = target_names(self.datamanager.targets).get(dataset_name,
                                                           display_name(dataset_name))
         self.results.append({'epoch': self.epoch + 1, 'target': name, 'dataset': dataset_name,
-                             **scores._asdict(), **labels.counts()})
+                             **scores._asdict(), **labels.counts(),
+                             'verification': verification, 'open_set': open_set,
+                             'curves': curves})
         print_scores(scores, ranks, labels.num_gallery)
+        print('\n'.join(describe(verification, open_set)))
         if visrank and distributed.current().is_main:
             if distmat is None:
                 distmat = evaluation.distances(qf, gf, dist_metric)
             write_rankings(distmat.cpu().numpy(),
                            self.datamanager.fetch_test_loaders(dataset_name),
                            Path(save_dir) / f'visrank_{name}', visrank_topk,
-                           labeller=display_labels(dataset_name))
+                           labeller=display_labels(dataset_name), curves=curves)
         return scores.cmc[0], scores.mAP
 
     def _query_and_gallery(self, query_loader, gallery_loader, dataset_name=''):

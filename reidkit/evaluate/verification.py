@@ -1,0 +1,374 @@
+"""Is it the same person? Verification (pair) scores and open-set identification, exact, on
+the distances an evaluation ranks with, in bounded memory.
+
+Pairs are those the CMC/mAP protocol scores (`metrics.Labels.ignored`): each query against
+every gallery image it is ranked against, the same person from the same camera, junk and the
+query's own file left out. Same person: a positive pair, anyone else: a negative one; every
+query's pairs count (a query with no cross-camera mate adds negatives only). A pair matches
+when its distance is <= the threshold.
+
+Verification: ROC AUC, the equal error rate (EER) and its distance, TPR at FPR 1e-1, 1e-2,
+1e-3 with their distances. Every positive pair's distance is a threshold candidate; TPR(t)
+and FPR(t) count distances <= t. AUC counts a tie between a positive and a negative as 1/2:
+it is then exactly the Mann-Whitney U statistic over (positives x negatives), divided by
+their product (Mann & Whitney 1947; Hanley & McNeil 1982). The EER is the mean of FPR and
+FNR at the candidate minimising |FPR - FNR| (the smallest such distance). A TPR at FPR r is
+reported only when r x negatives >= 10 (else 'not enough negatives').
+
+Open-set identification (NIST FRVT's vocabulary: "Face Recognition Vendor Test, Part 2:
+Identification", NISTIR 8271, FPIR / FNIR; DIR = 1 - FNIR): each query's identity is left out
+of the gallery in turn. A query's *impostor score* is its smallest distance to a gallery image
+of anyone else. FPIR(t) = share of all queries whose impostor score is <= t (a search for an
+absent person returns a false match); DIR(t) = share of mated queries (those with a true match
+from another camera, NIST's mated searches) whose rank-1 is a true match (strictly nearer than
+every stranger: ties rank the stranger first, as in `metrics`) at distance <= t. Reported: DIR
+at FPIR 1e-1 and 1e-2 with their distances, each only when >= 10 queries resolve it (else
+'not enough queries'); the MATCH_FPIR threshold (the largest t with FPIR(t) <= MATCH_FPIR,
+just below the next impostor score); and an honest held-out estimate: queries split in two by
+a hash of their identity seeded with SEED (the gallery stays whole), t picked on one half,
+FPIR and DIR measured on the other, both ways.
+
+Why a per-pair FPR of 1% is not a 1% false-alarm rate for a search: a search compares the
+query with all G strangers of a gallery and reports the best of them, so it raises a false
+alarm when *any* one of them is within t: roughly 1 - (1 - FPR)^G, near certainty for G in the
+thousands. FPIR measures that best stranger directly, and so depends on the gallery's size
+(more strangers, lower impostor scores): a threshold holds for galleries like the one it was
+calibrated on, whose size is stored with it.
+
+Memory: never a list of all pairs. One pass over query chunks (the CMC/mAP pass itself, through
+its `observe` hook, or a pass of its own) collects the positive pairs' distances (few:
+queries x their matches), each query's impostor score and nearest true match, and the
+distances' range; a second pass counts each chunk's negatives against the sorted positives
+(`torch.searchsorted`) and into fixed histogram bins. With re-ranking, distances depend on the
+whole gallery while a search never re-ranks: verification is reported on them, open-set
+numbers are not (None).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from reidkit.evaluate.metrics import QUERY_CHUNK, DistanceRows, Labels
+
+FPR_LEVELS = (1e-1, 1e-2, 1e-3)
+FPIR_LEVELS = (1e-1, 1e-2)
+MIN_RESOLVING = 10                # errors a rate must rest on: negatives, or queries
+HISTOGRAM_BINS = 120
+ROC_POINTS = 2000                 # points of the ROC curve kept for roc.png
+NOT_ENOUGH_NEGATIVES = 'not enough negatives'
+NOT_ENOUGH_QUERIES = 'not enough queries'
+RERANK_NOTE = ('open-set scores and the match threshold are not computed with RERANK: '
+               're-ranked distances depend on the whole gallery, and search never re-ranks')
+
+
+def _key(rate: float) -> str:
+    return f'{rate:g}'             # '0.1', '0.01', '0.001': metrics.json's keys
+
+
+def _below(value: float, dtype) -> float:
+    """The largest number of the distances' dtype strictly below `value`, so that a distance
+    equal to `value` does not match (a threshold compared in float32 stays below it)."""
+    dtype = np.dtype(dtype)
+    return float(np.nextafter(dtype.type(value), dtype.type(-np.inf)))
+
+
+@dataclass
+class Curves:
+    """What distances.png and roc.png draw (not written to metrics.json): histogram `edges`
+    (bins + 1) and counts of positive pairs, negative pairs and impostor scores; the ROC's
+    `fpr`/`tpr` (at most ROC_POINTS + 1 points, at positive distances); `distance`: the
+    distance's name for an axis; `marks`: {label: distance} of the reported thresholds."""
+    edges: np.ndarray
+    positive: np.ndarray
+    negative: np.ndarray
+    impostor: np.ndarray | None
+    fpr: np.ndarray
+    tpr: np.ndarray
+    eer: float | None
+    distance: str
+    marks: dict = field(default_factory=dict)
+
+
+@dataclass
+class PairScores:
+    """Collects one evaluation's pairs, chunk by chunk (`observe`), then `finish`es.
+
+    `observe(dist, positive, negative)` takes one query chunk's (chunk x gallery) distances
+    and its pairs (boolean masks, as `metrics` keeps them), on any device, in query order; it is the `observe` hook
+    of `metrics.evaluate_features`, or `collect` runs it over a `DistanceRows` itself."""
+    labels: Labels
+    _positives: list = field(default_factory=list)
+    _impostor: list = field(default_factory=list)
+    _nearest_true: list = field(default_factory=list)
+    _negatives: int = 0
+    _low: float = np.inf
+    _high: float = -np.inf
+    _dtype: torch.dtype = torch.float32
+
+    def observe(self, dist: torch.Tensor, positive: torch.Tensor,
+                negative: torch.Tensor) -> None:
+        inf = torch.tensor(float('inf'), dtype=dist.dtype, device=dist.device)
+        self._positives.append(dist[positive].cpu())
+        self._impostor.append(torch.where(negative, dist, inf).amin(1).cpu())
+        self._nearest_true.append(torch.where(positive, dist, inf).amin(1).cpu())
+        self._negatives += int(negative.sum())
+        if dist.numel():         # the histograms' range (the smallest: an impostor or a mate)
+            self._high = max(self._high, float(dist.max()))
+            low = min(self._impostor[-1].min(), self._nearest_true[-1].min())
+            self._low = min(self._low, float(low))
+        self._dtype = dist.dtype
+
+    def collect(self, rows: DistanceRows, chunk: int = QUERY_CHUNK) -> PairScores:
+        """The first pass on its own, over `rows` (when the CMC/mAP pass did not observe)."""
+        for start, end, dist, labels in _chunks(rows, self.labels, chunk):
+            self.observe(dist, *_pair_masks(labels))
+        return self
+
+    def finish(self, rows: DistanceRows, *, distance: str = 'euclidean', flip_test: bool = False,
+               rerank: bool = False, match_fpir: float = 0.01, seed: int = 1,
+               chunk: int = QUERY_CHUNK) -> tuple[dict, dict | None, Curves]:
+        """The second pass over the same `rows`, then (verification, open_set, curves):
+        metrics.json's blocks (see the module's docstring; open_set None with `rerank`) and
+        what the pictures draw. `distance`, `flip_test`, `rerank` name the distances in the
+        block; `match_fpir` (0 < x < 1): the FPIR the match threshold is picked at; `seed`:
+        the held-out split's."""
+        positives = np.sort(torch.cat(self._positives).numpy()) if self._positives \
+            else np.zeros(0, np.float32)
+        impostor = torch.cat(self._impostor).numpy() if self._impostor else np.zeros(0)
+        nearest_true = torch.cat(self._nearest_true).numpy() if self._nearest_true \
+            else np.zeros(0)
+        low, high = (self._low, self._high) if self._low <= self._high else (0.0, 1.0)
+        if high <= low:
+            high = low + 1.0
+        edges = np.linspace(low, high, HISTOGRAM_BINS + 1)
+        below, equal, negative_hist = _count_negatives(rows, self.labels, positives, edges, chunk)
+        verification, fpr, tpr = _verification(positives, below, equal, self._negatives,
+                                               float(impostor.min()) if len(impostor) else np.inf,
+                                               self._dtype)
+        verification = {'distance': distance, 'flip_test': bool(flip_test),
+                        'rerank': bool(rerank), **verification}
+        open_set = None if rerank else _open_set(impostor, nearest_true,
+                                                 self.labels.q_pids.cpu().numpy(), match_fpir,
+                                                 seed, self._dtype)
+        curves = _curves(edges, positives, negative_hist, impostor, fpr, tpr, verification,
+                         open_set, rerank, distance)
+        return verification, open_set, curves
+
+
+def _pair_masks(labels: Labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) pairs of a chunk, as the CMC/mAP protocol keeps them."""
+    same = labels.same_person()
+    ignored = labels.ignored()
+    return same & ~ignored, ~(same | ignored)
+
+
+def _chunks(rows: DistanceRows, labels: Labels, chunk: int):
+    for start in range(0, labels.num_queries, chunk):
+        end = min(start + chunk, labels.num_queries)
+        dist = rows(start, end)
+        if labels.q_pids.device != dist.device:
+            labels = labels.to(dist.device)
+        yield start, end, dist, labels.queries(start, end)
+
+
+def _count_negatives(rows: DistanceRows, labels: Labels, positives: np.ndarray,
+                     edges: np.ndarray, chunk: int):
+    """(below, equal, histogram): below[j] = negatives strictly below positives[j]; equal[j]
+    = negatives equal to it (int64, len(positives)); the negatives' counts in `edges`' bins."""
+    below = np.zeros(len(positives) + 1, np.int64)
+    equal = np.zeros(len(positives) + 1, np.int64)
+    histogram = np.zeros(len(edges) - 1, np.int64)
+    sorted_positives = None
+    if len(positives) == 0:
+        return below[:0], equal[:0], histogram
+    for _, _, dist, chunk_labels in _chunks(rows, labels, chunk):
+        if sorted_positives is None or sorted_positives.device != dist.device:
+            sorted_positives = torch.from_numpy(positives).to(dist.device, dist.dtype)
+        _, negative = _pair_masks(chunk_labels)
+        values = dist[negative]
+        # A negative n counts at every threshold p_j >= n: from j = #{p < n} on (<=), and
+        # strictly below from j = #{p <= n} on (<): the same index unless n ties a positive
+        # (then searched again: ties are few).
+        left = torch.searchsorted(sorted_positives, values, side='left')
+        at_most = torch.bincount(left, minlength=len(below))
+        tied = values == sorted_positives[left.clamp(max=len(positives) - 1)]
+        right = torch.searchsorted(sorted_positives, values[tied], side='right')
+        ties = torch.bincount(right, minlength=len(below)) - \
+            torch.bincount(left[tied], minlength=len(below))
+        below += (at_most + ties).cpu().numpy()
+        equal += at_most.cpu().numpy()
+        histogram += torch.histc(values.float(), len(histogram), float(edges[0]),
+                                 float(edges[-1])).long().cpu().numpy()
+    below = np.cumsum(below)[:-1]                        # #neg < p_j
+    at_most = np.cumsum(equal)[:-1]                      # #neg <= p_j
+    return below, at_most - below, histogram
+
+
+def _verification(positives: np.ndarray, below: np.ndarray, equal: np.ndarray, negatives: int,
+                  lowest_negative: float, dtype):
+    """The verification block's numbers, and the ROC (fpr, tpr) at every positive distance."""
+    num_pos = len(positives)
+    block = {'pairs': {'positive': num_pos, 'negative': int(negatives)}, 'auc': None,
+             'eer': None, 'eer_threshold': None,
+             'tpr_at_fpr': {_key(r): NOT_ENOUGH_NEGATIVES for r in FPR_LEVELS}}
+    if num_pos == 0 or negatives == 0:
+        return block, np.zeros(0), np.zeros(0)
+    at_most = below + equal
+    # U: each (positive, negative) pair where the positive is nearer, ties 1/2
+    u = np.sum(negatives - at_most, dtype=np.float64) + 0.5 * np.sum(equal, dtype=np.float64)
+    block['auc'] = float(u / (num_pos * float(negatives)))
+    fpr = at_most / negatives
+    tpr = np.searchsorted(positives, positives, side='right') / num_pos   # ties: all of them
+    gap = np.abs(fpr - (1 - tpr))
+    best = int(np.argmin(gap))
+    block['eer'] = float((fpr[best] + 1 - tpr[best]) / 2)
+    block['eer_threshold'] = float(positives[best])
+    for rate in FPR_LEVELS:
+        if rate * negatives < MIN_RESOLVING:
+            continue
+        allowed = np.flatnonzero(fpr <= rate)
+        if len(allowed):
+            j = int(allowed[-1])
+            block['tpr_at_fpr'][_key(rate)] = {'tpr': float(tpr[j]),
+                                               'threshold': float(positives[j])}
+        else:                        # no positive distance is below enough negatives
+            block['tpr_at_fpr'][_key(rate)] = {'tpr': 0.0,
+                                               'threshold': _below(lowest_negative, _np(dtype))}
+    return block, fpr, tpr
+
+
+def _np(dtype: torch.dtype):
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def fpir_threshold(impostor: np.ndarray, fpir: float, dtype=np.float32) -> float | None:
+    """The largest distance t with FPIR(t) = share of `impostor` scores <= t at most `fpir`:
+    just below the next impostor score. None when fewer than 10 queries resolve it
+    (len(impostor) x fpir < 10)."""
+    num = len(impostor)
+    if num == 0 or fpir * num < MIN_RESOLVING:
+        return None
+    scores = np.sort(impostor)
+    allowed = int(np.floor(fpir * num))           # false matches allowed
+    while allowed + 1 <= num and (allowed + 1) / num <= fpir:
+        allowed += 1
+    while allowed > 0 and allowed / num > fpir:
+        allowed -= 1
+    if allowed >= num:
+        return float(np.finfo(dtype).max)
+    return _below(scores[allowed], dtype)
+
+
+def _rates(impostor: np.ndarray, nearest_true: np.ndarray, t: float) -> tuple[float, float | None]:
+    """(FPIR, DIR) at threshold t over these queries (DIR None without mated queries)."""
+    mated = np.isfinite(nearest_true)
+    found = mated & (nearest_true < impostor) & (nearest_true <= t)
+    fpir = float(np.mean(impostor <= t)) if len(impostor) else None
+    return fpir, float(found.sum() / mated.sum()) if mated.any() else None
+
+
+def identity_halves(pids: np.ndarray, seed: int) -> np.ndarray:
+    """Per query, True for the first half: a hash of (seed, identity), so one identity's
+    queries are all on one side, and the split is the same in every process and run."""
+    side = {pid: hashlib.blake2b(f'{seed}/{pid}'.encode(), digest_size=8).digest()[0] & 1 == 0
+            for pid in np.unique(pids).tolist()}
+    return np.array([side[pid] for pid in pids.tolist()], dtype=bool)
+
+
+def _open_set(impostor: np.ndarray, nearest_true: np.ndarray, pids: np.ndarray,
+              match_fpir: float, seed: int, dtype) -> dict:
+    dtype = _np(dtype)
+    block = {'queries': len(impostor), 'mated': int(np.isfinite(nearest_true).sum()),
+             'dir_at_fpir': {}}
+    for rate in FPIR_LEVELS:
+        t = fpir_threshold(impostor, rate, dtype)
+        block['dir_at_fpir'][_key(rate)] = NOT_ENOUGH_QUERIES if t is None else \
+            {'dir': _rates(impostor, nearest_true, t)[1], 'threshold': t}
+    heldout = []
+    first = identity_halves(pids, seed)
+    for pick in (first, ~first):
+        t = fpir_threshold(impostor[pick], match_fpir, dtype)
+        fpir, dir_ = (None, None) if t is None or not (~pick).any() else \
+            _rates(impostor[~pick], nearest_true[~pick], t)
+        heldout.append({'fpir': fpir, 'dir': dir_})
+    block['threshold'] = {'fpir': match_fpir,
+                          'distance': fpir_threshold(impostor, match_fpir, dtype),
+                          'heldout': heldout}
+    return block
+
+
+def distance_name(distance: str, rerank: bool) -> str:
+    """The distance's name on an axis or a line: 'squared euclidean', 'cosine', 're-ranked'."""
+    if rerank:
+        return 're-ranked'
+    return 'squared euclidean' if distance == 'euclidean' else distance
+
+
+def _curves(edges, positives, negative_hist, impostor, fpr, tpr, verification, open_set,
+            rerank, distance) -> Curves:
+    keep = np.unique(np.linspace(0, max(len(fpr) - 1, 0), min(len(fpr), ROC_POINTS + 1))
+                     .astype(int)) if len(fpr) else np.zeros(0, int)
+    marks = {}
+    if verification['eer_threshold'] is not None:
+        marks['EER'] = verification['eer_threshold']
+    tpr_1 = verification['tpr_at_fpr'].get('0.01')
+    if isinstance(tpr_1, dict):
+        marks['TPR@FPR 1%'] = tpr_1['threshold']
+    finite = impostor[np.isfinite(impostor)] if impostor is not None else None
+    if open_set is not None and open_set['threshold']['distance'] is not None:
+        marks[f'match threshold (FPIR {open_set["threshold"]["fpir"]:.0%})'] = \
+            open_set['threshold']['distance']
+    return Curves(
+        edges=edges, positive=np.histogram(positives, edges)[0],
+        negative=negative_hist,
+        impostor=None if open_set is None else np.histogram(finite, edges)[0],
+        fpr=fpr[keep], tpr=tpr[keep], eer=verification['eer'],
+        distance=distance_name(distance, rerank), marks=marks)
+
+
+def _percent(value: float) -> str:
+    return f'{value:.1%}' if value >= 0.001 else f'{value:.2g}'
+
+
+def _at_levels(rate: str, at: str, levels: dict) -> str:
+    """'  TPR@FPR=10%: 95.0% (distance 1.23) · ...' from a block's {level: value or text}."""
+    key = rate.lower()
+    return '  ' + ' · '.join(
+        f'{rate}@{at}={_percent(float(level))}: ' +
+        (value if isinstance(value, str) else
+         f'{value[key]:.1%} (distance {value["threshold"]:.4g})')
+        for level, value in levels.items())
+
+
+def describe(verification: dict, open_set: dict | None) -> list[str]:
+    """The printed block after the CMC: pairs, AUC, EER, TPR@FPR, DIR@FPIR, the threshold."""
+    name = distance_name(verification['distance'], verification['rerank'])
+    pairs = verification['pairs']
+    lines = [f'Verification (query-gallery pairs, {name} distance): '
+             f'{pairs["positive"]:,} positive, {pairs["negative"]:,} negative']
+    if verification['auc'] is not None:
+        lines.append(f'  ROC AUC {verification["auc"]:.1%} · EER {verification["eer"]:.1%} '
+                     f'at distance {verification["eer_threshold"]:.4g}')
+    lines.append(_at_levels('TPR', 'FPR', verification['tpr_at_fpr']))
+    if open_set is None:
+        lines.append(f'Open set: {RERANK_NOTE}')
+        return lines
+    lines.append(f'Open set (each query\'s identity left out of the gallery): '
+                 f'{open_set["queries"]:,} queries, {open_set["mated"]:,} mated')
+    lines.append(_at_levels('DIR', 'FPIR', open_set['dir_at_fpir']))
+    threshold = open_set['threshold']
+    if threshold['distance'] is None:
+        lines.append(f'  Match threshold at MATCH_FPIR={threshold["fpir"]:g}: not enough queries '
+                     f'(needs {MIN_RESOLVING / threshold["fpir"]:.0f}; '
+                     f'a larger MATCH_FPIR resolves it)')
+    else:
+        heldout = ', '.join(f'FPIR {h["fpir"]:.1%} DIR {h["dir"]:.1%}'
+                            for h in threshold['heldout'] if h['fpir'] is not None
+                            and h['dir'] is not None)
+        lines.append(f'  Match threshold at MATCH_FPIR={threshold["fpir"]:g}: distance '
+                     f'{threshold["distance"]:.6g}'
+                     + (f' (held-out halves: {heldout})' if heldout else ''))
+    return lines
