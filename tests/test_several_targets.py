@@ -127,4 +127,4 @@ def test_training_curves_name_each_target_also_a_folders_path(tmp_path, monkeypa
     report.plot_training(tmp_path, iterations_per_epoch=1)
     legend = drawn[0].axes[3].get_legend()
     assert sorted(text.get_text() for text in legend.get_texts()) == \
-        ['market1501 rank1', 'site-a_crops rank1', 'site-b_crops rank1']
+        ['market1501 Rank-1', 'site-a_crops Rank-1', 'site-b_crops Rank-1']

@@ -256,23 +256,42 @@ def plot_roc(curves, path: Path, title: str = 'ROC') -> Path:
     return Path(path)
 
 
+PLOT_FONT = {'font.size': 12, 'axes.titlesize': 13}    # readable at the page's 220-px height
+
+
+def cmc_ylim(cmc_percent) -> tuple[float, float]:
+    """(bottom, top) of a CMC plot's y axis, in %: from a round ten at least 2 points below
+    the curve's lowest point, so a 96-100 % curve is not squeezed onto the border, to just
+    above 100; from 0 when the curve reaches down to half, where a cut axis would only
+    exaggerate. The plot says its bottom on the axis label."""
+    low = float(np.min(cmc_percent)) - 2
+    bottom = 0.0 if low < 50 else float(np.floor(low / 10) * 10)
+    return bottom, 101.0
+
+
 def plot_cmc(cmc, path: Path, title: str = 'CMC curve') -> Path:
-    """The CMC curve, rank 1 to len(cmc), as a PNG."""
+    """The CMC curve (`cmc`: fractions, rank 1 onwards), rank 1 to len(cmc), as a PNG, its y
+    axis from `cmc_ylim`."""
     plt = _pyplot()
     ranks = np.arange(1, len(cmc) + 1)
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
-    ax.plot(ranks, np.asarray(cmc) * 100, marker='.', color='tab:blue')
-    # The printed ranks in one box (a label beside each point overlaps its neighbour's when
-    # their values are equal), each point ringed on the curve.
-    shown = [r for r in CMC_RANKS if r <= len(cmc)]
-    ax.plot(shown, [cmc[r - 1] * 100 for r in shown], 'o', mfc='none', color='tab:red')
-    ax.text(0.97, 0.04, '\n'.join(f'Rank-{r}: {cmc[r - 1]:.1%}' for r in shown),
-            transform=ax.transAxes, ha='right', va='bottom', multialignment='left', fontsize=8,
-            bbox=dict(boxstyle='round', facecolor='white', edgecolor='#bbb'))
-    ax.set(xlabel='rank', ylabel='matching rate (%)', title=title, ylim=(0, 101))
-    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))      # ranks are whole numbers
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    percent = np.asarray(cmc) * 100
+    bottom, top = cmc_ylim(percent)
+    with plt.rc_context(PLOT_FONT):
+        fig, ax = plt.subplots(figsize=(4.6, 3.2), dpi=100)
+        ax.plot(ranks, percent, marker='.', color='tab:blue')
+        # The printed ranks in one box (a label beside each point overlaps its neighbour's
+        # when their values are equal), each point ringed on the curve.
+        shown = [r for r in CMC_RANKS if r <= len(cmc)]
+        ax.plot(shown, [percent[r - 1] for r in shown], 'o', mfc='none', color='tab:red')
+        ax.text(0.97, 0.04, '\n'.join(f'Rank-{r}: {cmc[r - 1]:.1%}' for r in shown),
+                transform=ax.transAxes, ha='right', va='bottom', multialignment='left',
+                bbox=dict(boxstyle='round', facecolor='white', edgecolor='#bbb'))
+        ax.set(xlabel='rank', title=title, ylim=(bottom, top),
+               ylabel='matching rate (%)' if bottom == 0 else
+               f'matching rate (%; axis from {bottom:.0f})')
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))    # ranks are whole numbers
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
     _save_figure(fig, path, 'the CMC plot')
     return Path(path)
 
@@ -353,6 +372,9 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points) for tag, points in scalars.items()}
 
 
+SCORE_NAMES = {'rank1': 'Rank-1', 'mAP': 'mAP'}     # Torchreid's TensorBoard tags: ours
+
+
 def plot_training(run_dir: Path, iterations_per_epoch: int) -> Path | None:
     """training_curves.png: loss, accuracy and learning rate per epoch (Torchreid logs each
     epoch's running average, so the epoch's last point is its mean), and Rank-1/mAP at each
@@ -381,10 +403,16 @@ def plot_training(run_dir: Path, iterations_per_epoch: int) -> Path | None:
                    for tag, values in scalars.items()
                    if tag.startswith('Test/') and tag.count('/') >= 2}
     names = target_names(target for target, _ in evaluations)
+    # The scores as the console and pages name them, the target in the title when it is the
+    # only one: Market and one's own data read alike.
+    alone = len(names) == 1
     for (target, metric), values in evaluations.items():
+        shown = SCORE_NAMES.get(metric, metric)
         ax.plot([s + 1 for s, _ in values], [v * 100 for _, v in values], marker='o',
-                label=f'{names[target]} {metric}')
-    ax.set(title='evaluation (%)', xlabel='epoch')
+                label=shown if alone else f'{names[target]} {shown}')
+    # From 0: an axis cut at 80 makes a 3-point dip look like a collapse.
+    ax.set(title=f'evaluation on {next(iter(names.values()))} (%)' if alone else
+           'evaluation (%)', xlabel='epoch', ylim=(0, 101))
     ax.grid(alpha=0.3)
     for each in axes:                           # epochs are whole numbers
         each.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
@@ -402,7 +430,9 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
     query with no true match from another camera, `first` < 0, is not scored: counted apart
     and shown last). Static: it works from the file system with no server and no network;
     images are the dataset's own files, referenced by relative path and loaded lazily, 50
-    queries a page."""
+    queries a page. `rows`: one per query (reidkit.evaluate.visrank.write_rankings), its
+    'caption' the lines under its tile, each of its 'matches' [path, distance, pid, camid,
+    identity, camera, caption lines] (the strip's captions, shown as they are)."""
     path = Path(path)
     here = path.parent
     for row in rows:            # file names become links; the query's name is shown as is
@@ -513,9 +543,8 @@ function render() {
     strip.textContent = 'strip';
     head.appendChild(strip);
     row.appendChild(head);
-    row.appendChild(tile('query', r.path, ['query', `id ${r.shown[0]} ${r.shown[1]}`], r.name));
-    r.matches.forEach((m, k) => row.appendChild(tile(m[2] === r.pid ? 'ok' : 'bad', m[0],
-      [`#${k + 1} d=${m[1].toPrecision(3)}`, `id ${m[4]} ${m[5]}`])));
+    row.appendChild(tile('query', r.path, r.caption, r.name));
+    r.matches.forEach(m => row.appendChild(tile(m[2] === r.pid ? 'ok' : 'bad', m[0], m[6])));
     box.appendChild(row);
   }
   document.getElementById('page').textContent =

@@ -7,6 +7,7 @@ visrank=True)` is still the way to ask for them.
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,8 +24,13 @@ from reidkit.data.images import GAP, JPEG_MAX_SIDE, MAX_STRIP_MATCHES, QUERY_GAP
     THUMB_WIDTH
 from reidkit.run.errors import UserError
 
-CAPTION_HEIGHT = 30
 BORDER = 4
+CAPTION_FONT, CAPTION_SCALE, LINE_HEIGHT = cv2.FONT_HERSHEY_SIMPLEX, 0.33, 12
+CAPTION_WIDTH = THUMB_WIDTH - 4             # pixels a caption line may take under its tile
+CAPTION_LINES = 2                           # a caption: two lines, a name at most two more
+CAPTION_HEIGHT = 2 * LINE_HEIGHT + 6        # a strip's captions of two lines (the least)
+DISTANCE_DIGITS = 3                         # significant digits of a strip's largest distance
+DISTRACTOR = 'distractor'
 GREEN, RED, BLACK, GREY = (0, 170, 0), (0, 0, 220), (0, 0, 0), (150, 150, 150)   # BGR
 
 
@@ -64,21 +70,77 @@ def _thumb(path: str, border) -> np.ndarray:
                               value=border)
 
 
+def _ascii(text: str) -> str:
+    """OpenCV's fonts draw ASCII only, and a name that is not UTF-8 crashes putText."""
+    return text.encode('ascii', 'replace').decode('ascii')
+
+
+def text_width(text: str) -> int:
+    """Pixels a caption line takes in the strip's font."""
+    return cv2.getTextSize(_ascii(text), CAPTION_FONT, CAPTION_SCALE, 1)[0][0]
+
+
+def distance_texts(distances) -> list[str]:
+    """The distances of one strip (or page row) as text in one fixed-point format: decimals
+    chosen so that the largest shows DISTANCE_DIGITS significant digits (none above 100, at
+    most 8), so every number reads alike and none turns into 1.2e+03."""
+    distances = [float(d) for d in distances]
+    largest = max((abs(d) for d in distances if math.isfinite(d)), default=0.0)
+    decimals = 2 if largest == 0 else \
+        min(8, max(0, DISTANCE_DIGITS - 1 - math.floor(math.log10(largest))))
+    return [f'{d:.{decimals}f}' for d in distances]
+
+
+def shown_path(path: str | Path, root: str | Path | None) -> str:
+    """How a caption names an image: its path relative to `root` (the gallery folder:
+    person/camera/1.jpg, not 1.jpg), or its file name when it is not under `root`."""
+    if root is not None:
+        try:
+            return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
+        except ValueError:
+            pass
+    return Path(path).name
+
+
+def caption_lines(text: str, lines: int = CAPTION_LINES) -> list[str]:
+    """`text` in at most `lines` lines, each at most CAPTION_WIDTH pixels wide. A text too
+    long for them loses its middle ('..'), keeping its start (the first folder) and its end
+    (the file name). Lines break after a '/', '_' or '-' where that still fits."""
+    def wrapped(text: str, at_separators: bool) -> list[str]:
+        out = ['']
+        for char in text:
+            if out[-1] and text_width(out[-1] + char) > CAPTION_WIDTH:
+                cut = max(out[-1].rfind(sep) for sep in '/_-') + 1 if at_separators else 0
+                out[-1:] = [out[-1], ''] if cut <= 0 else [out[-1][:cut], out[-1][cut:]]
+            out[-1] += char
+        return out
+    text = _ascii(text)
+    for keep in range(len(text), 0, -1):
+        head = (keep + 2) // 3                  # a third from the start, the rest from the end
+        shortened = text if keep == len(text) else \
+            f'{text[:head]}..{text[len(text) - keep + head:]}'
+        for at_separators in (True, False):
+            if len(result := wrapped(shortened, at_separators)) <= lines:
+                return result
+    return ['..']
+
+
 def _caption(tile: np.ndarray, lines: list[str]) -> None:
     for row, text in enumerate(lines):
-        # OpenCV's fonts draw ASCII only, and a name that is not UTF-8 crashes putText
-        text = text.encode('ascii', 'replace').decode('ascii')
-        cv2.putText(tile, text, (2, THUMB_HEIGHT + 12 + row * 12), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.33, BLACK, 1, cv2.LINE_AA)
+        cv2.putText(tile, _ascii(text), (2, THUMB_HEIGHT + LINE_HEIGHT * (row + 1)),
+                    CAPTION_FONT, CAPTION_SCALE, BLACK, 1, cv2.LINE_AA)
 
 
 def draw_strip(query: tuple, matches: list[tuple]) -> np.ndarray:
-    """The query, then its matches left to right, each with two caption lines below.
+    """The query, then its matches left to right, each with its caption lines below (the
+    strip as tall as its longest caption needs, at least CAPTION_HEIGHT).
 
-    query = (path, [line, line]); matches = [(path, [line, line], matched)] where matched is
+    query = (path, [line, ...]); matches = [(path, [line, ...], matched)] where matched is
     True (green border), False (red) or None (grey: unknown, as in a search)."""
     width = THUMB_WIDTH + QUERY_GAP + len(matches) * (THUMB_WIDTH + GAP)
-    strip = np.full((THUMB_HEIGHT + CAPTION_HEIGHT, width, 3), 255, np.uint8)
+    most = max(len(lines) for _, lines, *_ in [query, *matches])
+    height = THUMB_HEIGHT + max(CAPTION_HEIGHT, most * LINE_HEIGHT + 6)
+    strip = np.full((height, width, 3), 255, np.uint8)
     path, lines = query
     strip[:THUMB_HEIGHT, :THUMB_WIDTH] = _thumb(path, BLACK)
     _caption(strip[:, :THUMB_WIDTH], lines)
@@ -108,6 +170,18 @@ def numbered_label(pid: int, camid: int) -> tuple[str, str]:
     return str(pid), f'c{camid + 1}'
 
 
+def market_label(pid: int, camid: int) -> tuple[str, str]:
+    """`numbered_label` for Market-1501 (and the demo): its pid 0 is not a person but the
+    gallery's distractors (background, body parts), shown as DISTRACTOR."""
+    identity, camera = numbered_label(pid, camid)
+    return (DISTRACTOR if pid == 0 else identity), camera
+
+
+def identity_caption(identity: str, camera: str) -> str:
+    """A tile's identity line: 'id 12 c3', or 'distractor c3'."""
+    return f'{identity} {camera}' if identity == DISTRACTOR else f'id {identity} {camera}'
+
+
 def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
                    workers: int | None = None, labeller=None, curves=None) -> Path:
     """Writes save_dir/<query>.jpg strips (one distinct name per query, from
@@ -121,7 +195,7 @@ def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
     roc.png beside cmc.png (and shown on the page).
     """
     label = labeller or numbered_label
-    caption = lambda item: 'id {} {}'.format(*label(item[1], item[2]))      # noqa: E731
+    caption = lambda item: caption_lines(identity_caption(*label(item[1], item[2])))  # noqa
     query, gallery = dataset
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -134,11 +208,19 @@ def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
     strips = report.unique_names([os.path.relpath(os.path.abspath(item[0]), common)
                                   for item in query], suffix='.jpg')
 
+    def captions(q: int) -> list[tuple[int, int, list[str]]]:
+        """(rank - 1, gallery index, caption lines) of each match of query q, the distances
+        in one number format."""
+        shown = [(r, g) for r, g in enumerate(indices[q]) if g >= 0]
+        texts = distance_texts([distances[q, r] for r, _ in shown])
+        return [(r, g, [f'#{r + 1} d={text}', *caption(gallery[g])])
+                for (r, g), text in zip(shown, texts)]
+
     def one(q: int) -> None:
-        path, pid, camid = query[q][:3]
-        matches = [(gallery[g][0], [f'#{r + 1} d={distances[q, r]:.3g}', caption(gallery[g])],
-                    gallery[g][1] == pid) for r, g in enumerate(indices[q]) if g >= 0]
-        save_strip(save_dir / strips[q], draw_strip((path, ['query', caption(query[q])]), matches))
+        path, pid, _ = query[q][:3]
+        matches = [(gallery[g][0], lines, gallery[g][1] == pid) for _, g, lines in captions(q)]
+        save_strip(save_dir / strips[q], draw_strip((path, ['query', *caption(query[q])]),
+                                                    matches))
 
     # cv2 releases the GIL while decoding, resizing and encoding, so threads scale.
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
@@ -151,11 +233,12 @@ def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
     rows = [{
         'strip': strips[q], 'path': query[q][0], 'pid': int(query[q][1]),
         'cam': int(query[q][2]), 'shown': label(query[q][1], query[q][2]),
+        'caption': ['query', *caption(query[q])],
         'ap': None if np.isnan(ranks.ap[q]) else round(float(ranks.ap[q]), 4),
         'first': int(ranks.first[q]),
         'matches': [[gallery[g][0], round(float(distances[q, r]), 4), int(gallery[g][1]),
-                     int(gallery[g][2]), *label(gallery[g][1], gallery[g][2])]
-                    for r, g in enumerate(indices[q]) if g >= 0],
+                     int(gallery[g][2]), *label(gallery[g][1], gallery[g][2]), lines]
+                    for r, g, lines in captions(q)],
     } for q in range(len(query))]
     page = report.write_gallery_page(save_dir / 'index.html', rows, report.summarise(*scores),
                                      num_gallery=len(gallery))

@@ -123,7 +123,7 @@ def _rank_and_write(s: Settings, extractor: FeatureExtractor, queries: list[Path
             # Written under a hidden name, renamed when whole: a result folder is complete.
             partial = out_dir / f'.{names[path]}.partial'
             result = QueryResult(path, gallery.paths, order, distances, gallery.skipped,
-                                 len(rows_out), threshold)
+                                 len(rows_out), threshold, Path(s.GALLERY))
             write_results(partial, result, s.SEARCH_TOPK, csv_rows=s.SEARCH_CSV_ROWS)
             partial.rename(out_dir / names[path])
             no_match += result.no_match

@@ -15,7 +15,10 @@ PAGE_STYLE = ('body{font:14px system-ui,sans-serif;margin:16px}figure{display:in
               'margin:4px;text-align:center;font-size:11px;width:90px;vertical-align:top}'
               'h1,figcaption{overflow-wrap:anywhere}img{width:64px;'
               'height:128px;border:3px solid #888}.q img{border-color:#000}'
-              '.yes img{border-color:#0a0}.no img{border-color:#d00}')
+              '.yes img{border-color:#0a0}.no img{border-color:#d00}'
+              # a long name: two lines, the whole path in the image's title
+              '.name{display:-webkit-box;-webkit-line-clamp:2;-webkit-box-orient:vertical;'
+              'overflow:hidden}')
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,8 @@ class QueryResult:
     their squared euclidean `distances`; `skipped` lists the gallery's unreadable files as
     (path, why); `left_out`: how many gallery images are the query's own file (the file or
     links to it), which `order` leaves out; `threshold`: the match threshold (a distance: a
-    result matches when its distance is <= it), None when there is none."""
+    result matches when its distance is <= it), None when there is none; `root`: the gallery
+    folder (GALLERY), captions name images by their path in it (None: by file name)."""
     query: Path
     gallery: list[str]
     order: np.ndarray
@@ -32,6 +36,7 @@ class QueryResult:
     skipped: list[tuple[str, str]]
     left_out: int = 0
     threshold: float | None = None
+    root: Path | None = None
 
     def top(self, count: int) -> list[tuple[str, float]]:
         """(path, distance) of the nearest `count`, each distance a float32 value (as
@@ -61,12 +66,14 @@ def write_results(out_dir: Path, result: QueryResult, topk: int,
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(out_dir / 'results.csv', result, result.top(listed))
     top = result.top(topk)
-    query = result.query
+    texts = visrank.distance_texts([d for _, d in top])      # one number format
+    name = lambda p: visrank.shown_path(p, result.root)      # noqa: E731
     visrank.save_strip(out_dir / 'strip.jpg', visrank.draw_strip(
-        (str(query), ['query', query.name[:10]]),
-        [(p, [f'#{r} d={d:.3g}', _verdict(result.matches(d)) or Path(p).name[:10]],
-          result.matches(d)) for r, (p, d) in enumerate(top, 1)]))
-    _write_page(out_dir, result, top, listed)
+        (str(result.query), ['query', *visrank.caption_lines(name(result.query))]),
+        [(p, [f'#{r} d={text}', *filter(None, [_verdict(result.matches(d))]),
+              *visrank.caption_lines(name(p))], result.matches(d))
+         for r, ((p, d), text) in enumerate(zip(top, texts), 1)]))
+    _write_page(out_dir, result, top, texts, listed)
     if result.skipped:
         write_skipped(out_dir / 'skipped.txt', result.skipped)
 
@@ -90,16 +97,18 @@ def _write_csv(path: Path, result: QueryResult, ranked: list[tuple[str, float]])
 
 
 def _write_page(out_dir: Path, result: QueryResult, top: list[tuple[str, float]],
-                listed: int) -> None:
-    """index.html: the query and its top matches, linked to the files, and what the csv holds."""
+                texts: list[str], listed: int) -> None:
+    """index.html: the query and its top matches (`texts`: their distances as the strip
+    writes them), linked to the files, and what the csv holds."""
     rel = lambda p: html.escape(link(p, out_dir))  # noqa: E731
     marks = {True: ' class="yes"', False: ' class="no"', None: ''}
     tiles = ''.join(
         f'<figure{marks[result.matches(d)]}><img loading="lazy" src="{rel(p)}" '
-        f'title="{html.escape(str(p))}"><figcaption>#{r} d={d:.4g}'
+        f'title="{html.escape(str(p))}"><figcaption>#{r} d={text}'
         + (f' {_verdict(result.matches(d))}' if result.threshold is not None else '')
-        + f'<br>{html.escape(Path(p).name)}</figcaption></figure>'
-        for r, (p, d) in enumerate(top, 1))
+        + f'<br><span class="name">{html.escape(visrank.shown_path(p, result.root))}</span>'
+        '</figcaption></figure>'
+        for r, ((p, d), text) in enumerate(zip(top, texts), 1))
     verdict, threshold = '', result.threshold
     if result.no_match:         # the page's first line
         verdict = ('<p><b>No match in the gallery</b>: ' + (

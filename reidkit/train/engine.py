@@ -37,7 +37,7 @@ from reidkit.evaluate import metrics as evaluation
 from reidkit.evaluate.report import BestEffortWriter, print_scores, target_names
 from reidkit.evaluate.rerank import Reranking, re_ranking_features
 from reidkit.evaluate.verification import PairScores, describe
-from reidkit.evaluate.visrank import write_rankings
+from reidkit.evaluate.visrank import market_label, write_rankings
 from reidkit.run import distributed
 from reidkit.run.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
 from reidkit.run.errors import UserError
@@ -271,7 +271,9 @@ class ReidkitEngineMixin:
             write_rankings(distmat.cpu().numpy(),
                            self.datamanager.fetch_test_loaders(dataset_name),
                            Path(save_dir) / f'visrank_{name}', visrank_topk,
-                           labeller=display_labels(dataset_name), curves=curves)
+                           labeller=display_labels(dataset_name) or (
+                               market_label if dataset_name == 'market1501' else None),
+                           curves=curves)
         return scores.cmc[0], scores.mAP
 
     def _query_and_gallery(self, query_loader, gallery_loader, dataset_name=''):
