@@ -14,7 +14,7 @@ WIDTH = 128                                  # input width in pixels
 BATCH_SIZE_TRAIN = 32                        # images per training step
 BATCH_SIZE_TEST = 100                        # images per feature-extraction step
 TRANSFORMS = ['random_flip', 'random_crop']  # training augmentations
-WORKERS = 4                                  # data-loading processes (a GPU run uses every spare core)
+WORKERS = 4                                  # data-loading processes, at most the cores (a GPU run uses every spare core)
 
 # --- model ----------------------------------------------------------------
 MODEL_NAME = 'resnet50'                      # any name in torchreid.models

@@ -31,6 +31,7 @@ import torchreid
 from torchreid.reid.utils import set_random_seed
 
 from reidkit.data import checks
+from reidkit.data.datapath import loader_workers
 from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.run import distributed
 from reidkit.run.atomic import disk_full, reason
@@ -96,7 +97,7 @@ def _data_and_model(s: Settings, device, checkpoint: dict | None = None,
         batch_size_train=s.BATCH_SIZE_TRAIN,
         batch_size_test=s.BATCH_SIZE_TEST,
         transforms=s.TRANSFORMS,
-        workers=s.WORKERS,
+        workers=loader_workers(s.WORKERS),    # at most the usable cores
         use_gpu=device.type == 'cuda',
         # the triplet loss needs batches holding several images of each identity
         train_sampler='RandomIdentitySampler' if s.LOSS == 'triplet' and not evaluating
