@@ -32,7 +32,7 @@ STEPSIZE = 20                                # epochs between learning-rate drop
 MAX_EPOCH = 60                               # training epochs
 EVAL_FREQ = 10                               # evaluate (and checkpoint) every N epochs
 PRINT_FREQ = 10                              # print the training log every N batches
-SEED = 1                                     # random seed for a repeatable run
+SEED = 1                                     # random seed: a run repeats bit for bit at the same thread count
 DEVICE = 'auto'                              # 'auto' (CUDA if present), 'cuda' or 'cpu'
 GPUS = 0                                     # GPUs to train on (0 = all visible; several: DDP)
 LR_SCALING = 'none'                          # 'linear': LR x processes (the global batch grows)

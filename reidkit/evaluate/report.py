@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from reidkit.run.atomic import atomic_file, reason, write_atomically
+from reidkit.run.device import thread_facts
 from reidkit.run.settings import display_name, is_own_data
 
 CMC_RANKS = (1, 5, 10, 20)
@@ -140,9 +141,11 @@ def write_metrics(path: Path, results: Sequence[Mapping], run: RunFacts) -> dict
     one target reads it): 'target' (its name in outputs, `target_names`), 'dataset' (its
     TARGETS value), 'rank1', 'rank5', 'rank10', 'rank20' (those the CMC reaches), 'mAP',
     'mINP' (not under CUHK03's protocol), 'cmc' (fractions, rank 1 onwards), 'num_query',
-    'num_gallery', 'num_query_ids', 'num_gallery_ids', 'verification', 'open_set'; then 'targets' (every target's block,
-    the same keys, the first included), 'epoch', 'checkpoint', 'seconds', 'device',
-    'settings' and, for own data, 'own_data'. UserError when it cannot be written."""
+    'num_gallery', 'num_query_ids', 'num_gallery_ids', 'verification', 'open_set'; then
+    'targets' (every target's block, the same keys, the first included), 'epoch',
+    'checkpoint', 'seconds', 'device', 'threads' (device.thread_facts: {'torch',
+    'OMP_NUM_THREADS'}), 'settings' and, for own data, 'own_data'. UserError when it cannot
+    be written."""
     targets = [target_metrics(result) for result in results]
     metrics = {
         'mode': run.mode,
@@ -154,6 +157,7 @@ def write_metrics(path: Path, results: Sequence[Mapping], run: RunFacts) -> dict
         'device': torch.cuda.get_device_name() if torch.cuda.is_available()
         and run.settings['DEVICE'] != 'cpu'
         else f'cpu ({platform.processor() or platform.machine()})',
+        'threads': thread_facts(),      # the weights repeat bit for bit at the same count
         'settings': dict(run.settings),
     }
     if run.own_data:
