@@ -18,6 +18,7 @@ import torch
 from reidkit.run.atomic import atomic_file, reason, write_atomically
 from reidkit.run.device import thread_facts
 from reidkit.run.settings import display_name, is_own_data
+from reidkit.run.words import counted
 
 CMC_RANKS = (1, 5, 10, 20)
 MAX_NAME_BYTES = 200            # file systems allow 255; room for -2 and a suffix
@@ -426,10 +427,10 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
                          ([f'mINP <b>{summary["mINP"]:.1%}</b>'] if 'mINP' in summary else []) +
                          [f'Rank-{r} <b>{summary[f"rank{r}"]:.1%}</b>'
                           for r in CMC_RANKS if f'rank{r}' in summary] +
-                         [f'{len(rows)} queries' + (f' ({not_scored} {NOT_SCORED})'
-                                                    if not_scored else ''),
-                          f'{num_gallery} gallery images',
-                          f'{failures} rank-1 failure' + ('' if failures == 1 else 's')])
+                         [counted(len(rows), 'query', 'queries')
+                          + (f' ({not_scored} {NOT_SCORED})' if not_scored else ''),
+                          counted(num_gallery, 'gallery image'),
+                          counted(failures, 'rank-1 failure')])
     # Inside <script> the HTML parser reacts to '</script>' and '<!--' whatever the type: no
     # raw '<' (nor '>', '&') may appear; JSON.parse reads \u003c etc. back as the characters.
     data = (json.dumps(rows, separators=(',', ':')).replace('<', '\\u003c')
@@ -523,7 +524,7 @@ function render() {
     box.appendChild(row);
   }
   document.getElementById('page').textContent =
-    ` page ${page + 1} of ${pages} (${rows.length} queries) `;
+    ` page ${page + 1} of ${pages} (${rows.length} quer${rows.length === 1 ? 'y' : 'ies'}) `;
   document.body.dataset.rows = Math.min(PER_PAGE, rows.length - page * PER_PAGE);
   document.body.dataset.total = rows.length;
 }

@@ -24,6 +24,7 @@ import numpy as np
 from reidkit.data.checks import SEARCH_INDEX_KINDS
 from reidkit.run.atomic import exclusive, write_error
 from reidkit.run.errors import UserError
+from reidkit.run.words import counted
 from reidkit.run.settings import Settings
 from reidkit.search import index as search_index
 from reidkit.search.extractor import FeatureExtractor, list_images
@@ -337,7 +338,8 @@ def _write_cache(files: CacheFiles, new: Manifest, batches: Generator[np.ndarray
                 except OSError as error:
                     raise cannot_write(error) from None
         if not writer.rows:     # then every file listed was skipped
-            raise UserError(f'GALLERY: none of the {len(new.skipped)} images under "{folder}" '
+            raise UserError(f'GALLERY: none of the {counted(len(new.skipped), "image")} '
+                            f'under "{folder}" '
                             f'could be read (first: {new.skipped[0].path}: '
                             f'{new.skipped[0].why}).')
         try:

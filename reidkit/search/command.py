@@ -27,6 +27,7 @@ from reidkit.evaluate.calibration import match_threshold
 from reidkit.evaluate.metrics import check_finite, squared_euclidean
 from reidkit.evaluate.report import unique_names
 from reidkit.run.errors import UserError
+from reidkit.run.words import counted
 from reidkit.run.folders import new_run_dir
 from reidkit.run.log import log_once_there_is_a_folder
 from reidkit.run.settings import Settings
@@ -66,9 +67,10 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
         gallery = gallery_features(extractor, Path(s.GALLERY),
                                    Path(s.EXPERIMENTS_DIR) / '.search-cache', s.BATCH_SIZE_TEST,
                                    outputs=Path(s.EXPERIMENTS_DIR))
-        print(f'Gallery: {len(gallery.paths)} images ('
+        print(f'Gallery: {counted(len(gallery.paths), "image")} ('
               f'{"features from the cache" if gallery.cached else "features extracted and cached"})'
-              + (f'; {len(gallery.skipped)} unreadable files skipped' if gallery.skipped else ''))
+              + (f'; {counted(len(gallery.skipped), "unreadable file")} skipped'
+                 if gallery.skipped else ''))
         index = gallery_index(gallery, s)
         out_dir, unreadable, in_gallery, no_match = _rank_and_write(
             s, extractor, queries, gallery, index, threshold, start_log)
@@ -80,10 +82,11 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
             write_skipped(out_dir / SKIPPED_QUERIES, unreadable)
         (out_dir / INCOMPLETE).unlink()
         ranked = len(queries) - len(unreadable)
-        print(f'{ranked} queries ranked against {len(gallery.paths):,} gallery images')
+        print(f'{counted(ranked, "query", "queries")} ranked against '
+              f'{counted(len(gallery.paths), "gallery image")}')
         if threshold is not None:
-            print(f'No match in the gallery: {no_match} of {ranked} '
-                  f'quer{"y" if ranked == 1 else "ies"} (nearest image farther than the match '
+            print(f'No match in the gallery: {no_match} of '
+                  f'{counted(ranked, "query", "queries")} (nearest image farther than the match '
                   f'threshold {threshold:.6g}; "No match" heads their pages)')
         if in_gallery:
             print(f'{in_gallery} quer{"y was" if in_gallery == 1 else "ies were"} found in the '
