@@ -444,6 +444,7 @@ def gpus_for_training(s: Settings, modes: list[str]) -> list[int]:
 def _run_modes(modes: list[str], demo: bool, s: Settings, process) -> int:
     if 'search' in modes:
         checks.check_search_switches(s)         # before a training that would come first
+        searching.search_inputs(s)              # QUERY and GALLERY hold images
     if demo:
         summary = distributed.on_main(
             lambda: make_demo_dataset(Path(s.DATA_ROOT), seed=DEMO_DATA_SEED))

@@ -32,7 +32,8 @@ from reidkit.run.folders import new_run_dir
 from reidkit.run.log import log_once_there_is_a_folder
 from reidkit.run.settings import Settings
 from reidkit.search import index as search_index
-from reidkit.search.cache import RANK_CHUNK, Gallery, gallery_features, gallery_index
+from reidkit.search.cache import RANK_CHUNK, Gallery, check_gallery, gallery_features, \
+    gallery_index
 from reidkit.search.extractor import FeatureExtractor, list_images, load_extractor
 from reidkit.search.index import GalleryIndex
 from reidkit.search.writers import QueryResult, write_results, write_skipped
@@ -44,6 +45,14 @@ SKIPPED_QUERIES = 'skipped_queries.txt'
 SEARCH_LOG = 'log.txt'             # what the search printed
 
 
+def search_inputs(s: Settings) -> list[Path]:
+    """The query images of QUERY (query_images), once GALLERY is known to hold an image
+    (cache.check_gallery): UserError otherwise, before a model loads or a training runs."""
+    queries = query_images(Path(s.QUERY))
+    check_gallery(Path(s.GALLERY), Path(s.EXPERIMENTS_DIR))
+    return queries
+
+
 def run_search(s: Settings, weights: Path | None = None) -> Path:
     """`python main.py search` (after main's checks of the settings, checks.
     check_search_switches: QUERY and GALLERY are given): ranks GALLERY for each
@@ -53,10 +62,7 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
     own results (said once at the end). UserError for missing or unreadable queries or gallery,
     a checkpoint that does not fit the settings, a diverged model or a full disk."""
     with log_once_there_is_a_folder() as start_log:
-        queries = query_images(Path(s.QUERY))
-        if not Path(s.GALLERY).is_dir():
-            raise UserError(f'GALLERY: "{s.GALLERY}" is not a folder. Point --GALLERY at the '
-                            f'folder holding the images to rank.')
+        queries = search_inputs(s)
         extractor, s = load_extractor(s, weights)
         checks.check_numbers(s, training=False)
         checks.check_output_folder(Path(s.EXPERIMENTS_DIR))
