@@ -446,6 +446,7 @@ def _run_modes(modes: list[str], demo: bool, s: Settings, process) -> int:
         checks.check_search_switches(s)         # before a training that would come first
         searching.search_inputs(s)              # QUERY and GALLERY hold images
     if demo:
+        checks.check_names(s)       # a mistyped name is named before the demo data is made
         summary = distributed.on_main(
             lambda: make_demo_dataset(Path(s.DATA_ROOT), seed=DEMO_DATA_SEED))
         print(f'Demo dataset: {summary.train_ids} train ids ({summary.train_images} images), '
