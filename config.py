@@ -14,7 +14,7 @@ WIDTH = 128                                  # input width in pixels
 BATCH_SIZE_TRAIN = 32                        # images per training step
 BATCH_SIZE_TEST = 100                        # images per feature-extraction step
 TRANSFORMS = ['random_flip', 'random_crop']  # training augmentations
-WORKERS = 4                                  # data-loading processes (a GPU run uses every spare core)
+WORKERS = 4                                  # data-loading processes, at most the cores (a GPU run uses every spare core)
 
 # --- model ----------------------------------------------------------------
 MODEL_NAME = 'resnet50'                      # any name in torchreid.models
@@ -32,7 +32,7 @@ STEPSIZE = 20                                # epochs between learning-rate drop
 MAX_EPOCH = 60                               # training epochs
 EVAL_FREQ = 10                               # evaluate (and checkpoint) every N epochs
 PRINT_FREQ = 10                              # print the training log every N batches
-SEED = 1                                     # random seed for a repeatable run
+SEED = 1                                     # random seed: a run repeats bit for bit at the same thread count
 DEVICE = 'auto'                              # 'auto' (CUDA if present), 'cuda' or 'cpu'
 GPUS = 0                                     # GPUs to train on (0 = all visible; several: DDP)
 LR_SCALING = 'none'                          # 'linear': LR x processes (the global batch grows)

@@ -13,7 +13,6 @@ test and visrank write to a new folder inside the run of the checkpoint they use
 """
 from __future__ import annotations
 
-import shlex
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -32,6 +31,7 @@ import torchreid
 from torchreid.reid.utils import set_random_seed
 
 from reidkit.data import checks
+from reidkit.data.datapath import loader_workers
 from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
 from reidkit.run import distributed
 from reidkit.run.atomic import disk_full, reason
@@ -54,7 +54,7 @@ from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import Resumed, newest_checkpoint, output_dir_for, resolve_checkpoint, \
     resume_checkpoint, resume_point, training_run_dir, write_settings
 from reidkit.run.log import log_to
-from reidkit.run.settings import LOCAL_SETTINGS, PATH_SETTINGS, Settings, resolve
+from reidkit.run.settings import LOCAL_SETTINGS, Settings, command_line_flag, resolve
 from reidkit.train.ddp import shard_loaders
 from reidkit.train.speed import fast_training
 
@@ -97,7 +97,7 @@ def _data_and_model(s: Settings, device, checkpoint: dict | None = None,
         batch_size_train=s.BATCH_SIZE_TRAIN,
         batch_size_test=s.BATCH_SIZE_TEST,
         transforms=s.TRANSFORMS,
-        workers=s.WORKERS,
+        workers=loader_workers(s.WORKERS),    # at most the usable cores
         use_gpu=device.type == 'cuda',
         # the triplet loss needs batches holding several images of each identity
         train_sampler='RandomIdentitySampler' if s.LOSS == 'triplet' and not evaluating
@@ -308,23 +308,22 @@ def _write_training_results(run_dir: Path, engine, s: Settings, seconds: float) 
 
 def _evaluate_hint(engine, s: Settings) -> str:
     """Where a finished training's weights are, and the command that evaluates them."""
-    flags = [f'--WEIGHTS={engine.final_checkpoint}'] + _local_flags(s)
+    flags = [command_line_flag('WEIGHTS', str(engine.final_checkpoint))] + _local_flags(s)
     return (f'Training finished and its checkpoint is saved: {engine.final_checkpoint}\n'
-            f'Evaluate it with: python main.py test '
-            + ' '.join(shlex.quote(flag) for flag in flags))
+            f'Evaluate it with: python main.py test ' + ' '.join(flags))
 
 
 def resume_command(checkpoint: Path, s: Settings) -> str:
     """The command that continues this run: the run's settings come from the checkpoint, so
     only the machine-local flags given this time are repeated."""
-    flags = [f'--RESUME={checkpoint}'] + _local_flags(s)
-    return 'python main.py train ' + ' '.join(shlex.quote(flag) for flag in flags)
+    flags = [command_line_flag('RESUME', str(checkpoint))] + _local_flags(s)
+    return 'python main.py train ' + ' '.join(flags)
 
 
 def _local_flags(s: Settings) -> list[str]:
     """The machine-local flags given this time (data, outputs, evaluation switches), as
-    --KEY=VALUE, for a command printed to run next."""
-    return [f'--{key}={s[key] if key in PATH_SETTINGS else repr(s[key])}'
+    --KEY=VALUE as typed in a shell, for a command printed to run next."""
+    return [command_line_flag(key, s[key])
             for key in LOCAL_SETTINGS if key in s.given and key not in ('RESUME', 'WEIGHTS')]
 
 
@@ -445,7 +444,9 @@ def gpus_for_training(s: Settings, modes: list[str]) -> list[int]:
 def _run_modes(modes: list[str], demo: bool, s: Settings, process) -> int:
     if 'search' in modes:
         checks.check_search_switches(s)         # before a training that would come first
+        searching.search_inputs(s)              # QUERY and GALLERY hold images
     if demo:
+        checks.check_names(s)       # a mistyped name is named before the demo data is made
         summary = distributed.on_main(
             lambda: make_demo_dataset(Path(s.DATA_ROOT), seed=DEMO_DATA_SEED))
         print(f'Demo dataset: {summary.train_ids} train ids ({summary.train_images} images), '

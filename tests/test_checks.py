@@ -365,3 +365,16 @@ def test_an_own_target_without_queries_is_refused_before_any_epoch(tmp_path, tin
     err = _refused_before_any_epoch(capsys, tmp_path, f'--DATA_ROOT={tiny_data_root}',
                                     f'--TARGETS={split}')
     assert f'TARGETS: "{split}" has no query images, so it cannot be a target' in err
+
+
+def test_a_mistyped_model_name_is_named_before_the_demo_data_is_made(tmp_path, monkeypatch,
+                                                                      capsys):
+    import main
+
+    def no_demo_data(*args, **kwargs):
+        raise AssertionError('the demo dataset was made')
+    monkeypatch.setattr(main, 'make_demo_dataset', no_demo_data)
+    monkeypatch.chdir(tmp_path)
+    assert main.main(['--demo', '--MODEL_NAME=resnet5']) == 2
+    assert "MODEL_NAME='resnet5'" in capsys.readouterr().err
+    assert not (tmp_path / 'demo-data').exists()

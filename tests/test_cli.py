@@ -5,7 +5,7 @@ from pathlib import Path
 
 import config
 from reidkit.run.cli import setting_comments, usage
-from reidkit.run.settings import defaults_from
+from reidkit.run.settings import command_line_flag, defaults_from
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,8 +36,9 @@ def test_help_describes_every_setting_without_importing_torch():
     described = {name: comment for _, rows in setting_comments(config) for name, comment in rows}
     assert set(described) == set(defaults_from(config))     # every setting, none twice
     for name, value in defaults_from(config).items():
-        line = next(line for line in out.splitlines() if line.strip().startswith(f'--{name}='))
-        assert repr(value) in line
+        line = next(line for line in out.splitlines()
+                    if line.strip().lstrip('"\'').startswith(f'--{name}='))
+        assert command_line_flag(name, value) in line
         assert described[name] and described[name] in out
 
 
@@ -68,4 +69,41 @@ def test_groups_follow_config_py_and_a_hash_inside_a_value_is_not_a_comment(tmp_
     assert setting_comments(module) == [('first', [('A', 'the real one'), ('B', '')]),
                                         ('second', [('C', 'spans lines')])]
     text = usage('doc', module)
-    assert "--A='#not a comment'  the real one" in text and '--C=[1, 2]' in text
+    assert '"--A=#not a comment"  the real one' in text and '"--C=[1, 2]"' in text
+
+
+def test_a_value_after_a_space_is_answered_with_the_flag_written_whole():
+    from reidkit.run.cli import parse_command_line
+    from reidkit.run.errors import UserError
+    import pytest
+    for argv, suggested in [(['--MAX_EPOCH', '3'], '--MAX_EPOCH=3'),
+                            (['test', '--GALLERY', 'my photos/'], "'--GALLERY=my photos/'")]:
+        with pytest.raises(UserError) as error:
+            parse_command_line(argv)
+        assert 'unknown mode' not in str(error.value) and suggested in str(error.value), argv
+
+
+def test_help_prints_every_value_as_it_is_typed_on_a_command_line():
+    import shlex
+    from reidkit.run.settings import parse_override_args
+    text = usage('doc', config)
+    assert '"--TRANSFORMS=[\'random_flip\', \'random_crop\']"' in text
+    assert '--MODEL_NAME=resnet50 ' in text
+    for name, value in defaults_from(config).items():
+        line = next(line for line in text.splitlines()
+                    if line.strip().lstrip('"\'').startswith(f'--{name}='))
+        pasted = shlex.shlex(line.strip(), posix=True)     # the flag as a shell reads it
+        pasted.whitespace_split = True
+        assert parse_override_args([pasted.get_token()]) == {name: value}, line
+
+
+def test_the_resume_command_printed_pastes_back_to_the_same_settings():
+    import shlex
+    import main
+    from reidkit.run.settings import parse_override_args
+    given = {'DATA_ROOT': 'my data', 'WORKERS': 0, 'MATCH_THRESHOLD': 'off', 'FLIP_TEST': True}
+    s = main.load_settings(given)
+    words = shlex.split(main.resume_command(Path("/runs/it's here/latest.pth.tar"), s))
+    assert words[:3] == ['python', 'main.py', 'train']
+    assert parse_override_args(words[3:]) == dict(
+        given, RESUME="/runs/it's here/latest.pth.tar")

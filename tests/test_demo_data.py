@@ -135,3 +135,17 @@ def test_two_runs_generating_one_folder_at_once_take_turns(tmp_path):
     assert sorted(p.relative_to(root) for p in market_data_dir(root).rglob('*')) == \
         sorted(p.relative_to(tmp_path / 'alone') for p in market_data_dir(tmp_path / 'alone')
                .rglob('*'))
+
+
+def test_identity_folders_say_what_they_wrote_where_the_readme_puts_them(tmp_path, capsys):
+    from reidkit.data.demo import make_identity_folders
+    root = make_identity_folders(tmp_path / 'crops', num_ids=3, seed=1)
+    images = len(list(root.rglob('*.jpg')))
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith(f'Wrote 3 people ({images} images') and str(root) in line
+
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    folder = re.search(r"make_identity_folders\('([^']+)'\)", readme).group(1)
+    ignored = subprocess.run(['git', 'check-ignore', '-q', f'{folder}/person-001/door/1.jpg'],
+                             cwd=Path(__file__).resolve().parents[1])
+    assert ignored.returncode == 0, f'{folder}/ (the README\'s own-data example) is not ignored'

@@ -103,3 +103,21 @@ def test_cudnn_picks_its_fastest_convolutions_when_training_on_a_gpu(tiny_settin
     assert tuned == []
     main.build_engine(tiny_settings, datamanager, model, optimizer, scheduler)
     assert tuned == [torch.device('cpu')]
+
+
+def test_workers_are_at_most_the_usable_cores(tiny_data_root, monkeypatch):
+    import os
+    import warnings
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    s = main.load_settings({'DATA_ROOT': str(tiny_data_root), 'DEVICE': 'cpu', 'WORKERS': 4,
+                            'PRETRAINED': False})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        datamanager, *_ = main.get_items(s)
+    loaders = [datamanager.train_loader] + [loader for splits in
+                                            datamanager.test_loader.values()
+                                            for loader in splits.values()]
+    assert [loader.num_workers for loader in loaders] == [2] * len(loaders)
+    assert not [w for w in caught if 'DataLoader will create' in str(w.message)]
+    fewer = main.get_items(s.replace(WORKERS=1))[0]
+    assert fewer.train_loader.num_workers == 1          # fewer than the cores: as asked

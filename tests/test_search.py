@@ -854,3 +854,23 @@ def test_a_query_in_the_gallery_is_left_out_of_its_own_results(stand_in, tmp_pat
         assert len(found) == gallery - 1 and 'ranked; all of them' in page
     manifest, _, _ = _cache_files(s)
     assert str(paths[7]) in manifest.read_text() and str(paths[3]) in manifest.read_text()
+
+
+def test_an_empty_gallery_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    query = tmp_path / 'person.jpg'
+    Image.new('RGB', (16, 32)).save(query)
+    (tmp_path / 'empty' / 'sub').mkdir(parents=True)
+    (tmp_path / 'empty' / 'notes.txt').write_text('no image here')
+
+    def no_model(*args, **kwargs):
+        raise AssertionError('a model was loaded')
+    monkeypatch.setattr(searching, 'load_extractor', no_model)
+    monkeypatch.setattr(main, 'train', no_model)
+    s = main.load_settings(dict(QUERY=str(query), GALLERY=str(tmp_path / 'empty'),
+                                EXPERIMENTS_DIR=str(tmp_path / 'experiments')))
+    with pytest.raises(UserError, match='GALLERY: no images .* under ".*empty"'):
+        main.search(s)
+    with pytest.raises(UserError, match='GALLERY: no images'):   # nor a training first
+        main._run_modes(['train', 'search'], False, s, None)
+    with pytest.raises(UserError, match='GALLERY: ".*missing" is not a folder'):
+        main.search(s.replace(GALLERY=str(tmp_path / 'missing')))

@@ -272,5 +272,5 @@ def test_queries_matched_only_by_their_own_file_are_not_counted(tiny_data_root, 
                                                                 tmp_path, capsys):
     data = _csv_without_cameras(tmp_path / 'half.csv', _own_file_rows(tiny_data_root, 2, 1))
     checks.check_before_run(tiny_settings.replace(TARGETS=data), training=False)
-    assert re.search(r'Note: 1 of the 2 queries of ".*half.csv" have no match from another '
+    assert re.search(r'Note: 1 of the 2 queries of ".*half.csv" has no match from another '
                      r'camera in the gallery \(1 of them only its own file', capsys.readouterr().out)

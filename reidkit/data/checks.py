@@ -18,6 +18,7 @@ from reidkit.data.own_data import SPLITS as OWN_SPLITS, OwnData, check_own_data,
 from reidkit.run.errors import UserError
 from reidkit.run.settings import SEVERAL_TYPES, SWITCH_CHOICES, Settings, dataset_list, \
     is_own_data
+from reidkit.run.words import counted
 
 LOSSES = ('softmax', 'triplet')
 TRANSFORMS = ('random_flip', 'random_crop', 'random_patch', 'color_jitter')
@@ -431,11 +432,12 @@ def check_training_split(s: Settings, sources: list[SplitLabels]) -> None:
     ids = sum(source.train_ids for source in sources)
     images = sum(len(source.train) for source in sources)
     people = (f'the training set{"s" if len(sources) > 1 else ""} of '
-              + _sources_named(sources, lambda source: f'{source.train_ids} identities'))
+              + _sources_named(sources, lambda source: counted(source.train_ids, 'identity',
+                                                               'identities')))
     has = 'have' if len(sources) > 1 else 'has'
     if ids < 2:
         raise UserError(
-            f'SOURCES: {people} {has} {ids} identit{"y" if ids == 1 else "ies"}: training a '
+            f'SOURCES: {people} {has} {counted(ids, "identity", "identities")}: training a '
             f're-identification model needs at least two people to tell apart. Add '
             f'identities, or add a source with more of them.')
     needed = s.BATCH_SIZE_TRAIN // TRIPLET_INSTANCES
@@ -490,8 +492,9 @@ def check_test_split(target: SplitLabels) -> None:
             f'there would be no Rank-1 or mAP. {fix}'
             + (' List each image once, as query or as gallery.' if own_only else ''))
     if kept < len(target.query):
-        print(f'Note: {len(target.query) - kept} of the {len(target.query)} queries of '
-              f'{target.shown} have no match from another camera in the gallery{own}; the '
+        left_out = len(target.query) - kept
+        print(f'Note: {left_out} of the {len(target.query)} queries of '
+              f'{target.shown} {"has" if left_out == 1 else "have"} no match from another camera in the gallery{own}; the '
               f'evaluation leaves them out.')
 
 
@@ -562,5 +565,5 @@ def check_before_run(s: Settings, training: bool, pretrained: bool = True,
         for split, count in data.checked.items():
             checked[split] = checked.get(split, 0) + count
     if checked:
-        print(f'Checked {sum(checked.values())} images in {time.time() - started:.1f}s '
+        print(f'Checked {counted(sum(checked.values()), "image")} in {time.time() - started:.1f}s '
               f'({", ".join(f"{k}: {v}" for k, v in checked.items())}).')

@@ -84,6 +84,13 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def loader_workers(requested: int) -> int:
+    """The data-loading processes WORKERS asks for, at most the cores this process may use
+    (os.sched_getaffinity): more only queue for the same cores, and PyTorch warns of each
+    loader that has more (its "excessive worker creation" warning)."""
+    return min(requested, _cpu_count())
+
+
 def _cores_per_process() -> int:
     """This process's share of the cores: under DDP the processes on a machine share them."""
     return max(1, _cpu_count() // distributed.processes_on_this_machine())

@@ -19,6 +19,7 @@ from PIL import Image, ImageFilter
 from reidkit.data.market import SPLIT_FOLDERS, market_data_dir, name_labels
 from reidkit.run.atomic import exclusive
 from reidkit.run.errors import UserError
+from reidkit.run.words import counted
 
 # Market-1501's crops are 128 high and 64 wide, taken by 6 cameras.
 IMAGE_HEIGHT = 128
@@ -365,12 +366,14 @@ def make_identity_folders(root: Path, num_ids: int = 60, seed: int = 0,
     `root/person-<n>/<camera>/<k>.jpg` (cameras named `IDENTITY_FOLDER_CAMERAS`, no split
     folders: the split is made by TEST_SHARE and SPLIT_SEED). Each person is seen by two or
     more of `num_cameras` cameras. Same arguments, same files; another seed draws other
-    people. Returns `root`. Raises ValueError for num_ids < 2 or num_cameras outside 2..6."""
+    people. Prints one line saying what it wrote; returns `root`. Raises ValueError for
+    num_ids < 2 or num_cameras outside 2..6."""
     if num_ids < 2 or not 2 <= num_cameras <= len(IDENTITY_FOLDER_CAMERAS):
         raise ValueError('make_identity_folders needs 2+ identities and 2 to 6 cameras')
     root = Path(root)
     rng = np.random.default_rng(seed)
     cameras = [_make_camera(rng) for _ in range(num_cameras)]
+    images = 0
     for n in range(1, num_ids + 1):
         person = _make_person(rng)
         seen_by = rng.choice(num_cameras, size=rng.integers(2, num_cameras + 1), replace=False)
@@ -380,4 +383,7 @@ def make_identity_folders(root: Path, num_ids: int = 60, seed: int = 0,
             for k in range(1, int(rng.integers(images_per_camera[0],
                                                images_per_camera[1] + 1)) + 1):
                 _render(person, cameras[cam], rng).save(folder / f'{k}.jpg', quality=90)
+                images += 1
+    print(f'Wrote {counted(num_ids, "person", "people")} ({counted(images, "image")}, '
+          f'{num_cameras} cameras) to "{root}" as person-<n>/<camera>/<k>.jpg')
     return root

@@ -54,6 +54,7 @@ from pathlib import Path
 
 from reidkit.data import market
 from reidkit.run.errors import UserError
+from reidkit.run.words import counted
 from reidkit.run.settings import absolute
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
@@ -574,8 +575,8 @@ def check_own_data(value: str, s, as_source: bool,
         raise missing_split(data, 'train', setting)
     counts = data.summary()
     print(f'Own data "{printable(data.path)}": {data.layout}, '
-          + ', '.join(f'{split} {counts[f"{split}_ids"]} ids / {counts[f"{split}_images"]} '
-                      f'images' for split in SPLITS)
+          + ', '.join(f'{split} {counted(counts[f"{split}_ids"], "id")} / '
+                      f'{counted(counts[f"{split}_images"], "image")}' for split in SPLITS)
           + (f', split made with TEST_SHARE={data.test_share:g}, SPLIT_SEED={data.split_seed}'
              if data.split_made else '')
           + ('' if data.cameras_known else ', cameras unknown')

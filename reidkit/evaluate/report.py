@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from reidkit.run.atomic import atomic_file, reason, write_atomically
+from reidkit.run.device import thread_facts
 from reidkit.run.settings import display_name, is_own_data
+from reidkit.run.words import counted
 
 CMC_RANKS = (1, 5, 10, 20)
 MAX_NAME_BYTES = 200            # file systems allow 255; room for -2 and a suffix
@@ -140,9 +142,11 @@ def write_metrics(path: Path, results: Sequence[Mapping], run: RunFacts) -> dict
     one target reads it): 'target' (its name in outputs, `target_names`), 'dataset' (its
     TARGETS value), 'rank1', 'rank5', 'rank10', 'rank20' (those the CMC reaches), 'mAP',
     'mINP' (not under CUHK03's protocol), 'cmc' (fractions, rank 1 onwards), 'num_query',
-    'num_gallery', 'num_query_ids', 'num_gallery_ids', 'verification', 'open_set'; then 'targets' (every target's block,
-    the same keys, the first included), 'epoch', 'checkpoint', 'seconds', 'device',
-    'settings' and, for own data, 'own_data'. UserError when it cannot be written."""
+    'num_gallery', 'num_query_ids', 'num_gallery_ids', 'verification', 'open_set'; then
+    'targets' (every target's block, the same keys, the first included), 'epoch',
+    'checkpoint', 'seconds', 'device', 'threads' (device.thread_facts: {'torch',
+    'OMP_NUM_THREADS'}), 'settings' and, for own data, 'own_data'. UserError when it cannot
+    be written."""
     targets = [target_metrics(result) for result in results]
     metrics = {
         'mode': run.mode,
@@ -154,6 +158,7 @@ def write_metrics(path: Path, results: Sequence[Mapping], run: RunFacts) -> dict
         'device': torch.cuda.get_device_name() if torch.cuda.is_available()
         and run.settings['DEVICE'] != 'cpu'
         else f'cpu ({platform.processor() or platform.machine()})',
+        'threads': thread_facts(),      # the weights repeat bit for bit at the same count
         'settings': dict(run.settings),
     }
     if run.own_data:
@@ -452,10 +457,10 @@ def write_gallery_page(path: Path, rows: list[dict], summary: dict, num_gallery:
                          ([f'mINP <b>{summary["mINP"]:.1%}</b>'] if 'mINP' in summary else []) +
                          [f'Rank-{r} <b>{summary[f"rank{r}"]:.1%}</b>'
                           for r in CMC_RANKS if f'rank{r}' in summary] +
-                         [f'{len(rows)} queries' + (f' ({not_scored} {NOT_SCORED})'
-                                                    if not_scored else ''),
-                          f'{num_gallery} gallery images',
-                          f'{failures} rank-1 failure' + ('' if failures == 1 else 's')])
+                         [counted(len(rows), 'query', 'queries')
+                          + (f' ({not_scored} {NOT_SCORED})' if not_scored else ''),
+                          counted(num_gallery, 'gallery image'),
+                          counted(failures, 'rank-1 failure')])
     # Inside <script> the HTML parser reacts to '</script>' and '<!--' whatever the type: no
     # raw '<' (nor '>', '&') may appear; JSON.parse reads \u003c etc. back as the characters.
     data = (json.dumps(rows, separators=(',', ':')).replace('<', '\\u003c')
@@ -548,7 +553,7 @@ function render() {
     box.appendChild(row);
   }
   document.getElementById('page').textContent =
-    ` page ${page + 1} of ${pages} (${rows.length} queries) `;
+    ` page ${page + 1} of ${pages} (${rows.length} quer${rows.length === 1 ? 'y' : 'ies'}) `;
   document.body.dataset.rows = Math.min(PER_PAGE, rows.length - page * PER_PAGE);
   document.body.dataset.total = rows.length;
 }

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import io
 import os
+import shlex
 import sys
 import tokenize
 from pathlib import Path
 from types import ModuleType
 
 from reidkit.run.errors import UserError
-from reidkit.run.settings import defaults_from, parse_override_args, resolve
+from reidkit.run.settings import command_line_flag, defaults_from, parse_override_args, \
+    resolve
 
 MODES = ('train', 'test', 'visrank')       # run in this order when none is named
 EXTRA_MODES = ('search', 'export')
@@ -22,6 +24,12 @@ EXTRA_MODES = ('search', 'export')
 def parse_command_line(argv: list[str]) -> tuple[list[str], bool, dict]:
     """(modes, demo, overrides) from the command line; UserError on an unknown mode or a
     flag that is not --KEY=VALUE (setting names are checked by apply_overrides)."""
+    for flag, after in zip(argv, argv[1:]):
+        if flag.startswith('--') and '=' not in flag and flag != '--demo' \
+                and not after.startswith('-') and after not in MODES + EXTRA_MODES:
+            raise UserError(f'command line: "{flag} {after}" gives a setting its value after '
+                            f'a space; write {shlex.quote(f"{flag}={after}")} (no spaces around '
+                            f'"=").')
     modes = [arg for arg in argv if not arg.startswith('-')]
     unknown = [mode for mode in modes if mode not in MODES + EXTRA_MODES]
     if unknown:
@@ -66,7 +74,7 @@ def usage(doc: str, config: ModuleType) -> str:
              'Settings (the values in config.py; --KEY=VALUE changes one for a command):']
     for group, rows in setting_comments(config):
         lines.append(f'\n  {group}')
-        flags = {name: f'--{name}={values[name]!r}' for name, _ in rows}
+        flags = {name: command_line_flag(name, values[name]) for name, _ in rows}
         width = min(max(len(flag) for flag in flags.values()), 44)
         for name, comment in rows:
             flag = flags[name]

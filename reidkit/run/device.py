@@ -44,6 +44,23 @@ def busy_cpu_note(load: float | None = None, cores: int | None = None) -> str | 
             f'python main.py ... is often 2-3x faster on a shared machine.')
 
 
+def thread_facts() -> dict:
+    """{'torch': torch.get_num_threads(), 'OMP_NUM_THREADS': its text or None}: how many
+    threads split each sum on the CPU. Their order changes the last bits of every sum, so a
+    run repeats bit for bit at the same thread count (and SEED), not at another."""
+    return {'torch': torch.get_num_threads(),
+            'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS')}
+
+
+def threads_line() -> str:
+    """The log's first line for a run: its thread count (thread_facts)."""
+    facts = thread_facts()
+    omp = facts['OMP_NUM_THREADS']
+    return (f'Threads: {facts["torch"]} (torch.get_num_threads(); OMP_NUM_THREADS '
+            f'{"=" + omp if omp is not None else "not set"}). A run repeats bit for bit at the '
+            f'same SEED and thread count.')
+
+
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:
     """The model on `device`: this process's GPU under DDP (several GPUs train as several
     processes, see reidkit.run.distributed), else the first visible one."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from reidkit.run.atomic import reason
+from reidkit.run.device import threads_line
 
 
 class _Tee:
@@ -73,7 +74,8 @@ def _silence(stream: TextIO) -> None:
 
 @contextlib.contextmanager
 def log_to(path: Path) -> Iterator[_Tee]:
-    """Everything printed inside the block also goes to `path` (appended); yields the tee,
+    """Everything printed inside the block also goes to `path` (appended), after a line
+    naming the thread count (device.threads_line); yields the tee,
     whose `log_only` writes what must reach the log but not stdout. If `path` cannot be
     written (a full disk), printing goes on without it, with a note."""
     previous = sys.stdout
@@ -84,6 +86,7 @@ def log_to(path: Path) -> Iterator[_Tee]:
               f'terminal only.')
         log = None
     tee = sys.stdout = _Tee(previous, log)
+    tee.log_only(threads_line() + '\n')     # what the weights' last bits depend on
     try:
         yield tee
     finally:

@@ -18,6 +18,7 @@ import ast
 import hashlib
 import os
 import re
+import shlex
 import difflib
 import math
 from pathlib import Path
@@ -325,6 +326,18 @@ def parse_override_args(args: Iterable[str]) -> dict[str, Any]:
         own_path = key in DATASET_LISTS and is_own_data(text) and not text.lstrip().startswith('[')
         overrides[key] = parse_value(text, path=key in PATH_SETTINGS or own_path)
     return overrides
+
+
+def command_line_flag(key: str, value: Any) -> str:
+    """`--KEY=VALUE` as typed in a shell, so that pasted it gives `value` back
+    (parse_override_args): a text that reads as itself is bare (--MODEL_NAME=resnet50), any
+    other value a literal; a flag holding quotes or spaces goes in double quotes
+    ("--TRANSFORMS=['random_flip']"), or single ones where a double would be expanded."""
+    bare = isinstance(value, str) and parse_override_args([f'--{key}={value}'])[key] == value
+    flag = f'--{key}={value if bare else repr(value)}'
+    if shlex.quote(flag) == flag or any(char in flag for char in '"$`\\!'):
+        return shlex.quote(flag)
+    return f'"{flag}"'
 
 
 # What test, visrank and search take from a checkpoint unless given on the command line:

@@ -24,9 +24,11 @@ import numpy as np
 from reidkit.data.checks import SEARCH_INDEX_KINDS
 from reidkit.run.atomic import exclusive, write_error
 from reidkit.run.errors import UserError
+from reidkit.run.words import counted
 from reidkit.run.settings import Settings
 from reidkit.search import index as search_index
-from reidkit.search.extractor import FeatureExtractor, list_images
+from reidkit.search.extractor import IMAGE_SUFFIXES, FeatureExtractor, images_under, \
+    list_images
 from reidkit.search.index import GalleryIndex, Unusable
 
 RANK_CHUNK = 50_000            # gallery rows read from disk at a time (ranking, copying rows)
@@ -197,6 +199,22 @@ class Manifest:
         self.next_id += len(paths)
 
 
+def check_gallery(folder: Path, outputs: Path | None = None) -> None:
+    """UserError unless GALLERY (`folder`) is a folder holding at least one image (none under
+    `outputs`, our EXPERIMENTS_DIR, counts): checked before a model loads or a training runs,
+    stopping at the first image found."""
+    if not Path(folder).is_dir():
+        raise UserError(f'GALLERY: "{folder}" is not a folder. Point --GALLERY at the folder '
+                        f'holding the images to rank.')
+    if next(images_under(folder, outputs), None) is None:
+        raise _no_gallery_images(folder)
+
+
+def _no_gallery_images(folder: Path) -> UserError:
+    return UserError(f'GALLERY: no images ({", ".join(IMAGE_SUFFIXES)}) under "{folder}". '
+                     f'Point --GALLERY at the folder holding your person crops.')
+
+
 def gallery_features(extractor: FeatureExtractor, folder: Path, cache_dir: Path,
                      batch_size: int, outputs: Path | None = None) -> Gallery:
     """Features of every readable image under `folder` (none under `outputs`, our own
@@ -208,8 +226,7 @@ def gallery_features(extractor: FeatureExtractor, folder: Path, cache_dir: Path,
     given, folder = folder, Path(folder).resolve()
     stamps = _stamps(list_images(folder, outputs=outputs))
     if not stamps:
-        raise UserError(f'GALLERY: no images (.jpg, .jpeg, .png, .bmp) under "{given}". '
-                        f'Point --GALLERY at the folder holding your person crops.')
+        raise _no_gallery_images(given)
     files = CacheFiles(cache_dir, _cache_key(Path(extractor.source), folder, extractor.key))
     cache_dir.mkdir(parents=True, exist_ok=True)
     search_index.check_place(files.features, 'the gallery\'s features')
@@ -337,7 +354,8 @@ def _write_cache(files: CacheFiles, new: Manifest, batches: Generator[np.ndarray
                 except OSError as error:
                     raise cannot_write(error) from None
         if not writer.rows:     # then every file listed was skipped
-            raise UserError(f'GALLERY: none of the {len(new.skipped)} images under "{folder}" '
+            raise UserError(f'GALLERY: none of the {counted(len(new.skipped), "image")} '
+                            f'under "{folder}" '
                             f'could be read (first: {new.skipped[0].path}: '
                             f'{new.skipped[0].why}).')
         try:

@@ -27,11 +27,13 @@ from reidkit.evaluate.calibration import match_threshold
 from reidkit.evaluate.metrics import check_finite, squared_euclidean
 from reidkit.evaluate.report import unique_names
 from reidkit.run.errors import UserError
+from reidkit.run.words import counted
 from reidkit.run.folders import new_run_dir
 from reidkit.run.log import log_once_there_is_a_folder
 from reidkit.run.settings import Settings
 from reidkit.search import index as search_index
-from reidkit.search.cache import RANK_CHUNK, Gallery, gallery_features, gallery_index
+from reidkit.search.cache import RANK_CHUNK, Gallery, check_gallery, gallery_features, \
+    gallery_index
 from reidkit.search.extractor import FeatureExtractor, list_images, load_extractor
 from reidkit.search.index import GalleryIndex
 from reidkit.search.writers import QueryResult, write_results, write_skipped
@@ -43,6 +45,14 @@ SKIPPED_QUERIES = 'skipped_queries.txt'
 SEARCH_LOG = 'log.txt'             # what the search printed
 
 
+def search_inputs(s: Settings) -> list[Path]:
+    """The query images of QUERY (query_images), once GALLERY is known to hold an image
+    (cache.check_gallery): UserError otherwise, before a model loads or a training runs."""
+    queries = query_images(Path(s.QUERY))
+    check_gallery(Path(s.GALLERY), Path(s.EXPERIMENTS_DIR))
+    return queries
+
+
 def run_search(s: Settings, weights: Path | None = None) -> Path:
     """`python main.py search` (after main's checks of the settings, checks.
     check_search_switches: QUERY and GALLERY are given): ranks GALLERY for each
@@ -52,10 +62,7 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
     own results (said once at the end). UserError for missing or unreadable queries or gallery,
     a checkpoint that does not fit the settings, a diverged model or a full disk."""
     with log_once_there_is_a_folder() as start_log:
-        queries = query_images(Path(s.QUERY))
-        if not Path(s.GALLERY).is_dir():
-            raise UserError(f'GALLERY: "{s.GALLERY}" is not a folder. Point --GALLERY at the '
-                            f'folder holding the images to rank.')
+        queries = search_inputs(s)
         extractor, s = load_extractor(s, weights)
         checks.check_numbers(s, training=False)
         checks.check_output_folder(Path(s.EXPERIMENTS_DIR))
@@ -66,9 +73,10 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
         gallery = gallery_features(extractor, Path(s.GALLERY),
                                    Path(s.EXPERIMENTS_DIR) / '.search-cache', s.BATCH_SIZE_TEST,
                                    outputs=Path(s.EXPERIMENTS_DIR))
-        print(f'Gallery: {len(gallery.paths)} images ('
+        print(f'Gallery: {counted(len(gallery.paths), "image")} ('
               f'{"features from the cache" if gallery.cached else "features extracted and cached"})'
-              + (f'; {len(gallery.skipped)} unreadable files skipped' if gallery.skipped else ''))
+              + (f'; {counted(len(gallery.skipped), "unreadable file")} skipped'
+                 if gallery.skipped else ''))
         index = gallery_index(gallery, s)
         out_dir, unreadable, in_gallery, no_match = _rank_and_write(
             s, extractor, queries, gallery, index, threshold, start_log)
@@ -80,10 +88,11 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
             write_skipped(out_dir / SKIPPED_QUERIES, unreadable)
         (out_dir / INCOMPLETE).unlink()
         ranked = len(queries) - len(unreadable)
-        print(f'{ranked} queries ranked against {len(gallery.paths):,} gallery images')
+        print(f'{counted(ranked, "query", "queries")} ranked against '
+              f'{counted(len(gallery.paths), "gallery image")}')
         if threshold is not None:
-            print(f'No match in the gallery: {no_match} of {ranked} '
-                  f'quer{"y" if ranked == 1 else "ies"} (nearest image farther than the match '
+            print(f'No match in the gallery: {no_match} of '
+                  f'{counted(ranked, "query", "queries")} (nearest image farther than the match '
                   f'threshold {threshold:.6g}; "No match" heads their pages)')
         if in_gallery:
             print(f'{in_gallery} quer{"y was" if in_gallery == 1 else "ies were"} found in the '

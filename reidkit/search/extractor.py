@@ -38,10 +38,15 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 def list_images(folder: Path, outputs: Path | None = None) -> list[Path]:
     """Every image under `folder`, recursively, in a stable order; none under `outputs` (our
     own EXPERIMENTS_DIR, where earlier searches wrote their strips)."""
+    return sorted(images_under(folder, outputs))
+
+
+def images_under(folder: Path, outputs: Path | None = None) -> Iterator[Path]:
+    """list_images's images as they are found, unsorted (`next()` of it: whether there is one)."""
     outputs = Path(outputs).resolve() if outputs else None
-    return sorted(p for p in Path(folder).rglob('*')
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and
-                  not (outputs and p.resolve().is_relative_to(outputs)))
+    return (p for p in Path(folder).rglob('*')
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and
+            not (outputs and p.resolve().is_relative_to(outputs)))
 
 
 def decode(path: Path) -> tuple[Image.Image | None, str]:
