@@ -51,8 +51,8 @@ from reidkit.evaluate.calibration import write_record as write_calibration
 from reidkit.evaluate.report import RunFacts, plot_cmcs, plot_training, plot_verifications, \
     write_metrics
 from reidkit.evaluate.rerank import Reranking
-from reidkit.run.folders import Resumed, newest_checkpoint, output_dir_for, resolve_checkpoint, \
-    resume_checkpoint, resume_point, training_run_dir, write_settings
+from reidkit.run.folders import Resumed, default_checkpoint, newest_checkpoint, output_dir_for, \
+    resolve_checkpoint, resume_checkpoint, resume_point, training_run_dir, write_settings
 from reidkit.run.log import log_to
 from reidkit.run.settings import LOCAL_SETTINGS, Settings, command_line_flag, resolve
 from reidkit.train.ddp import shard_loaders
@@ -444,7 +444,10 @@ def gpus_for_training(s: Settings, modes: list[str]) -> list[int]:
 def _run_modes(modes: list[str], demo: bool, s: Settings, process) -> int:
     if 'search' in modes:
         checks.check_search_switches(s)         # before a training that would come first
-        searching.search_inputs(s)              # QUERY and GALLERY hold images
+    weights = None
+    if demo and 'train' not in modes and not s.WEIGHTS:     # the demo's model, not the newest
+        weights = distributed.on_main(
+            lambda: default_checkpoint(Path(s.EXPERIMENTS_DIR), Path(s.DATA_ROOT)))
     if demo:
         checks.check_names(s)       # a mistyped name is named before the demo data is made
         summary = distributed.on_main(
@@ -452,7 +455,8 @@ def _run_modes(modes: list[str], demo: bool, s: Settings, process) -> int:
         print(f'Demo dataset: {summary.train_ids} train ids ({summary.train_images} images), '
               f'{summary.query_images} queries, {summary.gallery_images} gallery images '
               f'in {summary.data_dir}')
-    weights = None
+    if 'search' in modes:       # QUERY and GALLERY hold images (the demo's, once made)
+        searching.search_inputs(s)
     for mode in modes:
         if mode in EXTRA_MODES and not process.is_main:
             continue            # search and export run once, in rank 0

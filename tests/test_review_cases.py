@@ -14,8 +14,9 @@ from reidkit.run.folders import newest_checkpoint
 
 def test_the_demo_dataset_does_not_change_with_the_training_seed(tmp_path):
     data = tmp_path / 'demo'
-    for seed in (2, 3):        # generates the demo data, then stops: no run to test yet
-        assert main.main(['test', '--demo', f'--DATA_ROOT={data}', f'--SEED={seed}',
+    for seed in (2, 3):        # generates the demo data, then stops: a batch larger than it
+        assert main.main(['train', '--demo', f'--DATA_ROOT={data}', f'--SEED={seed}',
+                          '--BATCH_SIZE_TRAIN=100000',
                           f'--EXPERIMENTS_DIR={tmp_path / "exp"}']) == 2
     marker = data / 'market1501' / 'Market-1501-v15.09.15' / '.demo-complete'
     from reidkit.data.demo import DEMO_DATA_SEED

@@ -88,19 +88,45 @@ def resume_point(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def latest_run_checkpoint(experiments_dir: Path) -> Path:
+def latest_run_checkpoint(experiments_dir: Path, data_root: Path | None = None) -> Path:
     """The newest numbered checkpoint of the run that trained most recently (by the time its
-    checkpoints were written: testing an older run does not make it the latest)."""
-    newest = {run: newest_checkpoint(run) for run in Path(experiments_dir).glob('*')
-              if run.is_dir()}
+    checkpoints were written: testing an older run does not make it the latest); with
+    `data_root`, of the newest run whose settings.json records that DATA_ROOT (a --demo
+    command: the newest demo run, not a model of other data). UserError when there is none."""
+    runs = [run for run in Path(experiments_dir).glob('*') if run.is_dir()]
+    if data_root is not None:
+        runs = [run for run in runs if _recorded_data_root(run) == Path(data_root).resolve()]
+    newest = {run: newest_checkpoint(run) for run in runs}
     written = {run: max(p.stat().st_mtime for p in run.glob(f'*/{CHECKPOINT_PREFIX}*'))
                for run, checkpoint in newest.items() if checkpoint is not None}
+    if not written and data_root is not None:
+        raise UserError(
+            f'WEIGHTS is empty and no demo run in "{experiments_dir}" (a run trained on '
+            f'DATA_ROOT="{data_root}") has a checkpoint yet. Train one first (python main.py '
+            f'--demo), or pass --WEIGHTS=path/to/{CHECKPOINT_PREFIX}N.')
     if not written:
         raise UserError(
             f'WEIGHTS is empty and no training run in "{experiments_dir}" has a checkpoint yet. '
             f'Train first (python main.py train), or pass --WEIGHTS=path/to/{CHECKPOINT_PREFIX}N.'
         )
     return newest[max(written, key=written.get)]
+
+
+def _recorded_data_root(run_dir: Path) -> Path | None:
+    """The DATA_ROOT a run's settings.json records (absolute), or None (none, or unreadable)."""
+    try:
+        recorded = json.loads((Path(run_dir) / 'settings.json').read_text(encoding='utf-8'))
+        return Path(recorded['DATA_ROOT']).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def default_checkpoint(experiments_dir: Path, data_root: Path | None = None) -> Path:
+    """`latest_run_checkpoint`, announced as the default it is (WEIGHTS chooses another)."""
+    path = latest_run_checkpoint(experiments_dir, data_root)
+    print(f'Model ({"newest demo run" if data_root is not None else "newest run"}; set WEIGHTS '
+          f'to choose): {path}')
+    return path
 
 
 def recorded_settings(saved: dict) -> dict:
@@ -121,7 +147,7 @@ def resolve_checkpoint(s: Settings, weights: Path | None = None) -> tuple[Path, 
     newest run's), its contents (loaded safely) and the settings to use it with (its model,
     input size and data: settings.settings_to_evaluate); notes are printed. UserError for a
     missing or unreadable file, or one trained at another input size."""
-    path = Path(weights or s.WEIGHTS or latest_run_checkpoint(Path(s.EXPERIMENTS_DIR)))
+    path = Path(weights or s.WEIGHTS or default_checkpoint(Path(s.EXPERIMENTS_DIR)))
     saved = load_checkpoint(path, 'WEIGHTS')
     s, notes = settings_to_evaluate(s, recorded_settings(saved), f'WEIGHTS: "{path}"')
     for note in notes:
