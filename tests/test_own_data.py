@@ -560,7 +560,8 @@ def test_visrank_shows_own_names_and_unknown_cameras_and_market_ids_as_before(
         if not Path(path).is_relative_to(root):     # Torchreid's Market-1501: as before
             pid, camera = re.match(r'(\d+)_c(\d+)', Path(path).name).groups()
             assert lines[0] == f'id {int(pid)} c{int(camera)}'
-    assert all(re.fullmatch(r'id \d+ c\d', c) for lines in market for c in lines)
+    # Market's pid 0 is a distractor (named so), every other id as before
+    assert all(re.fullmatch(r'(id \d+|distractor) c\d', c) for lines in market for c in lines)
     for name, expected in (('people', lambda row: [Path(row['path']).parent.name, '?']),
                            ('market1501', lambda row: [str(row['pid']), f'c{row["cam"] + 1}'])):
         page = (out / f'visrank_{name}' / 'index.html').read_text()
