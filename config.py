@@ -13,7 +13,7 @@ HEIGHT = 256                                 # input height in pixels
 WIDTH = 128                                  # input width in pixels
 BATCH_SIZE_TRAIN = 32                        # images per training step
 BATCH_SIZE_TEST = 100                        # images per feature-extraction step
-TRANSFORMS = ['random_flip', 'random_crop']  # training augmentations
+TRANSFORMS = ['random_flip', 'random_crop']  # training augmentations (also 'random_erase', 'random_patch', 'color_jitter')
 WORKERS = 4                                  # data-loading processes, at most the cores (a GPU run uses every spare core)
 
 # --- model ----------------------------------------------------------------
@@ -21,12 +21,20 @@ MODEL_NAME = 'resnet50'                      # any name in torchreid.models
 LOSS = 'softmax'                             # 'softmax' or 'triplet'
 PRETRAINED = True                            # start from ImageNet weights
 LABEL_SMOOTH = True                          # label smoothing on the softmax loss
+NECK = 'none'                                # 'bnneck': batch norm between feature and classifier (BoT)
+LAST_STRIDE = 'auto'                         # 'auto' (the model's own) or 1: ResNet's last stage keeps its size (BoT)
+CENTER_LOSS_WEIGHT = 0.0                     # centre loss (Wen et al. 2016) added with this weight (BoT: 5e-4)
+CENTER_LR = 0.5                              # SGD learning rate of the centres (BoT: 0.5)
+DIST_METRIC = 'euclidean'                    # test distance: 'euclidean' (squared, as Torchreid) or 'cosine'
+RECIPE = 'tutorial'                          # 'tutorial', or 'strong': applies config.STRONG (below)
 
 # --- optimiser ------------------------------------------------------------
 OPTIM = 'adam'                               # adam, amsgrad, sgd, rmsprop, radam
 LR = 0.0003                                  # learning rate
 LR_SCHEDULER = 'single_step'                 # single_step, multi_step, cosine
-STEPSIZE = 20                                # epochs between learning-rate drops
+STEPSIZE = 20                                # epochs between drops (single_step), or a list of epochs (multi_step)
+WARMUP_EPOCHS = 0                            # epochs of linear learning-rate warm-up (BoT: 10)
+WARMUP_FACTOR = 0.01                         # warm-up starts at this share of LR (BoT: 0.01)
 
 # --- run ------------------------------------------------------------------
 MAX_EPOCH = 60                               # training epochs
@@ -91,3 +99,22 @@ DEMO = dict(
     EVAL_FREQ=6,
     PRINT_FREQ=10,
 )
+
+# --- the strong recipe ------------------------------------------------------
+# RECIPE='strong' applies these after config.py and DEMO (before the command line): the Bag of
+# Tricks (Luo et al., CVPRW 2019). Epochs are those of BoT's 120-epoch run, scaled to the run's
+# MAX_EPOCH; 'random_erase' is added to the run's TRANSFORMS. Never sizes, epochs or LR.
+STRONG = dict(
+    LOSS='triplet',                  # softmax + batch-hard triplet, 4 images per identity
+    TRANSFORMS=['random_erase'],     # added to TRANSFORMS
+    WARMUP_EPOCHS=10,
+    WARMUP_FACTOR=0.01,
+    LR_SCHEDULER='multi_step',
+    STEPSIZE=[40, 70],
+    NECK='bnneck',
+    LAST_STRIDE=1,
+    CENTER_LOSS_WEIGHT=0.0005,
+    CENTER_LR=0.5,
+    DIST_METRIC='cosine',
+)
+STRONG_EPOCHS = 120                  # the run length STRONG's epochs are given for

@@ -23,12 +23,17 @@ def test_the_demo_dataset_does_not_change_with_the_training_seed(tmp_path):
     assert f'seed={DEMO_DATA_SEED}' in marker.read_text()
 
 
-def test_schedulers_get_the_run_length_and_multi_step_is_named(tiny_settings):
+def test_schedulers_get_the_run_length_and_multi_step_takes_a_list(tiny_settings):
     _, _, _, scheduler = main.get_items(tiny_settings.replace(LR_SCHEDULER='cosine',
                                                               MAX_EPOCH=7))
     assert scheduler.T_max == 7
-    with pytest.raises(UserError, match="LR_SCHEDULER='multi_step' needs a list"):
+    with pytest.raises(UserError, match="'multi_step' drops the learning rate at a list"):
         main.train(tiny_settings.replace(LR_SCHEDULER='multi_step'))
+    with pytest.raises(UserError, match="'single_step' drops the learning rate every"):
+        main.train(tiny_settings.replace(STEPSIZE=[2, 4]))
+    _, _, _, scheduler = main.get_items(tiny_settings.replace(LR_SCHEDULER='multi_step',
+                                                              STEPSIZE=[2, 4]))
+    assert sorted(scheduler.milestones) == [2, 4]
 
 
 @pytest.mark.parametrize('seed', [-1, 2 ** 32])

@@ -21,7 +21,9 @@ from reidkit.run.settings import SEVERAL_TYPES, SWITCH_CHOICES, Settings, datase
 from reidkit.run.words import counted
 
 LOSSES = ('softmax', 'triplet')
-TRANSFORMS = ('random_flip', 'random_crop', 'random_patch', 'color_jitter')
+TRANSFORMS = ('random_flip', 'random_crop', 'random_patch', 'color_jitter', 'random_erase')
+NECKS = ('none', 'bnneck')
+DIST_METRICS = ('euclidean', 'cosine')
 # Torchreid's RandomIdentitySampler puts this many images of each identity in a batch.
 TRIPLET_INSTANCES = 4
 
@@ -65,10 +67,15 @@ def check_names(s: Settings) -> None:
         raise _choices('OPTIM', s.OPTIM, AVAI_OPTIMS)
     if s.LR_SCHEDULER not in AVAI_SCH:
         raise _choices('LR_SCHEDULER', s.LR_SCHEDULER, AVAI_SCH)
-    if s.LR_SCHEDULER == 'multi_step':
-        raise UserError("LR_SCHEDULER='multi_step' needs a list of epochs, which STEPSIZE (one "
-                        "number) cannot hold. Use 'single_step' (a drop every STEPSIZE epochs) "
-                        "or 'cosine'.")
+    check_stepsize(s)
+    if s.NECK not in NECKS:
+        raise invalid_choice('NECK', s.NECK, NECKS)
+    if s.DIST_METRIC not in DIST_METRICS:
+        raise invalid_choice('DIST_METRIC', s.DIST_METRIC, DIST_METRICS)
+    if s.LAST_STRIDE not in ('auto', 1):
+        raise UserError(f"LAST_STRIDE={s.LAST_STRIDE!r}: use 'auto' (the model's own) or 1 (the "
+                        f"last stage of a ResNet keeps its size). Fix it in config.py or with "
+                        f"--LAST_STRIDE=...")
     for transform in s.TRANSFORMS:
         if transform not in TRANSFORMS:
             raise _choices('TRANSFORMS', transform, TRANSFORMS)
@@ -80,6 +87,22 @@ def check_names(s: Settings) -> None:
     for key, valid in SWITCH_CHOICES.items():
         if s[key] not in valid:
             raise invalid_choice(key, s[key], valid)
+
+
+def check_stepsize(s: Settings) -> None:
+    """STEPSIZE fits LR_SCHEDULER: an epoch count > 0 for single_step, a list of increasing
+    epochs > 0 for multi_step (UserError otherwise; cosine reads neither)."""
+    steps = s.STEPSIZE
+    if s.LR_SCHEDULER == 'multi_step':
+        if not (isinstance(steps, list) and steps and all(type(x) is int and x > 0 for x in steps)
+                and steps == sorted(set(steps))):
+            raise UserError(f"LR_SCHEDULER='multi_step' drops the learning rate at a list of "
+                            f"epochs, but STEPSIZE={steps!r}. Give increasing epochs > 0, e.g. "
+                            f"--STEPSIZE=[40,70], or use 'single_step' with one number.")
+    elif s.LR_SCHEDULER == 'single_step' and not (type(steps) is int and steps > 0):
+        raise UserError(f"LR_SCHEDULER='single_step' drops the learning rate every STEPSIZE "
+                        f"epochs, so STEPSIZE must be one number > 0, but it is {steps!r}. For "
+                        f"drops at a list of epochs use --LR_SCHEDULER=multi_step.")
 
 
 def invalid_choice(key: str, value, valid) -> UserError:
@@ -99,7 +122,7 @@ def check_positive(s: Settings, keys) -> None:
 def check_numbers(s: Settings, training: bool) -> None:
     """Sizes, rates and counts that make sense."""
     check_positive(s, ['HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'BATCH_SIZE_TEST', 'LR',
-                       'STEPSIZE', 'PRINT_FREQ', 'VISRANK_TOPK', 'SEARCH_TOPK']
+                       'CENTER_LR', 'PRINT_FREQ', 'VISRANK_TOPK', 'SEARCH_TOPK']
                    + (['MAX_EPOCH'] if training else []))
     if not 0 <= s.SEED < 2 ** 32:
         raise UserError(f'SEED={s.SEED} must be between 0 and 2**32 - 1 (numpy\'s range). Fix it '
@@ -117,6 +140,13 @@ def check_numbers(s: Settings, training: bool) -> None:
         raise UserError(f'MATCH_FPIR={s.MATCH_FPIR!r} must be between 0 and 1 (exclusive): the '
                         f'share of searches for someone absent from the gallery that may return '
                         f'a match, e.g. 0.01. Fix it in config.py or with --MATCH_FPIR=...')
+    if s.WARMUP_EPOCHS < 0 or not 0 < s.WARMUP_FACTOR <= 1:
+        raise UserError(f'Warm-up needs WARMUP_EPOCHS >= 0 and 0 < WARMUP_FACTOR <= 1 (the share '
+                        f'of LR it starts from); got {s.WARMUP_EPOCHS} and {s.WARMUP_FACTOR}. '
+                        f'BoT uses 10 and 0.01.')
+    if not s.CENTER_LOSS_WEIGHT >= 0:
+        raise UserError(f'CENTER_LOSS_WEIGHT={s.CENTER_LOSS_WEIGHT!r} must be 0 (off) or more; '
+                        f'BoT uses 5e-4.')
     if s.GPUS < 0:
         raise UserError(f'GPUS={s.GPUS} must be 0 (every visible GPU) or a number of GPUs.')
     if s.LR_SCALING not in ('none', 'linear'):

@@ -28,13 +28,21 @@ from typing import Any, Iterable, Mapping, NamedTuple
 from reidkit.run.errors import UserError
 
 # config.py constants that are not settings themselves.
-NOT_SETTINGS = {'DEMO'}
+NOT_SETTINGS = {'DEMO', 'STRONG', 'STRONG_EPOCHS'}
 
 # The class of every setting (see above); a setting added to config.py must be added here.
 RUN_SETTINGS = ('SOURCES', 'TARGETS', 'HEIGHT', 'WIDTH', 'BATCH_SIZE_TRAIN', 'TRANSFORMS',
                 'MODEL_NAME', 'LOSS', 'PRETRAINED', 'LABEL_SMOOTH', 'OPTIM', 'LR',
                 'LR_SCHEDULER', 'STEPSIZE', 'SEED', 'LR_SCALING', 'SYNC_BN', 'TEST_SHARE',
-                'SPLIT_SEED', 'INIT_WEIGHTS', 'FIXBASE_EPOCH', 'OPEN_LAYERS')
+                'SPLIT_SEED', 'INIT_WEIGHTS', 'FIXBASE_EPOCH', 'OPEN_LAYERS', 'NECK',
+                'LAST_STRIDE', 'CENTER_LOSS_WEIGHT', 'CENTER_LR', 'DIST_METRIC', 'RECIPE',
+                'WARMUP_EPOCHS', 'WARMUP_FACTOR')
+RECIPES = ('tutorial', 'strong')
+# What a run that recorded no value for a run setting trained with (an older checkpoint): the
+# tutorial's built-in values, never config.py's current ones.
+BEFORE_RECORDED = {'NECK': 'none', 'LAST_STRIDE': 'auto', 'CENTER_LOSS_WEIGHT': 0.0,
+                   'CENTER_LR': 0.5, 'DIST_METRIC': 'euclidean', 'RECIPE': 'tutorial',
+                   'WARMUP_EPOCHS': 0, 'WARMUP_FACTOR': 0.01}
 SCHEDULE_SETTINGS = ('MAX_EPOCH', 'EVAL_FREQ', 'PRINT_FREQ', 'LATEST_EVERY')
 LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'DEVICE', 'GPUS', 'AMP',
                   'CHANNELS_LAST', 'COMPILE', 'DATA_CACHE', 'DATA_CACHE_GB',
@@ -133,13 +141,16 @@ class Settings(Mapping):
     `given` names the settings set on the command line (or by `replace`), as opposed to taken
     from config.py: only those may override what a checkpoint recorded."""
 
-    def __init__(self, values: Mapping[str, Any], given: Iterable[str] = ()):
+    def __init__(self, values: Mapping[str, Any], given: Iterable[str] = (),
+                 preset: Iterable[str] = ()):
         for key, value in values.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f'{key}={value!r} is not a finite number. Fix it in config.py '
                                 f'or with --{key}=...')
         object.__setattr__(self, '_values', dict(values))
         object.__setattr__(self, 'given', frozenset(given))
+        # the settings RECIPE's preset set (config.STRONG), unless given on the command line
+        object.__setattr__(self, 'preset', frozenset(preset) - frozenset(given))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -165,7 +176,15 @@ class Settings(Mapping):
     def replace(self, **changes: Any) -> 'Settings':
         """A copy with `changes` applied, each checked like a command-line override."""
         return Settings(apply_overrides(self._values, changes, source='replace()'),
-                        self.given | set(changes))
+                        self.given | set(changes), self.preset)
+
+    def recipe_line(self) -> str:
+        """What RECIPE's preset set, for the log ('' for the tutorial's recipe)."""
+        if not self.preset:
+            return ''
+        return (f'Recipe {self._values["RECIPE"]!r} (config.STRONG, epochs scaled to '
+                f'MAX_EPOCH={self._values["MAX_EPOCH"]}): '
+                + ', '.join(f'{key}={self._values[key]!r}' for key in sorted(self.preset)))
 
     def record(self) -> dict[str, Any]:
         """The settings as a run stores them: plain values, DATA_ROOT as an absolute path (so
@@ -190,13 +209,48 @@ def resolve(config: ModuleType, overrides: Mapping[str, Any] | None = None,
     values = defaults_from(config)
     if demo:
         values = apply_overrides(values, config.DEMO, source='config.DEMO')
+    values, preset = _with_recipe(config, values, apply_overrides(values, overrides or {}))
     values = apply_overrides(values, overrides or {})
     for key in PATH_SETTINGS:        # '~/x' means the home folder everywhere it is used
         if isinstance(values[key], str) and values[key].startswith('~'):
             values[key] = home_expanded(values[key], key)
     for key in DATASET_LISTS:        # own data: one absolute path, whatever the current folder
         values[key] = _absolute_datasets(key, values[key])
-    return Settings(values, given=overrides or {})
+    return Settings(values, given=overrides or {}, preset=preset)
+
+
+def _with_recipe(config: ModuleType, values: dict[str, Any], final: Mapping[str, Any]
+                 ) -> tuple[dict[str, Any], set[str]]:
+    """`values` with RECIPE's preset applied, and the keys it set. `final`: the values with the
+    command line applied, whose RECIPE and MAX_EPOCH decide (the command line is applied after
+    the preset, so its flags still win). config.STRONG's epochs (of a STRONG_EPOCHS-epoch run)
+    are scaled to MAX_EPOCH; its TRANSFORMS are added to the run's."""
+    recipe = final['RECIPE']
+    if recipe not in RECIPES:
+        raise UserError(f'RECIPE={recipe!r} is not a recipe: choose one of '
+                        f'{", ".join(map(repr, RECIPES))}. Fix it in config.py or with --RECIPE=...')
+    if recipe == 'tutorial':
+        return values, set()
+    scale = final['MAX_EPOCH'] / config.STRONG_EPOCHS
+    preset = {}
+    for key, value in config.STRONG.items():
+        if key == 'TRANSFORMS':
+            value = list(values['TRANSFORMS']) + [t for t in value if t not in values['TRANSFORMS']]
+        elif key == 'WARMUP_EPOCHS':
+            value = int(round(value * scale))
+        elif key == 'STEPSIZE':
+            value = scaled_steps(value, scale, final['MAX_EPOCH'])
+        preset[key] = value
+    return apply_overrides(values, preset, source='config.STRONG'), set(preset)
+
+
+def scaled_steps(steps: Any, scale: float, max_epoch: int) -> Any:
+    """A multi_step schedule's epochs times `scale` (rounded, each at least 1, distinct, below
+    `max_epoch` where they can be); one number for single_step."""
+    if isinstance(steps, int):
+        return max(1, int(round(steps * scale)))
+    scaled = sorted({max(1, int(round(step * scale))) for step in steps})
+    return [step for step in scaled if step < max_epoch] or scaled[:1]
 
 
 def parse_value(text: str, path: bool = False) -> Any:
@@ -254,6 +308,9 @@ class Forms(NamedTuple):
 SEVERAL_TYPES = {
     'MATCH_THRESHOLD': Forms((str, float), "'auto' (the checkpoint's calibration), 'off' or a "
                                            "distance (a number >= 0)"),
+    'STEPSIZE': Forms((int, list), 'an epoch count (single_step) or a list of epochs '
+                                   '(multi_step), e.g. 20 or [40, 70]'),
+    'LAST_STRIDE': Forms((str, int), "'auto' (the model's own) or 1"),
 }
 
 
@@ -289,6 +346,8 @@ def _one_of(key: str, value: Any, forms: Forms, source: str) -> Any:
     one; a bool is no number), else a UserError listing the forms."""
     if float in forms.types and type(value) is int:
         return float(value)
+    if list in forms.types and isinstance(value, tuple):
+        return list(value)
     if type(value) in forms.types:
         return value
     raise UserError(f'{source}: {key} must be {forms.text}, but got {value!r} '
@@ -343,7 +402,8 @@ def command_line_flag(key: str, value: Any) -> str:
 # What test, visrank and search take from a checkpoint unless given on the command line:
 # the model it holds, the input size its features were learnt at, and its datasets.
 EVALUATION_SETTINGS = ('MODEL_NAME', 'LOSS', 'HEIGHT', 'WIDTH', 'SOURCES', 'TARGETS',
-                       'TEST_SHARE', 'SPLIT_SEED')     # own data: test on the run's split
+                       'TEST_SHARE', 'SPLIT_SEED',     # own data: test on the run's split
+                       'NECK', 'LAST_STRIDE', 'DIST_METRIC')
 
 
 def _same(key: str, value: Any, recorded: Any) -> bool:
@@ -359,6 +419,7 @@ def settings_to_resume(current: Settings, stored: Mapping[str, Any],
     RESUMED_LOCAL_SETTINGS come from the checkpoint's `stored` settings unless given on the
     command line. A flag that changes a run setting is a UserError (`source` names the
     checkpoint); one that changes another setting applies and is noted."""
+    stored = with_tutorial_values(stored, RUN_SETTINGS)
     changed = [key for key in RUN_SETTINGS if key in stored and key in current.given
                and not _same(key, current[key], stored[key])]
     if changed:
@@ -386,12 +447,20 @@ def settings_to_evaluate(current: Settings, stored: Mapping[str, Any],
     return _from_checkpoint(current, stored, EVALUATION_SETTINGS, source)
 
 
+def with_tutorial_values(stored: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """A checkpoint's recorded settings, with BEFORE_RECORDED's value for each of `keys` it
+    lacks: what a run recorded before those settings existed trained with (the tutorial's
+    values, never config.py's current ones)."""
+    return {**{key: value for key, value in BEFORE_RECORDED.items() if key in keys}, **stored}
+
+
 def _from_checkpoint(current: Settings, stored: Mapping[str, Any], taken: tuple[str, ...],
                      source: str) -> tuple[Settings, list[str]]:
     """`current` with the `taken` settings the checkpoint holds, but those given on the command
     line (a change of one that is not a run setting is noted), and with the recorded DATA_ROOT
     unless given (or missing here). Keys the checkpoint does not hold keep their value."""
-    stored = {key: value for key, value in stored.items() if key in current}
+    stored = {key: value for key, value in with_tutorial_values(stored, taken).items()
+              if key in current}
     values, notes = dict(current), []
     for key in taken:
         if key not in stored:
@@ -411,4 +480,4 @@ def _from_checkpoint(current: Settings, stored: Mapping[str, Any], taken: tuple[
                          f'here; using DATA_ROOT={current.DATA_ROOT!r}')
     typed = apply_overrides(current, {k: v for k, v in values.items() if v != current[k]},
                             source=source)
-    return Settings(typed, current.given), notes
+    return Settings(typed, current.given, current.preset - set(taken)), notes
