@@ -37,7 +37,8 @@ from reidkit.run import distributed
 from reidkit.run.atomic import disk_full, reason
 from reidkit.run.checkpoints import checkpoint_classes, continue_schedule, load_weights, \
     resume_training
-from reidkit.run.device import busy_cpu_note, choose_device, place_model, tune_convolutions
+from reidkit.run.device import busy_cpu_note, choose_device, place_model, tune_convolutions, \
+    use_threads
 from reidkit.run.errors import UserError
 from reidkit.search import command as searching
 from reidkit.search.export import export as export_onnx
@@ -142,7 +143,7 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
     if training:
         tune_convolutions(next(model.parameters()).device)     # one input shape throughout
         print(fast.line)
-    if not use_gpu and (note := busy_cpu_note()):
+    if not use_gpu and (note := busy_cpu_note(chosen=s.CPU_THREADS > 0)):
         print(note)
     print(evaluation_line(s, next(model.parameters()).device))
     engine_class = TripletEngine if s.LOSS == 'triplet' else SoftmaxEngine
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         modes, demo, overrides = parse_command_line(argv)
         s = load_settings(overrides, demo=demo)
+        use_threads(s.CPU_THREADS)      # before any work: the weights' last bits depend on it
         gpus = gpus_for_training(s, modes)
         if len(gpus) > 1:       # one process per GPU, started here as torchrun would
             print(f'Training on {len(gpus)} GPUs: starting {len(gpus)} processes (DDP).')
