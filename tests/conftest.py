@@ -14,6 +14,11 @@ sys.path.insert(0, str(ROOT))
 import main  # noqa: E402
 from reidkit.data.demo import make_demo_dataset  # noqa: E402
 
+# The subprocesses tests start (main.py, torchrun) run one torch thread each: on a machine
+# busy with other jobs torch's one-per-core threads wait on each other (one demo epoch ran
+# 2-3x slower). Set after torch is imported, so this process keeps its own thread count.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
 # Small enough to train an epoch in seconds on 2 CPU cores.
 TINY = dict(HEIGHT=32, WIDTH=16, BATCH_SIZE_TRAIN=16, BATCH_SIZE_TEST=64, WORKERS=0,
             PRETRAINED=False, MAX_EPOCH=1, EVAL_FREQ=1, PRINT_FREQ=1000, VISRANK_TOPK=3)
