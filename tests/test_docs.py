@@ -81,8 +81,8 @@ def main_py_lines(path: Path) -> list[str]:
                   if re.search(r'(^|\s)(python|torchrun)\b.*\smain\.py\b', line)
                   and not line.lstrip().startswith('#')]
     outside = re.sub(r'```.*?```', '', text, flags=re.S)
-    found += [span for span in re.findall(r'`([^`\n]+)`', outside)
-              if span.startswith('python main.py')]
+    spans = (' '.join(span.split()) for span in re.findall(r'`([^`]+)`', outside))
+    found += [span for span in spans if span.startswith('python main.py')]
     return found
 
 
