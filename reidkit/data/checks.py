@@ -347,7 +347,7 @@ def check_market_names(data_dir: Path, named: list[Path]) -> None:
     file and pointing to the own-data path, which reads any digits from the file name only."""
     own = (f'Data that is not Market-1501 itself can be read as your own data, which takes '
            f'any number of digits from the file name only: --SOURCES={data_dir} '
-           f'--TARGETS={data_dir} (see "Your own data" in the README).')
+           f'--TARGETS={data_dir} (see docs/own-data.md).')
     for path in named:
         whole = market.LOADER_NAME.search(str(path))
         name = market.LOADER_NAME.search(path.name)
