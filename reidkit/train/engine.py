@@ -11,9 +11,9 @@ Training runs Torchreid's epoch loop around our step (reidkit.train.step.TrainSt
 losses computed on the device, tested equal to them). Added around it and Torchreid's
 evaluation: checkpoints written atomically with the run's settings (and the centre loss's
 centres) inside, a rolling checkpoint to resume from, the last epoch's checkpoint written
-before the final evaluation, a stop with a clear error when the loss stops being finite (no checkpoint of a diverged model is ever
-written), re-ranking in the evaluations during training too, progress bars on feature
-extraction, and a record of every evaluation in `results`.
+before the final evaluation, a stop with a clear error when the loss stops being finite (no
+checkpoint of a diverged model is ever written), re-ranking in the evaluations during training
+too, progress bars on feature extraction, and a record of every evaluation in `results`.
 """
 from __future__ import annotations
 
