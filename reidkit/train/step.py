@@ -187,8 +187,6 @@ class Centers:
 
     def step(self, weight: float) -> None:
         grad = self.centers.grad
-        if grad is None:        # no centre loss in this backward pass
-            return
         grad.mul_(1.0 / weight)
         distributed.average(grad)
         self.optimizer.step()
