@@ -58,6 +58,7 @@ from reidkit.run.log import log_to
 from reidkit.run.settings import LOCAL_SETTINGS, Settings, command_line_flag, resolve
 from reidkit.train.ddp import shard_loaders
 from reidkit.train.speed import fast_training
+from reidkit.train.step import Centers, training_feature_size
 
 def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:
     """config.py's values, then config.DEMO's (with demo), then `overrides`; checked."""
@@ -108,10 +109,28 @@ def _data_and_model(s: Settings, device, checkpoint: dict | None = None,
     model = torchreid.models.build_model(
         name=s.MODEL_NAME,
         num_classes=classes or datamanager.num_train_pids,
-        loss=s.LOSS,
+        # The centre loss needs the features too: a model built for 'triplet' returns
+        # (logits, features) in training. (To reconcile with the one model builder.)
+        loss='triplet' if s.CENTER_LOSS_WEIGHT > 0 else s.LOSS,
         pretrained=s.PRETRAINED,
     )
     return datamanager, model
+
+
+def build_centers(s: Settings, model, datamanager) -> Centers | None:
+    """The centre loss's class centres and their SGD (CENTER_LR), one per training identity,
+    each as long as the feature the model returns in training, on the model's device; None
+    when CENTER_LOSS_WEIGHT is 0 (off). UserError for a model that returns no such feature."""
+    if not s.CENTER_LOSS_WEIGHT > 0:
+        return None
+    try:
+        size = training_feature_size(model, s.HEIGHT, s.WIDTH)
+    except ValueError as error:
+        raise UserError(f'CENTER_LOSS_WEIGHT={s.CENTER_LOSS_WEIGHT:g}: MODEL_NAME='
+                        f'{s.MODEL_NAME!r} cannot take the centre loss ({error}). Set '
+                        f'CENTER_LOSS_WEIGHT=0 or pick another model.') from None
+    return Centers(datamanager.num_train_pids, size, s.CENTER_LR,
+                   next(model.parameters()).device, seed=s.SEED)
 
 
 def learning_rate(s: Settings) -> float:
@@ -121,11 +140,12 @@ def learning_rate(s: Settings) -> float:
 
 
 def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training: bool = True,
-                 record: TrainingFiles | None = None):
+                 record: TrainingFiles | None = None, centers: Centers | None = None):
     """ImageSoftmaxEngine (ImageTripletEngine when LOSS='triplet'), as Torchreid's scripts do,
     training with our step, through the fast path where it is on (AMP, CHANNELS_LAST, COMPILE,
     DATA_CACHE: all on with CUDA by default). Prints the training path (when `training`) and
-    how it evaluates. `record`: the training files, stored in every checkpoint."""
+    how it evaluates. `record`: the training files, stored in every checkpoint; `centers`:
+    the centre loss's (build_centers), trained by the step and stored in every checkpoint."""
     use_gpu = next(model.parameters()).is_cuda
     process = distributed.current()
     if process.distributed:
@@ -139,10 +159,14 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
                 f'({s.BATCH_SIZE_TRAIN} per process); learning rate {lr:g}'
               + (' (LR_SCALING=linear)' if s.LR_SCALING == 'linear' else '')
               + ('; SyncBatchNorm' if s.SYNC_BN else ''))
-    fast = fast_training(s, model, optimizer, datamanager, training)
+    fast = fast_training(s, model, optimizer, datamanager, training, centers)
     if training:
         tune_convolutions(next(model.parameters()).device)     # one input shape throughout
         print(fast.line)
+        if centers is not None:
+            classes, size = centers.centers.shape
+            print(f'Centre loss: weight {s.CENTER_LOSS_WEIGHT:g} (loss_c), {classes} centres of '
+                  f'{size} values, SGD at CENTER_LR={s.CENTER_LR:g}')
     if not use_gpu and (note := busy_cpu_note(chosen=s.CPU_THREADS > 0)):
         print(note)
     print(evaluation_line(s, next(model.parameters()).device))
@@ -195,10 +219,12 @@ def train(s: Settings | None = None) -> Path:
         if init:        # in place, before the optimiser steps and anything wraps the model
             distributed.same_everywhere(lambda: load_init_weights(
                 model, init.saved, s.MODEL_NAME, s.INIT_WEIGHTS))
-        start_epoch = _resume_state(resumed, model, optimizer, scheduler, s.MAX_EPOCH)
+        centers = build_centers(s, model, datamanager)
+        start_epoch = _resume_state(resumed, model, optimizer, scheduler, s.MAX_EPOCH, centers)
         if distributed.current().is_main:   # only now: a failed check rewrites no record
             _write_run_records(run_dir, s, record)
-        engine = build_engine(s, datamanager, model, optimizer, scheduler, record=record)
+        engine = build_engine(s, datamanager, model, optimizer, scheduler, record=record,
+                              centers=centers)
         with _failure_explained(engine, run_dir, s, tee):
             engine.run(
                 save_dir=str(run_dir),
@@ -252,13 +278,15 @@ def _write_run_records(run_dir: Path, s: Settings, record: TrainingFiles) -> Non
     record.write(run_dir)           # every training file (training_files.csv.gz)
 
 
-def _resume_state(resumed: Resumed | None, model, optimizer, scheduler, max_epoch: int) -> int:
+def _resume_state(resumed: Resumed | None, model, optimizer, scheduler, max_epoch: int,
+                  centers: Centers | None = None) -> int:
     """The epoch training starts after: 0, or the resumed checkpoint's, with its model,
-    optimiser and scheduler restored and the schedule fitted to `max_epoch` (printed)."""
+    optimiser, scheduler and centre-loss centres restored and the schedule fitted to
+    `max_epoch` (printed)."""
     if resumed is None:
         return 0
     start_epoch = distributed.same_everywhere(lambda: resume_training(
-        resumed.saved, resumed.path, model, optimizer, scheduler))
+        resumed.saved, resumed.path, model, optimizer, scheduler, centers))
     if start_epoch:
         print(f'Resuming from "{resumed.path}" after epoch {start_epoch}')
         schedule = continue_schedule(resumed.saved, scheduler, optimizer, start_epoch, max_epoch)

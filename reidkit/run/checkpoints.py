@@ -27,6 +27,9 @@ from reidkit.run.settings import Settings
 
 CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
 LATEST_NAME = 'latest.pth.tar'         # rolling checkpoint written every LATEST_EVERY epochs
+# A checkpoint's centre-loss state (CENTER_LOSS_WEIGHT > 0): the class centres and their SGD's
+# state, reidkit.train.step.Centers.state_dict(); absent when the run had no centre loss.
+CENTERS_KEY = 'center_loss'
 # Hyper-parameters that tell optimisers apart in a saved state (Adam has betas, SGD momentum
 # and dampening, RMSprop alpha); other keys vary with the torch version.
 OPTIMISER_SIGNATURE = {'betas', 'momentum', 'dampening', 'nesterov', 'alpha', 'centered'}
@@ -223,14 +226,19 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
     target.load_state_dict(own)
 
 
-def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, scheduler) -> int:
-    """Restores model, optimiser and scheduler from a checkpoint (read from `path`); returns
-    its epoch. UserError, before anything is restored, for a checkpoint without training
-    state, of another optimiser, or whose classifier counts other identities than `model`'s
-    (the training data changed); after, for any other mismatch."""
-    for key in ('epoch', 'optimizer', 'scheduler'):
+def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, scheduler,
+                    centers=None) -> int:
+    """Restores model, optimiser, scheduler and (CENTER_LOSS_WEIGHT > 0) the centre loss's
+    `centers` (reidkit.train.step.Centers) from a checkpoint (read from `path`); returns its
+    epoch. UserError, before anything is restored, for a checkpoint without training state
+    (the centres' included), of another optimiser, or whose classifier counts other identities
+    than `model`'s (the training data changed); after, for any other mismatch."""
+    needed = {'epoch': 'epoch', 'optimizer': 'optimizer', 'scheduler': 'scheduler'}
+    if centers is not None:
+        needed[CENTERS_KEY] = 'centre-loss'
+    for key, what in needed.items():
         if checkpoint.get(key) is None:
-            raise UserError(f'RESUME: "{path}" has no {key} state, so training cannot continue '
+            raise UserError(f'RESUME: "{path}" has no {what} state, so training cannot continue '
                             f'from it. Resume from a checkpoint written by training.')
     saved_group = (checkpoint['optimizer'].get('param_groups') or [{}])[0]
     own_group = optimizer.state_dict()['param_groups'][0]
@@ -255,6 +263,8 @@ def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, s
         unwrap(model).load_state_dict(without_module_prefix(checkpoint['state_dict']))
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
+        if centers is not None:
+            centers.load_state_dict(checkpoint[CENTERS_KEY])
     except (RuntimeError, ValueError, KeyError) as error:
         # PyTorch's first line is a header ("Error(s) in loading ..."): name the first mismatch
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -9,11 +9,11 @@ in Torchreid.
 
 Training runs Torchreid's epoch loop around our step (reidkit.train.step.TrainStep: Torchreid's
 losses computed on the device, tested equal to them). Added around it and Torchreid's
-evaluation: checkpoints written atomically with the run's settings inside, a rolling checkpoint
-to resume from, the last epoch's checkpoint written before the final evaluation, a stop with a
-clear error when the loss stops being finite (no checkpoint of a diverged model is ever
-written), re-ranking in the evaluations during training too, progress bars on feature
-extraction, and a record of every evaluation in `results`.
+evaluation: checkpoints written atomically with the run's settings (and the centre loss's
+centres) inside, a rolling checkpoint to resume from, the last epoch's checkpoint written
+before the final evaluation, a stop with a clear error when the loss stops being finite (no
+checkpoint of a diverged model is ever written), re-ranking in the evaluations during training
+too, progress bars on feature extraction, and a record of every evaluation in `results`.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ from reidkit.evaluate.rerank import Reranking, re_ranking_features
 from reidkit.evaluate.verification import PairScores, describe
 from reidkit.evaluate.visrank import market_label, write_rankings
 from reidkit.run import distributed
-from reidkit.run.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
+from reidkit.run.checkpoints import CENTERS_KEY, LATEST_NAME, checkpoint_path, model_state, \
+    save_checkpoint, unwrap
 from reidkit.run.errors import UserError
 from reidkit.run.folders import resume_point
 from reidkit.run.settings import display_name
@@ -200,13 +201,19 @@ class ReidkitEngineMixin:
         every rank holds the same weights and rank 0 writes them."""
         if not distributed.current().is_main:
             return path
-        for key, value in unwrap(self._models[name]).state_dict().items():
+        centers = getattr(self.train_step, 'centers', None)   # the centre loss's, if on
+        weights = unwrap(self._models[name]).state_dict()
+        if centers is not None:
+            weights = {**weights, 'centre loss centres': centers.centers}
+        for key, value in weights.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise UserError(
                     f'Training diverged: the weights ({key}) are no longer finite after epoch '
                     f'{epoch}, so no checkpoint was written. Start a new run with a lower LR.')
         state = model_state(self, name, epoch, rank1, self.model_name)
         state['settings'] = self.settings
+        if centers is not None:
+            state[CENTERS_KEY] = centers.state_dict()
         if self.training_files is not None:
             state[CHECKPOINT_KEY] = self.training_files
         return save_checkpoint(state, path)
