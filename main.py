@@ -58,6 +58,8 @@ from reidkit.run.log import log_to
 from reidkit.run.settings import LOCAL_SETTINGS, Settings, command_line_flag, resolve
 from reidkit.train.ddp import shard_loaders
 from reidkit.train.speed import fast_training
+from reidkit.train.randomness import CHECKPOINT_KEY as RANDOM_STATES_KEY, \
+    restore_random_states
 from reidkit.train.step import Centers, training_feature_size
 
 def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:
@@ -225,6 +227,9 @@ def train(s: Settings | None = None) -> Path:
             _write_run_records(run_dir, s, record)
         engine = build_engine(s, datamanager, model, optimizer, scheduler, record=record,
                               centers=centers)
+        if resumed is not None:     # the data order and augmentations continue as they were
+            if note := restore_random_states(resumed.saved.get(RANDOM_STATES_KEY)):
+                print(f'Note: {note}.')
         with _failure_explained(engine, run_dir, s, tee):
             engine.run(
                 save_dir=str(run_dir),

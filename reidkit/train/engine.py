@@ -44,6 +44,8 @@ from reidkit.run.checkpoints import CENTERS_KEY, LATEST_NAME, checkpoint_path, m
 from reidkit.run.errors import UserError
 from reidkit.run.folders import resume_point
 from reidkit.run.settings import display_name
+from reidkit.train.randomness import CHECKPOINT_KEY as RANDOM_STATES_KEY, random_states, \
+    untouched_by
 from reidkit.train.step import RunningMeans
 
 
@@ -199,6 +201,7 @@ class ReidkitEngineMixin:
     def _save(self, name: str, epoch: int, rank1: float, path: Path) -> Path:
         """Writes a checkpoint, never one of a model whose weights are not finite. Under DDP
         every rank holds the same weights and rank 0 writes them."""
+        states = random_states()      # every process's (an all-gather under DDP)
         if not distributed.current().is_main:
             return path
         centers = getattr(self.train_step, 'centers', None)   # the centre loss's, if on
@@ -216,6 +219,7 @@ class ReidkitEngineMixin:
             state[CENTERS_KEY] = centers.state_dict()
         if self.training_files is not None:
             state[CHECKPOINT_KEY] = self.training_files
+        state[RANDOM_STATES_KEY] = states      # where the next epoch's draws start
         return save_checkpoint(state, path)
 
     @torch.no_grad()
@@ -337,7 +341,9 @@ class ReidkitEngineMixin:
                             for name, splits in loaders.items()}
         first = len(self.results)
         try:
-            super().test(*args, **kwargs)
+            # the loaders draw seeds: training after an evaluation draws as without it
+            with untouched_by(next(self.model.parameters()).device):
+                super().test(*args, **kwargs)
         finally:
             self.test_loader = loaders
         self.last_evaluation = self.results[first:]
