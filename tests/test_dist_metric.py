@@ -1,20 +1,31 @@
 """DIST_METRIC ('euclidean', squared as Torchreid's, or 'cosine': 1 - cosine similarity) reaches
 every evaluation (during training, test, visrank), re-ranking, the calibration and search, and
 each takes the metric a checkpoint recorded."""
+import csv
 import json
+import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from PIL import Image
 from torchreid.reid.metrics import compute_distance_matrix
 from torchreid.reid.metrics.rank import eval_market1501
 
 import config
 import main
 from reidkit.evaluate import metrics as evaluation
+from reidkit.evaluate.calibration import Calibration, match_threshold
 from reidkit.evaluate.rerank import Reranking, re_ranking, re_ranking_features
+from reidkit.search import cache as gallery_cache
+from reidkit.search import command as searching
+from reidkit.search import index as search_index
+from reidkit.run.checkpoints import save_checkpoint
+from reidkit.run.errors import UserError
+from reidkit.search.extractor import FeatureExtractor, _with_onnx_metric, load_extractor
 
 with warnings.catch_warnings():
     warnings.simplefilter('ignore')             # "Cython evaluation ... unavailable"
@@ -159,3 +170,244 @@ def test_an_older_checkpoint_stays_euclidean_unless_the_command_line_says(tiny_s
 def _given(s) -> dict:
     """The tiny settings given on the command line (as conftest's fixture gives them)."""
     return {key: s[key] for key in s.given}
+
+
+# --- search: exact, through the index, the cache, the threshold ------------------------------
+
+def _on_disk(folder: Path, features: np.ndarray) -> np.ndarray:
+    """`features` as search keeps them: a memory-mapped .npy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / 'features.npy', np.asarray(features, np.float32))
+    return np.load(folder / 'features.npy', mmap_mode='r')
+
+
+def _same_ranking(order, distances, reference_row, rows) -> None:
+    """(order, distances) are the reference's nearest `rows`: the same distances, the same
+    order but where two distances differ by less than float32 rounding."""
+    want_order = np.argsort(reference_row, kind='stable')[:rows]
+    np.testing.assert_allclose(distances, reference_row[want_order], rtol=0, atol=2e-6)
+    swapped = order != want_order
+    assert np.all(np.abs(reference_row[order[swapped]] - reference_row[want_order[swapped]])
+                  <= 2e-6)
+
+
+def test_the_exact_search_ranks_by_cosine_as_the_reference(tmp_path):
+    qf, gf = (f.numpy() for f in _clustered(20, 500, dim=32))
+    gallery = _on_disk(tmp_path, gf)
+    reference = cosine_reference(qf, gf)
+    for (order, distances), row in zip(searching.rank_gallery(qf, gallery, 'cosine'),
+                                       reference):
+        _same_ranking(order, distances, row, len(gf))
+    euclidean = searching.rank_gallery(qf, gallery)
+    assert not all(np.array_equal(a[0], b[0]) for a, b in
+                   zip(euclidean, searching.rank_gallery(qf, gallery, 'cosine')))
+
+
+def test_the_cosine_index_ranks_as_the_reference(tmp_path):
+    qf, gf = (f.numpy() for f in _clustered(20, 300, dim=16))
+    features = _on_disk(tmp_path, gf)
+    ids = np.arange(len(gf))
+    shape = search_index.plan(len(ids), 16, metric='cosine')
+    index = search_index.build(features, ids, shape)
+    # every row a candidate: exactly the reference's order and distances
+    ranked = search_index.rank_candidates(index, qf, features, ids, len(ids), nprobe=10 ** 6)
+    for (order, distances), row in zip(ranked, cosine_reference(qf, gf)):
+        _same_ranking(order, distances, row, len(ids))
+    # few lists probed: the index proposes by cosine. On these rows of very different lengths
+    # (euclidean and cosine neighbours differ) 2 of 32 lists find 82% of the cosine top 10;
+    # proposals by euclidean distance, re-ranked by cosine, found 50%.
+    qf, gf = (f.numpy() for f in _clustered(40, 1000, dim=16))
+    ids = np.arange(len(gf))
+    index = search_index.build(gf, ids, search_index.plan(len(ids), 16, metric='cosine'))
+    exact = [set(np.argsort(row, kind='stable')[:10]) for row in cosine_reference(qf, gf)]
+    ranked = search_index.rank_candidates(index, qf, gf, ids, 10, nprobe=2)
+    assert np.mean([len(set(order) & want) / 10 for (order, _), want in zip(ranked, exact)]) \
+        >= 0.75
+    with pytest.raises(ValueError, match='cannot rank by'):
+        gallery = gallery_cache.Gallery([f'/g/{i}.jpg' for i in ids], [], features, True, ids,
+                                        gallery_cache.CacheFiles(tmp_path, 'key'),
+                                        np.zeros(len(ids), np.uint64))
+        searching.rank(qf, gallery, index, 10, 1, metric='euclidean')
+
+
+def test_an_index_of_the_other_metric_is_rebuilt_never_used(tmp_path, capsys):
+    _, gf = (f.numpy() for f in _clustered(1, 300, dim=16))
+    features, ids, path = _on_disk(tmp_path, gf), np.arange(300), tmp_path / 'index.npz'
+    euclidean, what = search_index.open_index(path, features, ids, 'ivfpq', metric='euclidean')
+    assert what == 'built' and euclidean.plan.metric == 'euclidean'
+    cosine, what = search_index.open_index(path, features, ids, 'ivfpq', metric='cosine')
+    assert what == 'built' and cosine.plan.metric == 'cosine'
+    assert "it ranks by DIST_METRIC='euclidean', this search by 'cosine'" in \
+        capsys.readouterr().out
+    reloaded, what = search_index.open_index(path, features, ids, 'ivfpq', metric='cosine')
+    assert what == 'reused' and reloaded.plan.metric == 'cosine'
+    # search keeps one file per metric beside the one feature cache
+    files = gallery_cache.CacheFiles(tmp_path, 'key')
+    assert files.index('ivfpq') == tmp_path / 'key.ivfpq.npz'
+    assert files.index('ivfpq', 'cosine') != files.index('ivfpq', 'euclidean')
+
+
+class _Grid(torch.nn.Module):
+    """A stand-in model: each image's channel means over a 6x2 grid of cells."""
+
+    def forward(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images, (6, 2)).flatten(1)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)
+
+
+def _noise_images(folder: Path, count: int, first: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(first, first + count):
+        rng = np.random.default_rng(k)
+        scale = 0.3 + 0.7 * (k % 3) / 2           # brightness: euclidean and cosine disagree
+        pixels = (rng.integers(0, 256, (24, 8, 3)) * scale).astype(np.uint8)
+        paths.append(folder / f'g{k:04d}.png')
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def _grid_features(paths) -> np.ndarray:
+    with torch.no_grad():
+        return _Grid()(torch.stack([_to_tensor(Image.open(p).convert('RGB'))
+                                    for p in paths])).numpy()
+
+
+def _results(out: Path, query: Path) -> tuple[list[str], np.ndarray]:
+    rows = list(csv.DictReader(open(out / query.name / 'results.csv')))
+    return [Path(r['path']).name for r in rows], np.array([float(r['distance']) for r in rows])
+
+
+def test_search_ranks_by_cosine_with_and_without_the_index_sharing_one_feature_cache(
+        tmp_path, monkeypatch, capsys):
+    checkpoint = tmp_path / 'model.pth'
+    checkpoint.write_bytes(b'weights')
+    grid = FeatureExtractor(_Grid(), _to_tensor, torch.device('cpu'), checkpoint, 'grid')
+    monkeypatch.setattr(searching, 'load_extractor', lambda s, weights: (grid, s))
+    gallery = _noise_images(tmp_path / 'gallery', 300)
+    (query,) = _noise_images(tmp_path / 'queries', 1, first=1000)
+    s = main.load_settings(dict(EXPERIMENTS_DIR=str(tmp_path / 'experiments'), QUERY=str(query),
+                                GALLERY=str(tmp_path / 'gallery'), BATCH_SIZE_TEST=64,
+                                SEARCH_CSV_ROWS=40, SEARCH_TOPK=3, DIST_METRIC='cosine',
+                                MATCH_THRESHOLD='off'))
+    reference = cosine_reference(_grid_features([query]), _grid_features(gallery))[0]
+    want = np.argsort(reference, kind='stable')[:40]
+    for exact_up_to in (10 ** 6, 0):                     # exact, then through the index
+        names, distances = _results(main.search(s.replace(SEARCH_EXACT_UP_TO=exact_up_to,
+                                                          SEARCH_NPROBE=10 ** 6)), query)
+        assert names == [gallery[k].name for k in want]
+        np.testing.assert_allclose(distances, reference[want], atol=2e-6)
+    printed = capsys.readouterr().out
+    assert 'Ranking: cosine distance' in printed and 'Index: built' in printed
+    # euclidean next: the same features from the cache, its own index, its own ranking
+    names, _ = _results(main.search(s.replace(DIST_METRIC='euclidean', SEARCH_EXACT_UP_TO=0,
+                                              SEARCH_NPROBE=10 ** 6)), query)
+    printed = capsys.readouterr().out
+    assert 'features from the cache' in printed and 'Index: built' in printed
+    assert names != [gallery[k].name for k in want]
+    cache = Path(s.EXPERIMENTS_DIR) / '.search-cache'
+    assert len(list(cache.glob('*.json'))) == 1 and len(list(cache.glob('*.npy'))) == 1
+    assert len(list(cache.glob('*.ivfpq.npz'))) == 1 and len(list(cache.glob('*.cosine.npz'))) == 1
+    main.search(s.replace(SEARCH_EXACT_UP_TO=0, SEARCH_NPROBE=10 ** 6))
+    assert 'Index: reused' in capsys.readouterr().out        # cosine's index is still there
+
+
+def test_a_threshold_calibrated_for_one_metric_is_never_used_for_the_other(tmp_path):
+    entry = dict(target='market1501', distance='euclidean', flip_test=False, threshold=0.7,
+                 match_fpir=0.01, queries=30, gallery=100, date='2026-01-01T00:00:00+00:00')
+    record = Calibration((entry,), 'a record')
+    s = main.load_settings(dict(EXPERIMENTS_DIR=str(tmp_path)))
+    assert match_threshold(s, record, tmp_path / 'm.pth')[0] == 0.7
+    cosine = s.replace(DIST_METRIC='cosine')
+    threshold, line = match_threshold(cosine, record, tmp_path / 'm.pth')
+    assert threshold is None and 'distance=cosine' in line
+    entry_for_cosine = dict(entry, distance='cosine', threshold=0.2)
+    both = Calibration((entry, entry_for_cosine), 'a record')
+    assert match_threshold(cosine, both, tmp_path / 'm.pth')[0] == 0.2
+    assert match_threshold(s, both, tmp_path / 'm.pth')[0] == 0.7
+
+
+# --- the checkpoint's (or exported file's) metric reaches search and export -----------------
+
+def _checkpoint(s) -> Path:
+    """An untrained checkpoint as training writes it, with the run's settings `s`."""
+    from torchreid.reid.models import build_model
+    torch.manual_seed(0)
+    model = build_model(s.MODEL_NAME, num_classes=8, loss='softmax', pretrained=False)
+    return save_checkpoint({'state_dict': model.state_dict(), 'epoch': 3,
+                            'model_name': s.MODEL_NAME, 'input_size': [s.HEIGHT, s.WIDTH],
+                            'settings': s.record()},
+                           Path(s.EXPERIMENTS_DIR) / 'run' / 'model' / 'model.pth.tar-3')
+
+
+def _search_folders(s, tmp_path) -> tuple[Path, list[Path]]:
+    market = Path(s.DATA_ROOT) / 'market1501' / 'Market-1501-v15.09.15'
+    query = sorted((market / 'query').glob('*.jpg'))[0]
+    gallery = tmp_path / 'gallery'
+    gallery.mkdir()
+    for image in sorted((market / 'bounding_box_test').glob('*.jpg'))[:12]:
+        shutil.copy(image, gallery / image.name)
+    return query, sorted(gallery.iterdir())
+
+
+def _reference(s, query: Path, gallery: list[Path]) -> np.ndarray:
+    """1 - cos of the checkpoint's own features of `query` against `gallery`."""
+    extractor, _ = load_extractor(s, None)
+    (_, features, _), = extractor.batches([query, *gallery], 64, 'reference')
+    return cosine_reference(features[:1], features[1:])[0]
+
+
+@pytest.mark.slow
+def test_search_and_export_take_the_checkpoints_metric(tiny_data_root, tmp_path, monkeypatch,
+                                                       capsys):
+    from conftest import TINY
+    given = dict(TINY, MODEL_NAME='resnet18', HEIGHT=64, WIDTH=32, DATA_ROOT=str(tiny_data_root),
+                 EXPERIMENTS_DIR=str(tmp_path / 'experiments'))
+    checkpoint = _checkpoint(main.load_settings(dict(given, DIST_METRIC='cosine')))
+    s = main.load_settings(dict(given, WEIGHTS=str(checkpoint), MATCH_THRESHOLD='off'))
+    assert s.DIST_METRIC == 'euclidean'                         # config.py's
+    query, gallery = _search_folders(s, tmp_path)
+    s = s.replace(QUERY=str(query), GALLERY=str(gallery[0].parent))
+    reference = _reference(s, query, gallery)
+    want = np.argsort(reference, kind='stable')
+    names, distances = _results(main.search(s), query)
+    assert 'Ranking: cosine distance' in capsys.readouterr().out
+    assert names == [gallery[k].name for k in want]
+    np.testing.assert_allclose(distances, reference[want], atol=1e-5)
+
+    # export names the metric; a search with the exported file ranks by it
+    onnx_file = main.export(s)
+    metadata = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert metadata['dist_metric'] == 'cosine'
+    names, distances = _results(main.search(s.replace(WEIGHTS=str(onnx_file))), query)
+    assert 'Ranking: cosine distance' in capsys.readouterr().out
+    assert names == [gallery[k].name for k in want]
+    np.testing.assert_allclose(distances, reference[want], atol=1e-4)
+    # ... unless the command line chooses another
+    main.search(s.replace(WEIGHTS=str(onnx_file), DIST_METRIC='euclidean'))
+    assert 'Ranking: euclidean distance' in capsys.readouterr().out
+
+    # a checkpoint from before DIST_METRIC: euclidean, whatever config.py says now
+    _as_older_checkpoint(checkpoint)
+    monkeypatch.setattr(config, 'DIST_METRIC', 'cosine')
+    older = main.load_settings(dict(given, WEIGHTS=str(checkpoint), MATCH_THRESHOLD='off',
+                                    QUERY=str(query), GALLERY=str(gallery[0].parent)))
+    assert older.DIST_METRIC == 'cosine'
+    main.search(older)
+    assert 'Ranking: euclidean distance' in capsys.readouterr().out
+    main.search(older.replace(DIST_METRIC='cosine'))
+    assert 'Ranking: cosine distance' in capsys.readouterr().out
+
+
+def test_an_exported_file_without_a_metric_ranks_by_euclidean(monkeypatch, tmp_path):
+    monkeypatch.setattr(config, 'DIST_METRIC', 'cosine')
+    s = main.load_settings({})
+    assert _with_onnx_metric(s, None, tmp_path / 'm.onnx').DIST_METRIC == 'euclidean'
+    assert _with_onnx_metric(s, 'cosine', tmp_path / 'm.onnx').DIST_METRIC == 'cosine'
+    given = main.load_settings({'DIST_METRIC': 'euclidean'})
+    assert _with_onnx_metric(given, 'cosine', tmp_path / 'm.onnx').DIST_METRIC == 'euclidean'
+    with pytest.raises(UserError, match="names DIST_METRIC='hamming' in its metadata"):
+        _with_onnx_metric(s, 'hamming', tmp_path / 'm.onnx')
