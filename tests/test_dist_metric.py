@@ -3,6 +3,7 @@ every evaluation (during training, test, visrank), re-ranking, the calibration a
 each takes the metric a checkpoint recorded."""
 import csv
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -137,6 +138,19 @@ def test_training_and_test_rank_by_the_runs_metric_and_calibrate_for_it(tiny_set
     (record,) = (run_dir / 'calibration').glob('*.json')
     entries = json.loads(record.read_text())['entries']
     assert entries and {entry['distance'] for entry in entries} == {'cosine'}
+    # visrank draws the checkpoint's cosine distances: each query's strip is the reference's
+    # nearest gallery images, at the reference's distances
+    vis_dir = main.vis_rank(plain)
+    qf, gf, labels, metric = spy.calls[-1]
+    assert metric == 'cosine'
+    page = (vis_dir / 'visrank_market1501' / 'index.html').read_text()
+    rows = json.loads(re.search(r'application/json">(.*?)</script>', page, re.S).group(1))
+    reference = cosine_reference(qf, gf)
+    reference[labels.ignored().numpy()] = np.inf         # as the evaluation, left out
+    assert len(rows) == len(qf)
+    for row, distances in zip(rows, reference):
+        shown = [match[1] for match in row['matches']]
+        np.testing.assert_allclose(shown, np.sort(distances)[:len(shown)], atol=1e-4)  # as shown
 
 
 def _as_older_checkpoint(checkpoint: Path) -> None:
