@@ -402,8 +402,9 @@ def one_query_distances(query: np.ndarray, rows: np.ndarray, metric: str) -> np.
     euclidean as |g|^2 - 2 g.q + |q|^2, or 1 - cosine similarity. ValueError for another
     metric."""
     _check_metric(metric)
-    if metric == 'cosine':
-        return 1 - unit_rows(rows) @ unit_rows(query[None])[0]
+    if metric == 'cosine':      # each row's dot product divided by its norm: no unit copy
+        norms = np.sqrt(np.einsum('ij,ij->i', rows, rows))
+        return 1 - (rows @ unit_rows(query[None])[0]) / np.maximum(norms, UNIT_EPS)
     return np.einsum('ij,ij->i', rows, rows) - 2 * np.einsum('ij,j->i', rows, query) + \
         np.dot(query, query)
 
