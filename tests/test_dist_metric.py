@@ -425,3 +425,18 @@ def test_an_exported_file_without_a_metric_ranks_by_euclidean(monkeypatch, tmp_p
     assert _with_onnx_metric(given, 'cosine', tmp_path / 'm.onnx').DIST_METRIC == 'euclidean'
     with pytest.raises(UserError, match="names DIST_METRIC='hamming' in its metadata"):
         _with_onnx_metric(s, 'hamming', tmp_path / 'm.onnx')
+
+
+def test_a_metric_other_than_the_runs_is_said_in_a_note():
+    from reidkit.run.settings import resolve, settings_to_evaluate
+    recorded = dict(resolve(config, {'DIST_METRIC': 'cosine'}).record())
+    s, notes = settings_to_evaluate(resolve(config, {'DIST_METRIC': 'euclidean'}), recorded,
+                                    'WEIGHTS: "run.pth"')
+    assert s.DIST_METRIC == 'euclidean'
+    assert "DIST_METRIC='euclidean' from the command line (the run had 'cosine')" in notes
+    s, notes = settings_to_evaluate(resolve(config), recorded, 'WEIGHTS: "run.pth"')
+    assert s.DIST_METRIC == 'cosine' and not any('DIST_METRIC' in note for note in notes)
+    older = {key: value for key, value in recorded.items() if key != 'DIST_METRIC'}
+    s, notes = settings_to_evaluate(resolve(config, {'DIST_METRIC': 'cosine'}), older, 'old')
+    assert s.DIST_METRIC == 'cosine'
+    assert "DIST_METRIC='cosine' from the command line (the run had 'euclidean')" in notes
