@@ -186,7 +186,7 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
 
 def evaluation_line(s: Settings, device) -> str:
     """How test features and distances are computed: the switches that change the numbers."""
-    switches = [f'features on {device.type}', 'euclidean distance']
+    switches = [f'features on {device.type}', f'{s.DIST_METRIC} distance']
     if s.FLIP_TEST:
         switches.append('FLIP_TEST (each image averaged with its mirror)')
     if s.RERANK:
@@ -240,6 +240,7 @@ def train(s: Settings | None = None) -> Path:
                 fixbase_epoch=s.FIXBASE_EPOCH,
                 open_layers=s.OPEN_LAYERS,
                 test_only=False,
+                dist_metric=s.DIST_METRIC,
                 rerank=s.RERANK,
             )
     if distributed.current().is_main:
@@ -383,7 +384,8 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
         for note in split_notes:
             print(f'Note: {note}.')
         engine = build_engine(s, datamanager, model, optimizer, scheduler, training=False)
-        engine.run(save_dir=str(out_dir), test_only=True, rerank=s.RERANK, **run_flags)
+        engine.run(save_dir=str(out_dir), test_only=True, dist_metric=s.DIST_METRIC,
+                   rerank=s.RERANK, **run_flags)
         if main_rank:       # the thresholds search uses (MATCH_THRESHOLD='auto')
             for line in write_calibration(checkpoint, Path(s.EXPERIMENTS_DIR), out_dir, s,
                                           engine.last_evaluation):

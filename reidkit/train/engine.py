@@ -242,9 +242,7 @@ class ReidkitEngineMixin:
                             'main.py test --GPUS=1 (or without torchrun) on the checkpoint '
                             'this run wrote.')
         qf, gf, labels = self._query_and_gallery(query_loader, gallery_loader, dataset_name)
-        if normalize_feature or (rerank and dist_metric == 'cosine'):
-            # Re-ranking scales each image's distances by their largest, so on unit features
-            # squared euclidean distances (2 - 2 cos) rank as cosine distances do.
+        if normalize_feature:
             qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
         print(f'Computing CMC and mAP with metric={dist_metric}'
               + (', flip test' if self.flip_test else '')
@@ -252,7 +250,8 @@ class ReidkitEngineMixin:
               + (", CUHK03's single-gallery-shot CMC" if use_metric_cuhk03 else '') + ' ...')
         distmat = None                       # a full matrix only where one is needed
         if rerank:
-            distmat = torch.from_numpy(re_ranking_features(qf, gf, self.rerank))
+            distmat = torch.from_numpy(re_ranking_features(qf, gf, self.rerank,
+                                                           metric=dist_metric))
         elif use_metric_cuhk03:
             distmat = evaluation.distances(qf, gf, dist_metric)
         pairs = PairScores(labels)           # verification's pairs, collected as CMC ranks
