@@ -22,10 +22,11 @@ from typing import NamedTuple
 
 import torch.nn as nn
 
-from reidkit.run.checkpoints import (_classifier_of, load_checkpoint, load_weights, meta_model,
-                                     unwrap, without_module_prefix)
+from reidkit.run.checkpoints import (_classifier_of, load_checkpoint, load_weights, unwrap,
+                                     without_module_prefix)
 from reidkit.run.errors import UserError
 from reidkit.run.folders import recorded_settings
+from reidkit.run.model import meta_model
 from reidkit.run.settings import Settings
 
 
