@@ -17,6 +17,7 @@ from reidkit.run.checkpoints import checkpoint_classes, load_weights, save_check
 from reidkit.run.errors import UserError
 from reidkit.run.model import PLAIN, NeckClassifier, build_model, fit_to_model, meta_model
 from reidkit.run.settings import resolve
+from reidkit.train.fine_tune import load_init_weights
 from reidkit.train.step import Loss, TrainStep
 
 # One model of each family that takes a neck (all tiny enough at 64x32 on a CPU).
@@ -179,6 +180,54 @@ def test_a_neck_checkpoint_gives_its_class_count_and_loads_for_test(tmp_path):
         torch.testing.assert_close(tested.eval()(images()), trained.eval()(images()))
     with pytest.raises(UserError, match="trained with a BNNeck.*NECK='bnneck'"):
         load_weights(built('resnet18', num_classes=7), saved, 'resnet18', path)
+
+
+# --- INIT_WEIGHTS across a neck; FIXBASE_EPOCH opens the neck with the classifier --------------
+
+def test_init_weights_without_a_neck_into_a_run_with_one(tmp_path, capsys):
+    plain = built('resnet18', seed=1)
+    path = save_checkpoint({'state_dict': plain.state_dict()}, tmp_path / 'plain.pth')
+    necked = built('resnet18', NECK='bnneck', seed=2)
+    fresh = copy.deepcopy(necked.classifier.state_dict())
+    loaded, skipped = load_init_weights(necked, torch.load(path), 'resnet18', path)
+    assert (loaded, skipped) == (len(plain.state_dict()) - 2, 2)
+    assert "2 skipped (the classifier: this run learns its own identities), 5 new (the neck: " \
+           "NECK='bnneck' where INIT_WEIGHTS has none)" in capsys.readouterr().out
+    assert torch.equal(necked.layer4[1].conv2.weight, plain.layer4[1].conv2.weight)
+    assert all(torch.equal(v, fresh[k]) for k, v in necked.classifier.state_dict().items())
+
+
+def test_init_weights_with_a_neck_into_a_run_without_one_drops_it(tmp_path, capsys):
+    necked = built('resnet18', NECK='bnneck', seed=1)
+    path = save_checkpoint({'state_dict': necked.state_dict()}, tmp_path / 'necked.pth')
+    plain = built('resnet18', seed=2)
+    loaded, skipped = load_init_weights(plain, torch.load(path), 'resnet18', path)
+    assert (loaded, skipped) == (len(plain.state_dict()) - 2, 1)
+    assert 'Note: INIT_WEIGHTS has a BNNeck and this run has none' in capsys.readouterr().out
+    assert torch.equal(plain.layer4[1].conv2.weight, necked.layer4[1].conv2.weight)
+
+
+def test_init_weights_with_a_neck_into_a_run_with_one_keeps_the_neck(tmp_path, capsys):
+    trained = built('resnet18', NECK='bnneck', seed=1)
+    trained.train()(images())
+    path = save_checkpoint({'state_dict': trained.state_dict()}, tmp_path / 'necked.pth')
+    necked = built('resnet18', num_classes=9, NECK='bnneck', seed=2)
+    load_init_weights(necked, torch.load(path), 'resnet18', path)
+    assert ', 1 skipped (the classifier' in capsys.readouterr().out
+    assert torch.equal(necked.classifier.neck.running_mean, trained.classifier.neck.running_mean)
+
+
+def test_fixbase_opens_the_neck_with_the_classifier_and_its_bias_stays_frozen():
+    from reidkit.train.engine import SoftmaxEngine
+    model = built('resnet18', NECK='bnneck').train()
+    engine = SoftmaxEngine.__new__(SoftmaxEngine)     # the method alone: no data needed
+    engine.model = model
+    engine.two_stepped_transfer_learning(0, 1, ['classifier'])
+    head = model.classifier
+    assert head.neck.weight.requires_grad and head.linear.weight.requires_grad
+    assert not head.neck.bias.requires_grad and not model.layer4[0].conv1.weight.requires_grad
+    engine.two_stepped_transfer_learning(1, 1, ['classifier'])      # then every layer
+    assert model.layer4[0].conv1.weight.requires_grad and not head.neck.bias.requires_grad
 
 
 # --- the training step: eager, compiled (fullgraph), channels_last -----------------------------
