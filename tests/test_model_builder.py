@@ -354,3 +354,37 @@ def test_ddp_and_sync_bn_wrap_a_neck_model(tmp_path):
             torch.testing.assert_close(wrapped.eval()(images()), model.eval()(images()))
     finally:
         dist.destroy_process_group()
+
+
+# --- through main.py: a run records the model it trained, and test rebuilds it -----------------
+
+@pytest.mark.slow
+def test_a_neck_and_stride_run_trains_records_and_tests_as_it_trained(tiny_settings):
+    import json
+    import main
+    from reidkit.run.checkpoints import load_checkpoint
+    from reidkit.run.folders import newest_checkpoint
+    s = tiny_settings.replace(MODEL_NAME='resnet18', NECK='bnneck', LAST_STRIDE=1,
+                              LOSS='triplet')
+    run_dir = main.train(s)
+    recorded = json.loads((run_dir / 'settings.json').read_text())
+    assert (recorded['NECK'], recorded['LAST_STRIDE']) == ('bnneck', 1)
+    checkpoint = newest_checkpoint(run_dir)
+    assert 'classifier.neck.running_mean' in load_checkpoint(checkpoint)['state_dict']
+    assert not torch.count_nonzero(load_checkpoint(checkpoint)['state_dict'][
+        'classifier.neck.bias'])                      # frozen through every epoch's opening
+    out = main.test(tiny_settings, checkpoint)        # config.py's model: the checkpoint's used
+    assert json.loads((out / 'metrics.json').read_text())
+
+
+@pytest.mark.slow
+def test_the_strong_recipe_on_osnet_leaves_out_last_stride_with_one_note(tiny_settings):
+    import json
+    import main
+    s = main.load_settings({**{k: tiny_settings[k] for k in tiny_settings.given},
+                            'RECIPE': 'strong', 'MODEL_NAME': 'osnet_x0_25'})
+    run_dir = main.train(s)
+    log = (run_dir / 'log.txt').read_text()
+    assert log.count("RECIPE='strong' leaves out LAST_STRIDE=1: osnet_x0_25 cannot take it") == 1
+    recorded = json.loads((run_dir / 'settings.json').read_text())
+    assert (recorded['NECK'], recorded['LAST_STRIDE']) == ('bnneck', 'auto')
