@@ -53,6 +53,7 @@ def build_model(s: Mapping[str, Any], num_classes: int,
     Raises UserError for a NECK or LAST_STRIDE that MODEL_NAME cannot take (`fit_to_model`
     says so before any work; under RECIPE's preset it leaves the trick out instead).
     """
+    # here, not at the top: a search with an .onnx file never imports Torchreid
     from torchreid.reid.models import build_model as torchreid_model
     name = s['MODEL_NAME']
     model = torchreid_model(name, num_classes=num_classes,
