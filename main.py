@@ -40,6 +40,7 @@ from reidkit.run.checkpoints import checkpoint_classes, continue_schedule, load_
 from reidkit.run.device import busy_cpu_note, choose_device, place_model, tune_convolutions, \
     use_threads
 from reidkit.run.errors import UserError
+from reidkit.run.model import build_model, fit_to_model
 from reidkit.search import command as searching
 from reidkit.search.export import export as export_onnx
 from reidkit.train.engine import EngineOptions, SoftmaxEngine, TripletEngine
@@ -108,14 +109,8 @@ def _data_and_model(s: Settings, device, checkpoint: dict | None = None,
         else 'RandomSampler',
     )
     classes = checkpoint_classes(checkpoint, s.MODEL_NAME) if evaluating else None
-    model = torchreid.models.build_model(
-        name=s.MODEL_NAME,
-        num_classes=classes or datamanager.num_train_pids,
-        # The centre loss needs the features too: a model built for 'triplet' returns
-        # (logits, features) in training. (To reconcile with the one model builder.)
-        loss='triplet' if s.CENTER_LOSS_WEIGHT > 0 else s.LOSS,
-        pretrained=s.PRETRAINED,
-    )
+    # Torchreid's model for MODEL_NAME, LOSS and PRETRAINED, with NECK and LAST_STRIDE
+    model = build_model(s, num_classes=classes or datamanager.num_train_pids)
     return datamanager, model
 
 
@@ -206,12 +201,14 @@ def train(s: Settings | None = None) -> Path:
     s = s or load_settings()
     distributed.same_everywhere(lambda: check_fine_tune(s))   # before any work
     s, resumed, init = _starting_point(s)
+    s, left_out = fit_to_model(s)      # RECIPE's tricks MODEL_NAME cannot take: noted, not used
     distributed.on_main(lambda: checks.check_before_run(s, training=True,
                                                         pretrained=resumed is None))
     record = training_record(s, resumed, init)
     set_random_seed(distributed.rank_seed(s.SEED))
     run_dir, notes = distributed.on_main(lambda: training_run_dir(s, resumed))
     notes += init.notes if init else []
+    notes += left_out
     started = time.time()
     with log_to(run_dir / 'log.txt') if distributed.current().is_main else nullcontext() as tee:
         print(f'Run folder: {run_dir}')

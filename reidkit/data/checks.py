@@ -16,6 +16,7 @@ from reidkit.data.files import file_ids
 from reidkit.data.images import MAX_STRIP_MATCHES, image_problem
 from reidkit.data.own_data import SPLITS as OWN_SPLITS, OwnData, check_own_data, missing_split
 from reidkit.run.errors import UserError
+from reidkit.run.model import fit_to_model
 from reidkit.run.settings import SEVERAL_TYPES, SWITCH_CHOICES, Settings, dataset_list, \
     is_own_data
 from reidkit.run.words import counted
@@ -76,6 +77,7 @@ def check_names(s: Settings) -> None:
         raise UserError(f"LAST_STRIDE={s.LAST_STRIDE!r}: use 'auto' (the model's own) or 1 (the "
                         f"last stage of a ResNet keeps its size). Fix it in config.py or with "
                         f"--LAST_STRIDE=...")
+    fit_to_model(s)         # a neck or last stride MODEL_NAME cannot take, set explicitly
     for transform in s.TRANSFORMS:
         if transform not in TRANSFORMS:
             raise _choices('TRANSFORMS', transform, TRANSFORMS)

@@ -7,13 +7,10 @@ other Python object is refused, never executed.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import math
 import pickle
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ import torch.nn as nn
 
 from reidkit.run.atomic import atomic_file
 from reidkit.run.errors import UserError
+from reidkit.run.model import NECK_PREFIX, has_neck, meta_model
 from reidkit.run.settings import Settings
 
 CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
@@ -161,12 +159,13 @@ def without_module_prefix(state_dict: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def classifier_keys(model_name: str) -> frozenset[str] | None:
+def classifier_keys(model_name: str, neck: str = 'none') -> frozenset[str] | None:
     """The state_dict keys of a Torchreid model's identity classifier: those whose shape follows
     `num_classes` (classifier.*, but HACNN's classifier_global.* and classifier_local.*, PCB's
-    classifier.0.* ...). Found by building the model twice on the meta device (no memory, no
-    weights, milliseconds); None for a name Torchreid cannot build."""
-    two, three = (meta_model(model_name, num_classes=n) for n in (2, 3))
+    classifier.0.* ...; with neck='bnneck' classifier.linear.weight). Found by building the
+    model twice on the meta device (no memory, no weights, milliseconds); None for a name
+    Torchreid cannot build (or with a neck it cannot take)."""
+    two, three = (meta_model(model_name, num_classes=n, neck=neck) for n in (2, 3))
     if two is None:
         return None
     two, three = two.state_dict(), three.state_dict()
@@ -174,11 +173,11 @@ def classifier_keys(model_name: str) -> frozenset[str] | None:
 
 
 def _classifier_of(model_name: str, keys) -> set[str]:
-    """The classifier's keys among `keys`; by name (classifier*) where the model cannot be
-    probed."""
+    """The classifier's keys among `keys` (of a model with or without a neck); by name
+    (classifier*) where the model cannot be probed."""
     known = classifier_keys(model_name)
     if known is not None:
-        return set(keys) & known
+        return set(keys) & (known | (classifier_keys(model_name, 'bnneck') or frozenset()))
     return {key for key in keys if key.split('.')[0].startswith('classifier')}
 
 
@@ -199,7 +198,7 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
 
     The classifier may differ (a checkpoint trained on other identities): it is not used at
     test time, so it is skipped with a one-line note. Any other mismatch means another
-    architecture, which is an error naming both.
+    architecture (or a neck on one side only: NECK), which is an error naming both.
     """
     target = unwrap(model)
     own = target.state_dict()
@@ -208,6 +207,14 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
                         if key not in theirs or theirs[key].shape != own[key].shape)
     unexpected = sorted(key for key in theirs if key not in own)
     classifier = _classifier_of(model_name, set(own) | set(theirs))
+    architecture = [key for key in mismatched + unexpected
+                    if key not in classifier and not key.startswith(NECK_PREFIX)]
+    if not architecture and has_neck(own) != has_neck(theirs):
+        wanted = 'bnneck' if has_neck(theirs) else 'none'
+        raise UserError(
+            f'{setting}: "{path}" was trained with{"" if has_neck(theirs) else "out"} a BNNeck '
+            f'and the model built here has {"none" if has_neck(theirs) else "one"}: use '
+            f'NECK={wanted!r}, as the checkpoint\'s own settings do unless --NECK is given.')
     if any(key not in classifier for key in mismatched + unexpected):
         saved_from = checkpoint.get('model_name', 'another architecture')
         example = next(key for key in mismatched + unexpected if key not in classifier)
@@ -350,16 +357,3 @@ def check_checkpoint_fits(checkpoint: dict, s: Settings, path) -> None:
             f'is {s.HEIGHT}x{s.WIDTH}. Drop --HEIGHT and --WIDTH to use the checkpoint\'s size, '
             f'or use a checkpoint trained at {s.HEIGHT}x{s.WIDTH}.'
         )
-
-
-def meta_model(model_name: str, num_classes: int = 2) -> nn.Module | None:
-    """Torchreid's `model_name` built on the meta device (no memory, no weights, milliseconds),
-    to read its layers and tensor names and shapes; None for a name Torchreid cannot build."""
-    from torchreid.reid.models import build_model
-    try:
-        with torch.device('meta'), contextlib.redirect_stdout(io.StringIO()), \
-                warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            return build_model(model_name, num_classes=num_classes, pretrained=False)
-    except Exception:               # an unknown name, or a model that cannot go on meta
-        return None

@@ -45,7 +45,7 @@ def export(s: Settings, weights: Path | None = None) -> Path:
     checkpoint, saved, s = resolve_checkpoint(s, weights)
     checks.check_names(s)
     thresholds = for_checkpoint(checkpoint, Path(s.EXPERIMENTS_DIR)).entries   # search's 'auto'
-    model = checkpoint_model(saved, checkpoint, s.MODEL_NAME, s.LOSS).float().eval()
+    model = checkpoint_model(saved, checkpoint, s).float().eval()
     transform = quiet_test_transform(s.HEIGHT, s.WIDTH)
     normalize = transform.transforms[-1]      # Torchreid's ImageNet mean and std, as it uses
     epoch = saved.get('epoch')

@@ -2,8 +2,8 @@
 exported model.onnx through onnxruntime alone (no Torchreid), with its own preprocessing and,
 when FLIP_TEST asks, the flip-test average; the images it reads, decoded in threads.
 
-Torchreid is imported inside the functions that build a checkpoint's model, so a search with
-an .onnx file never imports it.
+Torchreid is imported inside the function that builds a checkpoint's model
+(reidkit.run.model.build_model), so a search with an .onnx file never imports it.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from reidkit.run.checkpoints import checkpoint_classes, load_weights
 from reidkit.run.device import choose_device, place_model
 from reidkit.run.errors import UserError
 from reidkit.run.folders import resolve_checkpoint
+from reidkit.run.model import build_model
 from reidkit.run.settings import BEFORE_RECORDED, Settings
 from reidkit.search.onnx_features import CALIBRATION, DIST_METRIC, OnnxExtractor
 
@@ -80,12 +81,13 @@ def extract_batches(model: nn.Module, transform, paths: list[Path], batch_size: 
             yield [path for path, _ in good], features, bad
 
 
-def checkpoint_model(checkpoint: dict, path: Path, model_name: str, loss: str) -> nn.Module:
-    """The checkpoint's model, built without ImageNet weights (the checkpoint replaces them)."""
-    from torchreid.reid.models import build_model
-    model = build_model(model_name, num_classes=checkpoint_classes(checkpoint, model_name) or 1,
-                        loss=loss, pretrained=False)
-    load_weights(model, checkpoint, model_name, path)
+def checkpoint_model(checkpoint: dict, path: Path, s: Mapping[str, Any]) -> nn.Module:
+    """The checkpoint's model (`s`: the settings to evaluate it with, its own MODEL_NAME, NECK
+    and LAST_STRIDE: resolve_checkpoint), built as training built it but without ImageNet
+    weights (the checkpoint replaces them)."""
+    classes = checkpoint_classes(checkpoint, s['MODEL_NAME']) or 1
+    model = build_model(s, num_classes=classes, pretrained=False)
+    load_weights(model, checkpoint, s['MODEL_NAME'], path)
     return model
 
 
@@ -201,7 +203,7 @@ def _checkpoint_extractor(s: Settings,
     checkpoint, saved, s = resolve_checkpoint(s, weights)
     checks.check_names(s)
     device = choose_device(s.DEVICE)
-    model = place_model(checkpoint_model(saved, checkpoint, s.MODEL_NAME, s.LOSS), device)
+    model = place_model(checkpoint_model(saved, checkpoint, s), device)
     print(f'Model: "{checkpoint}" (epoch {saved.get("epoch", "?")}; {s.MODEL_NAME}, '
           f'{s.HEIGHT}x{s.WIDTH} input, on {device.type})')
     # Where place_model put it (under DDP: this process's GPU): its inputs go there.

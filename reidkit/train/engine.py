@@ -43,6 +43,7 @@ from reidkit.run.checkpoints import CENTERS_KEY, LATEST_NAME, checkpoint_path, m
     save_checkpoint, unwrap
 from reidkit.run.errors import UserError
 from reidkit.run.folders import resume_point
+from reidkit.run.model import freeze_neck_bias
 from reidkit.run.settings import display_name
 from reidkit.train.randomness import CHECKPOINT_KEY as RANDOM_STATES_KEY, random_states, \
     untouched_by
@@ -353,9 +354,11 @@ class ReidkitEngineMixin:
     def two_stepped_transfer_learning(self, epoch, fixbase_epoch, open_layers, model=None):
         """Torchreid's FIXBASE_EPOCH/OPEN_LAYERS, on the model itself: Torchreid looks the
         layers up on the model it is given and unwraps only DataParallel, not DDP nor the fast
-        path's FastModel. Frozen layers have no gradient, so every optimiser skips them."""
-        super().two_stepped_transfer_learning(
-            epoch, fixbase_epoch, open_layers, model=unwrap(self.model) if model is None else model)
+        path's FastModel. Frozen layers have no gradient, so every optimiser skips them; the
+        neck's bias (NECK='bnneck') stays frozen when its layer opens."""
+        model = unwrap(self.model) if model is None else model
+        super().two_stepped_transfer_learning(epoch, fixbase_epoch, open_layers, model=model)
+        freeze_neck_bias(model)
 
 
 class NoWriter:
