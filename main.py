@@ -212,6 +212,8 @@ def train(s: Settings | None = None) -> Path:
     started = time.time()
     with log_to(run_dir / 'log.txt') if distributed.current().is_main else nullcontext() as tee:
         print(f'Run folder: {run_dir}')
+        if recipe := s.recipe_line():       # what RECIPE='strong' set, as it trains
+            print(recipe)
         for note in notes:
             print(f'Note: {note}.')
         datamanager, model, optimizer, scheduler = _training_items(s, resumed)
