@@ -54,6 +54,7 @@ from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import Resumed, default_checkpoint, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_checkpoint, resume_point, training_run_dir, write_settings
 from reidkit.run.log import log_to
+from reidkit.run.schedule import with_warmup
 from reidkit.run.settings import LOCAL_SETTINGS, Settings, command_line_flag, resolve
 from reidkit.train.ddp import shard_loaders
 from reidkit.train.speed import fast_training
@@ -78,6 +79,7 @@ def get_items(s: Settings | None = None, checkpoint: dict | None = None,
     scheduler = torchreid.optim.build_lr_scheduler(
         optimizer, lr_scheduler=s.LR_SCHEDULER, stepsize=s.STEPSIZE, max_epoch=s.MAX_EPOCH
     )
+    scheduler = with_warmup(scheduler, s.WARMUP_EPOCHS, s.WARMUP_FACTOR)   # 0 epochs: as is
     return datamanager, model, optimizer, scheduler
 
 
