@@ -200,6 +200,8 @@ def train(s: Settings | None = None) -> Path:
         if distributed.current().is_main:   # only now: a failed check rewrites no record
             _write_run_records(run_dir, s, record)
         engine = build_engine(s, datamanager, model, optimizer, scheduler, record=record)
+        if resumed:         # the random draws the uninterrupted run would have made
+            engine.continue_randomness(resumed.saved.get('random_state'))
         with _failure_explained(engine, run_dir, s, tee):
             engine.run(
                 save_dir=str(run_dir),

@@ -389,6 +389,16 @@ class DeviceTransform:
             self._on_device[key] = torch.Generator(device=device).manual_seed(self._seed)
         return self._on_device[key]
 
+    def random_state(self) -> dict:
+        """{device: its generator's state} (a checkpoint keeps it, so a resumed run draws on)."""
+        return {device: generator.get_state() for (kind, device), generator
+                in self._on_device.items() if kind == 'generator'}
+
+    def set_random_state(self, state: dict) -> None:
+        """Continues the draws `random_state` read."""
+        for device, generator_state in state.items():
+            self._generator(torch.device(device)).set_state(generator_state)
+
     def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) as (1, 3, 1, 1) tensors on `device`, copied there once."""
         key = ('normalisation', str(device))

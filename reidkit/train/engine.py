@@ -9,11 +9,12 @@ in Torchreid.
 
 Training runs Torchreid's epoch loop around our step (reidkit.train.step.TrainStep: Torchreid's
 losses computed on the device, tested equal to them). Added around it and Torchreid's
-evaluation: checkpoints written atomically with the run's settings inside, a rolling checkpoint
-to resume from, the last epoch's checkpoint written before the final evaluation, a stop with a
-clear error when the loss stops being finite (no checkpoint of a diverged model is ever
-written), re-ranking in the evaluations during training too, progress bars on feature
-extraction, and a record of every evaluation in `results`.
+evaluation: checkpoints written atomically with the run's settings and random generators' state
+inside (a resumed run draws what the uninterrupted one would have; evaluations draw nothing from
+training's), a rolling checkpoint to resume from, the last epoch's checkpoint written before
+the final evaluation, a stop with a clear error when the loss stops being finite (no checkpoint
+of a diverged model is ever written), re-ranking in the evaluations during training too,
+progress bars on feature extraction, and a record of every evaluation in `results`.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from tqdm import tqdm
 
-from reidkit.data.datapath import loader_like
+from reidkit.data.datapath import CachedLoader, loader_like
 from reidkit.data.images import read_image
 from reidkit.data.own_dataset import display_labels
 from reidkit.data.training_files import CHECKPOINT_KEY
@@ -42,6 +43,8 @@ from reidkit.run import distributed
 from reidkit.run.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
 from reidkit.run.errors import UserError
 from reidkit.run.folders import resume_point
+from reidkit.run.randomness import host_random_state, restore_host_random_state, \
+    unchanged_randomness
 from reidkit.run.settings import display_name
 from reidkit.train.step import RunningMeans
 
@@ -84,6 +87,7 @@ class ReidkitEngineMixin:
         self._rerank = False               # run()'s rerank, for the evaluations in training
         self.divergence = DivergenceWatch()
         self._print_freq = 10
+        self._random_state = None          # a resumed run's, restored as training starts
         # images decoded once, augmented on the device (no training loader when evaluating)
         train_loader, test_loader = loaders if loaders is not None else (None, None)
         self.train_loader = reading_with_reidkit(self.train_loader) if train_loader is None \
@@ -130,8 +134,30 @@ class ReidkitEngineMixin:
             + 'Start a new run with a lower LR (e.g. a tenth), or check the data and settings.'
         )
 
+    def random_state(self) -> dict | None:
+        """What a checkpoint keeps of the run's random generators: the host's and the device
+        data path's. None under DDP (each process draws from its own; rank 0 writes alone)."""
+        if distributed.current().distributed:
+            return None
+        state = host_random_state()
+        if isinstance(self.train_loader, CachedLoader):
+            state['data_path'] = self.train_loader.transform.random_state()
+        return state
+
+    def continue_randomness(self, state: dict | None) -> None:
+        """A resumed run draws on from its checkpoint's `random_state` (restored as its first
+        epoch starts, after everything built before): the batches, augmentations and dropout
+        of the uninterrupted run. None (an older checkpoint, DDP): the run's seed, as before."""
+        self._random_state = state
+
     def train(self, print_freq=10, fixbase_epoch=0, open_layers=None):
         self._print_freq = print_freq
+        if self._random_state is not None:
+            restore_host_random_state(self._random_state)
+            if isinstance(self.train_loader, CachedLoader):
+                self.train_loader.transform.set_random_state(
+                    self._random_state.get('data_path', {}))
+            self._random_state = None
         sampler = getattr(self.train_loader, 'sampler', None)
         if hasattr(sampler, 'set_epoch'):     # DDP: a new split of the data every epoch
             sampler.set_epoch(self.epoch)
@@ -207,6 +233,7 @@ class ReidkitEngineMixin:
                     f'{epoch}, so no checkpoint was written. Start a new run with a lower LR.')
         state = model_state(self, name, epoch, rank1, self.model_name)
         state['settings'] = self.settings
+        state['random_state'] = self.random_state()
         if self.training_files is not None:
             state[CHECKPOINT_KEY] = self.training_files
         return save_checkpoint(state, path)
@@ -330,7 +357,8 @@ class ReidkitEngineMixin:
                             for name, splits in loaders.items()}
         first = len(self.results)
         try:
-            super().test(*args, **kwargs)
+            with unchanged_randomness():     # training draws as if no evaluation had run
+                super().test(*args, **kwargs)
         finally:
             self.test_loader = loaders
         self.last_evaluation = self.results[first:]
