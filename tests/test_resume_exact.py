@@ -1,14 +1,12 @@
 """Ctrl-C between epochs, then --RESUME: the same learning rates and the same weights as the
 run that was never interrupted, for each trick of the strong recipe this covers (warm-up,
 multi_step, random_erase on either data path), an evaluation between epochs included."""
-from pathlib import Path
-
 import pytest
 import torch
 
 import main
+from conftest import whole_and_interrupted
 from reidkit.run.checkpoints import LATEST_NAME, load_checkpoint
-from reidkit.train.engine import SoftmaxEngine
 
 pytestmark = pytest.mark.slow   # every test here trains
 
@@ -25,30 +23,12 @@ TRICKS = {
 
 @pytest.mark.parametrize('trick', TRICKS)
 def test_ctrl_c_and_resume_trains_what_the_uninterrupted_run_trained(trick, tiny_settings,
-                                                                     monkeypatch):
+                                                                     epoch_watch):
     s = tiny_settings.replace(**{'MODEL_NAME': 'resnet18', 'MAX_EPOCH': 3, 'EVAL_FREQ': -1,
                                  **TRICKS[trick]})
-    rates = []
-    interrupt = {'at': None}
-    original_train = SoftmaxEngine.train
-
-    def recording_train(self, *args, **kwargs):
-        if self.epoch + 1 == interrupt['at']:
-            interrupt['at'] = None
-            raise KeyboardInterrupt                # Ctrl-C as the epoch starts
-        rates.append(self.optimizer.param_groups[0]['lr'])
-        return original_train(self, *args, **kwargs)
-    monkeypatch.setattr(SoftmaxEngine, 'train', recording_train)
-
-    whole_dir = main.train(s.replace(EXPERIMENTS_DIR=s.EXPERIMENTS_DIR + '-whole'))
-    whole_rates = rates[:]
-    rates.clear()
-    interrupt['at'] = 2
-    with pytest.raises(KeyboardInterrupt):
-        main.train(s)
-    (run_dir,) = Path(s.EXPERIMENTS_DIR).iterdir()
+    whole_dir, run_dir, whole_rates = whole_and_interrupted(s, epoch_watch)
     main.train(s.replace(RESUME=str(run_dir / 'model' / LATEST_NAME)))
-    assert rates == whole_rates
+    assert epoch_watch.rates == whole_rates[1:]
     ours, theirs = (load_checkpoint(d / 'model' / 'model.pth.tar-3') for d in (run_dir, whole_dir))
     assert ours['scheduler'] == theirs['scheduler']
     different = [key for key, value in theirs['state_dict'].items()

@@ -10,6 +10,7 @@ import pytest
 import main
 from reidkit.run.checkpoints import LATEST_NAME, load_checkpoint
 from reidkit.train.engine import SoftmaxEngine
+from conftest import whole_and_interrupted
 
 pytestmark = pytest.mark.slow   # every test here trains
 
@@ -99,7 +100,7 @@ def _warm(epochs_done: int, warmup: int = 2, factor: float = 0.1) -> float:
 
 @pytest.mark.parametrize('scheduler', ['single_step', 'multi_step', 'cosine'])
 def test_warm_up_then_schedule_across_ctrl_c_resume_and_extension(scheduler, tiny_settings,
-                                                                  monkeypatch, capsys):
+                                                                  epoch_watch, capsys):
     """WARMUP_EPOCHS=2 from 0.1 x LR, MAX_EPOCH=3: Ctrl-C as epoch 2 starts (in the warm-up),
     --RESUME: epochs 2-3 train at the uninterrupted run's rates and end in its scheduler state;
     then --RESUME --MAX_EPOCH=5 extends it by the schedule's own rule (multi_step keeps its
@@ -110,29 +111,12 @@ def test_warm_up_then_schedule_across_ctrl_c_resume_and_extension(scheduler, tin
     s = tiny_settings.replace(MODEL_NAME='resnet18', LR=lr, LR_SCHEDULER=scheduler,
                               STEPSIZE=stepsize, MAX_EPOCH=3, EVAL_FREQ=-1, WARMUP_EPOCHS=2,
                               WARMUP_FACTOR=0.1)
-    seen = []                                   # the LR each epoch trained with, every run
-    interrupt = {'at': None}
-    original_train = SoftmaxEngine.train
-
-    def recording_train(self, *args, **kwargs):
-        if self.epoch + 1 == interrupt['at']:
-            interrupt['at'] = None
-            raise KeyboardInterrupt                # Ctrl-C as the epoch starts
-        seen.append(self.optimizer.param_groups[0]['lr'])
-        return original_train(self, *args, **kwargs)
-    monkeypatch.setattr(SoftmaxEngine, 'train', recording_train)
-
-    whole_dir = main.train(s.replace(EXPERIMENTS_DIR=s.EXPERIMENTS_DIR + '-whole'))
-    whole = seen[:]
-    seen.clear()
-    interrupt['at'] = 2
-    with pytest.raises(KeyboardInterrupt):
-        main.train(s)
-    (run_dir,) = Path(s.EXPERIMENTS_DIR).iterdir()
+    seen = epoch_watch.rates                    # the LR each epoch trained with, every run
+    whole_dir, run_dir, whole = whole_and_interrupted(s, epoch_watch)
     in_warm_up = run_dir / 'model' / 'epoch-1.pth.tar'            # for the last extension
     shutil.copy(run_dir / 'model' / LATEST_NAME, in_warm_up)
     main.train(s.replace(RESUME=str(run_dir / 'model' / LATEST_NAME)))
-    assert seen == whole                           # the same floats, epoch by epoch
+    assert seen == whole[1:]                       # the same floats, epoch by epoch
     ours, theirs = (load_checkpoint(d / 'model' / 'model.pth.tar-3') for d in (run_dir, whole_dir))
     assert ours['scheduler'] == theirs['scheduler']
     assert ours['optimizer']['param_groups'] == theirs['optimizer']['param_groups']
