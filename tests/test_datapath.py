@@ -728,3 +728,18 @@ def test_random_erase_reaches_the_training_batches_on_either_path(cache, tiny_se
     assert ('augmented on the device' in out) == (cache == 'on')
     boxes = erased_boxes(torch.cat(seen), datapath.IMAGENET_MEAN)
     assert within_binomial(sum(box is not None for box in boxes), len(boxes), 0.5, sigmas=5)
+
+
+def test_the_device_paths_draws_continue_from_a_saved_state(decoded):
+    """A checkpoint's state of the generator continues its draws; a GPU this machine lacks is
+    passed over (its draws would start from the seed)."""
+    batch = decoded.gather(torch.arange(16))
+    names = ['random_flip', 'random_crop', 'random_erase']
+    first = DeviceTransform(64, 32, names, seed=4)
+    first(batch)
+    state = first.random_state()
+    expected = first(batch)
+    later = DeviceTransform(64, 32, names, seed=5)
+    missing_gpu = f'cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}'
+    later.set_random_state({**state, missing_gpu: state['cpu']})
+    assert torch.equal(later(batch), expected)

@@ -395,9 +395,14 @@ class DeviceTransform:
                 in self._on_device.items() if kind == 'generator'}
 
     def set_random_state(self, state: dict) -> None:
-        """Continues the draws `random_state` read."""
-        for device, generator_state in state.items():
-            self._generator(torch.device(device)).set_state(generator_state)
+        """Continues the draws `random_state` read, on the devices this machine has (a GPU
+        it lacks: that generator starts from the seed when next used, as before)."""
+        for name, generator_state in state.items():
+            device = torch.device(name)
+            if device.type == 'cuda' and not (torch.cuda.is_available() and
+                                              (device.index or 0) < torch.cuda.device_count()):
+                continue
+            self._generator(device).set_state(generator_state)
 
     def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) as (1, 3, 1, 1) tensors on `device`, copied there once."""
