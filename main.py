@@ -56,11 +56,11 @@ from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import Resumed, default_checkpoint, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_checkpoint, resume_point, training_run_dir, write_settings
 from reidkit.run.log import log_to
+from reidkit.run.randomness import CHECKPOINT_KEY as RANDOM_STATE_KEY
+from reidkit.run.schedule import with_warmup
 from reidkit.run.settings import LOCAL_SETTINGS, Settings, command_line_flag, resolve
 from reidkit.train.ddp import shard_loaders
 from reidkit.train.speed import fast_training
-from reidkit.train.randomness import CHECKPOINT_KEY as RANDOM_STATES_KEY, \
-    restore_random_states
 from reidkit.train.step import Centers, training_feature_size
 
 def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:
@@ -83,6 +83,7 @@ def get_items(s: Settings | None = None, checkpoint: dict | None = None,
     scheduler = torchreid.optim.build_lr_scheduler(
         optimizer, lr_scheduler=s.LR_SCHEDULER, stepsize=s.STEPSIZE, max_epoch=s.MAX_EPOCH
     )
+    scheduler = with_warmup(scheduler, s.WARMUP_EPOCHS, s.WARMUP_FACTOR)   # 0 epochs: as is
     return datamanager, model, optimizer, scheduler
 
 
@@ -226,9 +227,8 @@ def train(s: Settings | None = None) -> Path:
             _write_run_records(run_dir, s, record)
         engine = build_engine(s, datamanager, model, optimizer, scheduler, record=record,
                               centers=centers)
-        if resumed is not None:     # the data order and augmentations continue as they were
-            if note := restore_random_states(resumed.saved.get(RANDOM_STATES_KEY)):
-                print(f'Note: {note}.')
+        if resumed:         # the random draws the uninterrupted run would have made
+            engine.continue_randomness(resumed.saved.get(RANDOM_STATE_KEY))
         with _failure_explained(engine, run_dir, s, tee):
             engine.run(
                 save_dir=str(run_dir),

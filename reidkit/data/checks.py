@@ -146,6 +146,10 @@ def check_numbers(s: Settings, training: bool) -> None:
         raise UserError(f'Warm-up needs WARMUP_EPOCHS >= 0 and 0 < WARMUP_FACTOR <= 1 (the share '
                         f'of LR it starts from); got {s.WARMUP_EPOCHS} and {s.WARMUP_FACTOR}. '
                         f'BoT uses 10 and 0.01.')
+    if training and s.WARMUP_EPOCHS >= s.MAX_EPOCH > 0:
+        raise UserError(f'WARMUP_EPOCHS={s.WARMUP_EPOCHS} is not shorter than the run '
+                        f'(MAX_EPOCH={s.MAX_EPOCH}), so the learning rate would never reach LR. '
+                        f'Use fewer warm-up epochs (BoT: 10 of 120) or --WARMUP_EPOCHS=0.')
     if not s.CENTER_LOSS_WEIGHT >= 0:
         raise UserError(f'CENTER_LOSS_WEIGHT={s.CENTER_LOSS_WEIGHT!r} must be 0 (off) or more; '
                         f'BoT uses 5e-4.')

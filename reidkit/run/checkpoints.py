@@ -21,6 +21,7 @@ import torch.nn as nn
 from reidkit.run.atomic import atomic_file
 from reidkit.run.errors import UserError
 from reidkit.run.model import NECK_PREFIX, has_neck, meta_model
+from reidkit.run.schedule import schedule_parts, warmup_factor
 from reidkit.run.settings import Settings
 
 CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
@@ -298,40 +299,55 @@ def continue_schedule(checkpoint: dict, scheduler, optimizer, epoch: int,
       Re-planning from the LR the next epoch would have had cannot work for a finished run:
       that LR is the cosine's minimum, 0.
     - single_step (StepLR) and multi_step (MultiStepLR) are unchanged: the drops already made
-      stay made, and the next ones come on the same epochs as before.
+      stay made, and the next ones come on the same epochs as before (multi_step's STEPSIZE
+      epochs are kept as they are, even those past the new MAX_EPOCH).
+    - a warm-up (reidkit.run.schedule) is never changed: WARMUP_EPOCHS stays, and the rules
+      above apply to the schedule it multiplies (a cosine re-planned during the warm-up is
+      still scaled by the warm-up's factor until it ends).
     """
+    warmup, schedule = schedule_parts(scheduler)
     planned = (checkpoint.get('settings') or {}).get('MAX_EPOCH')
-    if planned is None and isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+    if planned is None and isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR):
         planned = (checkpoint.get('scheduler') or {}).get('T_max')
     if planned is None or int(planned) == max_epoch:
         return None
     change = f'MAX_EPOCH={max_epoch} where the run planned {int(planned)}'
-    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-        low, phase = scheduler.eta_min, scheduler.last_epoch
+    warming = warmup is not None and epoch < warmup.total_iters
+    during_warmup = (f' (times the warm-up\'s factor until epoch {warmup.total_iters}, '
+                     f'WARMUP_EPOCHS)' if warming else '')
+    if isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR):
+        low, phase = schedule.eta_min, schedule.last_epoch
         # The LR epoch `epoch` trained with: the cosine one step before the restored position.
-        last = [low + (base - low) * (1 + math.cos(math.pi * (phase - 1) / scheduler.T_max)) / 2
-                for base in scheduler.base_lrs]
+        last = [low + (base - low) * (1 + math.cos(math.pi * (phase - 1) / schedule.T_max)) / 2
+                for base in schedule.base_lrs]
         span = max_epoch - epoch + 1
         plan = [[low + (lr - low) * (1 + math.cos(math.pi * k / span)) / 2 for lr in last]
                 for k in range(1, span)]
         # Position 1 of a cosine from `last` over `span` epochs: PyTorch's step() continues it.
-        scheduler.base_lrs, scheduler.T_max, scheduler.last_epoch = last, span, 1
-        for group, lr in zip(optimizer.param_groups, plan[0]):
+        schedule.base_lrs, schedule.T_max, schedule.last_epoch = last, span, 1
+        rates = [lr * warmup_factor(warmup) for lr in plan[0]]
+        for group, lr in zip(optimizer.param_groups, rates):
             group['lr'] = lr
-        scheduler._last_lr = list(plan[0])
+        for part in {scheduler, schedule, warmup} - {None}:
+            part._last_lr = list(rates)
         shown = ', '.join(f'{lrs[0]:.3g}' for lrs in plan) if len(plan) <= 6 else \
             f'{plan[0][0]:.3g} ... {plan[-1][0]:.3g}'
         return (f'{change}: the cosine learning-rate schedule is re-planned over epochs '
                 f'{epoch + 1}-{max_epoch}, falling from epoch {epoch}\'s rate ({last[0]:.3g}) '
-                f'as the first plan fell: {shown}')
+                f'as the first plan fell: {shown}{during_warmup}')
     lr = optimizer.param_groups[0]['lr']
-    if isinstance(scheduler, torch.optim.lr_scheduler.StepLR):
+    if isinstance(schedule, torch.optim.lr_scheduler.StepLR):
         return (f'{change}: single_step keeps multiplying the learning rate by '
-                f'{scheduler.gamma:g} every {scheduler.step_size} epochs (STEPSIZE), counted '
+                f'{schedule.gamma:g} every {schedule.step_size} epochs (STEPSIZE), counted '
                 f'from the run\'s start; the drops already made stay. Epoch {epoch + 1} trains '
-                f'at {lr:.3g}')
+                f'at {lr:.3g}{during_warmup}')
+    if isinstance(schedule, torch.optim.lr_scheduler.MultiStepLR):
+        epochs = ', '.join(str(step) for step in sorted(schedule.milestones.elements()))
+        return (f'{change}: multi_step keeps multiplying the learning rate by '
+                f'{schedule.gamma:g} after epochs {epochs} (STEPSIZE, unchanged); the drops '
+                f'already made stay. Epoch {epoch + 1} trains at {lr:.3g}{during_warmup}')
     return f'{change}: the learning-rate schedule continues as it was; epoch {epoch + 1} ' \
-        f'trains at {lr:.3g}'
+        f'trains at {lr:.3g}{during_warmup}'
 
 
 def model_state(engine: Any, name: str, epoch: int, rank1: float, model_name: str) -> dict:

@@ -257,6 +257,17 @@ def average(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_objects(value) -> list:
+    """Every process's `value`, in rank order (`[value]` without DDP); every process must
+    call it. Values are pickled (torch.distributed.all_gather_object): small ones only."""
+    process = current()
+    if not process.distributed:
+        return [value]
+    values = [None] * process.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def gather(shard: torch.Tensor) -> torch.Tensor:
     """Every rank's `shard` (rows of one test set, in rank order) concatenated, on every rank."""
     process = current()

@@ -9,11 +9,13 @@ in Torchreid.
 
 Training runs Torchreid's epoch loop around our step (reidkit.train.step.TrainStep: Torchreid's
 losses computed on the device, tested equal to them). Added around it and Torchreid's
-evaluation: checkpoints written atomically with the run's settings (and the centre loss's
-centres) inside, a rolling checkpoint to resume from, the last epoch's checkpoint written
-before the final evaluation, a stop with a clear error when the loss stops being finite (no
-checkpoint of a diverged model is ever written), re-ranking in the evaluations during training
-too, progress bars on feature extraction, and a record of every evaluation in `results`.
+evaluation: checkpoints written atomically with the run's settings, the centre loss's centres
+and every process's random generators' state inside (a resumed run draws what the uninterrupted
+one would have; evaluations draw nothing from training's), a rolling checkpoint to resume from,
+the last epoch's checkpoint written before the final evaluation, a stop with a clear error when
+the loss stops being finite (no checkpoint of a diverged model is ever written), re-ranking in
+the evaluations during training too, progress bars on feature extraction, and a record of every
+evaluation in `results`.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 from tqdm import tqdm
 
-from reidkit.data.datapath import loader_like
+from reidkit.data.datapath import CachedLoader, loader_like
 from reidkit.data.images import read_image
 from reidkit.data.own_dataset import display_labels
 from reidkit.data.training_files import CHECKPOINT_KEY
@@ -44,9 +46,9 @@ from reidkit.run.checkpoints import CENTERS_KEY, LATEST_NAME, checkpoint_path, m
 from reidkit.run.errors import UserError
 from reidkit.run.folders import resume_point
 from reidkit.run.model import freeze_neck_bias
+from reidkit.run.randomness import CHECKPOINT_KEY as RANDOM_STATE_KEY, host_random_state, \
+    restore_host_random_state, unchanged_randomness
 from reidkit.run.settings import display_name
-from reidkit.train.randomness import CHECKPOINT_KEY as RANDOM_STATES_KEY, random_states, \
-    untouched_by
 from reidkit.train.step import RunningMeans
 
 
@@ -88,6 +90,7 @@ class ReidkitEngineMixin:
         self._rerank = False               # run()'s rerank, for the evaluations in training
         self.divergence = DivergenceWatch()
         self._print_freq = 10
+        self._random_state = None          # a resumed run's, restored as training starts
         # images decoded once, augmented on the device (no training loader when evaluating)
         train_loader, test_loader = loaders if loaders is not None else (None, None)
         self.train_loader = reading_with_reidkit(self.train_loader) if train_loader is None \
@@ -134,8 +137,39 @@ class ReidkitEngineMixin:
             + 'Start a new run with a lower LR (e.g. a tenth), or check the data and settings.'
         )
 
+    def random_states(self) -> list[dict]:
+        """What a checkpoint keeps of the run's random generators, one dict per process in
+        rank order (each DDP process draws from its own seed): the host's and the device data
+        path's. Under DDP every process must call it (an all-gather)."""
+        state = host_random_state()
+        if isinstance(self.train_loader, CachedLoader):
+            state['data_path'] = self.train_loader.transform.random_state()
+        return distributed.gather_objects(state)
+
+    def continue_randomness(self, states: list[dict] | None) -> None:
+        """A resumed run draws on from its checkpoint's random states (restored as its first
+        epoch starts, after everything built before): the batches, augmentations and dropout
+        of the uninterrupted run. None (an older checkpoint) or another number of processes:
+        the run's seed, as before, said in a note."""
+        process = distributed.current()
+        if states and len(states) == process.world_size:
+            self._random_state = states[process.rank]
+            return
+        print('Note: ' + ('the checkpoint holds no random generators\' state (written by an '
+                          'older version)' if not states else
+                          f'the checkpoint holds the random generators of {len(states)} '
+                          f'processes and this run has {process.world_size}')
+              + ', so from here on the batches and augmentations differ from those of an '
+                'uninterrupted run (equally random, from SEED).')
+
     def train(self, print_freq=10, fixbase_epoch=0, open_layers=None):
         self._print_freq = print_freq
+        if self._random_state is not None:
+            restore_host_random_state(self._random_state)
+            if isinstance(self.train_loader, CachedLoader):
+                self.train_loader.transform.set_random_state(
+                    self._random_state.get('data_path', {}))
+            self._random_state = None
         sampler = getattr(self.train_loader, 'sampler', None)
         if hasattr(sampler, 'set_epoch'):     # DDP: a new split of the data every epoch
             sampler.set_epoch(self.epoch)
@@ -202,7 +236,7 @@ class ReidkitEngineMixin:
     def _save(self, name: str, epoch: int, rank1: float, path: Path) -> Path:
         """Writes a checkpoint, never one of a model whose weights are not finite. Under DDP
         every rank holds the same weights and rank 0 writes them."""
-        states = random_states()      # every process's (an all-gather under DDP)
+        states = self.random_states()      # every process's (an all-gather under DDP)
         if not distributed.current().is_main:
             return path
         centers = getattr(self.train_step, 'centers', None)   # the centre loss's, if on
@@ -218,9 +252,9 @@ class ReidkitEngineMixin:
         state['settings'] = self.settings
         if centers is not None:
             state[CENTERS_KEY] = centers.state_dict()
+        state[RANDOM_STATE_KEY] = states     # where the next epoch's draws start
         if self.training_files is not None:
             state[CHECKPOINT_KEY] = self.training_files
-        state[RANDOM_STATES_KEY] = states      # where the next epoch's draws start
         return save_checkpoint(state, path)
 
     @torch.no_grad()
@@ -341,8 +375,7 @@ class ReidkitEngineMixin:
                             for name, splits in loaders.items()}
         first = len(self.results)
         try:
-            # the loaders draw seeds: training after an evaluation draws as without it
-            with untouched_by(next(self.model.parameters()).device):
+            with unchanged_randomness():     # training draws as if no evaluation had run
                 super().test(*args, **kwargs)
         finally:
             self.test_loader = loaders
