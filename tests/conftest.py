@@ -52,17 +52,19 @@ class EpochWatch:
 
 @pytest.fixture
 def epoch_watch(monkeypatch) -> EpochWatch:
-    from reidkit.train.engine import SoftmaxEngine
+    from reidkit.train.engine import SoftmaxEngine, TripletEngine
     watch = EpochWatch()
-    original_train = SoftmaxEngine.train
 
-    def watched_train(self, *args, **kwargs):
-        if self.epoch + 1 == watch.interrupt_at:
-            watch.interrupt_at = None
-            raise KeyboardInterrupt
-        watch.rates.append(self.optimizer.param_groups[0]['lr'])
-        return original_train(self, *args, **kwargs)
-    monkeypatch.setattr(SoftmaxEngine, 'train', watched_train)
+    def watched(original_train):
+        def watched_train(self, *args, **kwargs):
+            if self.epoch + 1 == watch.interrupt_at:
+                watch.interrupt_at = None
+                raise KeyboardInterrupt
+            watch.rates.append(self.optimizer.param_groups[0]['lr'])
+            return original_train(self, *args, **kwargs)
+        return watched_train
+    for engine in (SoftmaxEngine, TripletEngine):
+        monkeypatch.setattr(engine, 'train', watched(engine.train))
     return watch
 
 

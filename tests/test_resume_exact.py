@@ -35,3 +35,26 @@ def test_ctrl_c_and_resume_trains_what_the_uninterrupted_run_trained(trick, tiny
                  if not torch.equal(ours['state_dict'][key], value)]
     assert different == []
     assert torch.equal(ours['random_state'][0]['torch'], theirs['random_state'][0]['torch'])
+
+
+@pytest.mark.parametrize('compiled', [False, True], ids=['eager', 'compiled'])
+def test_the_strong_preset_resumes_exactly(compiled, tiny_data_root, tmp_path, epoch_watch):
+    """RECIPE='strong' (every trick at once: triplet + centre loss, neck, last stride 1,
+    warm-up, multi_step, random_erase, cosine evaluations between epochs), eager and through
+    the compiled training step."""
+    from conftest import TINY
+    s = main.load_settings(dict(TINY, DATA_ROOT=str(tiny_data_root), RECIPE='strong',
+                                MODEL_NAME='resnet18', MAX_EPOCH=3, EVAL_FREQ=1,
+                                BATCH_SIZE_TRAIN=8, WARMUP_EPOCHS=2,
+                                COMPILE='on' if compiled else 'off',
+                                EXPERIMENTS_DIR=str(tmp_path / 'experiments')))
+    whole_dir, run_dir, whole_rates = whole_and_interrupted(s, epoch_watch)
+    main.train(s.replace(RESUME=str(run_dir / 'model' / LATEST_NAME)))
+    assert epoch_watch.rates == whole_rates[1:]
+    ours, theirs = (load_checkpoint(d / 'model' / 'model.pth.tar-3') for d in (run_dir, whole_dir))
+    if compiled:
+        assert 'compiled' in (whole_dir / 'log.txt').read_text().lower()
+    different = [key for key, value in theirs['state_dict'].items()
+                 if not torch.equal(ours['state_dict'][key], value)]
+    assert different == []
+    assert torch.equal(ours['center_loss']['centers'], theirs['center_loss']['centers'])
