@@ -330,3 +330,30 @@ def test_an_older_checkpoint_without_centres_resumes_and_tests_without_them(tiny
     resumed = load_checkpoint(run_dir / 'model' / 'model.pth.tar-2')
     assert CENTERS_KEY not in resumed and resumed['settings']['CENTER_LOSS_WEIGHT'] == 0
     main.test(main.load_settings({'EXPERIMENTS_DIR': tiny_settings.EXPERIMENTS_DIR}), path)
+
+
+def test_the_strong_recipes_whole_step_compiles_without_graph_breaks():
+    """The preset's model (Torchreid's resnet18 with the neck and last stride 1, built by the
+    one builder) and its three loss terms, compiled with fullgraph=True: the same values and
+    weights as eager."""
+    from conftest import TINY
+    from reidkit.run.model import build_model
+    s = main.load_settings(dict(TINY, RECIPE='strong', MODEL_NAME='resnet18'))
+    assert (s.NECK, s.LAST_STRIDE, s.CENTER_LOSS_WEIGHT) == ('bnneck', 1, 5e-4)
+    torch.manual_seed(0)
+    model = build_model(s, num_classes=4, pretrained=False).train()
+    twin = copy.deepcopy(model)
+    loss = Loss('triplet', center_weight=s.CENTER_LOSS_WEIGHT)
+    make = lambda m: TrainStep(m, torch.optim.Adam(m.parameters(), lr=3e-4), loss,  # noqa: E731
+                               centers=Centers(4, 512, lr=s.CENTER_LR))
+    eager, compiled = make(model), make(twin)
+    compiled._compiled = torch.compile(compiled.forward_and_loss, fullgraph=True,
+                                       backend='eager')
+    pids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for _ in range(2):
+        images = torch.randn(8, 3, 32, 16)
+        expected, got = eager(images, pids), compiled(images, pids)
+        assert compiled.compiled and compiled.compile_error is None
+        assert set(got) == {'loss_t', 'loss_x', 'acc', 'loss_c'}
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
