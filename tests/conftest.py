@@ -24,6 +24,17 @@ TINY = dict(HEIGHT=32, WIDTH=16, BATCH_SIZE_TRAIN=16, BATCH_SIZE_TEST=64, WORKER
             PRETRAINED=False, MAX_EPOCH=1, EVAL_FREQ=1, PRINT_FREQ=1000, VISRANK_TOPK=3)
 
 
+@pytest.fixture(autouse=True)
+def _thread_count_restored():
+    """A test that runs main.main (CPU_THREADS, e.g. --demo's 1) leaves torch's thread count
+    as it found it: the next test's sums are not split another way."""
+    import torch
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope='session')
 def tiny_data_root(tmp_path_factory) -> Path:
     """A 16-identity demo dataset in Market-1501's layout."""
