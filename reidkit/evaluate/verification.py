@@ -35,11 +35,14 @@ thousands. FPIR measures that best stranger directly, and so depends on the gall
 (more strangers, lower impostor scores): a threshold holds for galleries like the one it was
 calibrated on, whose size is stored with it.
 
-Memory: never a list of all pairs. One pass over query chunks (the CMC/mAP pass itself, through
-its `observe` hook, or a pass of its own) collects the positive pairs' distances (few:
-queries x their matches), each query's impostor score and nearest true match, and the
-distances' range; a second pass counts each chunk's negatives against the sorted positives
-(`torch.searchsorted`) and into fixed histogram bins. With re-ranking, distances depend on the
+Memory and time: never a list of all pairs, and one pass over query chunks (the CMC/mAP pass
+itself, through its `observe` hook, or a pass of its own). Before it, the positive pairs are
+listed from the labels (few: queries x their matches) and their distances computed by the
+pass's own code (`PairScores.expect`). The pass then collects each query's impostor score and
+nearest true match, checks its positive distances against those expected, and counts each
+chunk's negatives against the sorted positives (`_NegativeCounter`) and into the pictures'
+fine bins. Where a positive distance differs from the one expected, `finish` counts the
+negatives again in a second pass: exact either way. With re-ranking, distances depend on the
 whole gallery while a search never re-ranks: verification is reported on them, open-set
 numbers are not (None).
 """
@@ -132,6 +135,7 @@ class PairScores:
     _impostor: list = field(default_factory=list)
     _nearest_true: list = field(default_factory=list)
     _picture: np.ndarray = field(default_factory=lambda: np.zeros(PICTURE_BINS, np.int64))
+    _negatives: int = 0
     _seen: int = 0                   # queries observed so far
     _dtype: torch.dtype = torch.float32
 
@@ -167,8 +171,9 @@ class PairScores:
         inf = torch.tensor(float('inf'), dtype=dist.dtype, device=dist.device)
         negatives = torch.where(negative, dist, inf)           # the others: +inf
         self._impostor.append(negatives.amin(1).cpu())
-        picture = _picture_counts(negatives)
-        self._picture += picture
+        self._picture += _picture_counts(negatives)
+        count = int(torch.count_nonzero(negative))
+        self._negatives += count
         listed = self._listed(start, end, positive)
         if listed is None:                 # the masks' own pairs; negatives: a second pass
             q_local = positive.nonzero()[:, 0]
@@ -183,7 +188,7 @@ class PairScores:
         self._nearest_true.append(torch.full((len(dist),), float('inf'), dtype=dist.dtype)
                                   .scatter_reduce_(0, q_local.cpu(), values.cpu(), 'amin'))
         if self._counter is not None:
-            self._counter.add(negatives, int(picture.sum()))
+            self._counter.add(negatives, count)
 
     def _listed(self, start: int, end: int, positive: torch.Tensor):
         """(query in the chunk, gallery item, expected distance) of the chunk's listed
@@ -194,7 +199,8 @@ class PairScores:
         first, last = int(expected.offsets[start]), int(expected.offsets[end])
         q_local = (expected.q_idx[first:last] - start).to(positive.device)
         g_idx = expected.g_idx[first:last].to(positive.device)
-        if int(torch.count_nonzero(positive)) != last - first or not bool(positive[q_local, g_idx].all()):
+        if int(torch.count_nonzero(positive)) != last - first or \
+                not bool(positive[q_local, g_idx].all()):
             return None
         return q_local, g_idx, expected.values[first:last].to(positive.device)
 
@@ -224,8 +230,7 @@ class PairScores:
             below, equal = self._counter.result()
         else:
             below, equal = _count_negatives(rows, self.labels, positives, chunk)
-        verification, fpr, tpr = _verification(positives, below, equal,
-                                               int(self._picture.sum()),
+        verification, fpr, tpr = _verification(positives, below, equal, self._negatives,
                                                float(impostor.min()) if len(impostor) else np.inf,
                                                self._dtype)
         verification = {'distance': distance, 'flip_test': bool(flip_test),
@@ -281,7 +286,9 @@ class _NegativeCounter:
         low, high = float(positives[0]), float(positives[-1])
         self.bins = min(KEYS_PER_POSITIVE * len(positives), MAX_KEYS)
         scale = self.bins / (high - low) if high > low else 1.0
-        self.scale = scale if np.isfinite(scale) else 1.0
+        # (a range too narrow for its values' size: one bin, every negative searched)
+        finite = np.isfinite(np.float32(scale * max(abs(low), abs(high)) + self.bins))
+        self.scale = scale if finite else 1.0
         self.offset = low * self.scale - 1         # the smallest positive: about key 1
         keys = self._key(positives)
         self.hot = torch.zeros(self.bins + 3, dtype=torch.bool, device=positives.device)
@@ -345,8 +352,8 @@ def _count_negatives(rows: DistanceRows, labels: Labels, positives: np.ndarray, 
     for _, _, dist, chunk_labels in _chunks(rows, labels, chunk):
         if counter is None:
             counter = _NegativeCounter(torch.from_numpy(positives).to(dist.device, dist.dtype))
-        negatives = torch.where(_pair_masks(chunk_labels)[1], dist, float('inf'))
-        counter.add(negatives, int(_picture_counts(negatives).sum()))
+        negative = _pair_masks(chunk_labels)[1]
+        counter.add(torch.where(negative, dist, float('inf')), int(torch.count_nonzero(negative)))
     return counter.result() if counter is not None else \
         (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
