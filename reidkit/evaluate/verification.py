@@ -64,7 +64,7 @@ PICTURE_SHIFT = 13                # the pictures' fine bins: 2^10 in each power 
 PICTURE_BINS = 1 << (31 - PICTURE_SHIFT)
 _INF_BIN = 0x7F800000 >> PICTURE_SHIFT     # where +inf falls
 MIN_COLUMNS = 512                 # gallery columns of `expect`'s products (see PairScores)
-KEYS_PER_POSITIVE = 8             # bins of `_NegativeCounter` per positive pair ...
+KEYS_PER_POSITIVE = 16            # bins of `_NegativeCounter` per positive pair ...
 MAX_KEYS = 1 << 22                # ... and at most (32 MB of counts)
 ROC_POINTS = 2000                 # points of the ROC curve kept for roc.png
 NOT_ENOUGH_NEGATIVES = 'not enough negatives'
@@ -293,8 +293,6 @@ class _NegativeCounter:
         keys = self._key(positives)
         self.hot = torch.zeros(self.bins + 3, dtype=torch.bool, device=positives.device)
         self.hot[keys] = True
-        # per key: the positives below it (in a key holding none, the negatives' place)
-        self.place = torch.searchsorted(keys, torch.arange(self.bins + 3, device=keys.device))
         self.counts = torch.zeros(self.bins + 3, dtype=torch.int64, device=positives.device)
 
     def _key(self, values: torch.Tensor) -> torch.Tensor:
@@ -305,24 +303,30 @@ class _NegativeCounter:
         pair is negative, +inf elsewhere."""
         if len(self.positives) == 0:
             return
-        values = negatives[negatives <= self.positives[-1]]
+        values = torch.masked_select(negatives, negatives <= self.positives[-1])
         self.above += count - len(values)
         keys = self._key(values)
         self.counts += torch.bincount(keys, minlength=len(self.counts))
         placed = values[self.hot[keys]]
         size = len(self.at_most)
-        self.at_most += torch.bincount(torch.searchsorted(self.positives, placed, side='left'),
-                                       minlength=size)
-        self.below += torch.bincount(torch.searchsorted(self.positives, placed, side='right'),
-                                     minlength=size)
+        # n <= p_j from j = #{p < n} on, and n < p_j from j = #{p <= n} on: the same place
+        # unless n equals a positive (then searched again: ties are few)
+        left = torch.searchsorted(self.positives, placed, side='left')
+        tied = placed == self.positives[left.clamp(max=len(self.positives) - 1)]
+        right = torch.searchsorted(self.positives, placed[tied], side='right')
+        self.at_most += torch.bincount(left, minlength=size)
+        self.below += torch.bincount(left, minlength=size) + \
+            torch.bincount(right, minlength=size) - torch.bincount(left[tied], minlength=size)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(below, equal), int64 numpy arrays of len(positives)."""
         if len(self.positives) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         cold = ~self.hot
-        placed = torch.zeros_like(self.at_most).index_add_(0, self.place[cold],
-                                                           self.counts[cold])
+        # a key holding no positive: its negatives lie above the positives of keys below it
+        place = torch.searchsorted(self._key(self.positives),
+                                   torch.arange(len(self.hot), device=self.hot.device))
+        placed = torch.zeros_like(self.at_most).index_add_(0, place[cold], self.counts[cold])
         placed[-1] += self.above
         below = (self.below + placed).cumsum(0)[:-1].cpu().numpy()          # #neg < p_j
         at_most = (self.at_most + placed).cumsum(0)[:-1].cpu().numpy()      # #neg <= p_j
