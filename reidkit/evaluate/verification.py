@@ -307,7 +307,7 @@ class _NegativeCounter:
         self.above += count - len(values)
         keys = self._key(values)
         self.counts += torch.bincount(keys, minlength=len(self.counts))
-        placed = values[self.hot[keys]]
+        placed = torch.masked_select(values, torch.index_select(self.hot, 0, keys))
         size = len(self.at_most)
         # n <= p_j from j = #{p < n} on, and n < p_j from j = #{p <= n} on: the same place
         # unless n equals a positive (then searched again: ties are few)
