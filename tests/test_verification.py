@@ -108,10 +108,14 @@ def _labels(rng, num_q, num_g, num_ids, cameras=True, junk=False, shared_files=F
     return labels
 
 
+def _unread(start, end, columns=None):
+    raise AssertionError('the negatives were counted in a second pass')
+
+
 def _run(dist, labels, chunk=7, match_fpir=0.1, rerank=False):
+    """Pass and finish, asserting that the pass counted the negatives (no second pass)."""
     pairs = ver.PairScores(labels).collect(evaluation.matrix_rows(dist), chunk)
-    return pairs.finish(evaluation.matrix_rows(dist), match_fpir=match_fpir, chunk=chunk,
-                        rerank=rerank)
+    return pairs.finish(_unread, match_fpir=match_fpir, chunk=chunk, rerank=rerank)
 
 
 CASES = [dict(), dict(cameras=False), dict(junk=True), dict(shared_files=True),
@@ -126,7 +130,11 @@ def test_every_number_equals_the_reference(case, tied):
     dist = rng.random((130, 40), dtype=np.float32)
     if tied:                                             # a few distinct values: many ties
         dist = np.round(dist * 6).astype(np.float32) / 6
-    verification, open_set, curves = _run(torch.from_numpy(dist), labels)
+    _assert_equals_reference(_run(torch.from_numpy(dist), labels), dist, labels)
+
+
+def _assert_equals_reference(result, dist, labels):
+    verification, open_set, curves = result
     ref = _reference(dist, labels)
     assert verification['pairs'] == ref['pairs']
     assert verification['auc'] == pytest.approx(ref['auc'], abs=1e-12)
@@ -153,6 +161,40 @@ def test_every_number_equals_the_reference(case, tied):
     assert curves.positive.sum() == ref['pairs']['positive']
     assert curves.negative.sum() == ref['pairs']['negative']
     assert curves.impostor.sum() == np.isfinite(ref['impostor']).sum()
+
+
+def test_a_pass_whose_positives_differ_from_those_expected_counts_again():
+    """Where the pass's positive distances are not bit for bit those computed before it
+    (here: expected from other distances), the negatives are counted in a second pass."""
+    rng = np.random.default_rng(8)
+    labels = _labels(rng, 130, 40, 8, junk=True)
+    dist = rng.random((130, 40), dtype=np.float32)
+    pairs = ver.PairScores(labels).expect(evaluation.matrix_rows(dist * 1.001), chunk=7)
+    rows, read = evaluation.matrix_rows(dist), []
+    for start in range(0, 130, 7):
+        chunk = labels.queries(start, min(start + 7, 130))
+        pairs.observe(rows(start, start + 7), *ver._pair_masks(chunk))
+
+    def counted(start, end, columns=None):
+        read.append(start)
+        return rows(start, end, columns)
+    _assert_equals_reference(pairs.finish(counted, match_fpir=0.1, chunk=7), dist, labels)
+    assert read                                          # a second pass
+
+
+@pytest.mark.parametrize('metric', ['euclidean', 'cosine'])
+def test_features_in_the_cmc_pass_equal_the_reference(metric):
+    """From features, positives expected by `distance_rows` on the pass's chunks: every
+    number as the reference's on the distances that pass ranks with."""
+    rng = np.random.default_rng(9)
+    labels = _labels(rng, 150, 70, 12, shared_files=True)
+    qf, gf = torch.randn(150, 32), torch.randn(70, 32)
+    rows = evaluation.distance_rows(qf, gf, metric)
+    dist = torch.cat([rows(start, min(start + 9, 150)) for start in range(0, 150, 9)])
+    pairs = ver.PairScores(labels).expect(rows, chunk=9)
+    evaluation.evaluate_features(qf, gf, labels, metric, chunk=9, observe=pairs.observe)
+    result = pairs.finish(rows, match_fpir=0.1, chunk=9)
+    _assert_equals_reference(result, dist.numpy(), labels)
 
 
 def test_auc_is_the_rank_sum_formula():

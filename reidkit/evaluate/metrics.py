@@ -227,7 +227,9 @@ def _rank_chunk(dist: torch.Tensor, labels: Labels, observe: Observer | None = N
     return first, ap, inp
 
 
-DistanceRows = Callable[[int, int], torch.Tensor]   # (start, end) -> those queries' distances
+# rows(start, end): the distances of queries start..end-1 to the whole gallery; rows(start, end,
+# columns): to the gallery items `columns` only (an int64 tensor), by the same code
+DistanceRows = Callable[..., torch.Tensor]
 
 
 def _rank_in_chunks(distance_rows: DistanceRows, labels: Labels,
@@ -264,7 +266,10 @@ def _gallery_max_rank(labels: Labels, max_rank: int) -> int:
 
 def matrix_rows(distmat) -> DistanceRows:
     dist = _as_tensor(distmat)
-    return lambda start, end: dist[start:end]
+
+    def rows(start: int, end: int, columns: torch.Tensor | None = None) -> torch.Tensor:
+        return dist[start:end] if columns is None else dist[start:end, columns.to(dist.device)]
+    return rows
 
 
 def rank_queries(distmat, labels: Labels) -> QueryRanks:
@@ -367,17 +372,23 @@ def _check_metric(metric: str) -> None:
 
 
 def distance_rows(query: torch.Tensor, gallery: torch.Tensor, metric: str) -> DistanceRows:
-    """Distances of query rows start..end-1 to the whole gallery, squared euclidean (as
+    """Distances of query rows start..end-1 to the whole gallery (or to the gallery rows
+    `columns`, by the same formula and the same matrix product), squared euclidean (as
     Torchreid) or cosine (1 - cosine similarity, as Torchreid's `compute_distance_matrix(...,
     'cosine')`; a zero row is at distance 1 from everything). ValueError for another metric."""
     _check_metric(metric)
     if metric == 'cosine':
         query = torch.nn.functional.normalize(query, dim=1, eps=UNIT_EPS)
-        gallery_t = torch.nn.functional.normalize(gallery, dim=1, eps=UNIT_EPS).t()
-        return lambda start, end: 1 - query[start:end] @ gallery_t
+        gallery = torch.nn.functional.normalize(gallery, dim=1, eps=UNIT_EPS)
     norms = gallery.pow(2).sum(1)
-    return lambda start, end: squared_euclidean(query[start:end], gallery,
-                                                gallery_sq_norms=norms)
+
+    def rows(start: int, end: int, columns: torch.Tensor | None = None) -> torch.Tensor:
+        some, some_norms = (gallery, norms) if columns is None else \
+            (gallery[columns.to(gallery.device)], norms[columns.to(gallery.device)])
+        if metric == 'cosine':
+            return 1 - query[start:end] @ some.t()
+        return squared_euclidean(query[start:end], some, gallery_sq_norms=some_norms)
+    return rows
 
 
 def distances(query: torch.Tensor, gallery: torch.Tensor,

@@ -269,8 +269,8 @@ class ReidkitEngineMixin:
         nearest neighbours). Every switch (metric, FLIP_TEST, re-ranking) applies to every
         protocol, CUHK03's too, and the evaluation line names them. Prints the ranks in
         `ranks` that the gallery has and the verification and open-set block
-        (`reidkit.evaluate.verification`, on the same distances: its pairs collected in the
-        CMC pass, its negatives counted in a second), records the scores in `results` and
+        (`reidkit.evaluate.verification`, on the same distances: its pairs collected and its
+        negatives counted in the CMC pass), records the scores in `results` and
         returns (Rank-1, mAP)."""
         if use_metric_cuhk03 and distributed.current().distributed:
             raise UserError('The CUHK03 metric is evaluated by one process: run python '
@@ -289,15 +289,16 @@ class ReidkitEngineMixin:
                                                            metric=dist_metric))
         elif use_metric_cuhk03:
             distmat = evaluation.distances(qf, gf, dist_metric)
-        pairs = PairScores(labels)           # verification's pairs, collected as CMC ranks
+        rows = evaluation.distance_rows(qf, gf, dist_metric) if distmat is None else \
+            evaluation.matrix_rows(distmat)
+        pairs = PairScores(labels)           # verification's pairs, counted as CMC ranks
         if distmat is None:
+            pairs.expect(rows)
             scores = evaluation.evaluate_features(qf, gf, labels, dist_metric,
                                                   observe=pairs.observe)
-            rows = evaluation.distance_rows(qf, gf, dist_metric)
         else:
             scores = evaluation.evaluate_distances(distmat, labels,
                                                    single_gallery_shot=use_metric_cuhk03)
-            rows = evaluation.matrix_rows(distmat)
             pairs.collect(rows)
         verification, open_set, curves = pairs.finish(
             rows, distance=dist_metric, flip_test=self.flip_test, rerank=rerank,
