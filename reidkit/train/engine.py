@@ -39,7 +39,8 @@ from reidkit.evaluate.rerank import Reranking, re_ranking_features
 from reidkit.evaluate.verification import PairScores, describe
 from reidkit.evaluate.visrank import market_label, write_rankings
 from reidkit.run import distributed
-from reidkit.run.checkpoints import LATEST_NAME, checkpoint_path, model_state, save_checkpoint, unwrap
+from reidkit.run.checkpoints import (LATEST_NAME, checkpoint_path, drop_optimizer_states,
+                                     link_latest, model_state, save_checkpoint, unwrap)
 from reidkit.run.errors import UserError
 from reidkit.run.folders import resume_point
 from reidkit.run.settings import display_name
@@ -52,6 +53,7 @@ class EngineOptions:
     model_name: str = 'unknown'        # stored in checkpoints, named in mismatch errors
     settings: dict | None = None       # the run's settings, stored in every checkpoint
     latest_every: int = 1              # epochs between rolling checkpoints (0: never)
+    keep_optimizer: int = 1            # newest numbered checkpoints that keep the optimiser's state
     flip_test: bool = False            # test features of the image and its mirror, averaged
     rerank: Reranking = field(default_factory=Reranking)   # its parameters, where it is on
     training_files: dict | None = None  # the run's training files (reidkit.data.training_files)
@@ -70,6 +72,7 @@ class ReidkitEngineMixin:
         self.train_step = train_step             # reidkit.train.step.TrainStep: the only step
         self.model_name = options.model_name     # stored in checkpoints, named in mismatch errors
         self.latest_every = options.latest_every  # epochs between rolling checkpoints (0: never)
+        self.keep_optimizer = options.keep_optimizer    # the others: weights only
         self.settings = options.settings         # the run's settings, stored in every checkpoint
         self.training_files = options.training_files    # stored in every checkpoint
         self.match_fpir, self.seed = options.match_fpir, options.seed   # open-set threshold
@@ -194,6 +197,17 @@ class ReidkitEngineMixin:
             path = self._save(name, epoch + 1, rank1,
                               checkpoint_path(Path(save_dir), epoch + 1, name))
             print(f'Checkpoint saved to "{path}"')
+            self._store_once(path)
+
+    def _store_once(self, numbered: Path) -> None:
+        """After a numbered checkpoint: a latest.pth.tar of the same epoch (written before its
+        evaluation) becomes the same file (`link_latest`; one of an earlier epoch stays), and
+        the numbered ones but the newest KEEP_OPTIMIZER lose their optimiser state (a third of
+        the size; weights for test, visrank and search)."""
+        if not distributed.current().is_main:
+            return
+        link_latest(numbered)
+        drop_optimizer_states(numbered.parent, self.keep_optimizer)
 
     def _save(self, name: str, epoch: int, rank1: float, path: Path) -> Path:
         """Writes a checkpoint, never one of a model whose weights are not finite. Under DDP
