@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
-from tqdm import tqdm
 
 from reidkit.data.datapath import loader_like
 from reidkit.data.images import read_image
@@ -42,6 +41,7 @@ from reidkit.run import distributed
 from reidkit.run.checkpoints import (LATEST_NAME, checkpoint_path, drop_optimizer_states,
                                      link_latest, model_state, save_checkpoint, unwrap)
 from reidkit.run.errors import UserError
+from reidkit.run.progress import progress
 from reidkit.run.folders import resume_point
 from reidkit.run.settings import display_name
 from reidkit.train.step import RunningMeans
@@ -196,7 +196,8 @@ class ReidkitEngineMixin:
         for name in self.get_model_names():
             path = self._save(name, epoch + 1, rank1,
                               checkpoint_path(Path(save_dir), epoch + 1, name))
-            print(f'Checkpoint saved to "{path}"')
+            if path != self.final_checkpoint:   # that one was named before the final evaluation
+                print(f'Checkpoint saved to "{path}"')
             self._store_once(path)
 
     def _store_once(self, numbered: Path) -> None:
@@ -439,7 +440,7 @@ class WithProgress:
         return len(self.loader)
 
     def __iter__(self):
-        return iter(tqdm(self.loader, desc=self.description, unit='batch', leave=False))
+        return iter(progress(self.loader, desc=self.description, unit='batch', leave=False))
 
 
 class SoftmaxEngine(ReidkitEngineMixin, ImageSoftmaxEngine):
