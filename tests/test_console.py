@@ -83,3 +83,12 @@ def test_a_training_and_its_test_as_a_new_user_reads_them(tiny_settings, capsys)
     for printed in (trained, tested):
         assert '\r' not in printed.out + printed.err
         assert '----' not in printed.out and 'Summary' not in printed.out   # Torchreid's tables
+
+
+def test_one_query_is_one_query():
+    from reidkit.evaluate.verification import describe
+    verification = {'distance': 'euclidean', 'rerank': False, 'auc': None, 'tpr_at_fpr': {},
+                    'pairs': {'positive': 1, 'negative': 3}}
+    open_set = {'queries': 1, 'mated': 1, 'dir_at_fpir': {},
+                'threshold': {'distance': None, 'fpir': 0.01}}
+    assert '1 query, 1 mated' in describe(verification, open_set)[2]
