@@ -2,6 +2,7 @@
 three times a demo), progress bars that never run into other lines when piped to a file."""
 import io
 import time
+from pathlib import Path
 
 import pytest
 
@@ -70,10 +71,14 @@ def test_torchreid_s_lines_are_shown_when_building_the_data_fails(capsys):
 
 
 @pytest.mark.slow
-def test_a_training_and_its_test_as_a_new_user_reads_them(tiny_settings, capsys):
-    s = tiny_settings.replace(MODEL_NAME='resnet18', MAX_EPOCH=1)
+def test_a_training_and_its_test_as_a_new_user_reads_them(tiny_settings, capsys, monkeypatch,
+                                                           tmp_path):
+    monkeypatch.chdir(tmp_path)
+    s = tiny_settings.replace(MODEL_NAME='resnet18', MAX_EPOCH=1, EXPERIMENTS_DIR='experiments')
     run = main.train(s)
     trained = capsys.readouterr()
+    assert run == tmp_path / 'experiments' / run.name       # absolute, as every path printed
+    assert f'Run folder: {run}\n' in trained.out
     checkpoint = run / 'model' / 'model.pth.tar-1'
     assert trained.out.count(f'Checkpoint saved to "{checkpoint}"') == 1
     assert trained.out.count('Training data:') == 1 and trained.out.count('Test data:') == 1
@@ -92,3 +97,14 @@ def test_one_query_is_one_query():
     open_set = {'queries': 1, 'mated': 1, 'dir_at_fpir': {},
                 'threshold': {'distance': None, 'fpir': 0.01}}
     assert '1 query, 1 mated' in describe(verification, open_set)[2]
+
+
+def test_the_default_model_is_named_by_its_absolute_path(tmp_path, monkeypatch, capsys):
+    from reidkit.run.checkpoints import save_checkpoint
+    from reidkit.run.folders import default_checkpoint
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint({'state_dict': {}, 'epoch': 1}, tmp_path / 'experiments' / 'run' / 'model'
+                    / 'model.pth.tar-1')
+    path = default_checkpoint(Path('experiments'))
+    assert path == tmp_path / 'experiments' / 'run' / 'model' / 'model.pth.tar-1'
+    assert capsys.readouterr().out.endswith(f'to choose): {path}\n')

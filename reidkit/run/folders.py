@@ -18,10 +18,11 @@ from reidkit.run.settings import (Settings, bounded, dataset_list, display_name,
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
-    """Creates and returns parent/<YYYYmmdd-HHMMSS>-<name>, adding -2, -3 ... if it exists."""
+    """Creates and returns parent/<YYYYmmdd-HHMMSS>-<name>, adding -2, -3 ... if it exists;
+    an absolute path (every path printed under it is absolute, as the data's are)."""
     stem = f'{time.strftime("%Y%m%d-%H%M%S")}-{name}'
     for attempt in range(1, 1000):
-        folder = Path(parent) / (stem if attempt == 1 else f'{stem}-{attempt}')
+        folder = Path(parent).resolve() / (stem if attempt == 1 else f'{stem}-{attempt}')
         try:
             folder.mkdir(parents=True)
             return folder
@@ -93,11 +94,12 @@ def resume_point(run_dir: Path) -> Path | None:
 
 
 def latest_run_checkpoint(experiments_dir: Path, data_root: Path | None = None) -> Path:
-    """The newest numbered checkpoint of the run that trained most recently (by the time its
-    checkpoints were written: testing an older run does not make it the latest); with
-    `data_root`, of the newest run whose settings.json records that DATA_ROOT (a --demo
-    command: the newest demo run, not a model of other data). UserError when there is none."""
-    runs = [run for run in Path(experiments_dir).glob('*') if run.is_dir()]
+    """The newest numbered checkpoint (an absolute path) of the run that trained most recently
+    (by the time its checkpoints were written: testing an older run does not make it the
+    latest); with `data_root`, of the newest run whose settings.json records that DATA_ROOT (a
+    --demo command: the newest demo run, not a model of other data). UserError when there is
+    none."""
+    runs = [run for run in Path(experiments_dir).resolve().glob('*') if run.is_dir()]
     if data_root is not None:
         runs = [run for run in runs if _recorded_data_root(run) == Path(data_root).resolve()]
     newest = {run: newest_checkpoint(run) for run in runs}
