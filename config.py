@@ -15,6 +15,7 @@ BATCH_SIZE_TRAIN = 32                        # images per training step
 BATCH_SIZE_TEST = 100                        # images per feature-extraction step
 TRANSFORMS = ['random_flip', 'random_crop']  # training augmentations (also 'random_erase', 'random_patch', 'color_jitter')
 WORKERS = 4                                  # data-loading processes, at most the cores (a GPU run uses every spare core)
+CPU_THREADS = 0                              # torch's threads per process on the CPU (0: one per core)
 
 # --- model ----------------------------------------------------------------
 MODEL_NAME = 'resnet50'                      # any name in torchreid.models
@@ -85,9 +86,12 @@ MATCH_THRESHOLD = 'auto'                     # a match up to this distance: 'aut
 # identities, 6 cameras) and applies these overrides, so the same pipeline runs in minutes on
 # a CPU. ImageNet weights cannot be assumed reachable, hence PRETRAINED=False; training from
 # scratch at 64x32 learns faster with LR=0.001 than the tutorial's 0.0003, and colour jitter
-# helps it see through each camera's light.
+# helps it see through each camera's light. One CPU thread: a run repeats bit for bit at the
+# same thread count, so the demo's figures are the same on every machine, and a machine busy
+# with other jobs does not slow it down (torch's threads wait on each other there).
 DEMO = dict(
     DATA_ROOT='demo-data',
+    CPU_THREADS=1,
     HEIGHT=64,
     WIDTH=32,
     TRANSFORMS=['random_flip', 'random_crop', 'color_jitter'],

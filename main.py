@@ -38,8 +38,10 @@ from reidkit.run import distributed
 from reidkit.run.atomic import disk_full, reason
 from reidkit.run.checkpoints import checkpoint_classes, continue_schedule, load_weights, \
     resume_training
-from reidkit.run.device import busy_cpu_note, choose_device, place_model, tune_convolutions
+from reidkit.run.device import busy_cpu_note, choose_device, place_model, tune_convolutions, \
+    use_threads
 from reidkit.run.errors import UserError
+from reidkit.run.model import build_model, fit_to_model
 from reidkit.search import command as searching
 from reidkit.search.export import export as export_onnx
 from reidkit.train.engine import EngineOptions, SoftmaxEngine, TripletEngine
@@ -55,9 +57,12 @@ from reidkit.evaluate.rerank import Reranking
 from reidkit.run.folders import Resumed, default_checkpoint, newest_checkpoint, output_dir_for, \
     resolve_checkpoint, resume_checkpoint, resume_point, training_run_dir, write_settings
 from reidkit.run.log import log_to
+from reidkit.run.randomness import CHECKPOINT_KEY as RANDOM_STATE_KEY
+from reidkit.run.schedule import with_warmup
 from reidkit.run.settings import LOCAL_SETTINGS, Settings, command_line_flag, resolve
 from reidkit.train.ddp import shard_loaders
 from reidkit.train.speed import fast_training
+from reidkit.train.step import Centers, training_feature_size
 
 def load_settings(overrides: dict | None = None, demo: bool = False) -> Settings:
     """config.py's values, then config.DEMO's (with demo), then `overrides`; checked."""
@@ -79,6 +84,7 @@ def get_items(s: Settings | None = None, checkpoint: dict | None = None,
     scheduler = torchreid.optim.build_lr_scheduler(
         optimizer, lr_scheduler=s.LR_SCHEDULER, stepsize=s.STEPSIZE, max_epoch=s.MAX_EPOCH
     )
+    scheduler = with_warmup(scheduler, s.WARMUP_EPOCHS, s.WARMUP_FACTOR)   # 0 epochs: as is
     return datamanager, model, optimizer, scheduler
 
 
@@ -107,13 +113,25 @@ def _data_and_model(s: Settings, device, checkpoint: dict | None = None,
     for line in data_lines(datamanager, None if evaluating else s.TRANSFORMS):
         print(line)
     classes = checkpoint_classes(checkpoint, s.MODEL_NAME) if evaluating else None
-    model = torchreid.models.build_model(
-        name=s.MODEL_NAME,
-        num_classes=classes or datamanager.num_train_pids,
-        loss=s.LOSS,
-        pretrained=s.PRETRAINED,
-    )
+    # Torchreid's model for MODEL_NAME, LOSS and PRETRAINED, with NECK and LAST_STRIDE
+    model = build_model(s, num_classes=classes or datamanager.num_train_pids)
     return datamanager, model
+
+
+def build_centers(s: Settings, model, datamanager) -> Centers | None:
+    """The centre loss's class centres and their SGD (CENTER_LR), one per training identity,
+    each as long as the feature the model returns in training, on the model's device; None
+    when CENTER_LOSS_WEIGHT is 0 (off). UserError for a model that returns no such feature."""
+    if not s.CENTER_LOSS_WEIGHT > 0:
+        return None
+    try:
+        size = training_feature_size(model, s.HEIGHT, s.WIDTH)
+    except ValueError as error:
+        raise UserError(f'CENTER_LOSS_WEIGHT={s.CENTER_LOSS_WEIGHT:g}: MODEL_NAME='
+                        f'{s.MODEL_NAME!r} cannot take the centre loss ({error}). Set '
+                        f'CENTER_LOSS_WEIGHT=0 or pick another model.') from None
+    return Centers(datamanager.num_train_pids, size, s.CENTER_LR,
+                   next(model.parameters()).device, seed=s.SEED)
 
 
 def learning_rate(s: Settings) -> float:
@@ -123,11 +141,12 @@ def learning_rate(s: Settings) -> float:
 
 
 def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training: bool = True,
-                 record: TrainingFiles | None = None):
+                 record: TrainingFiles | None = None, centers: Centers | None = None):
     """ImageSoftmaxEngine (ImageTripletEngine when LOSS='triplet'), as Torchreid's scripts do,
     training with our step, through the fast path where it is on (AMP, CHANNELS_LAST, COMPILE,
     DATA_CACHE: all on with CUDA by default). Prints the training path (when `training`) and
-    how it evaluates. `record`: the training files, stored in every checkpoint."""
+    how it evaluates. `record`: the training files, stored in every checkpoint; `centers`:
+    the centre loss's (build_centers), trained by the step and stored in every checkpoint."""
     use_gpu = next(model.parameters()).is_cuda
     process = distributed.current()
     if process.distributed:
@@ -141,11 +160,15 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
                 f'({s.BATCH_SIZE_TRAIN} per process); learning rate {lr:g}'
               + (' (LR_SCALING=linear)' if s.LR_SCALING == 'linear' else '')
               + ('; SyncBatchNorm' if s.SYNC_BN else ''))
-    fast = fast_training(s, model, optimizer, datamanager, training)
+    fast = fast_training(s, model, optimizer, datamanager, training, centers)
     if training:
         tune_convolutions(next(model.parameters()).device)     # one input shape throughout
         print(fast.line)
-    if not use_gpu and (note := busy_cpu_note()):
+        if centers is not None:
+            classes, size = centers.centers.shape
+            print(f'Centre loss: weight {s.CENTER_LOSS_WEIGHT:g} (loss_c), {classes} centres of '
+                  f'{size} values, SGD at CENTER_LR={s.CENTER_LR:g}')
+    if not use_gpu and (note := busy_cpu_note(chosen=s.CPU_THREADS > 0)):
         print(note)
     print(evaluation_line(s, next(model.parameters()).device))
     engine_class = TripletEngine if s.LOSS == 'triplet' else SoftmaxEngine
@@ -163,7 +186,7 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
 
 def evaluation_line(s: Settings, device) -> str:
     """How test features and distances are computed: the switches that change the numbers."""
-    switches = [f'features on {device.type}', 'euclidean distance']
+    switches = [f'features on {device.type}', f'{s.DIST_METRIC} distance']
     if s.FLIP_TEST:
         switches.append('FLIP_TEST (each image averaged with its mirror)')
     if s.RERANK:
@@ -183,25 +206,33 @@ def train(s: Settings | None = None) -> Path:
     s = s or load_settings()
     distributed.same_everywhere(lambda: check_fine_tune(s))   # before any work
     s, resumed, init = _starting_point(s)
+    s, left_out = fit_to_model(s)      # RECIPE's tricks MODEL_NAME cannot take: noted, not used
     distributed.on_main(lambda: checks.check_before_run(s, training=True,
                                                         pretrained=resumed is None))
     record = training_record(s, resumed, init)
     set_random_seed(distributed.rank_seed(s.SEED))
     run_dir, notes = distributed.on_main(lambda: training_run_dir(s, resumed))
     notes += init.notes if init else []
+    notes += left_out
     started = time.time()
     with log_to(run_dir / 'log.txt') if distributed.current().is_main else nullcontext() as tee:
         print(f'Run folder: {run_dir}')
+        if recipe := s.recipe_line():       # what RECIPE='strong' set, as it trains
+            print(recipe)
         for note in notes:
             print(f'Note: {note}.')
         datamanager, model, optimizer, scheduler = _training_items(s, resumed)
         if init:        # in place, before the optimiser steps and anything wraps the model
             distributed.same_everywhere(lambda: load_init_weights(
                 model, init.saved, s.MODEL_NAME, s.INIT_WEIGHTS))
-        start_epoch = _resume_state(resumed, model, optimizer, scheduler, s.MAX_EPOCH)
+        centers = build_centers(s, model, datamanager)
+        start_epoch = _resume_state(resumed, model, optimizer, scheduler, s.MAX_EPOCH, centers)
         if distributed.current().is_main:   # only now: a failed check rewrites no record
             _write_run_records(run_dir, s, record)
-        engine = build_engine(s, datamanager, model, optimizer, scheduler, record=record)
+        engine = build_engine(s, datamanager, model, optimizer, scheduler, record=record,
+                              centers=centers)
+        if resumed:         # the random draws the uninterrupted run would have made
+            engine.continue_randomness(resumed.saved.get(RANDOM_STATE_KEY))
         with _failure_explained(engine, run_dir, s, tee):
             engine.run(
                 save_dir=str(run_dir),
@@ -212,6 +243,7 @@ def train(s: Settings | None = None) -> Path:
                 fixbase_epoch=s.FIXBASE_EPOCH,
                 open_layers=s.OPEN_LAYERS,
                 test_only=False,
+                dist_metric=s.DIST_METRIC,
                 rerank=s.RERANK,
             )
     if distributed.current().is_main:
@@ -255,13 +287,15 @@ def _write_run_records(run_dir: Path, s: Settings, record: TrainingFiles) -> Non
     record.write(run_dir)           # every training file (training_files.csv.gz)
 
 
-def _resume_state(resumed: Resumed | None, model, optimizer, scheduler, max_epoch: int) -> int:
+def _resume_state(resumed: Resumed | None, model, optimizer, scheduler, max_epoch: int,
+                  centers: Centers | None = None) -> int:
     """The epoch training starts after: 0, or the resumed checkpoint's, with its model,
-    optimiser and scheduler restored and the schedule fitted to `max_epoch` (printed)."""
+    optimiser, scheduler and centre-loss centres restored and the schedule fitted to
+    `max_epoch` (printed)."""
     if resumed is None:
         return 0
     start_epoch = distributed.same_everywhere(lambda: resume_training(
-        resumed.saved, resumed.path, model, optimizer, scheduler))
+        resumed.saved, resumed.path, model, optimizer, scheduler, centers))
     if start_epoch:
         print(f'Resuming from "{resumed.path}" after epoch {start_epoch}')
         schedule = continue_schedule(resumed.saved, scheduler, optimizer, start_epoch, max_epoch)
@@ -353,7 +387,8 @@ def _evaluate_checkpoint(s: Settings, mode: str, weights: Path | None, **run_fla
         for note in split_notes:
             print(f'Note: {note}.')
         engine = build_engine(s, datamanager, model, optimizer, scheduler, training=False)
-        engine.run(save_dir=str(out_dir), test_only=True, rerank=s.RERANK, **run_flags)
+        engine.run(save_dir=str(out_dir), test_only=True, dist_metric=s.DIST_METRIC,
+                   rerank=s.RERANK, **run_flags)
         if main_rank:       # the thresholds search uses (MATCH_THRESHOLD='auto')
             for line in write_calibration(checkpoint, Path(s.EXPERIMENTS_DIR), out_dir, s,
                                           engine.last_evaluation):
@@ -401,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         modes, demo, overrides = parse_command_line(argv)
         s = load_settings(overrides, demo=demo)
+        use_threads(s.CPU_THREADS)      # before any work: the weights' last bits depend on it
         gpus = gpus_for_training(s, modes)
         if len(gpus) > 1:       # one process per GPU, started here as torchrun would
             print(f'Training on {len(gpus)} GPUs: starting {len(gpus)} processes (DDP).')

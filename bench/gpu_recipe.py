@@ -5,6 +5,7 @@ one run on the same generated data, every target of issue #12 side by side.
     python bench/gpu_recipe.py --only ours          # our path alone (staged: a shorter run)
     python bench/gpu_recipe.py --epochs 3 --seeds 1 # shorter accuracy check
     python bench/gpu_recipe.py --tiny               # a tiny CPU version anywhere (a smoke run)
+    python bench/gpu_recipe.py --recipe strong      # RECIPE='strong' (our path only)
 
 Steps timed for each path: the first training epoch (with any compilation), a steady one
 (img/s), one evaluation (engine.test, extraction included), visrank of every query, and peak
@@ -201,6 +202,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument('--seeds', type=int, default=3, help='seeds per path for accuracy')
     parser.add_argument('--no-cold', action='store_true', help='skip the cold main.py run')
     parser.add_argument('--no-accuracy', action='store_true', help='skip the accuracy check')
+    parser.add_argument('--recipe', choices=('tutorial', 'strong'), default='tutorial',
+                        help="RECIPE: 'strong' times and scores our path alone (Torchreid's "
+                             "engine has no warm-up, neck or centre loss)")
     return parser.parse_args()
 
 
@@ -218,12 +222,15 @@ def main_bench() -> None:
     summary = make_demo_dataset(root, **sizes)
     print(f'data: {summary.train_images} train images of {summary.train_ids} ids, '
           f'{summary.query_images} queries, {summary.gallery_images} gallery')
-    overrides = dict(DATA_ROOT=str(root), PRETRAINED=False, EXPERIMENTS_DIR=str(root / 'exp'))
+    overrides = dict(DATA_ROOT=str(root), PRETRAINED=False, EXPERIMENTS_DIR=str(root / 'exp'),
+                     RECIPE=args.recipe)
     if not gpu:
         # Our step and data path forced on, so the CPU run goes through the same code.
         overrides.update(HEIGHT=64, WIDTH=32, WORKERS=0, DATA_CACHE='on')
     s = main.load_settings(overrides)
-    paths = [p for p in ('theirs', 'ours') if args.only in (None, p)]
+    paths = [p for p in ('theirs', 'ours') if args.only in (None, p)
+             and (args.recipe == 'tutorial' or p == 'ours')]
+    print(f'recipe: {args.recipe}' + (f' ({s.recipe_line()})' if s.recipe_line() else ''))
     figures = {path: measure(s, path == 'ours', root / path) for path in paths}
     if gpu and 'ours' in figures:
         print(f'host syncs in 20 batches of our training step (batches from the device '

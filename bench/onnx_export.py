@@ -50,20 +50,19 @@ def images_per_second(eager, runtime, batch: int, seconds: float) -> tuple[float
 
 def bench(model_name: str, height: int, width: int, batch: int, seconds: float,
           thread_counts: tuple[int, ...]) -> None:
-    from torchreid.reid.models import build_model
+    from reidkit.run.model import build_model
     with tempfile.TemporaryDirectory() as folder:
         s = main.load_settings(dict(MODEL_NAME=model_name, HEIGHT=height, WIDTH=width,
                                     DATA_ROOT=folder, EXPERIMENTS_DIR=folder))
         torch.manual_seed(0)
         weights = save_checkpoint(
-            {'state_dict': build_model(model_name, num_classes=10, pretrained=False).state_dict(),
+            {'state_dict': build_model(s, num_classes=10, pretrained=False).state_dict(),
              'epoch': 1, 'settings': s.record()}, Path(folder) / 'model' / 'model.pth.tar-1')
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):   # its check runs on random images
             path = export(s, weights)
         exported = time.perf_counter() - started
-        model = checkpoint_model(torch.load(weights, weights_only=True), weights, model_name,
-                                 'softmax').eval()
+        model = checkpoint_model(torch.load(weights, weights_only=True), weights, s).eval()
         transform = quiet_test_transform(height, width)
         rng = np.random.default_rng(0)       # Market-1501's crops are 128x64
         images = [Image.fromarray(rng.integers(0, 256, (128, 64, 3), dtype=np.uint8))

@@ -3,6 +3,7 @@
     python bench/search_scale.py                     # 1,000,000 x 2048-d, 1,000 queries
     python bench/search_scale.py --size 100000       # a quick run
     python bench/search_scale.py --flat --size 200000   # structureless features: the worst case
+    python bench/search_scale.py --metric cosine     # DIST_METRIC='cosine' (its own index)
 
 Features are synthetic, with identity structure: 20 images per identity, identities in groups
 of 50 that look alike (as people in similar clothes do), so feature = group centre + identity
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import config  # noqa: E402
 from reidkit.search import command as search  # noqa: E402
 from reidkit.search import index as search_index
-from reidkit.evaluate.metrics import squared_euclidean  # noqa: E402
+from reidkit.evaluate.metrics import distances  # noqa: E402
 
 PER_ID, IDS_PER_GROUP = 20, 50
 CHUNK = 20_000              # rows generated (and ground-truth rows read) at a time
@@ -89,15 +90,15 @@ def generate(folder: Path, size: int, dim: int, num_queries: int, noise: float,
     np.savez(folder / 'labels.npz', gallery=labels, queries=query_labels)
 
 
-def exact_top10(folder: Path) -> np.ndarray:
-    """Every query's exact 10 nearest gallery rows (ground truth; not timed)."""
+def exact_top10(folder: Path, metric: str) -> np.ndarray:
+    """Every query's exact 10 nearest gallery rows by `metric` (ground truth; not timed)."""
     gallery = np.load(folder / 'gallery.npy', mmap_mode='r')
     queries = torch.from_numpy(np.load(folder / 'queries.npy'))
     best_d = torch.full((len(queries), 10), float('inf'))
     best_i = torch.zeros((len(queries), 10), dtype=torch.long)
     for start in range(0, len(gallery), 50_000):
         rows = torch.from_numpy(search_index.read_rows(gallery, slice(start, start + 50_000)))
-        d = squared_euclidean(queries, rows)
+        d = distances(queries, rows, metric)
         d, i = torch.cat([best_d, d], 1), torch.cat([best_i, torch.arange(
             start, start + len(rows)).expand(len(queries), -1)], 1)
         best_d, at = d.topk(10, dim=1, largest=False, sorted=True)
@@ -107,22 +108,22 @@ def exact_top10(folder: Path) -> np.ndarray:
 
 # --- the measured steps, each in its own process ---------------------------------------------
 
-def phase_exact(folder: Path, count: int) -> dict:
+def phase_exact(folder: Path, count: int, metric: str) -> dict:
     gallery = np.load(folder / 'gallery.npy', mmap_mode='r')
     queries = np.load(folder / 'queries.npy')[:count]
     started = time.perf_counter()
     for start in range(0, len(queries), 100):
-        search.rank_gallery(queries[start:start + 100], gallery)
+        search.rank_gallery(queries[start:start + 100], gallery, metric)
     seconds = time.perf_counter() - started
     return {'ms_per_query': 1000 * seconds / len(queries), 'queries': len(queries),
             'peak_rss_gb': peak_rss_gb()}
 
 
-def phase_build(folder: Path) -> dict:
+def phase_build(folder: Path, metric: str) -> dict:
     gallery = np.load(folder / 'gallery.npy', mmap_mode='r')
     started = time.perf_counter()
     index, what = search_index.open_index(folder / 'index.npz', gallery,
-                                          np.arange(len(gallery)), 'ivfpq')
+                                          np.arange(len(gallery)), 'ivfpq', metric=metric)
     return {'seconds': time.perf_counter() - started, 'what': what,
             'peak_rss_gb': peak_rss_gb(), 'plan': index.plan.__dict__,
             'file_mb': (folder / 'index.npz').stat().st_size / 1e6}
@@ -146,7 +147,8 @@ def phase_search(folder: Path, rows: int, nprobe: int) -> dict:
 
 def run_phase(args, *extra: str) -> dict:
     """One measured step in a fresh process; its JSON line back."""
-    done = subprocess.run([sys.executable, __file__, '--data', str(args.data), *extra],
+    done = subprocess.run([sys.executable, __file__, '--data', str(args.data), '--metric',
+                           args.metric, *extra],
                           stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -165,6 +167,8 @@ def main() -> None:
     parser.add_argument('--rows', type=int, nargs='+', default=[config.SEARCH_CSV_ROWS, search_index.MIN_CANDIDATES],
                         help='rows each query gets (results.csv), i.e. candidates re-ranked')
     parser.add_argument('--nprobe', type=int, default=config.SEARCH_NPROBE)
+    parser.add_argument('--metric', choices=('euclidean', 'cosine'), default='euclidean',
+                        help='DIST_METRIC the search ranks by (and its index is built for)')
     parser.add_argument('--folder', type=Path, default=Path(tempfile.gettempdir()),
                         help='where the features are written (size x dim x 4 bytes)')
     parser.add_argument('--keep', action='store_true', help='keep (and reuse) the features')
@@ -172,8 +176,8 @@ def main() -> None:
     parser.add_argument('--phase', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
-        result = {'exact': lambda: phase_exact(args.data, args.baseline_queries),
-                  'build': lambda: phase_build(args.data),
+        result = {'exact': lambda: phase_exact(args.data, args.baseline_queries, args.metric),
+                  'build': lambda: phase_build(args.data, args.metric),
                   'search': lambda: phase_search(args.data, args.rows[0], args.nprobe),
                   }[args.phase]()
         print(json.dumps(result))
@@ -201,7 +205,7 @@ def main() -> None:
 def measure(args) -> None:
     labels = np.load(args.data / 'labels.npz')
     started = time.perf_counter()
-    truth = exact_top10(args.data)
+    truth = exact_top10(args.data, args.metric)
     print(f'exact top-10 of every query (ground truth) in {time.perf_counter() - started:.0f} s')
     rank1 = np.mean(labels['gallery'][truth[:, 0]] == labels['queries'])
     (args.data / 'index.npz').unlink(missing_ok=True)
@@ -210,7 +214,7 @@ def measure(args) -> None:
     shape = build['plan']
     print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads; gallery '
           f'{args.size:,} x {args.dim}-d{" (flat)" if args.flat else ""}, {args.queries:,} '
-          f'queries; exact Rank-1 {rank1:.1%}')
+          f'queries; {args.metric} distance; exact Rank-1 {rank1:.1%}')
     print(f'| {args.size:,} x {args.dim}-d, {args.queries:,} queries | build | peak RSS | '
           f'ms / query | speed-up | recall@10 vs exact | Rank-1 agreement |')
     print('|---|---|---|---|---|---|---|')

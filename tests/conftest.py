@@ -14,6 +14,11 @@ sys.path.insert(0, str(ROOT))
 import main  # noqa: E402
 from reidkit.data.demo import make_demo_dataset  # noqa: E402
 
+# The subprocesses tests start (main.py, torchrun) run one torch thread each: on a machine
+# busy with other jobs torch's one-per-core threads wait on each other (one demo epoch ran
+# 2-3x slower). Set after torch is imported, so this process keeps its own thread count.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
 # Small enough to train an epoch in seconds on 2 CPU cores.
 TINY = dict(HEIGHT=32, WIDTH=16, BATCH_SIZE_TRAIN=16, BATCH_SIZE_TEST=64, WORKERS=0,
             PRETRAINED=False, MAX_EPOCH=1, EVAL_FREQ=1, PRINT_FREQ=1000, VISRANK_TOPK=3)
@@ -33,6 +38,47 @@ def tiny_settings(tiny_data_root, tmp_path):
     return main.load_settings(dict(TINY, DATA_ROOT=str(tiny_data_root),
                                    EXPERIMENTS_DIR=str(tmp_path / 'experiments')))
 
+
+
+class EpochWatch:
+    """What every training run does as each epoch starts: the learning rate it trains with is
+    appended to `rates`; with `interrupt_at` set, that epoch raises KeyboardInterrupt (Ctrl-C)
+    instead, once."""
+
+    def __init__(self):
+        self.rates: list = []
+        self.interrupt_at = None
+
+
+@pytest.fixture
+def epoch_watch(monkeypatch) -> EpochWatch:
+    from reidkit.train.engine import SoftmaxEngine
+    watch = EpochWatch()
+    original_train = SoftmaxEngine.train
+
+    def watched_train(self, *args, **kwargs):
+        if self.epoch + 1 == watch.interrupt_at:
+            watch.interrupt_at = None
+            raise KeyboardInterrupt
+        watch.rates.append(self.optimizer.param_groups[0]['lr'])
+        return original_train(self, *args, **kwargs)
+    monkeypatch.setattr(SoftmaxEngine, 'train', watched_train)
+    return watch
+
+
+def whole_and_interrupted(s, watch: EpochWatch, at: int = 2) -> tuple[Path, Path, list]:
+    """Trains `s` uninterrupted (in EXPERIMENTS_DIR + '-whole'), then again in EXPERIMENTS_DIR
+    with Ctrl-C as epoch `at` starts: (the whole run's folder, the interrupted run's, the whole
+    run's rates); watch.rates is emptied for the resumed run's."""
+    whole_dir = main.train(s.replace(EXPERIMENTS_DIR=s.EXPERIMENTS_DIR + '-whole'))
+    whole_rates = watch.rates[:]
+    watch.rates.clear()
+    watch.interrupt_at = at
+    with pytest.raises(KeyboardInterrupt):
+        main.train(s)
+    watch.rates.clear()
+    (run_dir,) = Path(s.EXPERIMENTS_DIR).iterdir()
+    return whole_dir, run_dir, whole_rates
 
 class _FullFile:
     """An open file on a full disk: it opens, and every write fails with ENOSPC."""

@@ -11,6 +11,7 @@ from torchreid.reid.utils import save_checkpoint as torchreid_save_checkpoint
 
 from reidkit.run.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from reidkit.run.errors import UserError
+from reidkit.run.model import PLAIN
 
 
 def _model(name='resnet18', num_classes=5):
@@ -139,7 +140,8 @@ def test_a_hacnn_checkpoint_of_other_identities_loads_for_test_and_search(tmp_pa
     assert _same_features_weights(model, state, classifier_keys('hacnn'))
     assert checkpoint_classes(saved, 'hacnn') == 5
     assert 'classifier was trained on other identities' in capsys.readouterr().out
-    searched = checkpoint_model(saved, tmp_path / 'model.pth.tar-1', 'hacnn', 'softmax')
+    searched = checkpoint_model(saved, tmp_path / 'model.pth.tar-1',
+                                {**PLAIN, 'MODEL_NAME': 'hacnn'})
     assert _same_features_weights(searched, state, classifier_keys('hacnn'))
 
 

@@ -369,14 +369,165 @@ def test_a_seed_repeats_the_draws(decoded):
 
 
 def test_unsupported_transforms_say_so(softmax_manager):
-    assert DeviceTransform.supports(['random_flip', 'random_crop', 'color_jitter'])
+    assert DeviceTransform.supports(['random_flip', 'random_crop', 'color_jitter',
+                                     'random_erase'])
     assert DeviceTransform.supports('Random_Flip') and DeviceTransform.supports(None)
-    for name in ('random_patch', 'random_erase', 'color_augmentation'):
+    for name in ('random_patch', 'color_augmentation'):
         assert not DeviceTransform.supports(['random_flip', name])
         loaders, why = cached(softmax_manager, ['random_flip', name])
         assert loaders is None and name in why
-    with pytest.raises(ValueError, match='random_erase'):
-        DeviceTransform(64, 32, ['random_erase'])
+    with pytest.raises(ValueError, match='random_patch'):
+        DeviceTransform(64, 32, ['random_patch'])
+
+
+# --- random erasing -------------------------------------------------------------------------
+
+ERASE_DRAWS = 4000
+
+
+def erased_boxes(outputs: torch.Tensor, fill) -> list[tuple[int, int, int, int] | None]:
+    """Per image: (top, left, height, width) of the box whose every channel holds `fill`
+    (the one rectangle RandomErasing writes), or None where no pixel does."""
+    fill = torch.tensor(fill, dtype=outputs.dtype).view(1, -1, 1, 1)
+    marked = (outputs == fill).all(dim=1)
+    boxes = []
+    for mask in marked:
+        rows, cols = mask.any(dim=1).nonzero()[:, 0], mask.any(dim=0).nonzero()[:, 0]
+        if len(rows) == 0:
+            boxes.append(None)
+            continue
+        top, left = int(rows[0]), int(cols[0])
+        height, width = int(rows[-1]) - top + 1, int(cols[-1]) - left + 1
+        assert bool(mask[top:top + height, left:left + width].all())   # a whole rectangle
+        assert int(mask.sum()) == height * width                         # and nothing else
+        boxes.append((top, left, height, width))
+    return boxes
+
+
+def erase_summary(boxes, height: int, width: int) -> tuple[int, float]:
+    """(images erased, mean erased share of the image over them)."""
+    areas = [h * w / (height * width) for box in boxes if box for _, _, h, w in [box]]
+    return len(areas), sum(areas) / max(len(areas), 1)
+
+
+@pytest.fixture(scope='module')
+def noise_batch():
+    """ERASE_DRAWS copies of one noise image as uint8, and Torchreid's normalised tensor of
+    it (which holds no mean value, so only erased pixels do)."""
+    image = noise_image(seed=6)
+    return image, as_uint8(image)[None].expand(ERASE_DRAWS, -1, -1, -1)
+
+
+def test_random_erase_follows_torchreids_order_and_fill():
+    """Torchreid's loader erases after normalising, with the normalisation's mean (ImageNet's
+    unless the datamanager was given another), as the device path does."""
+    train_transform, _ = build_transforms(64, 32, transforms=['random_flip', 'random_erase'])
+    steps = train_transform.transforms
+    erasing = steps[-1]
+    assert isinstance(erasing, torchreid_transforms.RandomErasing)
+    assert isinstance(steps[-2], torchreid_transforms.Normalize)
+    assert list(erasing.mean) == list(steps[-2].mean) == list(datapath.IMAGENET_MEAN)
+    assert (erasing.probability, erasing.sl, erasing.sh, erasing.r1) == \
+        (datapath.ERASE_PROBABILITY, *datapath.ERASE_AREA, datapath.ERASE_ASPECT[0])
+
+
+def test_random_erase_boxes_have_the_stated_area_aspect_share_and_fill(noise_batch):
+    _, batch = noise_batch
+    transform = DeviceTransform(64, 32, ['random_erase'], seed=11)
+    clean = DeviceTransform(64, 32, train=False)(batch[:1])
+    params = transform.draw(ERASE_DRAWS, 'cpu')
+    outputs = transform.apply(batch, params)
+    boxes = erased_boxes(outputs, datapath.IMAGENET_MEAN)
+    erased = [box for box in boxes if box]
+    assert [box is not None for box in boxes] == params['erase'].tolist()
+    assert within_binomial(len(erased), ERASE_DRAWS, 0.5)
+    for top, left, height, width in erased:
+        assert height < 64 and width < 32 and top + height <= 64 and left + width <= 32
+        # round() moves each side by at most half a pixel from the drawn area and aspect
+        assert 0.02 * 64 * 32 * 0.8 <= height * width <= 0.4 * 64 * 32 * 1.1
+        assert 0.3 * 0.8 <= height / width <= 1 / 0.3 * 1.25
+    for box, image in zip(boxes[:200], outputs[:200]):   # outside its box, the image is intact
+        keep = torch.ones(64, 32, dtype=torch.bool)
+        if box:
+            top, left, height, width = box
+            keep[top:top + height, left:left + width] = False
+        assert torch.equal(image[:, keep], clean[0][:, keep])
+    # The box's corner is uniform over the places it fits: both ends are reached.
+    assert min(top for top, *_ in erased) == 0 and min(left for _, left, *_ in erased) == 0
+    assert max(top + height for top, _, height, _ in erased) == 64
+
+
+def test_random_erase_boxes_are_random_erasings_for_the_same_uniforms():
+    """The vectorised boxes against RandomErasing's loop written out for one image (float64),
+    reading the same uniform draws: erase when the first is <= p, then per attempt an area
+    share and an aspect, h and w by Python's round, the first with h < H and w < W, its corner
+    randint(0, H - h), randint(0, W - w)."""
+    height, width, attempts = 64, 32, datapath.ERASE_ATTEMPTS
+    u = torch.rand((3000, 3 + 2 * attempts), generator=torch.Generator().manual_seed(13))
+    u[:500, 3:3 + attempts] = 0.97 + 0.03 * u[:500, 3:3 + attempts]   # large areas: misses
+    u[:10, 0], u[:10, 3:3 + attempts], u[:10, 3 + attempts:] = 0, 0.999, 0  # none fits
+    boxes = datapath._erase_boxes(u, height, width)
+    taken = []                                  # the attempt each erased image took
+
+    def reference(row):
+        if row[0] > 0.5:
+            return None
+        for attempt in range(attempts):
+            area = (0.02 + (0.4 - 0.02) * row[3 + attempt]) * height * width
+            aspect = 0.3 + (1 / 0.3 - 0.3) * row[3 + attempts + attempt]
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if h < height and w < width:
+                taken.append(attempt)
+                return (math.floor(row[1] * (height - h + 1)),
+                        math.floor(row[2] * (width - w + 1)), h, w)
+        return None
+    expected = [reference(row) for row in u.double().tolist()]
+    ours = [(int(boxes['erase_top'][i]), int(boxes['erase_left'][i]),
+             int(boxes['erase_height'][i]), int(boxes['erase_width'][i]))
+            if boxes['erase'][i] else None for i in range(len(u))]
+    assert ours == expected
+    assert expected[:10] == [None] * 10 and max(taken) >= 3     # later attempts are reached
+
+
+def test_random_erase_matches_torchreids_in_distribution(noise_batch):
+    """Torchreid's RandomErasing on ERASE_DRAWS normalised copies of an image against ours:
+    the same share of images erased and the same mean, spread and extremes of the erased area
+    and height (binomial and 4.5-sigma bounds, fixed seeds)."""
+    image, batch = noise_batch
+    _, test_transform = build_transforms(64, 32)
+    normalised = test_transform(image)
+    random.seed(12)
+    erasing = torchreid_transforms.RandomErasing(mean=list(datapath.IMAGENET_MEAN))
+    theirs = erased_boxes(torch.stack([erasing(normalised.clone()) for _ in range(ERASE_DRAWS)]),
+                          datapath.IMAGENET_MEAN)
+    ours = erased_boxes(DeviceTransform(64, 32, ['random_erase'], seed=12)(batch),
+                        datapath.IMAGENET_MEAN)
+    (count_ours, area_ours), (count_theirs, area_theirs) = (erase_summary(boxes, 64, 32)
+                                                            for boxes in (ours, theirs))
+    assert same_rates(count_ours, ERASE_DRAWS, count_theirs, ERASE_DRAWS)
+    for pick in (lambda box: box[2] * box[3] / (64 * 32), lambda box: box[2], lambda box: box[3]):
+        a = torch.tensor([pick(box) for box in ours if box], dtype=torch.float64)
+        b = torch.tensor([pick(box) for box in theirs if box], dtype=torch.float64)
+        spread = math.sqrt(a.var() / len(a) + b.var() / len(b))
+        assert abs(a.mean() - b.mean()) <= 4.5 * spread
+        assert abs(a.std() - b.std()) <= 0.1 * b.std()
+        assert abs(a.min() - b.min()) <= 0.1 * b.mean() and abs(a.max() - b.max()) <= 0.1 * b.max()
+    assert abs(area_ours - area_theirs) < 0.02
+
+
+def test_random_erase_draws_on_the_device_without_changing_other_draws(decoded):
+    """Named with other transforms, erasing leaves their draws as they were (its own come
+    after); a seed repeats it."""
+    batch = decoded.gather(torch.arange(16))
+    names = ['random_flip', 'random_crop', 'color_jitter']
+    plain = DeviceTransform(64, 32, names, seed=3).draw(16, 'cpu')
+    with_erasing = DeviceTransform(64, 32, names + ['random_erase'], seed=3).draw(16, 'cpu')
+    assert all(torch.equal(plain[key], with_erasing[key]) for key in plain)
+    assert {key for key in with_erasing if key.startswith('erase')} == \
+        {'erase', 'erase_top', 'erase_left', 'erase_height', 'erase_width'}
+    first = DeviceTransform(64, 32, names + ['random_erase'], seed=7)
+    assert torch.equal(first(batch), DeviceTransform(64, 32, names + ['random_erase'],
+                                                     seed=7)(batch))
 
 
 # --- loaders --------------------------------------------------------------------------------
@@ -538,3 +689,57 @@ def test_a_loader_over_a_host_copy_moves_batches_to_its_device(train_items):
     batches = list(loader)
     assert len(batches) == len(loader) == 3 and len(batches[-1]['impath']) == 4
     assert batches[0]['img'].device.type == device and batches[0]['pid'].device.type == device
+
+
+
+def test_random_erase_reads_nothing_back_to_the_host(decoded, monkeypatch):
+    """Drawing and applying the boxes of a batch never reads a tensor's value on the host (on
+    a GPU each would wait for the device): every such read fails here."""
+    batch = decoded.gather(torch.arange(16))
+    transform = DeviceTransform(64, 32, ['random_flip', 'random_crop', 'random_erase'], seed=2)
+    transform(batch)                           # the generator and the mean made beforehand
+
+    def host_read(*args, **kwargs):
+        raise AssertionError('a tensor was read on the host')
+    for name in ('item', 'tolist', 'numpy', '__bool__', '__int__', '__float__', '__index__',
+                 'nonzero'):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    monkeypatch.setattr(torch, 'nonzero', host_read)
+    transform(batch)
+
+@pytest.mark.slow
+@pytest.mark.parametrize('cache', ['off', 'on'])
+def test_random_erase_reaches_the_training_batches_on_either_path(cache, tiny_settings,
+                                                                  monkeypatch, capsys):
+    """TRANSFORMS with 'random_erase' trains on Torchreid's loader (its RandomErasing) and on
+    the device path (ours): about half of the images the step sees hold one mean-filled box."""
+    import main
+    from reidkit.train.step import TrainStep
+    seen = []
+    original = TrainStep.__call__
+
+    def recording(step, images, pids):
+        seen.append(images.detach().float().cpu().clone())
+        return original(step, images, pids)
+    monkeypatch.setattr(TrainStep, '__call__', recording)
+    main.train(tiny_settings.replace(TRANSFORMS=['random_flip', 'random_erase'],
+                                     DATA_CACHE=cache, MAX_EPOCH=2, EVAL_FREQ=-1))
+    out = capsys.readouterr().out
+    assert ('augmented on the device' in out) == (cache == 'on')
+    boxes = erased_boxes(torch.cat(seen), datapath.IMAGENET_MEAN)
+    assert within_binomial(sum(box is not None for box in boxes), len(boxes), 0.5, sigmas=5)
+
+
+def test_the_device_paths_draws_continue_from_a_saved_state(decoded):
+    """A checkpoint's state of the generator continues its draws; a GPU this machine lacks is
+    passed over (its draws would start from the seed)."""
+    batch = decoded.gather(torch.arange(16))
+    names = ['random_flip', 'random_crop', 'random_erase']
+    first = DeviceTransform(64, 32, names, seed=4)
+    first(batch)
+    state = first.random_state()
+    expected = first(batch)
+    later = DeviceTransform(64, 32, names, seed=5)
+    missing_gpu = f'cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}'
+    later.set_random_state({**state, missing_gpu: state['cpu']})
+    assert torch.equal(later(batch), expected)

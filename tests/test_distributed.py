@@ -540,3 +540,28 @@ def test_same_everywhere_stops_every_rank_and_one_prints():
     # (message, printed by another rank): the lowest rank that found it prints it
     assert results[0] == [('found by 0', False), ('found by 1', True), ('ok', 0)]
     assert results[1] == [('found by 0', True), ('found by 1', False), ('ok', 1)]
+
+
+@pytest.mark.slow
+def test_a_ddp_resume_of_the_strong_recipe_ends_with_the_uninterrupted_weights(tmp_path):
+    """Two processes, RECIPE='strong': resuming the run's epoch-1 checkpoint (latest.pth.tar)
+    under two processes again gives the uninterrupted run's final weights and centres bit for
+    bit: each process's random generators are in the checkpoint and restored to its rank."""
+    from reidkit.run.checkpoints import load_checkpoint
+    flags = [*DEMO_FLAGS, '--RECIPE=strong', '--HEIGHT=32', '--WIDTH=16', '--EVAL_FREQ=1']
+    whole = run_main([*flags, f'--EXPERIMENTS_DIR={tmp_path}/whole'], tmp_path, torchrun(2))
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    (run,) = (tmp_path / 'whole').iterdir()
+    latest = load_checkpoint(run / 'model' / 'latest.pth.tar')
+    assert latest['epoch'] == 1 and len(latest['random_state']) == 2     # one per process
+    resumed = run_main(['train', f'--RESUME={run}/model/latest.pth.tar',
+                        f'--EXPERIMENTS_DIR={tmp_path}/resumed'], tmp_path, torchrun(2))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert 'Note: the checkpoint holds' not in resumed.stdout
+    (again,) = (tmp_path / 'resumed').iterdir()
+    expected, got = (load_checkpoint(folder / 'model' / 'model.pth.tar-2')
+                     for folder in (run, again))
+    differing = [key for key, value in expected['state_dict'].items()
+                 if not torch.equal(got['state_dict'][key], value)]
+    assert not differing, differing[:5]
+    assert torch.equal(got['center_loss']['centers'], expected['center_loss']['centers'])

@@ -61,7 +61,7 @@ def _test_images(s, count: int) -> list:
 def _torch_features(s, checkpoint: Path, images: list) -> np.ndarray:
     from reidkit.run.checkpoints import load_checkpoint
     from reidkit.search.extractor import checkpoint_model, quiet_test_transform
-    model = checkpoint_model(load_checkpoint(checkpoint), checkpoint, s.MODEL_NAME, s.LOSS)
+    model = checkpoint_model(load_checkpoint(checkpoint), checkpoint, s)
     transform = quiet_test_transform(s.HEIGHT, s.WIDTH)
     with torch.no_grad():
         return model.eval()(torch.stack([transform(im) for im in images])).numpy()

@@ -108,6 +108,24 @@ def test_a_busy_cpu_gets_the_thread_hint_once_it_matters(monkeypatch):
     assert busy_cpu_note(load=1.5, cores=2) is None          # an ordinary run
     assert busy_cpu_note(load=9.0, cores=1) is None          # one thread already
     note = busy_cpu_note(load=6.7, cores=2)
-    assert 'load 6.7 for 2 threads' in note and 'OMP_NUM_THREADS=1 python main.py' in note
+    assert 'load 6.7 for 2 threads' in note and 'with --CPU_THREADS=1' in note
+    assert busy_cpu_note(load=6.7, cores=2, chosen=True) is None     # CPU_THREADS set
     monkeypatch.setenv('OMP_NUM_THREADS', '2')
     assert busy_cpu_note(load=6.7, cores=2) is None          # the user chose
+
+
+def test_cpu_threads_is_applied_before_any_work_and_the_demo_uses_one(tmp_path, capsys):
+    import torch
+    import config
+    assert config.DEMO['CPU_THREADS'] == 1          # the demo's figures repeat on any machine
+    before = torch.get_num_threads()
+    try:
+        # a missing checkpoint stops the command after the settings were read
+        assert main.main(['export', '--CPU_THREADS=1', f'--WEIGHTS={tmp_path / "none.pth"}',
+                          f'--EXPERIMENTS_DIR={tmp_path / "exp"}']) == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    assert main.main(['--CPU_THREADS=-1', 'test', f'--EXPERIMENTS_DIR={tmp_path / "e"}']) == 2
+    assert 'CPU_THREADS=-1 must be 0' in capsys.readouterr().err

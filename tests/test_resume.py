@@ -166,3 +166,4 @@ def test_resuming_on_own_data_that_changed_rewrites_nothing_of_the_run(tmp_path)
                                        'MAX_EPOCH': 2, 'EXPERIMENTS_DIR': s.EXPERIMENTS_DIR}))
     assert fingerprint() == before
     assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]   # continued there
+

@@ -16,6 +16,7 @@ from reidkit.data.files import file_ids
 from reidkit.data.images import MAX_STRIP_MATCHES, image_problem
 from reidkit.data.own_data import SPLITS as OWN_SPLITS, OwnData, check_own_data, missing_split
 from reidkit.run.errors import UserError
+from reidkit.run.model import fit_to_model
 from reidkit.run.settings import SEVERAL_TYPES, SWITCH_CHOICES, Settings, dataset_list, \
     is_own_data
 from reidkit.run.words import counted
@@ -76,6 +77,7 @@ def check_names(s: Settings) -> None:
         raise UserError(f"LAST_STRIDE={s.LAST_STRIDE!r}: use 'auto' (the model's own) or 1 (the "
                         f"last stage of a ResNet keeps its size). Fix it in config.py or with "
                         f"--LAST_STRIDE=...")
+    fit_to_model(s)         # a neck or last stride MODEL_NAME cannot take, set explicitly
     for transform in s.TRANSFORMS:
         if transform not in TRANSFORMS:
             raise _choices('TRANSFORMS', transform, TRANSFORMS)
@@ -147,6 +149,10 @@ def check_numbers(s: Settings, training: bool) -> None:
         raise UserError(f'Warm-up needs WARMUP_EPOCHS >= 0 and 0 < WARMUP_FACTOR <= 1 (the share '
                         f'of LR it starts from); got {s.WARMUP_EPOCHS} and {s.WARMUP_FACTOR}. '
                         f'BoT uses 10 and 0.01.')
+    if training and s.WARMUP_EPOCHS >= s.MAX_EPOCH > 0:
+        raise UserError(f'WARMUP_EPOCHS={s.WARMUP_EPOCHS} is not shorter than the run '
+                        f'(MAX_EPOCH={s.MAX_EPOCH}), so the learning rate would never reach LR. '
+                        f'Use fewer warm-up epochs (BoT: 10 of 120) or --WARMUP_EPOCHS=0.')
     if not s.CENTER_LOSS_WEIGHT >= 0:
         raise UserError(f'CENTER_LOSS_WEIGHT={s.CENTER_LOSS_WEIGHT!r} must be 0 (off) or more; '
                         f'BoT uses 5e-4.')
@@ -350,7 +356,7 @@ def check_market_names(data_dir: Path, named: list[Path]) -> None:
     file and pointing to the own-data path, which reads any digits from the file name only."""
     own = (f'Data that is not Market-1501 itself can be read as your own data, which takes '
            f'any number of digits from the file name only: --SOURCES={data_dir} '
-           f'--TARGETS={data_dir} (see "Your own data" in the README).')
+           f'--TARGETS={data_dir} (see docs/own-data.md).')
     for path in named:
         whole = market.LOADER_NAME.search(str(path))
         name = market.LOADER_NAME.search(path.name)

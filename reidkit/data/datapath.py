@@ -4,10 +4,11 @@ Torchreid's loader decodes every JPEG and augments it with PIL in worker process
 epoch. Here each image of a dataset list is decoded once into uint8 memory (`DecodedImages`),
 and each batch is resized, augmented and normalised by tensor operations on the device the
 images live on (`DeviceTransform`), in the order and with the parameters of Torchreid's
-`build_transforms` for 'random_flip', 'random_crop' and 'color_jitter'. `CachedLoader` draws
-indices from Torchreid's own sampler object and yields batch dicts like Torchreid's loaders,
-so its engines take them unchanged. `build_cached_loaders` builds the lot from a datamanager,
-or says why Torchreid's loader should be kept.
+`build_transforms` for 'random_flip', 'random_crop', 'color_jitter' and 'random_erase'
+(Torchreid's RandomErasing, after normalisation, its boxes drawn per image on the device).
+`CachedLoader` draws indices from Torchreid's own sampler object and yields batch dicts like
+Torchreid's loaders, so its engines take them unchanged. `build_cached_loaders` builds the lot
+from a datamanager, or says why Torchreid's loader should be kept.
 
 PIL works in uint8 between steps; the device steps round (resizes) or truncate (colour) to
 whole levels where PIL does. Each step is then within one level of PIL's on equal input (the
@@ -37,12 +38,19 @@ from reidkit.run.progress import progress as progress_bar
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # Torchreid's defaults when norm_mean/norm_std are None
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_NORMALISATION = (IMAGENET_MEAN, IMAGENET_STD)
-SUPPORTED_TRANSFORMS = ('random_flip', 'random_crop', 'color_jitter')
+SUPPORTED_TRANSFORMS = ('random_flip', 'random_crop', 'color_jitter', 'random_erase')
 FLIP_PROBABILITY = 0.5                  # torchvision's RandomHorizontalFlip() default
 CROP_PROBABILITY = 0.5                  # Random2DTranslation's default p
 CROP_ENLARGE = 1.125                    # Random2DTranslation's enlargement before the crop
 BRIGHTNESS = (0.8, 1.2)                 # Torchreid's ColorJitter(brightness=0.2, contrast=0.15)
 CONTRAST = (0.85, 1.15)
+# Torchreid's RandomErasing() as build_transforms makes it (Zhong et al., AAAI 2020): erases with
+# probability 0.5 a box of 0.02-0.4 of the image, its aspect (height / width) uniform in
+# 0.3-1/0.3, the first of up to 100 drawn boxes that fits, filled with the normalisation's mean.
+ERASE_PROBABILITY = 0.5
+ERASE_AREA = (0.02, 0.4)
+ERASE_ASPECT = (0.3, 1 / 0.3)
+ERASE_ATTEMPTS = 100
 SMALL_LIST = 64                         # fewer images than this are decoded in this process
 DECODE_CHUNK = 1024                     # images decoded on the host before going to the device
 GPU_SHARE = 0.5                         # most of a GPU's free memory the cache may take
@@ -293,12 +301,56 @@ def _color_jitter(images: torch.Tensor, brightness: torch.Tensor, contrast: torc
     return _blend(x, torch.where(first, _mean_grey(x), 0.0), torch.where(first, c, b))
 
 
+def _erase_boxes(u: torch.Tensor, height: int, width: int) -> dict:
+    """RandomErasing's choices for each image of a batch, from `u`: (B, 3 + 2 * ERASE_ATTEMPTS)
+    uniform draws in [0, 1) on the batch's device (no host work).
+
+    As Torchreid's: erase when the first draw is <= p; each attempt draws an area (a share of
+    height x width) and an aspect, h = round(sqrt(area x aspect)), w = round(sqrt(area / aspect))
+    (half to even, as Python's round), and the first with h < height and w < width is taken
+    (none fits: no erasing); its top-left corner is uniform over every position that fits
+    (random.randint's inclusive ends). All attempts are drawn at once and the first fit picked.
+    Returns {'erase': bool (B,), 'erase_top', 'erase_left', 'erase_height', 'erase_width':
+    long (B,)}."""
+    attempts = u[:, 3:].view(-1, 2, ERASE_ATTEMPTS)
+    area = (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * attempts[:, 0]) * (height * width)
+    aspect = ERASE_ASPECT[0] + (ERASE_ASPECT[1] - ERASE_ASPECT[0]) * attempts[:, 1]
+    tall = (area * aspect).sqrt().round().long()
+    wide = (area / aspect).sqrt().round().long()
+    fits = (tall < height) & (wide < width)
+    first = fits.int().argmax(dim=1, keepdim=True)        # the first fit (argmax: first max)
+    tall, wide = tall.gather(1, first)[:, 0], wide.gather(1, first)[:, 0]
+    # randint(0, n) is floor(u * (n + 1)); the minimum guards float32's rounding of u * (n + 1)
+    top = torch.minimum((u[:, 1] * (height - tall + 1)).floor().long(), height - tall)
+    left = torch.minimum((u[:, 2] * (width - wide + 1)).floor().long(), width - wide)
+    return {'erase': (u[:, 0] <= ERASE_PROBABILITY) & fits.any(dim=1), 'erase_top': top,
+            'erase_left': left, 'erase_height': tall, 'erase_width': wide}
+
+
+def _erase(images: torch.Tensor, params: dict, fill: torch.Tensor) -> torch.Tensor:
+    """`images` (B, C, H, W) with each chosen image's box (`_erase_boxes`) set to `fill`
+    (1, C, 1, 1): one masked select over the batch."""
+    _, _, height, width = images.shape
+    rows = torch.arange(height, device=images.device)[None, :, None]
+    cols = torch.arange(width, device=images.device)[None, None, :]
+
+    def per_image(values):
+        return values[:, None, None]
+    top, left = per_image(params['erase_top']), per_image(params['erase_left'])
+    inside = ((rows >= top) & (rows < top + per_image(params['erase_height']))
+              & (cols >= left) & (cols < left + per_image(params['erase_width']))
+              & per_image(params['erase']))
+    return torch.where(inside[:, None], fill, images)
+
+
 class DeviceTransform:
     """Torchreid's transforms for a batch, on the batch's device.
 
     Test (train=False): resize to (height, width), to [0, 1], normalise: Torchreid's
     transform_te. Train: resize, then in Torchreid's order random_flip, random_crop and
-    color_jitter where named, then to [0, 1] and normalise: its transform_tr. Each image gets
+    color_jitter where named, then to [0, 1] and normalise, then random_erase where named
+    (filled with the normalisation's mean, as build_transforms passes it): its transform_tr.
+    Each image gets
     its own random draws, from a torch.Generator on the device (seeded: a seed repeats an
     epoch; unseeded: seeded from torch's global generator, so torch.manual_seed repeats it).
     `normalisation` is Normalize's (mean, std) per channel, ImageNet's by default."""
@@ -314,6 +366,7 @@ class DeviceTransform:
         self.flip = 'random_flip' in names
         self.crop = 'random_crop' in names
         self.jitter = 'color_jitter' in names
+        self.erase = 'random_erase' in names
         # Python's round, as Random2DTranslation's int(round(...)): half to even.
         self.enlarged_size = (int(round(height * CROP_ENLARGE)), int(round(width * CROP_ENLARGE)))
         self.norm_mean, self.norm_std = (tuple(values) for values in normalisation)
@@ -335,6 +388,21 @@ class DeviceTransform:
         if key not in self._on_device:
             self._on_device[key] = torch.Generator(device=device).manual_seed(self._seed)
         return self._on_device[key]
+
+    def random_state(self) -> dict:
+        """{device: its generator's state} (a checkpoint keeps it, so a resumed run draws on)."""
+        return {device: generator.get_state() for (kind, device), generator
+                in self._on_device.items() if kind == 'generator'}
+
+    def set_random_state(self, state: dict) -> None:
+        """Continues the draws `random_state` read, on the devices this machine has (a GPU
+        it lacks: that generator starts from the seed when next used, as before)."""
+        for name, generator_state in state.items():
+            device = torch.device(name)
+            if device.type == 'cuda' and not (torch.cuda.is_available() and
+                                              (device.index or 0) < torch.cuda.device_count()):
+                continue
+            self._generator(device).set_state(generator_state)
 
     def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) as (1, 3, 1, 1) tensors on `device`, copied there once."""
@@ -364,6 +432,10 @@ class DeviceTransform:
             'brightness': BRIGHTNESS[0] + (BRIGHTNESS[1] - BRIGHTNESS[0]) * u[:, 4],
             'contrast': CONTRAST[0] + (CONTRAST[1] - CONTRAST[0]) * u[:, 5],
             'brightness_first': u[:, 6] < 0.5,
+            # RandomErasing: drawn only where named, so other transforms keep their draws.
+            **(_erase_boxes(torch.rand((batch_size, 3 + 2 * ERASE_ATTEMPTS), device=device,
+                                       generator=self._generator(device)),
+                            self.height, self.width) if self.erase else {}),
         }
 
     def resize(self, images) -> torch.Tensor:
@@ -392,7 +464,10 @@ class DeviceTransform:
                 x = _color_jitter(x, params['brightness'], params['contrast'],
                                   params['brightness_first'])
         mean, std = self._normalisation(x.device)
-        return ((x / 255 - mean) / std).contiguous()
+        x = (x / 255 - mean) / std
+        if params is not None and self.erase:
+            x = _erase(x, params, mean)
+        return x.contiguous()
 
     def __call__(self, images) -> torch.Tensor:
         if not self.train:

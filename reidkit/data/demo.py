@@ -355,7 +355,7 @@ def summarise_market_dir(data_dir: Path) -> DemoSummary:
     )
 
 
-# Camera names of `make_identity_folders`: any folder name is a camera (README: Your own data).
+# Camera names of `make_identity_folders`: any folder name is a camera (docs/own-data.md).
 IDENTITY_FOLDER_CAMERAS = ('door', 'hall', 'lift', 'yard', 'gate', 'shop')
 
 

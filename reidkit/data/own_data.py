@@ -74,7 +74,7 @@ SPLIT_FILE = 'split.json'             # in the run folder: every own dataset's s
 SPLIT_MADE, SPLIT_GIVEN = 'made (TEST_SHARE, SPLIT_SEED)', 'folders/CSV'   # its `split` values
 WHAT_TO_DO = ('Lay the images out as <pid>_c<camera>_<anything>.jpg, as <identity>/<image>, as '
               '<identity>/<camera>/<image>, or list them in a CSV file with the header '
-              'path,pid,camid[,split] (README: "Your own data").')
+              'path,pid,camid[,split] (docs/own-data.md).')
 
 
 def natural_key(text: str):

@@ -17,7 +17,8 @@ the first files on both sides. A run made before records were kept has its split
 targets are tested on the split recorded there (recorded_splits) and checked against the
 training files listed there. A model-zoo file carries neither: nothing to check against.
 Hashing reads each training file once (the test files only when their size matches a
-training file's); see README "Never a wrong number" for its cost on a million files.
+training file's); see docs/benchmarks.md ("The record of training files") for its cost on a
+million files.
 """
 from __future__ import annotations
 

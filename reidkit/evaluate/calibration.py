@@ -32,9 +32,10 @@ SAME_ENTRY = ('target', 'distance', 'flip_test')
 
 
 def distance_settings(s: Settings) -> dict[str, Any]:
-    """The settings a distance depends on, as entries record them: the metric (squared
-    euclidean today, as Torchreid's) and FLIP_TEST."""
-    return {'distance': 'euclidean', 'flip_test': bool(s.FLIP_TEST)}
+    """The settings a distance depends on, as entries record them: the metric (DIST_METRIC:
+    'euclidean', squared as Torchreid's, or 'cosine') and FLIP_TEST. A threshold is only ever
+    used with the settings it was measured with."""
+    return {'distance': s.DIST_METRIC, 'flip_test': bool(s.FLIP_TEST)}
 
 
 def record_path(checkpoint: Path, folder: Path) -> Path:

@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from reidkit.data.checks import DIST_METRICS
 from reidkit.data.files import file_ids
 from reidkit.run.errors import UserError
 
@@ -356,15 +357,24 @@ def paired_squared_euclidean(a: torch.Tensor, b: torch.Tensor, a_sq_norms: torch
     return (a_sq_norms + b_sq_norms).add_((a * b).sum(1), alpha=-2)
 
 
+# Rows shorter than this count as zero when made unit length (torch.nn.functional.normalize's).
+UNIT_EPS = 1e-12
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in DIST_METRICS:
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+
+
 def distance_rows(query: torch.Tensor, gallery: torch.Tensor, metric: str) -> DistanceRows:
     """Distances of query rows start..end-1 to the whole gallery, squared euclidean (as
-    Torchreid) or cosine (1 - cosine similarity)."""
+    Torchreid) or cosine (1 - cosine similarity, as Torchreid's `compute_distance_matrix(...,
+    'cosine')`; a zero row is at distance 1 from everything). ValueError for another metric."""
+    _check_metric(metric)
     if metric == 'cosine':
-        query = torch.nn.functional.normalize(query, dim=1)
-        gallery_t = torch.nn.functional.normalize(gallery, dim=1).t()
+        query = torch.nn.functional.normalize(query, dim=1, eps=UNIT_EPS)
+        gallery_t = torch.nn.functional.normalize(gallery, dim=1, eps=UNIT_EPS).t()
         return lambda start, end: 1 - query[start:end] @ gallery_t
-    if metric != 'euclidean':
-        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
     norms = gallery.pow(2).sum(1)
     return lambda start, end: squared_euclidean(query[start:end], gallery,
                                                 gallery_sq_norms=norms)
@@ -374,6 +384,29 @@ def distances(query: torch.Tensor, gallery: torch.Tensor,
               metric: str = 'euclidean') -> torch.Tensor:
     """Squared euclidean (as Torchreid) or cosine distances, query rows x gallery rows."""
     return distance_rows(query, gallery, metric)(0, len(query))
+
+
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """float32 (n, d) rows divided by their L2 norms (by UNIT_EPS where smaller), as
+    `distance_rows` normalises them for the cosine distance: what search's index holds and
+    is searched with for DIST_METRIC='cosine'."""
+    rows = np.asarray(rows, dtype=np.float32)
+    norms = np.sqrt(np.einsum('ij,ij->i', rows, rows))
+    return rows / np.maximum(norms, UNIT_EPS)[:, None]
+
+
+def one_query_distances(query: np.ndarray, rows: np.ndarray, metric: str) -> np.ndarray:
+    """The distances of `distances` from one query (d,) to a few rows (n, d), float32 numpy,
+    in numpy's single-threaded loops: search re-ranks each query's few hundred candidates
+    with it, where torch's threads would only wait for each other on a busy machine. Squared
+    euclidean as |g|^2 - 2 g.q + |q|^2, or 1 - cosine similarity. ValueError for another
+    metric."""
+    _check_metric(metric)
+    if metric == 'cosine':      # each row's dot product divided by its norm: no unit copy
+        norms = np.sqrt(np.einsum('ij,ij->i', rows, rows))
+        return 1 - (rows @ unit_rows(query[None])[0]) / np.maximum(norms, UNIT_EPS)
+    return np.einsum('ij,ij->i', rows, rows) - 2 * np.einsum('ij,j->i', rows, query) + \
+        np.dot(query, query)
 
 
 def evaluate_features(query_features, gallery_features, labels: Labels,

@@ -372,20 +372,26 @@ def _nearest_in_blocks(features, sq_norms, num_query, count, result, chunk):
 def re_ranking_features(query_features, gallery_features,
                         parameters: Reranking = Reranking(),
                         device: torch.device | str | None = None,
-                        chunk: int = CHUNK) -> np.ndarray:
+                        chunk: int = CHUNK, metric: str = 'euclidean') -> np.ndarray:
     """Re-ranked query x gallery distances (float32 numpy) straight from features.
 
-    The result is `re_ranking(qg, qq, gg)` on the squared euclidean distance matrices of
-    these features (Torchreid's `compute_distance_matrix(..., 'euclidean')`, what its engine
-    passes), so the original distance inside is squared euclidean squared, scaled by each
-    image's largest. Neither the (queries + gallery)^2 nor the gallery^2 matrix is built: the
+    The result is `re_ranking(qg, qq, gg)` on the distance matrices of these features that
+    Torchreid's engine passes (`compute_distance_matrix(..., metric)`): squared euclidean
+    ('euclidean'), or 1 - cosine similarity ('cosine'). The original distance inside is that
+    distance squared, scaled by each image's largest. For 'cosine' the features are
+    L2-normalised first: their squared euclidean distances are then exactly 2 x the cosine
+    distances, and re-ranking (which only ever divides an image's distances by its largest)
+    gives the same result from them, up to float rounding. Neither the (queries + gallery)^2 nor the gallery^2 matrix is built: the
     neighbour search runs over (chunk x chunk) blocks and keeps only each image's nearest; V
     is sparse. Memory: the query x gallery result, a copy of the features, and
     O(images x k1 x k2) (MSMT17's 11,659 x 82,161 at 2048-d: about 4.5 GB besides the caller's
     features, 3.8 GB of it the result). Runs where `device` says (default: where the features
     are); the result comes back to the CPU. NaN or infinite features raise
-    `NonFiniteError`; bad shapes raise `UserError` (as bad parameters do, in `Reranking`).
+    `NonFiniteError`; bad shapes raise `UserError` (as bad parameters do, in `Reranking`);
+    a metric other than 'euclidean' or 'cosine' raises ValueError.
     """
+    if metric not in ('euclidean', 'cosine'):
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
     qf, gf = (f if isinstance(f, torch.Tensor) else torch.from_numpy(np.asarray(f))
               for f in (query_features, gallery_features))
     if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1] or not len(qf) \
@@ -399,6 +405,8 @@ def re_ranking_features(query_features, gallery_features,
     device = torch.device(device) if device is not None else qf.device
     with _exact_float32(device):
         features = torch.cat([qf.to(device, torch.float32), gf.to(device, torch.float32)])
+        if metric == 'cosine':
+            features = torch.nn.functional.normalize(features, dim=1)
         return _re_ranking_features(features, len(qf), parameters, chunk)
 
 

@@ -4,6 +4,8 @@
 - settings: config.py's values resolved once (overrides, checks of names and types), the
   classes of settings and the rule telling a dataset name from a folder or CSV path
 - cli: the command line (modes, --KEY=VALUE) and --help
+- settings_page: docs/settings.md, generated from config.py and settings (python -m
+  reidkit.run.settings_page)
 - atomic: write beside, then rename: every file is whole or absent; the full-disk message;
   the file lock that keeps work from running twice at once
 - folders: run folders, settings.json, finding and resolving checkpoints (to evaluate, to

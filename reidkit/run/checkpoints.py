@@ -7,14 +7,11 @@ other Python object is refused, never executed.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import math
 import os
 import pickle
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +21,16 @@ import torch.nn as nn
 
 from reidkit.run.atomic import atomic_file, temporary_name
 from reidkit.run.errors import UserError
+from reidkit.run.model import NECK_PREFIX, has_neck, meta_model
+from reidkit.run.schedule import schedule_parts, warmup_factor
 from reidkit.run.settings import Settings
 
 CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
 LATEST_NAME = 'latest.pth.tar'         # rolling checkpoint written every LATEST_EVERY epochs
 OPTIMIZER_DROPPED = 'optimizer_dropped'   # True in a checkpoint drop_optimizer_states rewrote
+# A checkpoint's centre-loss state (CENTER_LOSS_WEIGHT > 0): the class centres and their SGD's
+# state, reidkit.train.step.Centers.state_dict(); absent when the run had no centre loss.
+CENTERS_KEY = 'center_loss'
 # Hyper-parameters that tell optimisers apart in a saved state (Adam has betas, SGD momentum
 # and dampening, RMSprop alpha); other keys vary with the torch version.
 OPTIMISER_SIGNATURE = {'betas', 'momentum', 'dampening', 'nesterov', 'alpha', 'centered'}
@@ -253,12 +255,13 @@ def without_module_prefix(state_dict: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def classifier_keys(model_name: str) -> frozenset[str] | None:
+def classifier_keys(model_name: str, neck: str = 'none') -> frozenset[str] | None:
     """The state_dict keys of a Torchreid model's identity classifier: those whose shape follows
     `num_classes` (classifier.*, but HACNN's classifier_global.* and classifier_local.*, PCB's
-    classifier.0.* ...). Found by building the model twice on the meta device (no memory, no
-    weights, milliseconds); None for a name Torchreid cannot build."""
-    two, three = (meta_model(model_name, num_classes=n) for n in (2, 3))
+    classifier.0.* ...; with neck='bnneck' classifier.linear.weight). Found by building the
+    model twice on the meta device (no memory, no weights, milliseconds); None for a name
+    Torchreid cannot build (or with a neck it cannot take)."""
+    two, three = (meta_model(model_name, num_classes=n, neck=neck) for n in (2, 3))
     if two is None:
         return None
     two, three = two.state_dict(), three.state_dict()
@@ -266,11 +269,11 @@ def classifier_keys(model_name: str) -> frozenset[str] | None:
 
 
 def _classifier_of(model_name: str, keys) -> set[str]:
-    """The classifier's keys among `keys`; by name (classifier*) where the model cannot be
-    probed."""
+    """The classifier's keys among `keys` (of a model with or without a neck); by name
+    (classifier*) where the model cannot be probed."""
     known = classifier_keys(model_name)
     if known is not None:
-        return set(keys) & known
+        return set(keys) & (known | (classifier_keys(model_name, 'bnneck') or frozenset()))
     return {key for key in keys if key.split('.')[0].startswith('classifier')}
 
 
@@ -291,7 +294,7 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
 
     The classifier may differ (a checkpoint trained on other identities): it is not used at
     test time, so it is skipped with a one-line note. Any other mismatch means another
-    architecture, which is an error naming both.
+    architecture (or a neck on one side only: NECK), which is an error naming both.
     """
     target = unwrap(model)
     own = target.state_dict()
@@ -300,6 +303,14 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
                         if key not in theirs or theirs[key].shape != own[key].shape)
     unexpected = sorted(key for key in theirs if key not in own)
     classifier = _classifier_of(model_name, set(own) | set(theirs))
+    architecture = [key for key in mismatched + unexpected
+                    if key not in classifier and not key.startswith(NECK_PREFIX)]
+    if not architecture and has_neck(own) != has_neck(theirs):
+        wanted = 'bnneck' if has_neck(theirs) else 'none'
+        raise UserError(
+            f'{setting}: "{path}" was trained with{"" if has_neck(theirs) else "out"} a BNNeck '
+            f'and the model built here has {"none" if has_neck(theirs) else "one"}: use '
+            f'NECK={wanted!r}, as the checkpoint\'s own settings do unless --NECK is given.')
     if any(key not in classifier for key in mismatched + unexpected):
         saved_from = checkpoint.get('model_name', 'another architecture')
         example = next(key for key in mismatched + unexpected if key not in classifier)
@@ -318,14 +329,19 @@ def load_weights(model: nn.Module, checkpoint: dict, model_name: str, path: Path
     target.load_state_dict(own)
 
 
-def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, scheduler) -> int:
-    """Restores model, optimiser and scheduler from a checkpoint (read from `path`); returns
-    its epoch. UserError, before anything is restored, for a checkpoint without training
-    state, of another optimiser, or whose classifier counts other identities than `model`'s
-    (the training data changed); after, for any other mismatch."""
-    for key in ('epoch', 'optimizer', 'scheduler'):
+def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, scheduler,
+                    centers=None) -> int:
+    """Restores model, optimiser, scheduler and (CENTER_LOSS_WEIGHT > 0) the centre loss's
+    `centers` (reidkit.train.step.Centers) from a checkpoint (read from `path`); returns its
+    epoch. UserError, before anything is restored, for a checkpoint without training state
+    (the centres' included), of another optimiser, or whose classifier counts other identities
+    than `model`'s (the training data changed); after, for any other mismatch."""
+    needed = {'epoch': 'epoch', 'optimizer': 'optimizer', 'scheduler': 'scheduler'}
+    if centers is not None:
+        needed[CENTERS_KEY] = 'centre-loss'
+    for key, what in needed.items():
         if checkpoint.get(key) is None:
-            raise UserError(f'RESUME: "{path}" has no {key} state, so training cannot continue '
+            raise UserError(f'RESUME: "{path}" has no {what} state, so training cannot continue '
                             f'from it. Resume from a checkpoint written by training.')
     saved_group = (checkpoint['optimizer'].get('param_groups') or [{}])[0]
     own_group = optimizer.state_dict()['param_groups'][0]
@@ -350,6 +366,8 @@ def resume_training(checkpoint: dict, path: Path, model: nn.Module, optimizer, s
         unwrap(model).load_state_dict(without_module_prefix(checkpoint['state_dict']))
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
+        if centers is not None:
+            centers.load_state_dict(checkpoint[CENTERS_KEY])
     except (RuntimeError, ValueError, KeyError) as error:
         # PyTorch's first line is a header ("Error(s) in loading ..."): name the first mismatch
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -376,40 +394,55 @@ def continue_schedule(checkpoint: dict, scheduler, optimizer, epoch: int,
       Re-planning from the LR the next epoch would have had cannot work for a finished run:
       that LR is the cosine's minimum, 0.
     - single_step (StepLR) and multi_step (MultiStepLR) are unchanged: the drops already made
-      stay made, and the next ones come on the same epochs as before.
+      stay made, and the next ones come on the same epochs as before (multi_step's STEPSIZE
+      epochs are kept as they are, even those past the new MAX_EPOCH).
+    - a warm-up (reidkit.run.schedule) is never changed: WARMUP_EPOCHS stays, and the rules
+      above apply to the schedule it multiplies (a cosine re-planned during the warm-up is
+      still scaled by the warm-up's factor until it ends).
     """
+    warmup, schedule = schedule_parts(scheduler)
     planned = (checkpoint.get('settings') or {}).get('MAX_EPOCH')
-    if planned is None and isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+    if planned is None and isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR):
         planned = (checkpoint.get('scheduler') or {}).get('T_max')
     if planned is None or int(planned) == max_epoch:
         return None
     change = f'MAX_EPOCH={max_epoch} where the run planned {int(planned)}'
-    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-        low, phase = scheduler.eta_min, scheduler.last_epoch
+    warming = warmup is not None and epoch < warmup.total_iters
+    during_warmup = (f' (times the warm-up\'s factor until epoch {warmup.total_iters}, '
+                     f'WARMUP_EPOCHS)' if warming else '')
+    if isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR):
+        low, phase = schedule.eta_min, schedule.last_epoch
         # The LR epoch `epoch` trained with: the cosine one step before the restored position.
-        last = [low + (base - low) * (1 + math.cos(math.pi * (phase - 1) / scheduler.T_max)) / 2
-                for base in scheduler.base_lrs]
+        last = [low + (base - low) * (1 + math.cos(math.pi * (phase - 1) / schedule.T_max)) / 2
+                for base in schedule.base_lrs]
         span = max_epoch - epoch + 1
         plan = [[low + (lr - low) * (1 + math.cos(math.pi * k / span)) / 2 for lr in last]
                 for k in range(1, span)]
         # Position 1 of a cosine from `last` over `span` epochs: PyTorch's step() continues it.
-        scheduler.base_lrs, scheduler.T_max, scheduler.last_epoch = last, span, 1
-        for group, lr in zip(optimizer.param_groups, plan[0]):
+        schedule.base_lrs, schedule.T_max, schedule.last_epoch = last, span, 1
+        rates = [lr * warmup_factor(warmup) for lr in plan[0]]
+        for group, lr in zip(optimizer.param_groups, rates):
             group['lr'] = lr
-        scheduler._last_lr = list(plan[0])
+        for part in {scheduler, schedule, warmup} - {None}:
+            part._last_lr = list(rates)
         shown = ', '.join(f'{lrs[0]:.3g}' for lrs in plan) if len(plan) <= 6 else \
             f'{plan[0][0]:.3g} ... {plan[-1][0]:.3g}'
         return (f'{change}: the cosine learning-rate schedule is re-planned over epochs '
                 f'{epoch + 1}-{max_epoch}, falling from epoch {epoch}\'s rate ({last[0]:.3g}) '
-                f'as the first plan fell: {shown}')
+                f'as the first plan fell: {shown}{during_warmup}')
     lr = optimizer.param_groups[0]['lr']
-    if isinstance(scheduler, torch.optim.lr_scheduler.StepLR):
+    if isinstance(schedule, torch.optim.lr_scheduler.StepLR):
         return (f'{change}: single_step keeps multiplying the learning rate by '
-                f'{scheduler.gamma:g} every {scheduler.step_size} epochs (STEPSIZE), counted '
+                f'{schedule.gamma:g} every {schedule.step_size} epochs (STEPSIZE), counted '
                 f'from the run\'s start; the drops already made stay. Epoch {epoch + 1} trains '
-                f'at {lr:.3g}')
+                f'at {lr:.3g}{during_warmup}')
+    if isinstance(schedule, torch.optim.lr_scheduler.MultiStepLR):
+        epochs = ', '.join(str(step) for step in sorted(schedule.milestones.elements()))
+        return (f'{change}: multi_step keeps multiplying the learning rate by '
+                f'{schedule.gamma:g} after epochs {epochs} (STEPSIZE, unchanged); the drops '
+                f'already made stay. Epoch {epoch + 1} trains at {lr:.3g}{during_warmup}')
     return f'{change}: the learning-rate schedule continues as it was; epoch {epoch + 1} ' \
-        f'trains at {lr:.3g}'
+        f'trains at {lr:.3g}{during_warmup}'
 
 
 def model_state(engine: Any, name: str, epoch: int, rank1: float, model_name: str) -> dict:
@@ -435,16 +468,3 @@ def check_checkpoint_fits(checkpoint: dict, s: Settings, path) -> None:
             f'is {s.HEIGHT}x{s.WIDTH}. Drop --HEIGHT and --WIDTH to use the checkpoint\'s size, '
             f'or use a checkpoint trained at {s.HEIGHT}x{s.WIDTH}.'
         )
-
-
-def meta_model(model_name: str, num_classes: int = 2) -> nn.Module | None:
-    """Torchreid's `model_name` built on the meta device (no memory, no weights, milliseconds),
-    to read its layers and tensor names and shapes; None for a name Torchreid cannot build."""
-    from torchreid.reid.models import build_model
-    try:
-        with torch.device('meta'), contextlib.redirect_stdout(io.StringIO()), \
-                warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            return build_model(model_name, num_classes=num_classes, pretrained=False)
-    except Exception:               # an unknown name, or a model that cannot go on meta
-        return None

@@ -71,7 +71,8 @@ def usage(doc: str, config: ModuleType) -> str:
     config.py value and comment, by group."""
     values = defaults_from(config)
     lines = [doc.rstrip(), '', f'Modes: {", ".join(MODES + EXTRA_MODES)}', '',
-             'Settings (the values in config.py; --KEY=VALUE changes one for a command):']
+             'Settings (the values in config.py; --KEY=VALUE changes one for a command;',
+             'docs/settings.md says for each its type, class and presets):']
     for group, rows in setting_comments(config):
         lines.append(f'\n  {group}')
         flags = {name: command_line_flag(name, values[name]) for name, _ in rows}

@@ -28,20 +28,32 @@ def choose_device(setting: str) -> torch.device:
     return torch.device('cpu')
 
 
-def busy_cpu_note(load: float | None = None, cores: int | None = None) -> str | None:
+def use_threads(threads: int) -> None:
+    """torch's intra-op threads in this process: `threads` (CPU_THREADS), or torch's default
+    (one per core, or OMP_NUM_THREADS) for 0. UserError for a negative count."""
+    if threads < 0:
+        raise UserError(f'CPU_THREADS={threads} must be 0 (torch\'s default: one per core) or a '
+                        f'number of threads, e.g. --CPU_THREADS=1 on a busy machine.')
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def busy_cpu_note(load: float | None = None, cores: int | None = None,
+                  chosen: bool = False) -> str | None:
     """A hint when the CPU is already busy: torch runs one thread per core in each process,
-    and on a shared machine those threads wait on each other (the demo ran 1.9-2.9x faster
-    with OMP_NUM_THREADS=1 at a load of 7 on 2 cores). None when the load is below the
-    cores or the thread count was set."""
-    if 'OMP_NUM_THREADS' in os.environ:
+    and on a shared machine those threads wait on each other (on this project's 2-core machine
+    one demo epoch took 246 s and 341 s with two threads, 84 s and 177 s with one, at a load of
+    7; one batch 17.9 s against 2.2 s at a load of 4.8). None when the load is below the cores
+    or the thread count was chosen (CPU_THREADS or OMP_NUM_THREADS)."""
+    cores = torch.get_num_threads() if cores is None else cores
+    if chosen or 'OMP_NUM_THREADS' in os.environ or cores <= 1:
         return None
     load = os.getloadavg()[0] if load is None else load
-    cores = torch.get_num_threads() if cores is None else cores
-    if cores <= 1 or load < cores + 1:
+    if load < cores + 1:
         return None
     return (f'Note: this machine is busy (load {load:.1f} for {cores} threads): torch\'s '
-            f'{cores} threads per process slow each other down here; OMP_NUM_THREADS=1 '
-            f'python main.py ... is often 2-3x faster on a shared machine.')
+            f'{cores} threads per process slow each other down here; with --CPU_THREADS=1 '
+            f'a run is often 2-8x faster on a shared machine (the demo uses one thread).')
 
 
 def thread_facts() -> dict:
@@ -56,7 +68,7 @@ def threads_line() -> str:
     """The log's first line for a run: its thread count (thread_facts)."""
     facts = thread_facts()
     omp = facts['OMP_NUM_THREADS']
-    return (f'Threads: {facts["torch"]} (torch.get_num_threads(); OMP_NUM_THREADS '
+    return (f'Threads: {facts["torch"]} (torch.get_num_threads(), CPU_THREADS; OMP_NUM_THREADS '
             f'{"=" + omp if omp is not None else "not set"}). A run repeats bit for bit at the '
             f'same SEED and thread count.')
 

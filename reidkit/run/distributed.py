@@ -246,6 +246,28 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def average(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` replaced in place by its mean over every rank, as DDP averages gradients (the
+    sum divided by the number of processes; gloo has no average); unchanged in one process.
+    No host sync: on NCCL the collective is queued on the device's stream."""
+    process = current()
+    if process.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(process.world_size)
+    return tensor
+
+
+def gather_objects(value) -> list:
+    """Every process's `value`, in rank order (`[value]` without DDP); every process must
+    call it. Values are pickled (torch.distributed.all_gather_object): small ones only."""
+    process = current()
+    if not process.distributed:
+        return [value]
+    values = [None] * process.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def gather(shard: torch.Tensor) -> torch.Tensor:
     """Every rank's `shard` (rows of one test set, in rank order) concatenated, on every rank."""
     process = current()

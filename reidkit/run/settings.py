@@ -44,7 +44,7 @@ BEFORE_RECORDED = {'NECK': 'none', 'LAST_STRIDE': 'auto', 'CENTER_LOSS_WEIGHT': 
                    'CENTER_LR': 0.5, 'DIST_METRIC': 'euclidean', 'RECIPE': 'tutorial',
                    'WARMUP_EPOCHS': 0, 'WARMUP_FACTOR': 0.01}
 SCHEDULE_SETTINGS = ('MAX_EPOCH', 'EVAL_FREQ', 'PRINT_FREQ', 'LATEST_EVERY', 'KEEP_OPTIMIZER')
-LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'DEVICE', 'GPUS', 'AMP',
+LOCAL_SETTINGS = ('DATA_ROOT', 'BATCH_SIZE_TEST', 'WORKERS', 'CPU_THREADS', 'DEVICE', 'GPUS', 'AMP',
                   'CHANNELS_LAST', 'COMPILE', 'DATA_CACHE', 'DATA_CACHE_GB',
                   'RESUME', 'EXPERIMENTS_DIR', 'WEIGHTS', 'VISRANK_TOPK', 'FLIP_TEST', 'RERANK',
                   'RERANK_K1', 'RERANK_K2', 'RERANK_LAMBDA', 'MATCH_FPIR', 'QUERY', 'GALLERY',
@@ -404,6 +404,8 @@ def command_line_flag(key: str, value: Any) -> str:
 EVALUATION_SETTINGS = ('MODEL_NAME', 'LOSS', 'HEIGHT', 'WIDTH', 'SOURCES', 'TARGETS',
                        'TEST_SHARE', 'SPLIT_SEED',     # own data: test on the run's split
                        'NECK', 'LAST_STRIDE', 'DIST_METRIC')
+# Run settings an evaluation may change from the command line, said in a note when it does.
+EVALUATION_CHOICES = ('DIST_METRIC',)
 
 
 def _same(key: str, value: Any, recorded: Any) -> bool:
@@ -457,7 +459,8 @@ def with_tutorial_values(stored: Mapping[str, Any], keys: Iterable[str]) -> dict
 def _from_checkpoint(current: Settings, stored: Mapping[str, Any], taken: tuple[str, ...],
                      source: str) -> tuple[Settings, list[str]]:
     """`current` with the `taken` settings the checkpoint holds, but those given on the command
-    line (a change of one that is not a run setting is noted), and with the recorded DATA_ROOT
+    line (a change of one that is not a run setting, or is in EVALUATION_CHOICES, is noted),
+    and with the recorded DATA_ROOT
     unless given (or missing here). Keys the checkpoint does not hold keep their value."""
     stored = {key: value for key, value in with_tutorial_values(stored, taken).items()
               if key in current}
@@ -466,7 +469,8 @@ def _from_checkpoint(current: Settings, stored: Mapping[str, Any], taken: tuple[
         if key not in stored:
             continue
         if key in current.given:
-            if key not in RUN_SETTINGS and current[key] != stored[key]:
+            noted = key not in RUN_SETTINGS or key in EVALUATION_CHOICES
+            if noted and current[key] != stored[key]:
                 notes.append(f'{key}={current[key]!r} from the command line (the run had '
                              f'{stored[key]!r})')
             continue

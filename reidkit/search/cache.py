@@ -21,7 +21,7 @@ from typing import Generator, Iterable, Iterator
 
 import numpy as np
 
-from reidkit.data.checks import SEARCH_INDEX_KINDS
+from reidkit.data.checks import DIST_METRICS, SEARCH_INDEX_KINDS
 from reidkit.run.atomic import exclusive, write_error
 from reidkit.run.errors import UserError
 from reidkit.run.words import counted
@@ -44,7 +44,8 @@ Stamp = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class CacheFiles:
-    """Where a gallery's cache lives: `folder`/`key`.npy, .json, .lock and .<kind>.npz."""
+    """Where a gallery's cache lives: `folder`/`key`.npy, .json, .lock, and an index per
+    kind and metric: .<kind>.npz (euclidean), .<kind>.cosine.npz."""
     folder: Path
     key: str
 
@@ -60,8 +61,11 @@ class CacheFiles:
     def lock(self) -> Path:
         return self.folder / f'{self.key}.lock'
 
-    def index(self, kind: str) -> Path:
-        return self.folder / f'{self.key}.{kind}.npz'
+    def index(self, kind: str, metric: str = 'euclidean') -> Path:
+        """The index of `kind` ranking by `metric` (DIST_METRIC): one each, both built from
+        the same raw features; the euclidean one keeps the name indexes always had."""
+        return self.folder / (f'{self.key}.{kind}.npz' if metric == 'euclidean' else
+                              f'{self.key}.{kind}.{metric}.npz')
 
     def partial(self, suffix: str) -> Path:
         """A file being written, per process (even without the lock), renamed when whole."""
@@ -232,7 +236,8 @@ def gallery_features(extractor: FeatureExtractor, folder: Path, cache_dir: Path,
     search_index.check_place(files.features, 'the gallery\'s features')
     search_index.check_place(files.manifest, 'the gallery\'s feature manifest')
     for kind in SEARCH_INDEX_KINDS:
-        search_index.check_place(files.index(kind), 'the gallery\'s index')
+        for metric in DIST_METRICS:
+            search_index.check_place(files.index(kind, metric), 'the gallery\'s index')
     with exclusive(files.lock, 'Waiting for another search that is extracting the features '
                     f'of this gallery (lock: {files.lock}) ...'):
         for leftover in files.leftovers():       # from a search that was killed
@@ -418,16 +423,17 @@ class _FeatureWriter:
 
 
 def gallery_index(gallery: Gallery, s: Settings) -> GalleryIndex | None:
-    """The gallery's index, built or brought up to date beside its features (under the
-    gallery's lock); None when the gallery is small enough to rank exactly."""
+    """The gallery's index for DIST_METRIC, built or brought up to date beside its features
+    (under the gallery's lock); None when the gallery is small enough to rank exactly."""
     if len(gallery.paths) <= s.SEARCH_EXACT_UP_TO:
         return None
     files = gallery.files
     with exclusive(files.lock, 'Waiting for another search that is updating the index of '
                     f'this gallery (lock: {files.lock}) ...'):
         index, what = search_index.open_index(
-            files.index(s.SEARCH_INDEX), gallery.features, gallery.ids, s.SEARCH_INDEX,
-            generation=gallery.generation, lineage=gallery.lineage)
+            files.index(s.SEARCH_INDEX, s.DIST_METRIC), gallery.features, gallery.ids,
+            s.SEARCH_INDEX, generation=gallery.generation, lineage=gallery.lineage,
+            metric=s.DIST_METRIC)
     print(f'Index: {what}: {len(gallery.paths):,} images above SEARCH_EXACT_UP_TO='
           f'{s.SEARCH_EXACT_UP_TO:,}, so {s.SEARCH_INDEX} proposes candidates and exact '
           f'distances rank them.')

@@ -24,7 +24,7 @@ import torch
 from reidkit.data import checks
 from reidkit.data.files import file_ids
 from reidkit.evaluate.calibration import match_threshold
-from reidkit.evaluate.metrics import check_finite, squared_euclidean
+from reidkit.evaluate.metrics import check_finite, distances as metric_distances
 from reidkit.evaluate.report import unique_names
 from reidkit.run.errors import UserError
 from reidkit.run.words import counted
@@ -66,7 +66,7 @@ def run_search(s: Settings, weights: Path | None = None) -> Path:
         extractor, s = load_extractor(s, weights)
         checks.check_numbers(s, training=False)
         checks.check_output_folder(Path(s.EXPERIMENTS_DIR))
-        print('Ranking: euclidean distance' +
+        print(f'Ranking: {s.DIST_METRIC} distance' +
               (', FLIP_TEST (each image averaged with its mirror)' if s.FLIP_TEST else ''))
         threshold, line = match_threshold(s, extractor.calibration, extractor.source)
         print(line)
@@ -119,7 +119,7 @@ def _rank_and_write(s: Settings, extractor: FeatureExtractor, queries: list[Path
         if not paths:
             continue
         own = own_files(paths, gallery)
-        ranked = rank(features, gallery, index, rows, s.SEARCH_NPROBE, own)
+        ranked = rank(features, gallery, index, rows, s.SEARCH_NPROBE, own, s.DIST_METRIC)
         in_gallery += sum(1 for rows_out in own if len(rows_out))
         if out_dir is None:
             out_dir = new_run_dir(Path(s.EXPERIMENTS_DIR), 'search')
@@ -191,15 +191,17 @@ def query_batches(extractor: FeatureExtractor, queries: list[Path],
         yield paths, np.concatenate(features) if features else None, bad
 
 
-def rank_gallery(query_features: np.ndarray, gallery: np.ndarray) -> list[tuple]:
-    """For each query row: (order, distances), every gallery row nearest first, by squared
-    euclidean distance (Torchreid's default metric). One pass over the gallery, read in
-    chunks, serves a whole batch of queries."""
+def rank_gallery(query_features: np.ndarray, gallery: np.ndarray,
+                 metric: str = 'euclidean') -> list[tuple]:
+    """For each query row: (order, distances), every gallery row nearest first, by `metric`
+    (DIST_METRIC: squared euclidean, Torchreid's default, or 1 - cosine similarity; the
+    evaluation's `metrics.distances`). One pass over the gallery, read in chunks, serves a
+    whole batch of queries."""
     queries = torch.from_numpy(np.atleast_2d(np.asarray(query_features, dtype=np.float32)))
     distances = np.empty((len(queries), len(gallery)), dtype=np.float32)
     for start in range(0, len(gallery), RANK_CHUNK):
         rows = torch.from_numpy(np.array(gallery[start:start + RANK_CHUNK]))   # read from disk
-        distances[:, start:start + len(rows)] = squared_euclidean(queries, rows).numpy()
+        distances[:, start:start + len(rows)] = metric_distances(queries, rows, metric).numpy()
     check_finite(distances, 'query-gallery distances')    # a diverged model ranks nothing
     ranked = []
     for row in distances:
@@ -209,14 +211,18 @@ def rank_gallery(query_features: np.ndarray, gallery: np.ndarray) -> list[tuple]
 
 
 def rank(queries: np.ndarray, gallery: Gallery, index: GalleryIndex | None, rows: int,
-         nprobe: int, own: list[np.ndarray] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each query's nearest `rows` gallery rows and their distances, nearest first: without an
-    index the exact streaming search, each pass over the gallery serving as many queries as
-    EXACT_DISTANCES allows; with one, its candidates re-ranked exactly. `own`: per query, the
-    gallery rows left out of its ranking (its own file, see `own_files`)."""
+         nprobe: int, own: list[np.ndarray] | None = None,
+         metric: str = 'euclidean') -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each query's nearest `rows` gallery rows and their distances by `metric`, nearest
+    first: without an index the exact streaming search, each pass over the gallery serving as
+    many queries as EXACT_DISTANCES allows; with one (made for `metric`: ValueError
+    otherwise), its candidates re-ranked exactly. `own`: per query, the gallery rows left out
+    of its ranking (its own file, see `own_files`)."""
     extra = max(map(len, own), default=0) if own else 0
     wanted = min(rows + extra, len(gallery.features))   # as many more as may be left out
     if index is not None:
+        if index.plan.metric != metric:
+            raise ValueError(f'an index for {index.plan.metric!r} cannot rank by {metric!r}')
         ranked = search_index.rank_candidates(index, queries, gallery.features, gallery.ids,
                                               wanted, nprobe)
     else:
@@ -224,7 +230,7 @@ def rank(queries: np.ndarray, gallery: Gallery, index: GalleryIndex | None, rows
         ranked = [(order[:wanted].copy(), distances[:wanted].copy())   # the full rows go
                   for start in range(0, len(queries), per_pass)
                   for order, distances in rank_gallery(queries[start:start + per_pass],
-                                                       gallery.features)]
+                                                       gallery.features, metric)]
     if not extra:
         return ranked
     kept = [~np.isin(order, rows_out) for (order, _), rows_out in zip(ranked, own)]

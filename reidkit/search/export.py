@@ -45,7 +45,7 @@ def export(s: Settings, weights: Path | None = None) -> Path:
     checkpoint, saved, s = resolve_checkpoint(s, weights)
     checks.check_names(s)
     thresholds = for_checkpoint(checkpoint, Path(s.EXPERIMENTS_DIR)).entries   # search's 'auto'
-    model = checkpoint_model(saved, checkpoint, s.MODEL_NAME, s.LOSS).float().eval()
+    model = checkpoint_model(saved, checkpoint, s).float().eval()
     transform = quiet_test_transform(s.HEIGHT, s.WIDTH)
     normalize = transform.transforms[-1]      # Torchreid's ImageNet mean and std, as it uses
     epoch = saved.get('epoch')
@@ -57,7 +57,7 @@ def export(s: Settings, weights: Path | None = None) -> Path:
             meta.FEATURE_DIM: feature_dim, meta.MEAN: json.dumps(list(normalize.mean)),
             meta.STD: json.dumps(list(normalize.std)), meta.CHECKPOINT: checkpoint.name,
             meta.EPOCH: '' if epoch is None else epoch,
-            meta.PREPROCESSING: meta.PREPROCESSING_TEXT,
+            meta.PREPROCESSING: meta.PREPROCESSING_TEXT, meta.DIST_METRIC: s.DIST_METRIC,
             **({meta.CALIBRATION: json.dumps(list(thresholds))} if thresholds else {})})
         images, source = check_images(s)
         diff, cosine = compare(model, transform, meta.OnnxExtractor(temporary), images)
@@ -78,7 +78,7 @@ def export(s: Settings, weights: Path | None = None) -> Path:
     size = path.stat().st_size / 2 ** 20
     print(f'ONNX model: {path} ({s.MODEL_NAME}, epoch {"?" if epoch is None else epoch}, '
           f'{s.HEIGHT}x{s.WIDTH} -> {feature_dim} features, dynamic batch, opset {OPSET}, '
-          f'{size:.1f} MiB)')
+          f'{size:.1f} MiB; ranked by {s.DIST_METRIC} distance, named in its metadata)')
     if thresholds:
         print(f'Calibration: the checkpoint\'s {len(thresholds)} match threshold'
               f'{"s" if len(thresholds) > 1 else ""} copied into its metadata (search uses them)')

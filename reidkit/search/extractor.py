@@ -2,8 +2,8 @@
 exported model.onnx through onnxruntime alone (no Torchreid), with its own preprocessing and,
 when FLIP_TEST asks, the flip-test average; the images it reads, decoded in threads.
 
-Torchreid is imported inside the functions that build a checkpoint's model, so a search with
-an .onnx file never imports it.
+Torchreid is imported inside the function that builds a checkpoint's model
+(reidkit.run.model.build_model), so a search with an .onnx file never imports it.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -29,8 +29,9 @@ from reidkit.run.device import choose_device, place_model
 from reidkit.run.errors import UserError
 from reidkit.run.progress import progress
 from reidkit.run.folders import resolve_checkpoint
-from reidkit.run.settings import Settings
-from reidkit.search.onnx_features import CALIBRATION, OnnxExtractor
+from reidkit.run.model import build_model
+from reidkit.run.settings import BEFORE_RECORDED, Settings
+from reidkit.search.onnx_features import CALIBRATION, DIST_METRIC, OnnxExtractor
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 
@@ -80,12 +81,13 @@ def extract_batches(model: nn.Module, transform, paths: list[Path], batch_size: 
             yield [path for path, _ in good], features, bad
 
 
-def checkpoint_model(checkpoint: dict, path: Path, model_name: str, loss: str) -> nn.Module:
-    """The checkpoint's model, built without ImageNet weights (the checkpoint replaces them)."""
-    from torchreid.reid.models import build_model
-    model = build_model(model_name, num_classes=checkpoint_classes(checkpoint, model_name) or 1,
-                        loss=loss, pretrained=False)
-    load_weights(model, checkpoint, model_name, path)
+def checkpoint_model(checkpoint: dict, path: Path, s: Mapping[str, Any]) -> nn.Module:
+    """The checkpoint's model (`s`: the settings to evaluate it with, its own MODEL_NAME, NECK
+    and LAST_STRIDE: resolve_checkpoint), built as training built it but without ImageNet
+    weights (the checkpoint replaces them)."""
+    classes = checkpoint_classes(checkpoint, s['MODEL_NAME']) or 1
+    model = build_model(s, num_classes=classes, pretrained=False)
+    load_weights(model, checkpoint, s['MODEL_NAME'], path)
     return model
 
 
@@ -155,26 +157,45 @@ def load_extractor(s: Settings, weights: Path | None) -> tuple[FeatureExtractor,
     """The feature extractor for a search, flip-tested when FLIP_TEST says so, and the
     settings (a checkpoint's own MODEL_NAME, input size, ... in place): an exported .onnx
     file through onnxruntime alone, or a PyTorch checkpoint (`weights`, WEIGHTS or the newest
-    run's) through Torchreid. UserError when the file is missing or not a model."""
+    run's) through Torchreid. DIST_METRIC, unless given on the command line, is the one the
+    checkpoint's run recorded, or the one the .onnx file's metadata names ('euclidean' for
+    files that name none). UserError when the file is missing or not a model."""
     given = Path(weights or s.WEIGHTS or '')
     if given.suffix.lower() == '.onnx':
-        extractor = _onnx_extractor(given)
+        extractor, s = _onnx_extractor(given, s)
     else:
         extractor, s = _checkpoint_extractor(s, weights)
     return (extractor.flip_tested() if s.FLIP_TEST else extractor), s
 
 
-def _onnx_extractor(path: Path) -> FeatureExtractor:
+def _onnx_extractor(path: Path, s: Settings) -> tuple[FeatureExtractor, Settings]:
     if not path.is_file():
         raise UserError(f'WEIGHTS: "{path}" does not exist. Pass an exported model.onnx '
                         f'(python main.py export writes one beside its checkpoint).')
     model = OnnxModel(path)
     meta = model.extractor
+    s = _with_onnx_metric(s, meta.metadata.get(DIST_METRIC), path)
     print(f'Model: "{path}" (ONNX, run by onnxruntime; {meta.model_name}, '
           f'{meta.height}x{meta.width} input)')
     return FeatureExtractor(model, model.transform, torch.device('cpu'), path,
                             f'onnx|{meta.model_name}|{meta.height}x{meta.width}',
-                            from_onnx_metadata(meta.metadata.get(CALIBRATION), path))
+                            from_onnx_metadata(meta.metadata.get(CALIBRATION), path)), s
+
+
+def _with_onnx_metric(s: Settings, named: str | None, path: Path) -> Settings:
+    """`s` with the DIST_METRIC an exported file's metadata names (BEFORE_RECORDED's for a
+    file exported before it was written), unless given on the command line. UserError for a
+    name that is no metric."""
+    if 'DIST_METRIC' in s.given:
+        return s
+    metric = BEFORE_RECORDED['DIST_METRIC'] if named is None else named
+    if metric not in checks.DIST_METRICS:
+        raise UserError(f'WEIGHTS: "{path}" names DIST_METRIC={metric!r} in its metadata, '
+                        f'which is no metric this version knows ('
+                        f'{", ".join(map(repr, checks.DIST_METRICS))}). Export the checkpoint '
+                        f'again, or pass --DIST_METRIC=... to choose one.')
+    # as a checkpoint's recorded settings are taken: not counted as given on the command line
+    return Settings({**s, 'DIST_METRIC': metric}, s.given, s.preset)
 
 
 def _checkpoint_extractor(s: Settings,
@@ -182,7 +203,7 @@ def _checkpoint_extractor(s: Settings,
     checkpoint, saved, s = resolve_checkpoint(s, weights)
     checks.check_names(s)
     device = choose_device(s.DEVICE)
-    model = place_model(checkpoint_model(saved, checkpoint, s.MODEL_NAME, s.LOSS), device)
+    model = place_model(checkpoint_model(saved, checkpoint, s), device)
     print(f'Model: "{checkpoint}" (epoch {saved.get("epoch", "?")}; {s.MODEL_NAME}, '
           f'{s.HEIGHT}x{s.WIDTH} input, on {device.type})')
     # Where place_model put it (under DDP: this process's GPU): its inputs go there.

@@ -8,6 +8,12 @@ them. The index holds the gallery's row ids (stable while a file is unchanged), 
 to or removed from the folder are added to or removed from the index: no rebuild. It also holds
 the generation of the feature cache it was last brought up to date with: an index of any other
 cache than this one or one it was derived from (whose ids may mean other images) is rebuilt.
+
+The index records its metric (DIST_METRIC): for 'cosine' it holds the L2-normalised features,
+whose L2 distances (2 - 2 cos) order candidates as cosine distances do, and is searched with
+normalised queries; the exact distances that re-rank its candidates are 1 - cos. An index of
+one metric is never used for the other (it is rebuilt); the feature cache it is built from
+holds the raw features and serves both.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reidkit.evaluate.metrics import check_finite
+from reidkit.evaluate.metrics import check_finite, one_query_distances, unit_rows
 from reidkit.run.errors import UserError
 from reidkit.run.progress import progress
 
@@ -45,13 +51,18 @@ class Plan:
     nlist: int              # inverted lists (coarse centroids)
     m: int                  # product-quantiser sub-vectors
     nbits: int              # bits per sub-vector code
+    metric: str = 'euclidean'   # DIST_METRIC it ranks by (indexes saved before: euclidean)
 
     def fits(self, wanted: Plan) -> bool:
         """Still right for a gallery that wants `wanted`: the number of lists may be off by 2x
         either way, so a gallery near a boundary is not rebuilt on every change."""
-        return (self.kind, self.dim, self.m, self.nbits) == \
-            (wanted.kind, wanted.dim, wanted.m, wanted.nbits) and \
+        return (self.kind, self.dim, self.m, self.nbits, self.metric) == \
+            (wanted.kind, wanted.dim, wanted.m, wanted.nbits, wanted.metric) and \
             wanted.nlist / 2 <= self.nlist <= wanted.nlist * 2
+
+    def indexed(self, rows: np.ndarray) -> np.ndarray:
+        """Features (or queries) as this index holds them: unit length for 'cosine'."""
+        return unit_rows(rows) if self.metric == 'cosine' else rows
 
     @property
     def training_rows(self) -> int:
@@ -60,14 +71,14 @@ class Plan:
         return max(40 * self.nlist, 40 * 2 ** self.nbits)
 
 
-def plan(rows: int, dim: int, kind: str = 'ivfpq') -> Plan:
+def plan(rows: int, dim: int, kind: str = 'ivfpq', metric: str = 'euclidean') -> Plan:
     """~sqrt(rows) lists, a power of two (1,024 at 1M, 4,096 at 10M); 64-byte codes, or fewer
     for features under 256-d (sub-vectors of at least 4 values: smaller ones train slowly for
-    no gain)."""
+    no gain); `metric`: the DIST_METRIC it ranks by."""
     nlist = min(rows, 2 ** round(math.log2(math.sqrt(max(rows, 1)))))
     m = max(d for d in range(1, max(1, min(dim // 4, PQ_BYTES)) + 1) if dim % d == 0)
     nbits = max(1, min(8, int(math.log2(max(rows, 1)))))   # tiny galleries: fewer centroids
-    return Plan(kind, dim, nlist, m, nbits)
+    return Plan(kind, dim, nlist, m, nbits, metric)
 
 
 @dataclass
@@ -138,13 +149,14 @@ def build(features: np.ndarray, ids: np.ndarray, shape: Plan) -> GalleryIndex:
         len(ids), min(len(ids), shape.training_rows), replace=False))
     sample = read_rows(features, rows)
     check_finite(sample, 'gallery features')
+    sample = shape.indexed(sample)
     if len(sample) < 2 ** shape.nbits:      # a gallery of one image: k-means needs 2 points
         sample = np.resize(sample, (2 ** shape.nbits, shape.dim))
     print(f'Index: training IVF-PQ ({shape.nlist:,} lists, {shape.m}-byte codes) on '
           f'{len(rows):,} sampled gallery features ...', flush=True)
     _train(index, sample)
     del sample
-    _add(index, features, np.arange(len(ids)), ids)
+    _add(index, features, np.arange(len(ids)), ids, shape)
     return GalleryIndex(index, np.array(ids, dtype=np.int64), shape)
 
 
@@ -166,13 +178,14 @@ def _train(index, sample: np.ndarray) -> None:
         index.clustering_index = None
 
 
-def _add(index, features: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> None:
+def _add(index, features: np.ndarray, rows: np.ndarray, ids: np.ndarray, shape: Plan) -> None:
     with progress(total=len(rows), desc='Index', unit='img') as bar:
         for start in range(0, len(rows), ADD_CHUNK):
             part = rows[start:start + ADD_CHUNK]
             chunk = read_rows(features, part)
             check_finite(chunk, 'gallery features')   # NaN would be filed in a random list
-            index.add_with_ids(chunk, np.ascontiguousarray(ids[part], dtype=np.int64))
+            index.add_with_ids(shape.indexed(chunk),
+                               np.ascontiguousarray(ids[part], dtype=np.int64))
             bar.update(len(part))
 
 
@@ -183,7 +196,7 @@ def update(found: GalleryIndex, features: np.ndarray, ids: np.ndarray) -> tuple[
     if len(gone):
         found.index.remove_ids(gone)
     if len(new):
-        _add(found.index, features, np.searchsorted(ids, new), ids)
+        _add(found.index, features, np.searchsorted(ids, new), ids, found.plan)
     found.ids, found.searcher, found.gpu = np.array(ids, dtype=np.int64), None, None
     return len(new), len(gone)
 
@@ -225,14 +238,16 @@ def save(found: GalleryIndex, path: Path) -> None:
 
 
 def open_index(path: Path, features: np.ndarray, ids: np.ndarray, kind: str,
-               generation: str = '', lineage: tuple[str, ...] = ()) -> tuple[GalleryIndex, str]:
+               generation: str = '', lineage: tuple[str, ...] = (),
+               metric: str = 'euclidean') -> tuple[GalleryIndex, str]:
     """The index at `path` brought up to date with the gallery (`ids` ascending, one per row
     of `features`, of the feature cache `generation`, derived from the generations in
-    `lineage`), or a new one; saved when changed. Also says which it was. An index of another
-    generation than these is rebuilt: its ids may mean other images. A save that fails (a
-    full disk) is a one-line note: this search uses the index in memory, the file stays."""
+    `lineage`), or a new one ranking by `metric`; saved when changed. Also says which it was.
+    An index of another generation than these is rebuilt: its ids may mean other images; so
+    is one of another metric. A save that fails (a full disk) is a one-line note: this search
+    uses the index in memory, the file stays."""
     check_place(path, 'the gallery\'s index')
-    wanted = plan(len(ids), features.shape[1], kind)
+    wanted = plan(len(ids), features.shape[1], kind, metric)
     try:
         found = load(path)
         if found is not None:
@@ -261,6 +276,9 @@ def _check_usable(found: GalleryIndex, wanted: Plan, ids: np.ndarray, generation
         raise Unusable('it was built for another version of the feature cache')
     if generation and found.generation == generation and not np.array_equal(found.ids, ids):
         raise Unusable('its ids are not those of the feature cache')
+    if found.plan.metric != wanted.metric:
+        raise Unusable(f'it ranks by DIST_METRIC={found.plan.metric!r}, this search by '
+                       f'{wanted.metric!r}')
     if not found.plan.fits(wanted):
         raise Unusable(f'it has {found.plan.nlist:,} lists, {len(ids):,} images want '
                        f'{wanted.nlist:,}' if found.plan.dim == wanted.dim else
@@ -317,9 +335,10 @@ def _searcher(found: GalleryIndex, wanted: int, nprobe: int):
 def rank_candidates(found: GalleryIndex, queries: np.ndarray, features: np.ndarray,
                     ids: np.ndarray, rows: int,
                     nprobe: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each query: (gallery rows, squared euclidean distances) of its nearest `rows`,
-    nearest first. The index proposes candidates; exact distances from `features` order them
-    (ties by row, as the exact search orders them)."""
+    """For each query: (gallery rows, distances) of its nearest `rows`, nearest first, by the
+    index's metric (squared euclidean, or 1 - cosine similarity). The index proposes
+    candidates; exact distances from `features` order them (ties by row, as the exact search
+    orders them)."""
     faiss = _faiss()
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     check_finite(queries, 'query features')
@@ -327,15 +346,13 @@ def rank_candidates(found: GalleryIndex, queries: np.ndarray, features: np.ndarr
     searcher = _searcher(found, wanted, nprobe)
     space = faiss.ParameterSpace() if searcher is found.index else faiss.GpuParameterSpace()
     space.set_index_parameter(searcher, 'nprobe', nprobe)
-    _, candidates = searcher.search(queries, wanted)        # ids; -1 past the last one found
+    # ids; -1 past the last one found
+    _, candidates = searcher.search(found.plan.indexed(queries), wanted)
     ranked = []
     for query, found_ids in zip(queries, candidates):
         at = np.sort(np.searchsorted(ids, found_ids[found_ids >= 0]))      # id -> row
         gathered = read_rows(features, at)
-        # |g|^2 - 2 g.q + |q|^2 as the exact search computes it, in numpy's single-threaded
-        # loops: at this size torch's threads only wait for each other on a busy machine.
-        distances = np.einsum('ij,ij->i', gathered, gathered) - \
-            2 * np.einsum('ij,j->i', gathered, query) + np.dot(query, query)
+        distances = one_query_distances(query, gathered, found.plan.metric)
         check_finite(distances, 'query-gallery distances')
         order = np.argsort(distances, kind='stable')[:rows]    # ties: by row, as exact search
         ranked.append((at[order], distances[order]))

@@ -24,6 +24,8 @@ MODEL_NAME, HEIGHT, WIDTH = 'model_name', 'input_height', 'input_width'
 FEATURE_DIM, MEAN, STD = 'feature_dim', 'mean', 'std'
 CHECKPOINT, EPOCH, PREPROCESSING = 'checkpoint', 'epoch', 'preprocessing'
 CALIBRATION = 'calibration'     # its checkpoint's calibration entries, JSON (if it had any)
+DIST_METRIC = 'dist_metric'     # the run's DIST_METRIC: 'euclidean' (squared) or 'cosine'
+                                # (files exported before it was written: 'euclidean')
 REQUIRED = (MODEL_NAME, HEIGHT, WIDTH, FEATURE_DIM, MEAN, STD)
 PREPROCESSING_TEXT = ('RGB image resized to input_height x input_width (bilinear), scaled to '
                       '[0, 1], minus mean, divided by std (per channel), NCHW float32')

@@ -24,11 +24,12 @@ PAGE_STYLE = ('body{font:14px system-ui,sans-serif;margin:16px}figure{display:in
 @dataclass(frozen=True)
 class QueryResult:
     """One query's ranking: `order` holds rows of `gallery` (paths), nearest first, with
-    their squared euclidean `distances`; `skipped` lists the gallery's unreadable files as
-    (path, why); `left_out`: how many gallery images are the query's own file (the file or
-    links to it), which `order` leaves out; `threshold`: the match threshold (a distance: a
-    result matches when its distance is <= it), None when there is none; `root`: the gallery
-    folder (GALLERY), captions name images by their path in it (None: by file name)."""
+    their `distances` (DIST_METRIC's: squared euclidean, or 1 - cosine similarity); `skipped`
+    lists the gallery's unreadable files as (path, why); `left_out`: how many gallery images
+    are the query's own file (the file or links to it), which `order` leaves out;
+    `threshold`: the match threshold (a distance: a result matches when its distance is <=
+    it), None when there is none; `root`: the gallery folder (GALLERY), captions name images
+    by their path in it (None: by file name)."""
     query: Path
     gallery: list[str]
     order: np.ndarray

@@ -9,11 +9,13 @@ in Torchreid.
 
 Training runs Torchreid's epoch loop around our step (reidkit.train.step.TrainStep: Torchreid's
 losses computed on the device, tested equal to them). Added around it and Torchreid's
-evaluation: checkpoints written atomically with the run's settings inside, a rolling checkpoint
-to resume from, the last epoch's checkpoint written before the final evaluation, a stop with a
-clear error when the loss stops being finite (no checkpoint of a diverged model is ever
-written), re-ranking in the evaluations during training too, progress bars on feature
-extraction, and a record of every evaluation in `results`.
+evaluation: checkpoints written atomically with the run's settings, the centre loss's centres
+and every process's random generators' state inside (a resumed run draws what the uninterrupted
+one would have; evaluations draw nothing from training's), a rolling checkpoint to resume from,
+the last epoch's checkpoint written before the final evaluation, a stop with a clear error when
+the loss stops being finite (no checkpoint of a diverged model is ever written), re-ranking in
+the evaluations during training too, progress bars on feature extraction, and a record of every
+evaluation in `results`.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
 
-from reidkit.data.datapath import loader_like
+from reidkit.data.datapath import CachedLoader, loader_like
 from reidkit.data.images import read_image
 from reidkit.data.own_dataset import display_labels
 from reidkit.data.training_files import CHECKPOINT_KEY
@@ -38,11 +40,15 @@ from reidkit.evaluate.rerank import Reranking, re_ranking_features
 from reidkit.evaluate.verification import PairScores, describe
 from reidkit.evaluate.visrank import market_label, write_rankings
 from reidkit.run import distributed
-from reidkit.run.checkpoints import (LATEST_NAME, checkpoint_path, drop_optimizer_states,
-                                     link_latest, model_state, save_checkpoint, unwrap)
+from reidkit.run.checkpoints import (CENTERS_KEY, LATEST_NAME, checkpoint_path,
+                                     drop_optimizer_states, link_latest, model_state,
+                                     save_checkpoint, unwrap)
 from reidkit.run.errors import UserError
 from reidkit.run.progress import progress
 from reidkit.run.folders import resume_point
+from reidkit.run.model import freeze_neck_bias
+from reidkit.run.randomness import CHECKPOINT_KEY as RANDOM_STATE_KEY, host_random_state, \
+    restore_host_random_state, unchanged_randomness
 from reidkit.run.settings import display_name
 from reidkit.train.step import RunningMeans
 
@@ -87,6 +93,7 @@ class ReidkitEngineMixin:
         self._rerank = False               # run()'s rerank, for the evaluations in training
         self.divergence = DivergenceWatch()
         self._print_freq = 10
+        self._random_state = None          # a resumed run's, restored as training starts
         # images decoded once, augmented on the device (no training loader when evaluating)
         train_loader, test_loader = loaders if loaders is not None else (None, None)
         self.train_loader = reading_with_reidkit(self.train_loader) if train_loader is None \
@@ -133,8 +140,39 @@ class ReidkitEngineMixin:
             + 'Start a new run with a lower LR (e.g. a tenth), or check the data and settings.'
         )
 
+    def random_states(self) -> list[dict]:
+        """What a checkpoint keeps of the run's random generators, one dict per process in
+        rank order (each DDP process draws from its own seed): the host's and the device data
+        path's. Under DDP every process must call it (an all-gather)."""
+        state = host_random_state()
+        if isinstance(self.train_loader, CachedLoader):
+            state['data_path'] = self.train_loader.transform.random_state()
+        return distributed.gather_objects(state)
+
+    def continue_randomness(self, states: list[dict] | None) -> None:
+        """A resumed run draws on from its checkpoint's random states (restored as its first
+        epoch starts, after everything built before): the batches, augmentations and dropout
+        of the uninterrupted run. None (an older checkpoint) or another number of processes:
+        the run's seed, as before, said in a note."""
+        process = distributed.current()
+        if states and len(states) == process.world_size:
+            self._random_state = states[process.rank]
+            return
+        print('Note: ' + ('the checkpoint holds no random generators\' state (written by an '
+                          'older version)' if not states else
+                          f'the checkpoint holds the random generators of {len(states)} '
+                          f'processes and this run has {process.world_size}')
+              + ', so from here on the batches and augmentations differ from those of an '
+                'uninterrupted run (equally random, from SEED).')
+
     def train(self, print_freq=10, fixbase_epoch=0, open_layers=None):
         self._print_freq = print_freq
+        if self._random_state is not None:
+            restore_host_random_state(self._random_state)
+            if isinstance(self.train_loader, CachedLoader):
+                self.train_loader.transform.set_random_state(
+                    self._random_state.get('data_path', {}))
+            self._random_state = None
         sampler = getattr(self.train_loader, 'sampler', None)
         if hasattr(sampler, 'set_epoch'):     # DDP: a new split of the data every epoch
             sampler.set_epoch(self.epoch)
@@ -213,15 +251,23 @@ class ReidkitEngineMixin:
     def _save(self, name: str, epoch: int, rank1: float, path: Path) -> Path:
         """Writes a checkpoint, never one of a model whose weights are not finite. Under DDP
         every rank holds the same weights and rank 0 writes them."""
+        states = self.random_states()      # every process's (an all-gather under DDP)
         if not distributed.current().is_main:
             return path
-        for key, value in unwrap(self._models[name]).state_dict().items():
+        centers = getattr(self.train_step, 'centers', None)   # the centre loss's, if on
+        weights = unwrap(self._models[name]).state_dict()
+        if centers is not None:
+            weights = {**weights, 'centre loss centres': centers.centers}
+        for key, value in weights.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise UserError(
                     f'Training diverged: the weights ({key}) are no longer finite after epoch '
                     f'{epoch}, so no checkpoint was written. Start a new run with a lower LR.')
         state = model_state(self, name, epoch, rank1, self.model_name)
         state['settings'] = self.settings
+        if centers is not None:
+            state[CENTERS_KEY] = centers.state_dict()
+        state[RANDOM_STATE_KEY] = states     # where the next epoch's draws start
         if self.training_files is not None:
             state[CHECKPOINT_KEY] = self.training_files
         return save_checkpoint(state, path)
@@ -246,9 +292,7 @@ class ReidkitEngineMixin:
                             'main.py test --GPUS=1 (or without torchrun) on the checkpoint '
                             'this run wrote.')
         qf, gf, labels = self._query_and_gallery(query_loader, gallery_loader, dataset_name)
-        if normalize_feature or (rerank and dist_metric == 'cosine'):
-            # Re-ranking scales each image's distances by their largest, so on unit features
-            # squared euclidean distances (2 - 2 cos) rank as cosine distances do.
+        if normalize_feature:
             qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
         print(f'Computing CMC and mAP with metric={dist_metric}'
               + (', flip test' if self.flip_test else '')
@@ -256,7 +300,8 @@ class ReidkitEngineMixin:
               + (", CUHK03's single-gallery-shot CMC" if use_metric_cuhk03 else '') + ' ...')
         distmat = None                       # a full matrix only where one is needed
         if rerank:
-            distmat = torch.from_numpy(re_ranking_features(qf, gf, self.rerank))
+            distmat = torch.from_numpy(re_ranking_features(qf, gf, self.rerank,
+                                                           metric=dist_metric))
         elif use_metric_cuhk03:
             distmat = evaluation.distances(qf, gf, dist_metric)
         pairs = PairScores(labels)           # verification's pairs, collected as CMC ranks
@@ -345,7 +390,8 @@ class ReidkitEngineMixin:
                             for name, splits in loaders.items()}
         first = len(self.results)
         try:
-            super().test(*args, **kwargs)
+            with unchanged_randomness():     # training draws as if no evaluation had run
+                super().test(*args, **kwargs)
         finally:
             self.test_loader = loaders
         self.last_evaluation = self.results[first:]
@@ -356,9 +402,11 @@ class ReidkitEngineMixin:
     def two_stepped_transfer_learning(self, epoch, fixbase_epoch, open_layers, model=None):
         """Torchreid's FIXBASE_EPOCH/OPEN_LAYERS, on the model itself: Torchreid looks the
         layers up on the model it is given and unwraps only DataParallel, not DDP nor the fast
-        path's FastModel. Frozen layers have no gradient, so every optimiser skips them."""
-        super().two_stepped_transfer_learning(
-            epoch, fixbase_epoch, open_layers, model=unwrap(self.model) if model is None else model)
+        path's FastModel. Frozen layers have no gradient, so every optimiser skips them; the
+        neck's bias (NECK='bnneck') stays frozen when its layer opens."""
+        model = unwrap(self.model) if model is None else model
+        super().two_stepped_transfer_learning(epoch, fixbase_epoch, open_layers, model=model)
+        freeze_neck_bias(model)
 
 
 class NoWriter:

@@ -7,12 +7,15 @@ is read with our safe loader (Torchreid's `load_pretrained_weights` refuses its 
 files on torch >= 2.6 and only warns when the architecture differs). Every tensor but the
 classifier's is loaded, in place, into the model `get_items` built, before the optimiser's
 first step, our training step, the fast path or DDP wrap it; the classifier is always left as
-built (a new run learns its own identities). Another architecture is `load_weights`' error.
+built (a new run learns its own identities). A BNNeck (NECK='bnneck') present on one side only
+starts fresh (the run's) or is dropped (the checkpoint's). Another architecture is
+`load_weights`' error.
 
 FIXBASE_EPOCH and OPEN_LAYERS are Torchreid's `fixbase_epoch` and `open_layers` (counted inside
 MAX_EPOCH): the engine applies them to the model itself (`ReidkitEngineMixin.
 two_stepped_transfer_learning`), whatever wraps it, and DDP allows the unused parameters of
-frozen layers (`reidkit.train.ddp.distributed_model`).
+frozen layers (`reidkit.train.ddp.distributed_model`). The neck lives inside the model's
+`classifier`, so OPEN_LAYERS=['classifier'] (the default) opens it too.
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ from typing import NamedTuple
 
 import torch.nn as nn
 
-from reidkit.run.checkpoints import (_classifier_of, load_checkpoint, load_weights, meta_model,
-                                     unwrap, without_module_prefix)
+from reidkit.run.checkpoints import (_classifier_of, load_checkpoint, load_weights, unwrap,
+                                     without_module_prefix)
 from reidkit.run.errors import UserError
 from reidkit.run.folders import recorded_settings
+from reidkit.run.model import NECK_PREFIX, has_neck, meta_model
 from reidkit.run.settings import Settings
 
 
@@ -107,20 +111,31 @@ def read_init_weights(s: Settings) -> InitWeights:
 def load_init_weights(model: nn.Module, checkpoint: dict, model_name: str, path) -> tuple[int, int]:
     """Copies every tensor of `checkpoint` (INIT_WEIGHTS, read from `path`) but the classifier's
     into `model` (unwrapped), in place; prints and returns (tensors loaded, tensors skipped).
-    UserError naming INIT_WEIGHTS when the checkpoint holds another architecture."""
+    A BNNeck (NECK='bnneck') on one side only: the run's own neck starts fresh (counted as new)
+    where the checkpoint has none; the checkpoint's is dropped, with a note, where the run has
+    none. UserError naming INIT_WEIGHTS when the checkpoint holds another architecture."""
     theirs = without_module_prefix(checkpoint['state_dict'])
     own = unwrap(model).state_dict()
     skipped = _classifier_of(model_name, theirs)
-    kept = {key: value for key, value in theirs.items() if key not in skipped}
-    # The model's new classifier stands in for the checkpoint's, so that load_weights compares
-    # every other tensor and refuses another architecture with its own message.
+    fresh = set() if has_neck(theirs) else {key for key in own if key.startswith(NECK_PREFIX)}
+    dropped = set() if has_neck(own) else {key for key in theirs if key.startswith(NECK_PREFIX)}
+    kept = {key: value for key, value in theirs.items() if key not in skipped | dropped}
+    # The model's new classifier (and new neck) stands in for the checkpoint's, so that
+    # load_weights compares every other tensor and refuses another architecture with its own
+    # message.
     own_classifier = _classifier_of(model_name, own)
     load_weights(model, {**checkpoint, 'state_dict': {
-        **kept, **{key: own[key] for key in own_classifier}}}, model_name, path,
+        **kept, **{key: own[key] for key in own_classifier | fresh}}}, model_name, path,
         setting='INIT_WEIGHTS')
     loaded = len(kept)
     trained = checkpoint.get('epoch')
     print(f'INIT_WEIGHTS: {loaded} tensors loaded from "{path}"'
           + (f' (epoch {trained})' if trained is not None else '')
-          + f', {len(skipped)} skipped (the classifier: this run learns its own identities)')
+          + f', {len(skipped)} skipped (the classifier: this run learns its own identities)'
+          + (f', {len(fresh)} new (the neck: NECK=\'bnneck\' where INIT_WEIGHTS has none)'
+             if fresh else ''))
+    if dropped:
+        print(f'Note: INIT_WEIGHTS has a BNNeck and this run has none (NECK=\'none\'): its '
+              f'{len(dropped)} neck tensors are dropped, and the features are taken before '
+              f'where it took them after the neck.')
     return loaded, len(skipped)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from reidkit.data.datapath import CacheRequest, build_cached_loaders, with_machine_workers
 from reidkit.run import distributed
 from reidkit.train.ddp import distributed_model
-from reidkit.train.step import Loss, TrainStep, fast_optimizer
+from reidkit.train.step import Centers, Loss, TrainStep, fast_optimizer
 
 DEVICE_TEST_BATCH = 256     # images per feature-extraction batch from the device cache
 
@@ -114,11 +114,12 @@ class FastTraining:
     line: str
 
 
-def fast_training(s, model: nn.Module, optimizer, datamanager,
-                  training: bool = True) -> FastTraining:
+def fast_training(s, model: nn.Module, optimizer, datamanager, training: bool = True,
+                  centers: Centers | None = None) -> FastTraining:
     """The training path for settings `s` (AMP, CHANNELS_LAST, COMPILE, DATA_CACHE,
     DATA_CACHE_GB: on with CUDA by default, forced on or off by a setting; SYNC_BN under DDP).
-    Not `training` (test, visrank): no training images are decoded."""
+    Not `training` (test, visrank): no training images are decoded, and no centre loss.
+    `centers`: the centre loss's (CENTER_LOSS_WEIGHT > 0), trained by the same step."""
     device = next(model.parameters()).device
     cuda = device.type == 'cuda'
     compile_step, not_compiled = compile_choice(s.COMPILE, device)
@@ -126,8 +127,10 @@ def fast_training(s, model: nn.Module, optimizer, datamanager,
         model = distributed_model(model, device, switched_on(s.CHANNELS_LAST, cuda), s.SYNC_BN,
                                   frozen_layers=s.FIXBASE_EPOCH > 0)
     model, words = fast_path(model, device, s.AMP, s.CHANNELS_LAST, compile_step)
-    step = TrainStep(model, fast_optimizer(optimizer), Loss(s.LOSS, s.LABEL_SMOOTH),
-                     compile=compile_step)
+    loss = Loss(s.LOSS, s.LABEL_SMOOTH,
+                center_weight=s.CENTER_LOSS_WEIGHT if training else 0.0)
+    step = TrainStep(model, fast_optimizer(optimizer), loss, compile=compile_step,
+                     centers=centers if training else None)
     line = f'Training path: {words} + our training step' + \
         (' (compiled with its loss)' if compile_step else
          f' ({not_compiled})' if not_compiled else '')

@@ -7,17 +7,20 @@ builds its label-smoothing target on the CPU, mines triplets in a Python loop ov
 same numbers (the tests compare it with Torchreid's own engines) with device-only tensor ops and
 returns them as device tensors; `RunningMeans` adds them up on the device and reads them back
 once per log line. `fast_optimizer` turns on the fused Adam kernel on CUDA while keeping the
-optimizer's checkpoints those of a plain Adam.
+optimizer's checkpoints those of a plain Adam. With CENTER_LOSS_WEIGHT the step adds the centre
+loss (`center_loss`), whose class centres (`Centers`) have their own optimiser.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reidkit.run import distributed
 
 Outputs = torch.Tensor | Sequence[torch.Tensor]
 
@@ -96,6 +99,26 @@ def _batch_hard_triplet_loss(features, targets, margin):
         return (hardest_positive - hardest_negative + margin).clamp(min=0).mean()
 
 
+def center_loss(features: Outputs, targets: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """The centre loss (Wen et al., "A Discriminative Feature Learning Approach for Deep Face
+    Recognition", ECCV 2016) as the Bag of Tricks computes it (reid-strong-baseline's
+    `CenterLoss`): the mean over the batch of each feature's squared euclidean distance to its
+    identity's centre, ||f_i - c_{y_i}||^2, each clamped to [1e-12, 1e12] as BoT does. Wen et
+    al. write half of the sum over the batch; BoT's mean without the half is what its weight
+    (CENTER_LOSS_WEIGHT, 5e-4) was tuned with. Unlike BoT we subtract directly instead of
+    expanding |f|^2 + |c|^2 - 2 f.c (the same value, without its rounding).
+
+    features: (B, D), targets: (B,) int64 in [0, K), centers: (K, D); a float32 scalar,
+    computed in float32 on the features' device. Several feature outputs: their losses' mean."""
+    return _mean_over_outputs(_center_loss, features, targets, centers)
+
+
+def _center_loss(features, targets, centers):
+    with torch.autocast(features.device.type, enabled=False):
+        offsets = features.float() - centers.float()[targets]
+        return offsets.pow(2).sum(dim=1).clamp(min=1e-12, max=1e12).mean()
+
+
 def top1_accuracy(logits: Outputs, targets: torch.Tensor) -> torch.Tensor:
     """Percentage of the batch whose highest logit is its identity, as Torchreid's
     `metrics.accuracy(logits, targets)[0]` (first output only, when there are several)."""
@@ -108,12 +131,15 @@ def top1_accuracy(logits: Outputs, targets: torch.Tensor) -> torch.Tensor:
 class Loss:
     """What a training step minimises, as Torchreid's engines take it: 'softmax' (label-smoothed
     cross-entropy) or 'triplet' (weight_t * batch-hard triplet loss with `margin` + weight_x *
-    cross-entropy). ValueError for a name or weights Torchreid's engines would reject."""
+    cross-entropy); plus, with either, center_weight * the centre loss (BoT's third term; 0:
+    off). ValueError for a name or weights Torchreid's engines would reject, or a negative
+    center_weight."""
     name: str = 'softmax'
     label_smooth: bool = True
     weight_t: float = 1.0
     weight_x: float = 1.0
     margin: float = 0.3
+    center_weight: float = 0.0
 
     def __post_init__(self):
         if self.name not in ('softmax', 'triplet'):
@@ -122,11 +148,81 @@ class Loss:
                                        or self.weight_t + self.weight_x <= 0):
             raise ValueError(f'weight_t={self.weight_t}, weight_x={self.weight_x}: both must '
                              'be >= 0 and at least one > 0.')
+        if not self.center_weight >= 0:
+            raise ValueError(f'center_weight={self.center_weight}: must be >= 0 (0: off).')
 
     @property
     def epsilon(self) -> float:
         """The label-smoothing epsilon (0: none)."""
         return LABEL_SMOOTH_EPSILON if self.label_smooth else 0.0
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether the model must return (logits, features) in training, as Torchreid's models
+        built with loss='triplet' do: for the triplet or the centre loss."""
+        return self.name == 'triplet' or self.center_weight > 0
+
+
+class Centers:
+    """The centre loss's class centres, a (num_classes, feature_dim) float32 parameter on
+    `device`, with their own optimiser: plain SGD at `lr` (CENTER_LR), never warmed up nor
+    scheduled, as BoT's `optimizer_center`. They start from a standard normal draw (BoT's
+    torch.randn) from their own generator seeded with `seed`: every DDP process starts with the
+    same centres, and the run's random stream (data order, augmentations) is left as it is.
+
+    `step(weight)` follows a backward pass through `weight * center_loss`: it divides the
+    centres' gradient by `weight` (as BoT's trainer does), so they move at `lr` whatever the
+    weight, averages it over DDP processes as DDP averages the model's, then steps. Every
+    operation stays on the device (no host sync)."""
+
+    def __init__(self, num_classes: int, feature_dim: int, lr: float,
+                 device: torch.device | str = 'cpu', seed: int = 0):
+        start = torch.randn(num_classes, feature_dim,
+                            generator=torch.Generator().manual_seed(seed))
+        self.centers = nn.Parameter(start.to(device))
+        self.optimizer = torch.optim.SGD([self.centers], lr=lr)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, weight: float) -> None:
+        grad = self.centers.grad
+        grad.mul_(1.0 / weight)
+        distributed.average(grad)
+        self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        """{'centers': (K, D) tensor, 'optimizer': the SGD's state_dict}, for a checkpoint."""
+        return {'centers': self.centers.detach(), 'optimizer': self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()`'s output exactly; RuntimeError for centres of another shape
+        (other identities or another feature size), KeyError for a dict without them."""
+        with torch.no_grad():
+            self.centers.copy_(state['centers'])
+        self.optimizer.load_state_dict(state['optimizer'])
+
+
+def training_feature_size(model: nn.Module, height: int, width: int) -> int:
+    """The length of the feature `model` returns beside its logits in training (what the
+    triplet and centre losses see: Torchreid's models built with loss='triplet' return
+    (logits, features)), for images of height x width. Found by running the model on the meta
+    device (shapes only: no memory, no computation, its weights and statistics untouched).
+    ValueError when the model returns no single (batch, length) feature in training."""
+    meta = {name: torch.empty_like(tensor, device='meta') for name, tensor in
+            chain(model.named_parameters(), model.named_buffers())}
+    images = torch.empty(2, 3, height, width, device='meta')
+    was_training = model.training
+    model.train()
+    try:
+        outputs = torch.func.functional_call(model, meta, (images,))
+    finally:
+        model.train(was_training)
+    features = outputs[1] if isinstance(outputs, (tuple, list)) and len(outputs) == 2 else None
+    if not isinstance(features, torch.Tensor) or features.dim() != 2:
+        raise ValueError('the model returns no (logits, features) pair with one feature vector '
+                         'per image in training')
+    return int(features.shape[1])
 
 
 class TrainStep:
@@ -135,12 +231,19 @@ class TrainStep:
     `step(images, pids)` runs the forward pass and the loss (compiled together with
     `compile=True`), then backward and `optimizer.step()`, and returns the batch's values as
     detached 0-dim tensors on the device: {'loss', 'acc'} for softmax; for triplet, 'loss_t'
-    when weight_t > 0 and 'loss_x', 'acc' when weight_x > 0, as Torchreid's engines name them.
-    'acc' is top-1 accuracy in percent. The model's train/eval mode is left to the caller."""
+    when weight_t > 0 and 'loss_x', 'acc' when weight_x > 0, as Torchreid's engines name them;
+    with either, 'loss_c' (the centre loss, unweighted) when loss.center_weight > 0, the
+    `centers` then stepping after the model's optimizer. 'acc' is top-1 accuracy in percent.
+    The model's train/eval mode is left to the caller. ValueError when `centers` are given
+    without a center_weight or the reverse."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss: Loss = Loss(), compile: bool = False):
-        self.model, self.optimizer, self.loss = model, optimizer, loss
+                 loss: Loss = Loss(), compile: bool = False, centers: Centers | None = None):
+        if (loss.center_weight > 0) != (centers is not None):
+            raise ValueError(f'center_weight={loss.center_weight} with '
+                             f'{"no " if centers is None else ""}centers: the centre loss '
+                             'needs both (or neither).')
+        self.model, self.optimizer, self.loss, self.centers = model, optimizer, loss, centers
         # Only forward + loss are compiled: backward is autograd's (AOTAutograd compiles it with
         # the forward) and the optimizer stays an ordinary call.
         self._compiled = torch.compile(self.forward_and_loss) if compile else None
@@ -156,29 +259,42 @@ class TrainStep:
         pids = pids.to(device, non_blocking=True)
         # Before the forward pass, so last step's gradients are freed before the activations
         # are allocated.
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         values = self._forward_and_backward(images, pids)
         self.optimizer.step()
+        if self.centers is not None:
+            self.centers.step(self.loss.center_weight)
         return {name: value.detach() for name, value in values.items()}
 
     def forward_and_loss(self, images: torch.Tensor, pids: torch.Tensor
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise and the batch's values to report (not yet detached)."""
         loss = self.loss
-        if loss.name == 'softmax':
+        if loss.needs_features:
+            logits, features = self.model(images)
+        else:
             logits = self.model(images)
+        if loss.name == 'softmax':
             total = label_smoothed_cross_entropy(logits, pids, loss.epsilon)
-            return total, {'loss': total, 'acc': top1_accuracy(logits, pids)}
-        logits, features = self.model(images)
-        total, values = 0, {}
-        if loss.weight_t > 0:
-            values['loss_t'] = batch_hard_triplet_loss(features, pids, loss.margin)
-            total = total + loss.weight_t * values['loss_t']
-        if loss.weight_x > 0:
-            values['loss_x'] = label_smoothed_cross_entropy(logits, pids, loss.epsilon)
-            values['acc'] = top1_accuracy(logits, pids)
-            total = total + loss.weight_x * values['loss_x']
+            values = {'loss': total, 'acc': top1_accuracy(logits, pids)}
+        else:
+            total, values = 0, {}
+            if loss.weight_t > 0:
+                values['loss_t'] = batch_hard_triplet_loss(features, pids, loss.margin)
+                total = total + loss.weight_t * values['loss_t']
+            if loss.weight_x > 0:
+                values['loss_x'] = label_smoothed_cross_entropy(logits, pids, loss.epsilon)
+                values['acc'] = top1_accuracy(logits, pids)
+                total = total + loss.weight_x * values['loss_x']
+        if loss.center_weight > 0:
+            values['loss_c'] = center_loss(features, pids, self.centers.centers)
+            total = total + loss.center_weight * values['loss_c']
         return total, values
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.centers is not None:
+            self.centers.zero_grad()
 
     def _forward_and_backward(self, images, pids) -> dict[str, torch.Tensor]:
         if self._compiled is not None:
@@ -193,7 +309,7 @@ class TrainStep:
                 self.compile_error, self._compiled = error, None
                 # A backward that failed part-way may have left gradients. (Its forward pass
                 # has updated BatchNorm's running statistics once more, on this batch only.)
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
         total, values = self.forward_and_loss(images, pids)
         total.backward()
         return values
