@@ -53,6 +53,7 @@ DATA_CACHE = 'auto'                          # images decoded once, augmented on
 DATA_CACHE_GB = 8.0                          # most memory the decoded images may take (else Torchreid's loader)
 RESUME = ''                                  # checkpoint to continue training from ('' = new run)
 LATEST_EVERY = 1                             # epochs between rolling resume checkpoints (0 = off)
+KEEP_OPTIMIZER = 1                           # newest numbered checkpoints that keep the optimiser's state to resume from (older: weights only, 1/3 the size with Adam)
 
 # --- fine-tuning: a new run from a trained model (python main.py train --INIT_WEIGHTS=...) ---
 INIT_WEIGHTS = ''                            # checkpoint a new run starts from, not its classifier ('' = PRETRAINED's)

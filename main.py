@@ -33,6 +33,7 @@ from torchreid.reid.utils import set_random_seed
 from reidkit.data import checks
 from reidkit.data.datapath import loader_workers
 from reidkit.data.demo import DEMO_DATA_SEED, make_demo_dataset
+from reidkit.data.summary import data_lines, quiet_data_manager
 from reidkit.run import distributed
 from reidkit.run.atomic import disk_full, reason
 from reidkit.run.checkpoints import checkpoint_classes, continue_schedule, load_weights, \
@@ -94,7 +95,7 @@ def _data_and_model(s: Settings, device, checkpoint: dict | None = None,
         s = s.replace(SOURCES=s.TARGETS)
     # folders and CSV files of SOURCES/TARGETS, under their absolute paths
     register_all(s, evaluating, recorded)
-    datamanager = torchreid.data.ImageDataManager(
+    datamanager = quiet_data_manager(lambda: torchreid.data.ImageDataManager(
         root=s.DATA_ROOT,
         sources=s.SOURCES,
         targets=s.TARGETS,
@@ -108,7 +109,9 @@ def _data_and_model(s: Settings, device, checkpoint: dict | None = None,
         # the triplet loss needs batches holding several images of each identity
         train_sampler='RandomIdentitySampler' if s.LOSS == 'triplet' and not evaluating
         else 'RandomSampler',
-    )
+    ))
+    for line in data_lines(datamanager, None if evaluating else s.TRANSFORMS):
+        print(line)
     classes = checkpoint_classes(checkpoint, s.MODEL_NAME) if evaluating else None
     # Torchreid's model for MODEL_NAME, LOSS and PRETRAINED, with NECK and LAST_STRIDE
     model = build_model(s, num_classes=classes or datamanager.num_train_pids)
@@ -173,7 +176,8 @@ def build_engine(s: Settings, datamanager, model, optimizer, scheduler, training
         datamanager, fast.model, optimizer, scheduler=scheduler, use_gpu=use_gpu,
         label_smooth=s.LABEL_SMOOTH, train_step=fast.step, loaders=fast.loaders,
         options=EngineOptions(model_name=s.MODEL_NAME, settings=s.record(),
-                              latest_every=s.LATEST_EVERY, flip_test=s.FLIP_TEST,
+                              latest_every=s.LATEST_EVERY,
+                              keep_optimizer=s.KEEP_OPTIMIZER, flip_test=s.FLIP_TEST,
                               match_fpir=s.MATCH_FPIR, seed=s.SEED,
                               training_files=record.compact() if record else None,
                               rerank=Reranking(s.RERANK_K1, s.RERANK_K2, s.RERANK_LAMBDA)),
@@ -490,7 +494,7 @@ def _run_modes(modes: list[str], demo: bool, s: Settings, process) -> int:
             lambda: make_demo_dataset(Path(s.DATA_ROOT), seed=DEMO_DATA_SEED))
         print(f'Demo dataset: {summary.train_ids} train ids ({summary.train_images} images), '
               f'{summary.query_images} queries, {summary.gallery_images} gallery images '
-              f'in {summary.data_dir}')
+              f'in {Path(summary.data_dir).resolve()}')
     if 'search' in modes:       # QUERY and GALLERY hold images (the demo's, once made)
         searching.search_inputs(s)
     for mode in modes:

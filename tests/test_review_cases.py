@@ -50,7 +50,8 @@ def test_a_tilde_path_means_the_home_folder_everywhere(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_resuming_an_earlier_checkpoint_branches_into_a_new_run(tiny_settings, capsys):
-    s = tiny_settings.replace(MAX_EPOCH=3, EVAL_FREQ=1)
+    # every numbered checkpoint keeps its optimiser state to resume from
+    s = tiny_settings.replace(MAX_EPOCH=3, EVAL_FREQ=1, KEEP_OPTIMIZER=3)
     run_dir = main.train(s)
     later = {p.name: p.read_bytes() for p in (run_dir / 'model').iterdir()}
     branch = main.train(s.replace(RESUME=str(run_dir / 'model' / 'model.pth.tar-1'),

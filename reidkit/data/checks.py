@@ -134,6 +134,9 @@ def check_numbers(s: Settings, training: bool) -> None:
                         f'decoded images may take; 0 always uses Torchreid\'s loader).')
     if s.WORKERS < 0:
         raise UserError(f'WORKERS={s.WORKERS} must be 0 (load in the main process) or more.')
+    if s.KEEP_OPTIMIZER < 0:
+        raise UserError(f'KEEP_OPTIMIZER={s.KEEP_OPTIMIZER} must be 0 (only latest.pth.tar '
+                        f'keeps the optimiser\'s state to resume from) or more.')
     if not (s.RERANK_K1 >= 1 and s.RERANK_K2 >= 1 and 0 <= s.RERANK_LAMBDA <= 1):
         raise UserError(f'Re-ranking needs RERANK_K1 >= 1, RERANK_K2 >= 1 and 0 <= '
                         f'RERANK_LAMBDA <= 1; got {s.RERANK_K1}, {s.RERANK_K2}, '

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from reidkit.data.images import read_image, unreadable_image, upright_size
 from reidkit.run import distributed
 from reidkit.run.errors import UserError
+from reidkit.run.progress import progress as progress_bar
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # Torchreid's defaults when norm_mean/norm_std are None
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,8 +152,8 @@ class DecodedImages:
             pool = multiprocessing.get_context().Pool(workers)
             decoded = pool.imap(_decode, self.paths, chunksize=32)
         try:
-            bar = tqdm(decoded, total=len(self.paths), desc=progress, unit='img',
-                       disable=progress is None, leave=False)
+            bar = progress_bar(decoded, total=len(self.paths), desc=progress, unit='img',
+                               disable=progress is None, leave=False)
             chunk = []
             for index, array in enumerate(bar):
                 height, width = self.groups[self._group[index]].shape[2:]

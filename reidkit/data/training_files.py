@@ -36,12 +36,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from reidkit.data import checks
 from reidkit.data.own_data import SPLIT_FILE, OwnData, own_split, printable, read_split
 from reidkit.run.atomic import atomic_file
 from reidkit.run.errors import UserError
+from reidkit.run.progress import progress
 from reidkit.run.folders import recorded_settings
 from reidkit.run.settings import dataset_list, display_name, is_own_data
 
@@ -65,7 +65,7 @@ def _hash_all(paths: Sequence[str], what: str) -> list[int]:
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
         hashes = pool.map(content_hash, paths, chunksize=64)
         if len(paths) >= PROGRESS_FROM:
-            hashes = tqdm(hashes, total=len(paths), desc=what, unit='file', leave=False)
+            hashes = progress(hashes, total=len(paths), desc=what, unit='file', leave=False)
         return list(hashes)
 
 

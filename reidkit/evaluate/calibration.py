@@ -22,6 +22,7 @@ from reidkit.run.atomic import exclusive, write_atomically
 from reidkit.run.errors import UserError
 from reidkit.run.folders import checkpoint_run
 from reidkit.run.settings import Settings
+from reidkit.run.words import counted
 
 RECORD_FOLDER = 'calibration'
 ENTRY_KEYS = ('target', 'distance', 'flip_test', 'threshold', 'match_fpir', 'queries', 'gallery',
@@ -191,5 +192,6 @@ def match_threshold(s: Settings, calibration: Calibration | None,
     return entry['threshold'], (
         f'Match threshold: distance <= {entry["threshold"]:.6g}, calibrated on '
         f'{entry["target"]} ({entry["date"]}: FPIR {entry["match_fpir"]:g} with '
-        f'{entry["queries"]:,} queries and {entry["gallery"]:,} gallery images; a larger '
+        f'{counted(entry["queries"], "query", "queries")} and '
+        f'{counted(entry["gallery"], "gallery image")}; a larger '
         f'gallery gives more false matches) in {calibration.source}')

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from reidkit.evaluate.metrics import QUERY_CHUNK, DistanceRows, Labels
+from reidkit.run.words import counted
 
 FPR_LEVELS = (1e-1, 1e-2, 1e-3)
 FPIR_LEVELS = (1e-1, 1e-2)
@@ -554,7 +555,8 @@ def describe(verification: dict, open_set: dict | None) -> list[str]:
         lines.append(f'Open set: {RERANK_NOTE}')
         return lines
     lines.append(f'Open set (each query\'s identity left out of the gallery): '
-                 f'{open_set["queries"]:,} queries, {open_set["mated"]:,} mated')
+                 f'{counted(open_set["queries"], "query", "queries")}, '
+                 f'{open_set["mated"]:,} mated')
     lines.append(_at_levels('DIR', 'FPIR', open_set['dir_at_fpir']))
     threshold = open_set['threshold']
     if threshold['distance'] is None:

@@ -15,7 +15,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from reidkit.evaluate import metrics as evaluation
 from reidkit.evaluate import report
@@ -23,6 +22,7 @@ from reidkit.run.atomic import write_atomically
 from reidkit.data.images import GAP, JPEG_MAX_SIDE, MAX_STRIP_MATCHES, QUERY_GAP, THUMB_HEIGHT, \
     THUMB_WIDTH
 from reidkit.run.errors import UserError
+from reidkit.run.progress import progress
 
 BORDER = 4
 CAPTION_FONT, CAPTION_SCALE, LINE_HEIGHT = cv2.FONT_HERSHEY_SIMPLEX, 0.33, 12
@@ -224,8 +224,8 @@ def write_rankings(distmat, dataset, save_dir: str | Path, topk: int = 10,
 
     # cv2 releases the GIL while decoding, resizing and encoding, so threads scale.
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        list(tqdm(pool.map(one, range(len(query))), total=len(query),
-                  desc='Rank images', unit='query'))
+        list(progress(pool.map(one, range(len(query))), total=len(query),
+                      desc='Rank images', unit='query'))
     report.plot_cmc(scores.cmc, save_dir / 'cmc.png')
     if curves is not None:
         report.plot_distances(curves, save_dir / 'distances.png')

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import pickle
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from reidkit.run.atomic import atomic_file
+from reidkit.run.atomic import atomic_file, temporary_name
 from reidkit.run.errors import UserError
 from reidkit.run.model import NECK_PREFIX, has_neck, meta_model
 from reidkit.run.schedule import schedule_parts, warmup_factor
@@ -26,6 +27,7 @@ from reidkit.run.settings import Settings
 
 CHECKPOINT_PREFIX = 'model.pth.tar-'   # Torchreid's naming: <save_dir>/model/model.pth.tar-<epoch>
 LATEST_NAME = 'latest.pth.tar'         # rolling checkpoint written every LATEST_EVERY epochs
+OPTIMIZER_DROPPED = 'optimizer_dropped'   # True in a checkpoint drop_optimizer_states rewrote
 # A checkpoint's centre-loss state (CENTER_LOSS_WEIGHT > 0): the class centres and their SGD's
 # state, reidkit.train.step.Centers.state_dict(); absent when the run had no centre loss.
 CENTERS_KEY = 'center_loss'
@@ -61,6 +63,99 @@ def save_checkpoint(state: dict, path: Path) -> Path:
             'and resume from the last one.')) as handle:
         torch.save(state, handle)
     return Path(path)
+
+
+def drop_optimizer_states(model_dir: Path, keep: int) -> list[Path]:
+    """Rewrites the numbered checkpoints in `model_dir` but the newest `keep` (>= 0) without
+    their optimiser state (Adam's two moments: two thirds of a checkpoint), each atomically
+    (`save_checkpoint`: a kill leaves it whole, with or without the state). They keep their
+    weights, epoch, scores and settings: test, visrank, search and export use them; --RESUME
+    refuses them (`reidkit.run.folders.resume_checkpoint`). A `latest.pth.tar` hard-linked to
+    one of them keeps the state: the rename gives the numbered name a new file. Returns the
+    files rewritten."""
+    numbered = sorted((p for p in Path(model_dir).glob(f'{CHECKPOINT_PREFIX}*')
+                       if checkpoint_epoch(p) >= 0), key=checkpoint_epoch, reverse=True)
+    rewritten = []
+    for path in numbered[max(keep, 0):]:
+        state = _mapped(path)
+        if state is None or state.get('optimizer') is None:
+            continue
+        save_checkpoint(dict(state, optimizer=None, **{OPTIMIZER_DROPPED: True}), path)
+        rewritten.append(path)
+    return rewritten
+
+
+def _mapped(path: Path) -> dict | None:
+    """A checkpoint of ours, its tensors mapped from the file rather than read (seeing whether
+    it holds an optimiser state costs no read of its weights); None for one that cannot be
+    read so (a foreign format: left as it is)."""
+    try:
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:       # not ours, or not the zip format mmap needs: not ours to rewrite
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def weights_only(path: Path) -> bool:
+    """Whether `path` is a checkpoint `drop_optimizer_states` left with its weights only
+    (read from a mapping of the file: no read of its weights)."""
+    return bool((_mapped(path) or {}).get(OPTIMIZER_DROPPED))
+
+
+def newest_resumable(model_dir: Path) -> Path | None:
+    """The checkpoint in `model_dir` (numbered, or latest.pth.tar) of the highest epoch that
+    holds an optimiser state to resume from, or None."""
+    found = {}
+    for path in Path(model_dir).glob('*.pth.tar*'):
+        state = _mapped(path) if not path.name.startswith('.') else None
+        if state is not None and state.get('optimizer') is not None:
+            # the same epoch twice (latest linked to it): the numbered name, which stays
+            found[path] = (int(state.get('epoch') or 0), path.name != LATEST_NAME)
+    return max(found, key=found.get) if found else None
+
+
+def check_resumable(saved: dict, path: Path) -> None:
+    """A checkpoint whose optimiser state was dropped (KEEP_OPTIMIZER) holds weights for test,
+    visrank and search; training continues only from one that kept it: UserError naming the
+    newest beside it."""
+    if not saved.get(OPTIMIZER_DROPPED):
+        return      # resumable, or never had a state (resume_training says so)
+    newest = newest_resumable(Path(path).parent)
+    raise UserError(
+        f'RESUME: "{path}" holds the weights only (its optimiser state was dropped to save '
+        f'space: KEEP_OPTIMIZER keeps it in the newest checkpoints only). It serves test, '
+        f'visrank and search (--WEIGHTS={path}). '
+        + (f'Resume from "{newest}", the newest checkpoint of the run that keeps its state.'
+           if newest is not None else
+           f'No checkpoint beside it keeps its state: start a new run from its weights with '
+           f'--INIT_WEIGHTS={path} instead of --RESUME.'))
+
+
+def link_latest(numbered: Path) -> Path | None:
+    """Stores the epoch `numbered` (a checkpoint just written) holds once: where the rolling
+    `latest.pth.tar` beside it holds the same epoch (written before that epoch's evaluation),
+    latest becomes the same file as it, a hard link. A latest of another epoch (the one before
+    a run's final epoch, or none: LATEST_EVERY=0) is left as it is: latest stays the rolling
+    checkpoint, never moved to an epoch it was not written for. The link replaces the old
+    latest by a rename (never a moment without one); a later rewrite of `numbered`
+    (`drop_optimizer_states`) renames a new file over its name and leaves latest's intact.
+    Returns latest's path once linked; None where it was left as it is or the file system has
+    no hard links (FAT, some network file systems: latest stays a copy)."""
+    numbered = Path(numbered)
+    latest = numbered.with_name(LATEST_NAME)
+    held = _mapped(latest) if latest.is_file() else None
+    if held is None or held.get('epoch') != (_mapped(numbered) or {}).get('epoch'):
+        return None
+    temporary = temporary_name(latest)
+    try:
+        temporary.unlink(missing_ok=True)
+        os.link(numbered, temporary)
+        os.replace(temporary, latest)
+    except OSError:     # no hard links here: keep the copy
+        temporary.unlink(missing_ok=True)
+        return None
+    return latest
 
 
 def load_checkpoint(path: Path, setting: str = 'WEIGHTS') -> dict:

@@ -10,17 +10,19 @@ from typing import NamedTuple
 
 from reidkit.run.atomic import write_atomically
 from reidkit.run.checkpoints import (CHECKPOINT_PREFIX, LATEST_NAME, check_checkpoint_fits,
-                                     checkpoint_epoch, load_checkpoint)
+                                     check_resumable, checkpoint_epoch, load_checkpoint,
+                                     weights_only)
 from reidkit.run.errors import UserError
 from reidkit.run.settings import (Settings, bounded, dataset_list, display_name,
                                   settings_to_evaluate, settings_to_resume)
 
 
 def new_run_dir(parent: Path, name: str) -> Path:
-    """Creates and returns parent/<YYYYmmdd-HHMMSS>-<name>, adding -2, -3 ... if it exists."""
+    """Creates and returns parent/<YYYYmmdd-HHMMSS>-<name>, adding -2, -3 ... if it exists;
+    an absolute path (every path printed under it is absolute, as the data's are)."""
     stem = f'{time.strftime("%Y%m%d-%H%M%S")}-{name}'
     for attempt in range(1, 1000):
-        folder = Path(parent) / (stem if attempt == 1 else f'{stem}-{attempt}')
+        folder = Path(parent).resolve() / (stem if attempt == 1 else f'{stem}-{attempt}')
         try:
             folder.mkdir(parents=True)
             return folder
@@ -83,17 +85,21 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def resume_point(run_dir: Path) -> Path | None:
-    """The most recently written checkpoint of a run (numbered or rolling), or None."""
-    found = [p for p in Path(run_dir).glob('*/*.pth.tar*') if not p.name.startswith('.')]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    """The most recently written checkpoint of a run (numbered or rolling) that training can
+    continue from (not one KEEP_OPTIMIZER left with its weights only), or None; of a
+    latest.pth.tar linked to a numbered one (the same file), the numbered name."""
+    found = [p for p in Path(run_dir).glob('*/*.pth.tar*')
+             if not p.name.startswith('.') and not weights_only(p)]
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name != LATEST_NAME)) if found else None
 
 
 def latest_run_checkpoint(experiments_dir: Path, data_root: Path | None = None) -> Path:
-    """The newest numbered checkpoint of the run that trained most recently (by the time its
-    checkpoints were written: testing an older run does not make it the latest); with
-    `data_root`, of the newest run whose settings.json records that DATA_ROOT (a --demo
-    command: the newest demo run, not a model of other data). UserError when there is none."""
-    runs = [run for run in Path(experiments_dir).glob('*') if run.is_dir()]
+    """The newest numbered checkpoint (an absolute path) of the run that trained most recently
+    (by the time its checkpoints were written: testing an older run does not make it the
+    latest); with `data_root`, of the newest run whose settings.json records that DATA_ROOT (a
+    --demo command: the newest demo run, not a model of other data). UserError when there is
+    none."""
+    runs = [run for run in Path(experiments_dir).resolve().glob('*') if run.is_dir()]
     if data_root is not None:
         runs = [run for run in runs if _recorded_data_root(run) == Path(data_root).resolve()]
     newest = {run: newest_checkpoint(run) for run in runs}
@@ -166,9 +172,11 @@ class Resumed(NamedTuple):
 
 def resume_checkpoint(s: Settings) -> Resumed:
     """The RESUME checkpoint with the run's settings; UserError for a missing, unreadable or
-    finished one, or a flag that changes the run."""
+    finished one, one without its optimiser state (KEEP_OPTIMIZER), or a flag that changes
+    the run."""
     path = Path(s.RESUME)
     saved = load_checkpoint(path, 'RESUME')
+    check_resumable(saved, path)
     s, notes = settings_to_resume(s, recorded_settings(saved), f'RESUME: "{path}"')
     check_checkpoint_fits(saved, s, path)
     check_not_finished(saved, path, s)

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
-from tqdm import tqdm
 
 from reidkit.data import checks
 from reidkit.data.images import read_image
@@ -28,6 +27,7 @@ from reidkit.evaluate.metrics import flip_averaged
 from reidkit.run.checkpoints import checkpoint_classes, load_weights
 from reidkit.run.device import choose_device, place_model
 from reidkit.run.errors import UserError
+from reidkit.run.progress import progress
 from reidkit.run.folders import resolve_checkpoint
 from reidkit.run.model import build_model
 from reidkit.run.settings import BEFORE_RECORDED, Settings
@@ -66,7 +66,7 @@ def extract_batches(model: nn.Module, transform, paths: list[Path], batch_size: 
     ahead of the model."""
     model.eval()
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(paths), desc=description, unit='img') as bar:
+            progress(total=len(paths), desc=description, unit='img') as bar:
         for start in range(0, len(paths), batch_size):
             batch = paths[start:start + batch_size]
             decoded = list(zip(batch, pool.map(decode, batch)))

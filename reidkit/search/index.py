@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from reidkit.evaluate.metrics import check_finite, one_query_distances, unit_rows
 from reidkit.run.errors import UserError
+from reidkit.run.progress import progress
 
 ADD_CHUNK = 8_192           # rows added at a time: FAISS encodes them with 64 KB of tables each
 SCATTERED = 256             # scattered rows read between releases of their pages
@@ -179,7 +179,7 @@ def _train(index, sample: np.ndarray) -> None:
 
 
 def _add(index, features: np.ndarray, rows: np.ndarray, ids: np.ndarray, shape: Plan) -> None:
-    with tqdm(total=len(rows), desc='Index', unit='img') as bar:
+    with progress(total=len(rows), desc='Index', unit='img') as bar:
         for start in range(0, len(rows), ADD_CHUNK):
             part = rows[start:start + ADD_CHUNK]
             chunk = read_rows(features, part)

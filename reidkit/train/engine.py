@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchreid.reid.engine import ImageSoftmaxEngine, ImageTripletEngine
-from tqdm import tqdm
 
 from reidkit.data.datapath import CachedLoader, loader_like
 from reidkit.data.images import read_image
@@ -41,9 +40,11 @@ from reidkit.evaluate.rerank import Reranking, re_ranking_features
 from reidkit.evaluate.verification import PairScores, describe
 from reidkit.evaluate.visrank import market_label, write_rankings
 from reidkit.run import distributed
-from reidkit.run.checkpoints import CENTERS_KEY, LATEST_NAME, checkpoint_path, model_state, \
-    save_checkpoint, unwrap
+from reidkit.run.checkpoints import (CENTERS_KEY, LATEST_NAME, checkpoint_path,
+                                     drop_optimizer_states, link_latest, model_state,
+                                     save_checkpoint, unwrap)
 from reidkit.run.errors import UserError
+from reidkit.run.progress import progress
 from reidkit.run.folders import resume_point
 from reidkit.run.model import freeze_neck_bias
 from reidkit.run.randomness import CHECKPOINT_KEY as RANDOM_STATE_KEY, host_random_state, \
@@ -58,6 +59,7 @@ class EngineOptions:
     model_name: str = 'unknown'        # stored in checkpoints, named in mismatch errors
     settings: dict | None = None       # the run's settings, stored in every checkpoint
     latest_every: int = 1              # epochs between rolling checkpoints (0: never)
+    keep_optimizer: int = 1            # newest numbered checkpoints that keep the optimiser's state
     flip_test: bool = False            # test features of the image and its mirror, averaged
     rerank: Reranking = field(default_factory=Reranking)   # its parameters, where it is on
     training_files: dict | None = None  # the run's training files (reidkit.data.training_files)
@@ -76,6 +78,7 @@ class ReidkitEngineMixin:
         self.train_step = train_step             # reidkit.train.step.TrainStep: the only step
         self.model_name = options.model_name     # stored in checkpoints, named in mismatch errors
         self.latest_every = options.latest_every  # epochs between rolling checkpoints (0: never)
+        self.keep_optimizer = options.keep_optimizer    # the others: weights only
         self.settings = options.settings         # the run's settings, stored in every checkpoint
         self.training_files = options.training_files    # stored in every checkpoint
         self.match_fpir, self.seed = options.match_fpir, options.seed   # open-set threshold
@@ -231,7 +234,19 @@ class ReidkitEngineMixin:
         for name in self.get_model_names():
             path = self._save(name, epoch + 1, rank1,
                               checkpoint_path(Path(save_dir), epoch + 1, name))
-            print(f'Checkpoint saved to "{path}"')
+            if path != self.final_checkpoint:   # that one was named before the final evaluation
+                print(f'Checkpoint saved to "{path}"')
+            self._store_once(path)
+
+    def _store_once(self, numbered: Path) -> None:
+        """After a numbered checkpoint: a latest.pth.tar of the same epoch (written before its
+        evaluation) becomes the same file (`link_latest`; one of an earlier epoch stays), and
+        the numbered ones but the newest KEEP_OPTIMIZER lose their optimiser state (a third of
+        the size; weights for test, visrank and search)."""
+        if not distributed.current().is_main:
+            return
+        link_latest(numbered)
+        drop_optimizer_states(numbered.parent, self.keep_optimizer)
 
     def _save(self, name: str, epoch: int, rank1: float, path: Path) -> Path:
         """Writes a checkpoint, never one of a model whose weights are not finite. Under DDP
@@ -474,7 +489,7 @@ class WithProgress:
         return len(self.loader)
 
     def __iter__(self):
-        return iter(tqdm(self.loader, desc=self.description, unit='batch', leave=False))
+        return iter(progress(self.loader, desc=self.description, unit='batch', leave=False))
 
 
 class SoftmaxEngine(ReidkitEngineMixin, ImageSoftmaxEngine):
