@@ -41,7 +41,9 @@ def run_recipe(recipe: str, seed: int, flags: list[str], demo: bool, out: Path) 
         tail = (done.stdout + done.stderr)[-2000:]
         raise RuntimeError(f'{" ".join(command)} failed (exit {done.returncode}):\n{tail}')
     metrics = json.loads((Path(found[-1]) / 'metrics.json').read_text())
-    return {**metrics, 'seconds': seconds}
+    # metrics.json holds fractions; printed here as percentages
+    percent = {key: 100 * metrics[key] for key in ('rank1', 'mAP', 'mINP') if key in metrics}
+    return {**metrics, **percent, 'seconds': seconds}
 
 
 def row(recipe: str, seed, metrics: dict) -> str:
