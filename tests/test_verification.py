@@ -330,3 +330,17 @@ def test_test_and_visrank_write_the_blocks_and_the_pictures(tiny_settings, capsy
     assert metrics['open_set'] is None and metrics['verification']['rerank'] is True
     page = (vis_dir / 'visrank_market1501' / 'index.html').read_text()
     assert 'distances.png' in page and 'roc.png' in page
+
+
+def test_non_finite_features_are_named_by_the_cmc_pass_not_an_index_error():
+    """A diverged model's features: the positives expected before the pass are not finite, so
+    nothing is counted from them and the CMC pass raises its NonFiniteError, as without them."""
+    rng = np.random.default_rng(3)
+    labels = _labels(rng, 40, 30, 6)
+    qf, gf = torch.randn(40, 16), torch.randn(30, 16)
+    qf[3, 2] = float('nan')
+    rows = evaluation.distance_rows(qf, gf, 'euclidean')
+    pairs = ver.PairScores(labels).expect(rows, chunk=9)
+    assert not pairs.one_pass
+    with pytest.raises(evaluation.NonFiniteError):
+        evaluation.evaluate_features(qf, gf, labels, 'euclidean', chunk=9, observe=pairs.observe)

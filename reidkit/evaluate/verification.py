@@ -156,6 +156,8 @@ class PairScores:
                 values.append(dist[(q_idx[first:last] - start).to(dist.device),
                                    column.to(dist.device)])
         values = torch.cat(values) if values else torch.zeros(0)
+        if not torch.isfinite(values).all():
+            return self     # counted in a second pass, if at all: the CMC pass names the cause
         self._expected = _Expected(q_idx, g_idx, offsets, values)
         self._counter = _NegativeCounter(torch.sort(values).values)
         return self
