@@ -17,6 +17,7 @@ from reidkit.run.errors import UserError
 from reidkit.train import engine as engine_module
 from reidkit.train.step import (Centers, Loss, RunningMeans, TrainStep, center_loss,
                                 training_feature_size)
+from conftest import whole_and_interrupted
 from test_step import TwoHeads, assert_same_weights, batches, identities
 from test_step import no_host_reads  # noqa: F401  (a fixture)
 
@@ -221,30 +222,17 @@ def engines(monkeypatch) -> list:
 
 
 @pytest.mark.slow
-def test_the_checkpoint_holds_the_centres_and_a_resume_is_exact(tiny_settings, monkeypatch,
-                                                                 engines):
+def test_the_checkpoint_holds_the_centres_and_a_resume_is_exact(tiny_settings, epoch_watch):
     """2 epochs straight against 1 epoch, Ctrl-C, --RESUME for the 2nd, on the eager CPU path:
     the same weights, centres and centre optimiser (the checkpoint's random states give the
     resumed epoch the same data order and augmentations)."""
     s = centre_settings(tiny_settings, MAX_EPOCH=2, STEPSIZE=1, LOSS='triplet',
                         BATCH_SIZE_TRAIN=8)
-    straight = main.train(s.replace(EXPERIMENTS_DIR=str(Path(s.EXPERIMENTS_DIR) / 'a')))
+    straight, run_dir, _ = whole_and_interrupted(s, epoch_watch)
     expected = load_checkpoint(straight / 'model' / 'model.pth.tar-2')
     centres = expected[CENTERS_KEY]
     assert centres['centers'].shape[0] == 8 and centres['optimizer']['param_groups'][0]['lr'] == 0.5
     assert 'loss_c' in (straight / 'log.txt').read_text()
-
-    original = TrainStep.__call__
-
-    def interrupt_in_epoch_2(step, images, pids):
-        if engines[-1].epoch == 1:
-            raise KeyboardInterrupt
-        return original(step, images, pids)
-    monkeypatch.setattr(TrainStep, '__call__', interrupt_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        main.train(s)
-    monkeypatch.setattr(TrainStep, '__call__', original)
-    (run_dir,) = [p for p in Path(s.EXPERIMENTS_DIR).iterdir() if p.name != 'a']
     latest = run_dir / 'model' / LATEST_NAME
     assert not torch.equal(load_checkpoint(latest)[CENTERS_KEY]['centers'], centres['centers'])
     main.train(s.replace(RESUME=str(latest)))
